@@ -1,0 +1,94 @@
+//! The unit of data on the bus: an Arrow `RecordBatch` that belongs to one stream.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, new_null_array};
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+
+use crate::error::Result;
+use crate::ids::StreamName;
+
+/// Name of the event-time column present in every stream.
+pub const TIME_COLUMN: &str = "time";
+/// Name of the device id column present in every stream.
+pub const DEVICE_COLUMN: &str = "device_id";
+
+/// Arrow type of the `time` column: UTC timestamps in nanoseconds.
+pub fn time_field_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, Some(Arc::from("UTC")))
+}
+
+/// Rows of one stream, as an Arrow batch whose first two columns are `time` and `device_id`.
+#[derive(Debug, Clone)]
+pub struct StreamBatch {
+    /// The stream these rows belong to.
+    pub stream: StreamName,
+    /// The rows.
+    pub batch: RecordBatch,
+}
+
+impl StreamBatch {
+    /// Pairs a stream with its rows.
+    pub fn new(stream: StreamName, batch: RecordBatch) -> Self {
+        Self { stream, batch }
+    }
+
+    /// Number of rows.
+    pub fn num_rows(&self) -> usize {
+        self.batch.num_rows()
+    }
+}
+
+/// Returns `batch` with the columns of `schema`, in its order: columns the batch lacks
+/// (added to the stream after the batch was written) become null columns.
+///
+/// `schema` must be a superset of the batch's schema with the same types for shared
+/// columns, which the catalog guarantees (columns are only ever added).
+pub fn align_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch.clone());
+    }
+    let bschema = batch.schema();
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| match bschema.index_of(f.name()) {
+            Ok(i) => batch.column(i).clone(),
+            Err(_) => new_null_array(f.data_type(), batch.num_rows()),
+        })
+        .collect();
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok(RecordBatch::try_new_with_options(schema.clone(), columns, &options)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, Float64Array, StringArray, TimestampNanosecondArray};
+    use arrow::datatypes::{Field, Schema};
+
+    #[test]
+    fn align_adds_null_columns() -> Result<()> {
+        let small = Arc::new(Schema::new(vec![
+            Field::new(TIME_COLUMN, time_field_type(), false),
+            Field::new(DEVICE_COLUMN, DataType::Utf8, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            small,
+            vec![
+                Arc::new(TimestampNanosecondArray::from(vec![1]).with_timezone("UTC")),
+                Arc::new(StringArray::from(vec!["d"])),
+            ],
+        )?;
+        let big = Arc::new(Schema::new(vec![
+            Field::new(TIME_COLUMN, time_field_type(), false),
+            Field::new(DEVICE_COLUMN, DataType::Utf8, false),
+            Field::new("t", DataType::Float64, true),
+        ]));
+        let out = align_to_schema(&batch, &big)?;
+        assert_eq!(out.num_columns(), 3);
+        let t = out.column(2).as_any().downcast_ref::<Float64Array>().map(|a| a.null_count());
+        assert_eq!(t, Some(1));
+        Ok(())
+    }
+}

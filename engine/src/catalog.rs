@@ -1,0 +1,304 @@
+//! The stream catalog: every stream's schema, learned on write and persisted under the data
+//! directory so that it survives restarts.
+//!
+//! Invariants every other component may assume:
+//! - a stream's columns are only ever added, never removed, renamed or retyped;
+//! - every stream starts with `time` (UTC nanoseconds, non-null) and `device_id` (string,
+//!   non-null), and every other column is nullable;
+//! - the first writer of a field decides its type; later values of another type are
+//!   rejected by the decoder with [`Error::TypeConflict`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{DEVICE_COLUMN, TIME_COLUMN, time_field_type};
+use crate::error::{Error, Result};
+use crate::ids::StreamName;
+
+/// Most columns a stream may have, so that a buggy device cannot create unbounded schemas.
+pub const MAX_FIELDS_PER_STREAM: usize = 1024;
+
+/// Type of a field column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    /// 64-bit float (JSON numbers, line-protocol floats).
+    Float,
+    /// 64-bit signed integer (line-protocol `i` and `u` values).
+    Int,
+    /// Boolean.
+    Bool,
+    /// UTF-8 string (JSON strings, line-protocol strings and tags).
+    String,
+}
+
+impl FieldType {
+    /// The Arrow type of a column of this field type.
+    pub fn data_type(self) -> DataType {
+        match self {
+            FieldType::Float => DataType::Float64,
+            FieldType::Int => DataType::Int64,
+            FieldType::Bool => DataType::Boolean,
+            FieldType::String => DataType::Utf8,
+        }
+    }
+
+    /// The name used in error messages and the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            FieldType::Float => "float",
+            FieldType::Int => "integer",
+            FieldType::Bool => "boolean",
+            FieldType::String => "string",
+        }
+    }
+}
+
+/// One stream's schema: its field columns in order of first appearance.
+#[derive(Debug, Clone)]
+pub struct StreamSchema {
+    /// The stream.
+    pub name: StreamName,
+    /// Field columns (excluding `time` and `device_id`), in column order.
+    pub fields: Vec<(Arc<str>, FieldType)>,
+    /// The Arrow schema: `time`, `device_id`, then the fields.
+    pub arrow: SchemaRef,
+    /// Incremented on every change; lets decoders cache a snapshot cheaply.
+    pub version: u64,
+}
+
+impl StreamSchema {
+    fn new(name: StreamName, fields: Vec<(Arc<str>, FieldType)>, version: u64) -> Self {
+        let mut columns = Vec::with_capacity(fields.len() + 2);
+        columns.push(Field::new(TIME_COLUMN, time_field_type(), false));
+        columns.push(Field::new(DEVICE_COLUMN, DataType::Utf8, false));
+        columns.extend(fields.iter().map(|(n, t)| Field::new(n.as_ref(), t.data_type(), true)));
+        Self { name, fields, arrow: Arc::new(Schema::new(columns)), version }
+    }
+
+    /// Type of field `name`, if the stream has it.
+    pub fn field_type(&self, name: &str) -> Option<FieldType> {
+        self.fields.iter().find(|(n, _)| n.as_ref() == name).map(|(_, t)| *t)
+    }
+
+    /// Position of field `name` among the fields (column index minus 2).
+    pub fn field_index(&self, name: &str) -> Option<usize> {
+        self.fields.iter().position(|(n, _)| n.as_ref() == name)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CatalogFile {
+    version: u32,
+    streams: BTreeMap<String, Vec<CatalogField>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CatalogField {
+    name: String,
+    #[serde(rename = "type")]
+    ty: FieldType,
+}
+
+/// All streams and their schemas; cheap to read concurrently, written only when a stream
+/// or a field appears for the first time.
+pub struct StreamCatalog {
+    path: Option<PathBuf>,
+    streams: RwLock<BTreeMap<StreamName, Arc<StreamSchema>>>,
+}
+
+impl std::fmt::Debug for StreamCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamCatalog").field("path", &self.path).finish()
+    }
+}
+
+impl StreamCatalog {
+    /// A catalog kept only in memory (tests, tools).
+    pub fn in_memory() -> Self {
+        Self { path: None, streams: RwLock::new(BTreeMap::new()) }
+    }
+
+    /// Opens (or creates) the catalog stored at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut streams = BTreeMap::new();
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let file: CatalogFile = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::CatalogCorrupt { path: path.display().to_string(), message: e.to_string() })?;
+                for (name, fields) in file.streams {
+                    let stream = StreamName::new(&name).map_err(|e| Error::CatalogCorrupt {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                    let fields = fields.into_iter().map(|f| (Arc::from(f.name.as_str()), f.ty)).collect();
+                    streams.insert(stream.clone(), Arc::new(StreamSchema::new(stream, fields, 1)));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::CatalogIo { path: path.display().to_string(), source }),
+        }
+        Ok(Self { path: Some(path.to_owned()), streams: RwLock::new(streams) })
+    }
+
+    /// The schema of `stream`, if it exists.
+    pub fn get(&self, stream: &StreamName) -> Option<Arc<StreamSchema>> {
+        self.streams.read().get(stream).cloned()
+    }
+
+    /// The schema of the stream named `name`, if it exists.
+    pub fn get_by_name(&self, name: &str) -> Option<Arc<StreamSchema>> {
+        let stream = StreamName::new(name).ok()?;
+        self.get(&stream)
+    }
+
+    /// Every stream and its schema, ordered by name.
+    pub fn list(&self) -> Vec<Arc<StreamSchema>> {
+        self.streams.read().values().cloned().collect()
+    }
+
+    /// Returns the stream's schema, creating the stream with no fields if it is new.
+    pub fn ensure_stream(&self, stream: &StreamName) -> Result<Arc<StreamSchema>> {
+        if let Some(s) = self.get(stream) {
+            return Ok(s);
+        }
+        let mut streams = self.streams.write();
+        if let Some(s) = streams.get(stream) {
+            return Ok(s.clone());
+        }
+        let schema = Arc::new(StreamSchema::new(stream.clone(), Vec::new(), 1));
+        streams.insert(stream.clone(), schema.clone());
+        self.persist(&streams)?;
+        Ok(schema)
+    }
+
+    /// Returns the type of `field` in `stream`, adding the field with type `proposed` if the
+    /// stream does not have it yet. Returns the schema after the call and the field's type.
+    pub fn resolve_field(
+        &self,
+        stream: &StreamName,
+        field: &str,
+        proposed: FieldType,
+    ) -> Result<(Arc<StreamSchema>, FieldType)> {
+        if let Some(s) = self.get(stream)
+            && let Some(t) = s.field_type(field)
+        {
+            return Ok((s, t));
+        }
+        validate_field_name(stream, field)?;
+        let mut streams = self.streams.write();
+        let current = match streams.get(stream) {
+            Some(s) => s.clone(),
+            None => Arc::new(StreamSchema::new(stream.clone(), Vec::new(), 0)),
+        };
+        if let Some(t) = current.field_type(field) {
+            return Ok((current, t));
+        }
+        if current.fields.len() >= MAX_FIELDS_PER_STREAM {
+            return Err(Error::TooManyFields {
+                stream: stream.to_string(),
+                field: field.to_owned(),
+                limit: MAX_FIELDS_PER_STREAM,
+            });
+        }
+        let mut fields = current.fields.clone();
+        fields.push((Arc::from(field), proposed));
+        let next = Arc::new(StreamSchema::new(stream.clone(), fields, current.version + 1));
+        streams.insert(stream.clone(), next.clone());
+        self.persist(&streams)?;
+        tracing::info!(stream = %stream, field, r#type = proposed.name(), "new field");
+        Ok((next, proposed))
+    }
+
+    fn persist(&self, streams: &BTreeMap<StreamName, Arc<StreamSchema>>) -> Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let file = CatalogFile {
+            version: 1,
+            streams: streams
+                .iter()
+                .map(|(name, s)| {
+                    let fields = s.fields.iter().map(|(n, t)| CatalogField { name: n.to_string(), ty: *t }).collect();
+                    (name.to_string(), fields)
+                })
+                .collect(),
+        };
+        let io = |source| Error::CatalogIo { path: path.display().to_string(), source };
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| io(std::io::Error::other(e)))?;
+        write_atomic(path, &bytes).map_err(io)
+    }
+}
+
+/// Writes `bytes` to `path` so that readers see either the old or the new content, and the
+/// new content survives a crash once this returns: temporary file, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn validate_field_name(stream: &StreamName, field: &str) -> Result<()> {
+    let reason = if field.is_empty() {
+        Some("must not be empty")
+    } else if field.len() > 128 {
+        Some("longer than 128 bytes")
+    } else if field == TIME_COLUMN || field == DEVICE_COLUMN {
+        Some("reserved column name")
+    } else if field.chars().any(|c| c.is_control()) {
+        Some("control characters are not allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidFieldName { stream: stream.to_string(), field: field.to_owned(), reason }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learns_and_persists_fields() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Commit(e.to_string()))?;
+        let path = dir.path().join("streams.json");
+        let s = StreamName::new("telemetry")?;
+        {
+            let c = StreamCatalog::open(&path)?;
+            let (_, t) = c.resolve_field(&s, "temperature", FieldType::Float)?;
+            assert_eq!(t, FieldType::Float);
+            // The first writer decides; a later proposal does not change the type.
+            let (schema, t) = c.resolve_field(&s, "temperature", FieldType::String)?;
+            assert_eq!(t, FieldType::Float);
+            c.resolve_field(&s, "door", FieldType::String)?;
+            assert_eq!(schema.arrow.fields().len(), 3);
+        }
+        let c = StreamCatalog::open(&path)?;
+        let schema = c.get(&s).ok_or(Error::ShuttingDown)?;
+        assert_eq!(schema.fields.len(), 2);
+        assert_eq!(schema.field_type("door"), Some(FieldType::String));
+        assert_eq!(schema.arrow.field(0).name(), "time");
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_reserved_field() {
+        let c = StreamCatalog::in_memory();
+        let s = StreamName::new("t").ok();
+        let r = s.map(|s| c.resolve_field(&s, "time", FieldType::Float));
+        assert!(matches!(r, Some(Err(Error::InvalidFieldName { .. }))));
+    }
+}

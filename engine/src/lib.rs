@@ -1,0 +1,33 @@
+//! The Ferrite engine: the event model, the stream catalog and its schemas, the sharded bus
+//! that carries Arrow batches from ingest to storage and rules, and the metrics registry.
+//!
+//! ```text
+//!  ingest (decode) ──Vec<StreamBatch> + Ack──▶ BatchSink (Engine)
+//!                                              │ split rows by hash(device_id) % shards
+//!                        bounded crossbeam channel per shard (full ⇒ the sender blocks)
+//!                                              ▼
+//!                                 shard thread: drain a group of submissions,
+//!                                 ShardStore::commit (WAL + hot buffer), then ack,
+//!                                 then hand the batches to every BatchObserver
+//! ```
+//!
+//! This crate depends on no other Ferrite crate: storage, ingest, query and rules meet here
+//! through the traits [`BatchSink`], [`ShardStore`] and [`BatchObserver`].
+
+pub mod ack;
+pub mod batch;
+pub mod catalog;
+pub mod clock;
+pub mod error;
+pub mod ids;
+pub mod metrics;
+pub mod shard;
+
+pub use ack::{Ack, AckPart};
+pub use batch::{DEVICE_COLUMN, StreamBatch, TIME_COLUMN, align_to_schema, time_field_type};
+pub use catalog::{FieldType, StreamCatalog, StreamSchema};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Error, ErrorClass, Result};
+pub use ids::{DeviceId, StreamName, TenantId};
+pub use metrics::Metrics;
+pub use shard::{BatchObserver, BatchSink, Engine, EngineConfig, ShardStore};

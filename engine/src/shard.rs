@@ -1,0 +1,393 @@
+//! The sharded bus: submissions are split by `hash(device_id) % shards` and handed to one
+//! thread per shard through bounded crossbeam channels. A shard thread commits what it
+//! received as a group (one WAL fsync for many submissions), acknowledges, and then shows
+//! the batches to the observers (rules).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use arrow::array::{Array, RecordBatch, StringArray, UInt32Array};
+use arrow::compute::{concat_batches, take_record_batch};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded};
+use parking_lot::{Mutex, RwLock};
+
+use crate::ack::{Ack, AckPart};
+use crate::batch::{DEVICE_COLUMN, StreamBatch, align_to_schema};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// Where committed batches go: storage implements it (WAL append + fsync, then the hot
+/// buffer). Called only from the shard's own thread, so per-shard state needs no lock
+/// against other shards.
+pub trait ShardStore: Send + Sync {
+    /// Makes `group` durable and queryable; returns only once it is on stable storage.
+    fn commit(&self, shard: usize, group: &[StreamBatch]) -> std::result::Result<(), String>;
+}
+
+/// Sees every committed batch, on the thread of the shard that owns its devices.
+pub trait BatchObserver: Send + Sync {
+    /// Called after `batches` were committed on `shard`.
+    fn observe(&self, shard: usize, batches: &[StreamBatch]);
+}
+
+/// The boundary between ingest and the engine: in one process a set of channels, in a
+/// cluster a Kafka topic partitioned by device id.
+pub trait BatchSink: Send + Sync {
+    /// Submits decoded batches; blocks while the engine is saturated (back-pressure).
+    /// `ack` completes once every row is durable.
+    fn submit(&self, batches: Vec<StreamBatch>, ack: Ack) -> Result<()>;
+}
+
+/// Settings of the engine's shards.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Number of shard threads (default: one per core).
+    pub shards: usize,
+    /// Submissions each shard's channel holds; when full, submitters block.
+    pub queue_depth: usize,
+    /// Most rows a shard commits in one group (one WAL fsync).
+    pub max_group_rows: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            queue_depth: 1024,
+            max_group_rows: 256 * 1024,
+        }
+    }
+}
+
+enum ShardMsg {
+    Batch(StreamBatch, AckPart),
+    Barrier(Sender<()>),
+}
+
+/// The running engine: shard threads and the channels into them.
+pub struct Engine {
+    senders: RwLock<Option<Vec<Sender<ShardMsg>>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    observers: Arc<RwLock<Vec<Arc<dyn BatchObserver>>>>,
+    closed: AtomicBool,
+    shards: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("shards", &self.shards).finish()
+    }
+}
+
+/// Stable hash of a device id (FNV-1a 64): the same device maps to the same shard in every
+/// process and across restarts.
+pub fn device_hash(id: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl Engine {
+    /// Starts the shard threads, committing through `store`.
+    pub fn start(config: EngineConfig, store: Arc<dyn ShardStore>, metrics: Arc<Metrics>) -> Result<Arc<Self>> {
+        let shards = config.shards.max(1);
+        let observers: Arc<RwLock<Vec<Arc<dyn BatchObserver>>>> = Arc::default();
+        let mut senders = Vec::with_capacity(shards);
+        let mut threads = Vec::with_capacity(shards);
+        for shard in 0..shards {
+            // Bounded: when a shard falls behind, `submit` blocks the decoder thread, which
+            // holds back HTTP responses and MQTT reads (TCP push-back), never memory.
+            let (tx, rx) = bounded(config.queue_depth.max(1));
+            senders.push(tx);
+            let worker = ShardWorker {
+                shard,
+                rx,
+                store: store.clone(),
+                observers: observers.clone(),
+                metrics: metrics.clone(),
+                max_group_rows: config.max_group_rows.max(1),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("ferrite-shard-{shard}"))
+                .spawn(move || worker.run())
+                .map_err(|e| Error::Commit(format!("cannot start shard thread: {e}")))?;
+            threads.push(handle);
+        }
+        Ok(Arc::new(Self {
+            senders: RwLock::new(Some(senders)),
+            threads: Mutex::new(threads),
+            observers,
+            closed: AtomicBool::new(false),
+            shards,
+        }))
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards
+    }
+
+    /// The shard that owns `device_id`.
+    pub fn shard_of(&self, device_id: &str) -> usize {
+        (device_hash(device_id.as_bytes()) % self.shards as u64) as usize
+    }
+
+    /// Registers an observer of committed batches (rules).
+    pub fn add_observer(&self, observer: Arc<dyn BatchObserver>) {
+        self.observers.write().push(observer);
+    }
+
+    /// Waits until everything submitted before this call is committed.
+    pub fn flush(&self) -> Result<()> {
+        let guard = self.senders.read();
+        let Some(senders) = guard.as_ref() else { return Ok(()) };
+        let mut waits = Vec::with_capacity(senders.len());
+        for tx in senders {
+            let (done_tx, done_rx) = bounded(1);
+            tx.send(ShardMsg::Barrier(done_tx)).map_err(|_| Error::ShuttingDown)?;
+            waits.push(done_rx);
+        }
+        drop(guard);
+        for rx in waits {
+            rx.recv().map_err(|_| Error::ShuttingDown)?;
+        }
+        Ok(())
+    }
+
+    /// Stops accepting submissions, lets the shards drain what they hold, and joins them.
+    pub fn shutdown(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.senders.write().take();
+        for handle in self.threads.lock().drain(..) {
+            if handle.join().is_err() {
+                tracing::error!("a shard thread panicked");
+            }
+        }
+    }
+
+    fn split(&self, sb: StreamBatch) -> Result<Vec<(usize, StreamBatch)>> {
+        if self.shards == 1 {
+            return Ok(vec![(0, sb)]);
+        }
+        let col = sb.batch.column_by_name(DEVICE_COLUMN).and_then(|c| c.as_any().downcast_ref::<StringArray>());
+        let Some(devices) = col else {
+            return Err(Error::Commit(format!("stream `{}`: batch without a string device_id column", sb.stream)));
+        };
+        let n = self.shards as u64;
+        let shard_of = |i: usize| (device_hash(devices.value(i).as_bytes()) % n) as u32;
+        let rows = devices.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let first = shard_of(0);
+        let mut ids = Vec::with_capacity(rows);
+        let mut uniform = true;
+        for i in 0..rows {
+            let s = shard_of(i);
+            uniform &= s == first;
+            ids.push(s);
+        }
+        if uniform {
+            return Ok(vec![(first as usize, sb)]);
+        }
+        let mut out = Vec::with_capacity(self.shards);
+        for shard in 0..self.shards as u32 {
+            let idx: UInt32Array =
+                ids.iter().enumerate().filter(|(_, s)| **s == shard).map(|(i, _)| i as u32).collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let part = take_record_batch(&sb.batch, &idx)?;
+            out.push((shard as usize, StreamBatch::new(sb.stream.clone(), part)));
+        }
+        Ok(out)
+    }
+}
+
+impl BatchSink for Engine {
+    fn submit(&self, batches: Vec<StreamBatch>, ack: Ack) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        let mut parts = Vec::new();
+        for sb in batches {
+            parts.extend(self.split(sb)?);
+        }
+        let guard = self.senders.read();
+        let Some(senders) = guard.as_ref() else { return Err(Error::ShuttingDown) };
+        for (shard, part) in parts {
+            senders[shard].send(ShardMsg::Batch(part, ack.part())).map_err(|_| Error::ShuttingDown)?;
+        }
+        Ok(())
+    }
+}
+
+struct ShardWorker {
+    shard: usize,
+    rx: Receiver<ShardMsg>,
+    store: Arc<dyn ShardStore>,
+    observers: Arc<RwLock<Vec<Arc<dyn BatchObserver>>>>,
+    metrics: Arc<Metrics>,
+    max_group_rows: usize,
+}
+
+impl ShardWorker {
+    fn run(self) {
+        let mut pending: Vec<(StreamBatch, AckPart)> = Vec::new();
+        let mut barriers: Vec<Sender<()>> = Vec::new();
+        while let Ok(first) = self.rx.recv() {
+            let mut rows = 0;
+            let mut push = |msg: ShardMsg, pending: &mut Vec<(StreamBatch, AckPart)>, rows: &mut usize| match msg {
+                ShardMsg::Batch(b, a) => {
+                    *rows += b.num_rows();
+                    pending.push((b, a));
+                }
+                ShardMsg::Barrier(tx) => barriers.push(tx),
+            };
+            push(first, &mut pending, &mut rows);
+            // Group commit: take whatever else is already queued, up to the row bound.
+            while rows < self.max_group_rows {
+                match self.rx.try_recv() {
+                    Ok(msg) => push(msg, &mut pending, &mut rows),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.commit_group(&mut pending);
+            for b in barriers.drain(..) {
+                let _ = b.send(());
+            }
+        }
+        tracing::debug!(shard = self.shard, "shard stopped");
+    }
+
+    fn commit_group(&self, pending: &mut Vec<(StreamBatch, AckPart)>) {
+        if pending.is_empty() {
+            return;
+        }
+        let (batches, acks): (Vec<StreamBatch>, Vec<AckPart>) = pending.drain(..).unzip();
+        let group = match coalesce(batches) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(shard = self.shard, error = %e, "cannot coalesce a group");
+                for a in acks {
+                    a.fail(e.to_string());
+                }
+                return;
+            }
+        };
+        let started = Instant::now();
+        match self.store.commit(self.shard, &group) {
+            Ok(()) => {
+                self.metrics.histogram("ferrite_wal_commit_seconds", &[]).observe(started.elapsed());
+                self.metrics.inc("ferrite_batches_total", &[], group.len() as u64);
+                for a in acks {
+                    a.commit();
+                }
+                let observers = self.observers.read().clone();
+                for o in observers {
+                    o.observe(self.shard, &group);
+                }
+            }
+            Err(e) => {
+                tracing::error!(shard = self.shard, error = %e, "commit failed");
+                for a in acks {
+                    a.fail(e.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Concatenates the batches of each stream into one (schemas only grow, so the widest
+/// schema of a stream covers all of its batches).
+fn coalesce(batches: Vec<StreamBatch>) -> Result<Vec<StreamBatch>> {
+    let mut by_stream: Vec<(StreamBatch, Vec<RecordBatch>)> = Vec::new();
+    for sb in batches {
+        match by_stream.iter_mut().find(|(s, _)| s.stream == sb.stream) {
+            Some((_, rest)) => rest.push(sb.batch),
+            None => by_stream.push((sb, Vec::new())),
+        }
+    }
+    by_stream
+        .into_iter()
+        .map(|(first, rest)| {
+            if rest.is_empty() {
+                return Ok(first);
+            }
+            let schema = std::iter::once(&first.batch)
+                .chain(rest.iter())
+                .map(|b| b.schema())
+                .max_by_key(|s| s.fields().len())
+                .unwrap_or_else(|| first.batch.schema());
+            let aligned = std::iter::once(&first.batch)
+                .chain(rest.iter())
+                .map(|b| align_to_schema(b, &schema))
+                .collect::<Result<Vec<_>>>()?;
+            let batch = concat_batches(&schema, &aligned)?;
+            Ok(StreamBatch::new(first.stream, batch))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{TIME_COLUMN, time_field_type};
+    use crate::ids::StreamName;
+    use arrow::array::TimestampNanosecondArray;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    #[derive(Default)]
+    struct Recorder {
+        rows: Mutex<Vec<(usize, Vec<String>)>>,
+    }
+
+    impl ShardStore for Recorder {
+        fn commit(&self, shard: usize, group: &[StreamBatch]) -> std::result::Result<(), String> {
+            for sb in group {
+                let d = sb.batch.column(1).as_any().downcast_ref::<StringArray>().ok_or("no devices")?;
+                self.rows.lock().push((shard, d.iter().flatten().map(str::to_owned).collect()));
+            }
+            Ok(())
+        }
+    }
+
+    fn batch(devices: &[&str]) -> Result<StreamBatch> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(TIME_COLUMN, time_field_type(), false),
+            Field::new(DEVICE_COLUMN, DataType::Utf8, false),
+        ]));
+        let t = TimestampNanosecondArray::from(vec![0; devices.len()]).with_timezone("UTC");
+        let b = RecordBatch::try_new(schema, vec![Arc::new(t), Arc::new(StringArray::from(devices.to_vec()))])?;
+        Ok(StreamBatch::new(StreamName::new("t")?, b))
+    }
+
+    #[test]
+    fn rows_go_to_the_shard_of_their_device() -> Result<()> {
+        let store = Arc::new(Recorder::default());
+        let config = EngineConfig { shards: 3, ..EngineConfig::default() };
+        let engine = Engine::start(config, store.clone(), Arc::new(Metrics::new()))?;
+        let devices: Vec<String> = (0..50).map(|i| format!("dev-{i}")).collect();
+        let refs: Vec<&str> = devices.iter().map(String::as_str).collect();
+        let (ack, rx) = Ack::new();
+        engine.submit(vec![batch(&refs)?], ack)?;
+        let outcome = rx.blocking_recv().map_err(|_| Error::ShuttingDown)?;
+        assert_eq!(outcome, Ok(()));
+        let seen = store.rows.lock().clone();
+        let total: usize = seen.iter().map(|(_, d)| d.len()).sum();
+        assert_eq!(total, 50);
+        for (shard, ds) in seen {
+            for d in ds {
+                assert_eq!(engine.shard_of(&d), shard, "device {d} on the wrong shard");
+            }
+        }
+        engine.shutdown();
+        assert!(matches!(engine.submit(vec![batch(&["x"])?], Ack::detached()), Err(Error::ShuttingDown)));
+        Ok(())
+    }
+}

@@ -1,0 +1,188 @@
+//! HTTP ingest routes:
+//!
+//! - `POST /api/v1/streams/{stream}/events`: a JSON object, a JSON array of objects, or
+//!   NDJSON (`Content-Type: application/x-ndjson`); every event carries `device_id`.
+//! - `POST /api/v2/write?bucket=...&precision=...`: InfluxDB line protocol.
+//!
+//! Both answer only once the accepted events are committed to the write-ahead log.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use ferrite_engine::{ErrorClass, StreamName};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::Error;
+use crate::line_protocol::Precision;
+use crate::pipeline::{Durability, IngestReport, Ingestor, Payload, Transport};
+
+/// An error answered as `{"error": {"code", "message"}}` with a fitting status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), details: None }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = match (&e, e.class()) {
+            (Error::PayloadTooLarge { .. }, _) => StatusCode::PAYLOAD_TOO_LARGE,
+            (Error::ShuttingDown | Error::Engine(ferrite_engine::Error::ShuttingDown), _) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            (_, ErrorClass::User) => StatusCode::BAD_REQUEST,
+            (_, ErrorClass::External | ErrorClass::Internal) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let code = e.code();
+        let message = if status.is_server_error() {
+            tracing::error!(error = %e, "ingest failed");
+            match e {
+                Error::Commit(_) => "the events could not be committed; retry".to_owned(),
+                other => other.to_string(),
+            }
+        } else {
+            e.to_string()
+        };
+        Self::new(status, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(d) = self.details {
+            error["details"] = d;
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
+    }
+}
+
+/// The ingest routes, to merge into the server's router.
+pub fn router(ingestor: Arc<Ingestor>) -> Router {
+    Router::new()
+        .route("/api/v1/streams/{stream}/events", post(post_events))
+        .route("/api/v2/write", post(post_line_protocol))
+        .with_state(ingestor)
+}
+
+async fn read_body(ingestor: &Ingestor, body: Body) -> Result<Bytes, ApiError> {
+    let limit = ingestor.max_payload_bytes();
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            if too_large {
+                ingestor.metrics().inc(
+                    "ferrite_rejected_events_total",
+                    &[("transport", "http"), ("reason", "payload_too_large")],
+                    1,
+                );
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("request body exceeds the limit of {limit} bytes; split it into smaller requests"),
+                ))
+            } else {
+                Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_body", format!("cannot read the request body: {e}")))
+            }
+        }
+    }
+}
+
+fn rejection_details(report: &IngestReport) -> serde_json::Value {
+    report.rejections.iter().map(|r| json!({"index": r.index, "code": r.reason, "message": r.message})).collect()
+}
+
+async fn post_events(
+    State(ingestor): State<Arc<Ingestor>>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let stream = StreamName::new(&stream)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_stream_name", e.to_string()))?;
+    let bytes = read_body(&ingestor, body).await?;
+    let ndjson = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("ndjson") || ct.contains("jsonlines") || ct.contains("json-seq"));
+    let payload = if ndjson { Payload::Ndjson { stream } } else { Payload::Json { stream, device: None } };
+    let report = ingestor.ingest(Transport::Http, payload, bytes, Durability::Committed).await?;
+    if report.accepted == 0 && report.rejected > 0 {
+        let mut e = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_events",
+            format!("all {} events were rejected; first: {}", report.rejected, report.rejections[0].message),
+        );
+        e.details = Some(rejection_details(&report));
+        return Err(e);
+    }
+    Ok(Json(json!({
+        "accepted": report.accepted,
+        "rejected": report.rejected,
+        "errors": rejection_details(&report),
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct WriteParams {
+    #[allow(dead_code)]
+    bucket: Option<String>,
+    #[allow(dead_code)]
+    org: Option<String>,
+    precision: Option<String>,
+}
+
+async fn post_line_protocol(
+    State(ingestor): State<Arc<Ingestor>>,
+    Query(params): Query<WriteParams>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let precision = match params.precision.as_deref() {
+        None => Precision::Nanoseconds,
+        Some(p) => Precision::parse(p).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_precision",
+                format!("precision `{p}` is not one of ns, us, ms, s"),
+            )
+        })?,
+    };
+    let bytes = read_body(&ingestor, body).await?;
+    let report = ingestor
+        .ingest(Transport::LineProtocol, Payload::LineProtocol { precision }, bytes, Durability::Committed)
+        .await?;
+    if report.rejected == 0 {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let mut e = ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_line_protocol",
+        format!(
+            "{} of {} lines rejected (the other lines were written); first: {}",
+            report.rejected,
+            report.rejected + report.accepted,
+            report.rejections[0].message
+        ),
+    );
+    e.details = Some(json!({"accepted": report.accepted, "errors": rejection_details(&report)}));
+    Err(e)
+}

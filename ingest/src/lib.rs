@@ -1,0 +1,17 @@
+//! Ferrite's ingest layer: the MQTT listener, the HTTP ingest routes and the payload
+//! decoders (JSON, NDJSON, InfluxDB line protocol) that write straight into Arrow columns.
+//!
+//! Data flows transport → [`pipeline::Ingestor`] (decoder threads) → the engine's
+//! [`ferrite_engine::BatchSink`]. This crate depends on `ferrite-engine` only; it never
+//! reaches into storage, query or rules.
+
+pub mod builder;
+pub mod error;
+pub mod http;
+pub mod json;
+pub mod line_protocol;
+pub mod mqtt;
+pub mod pipeline;
+
+pub use error::{Error, Result};
+pub use pipeline::{Durability, IngestConfig, IngestReport, Ingestor, Payload, Transport};

@@ -1,0 +1,359 @@
+//! InfluxDB line protocol decoder (what Telegraf and the Influx client libraries send):
+//!
+//! ```text
+//! measurement[,tag=value...] field=value[,field=value...] [timestamp]
+//! ```
+//!
+//! The measurement is the stream; the `device_id` tag (or, failing that, `host`) is the
+//! device; other tags become string columns; fields are floats, integers (`1i`, `1u`),
+//! booleans (`t`, `true`, `F`...) or double-quoted strings. The timestamp is in the
+//! request's precision (ns by default); missing, the receive time is used. An invalid line
+//! is rejected alone with its line number; the other lines are kept.
+
+use std::sync::Arc;
+
+use ahash::AHashMap;
+use ferrite_engine::{StreamBatch, StreamCatalog, StreamName};
+
+use crate::builder::{BatchBuilder, Rejection, ValueError};
+
+/// Unit of line-protocol timestamps (`precision=` query parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Nanoseconds (the default).
+    #[default]
+    Nanoseconds,
+    /// Microseconds.
+    Microseconds,
+    /// Milliseconds.
+    Milliseconds,
+    /// Seconds.
+    Seconds,
+}
+
+impl Precision {
+    /// Parses the `precision` parameter (`ns`, `us`, `ms`, `s`; also v1's `n`, `u`).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ns" | "n" => Self::Nanoseconds,
+            "us" | "u" | "µs" => Self::Microseconds,
+            "ms" => Self::Milliseconds,
+            "s" => Self::Seconds,
+            _ => return None,
+        })
+    }
+
+    fn to_nanos(self, v: i64) -> Option<i64> {
+        match self {
+            Self::Nanoseconds => Some(v),
+            Self::Microseconds => v.checked_mul(1_000),
+            Self::Milliseconds => v.checked_mul(1_000_000),
+            Self::Seconds => v.checked_mul(1_000_000_000),
+        }
+    }
+}
+
+/// The result of decoding a line-protocol payload.
+pub struct LineProtocolOutput {
+    /// One batch per measurement.
+    pub batches: Vec<StreamBatch>,
+    /// Rows kept.
+    pub accepted: usize,
+    /// Lines rejected.
+    pub rejections: Vec<Rejection>,
+}
+
+/// Decodes a whole line-protocol payload.
+pub fn decode(catalog: &Arc<StreamCatalog>, payload: &str, precision: Precision, now: i64) -> LineProtocolOutput {
+    let mut builders: AHashMap<String, BatchBuilder> = AHashMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let mut rejections = Vec::new();
+    for (i, raw) in payload.split('\n').enumerate() {
+        let line = raw.trim_end_matches('\r').trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let reject = |reason: &'static str, msg: String| Rejection {
+            index: i,
+            reason,
+            message: format!("line {}: {msg}", i + 1),
+        };
+        let parsed = match parse_line(line) {
+            Ok(p) => p,
+            Err(msg) => {
+                rejections.push(reject("invalid_line_protocol", msg));
+                continue;
+            }
+        };
+        let builder = match builders.get_mut(parsed.measurement.as_ref()) {
+            Some(b) => b,
+            None => {
+                let stream = match StreamName::new(&parsed.measurement) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        rejections.push(reject("invalid_stream_name", e.to_string()));
+                        continue;
+                    }
+                };
+                let b = match BatchBuilder::new(catalog.clone(), &stream) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        rejections.push(reject("internal", e.to_string()));
+                        continue;
+                    }
+                };
+                order.push(parsed.measurement.to_string());
+                builders.entry(parsed.measurement.to_string()).or_insert(b)
+            }
+        };
+        match write_row(builder, &parsed, precision) {
+            Ok(()) => builder.end_row(now),
+            Err(e) => {
+                builder.abort_row();
+                rejections.push(reject(e.reason, e.message));
+            }
+        }
+    }
+    let mut batches = Vec::with_capacity(order.len());
+    let mut accepted = 0;
+    for name in order {
+        if let Some(b) = builders.remove(&name).and_then(BatchBuilder::finish) {
+            accepted += b.num_rows();
+            batches.push(b);
+        }
+    }
+    LineProtocolOutput { batches, accepted, rejections }
+}
+
+fn write_row(b: &mut BatchBuilder, p: &Line<'_>, precision: Precision) -> Result<(), ValueError> {
+    b.begin_row();
+    let device = p
+        .tags
+        .iter()
+        .find(|(k, _)| k == "device_id")
+        .or_else(|| p.tags.iter().find(|(k, _)| k == "host"))
+        .map(|(_, v)| v.as_ref());
+    let Some(device) = device else {
+        return Err(ValueError {
+            reason: "missing_device_id",
+            message: "no `device_id` tag (nor `host`) to name the device".to_owned(),
+        });
+    };
+    ferrite_engine::ids::validate_device_id(device)?;
+    b.set_device(device);
+    for (k, v) in &p.tags {
+        if k != "device_id" {
+            b.set_str(k, v)?;
+        }
+    }
+    for (k, v) in &p.fields {
+        match v {
+            FieldValue::Float(f) => b.set_float(k, *f)?,
+            FieldValue::Int(i) => b.set_int(k, *i)?,
+            FieldValue::Bool(x) => b.set_bool(k, *x)?,
+            FieldValue::Str(s) => b.set_str(k, s)?,
+        }
+    }
+    if let Some(ts) = p.timestamp {
+        match precision.to_nanos(ts) {
+            Some(ns) => b.set_time(ns),
+            None => {
+                return Err(ValueError {
+                    reason: "bad_timestamp",
+                    message: format!("timestamp {ts} overflows at precision {precision:?}"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A field value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldValue<'a> {
+    /// `1.5`, `1`, `-3e2`
+    Float(f64),
+    /// `1i`, `1u`
+    Int(i64),
+    /// `t`, `true`, `F`, `false`...
+    Bool(bool),
+    /// `"text"`
+    Str(std::borrow::Cow<'a, str>),
+}
+
+/// One parsed line.
+#[derive(Debug)]
+pub struct Line<'a> {
+    /// Measurement (stream).
+    pub measurement: std::borrow::Cow<'a, str>,
+    /// Tags in order.
+    pub tags: Vec<(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)>,
+    /// Fields in order.
+    pub fields: Vec<(std::borrow::Cow<'a, str>, FieldValue<'a>)>,
+    /// Raw timestamp.
+    pub timestamp: Option<i64>,
+}
+
+/// Splits at the first unescaped byte in `stops`, honouring backslash escapes.
+fn take_until<'a>(s: &'a str, stops: &[u8]) -> (&'a str, &'a str) {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            i += 2;
+            continue;
+        }
+        if stops.contains(&bytes[i]) {
+            return (&s[..i], &s[i..]);
+        }
+        i += 1;
+    }
+    (s, "")
+}
+
+fn unescape(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains('\\') {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some(n @ (',' | '=' | ' ' | '"' | '\\')) => out.push(n),
+                Some(n) => {
+                    out.push('\\');
+                    out.push(n);
+                }
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Parses one non-empty, non-comment line.
+pub fn parse_line(line: &str) -> Result<Line<'_>, String> {
+    let (measurement, mut rest) = take_until(line, b", ");
+    if measurement.is_empty() {
+        return Err("missing measurement".to_owned());
+    }
+    let mut tags = Vec::new();
+    while let Some(r) = rest.strip_prefix(',') {
+        let (kv, r2) = take_until(r, b", ");
+        let (k, v) = take_until(kv, b"=");
+        let v = v.strip_prefix('=').ok_or_else(|| format!("tag `{k}` has no `=value`"))?;
+        if k.is_empty() || v.is_empty() {
+            return Err(format!("empty tag key or value in `{kv}`"));
+        }
+        tags.push((unescape(k), unescape(v)));
+        rest = r2;
+    }
+    let rest = rest.strip_prefix(' ').ok_or("missing fields after the measurement and tags")?;
+    let rest = rest.trim_start_matches(' ');
+    let mut fields = Vec::new();
+    let mut cur = rest;
+    loop {
+        let (k, r) = take_until(cur, b"=");
+        let r = r.strip_prefix('=').ok_or_else(|| format!("field `{k}` has no `=value`"))?;
+        if k.is_empty() {
+            return Err("empty field key".to_owned());
+        }
+        let (value, r) = if let Some(q) = r.strip_prefix('"') {
+            // Quoted string: up to the next unescaped quote.
+            let bytes = q.as_bytes();
+            let mut i = 0;
+            let mut end = None;
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'\\' => i += 2,
+                    b'"' => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => i += 1,
+                }
+            }
+            let end = end.ok_or_else(|| format!("field `{k}`: unterminated string"))?;
+            (FieldValue::Str(unescape(&q[..end])), &q[end + 1..])
+        } else {
+            let (raw, r) = take_until(r, b", ");
+            (parse_value(k, raw)?, r)
+        };
+        fields.push((unescape(k), value));
+        if let Some(r2) = r.strip_prefix(',') {
+            cur = r2;
+            continue;
+        }
+        cur = r;
+        break;
+    }
+    let ts = cur.trim();
+    let timestamp = if ts.is_empty() {
+        None
+    } else {
+        Some(ts.parse::<i64>().map_err(|_| format!("invalid timestamp `{ts}` (an integer is expected)"))?)
+    };
+    Ok(Line { measurement: unescape(measurement), tags, fields, timestamp })
+}
+
+fn parse_value<'a>(key: &str, raw: &str) -> Result<FieldValue<'a>, String> {
+    if raw.is_empty() {
+        return Err(format!("field `{key}` has an empty value"));
+    }
+    if let Some(i) = raw.strip_suffix('i') {
+        return i.parse::<i64>().map(FieldValue::Int).map_err(|_| format!("field `{key}`: invalid integer `{raw}`"));
+    }
+    if let Some(u) = raw.strip_suffix('u') {
+        let v = u.parse::<u64>().map_err(|_| format!("field `{key}`: invalid unsigned integer `{raw}`"))?;
+        return i64::try_from(v)
+            .map(FieldValue::Int)
+            .map_err(|_| format!("field `{key}`: unsigned {v} exceeds the 64-bit signed range"));
+    }
+    match raw {
+        "t" | "T" | "true" | "True" | "TRUE" => return Ok(FieldValue::Bool(true)),
+        "f" | "F" | "false" | "False" | "FALSE" => return Ok(FieldValue::Bool(false)),
+        _ => {}
+    }
+    match raw.parse::<f64>() {
+        Ok(f) if f.is_finite() => Ok(FieldValue::Float(f)),
+        _ => Err(format!("field `{key}`: invalid value `{raw}` (float, 1i, 1u, true/false or \"string\")")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_line() -> Result<(), String> {
+        let l = parse_line(
+            r#"weather,device_id=s1,loc=us\ west temp=82.5,n=3i,ok=t,msg="a \"b\", c" 1465839830100400200"#,
+        )?;
+        assert_eq!(l.measurement, "weather");
+        assert_eq!(l.tags.len(), 2);
+        assert_eq!(l.tags[1].1, "us west");
+        assert_eq!(l.fields[0].1, FieldValue::Float(82.5));
+        assert_eq!(l.fields[1].1, FieldValue::Int(3));
+        assert_eq!(l.fields[2].1, FieldValue::Bool(true));
+        assert_eq!(l.fields[3].1, FieldValue::Str("a \"b\", c".into()));
+        assert_eq!(l.timestamp, Some(1465839830100400200));
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_lines_alone() -> anyhow::Result<()> {
+        let catalog = Arc::new(StreamCatalog::in_memory());
+        let payload = "cpu,host=a usage=1.5 1000\ncpu,host=b usage=\ncpu usage=2\n# comment\ncpu,host=c usage=3 1000\nbad-name,host=d x=1\n";
+        let out = decode(&catalog, payload, Precision::Seconds, 0);
+        assert_eq!(out.accepted, 2);
+        let lines: Vec<_> = out.rejections.iter().map(|r| (r.index + 1, r.reason)).collect();
+        assert_eq!(lines, vec![(2, "invalid_line_protocol"), (3, "missing_device_id"), (6, "invalid_stream_name")]);
+        let b = &out.batches[0];
+        let t = b.batch.column(0).as_any().downcast_ref::<arrow::array::TimestampNanosecondArray>();
+        assert_eq!(t.map(|t| t.value(0)), Some(1_000_000_000_000));
+        Ok(())
+    }
+}

@@ -1,0 +1,298 @@
+//! The ingest pipeline: payloads from any transport are decoded on dedicated decoder
+//! threads (never on the async runtime) and submitted to the engine's [`BatchSink`].
+//!
+//! ```text
+//! transport task ──(semaphore permit)──▶ bounded channel ──▶ decoder thread
+//!      ▲                                                        │ decode into Arrow
+//!      └──────── report + durability waiter ◀────── BatchSink::submit (blocks when full)
+//! ```
+//!
+//! The semaphore bounds payloads in flight: when decoders or shards fall behind,
+//! `ingest` awaits a permit, so HTTP requests wait and MQTT connections stop reading.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, bounded};
+use ferrite_engine::ack::AckWaiter;
+use ferrite_engine::{Ack, BatchSink, Clock, Metrics, StreamBatch, StreamCatalog, StreamName};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::builder::{BatchBuilder, Rejection};
+use crate::error::{Error, Result};
+use crate::json::{DeviceSource, JsonDecoder};
+use crate::line_protocol::{self, Precision};
+
+/// Most rejections reported back to a client per payload (all are counted).
+pub const MAX_REPORTED_REJECTIONS: usize = 100;
+
+/// Settings of the ingest pipeline.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Largest accepted payload, in bytes (default 1 MiB).
+    pub max_payload_bytes: usize,
+    /// Decoder threads (default: one per core).
+    pub decoder_threads: usize,
+    /// Payloads in flight before transports wait.
+    pub max_in_flight: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 1024 * 1024,
+            decoder_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            max_in_flight: 256,
+        }
+    }
+}
+
+/// The transport a payload came in by (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `POST /api/v1/streams/{stream}/events`.
+    Http,
+    /// `POST /api/v2/write`.
+    LineProtocol,
+    /// MQTT PUBLISH.
+    Mqtt,
+}
+
+impl Transport {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::LineProtocol => "influx",
+            Transport::Mqtt => "mqtt",
+        }
+    }
+}
+
+/// How to decode a payload.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// A JSON object or array of objects for `stream`; device from `device` or per event.
+    Json {
+        /// Target stream.
+        stream: StreamName,
+        /// The device, when the transport names it (MQTT topic).
+        device: Option<String>,
+    },
+    /// Newline-delimited JSON objects for `stream`, each with `device_id`.
+    Ndjson {
+        /// Target stream.
+        stream: StreamName,
+    },
+    /// InfluxDB line protocol.
+    LineProtocol {
+        /// Timestamp unit.
+        precision: Precision,
+    },
+}
+
+/// What happened to a payload.
+#[derive(Debug, Default)]
+pub struct IngestReport {
+    /// Events kept.
+    pub accepted: usize,
+    /// Events rejected (all of them, even past the reported ones).
+    pub rejected: usize,
+    /// The first [`MAX_REPORTED_REJECTIONS`] rejections.
+    pub rejections: Vec<Rejection>,
+}
+
+struct Job {
+    transport: Transport,
+    payload: Payload,
+    bytes: Bytes,
+    received_at: i64,
+    reply: oneshot::Sender<Result<(IngestReport, Option<AckWaiter>)>>,
+    detached: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Front door of the engine for every transport.
+pub struct Ingestor {
+    config: IngestConfig,
+    tx: Sender<Job>,
+    permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Ingestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingestor").field("config", &self.config).finish()
+    }
+}
+
+/// How long to wait for durability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Return once the events are in the WAL (fsynced).
+    Committed,
+    /// Return once the events are queued to the engine (MQTT QoS 0).
+    Queued,
+}
+
+impl Ingestor {
+    /// Starts the decoder threads.
+    pub fn start(
+        config: IngestConfig,
+        catalog: Arc<StreamCatalog>,
+        sink: Arc<dyn BatchSink>,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>> {
+        let in_flight = config.max_in_flight.max(1);
+        // Sized to the number of permits, so a send never blocks the async caller.
+        let (tx, rx) = bounded::<Job>(in_flight);
+        for i in 0..config.decoder_threads.max(1) {
+            let worker =
+                Decoder { rx: rx.clone(), catalog: catalog.clone(), sink: sink.clone(), metrics: metrics.clone() };
+            std::thread::Builder::new()
+                .name(format!("ferrite-decode-{i}"))
+                .spawn(move || worker.run())
+                .map_err(|e| Error::BadRequest(format!("cannot start decoder thread: {e}")))?;
+        }
+        Ok(Arc::new(Self { config, tx, permits: Arc::new(Semaphore::new(in_flight)), metrics, clock }))
+    }
+
+    /// The configured payload limit.
+    pub fn max_payload_bytes(&self) -> usize {
+        self.config.max_payload_bytes
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Decodes `bytes` and hands the rows to the engine; returns after `durability`.
+    pub async fn ingest(
+        &self,
+        transport: Transport,
+        payload: Payload,
+        bytes: Bytes,
+        durability: Durability,
+    ) -> Result<IngestReport> {
+        if bytes.len() > self.config.max_payload_bytes {
+            self.metrics.inc(
+                "ferrite_rejected_events_total",
+                &[("transport", transport.as_str()), ("reason", "payload_too_large")],
+                1,
+            );
+            return Err(Error::PayloadTooLarge { size: bytes.len(), limit: self.config.max_payload_bytes });
+        }
+        let permit = self.permits.clone().acquire_owned().await.map_err(|_| Error::ShuttingDown)?;
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            transport,
+            payload,
+            bytes,
+            received_at: self.clock.now_nanos(),
+            reply,
+            detached: durability == Durability::Queued,
+            _permit: permit,
+        };
+        self.tx.try_send(job).map_err(|_| Error::ShuttingDown)?;
+        let (report, waiter) = rx.await.map_err(|_| Error::ShuttingDown)??;
+        if let Some(w) = waiter {
+            match w.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Error::Commit(e)),
+                Err(_) => return Err(Error::Commit("the engine stopped before committing".to_owned())),
+            }
+        }
+        Ok(report)
+    }
+}
+
+struct Decoder {
+    rx: Receiver<Job>,
+    catalog: Arc<StreamCatalog>,
+    sink: Arc<dyn BatchSink>,
+    metrics: Arc<Metrics>,
+}
+
+impl Decoder {
+    fn run(self) {
+        while let Ok(job) = self.rx.recv() {
+            let Job { transport, payload, bytes, received_at, reply, detached, _permit } = job;
+            let started = Instant::now();
+            let result = self.decode_and_submit(transport, payload, &bytes, received_at, detached);
+            tracing::trace!(elapsed = ?started.elapsed(), "payload decoded");
+            // The transport may have given up (client gone); the rows are in the engine anyway.
+            let _ = reply.send(result);
+        }
+    }
+
+    fn decode(&self, payload: Payload, bytes: &[u8], now: i64) -> Result<(Vec<StreamBatch>, Vec<Rejection>)> {
+        match payload {
+            Payload::Json { stream, device } => {
+                let mut b = BatchBuilder::new(self.catalog.clone(), &stream)?;
+                let source = match &device {
+                    Some(d) => DeviceSource::Fixed(d),
+                    None => DeviceSource::PerEvent,
+                };
+                let rejections = JsonDecoder::new(&mut b, source, now).decode(bytes)?;
+                Ok((b.finish().into_iter().collect(), rejections))
+            }
+            Payload::Ndjson { stream } => {
+                let mut b = BatchBuilder::new(self.catalog.clone(), &stream)?;
+                let rejections = JsonDecoder::new(&mut b, DeviceSource::PerEvent, now).decode_ndjson(bytes);
+                Ok((b.finish().into_iter().collect(), rejections))
+            }
+            Payload::LineProtocol { precision } => {
+                let text = std::str::from_utf8(bytes).map_err(|e| Error::NotUtf8(e.valid_up_to()))?;
+                let out = line_protocol::decode(&self.catalog, text, precision, now);
+                Ok((out.batches, out.rejections))
+            }
+        }
+    }
+
+    fn decode_and_submit(
+        &self,
+        transport: Transport,
+        payload: Payload,
+        bytes: &[u8],
+        now: i64,
+        detached: bool,
+    ) -> Result<(IngestReport, Option<AckWaiter>)> {
+        let t = transport.as_str();
+        let (batches, mut rejections) = match self.decode(payload, bytes, now) {
+            Ok(x) => x,
+            Err(e) => {
+                self.metrics.inc("ferrite_rejected_events_total", &[("transport", t), ("reason", e.code())], 1);
+                return Err(e);
+            }
+        };
+        for r in &rejections {
+            self.metrics.inc("ferrite_rejected_events_total", &[("transport", t), ("reason", r.reason)], 1);
+            tracing::debug!(transport = t, reason = r.reason, message = %r.message, "event rejected");
+        }
+        let accepted: usize = batches.iter().map(StreamBatch::num_rows).sum();
+        for b in &batches {
+            let s = b.stream.as_str();
+            self.metrics.inc("ferrite_ingested_events_total", &[("stream", s), ("transport", t)], b.num_rows() as u64);
+            let share = (bytes.len() as u64 * b.num_rows() as u64) / accepted.max(1) as u64;
+            self.metrics.inc("ferrite_ingested_bytes_total", &[("stream", s), ("transport", t)], share);
+        }
+        let rejected = rejections.len();
+        rejections.truncate(MAX_REPORTED_REJECTIONS);
+        let report = IngestReport { accepted, rejected, rejections };
+        if batches.is_empty() {
+            return Ok((report, None));
+        }
+        if detached {
+            self.sink.submit(batches, Ack::detached())?;
+            Ok((report, None))
+        } else {
+            let (ack, waiter) = Ack::new();
+            self.sink.submit(batches, ack)?;
+            Ok((report, Some(waiter)))
+        }
+    }
+}

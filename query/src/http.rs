@@ -1,0 +1,178 @@
+//! SQL and catalog endpoints:
+//!
+//! - `POST /api/v1/sql` with `{"sql": "..."}`: JSON (an array of row objects) by default;
+//!   CSV with `Accept: text/csv`; Arrow IPC stream with
+//!   `Accept: application/vnd.apache.arrow.stream`.
+//! - `GET /api/v1/streams`: every stream, its columns and row counts.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use ferrite_engine::ErrorClass;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{Error, QueryService};
+
+/// Media type of Arrow IPC streams.
+pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+/// The query routes, to merge into the server's router.
+pub fn router(service: Arc<QueryService>) -> Router {
+    Router::new().route("/api/v1/sql", post(post_sql)).route("/api/v1/streams", get(get_streams)).with_state(service)
+}
+
+/// `{"error": {"code", "message"}}` with a fitting status.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, &'static str, String);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e.class() {
+            ErrorClass::User => ApiError(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
+            _ => {
+                tracing::error!(error = %e, "query failed");
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.code(), e.to_string())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": {"code": self.1, "message": self.2}}))).into_response()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqlRequest {
+    sql: String,
+}
+
+/// Output formats of query results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A JSON array of row objects.
+    Json,
+    /// CSV with a header row.
+    Csv,
+    /// Arrow IPC stream.
+    Arrow,
+}
+
+impl Format {
+    /// Picks the format from an `Accept` header.
+    pub fn from_accept(accept: Option<&str>) -> Self {
+        match accept {
+            Some(a) if a.contains(ARROW_STREAM) || a.contains("application/vnd.apache.arrow") => Format::Arrow,
+            Some(a) if a.contains("text/csv") => Format::Csv,
+            _ => Format::Json,
+        }
+    }
+
+    /// Its media type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Csv => "text/csv; charset=utf-8",
+            Format::Arrow => ARROW_STREAM,
+        }
+    }
+}
+
+/// Encodes query results in `format`.
+pub fn encode(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, Error> {
+    let enc = |e: datafusion::arrow::error::ArrowError| Error::Encode(e.to_string());
+    let mut out = Vec::new();
+    match format {
+        Format::Json => {
+            let mut w = datafusion::arrow::json::ArrayWriter::new(&mut out);
+            for b in batches {
+                w.write(b).map_err(enc)?;
+            }
+            w.finish().map_err(enc)?;
+            if out.is_empty() {
+                out.extend_from_slice(b"[]");
+            }
+        }
+        Format::Csv => {
+            let mut w = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+            if batches.is_empty() {
+                let header = schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(",");
+                drop(w);
+                out.extend_from_slice(header.as_bytes());
+                out.push(b'\n');
+            } else {
+                for b in batches {
+                    w.write(b).map_err(enc)?;
+                }
+            }
+        }
+        Format::Arrow => {
+            let mut w = datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut out, schema).map_err(enc)?;
+            for b in batches {
+                w.write(b).map_err(enc)?;
+            }
+            w.finish().map_err(enc)?;
+        }
+    }
+    Ok(out)
+}
+
+async fn post_sql(State(service): State<Arc<QueryService>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let request: SqlRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected a JSON body {{\"sql\": \"...\"}}: {e}"),
+            )
+            .into_response();
+        }
+    };
+    let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let result = match service.sql(&request.sql).await {
+        Ok(r) => r,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    match encode(format, &result.schema, &result.batches) {
+        Ok(bytes) => ([(header::CONTENT_TYPE, format.content_type())], bytes).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn get_streams(State(service): State<Arc<QueryService>>) -> Response {
+    let stats = service.storage().stats();
+    let streams: Vec<serde_json::Value> = service
+        .catalog()
+        .list()
+        .iter()
+        .map(|s| {
+            let (hot, archived) = stats.get(s.name.as_str()).copied().unwrap_or((0, 0));
+            let columns: Vec<serde_json::Value> = s
+                .arrow
+                .fields()
+                .iter()
+                .map(|f| {
+                    let ty = match f.name().as_str() {
+                        "time" => "timestamp",
+                        "device_id" => "string",
+                        name => s.field_type(name).map(|t| t.name()).unwrap_or("unknown"),
+                    };
+                    json!({"name": f.name(), "type": ty, "nullable": f.is_nullable()})
+                })
+                .collect();
+            json!({"name": s.name.as_str(), "columns": columns, "rows": {"hot": hot, "archived": archived}})
+        })
+        .collect();
+    Json(json!({ "streams": streams })).into_response()
+}

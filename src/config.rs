@@ -1,0 +1,162 @@
+//! Configuration: defaults in code < `ferrite.toml` < `FERRITE_*` environment < flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// Settings of `ferrite serve`. Every key is documented in `ferrite.example.toml`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Root of everything Ferrite stores.
+    pub data_dir: PathBuf,
+    /// Directory of `*.rules` files.
+    pub rules_dir: PathBuf,
+    /// MQTT listener address.
+    pub mqtt_listen: SocketAddr,
+    /// HTTP listener address.
+    pub http_listen: SocketAddr,
+    /// How often the hot buffer is written to Parquet.
+    #[serde(with = "humantime_serde_compat")]
+    pub persist_interval: Duration,
+    /// Hot-buffer size that triggers an early persist.
+    #[serde(deserialize_with = "size")]
+    pub hot_buffer_max: usize,
+    /// Largest accepted payload (HTTP body or MQTT message).
+    #[serde(deserialize_with = "size")]
+    pub max_payload: usize,
+    /// Engine shards; 0 means one per core.
+    pub shards: usize,
+    /// Log filter (`info`, `debug`, `ferrite_ingest=debug,info`...); `RUST_LOG` wins.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./ferrite-data"),
+            rules_dir: PathBuf::from("./rules"),
+            mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            persist_interval: Duration::from_secs(60),
+            hot_buffer_max: 512 * 1024 * 1024,
+            max_payload: 1024 * 1024,
+            shards: 0,
+            log: "info".to_owned(),
+        }
+    }
+}
+
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_size(&s).map_err(serde::de::Error::custom)
+}
+
+/// Parses a duration such as `60s`, `500ms`, `2m`, `1h 30m`.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let d = humantime::parse_duration(s.trim())
+        .with_context(|| format!("invalid duration `{s}` (examples: 60s, 500ms, 2m)"))?;
+    if d.is_zero() {
+        bail!("duration `{s}` must be greater than zero");
+    }
+    Ok(d)
+}
+
+/// Parses a size such as `1MiB`, `512KiB`, `2GB`, `1000`.
+pub fn parse_size(s: &str) -> anyhow::Result<usize> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().with_context(|| format!("invalid size `{s}` (examples: 1MiB, 512KiB, 2GB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" | "k" => 1024.0,
+        "mib" | "m" => 1024.0 * 1024.0,
+        "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!("invalid size unit `{other}` in `{s}` (use B, KiB, MiB, GiB, KB, MB, GB)"),
+    };
+    let v = num * mult;
+    if !(1.0..1e15).contains(&v) {
+        bail!("size `{s}` is out of range");
+    }
+    Ok(v as usize)
+}
+
+impl Config {
+    /// Loads `path` if given (it must exist) or `./ferrite.toml` if present; else defaults.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let (path, required) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from("ferrite.toml"), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).with_context(|| format!("invalid configuration file {}", path.display())),
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read configuration file {}", path.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_matches_the_code() -> anyhow::Result<()> {
+        let text = include_str!("../ferrite.example.toml");
+        let parsed: Config = toml::from_str(text)?;
+        assert_eq!(parsed, Config::default(), "ferrite.example.toml must list the defaults");
+        // Every key of the struct is documented in the example.
+        for key in [
+            "data_dir",
+            "rules_dir",
+            "mqtt_listen",
+            "http_listen",
+            "persist_interval",
+            "hot_buffer_max",
+            "max_payload",
+            "shards",
+            "log",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{key} ="))),
+                "{key} missing from ferrite.example.toml"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sizes_and_durations() -> anyhow::Result<()> {
+        assert_eq!(parse_size("1MiB")?, 1 << 20);
+        assert_eq!(parse_size("512 KiB")?, 512 << 10);
+        assert_eq!(parse_size("2GB")?, 2_000_000_000);
+        assert!(parse_size("12 parsecs").is_err());
+        assert_eq!(parse_duration("60s")?, Duration::from_secs(60));
+        assert!(parse_duration("0s").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let r: Result<Config, _> = toml::from_str("data_dri = \"x\"");
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,112 @@
+//! The `ferrite` binary: command-line parsing and the wiring of the crates. No logic of its
+//! own lives here; see the crates' docs for what each part does.
+
+mod config;
+mod serve;
+mod sql;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Ferrite: an IoT platform with a columnar stream-processing engine at its core.
+#[derive(Debug, Parser)]
+#[command(name = "ferrite", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the platform: MQTT and HTTP ingest, storage, SQL.
+    Serve(ServeArgs),
+    /// Run a SQL query against a running server and print the result.
+    Sql(sql::SqlArgs),
+}
+
+/// Flags of `ferrite serve`; each overrides `ferrite.toml` and has a `FERRITE_*` variable.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Configuration file (default: ./ferrite.toml if it exists).
+    #[arg(long, env = "FERRITE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (WAL, catalog, archive).
+    #[arg(long, env = "FERRITE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Rules directory.
+    #[arg(long, env = "FERRITE_RULES_DIR")]
+    rules_dir: Option<PathBuf>,
+    /// MQTT listen address (port 0: any free port).
+    #[arg(long, env = "FERRITE_MQTT_LISTEN")]
+    mqtt_listen: Option<SocketAddr>,
+    /// HTTP listen address (port 0: any free port).
+    #[arg(long, env = "FERRITE_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Hot buffer to Parquet interval (e.g. 60s, 5m).
+    #[arg(long, env = "FERRITE_PERSIST_INTERVAL")]
+    persist_interval: Option<String>,
+    /// Hot-buffer size that triggers an early persist (e.g. 512MiB).
+    #[arg(long, env = "FERRITE_HOT_BUFFER_MAX")]
+    hot_buffer_max: Option<String>,
+    /// Largest accepted payload (e.g. 1MiB).
+    #[arg(long, env = "FERRITE_MAX_PAYLOAD")]
+    max_payload: Option<String>,
+    /// Engine shards (0: one per core).
+    #[arg(long, env = "FERRITE_SHARDS")]
+    shards: Option<usize>,
+    /// Log filter (e.g. info, debug).
+    #[arg(long, env = "FERRITE_LOG")]
+    log: Option<String>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<config::Config> {
+        let mut c = config::Config::load(self.config.as_deref())?;
+        if let Some(v) = self.data_dir {
+            c.data_dir = v;
+        }
+        if let Some(v) = self.rules_dir {
+            c.rules_dir = v;
+        }
+        if let Some(v) = self.mqtt_listen {
+            c.mqtt_listen = v;
+        }
+        if let Some(v) = self.http_listen {
+            c.http_listen = v;
+        }
+        if let Some(v) = self.persist_interval {
+            c.persist_interval = config::parse_duration(&v)?;
+        }
+        if let Some(v) = self.hot_buffer_max {
+            c.hot_buffer_max = config::parse_size(&v)?;
+        }
+        if let Some(v) = self.max_payload {
+            c.max_payload = config::parse_size(&v)?;
+        }
+        if let Some(v) = self.shards {
+            c.shards = v;
+        }
+        if let Some(v) = self.log {
+            c.log = v;
+        }
+        Ok(c)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => args.into_config().and_then(serve::run),
+        Command::Sql(args) => sql::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! `ferrite serve`: builds the engine, storage, ingest and query services and runs them
+//! until SIGTERM or Ctrl-C, then shuts down in order: ingest stops, the engine drains, the
+//! hot buffer is persisted to Parquet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::routing::get;
+use ferrite_engine::{Engine, EngineConfig, Metrics, StreamCatalog, SystemClock};
+use ferrite_ingest::mqtt::{self, Broker};
+use ferrite_ingest::{IngestConfig, Ingestor};
+use ferrite_query::QueryService;
+use ferrite_storage::{Storage, StorageConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Config;
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let filter =
+        EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&config.log)).context("invalid log filter")?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("ferrite-io").build()?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let shards = match config.shards {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let catalog = Arc::new(StreamCatalog::open(&config.data_dir.join("catalog").join("streams.json"))?);
+    let storage_config = StorageConfig {
+        data_dir: config.data_dir.clone(),
+        persist_interval: config.persist_interval,
+        hot_max_bytes: config.hot_buffer_max,
+        shards,
+    };
+    let handle = tokio::runtime::Handle::current();
+    let storage = {
+        let (catalog, metrics) = (catalog.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || Storage::open(storage_config, catalog, metrics, handle)).await??
+    };
+    let engine = Engine::start(EngineConfig { shards, ..EngineConfig::default() }, storage.clone(), metrics.clone())?;
+    let ingest_config = IngestConfig { max_payload_bytes: config.max_payload, ..IngestConfig::default() };
+    let ingestor =
+        Ingestor::start(ingest_config, catalog.clone(), engine.clone(), metrics.clone(), Arc::new(SystemClock))?;
+    let query = Arc::new(QueryService::new(catalog.clone(), storage.clone(), metrics.clone())?);
+
+    let persister = {
+        let storage = storage.clone();
+        std::thread::Builder::new().name("ferrite-persist".into()).spawn(move || storage.run_persister())?
+    };
+
+    let mqtt_listener = TcpListener::bind(config.mqtt_listen)
+        .await
+        .with_context(|| format!("cannot listen for MQTT on {} (set --mqtt-listen)", config.mqtt_listen))?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {} (set --http-listen)", config.http_listen))?;
+    let mqtt_addr = mqtt_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let broker = Arc::new(Broker::default());
+    let mqtt_task =
+        tokio::spawn(mqtt::serve(mqtt_listener, ingestor.clone(), broker, metrics.clone(), stop_rx.clone()));
+
+    let metrics_for_route = metrics.clone();
+    let app = Router::new()
+        .merge(ferrite_ingest::http::router(ingestor.clone()))
+        .merge(ferrite_query::http::router(query))
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics_for_route.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
+            }),
+        );
+    let mut http_stop = stop_rx.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.changed().await;
+            })
+            .await
+    });
+
+    tracing::info!(mqtt = %mqtt_addr, http = %http_addr, data_dir = %config.data_dir.display(), shards, "ferrite is running");
+    // A stable line on stdout for scripts and tests that start the server on port 0.
+    println!("ferrite listening: mqtt={mqtt_addr} http={http_addr}");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: stopping ingest");
+    let _ = stop_tx.send(true);
+    let _ = mqtt_task.await;
+    match tokio::time::timeout(Duration::from_secs(30), http_task).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server error during shutdown"),
+        Err(_) => tracing::warn!("http requests still running after 30s; closing anyway"),
+        _ => {}
+    }
+    tracing::info!("draining the engine and persisting the hot buffer");
+    let rows = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        engine.flush()?;
+        engine.shutdown();
+        storage.stop_persister();
+        if persister.join().is_err() {
+            tracing::error!("the persister thread panicked");
+        }
+        Ok(storage.persist()?)
+    })
+    .await??;
+    tracing::info!(rows, "shutdown complete");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

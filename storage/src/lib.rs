@@ -1,0 +1,415 @@
+//! Ferrite's storage: the write-ahead log, the in-memory hot buffer and the Parquet archive
+//! on `object_store`, with the file catalog that ties them together.
+//!
+//! ```text
+//! shard thread ── ShardStore::commit ──▶ WAL (append + fsync) ──▶ hot buffer (queryable)
+//!                                                                     │ every persist_interval
+//!                                                                     │ or when over the size bound
+//!                           persister thread: rotate WALs, encode Parquet per stream and hour,
+//!                           put to the object store, commit the file catalog, then drop the
+//!                           persisted rows from the hot buffer and delete the WAL segments
+//! ```
+//!
+//! Invariants: a row is in exactly one of {hot buffer, catalogued Parquet files} as seen by
+//! any [`Storage::snapshot`] (both change under the stream's lock); a WAL segment is deleted
+//! only after the catalog that covers its rows is on disk. Depends on `ferrite-engine` only.
+
+pub mod archive;
+pub mod error;
+pub mod file_catalog;
+pub mod wal;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::compute::concat_batches;
+use ferrite_engine::{Metrics, ShardStore, StreamBatch, StreamCatalog, StreamName, TenantId, align_to_schema};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parking_lot::{Condvar, Mutex, RwLock};
+
+pub use archive::ArchivedFile;
+use error::io;
+pub use error::{Error, Result};
+use file_catalog::FileCatalog;
+use wal::WalWriter;
+
+/// Settings of storage.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// Root of the data directory.
+    pub data_dir: PathBuf,
+    /// How often the hot buffer is written to Parquet.
+    pub persist_interval: Duration,
+    /// Hot-buffer size that triggers a persist before the interval is up.
+    pub hot_max_bytes: usize,
+    /// Number of engine shards (one WAL per shard).
+    pub shards: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("ferrite-data"),
+            persist_interval: Duration::from_secs(60),
+            hot_max_bytes: 512 * 1024 * 1024,
+            shards: 1,
+        }
+    }
+}
+
+struct HotBatch {
+    shard: u32,
+    seq: u64,
+    batch: RecordBatch,
+}
+
+#[derive(Default)]
+struct StreamData {
+    hot: Vec<HotBatch>,
+    files: Vec<ArchivedFile>,
+}
+
+/// What a query sees of a stream at one instant: rows in memory and files in the archive,
+/// disjoint and together complete.
+#[derive(Debug, Clone, Default)]
+pub struct StreamSnapshot {
+    /// Hot rows (schemas may be older, narrower versions of the stream's schema).
+    pub hot: Vec<RecordBatch>,
+    /// Archived files, paths relative to the archive root.
+    pub files: Vec<ArchivedFile>,
+}
+
+/// The storage service: implements [`ShardStore`] for the engine and serves snapshots to
+/// the query layer.
+pub struct Storage {
+    config: StorageConfig,
+    tenant: TenantId,
+    catalog: Arc<StreamCatalog>,
+    metrics: Arc<Metrics>,
+    wals: Vec<Mutex<WalWriter>>,
+    streams: RwLock<HashMap<StreamName, Arc<RwLock<StreamData>>>>,
+    file_catalog: Mutex<FileCatalog>,
+    file_catalog_path: PathBuf,
+    archive_root: PathBuf,
+    store: Arc<dyn ObjectStore>,
+    hot_bytes: AtomicUsize,
+    persist_lock: Mutex<()>,
+    wake: (Mutex<bool>, Condvar),
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage").field("data_dir", &self.config.data_dir).finish()
+    }
+}
+
+impl Storage {
+    /// Opens the data directory: loads the file catalog, replays the WAL into the hot
+    /// buffer (skipping what is already archived), and prepares the archive.
+    ///
+    /// `runtime` runs object-store calls for the persister thread.
+    pub fn open(
+        config: StorageConfig,
+        catalog: Arc<StreamCatalog>,
+        metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Arc<Self>> {
+        let data = &config.data_dir;
+        std::fs::create_dir_all(data).map_err(io("create data dir", data))?;
+        let archive_root = data.join("archive");
+        std::fs::create_dir_all(&archive_root).map_err(io("create archive dir", &archive_root))?;
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&archive_root)?);
+        let file_catalog_path = data.join("catalog").join("files.json");
+        let files = FileCatalog::load(&file_catalog_path)?;
+
+        let mut streams: HashMap<StreamName, Arc<RwLock<StreamData>>> = HashMap::new();
+        for (name, list) in &files.streams {
+            let s = StreamName::new(name)?;
+            streams.entry(s).or_default().write().files = list.clone();
+        }
+
+        // Replay every shard directory on disk, even of shards this run does not have.
+        let wal_root = data.join("wal");
+        let mut shard_ids: Vec<u32> = (0..config.shards.max(1) as u32).collect();
+        if let Ok(dirs) = std::fs::read_dir(&wal_root) {
+            for d in dirs.flatten() {
+                if let Some(n) =
+                    d.file_name().to_str().and_then(|n| n.strip_prefix("shard-")).and_then(|n| n.parse().ok())
+                    && !shard_ids.contains(&n)
+                {
+                    shard_ids.push(n);
+                }
+            }
+        }
+        shard_ids.sort_unstable();
+        let mut wals = Vec::new();
+        let mut hot_bytes = 0;
+        let mut replayed = 0usize;
+        for shard in 0..=shard_ids.last().copied().unwrap_or(0) {
+            let dir = wal_root.join(format!("shard-{shard}"));
+            let upto = files.persisted_upto.get(&shard).copied().unwrap_or(0);
+            let mut last = upto;
+            for seg in wal::list_segments(&dir)? {
+                for entry in wal::read_segment(&seg.path)? {
+                    last = last.max(entry.seq);
+                    if entry.seq <= upto {
+                        continue;
+                    }
+                    hot_bytes += entry.batch.batch.get_array_memory_size();
+                    replayed += entry.batch.num_rows();
+                    streams.entry(entry.batch.stream.clone()).or_default().write().hot.push(HotBatch {
+                        shard,
+                        seq: entry.seq,
+                        batch: entry.batch.batch,
+                    });
+                }
+            }
+            wals.push(Mutex::new(WalWriter::open(&dir, last + 1)?));
+        }
+        if replayed > 0 {
+            tracing::info!(rows = replayed, "replayed the write-ahead log into the hot buffer");
+        }
+        Ok(Arc::new(Self {
+            config,
+            tenant: TenantId::default(),
+            catalog,
+            metrics,
+            wals,
+            streams: RwLock::new(streams),
+            file_catalog: Mutex::new(files),
+            file_catalog_path,
+            archive_root,
+            store,
+            hot_bytes: AtomicUsize::new(hot_bytes),
+            persist_lock: Mutex::new(()),
+            wake: (Mutex::new(false), Condvar::new()),
+            runtime,
+        }))
+    }
+
+    /// The object store holding the archive.
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
+    /// Local directory of the archive (the object store's root).
+    pub fn archive_root(&self) -> &Path {
+        &self.archive_root
+    }
+
+    /// The stream catalog.
+    pub fn catalog(&self) -> &Arc<StreamCatalog> {
+        &self.catalog
+    }
+
+    /// Bytes of Arrow data in the hot buffer.
+    pub fn hot_bytes(&self) -> usize {
+        self.hot_bytes.load(Ordering::Relaxed)
+    }
+
+    /// A consistent view of `stream`: hot rows and archive files, disjoint.
+    pub fn snapshot(&self, stream: &StreamName) -> StreamSnapshot {
+        let Some(data) = self.streams.read().get(stream).cloned() else { return StreamSnapshot::default() };
+        let d = data.read();
+        StreamSnapshot { hot: d.hot.iter().map(|h| h.batch.clone()).collect(), files: d.files.clone() }
+    }
+
+    fn stream_data(&self, stream: &StreamName) -> Arc<RwLock<StreamData>> {
+        if let Some(d) = self.streams.read().get(stream) {
+            return d.clone();
+        }
+        self.streams.write().entry(stream.clone()).or_default().clone()
+    }
+
+    /// Writes every hot row committed so far to Parquet and commits the file catalog.
+    /// Runs on the caller's thread (the persister thread, or shutdown); must not be called
+    /// from inside the async runtime.
+    pub fn persist(&self) -> Result<usize> {
+        let _one_at_a_time = self.persist_lock.lock();
+        // 1. Cut every WAL: entries up to `cut` are exactly those in the closed segments,
+        //    and all of them are in the hot buffer (commit holds the WAL lock until then).
+        let cuts: Vec<u64> = self.wals.iter().map(|w| w.lock().rotate()).collect();
+        let streams: Vec<(StreamName, Arc<RwLock<StreamData>>)> =
+            self.streams.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let below_cut = |h: &HotBatch| cuts.get(h.shard as usize).is_some_and(|c| h.seq <= *c);
+
+        // 2. Encode and upload, stream by stream; nothing is visible yet.
+        let mut new_files: Vec<(StreamName, Vec<ArchivedFile>)> = Vec::new();
+        let mut rows_total = 0;
+        for (name, data) in &streams {
+            let batches: Vec<RecordBatch> =
+                data.read().hot.iter().filter(|h| below_cut(h)).map(|h| h.batch.clone()).collect();
+            if batches.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            let files = self.persist_stream(name, &batches)?;
+            rows_total += files.iter().map(|f| f.rows as usize).sum::<usize>();
+            self.metrics.histogram("ferrite_persist_seconds", &[]).observe(started.elapsed());
+            new_files.push((name.clone(), files));
+        }
+
+        // 3. Commit the catalog, then swap hot rows for files under each stream's lock.
+        {
+            let mut fc = self.file_catalog.lock();
+            let mut next = fc.clone();
+            for (shard, cut) in cuts.iter().enumerate() {
+                let e = next.persisted_upto.entry(shard as u32).or_insert(0);
+                *e = (*e).max(*cut);
+            }
+            for (name, files) in &new_files {
+                next.streams.entry(name.to_string()).or_default().extend(files.iter().cloned());
+            }
+            next.store(&self.file_catalog_path)?;
+            *fc = next;
+        }
+        let mut freed = 0;
+        for (name, data) in &streams {
+            let mut d = data.write();
+            if let Some((_, files)) = new_files.iter().find(|(n, _)| n == name) {
+                d.files.extend(files.iter().cloned());
+            }
+            d.hot.retain(|h| {
+                let keep = !below_cut(h);
+                if !keep {
+                    freed += h.batch.get_array_memory_size();
+                }
+                keep
+            });
+        }
+        self.hot_bytes.fetch_sub(freed.min(self.hot_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+
+        // 4. The WAL segments before the cut are now redundant.
+        for (w, cut) in self.wals.iter().zip(&cuts) {
+            if let Err(e) = w.lock().remove_persisted(*cut) {
+                tracing::warn!(error = %e, "cannot remove persisted WAL segments; they will be skipped on replay");
+            }
+        }
+        if rows_total > 0 {
+            tracing::info!(
+                rows = rows_total,
+                files = new_files.iter().map(|(_, f)| f.len()).sum::<usize>(),
+                "persisted hot buffer to parquet"
+            );
+        }
+        Ok(rows_total)
+    }
+
+    fn persist_stream(&self, name: &StreamName, batches: &[RecordBatch]) -> Result<Vec<ArchivedFile>> {
+        let schema = match self.catalog.get(name) {
+            Some(s) => s.arrow.clone(),
+            None => batches
+                .iter()
+                .map(|b| b.schema())
+                .max_by_key(|s| s.fields().len())
+                .unwrap_or_else(|| batches[0].schema()),
+        };
+        let aligned =
+            batches.iter().map(|b| align_to_schema(b, &schema)).collect::<ferrite_engine::Result<Vec<_>>>()?;
+        let all = concat_batches(&schema, &aligned)?;
+        let mut out = Vec::new();
+        for chunk in archive::split_by_hour(&all)? {
+            let (bytes, mut file) = archive::encode(&chunk)?;
+            let unique =
+                format!("{:019}-{:08x}.parquet", chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0), rand_u32());
+            file.path = format!("{}/{}/{}/{}", self.tenant, name, archive::partition_dir(chunk.hour_start), unique);
+            let location = ObjectPath::from(file.path.as_str());
+            let size = bytes.len() as u64;
+            // Local files are written under a temporary name and renamed into place by
+            // object_store; an S3 PUT is atomic. Readers only learn of the file from the
+            // catalog, committed after this returns.
+            self.runtime.block_on(self.store.put(&location, bytes.into()))?;
+            self.metrics.inc("ferrite_persisted_rows_total", &[("stream", name.as_str())], file.rows);
+            self.metrics.inc("ferrite_persisted_bytes_total", &[("stream", name.as_str())], size);
+            out.push(file);
+        }
+        Ok(out)
+    }
+
+    /// Runs the persist loop on the calling thread until [`Storage::stop_persister`]:
+    /// persists every `persist_interval`, or sooner when the hot buffer passes its bound.
+    pub fn run_persister(&self) {
+        let (lock, cv) = &self.wake;
+        loop {
+            let deadline = Instant::now() + self.config.persist_interval;
+            let mut stop = lock.lock();
+            while !*stop && Instant::now() < deadline && self.hot_bytes() < self.config.hot_max_bytes {
+                let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(500));
+                cv.wait_for(&mut stop, wait);
+            }
+            if *stop {
+                return;
+            }
+            drop(stop);
+            if let Err(e) = self.persist() {
+                tracing::error!(error = %e, "persist failed; the rows stay in the hot buffer and the WAL, retrying next time");
+            }
+        }
+    }
+
+    /// Ends [`Storage::run_persister`].
+    pub fn stop_persister(&self) {
+        let (lock, cv) = &self.wake;
+        *lock.lock() = true;
+        cv.notify_all();
+    }
+
+    /// Every stream that has data, hot or archived.
+    pub fn streams(&self) -> Vec<StreamName> {
+        let mut v: Vec<StreamName> = self.streams.read().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Row counts per stream (hot, archived), for the API.
+    pub fn stats(&self) -> BTreeMap<String, (usize, u64)> {
+        self.streams
+            .read()
+            .iter()
+            .map(|(k, v)| {
+                let d = v.read();
+                (k.to_string(), (d.hot.iter().map(|h| h.batch.num_rows()).sum(), d.files.iter().map(|f| f.rows).sum()))
+            })
+            .collect()
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id() as u64);
+    h.finish() as u32
+}
+
+impl ShardStore for Storage {
+    fn commit(&self, shard: usize, group: &[StreamBatch]) -> std::result::Result<(), String> {
+        let Some(wal) = self.wals.get(shard) else {
+            return Err(format!("no WAL for shard {shard}"));
+        };
+        let mut w = wal.lock();
+        let seqs = w.append(group).map_err(|e| e.to_string())?;
+        self.metrics.inc("ferrite_wal_bytes_total", &[], w.last_append_bytes() as u64);
+        let mut added = 0;
+        for (sb, seq) in group.iter().zip(seqs) {
+            added += sb.batch.get_array_memory_size();
+            self.stream_data(&sb.stream).write().hot.push(HotBatch {
+                shard: shard as u32,
+                seq,
+                batch: sb.batch.clone(),
+            });
+        }
+        drop(w);
+        let total = self.hot_bytes.fetch_add(added, Ordering::Relaxed) + added;
+        if total >= self.config.hot_max_bytes {
+            self.wake.1.notify_all();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,218 @@
+//! Starting, stopping and talking to a real server process.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+/// How long any wait in these tests may take before it fails loudly.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Server {
+    child: Option<Child>,
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    /// Starts `ferrite serve` on `data_dir` with ephemeral ports and the given extra flags.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--log", "warn"])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning ferrite")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = rx.recv_timeout(TIMEOUT).context("server did not print its addresses")?;
+        let rest =
+            line.strip_prefix("ferrite listening: ").with_context(|| format!("unexpected first line {line:?}"))?;
+        let mut mqtt = None;
+        let mut http = None;
+        for part in rest.split_whitespace() {
+            if let Some(a) = part.strip_prefix("mqtt=") {
+                mqtt = Some(a.parse()?);
+            } else if let Some(a) = part.strip_prefix("http=") {
+                http = Some(a.parse()?);
+            }
+        }
+        let agent =
+            ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(TIMEOUT)).build().new_agent();
+        Ok(Self {
+            child: Some(child),
+            mqtt: mqtt.context("no mqtt address")?,
+            http: http.context("no http address")?,
+            agent,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// POSTs `body` with `content_type`; returns the status and the body parsed as JSON
+    /// (`Value::Null` when empty).
+    pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, Value)> {
+        let mut resp = self.agent.post(&self.url(path)).header("Content-Type", content_type).send(body)?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string()?;
+        let json =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).with_context(|| text.clone())? };
+        Ok((status, json))
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        self.post(path, "application/json", body.to_string().as_bytes())
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let mut resp = self.agent.get(&self.url(path)).call()?;
+        Ok((resp.status().as_u16(), resp.body_mut().read_to_string()?))
+    }
+
+    /// Runs SQL and returns the rows as JSON objects; fails on a non-200 answer.
+    pub fn sql(&self, query: &str) -> anyhow::Result<Vec<Value>> {
+        let (status, body) = self.post_json("/api/v1/sql", &serde_json::json!({ "sql": query }))?;
+        if status != 200 {
+            bail!("sql {query:?} answered {status}: {body}");
+        }
+        Ok(body.as_array().cloned().unwrap_or_default())
+    }
+
+    /// The single number a one-row, one-column query returns.
+    pub fn sql_count(&self, query: &str) -> anyhow::Result<i64> {
+        let rows = self.sql(query)?;
+        let v = rows.first().and_then(|r| r.as_object()).and_then(|o| o.values().next()).cloned();
+        v.and_then(|v| v.as_i64()).with_context(|| format!("{query:?} returned {rows:?}"))
+    }
+
+    /// Hot and archived row counts of a stream, from `GET /api/v1/streams`.
+    pub fn rows(&self, stream: &str) -> anyhow::Result<(u64, u64)> {
+        let (_, body) = self.get("/api/v1/streams")?;
+        let v: Value = serde_json::from_str(&body)?;
+        for s in v["streams"].as_array().into_iter().flatten() {
+            if s["name"] == stream {
+                return Ok((s["rows"]["hot"].as_u64().unwrap_or(0), s["rows"]["archived"].as_u64().unwrap_or(0)));
+            }
+        }
+        Ok((0, 0))
+    }
+
+    /// Value of a metric line (exact name with labels) in `/metrics`.
+    pub fn metric(&self, series: &str) -> anyhow::Result<u64> {
+        let (_, text) = self.get("/metrics")?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0))
+    }
+
+    /// Polls `cond` until it holds; fails after [`TIMEOUT`].
+    pub fn wait_for(&self, what: &str, mut cond: impl FnMut(&Self) -> anyhow::Result<bool>) -> anyhow::Result<()> {
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            if cond(self)? {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("timed out waiting for {what}")
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        signal(&child, "TERM")?;
+        wait(&mut child)
+    }
+
+    /// SIGKILL: no chance to persist or flush anything.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("already stopped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+}
+
+fn signal(child: &Child, sig: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status()?;
+    if !status.success() {
+        bail!("kill -{sig} {} failed", child.id());
+    }
+    Ok(())
+}
+
+fn wait(child: &mut Child) -> anyhow::Result<ExitStatus> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("server did not exit within {TIMEOUT:?} after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Every `.parquet` file under `dir`.
+pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// NDJSON of `n` events for `devices` devices, each with a unique `seq`.
+pub fn events(start: usize, n: usize, devices: usize) -> Vec<Value> {
+    (start..start + n)
+        .map(|i| {
+            serde_json::json!({
+                "device_id": format!("dev-{}", i % devices),
+                "ts": 1_764_000_000_000i64 + i as i64,
+                "seq": i,
+                "temperature": 20.0 + (i % 10) as f64,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: each starts the real `ferrite` binary on ephemeral ports with a
+//! temporary data directory and drives it with real clients (HTTP, rumqttc, mosquitto_pub,
+//! the parquet crate, and DuckDB/pyarrow/polars when installed).
+
+mod archive;
+mod durability;
+mod harness;
+mod http;
+mod mqtt;

@@ -1,0 +1,148 @@
+//! MQTT ingest with real clients: rumqttc (QoS 0 and 1) and the mosquitto_pub CLI.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+
+use crate::harness::{Server, TIMEOUT};
+
+fn client(s: &Server, id: &str) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(id, s.mqtt.ip().to_string(), s.mqtt.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+    AsyncClient::new(opts, 100)
+}
+
+/// Polls the event loop until `pred` matches an incoming packet.
+async fn until(ev: &mut EventLoop, mut pred: impl FnMut(&Packet) -> bool) -> anyhow::Result<Packet> {
+    tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(p)) if pred(&p) => return Ok(p),
+                Ok(_) => {}
+                Err(e) => bail!("mqtt connection error: {e}"),
+            }
+        }
+    })
+    .await
+    .context("timed out waiting for an MQTT packet")?
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+#[test]
+fn qos1_puback_means_committed_and_queryable() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    runtime()?.block_on(async {
+        let (c, mut ev) = client(&s, "dev-1");
+        until(&mut ev, |p| matches!(p, Packet::ConnAck(_))).await?;
+        for i in 0..20 {
+            let payload = format!(r#"{{"ts": {}, "temperature": {i}.5, "door": "open"}}"#, 1_764_000_000_000i64 + i);
+            c.publish("devices/dev-1/telemetry", QoS::AtLeastOnce, false, payload).await?;
+            until(&mut ev, |p| matches!(p, Packet::PubAck(_))).await?;
+            // The PUBACK came after the WAL commit, so the event is already queryable.
+            assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, i + 1);
+        }
+        // An array payload on a named stream.
+        c.publish("devices/dev-1/telemetry/power", QoS::AtLeastOnce, false, r#"[{"watts": 1}, {"watts": 2}]"#).await?;
+        until(&mut ev, |p| matches!(p, Packet::PubAck(_))).await?;
+        assert_eq!(s.sql_count("SELECT count(*) FROM power WHERE device_id = 'dev-1'")?, 2);
+
+        // QoS 0: no acknowledgement; the event still lands.
+        c.publish("devices/dev-2/telemetry", QoS::AtMostOnce, false, r#"{"temperature": 99}"#).await?;
+        c.publish("devices/dev-1/telemetry", QoS::AtLeastOnce, false, r#"{"temperature": 1}"#).await?;
+        until(&mut ev, |p| matches!(p, Packet::PubAck(_))).await?;
+        s.wait_for("the QoS 0 event", |s| {
+            Ok(s.sql_count("SELECT count(*) FROM telemetry WHERE device_id = 'dev-2'")? == 1)
+        })?;
+        anyhow::Ok(())
+    })?;
+    assert_eq!(s.metric("ferrite_mqtt_messages_total{qos=\"1\"}")?, 22);
+    assert_eq!(s.metric("ferrite_ingested_events_total{stream=\"telemetry\",transport=\"mqtt\"}")?, 22);
+    Ok(())
+}
+
+#[test]
+fn bad_mqtt_payloads_are_counted_and_the_session_lives_on() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &["--max-payload", "1KiB"])?;
+    runtime()?.block_on(async {
+        let (c, mut ev) = client(&s, "bad-dev");
+        until(&mut ev, |p| matches!(p, Packet::ConnAck(_))).await?;
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("devices/d/telemetry", b"{not json".to_vec()),
+            ("devices/d/telemetry", b"42".to_vec()),
+            ("devices/d/telemetry", format!("[{}]", vec![r#"{"t":1}"#; 300].join(",")).into_bytes()),
+            ("devices/d/telemetry/bad-stream", br#"{"t":1}"#.to_vec()),
+            ("devices/d/telemetry", br#"[{"t": 1}, {"t": "x"}, {"t": 2}]"#.to_vec()),
+        ];
+        for (topic, payload) in cases {
+            c.publish(topic, QoS::AtLeastOnce, false, payload).await?;
+            until(&mut ev, |p| matches!(p, Packet::PubAck(_))).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let m =
+        |reason: &str| s.metric(&format!("ferrite_rejected_events_total{{transport=\"mqtt\",reason=\"{reason}\"}}"));
+    assert_eq!(m("malformed_json")?, 1);
+    assert_eq!(m("not_an_object")?, 1);
+    assert_eq!(m("payload_too_large")?, 1);
+    assert_eq!(m("invalid_topic")?, 1);
+    assert_eq!(m("type_conflict")?, 1);
+    // The good events of the mixed array were kept.
+    assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, 2);
+    Ok(())
+}
+
+#[test]
+fn messages_are_routed_to_subscribers() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    runtime()?.block_on(async {
+        let (device, mut dev_ev) = client(&s, "dev-9");
+        until(&mut dev_ev, |p| matches!(p, Packet::ConnAck(_))).await?;
+        device.subscribe("devices/dev-9/commands", QoS::AtLeastOnce).await?;
+        until(&mut dev_ev, |p| matches!(p, Packet::SubAck(_))).await?;
+
+        let (app, mut app_ev) = client(&s, "operator");
+        until(&mut app_ev, |p| matches!(p, Packet::ConnAck(_))).await?;
+        app.publish("devices/dev-9/commands", QoS::AtLeastOnce, false, r#"{"id":"1","name":"reboot","params":{}}"#)
+            .await?;
+        until(&mut app_ev, |p| matches!(p, Packet::PubAck(_))).await?;
+        let got = until(&mut dev_ev, |p| matches!(p, Packet::Publish(_))).await?;
+        let Packet::Publish(p) = got else { bail!("not a publish") };
+        assert_eq!(p.topic, "devices/dev-9/commands");
+        assert!(String::from_utf8_lossy(&p.payload).contains("reboot"));
+        anyhow::Ok(())
+    })
+}
+
+#[test]
+fn mosquitto_pub_lands_in_sql() -> anyhow::Result<()> {
+    if std::process::Command::new("mosquitto_pub").arg("--help").output().is_err() {
+        if std::env::var_os("CI").is_some() {
+            bail!("mosquitto_pub is not installed; .ci/run installs it");
+        }
+        eprintln!("skipping: mosquitto_pub is not installed (apt-get install mosquitto-clients)");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    for (qos, payload) in
+        [("1", r#"{"temperature": 21.5, "door": "open"}"#), ("0", r#"[{"temperature": 1}, {"temperature": 2}]"#)]
+    {
+        let out = std::process::Command::new("mosquitto_pub")
+            .args(["-h", &s.mqtt.ip().to_string(), "-p", &s.mqtt.port().to_string()])
+            .args(["-V", "mqttv311", "-q", qos, "-t", "devices/sensor-7/telemetry", "-m", payload])
+            .output()?;
+        assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    s.wait_for("3 events from mosquitto_pub", |s| {
+        Ok(s.sql_count("SELECT count(*) FROM telemetry WHERE device_id = 'sensor-7'")? == 3)
+    })?;
+    Ok(())
+}
