@@ -19,6 +19,11 @@ if ! python3 -c 'import duckdb, pyarrow, polars' >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check duckdb pyarrow polars
 fi
 
+if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
+    log "installing moto[server] (a local S3-compatible server) for the s3:// archive test"
+    python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
+fi
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

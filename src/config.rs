@@ -15,6 +15,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Directory of `*.rules` files.
     pub rules_dir: PathBuf,
+    /// Archive location: empty for `{data_dir}/archive`, a directory, `file:///dir` or
+    /// `s3://bucket/prefix`.
+    pub archive_url: String,
     /// MQTT listener address.
     pub mqtt_listen: SocketAddr,
     /// HTTP listener address.
@@ -39,6 +42,7 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("./ferrite-data"),
             rules_dir: PathBuf::from("./rules"),
+            archive_url: String::new(),
             mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             persist_interval: Duration::from_secs(60),

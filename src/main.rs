@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// Rules directory.
     #[arg(long, env = "FERRITE_RULES_DIR")]
     rules_dir: Option<PathBuf>,
+    /// Archive location: a directory, file:///dir or s3://bucket/prefix (default: DATA_DIR/archive).
+    #[arg(long, env = "FERRITE_ARCHIVE_URL")]
+    archive_url: Option<String>,
     /// MQTT listen address (port 0: any free port).
     #[arg(long, env = "FERRITE_MQTT_LISTEN")]
     mqtt_listen: Option<SocketAddr>,
@@ -70,6 +73,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.rules_dir {
             c.rules_dir = v;
+        }
+        if let Some(v) = self.archive_url {
+            c.archive_url = v;
         }
         if let Some(v) = self.mqtt_listen {
             c.mqtt_listen = v;

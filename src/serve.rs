@@ -41,12 +41,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         persist_interval: config.persist_interval,
         hot_max_bytes: config.hot_buffer_max,
         shards,
+        archive_url: Some(config.archive_url.clone()).filter(|u| !u.is_empty()),
     };
     let handle = tokio::runtime::Handle::current();
     let storage = {
         let (catalog, metrics) = (catalog.clone(), metrics.clone());
         tokio::task::spawn_blocking(move || Storage::open(storage_config, catalog, metrics, handle)).await??
     };
+    let storage_location = storage.archive_location().to_owned();
     let engine = Engine::start(EngineConfig { shards, ..EngineConfig::default() }, storage.clone(), metrics.clone())?;
     let ingest_config = IngestConfig { max_payload_bytes: config.max_payload, ..IngestConfig::default() };
     let ingestor =
@@ -93,7 +95,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .await
     });
 
-    tracing::info!(mqtt = %mqtt_addr, http = %http_addr, data_dir = %config.data_dir.display(), shards, "ferrite is running");
+    tracing::info!(
+        mqtt = %mqtt_addr,
+        http = %http_addr,
+        data_dir = %config.data_dir.display(),
+        archive = storage_location,
+        shards,
+        "ferrite is running"
+    );
     // A stable line on stdout for scripts and tests that start the server on port 0.
     println!("ferrite listening: mqtt={mqtt_addr} http={http_addr}");
 

@@ -110,12 +110,17 @@ impl Pruning {
         match col {
             "time" => {
                 let Some(t) = timestamp_nanos(lit) else { return };
+                // Bounds are inclusive: `time > t` means `time >= t + 1` (integer nanoseconds).
+                let lower = |p: &mut Self, t: i64| p.min_time = Some(p.min_time.map_or(t, |m| m.max(t)));
+                let upper = |p: &mut Self, t: i64| p.max_time = Some(p.max_time.map_or(t, |m| m.min(t)));
                 match op {
-                    Operator::Gt | Operator::GtEq => self.min_time = Some(self.min_time.map_or(t, |m| m.max(t))),
-                    Operator::Lt | Operator::LtEq => self.max_time = Some(self.max_time.map_or(t, |m| m.min(t))),
+                    Operator::Gt => lower(self, t.saturating_add(1)),
+                    Operator::GtEq => lower(self, t),
+                    Operator::Lt => upper(self, t.saturating_sub(1)),
+                    Operator::LtEq => upper(self, t),
                     Operator::Eq => {
-                        self.min_time = Some(self.min_time.map_or(t, |m| m.max(t)));
-                        self.max_time = Some(self.max_time.map_or(t, |m| m.min(t)));
+                        lower(self, t);
+                        upper(self, t);
                     }
                     _ => {}
                 }

@@ -34,7 +34,7 @@ pub enum Error {
         message: String,
     },
     /// The archive location is not supported.
-    #[error("archive url `{0}` is not supported (use a local directory or file:// URL)")]
+    #[error("archive url `{0}` is not supported (use a directory, file:///dir or s3://bucket/prefix)")]
     UnsupportedArchive(String),
     /// An engine error (catalog).
     #[error(transparent)]

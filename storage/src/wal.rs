@@ -47,6 +47,7 @@ pub struct WalWriter {
     file: Option<File>,
     current: Option<Segment>,
     next_seq: u64,
+    epoch: u64,
     buf: Vec<u8>,
 }
 
@@ -139,7 +140,7 @@ impl WalWriter {
     /// Opens the shard directory; the next entry gets `next_seq`.
     pub fn open(dir: &Path, next_seq: u64) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(io("create wal dir", dir))?;
-        Ok(Self { dir: dir.to_owned(), file: None, current: None, next_seq, buf: Vec::new() })
+        Ok(Self { dir: dir.to_owned(), file: None, current: None, next_seq, epoch: 0, buf: Vec::new() })
     }
 
     /// Sequence number the next entry will get.
@@ -175,6 +176,12 @@ impl WalWriter {
         Ok(seqs)
     }
 
+    /// Number of rotations so far: entries appended in the same epoch are all on the same
+    /// side of every persist cut.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// Bytes in the last appended group.
     pub fn last_append_bytes(&self) -> usize {
         self.buf.len()
@@ -185,6 +192,7 @@ impl WalWriter {
     pub fn rotate(&mut self) -> u64 {
         self.file = None;
         self.current = None;
+        self.epoch += 1;
         self.next_seq.saturating_sub(1)
     }
 

@@ -23,6 +23,11 @@ pub struct Server {
 impl Server {
     /// Starts `ferrite serve` on `data_dir` with ephemeral ports and the given extra flags.
     pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(data_dir, extra, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, String)]) -> anyhow::Result<Self> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
             .arg("serve")
             .arg("--data-dir")
@@ -30,6 +35,7 @@ impl Server {
             .args(["--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--log", "warn"])
             .args(extra)
             .env_remove("RUST_LOG")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
