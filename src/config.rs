@@ -33,6 +33,11 @@ pub struct Config {
     pub max_payload: usize,
     /// Engine shards; 0 means one per core.
     pub shards: usize,
+    /// Most rows in one WAL group commit.
+    pub commit_max_rows: usize,
+    /// How long a shard waits for more rows before committing a group (0s: no wait).
+    #[serde(with = "humantime_serde_compat_zero")]
+    pub commit_linger: Duration,
     /// Log filter (`info`, `debug`, `ferrite_ingest=debug,info`...); `RUST_LOG` wins.
     pub log: String,
 }
@@ -49,6 +54,8 @@ impl Default for Config {
             hot_buffer_max: 512 * 1024 * 1024,
             max_payload: 1024 * 1024,
             shards: 0,
+            commit_max_rows: 262_144,
+            commit_linger: Duration::ZERO,
             log: "info".to_owned(),
         }
     }
@@ -63,6 +70,22 @@ mod humantime_serde_compat {
         let s = String::deserialize(d)?;
         super::parse_duration(&s).map_err(serde::de::Error::custom)
     }
+}
+
+mod humantime_serde_compat_zero {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration_or_zero(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses a duration that may be zero (`0s`).
+pub fn parse_duration_or_zero(s: &str) -> anyhow::Result<Duration> {
+    humantime::parse_duration(s.trim()).with_context(|| format!("invalid duration `{s}` (examples: 0s, 2ms, 1s)"))
 }
 
 fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {

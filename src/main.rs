@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the platform: MQTT and HTTP ingest, storage, SQL.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a SQL query against a running server and print the result.
     Sql(sql::SqlArgs),
 }
@@ -60,6 +60,12 @@ pub struct ServeArgs {
     /// Engine shards (0: one per core).
     #[arg(long, env = "FERRITE_SHARDS")]
     shards: Option<usize>,
+    /// Most rows in one WAL group commit.
+    #[arg(long, env = "FERRITE_COMMIT_MAX_ROWS")]
+    commit_max_rows: Option<usize>,
+    /// How long a shard waits for more rows before a group commit (e.g. 0s, 2ms).
+    #[arg(long, env = "FERRITE_COMMIT_LINGER")]
+    commit_linger: Option<String>,
     /// Log filter (e.g. info, debug).
     #[arg(long, env = "FERRITE_LOG")]
     log: Option<String>,
@@ -94,6 +100,12 @@ impl ServeArgs {
         }
         if let Some(v) = self.shards {
             c.shards = v;
+        }
+        if let Some(v) = self.commit_max_rows {
+            c.commit_max_rows = v;
+        }
+        if let Some(v) = self.commit_linger {
+            c.commit_linger = config::parse_duration_or_zero(&v)?;
         }
         if let Some(v) = self.log {
             c.log = v;

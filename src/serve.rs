@@ -49,7 +49,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || Storage::open(storage_config, catalog, metrics, handle)).await??
     };
     let storage_location = storage.archive_location().to_owned();
-    let engine = Engine::start(EngineConfig { shards, ..EngineConfig::default() }, storage.clone(), metrics.clone())?;
+    let engine_config = EngineConfig {
+        shards,
+        max_group_rows: config.commit_max_rows,
+        group_linger: config.commit_linger,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(engine_config, storage.clone(), metrics.clone())?;
     let ingest_config = IngestConfig { max_payload_bytes: config.max_payload, ..IngestConfig::default() };
     let ingestor =
         Ingestor::start(ingest_config, catalog.clone(), engine.clone(), metrics.clone(), Arc::new(SystemClock))?;

@@ -3,6 +3,8 @@
 //! The criterion benches live in `benches/benches/`; end-to-end scenarios against a running
 //! server live in `benches/scenarios/`. Results are recorded in `BENCHMARKS.md`.
 
+pub mod server;
+
 use serde::{Deserialize, Serialize};
 
 /// One reading of the TSBS "IoT" use case (a truck's diagnostics), as a typed struct: the

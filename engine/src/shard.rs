@@ -47,8 +47,13 @@ pub struct EngineConfig {
     pub shards: usize,
     /// Submissions each shard's channel holds; when full, submitters block.
     pub queue_depth: usize,
-    /// Most rows a shard commits in one group (one WAL fsync).
+    /// Most rows a shard commits in one group (one WAL fsync): a group is sealed when it
+    /// reaches this many rows...
     pub max_group_rows: usize,
+    /// ...or when the shard's queue is empty and this much time has passed since the
+    /// group's first submission (zero: commit as soon as nothing more is queued, so an idle
+    /// system acknowledges after one fsync).
+    pub group_linger: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +62,7 @@ impl Default for EngineConfig {
             shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             queue_depth: 1024,
             max_group_rows: 256 * 1024,
+            group_linger: std::time::Duration::ZERO,
         }
     }
 }
@@ -111,6 +117,7 @@ impl Engine {
                 observers: observers.clone(),
                 metrics: metrics.clone(),
                 max_group_rows: config.max_group_rows.max(1),
+                group_linger: config.group_linger,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("ferrite-shard-{shard}"))
@@ -234,6 +241,7 @@ struct ShardWorker {
     observers: Arc<RwLock<Vec<Arc<dyn BatchObserver>>>>,
     metrics: Arc<Metrics>,
     max_group_rows: usize,
+    group_linger: std::time::Duration,
 }
 
 impl ShardWorker {
@@ -250,11 +258,23 @@ impl ShardWorker {
                 ShardMsg::Barrier(tx) => barriers.push(tx),
             };
             push(first, &mut pending, &mut rows);
-            // Group commit: take whatever else is already queued, up to the row bound.
+            let sealed_at = Instant::now() + self.group_linger;
+            // Group commit: take whatever else is queued (or arrives within the linger),
+            // up to the row bound.
             while rows < self.max_group_rows {
                 match self.rx.try_recv() {
                     Ok(msg) => push(msg, &mut pending, &mut rows),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => {
+                        let left = sealed_at.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        match self.rx.recv_timeout(left) {
+                            Ok(msg) => push(msg, &mut pending, &mut rows),
+                            Err(_) => break,
+                        }
+                    }
                 }
             }
             self.commit_group(&mut pending);
@@ -365,6 +385,31 @@ mod tests {
         let t = TimestampNanosecondArray::from(vec![0; devices.len()]).with_timezone("UTC");
         let b = RecordBatch::try_new(schema, vec![Arc::new(t), Arc::new(StringArray::from(devices.to_vec()))])?;
         Ok(StreamBatch::new(StreamName::new("t")?, b))
+    }
+
+    #[test]
+    fn a_lingering_group_is_sealed_by_its_row_bound() -> Result<()> {
+        let store = Arc::new(Recorder::default());
+        // A linger far longer than the test may take: only the row bound can seal the group.
+        let config = EngineConfig {
+            shards: 1,
+            max_group_rows: 3,
+            group_linger: std::time::Duration::from_secs(3600),
+            ..EngineConfig::default()
+        };
+        let engine = Engine::start(config, store.clone(), Arc::new(Metrics::new()))?;
+        let mut waiters = Vec::new();
+        for d in ["a", "b", "c"] {
+            let (ack, rx) = Ack::new();
+            engine.submit(vec![batch(&[d])?], ack)?;
+            waiters.push(rx);
+        }
+        for rx in waiters {
+            assert_eq!(rx.blocking_recv().map_err(|_| Error::ShuttingDown)?, Ok(()));
+        }
+        // One group, coalesced into one batch of the stream.
+        assert_eq!(store.rows.lock().clone(), vec![(0, vec!["a".to_owned(), "b".to_owned(), "c".to_owned()])]);
+        Ok(())
     }
 
     #[test]

@@ -493,6 +493,19 @@ mod tests {
         Ok(())
     }
 
+    /// Regression: serde_json's default float parser can be one ULP off; Ferrite enables
+    /// `float_roundtrip` so a value read back equals the value the device sent.
+    #[test]
+    fn floats_round_trip_exactly() -> anyhow::Result<()> {
+        let v = -411921.92312450235f64;
+        let mut b = builder()?;
+        JsonDecoder::new(&mut b, DeviceSource::Fixed("d"), 0).decode(format!("{{\"x\": {v:?}}}").as_bytes())?;
+        let out = b.finish().ok_or_else(|| anyhow::anyhow!("empty"))?;
+        let x = out.batch.column(2).as_any().downcast_ref::<Float64Array>().ok_or_else(|| anyhow::anyhow!("x"))?;
+        assert_eq!(x.value(0).to_bits(), v.to_bits());
+        Ok(())
+    }
+
     #[test]
     fn mqtt_device_must_match_topic() -> anyhow::Result<()> {
         let mut b = builder()?;

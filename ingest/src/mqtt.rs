@@ -131,7 +131,8 @@ pub fn parse_telemetry_topic(topic: &str) -> Option<TelemetryTopic<'_>> {
     Some(TelemetryTopic { device, stream })
 }
 
-/// Runs the listener until `shutdown` turns true; then stops accepting and closes sessions.
+/// Runs the listener until `shutdown` turns true; then stops accepting, lets every session
+/// send the acknowledgements it already earned, and returns once they are closed.
 pub async fn serve(
     listener: TcpListener,
     ingestor: Arc<Ingestor>,
@@ -140,6 +141,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let next_session = AtomicU64::new(1);
+    let mut sessions = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -153,11 +155,13 @@ pub async fn serve(
                         metrics: metrics.clone(),
                     };
                     let shutdown = shutdown.clone();
-                    tokio::spawn(async move {
+                    sessions.spawn(async move {
                         if let Err(e) = session.run(stream, shutdown).await {
                             tracing::debug!(%peer, error = %e, "mqtt session ended");
                         }
                     });
+                    // Reap finished sessions so the set does not grow with every connection.
+                    while sessions.try_join_next().is_some() {}
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "mqtt accept failed");
@@ -166,6 +170,13 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         }
+    }
+    // Sessions deliver the acknowledgements they already earned, then close.
+    let drained =
+        tokio::time::timeout(Duration::from_secs(10), async { while sessions.join_next().await.is_some() {} });
+    if drained.await.is_err() {
+        tracing::warn!(open = sessions.len(), "mqtt sessions still closing after 10s; dropping them");
+        sessions.abort_all();
     }
 }
 

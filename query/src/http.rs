@@ -94,7 +94,10 @@ pub fn encode(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Re
     let mut out = Vec::new();
     match format {
         Format::Json => {
-            let mut w = datafusion::arrow::json::ArrayWriter::new(&mut out);
+            // Explicit nulls: every row object has every column, like a SQL row.
+            let mut w = datafusion::arrow::json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, datafusion::arrow::json::writer::JsonArray>(&mut out);
             for b in batches {
                 w.write(b).map_err(enc)?;
             }

@@ -1,0 +1,74 @@
+//! Starting a release `ferrite serve` for a scenario, on ephemeral ports.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running server, killed on drop.
+pub struct Ferrite {
+    child: Child,
+    /// MQTT address.
+    pub mqtt: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+}
+
+impl Drop for Ferrite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Path of the `ferrite` binary next to the running benchmark binary (same profile).
+pub fn ferrite_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent().map(|p| p.join("ferrite")).unwrap_or_default()
+}
+
+impl Ferrite {
+    /// Starts the server on `data_dir` with `extra` flags.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Result<Self, String> {
+        let bin = ferrite_binary();
+        let mut child = Command::new(&bin)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--log", "warn"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {} (cargo build --release --bin ferrite): {e}", bin.display()))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
+        let rest = line.trim().strip_prefix("ferrite listening: ").ok_or_else(|| format!("unexpected {line:?}"))?;
+        let mut mqtt = None;
+        let mut http = None;
+        for part in rest.split_whitespace() {
+            if let Some(a) = part.strip_prefix("mqtt=") {
+                mqtt = a.parse().ok();
+            } else if let Some(a) = part.strip_prefix("http=") {
+                http = a.parse().ok();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(Self { child, mqtt: mqtt.ok_or("no mqtt address")?, http: http.ok_or("no http address")? })
+    }
+
+    /// Value of one series in `/metrics` (0 when absent).
+    pub fn metric(&self, series: &str) -> u64 {
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+        let text = agent
+            .get(&format!("http://{}/metrics", self.http))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    }
+}
