@@ -3,7 +3,7 @@
 //! Counters and histograms are looked up by name and labels once per batch (never per
 //! event) and updated with relaxed atomics.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,11 +60,36 @@ impl Histogram {
 
 type Key = (&'static str, Vec<(&'static str, String)>);
 
-/// The process-wide registry of counters and histograms.
+/// The process-wide registry of counters and histograms. Lookups format the series name
+/// into a reused thread-local buffer, so a hit allocates nothing.
 #[derive(Default)]
 pub struct Metrics {
-    counters: RwLock<BTreeMap<Key, Arc<Counter>>>,
-    histograms: RwLock<BTreeMap<Key, Arc<Histogram>>>,
+    counters: RwLock<HashMap<String, (Key, Arc<Counter>)>>,
+    histograms: RwLock<HashMap<String, (Key, Arc<Histogram>)>>,
+}
+
+thread_local! {
+    static SERIES: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Looks `name{labels}` up in `map`, creating the entry on first use.
+fn lookup<T: Default>(
+    map: &RwLock<HashMap<String, (Key, Arc<T>)>>,
+    name: &'static str,
+    labels: &[(&'static str, &str)],
+) -> Arc<T> {
+    SERIES.with(|buf| {
+        let mut b = buf.borrow_mut();
+        b.clear();
+        b.push_str(name);
+        for (k, v) in labels {
+            let _ = write!(b, "\u{1}{k}\u{2}{v}");
+        }
+        if let Some((_, v)) = map.read().get(b.as_str()) {
+            return v.clone();
+        }
+        map.write().entry(b.clone()).or_insert_with(|| (key(name, labels), Arc::default())).1.clone()
+    })
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,11 +130,7 @@ impl Metrics {
 
     /// The counter `name` with `labels`, created at zero if new.
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Arc<Counter> {
-        let k = key(name, labels);
-        if let Some(c) = self.counters.read().get(&k) {
-            return c.clone();
-        }
-        self.counters.write().entry(k).or_default().clone()
+        lookup(&self.counters, name, labels)
     }
 
     /// Adds `n` to the counter `name` with `labels`.
@@ -119,23 +140,22 @@ impl Metrics {
 
     /// The histogram `name` with `labels`, created empty if new.
     pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Arc<Histogram> {
-        let k = key(name, labels);
-        if let Some(h) = self.histograms.read().get(&k) {
-            return h.clone();
-        }
-        self.histograms.write().entry(k).or_default().clone()
+        lookup(&self.histograms, name, labels)
     }
 
     /// Current value of a counter (0 if it does not exist); for tests and the API.
     pub fn counter_value(&self, name: &'static str, labels: &[(&'static str, &str)]) -> u64 {
-        self.counters.read().get(&key(name, labels)).map(|c| c.get()).unwrap_or(0)
+        let k = key(name, labels);
+        self.counters.read().values().find(|(key, _)| *key == k).map(|(_, c)| c.get()).unwrap_or(0)
     }
 
     /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
         let mut last = "";
-        for ((name, labels), c) in self.counters.read().iter() {
+        let counters: BTreeMap<Key, Arc<Counter>> = self.counters.read().values().cloned().collect();
+        let histograms: BTreeMap<Key, Arc<Histogram>> = self.histograms.read().values().cloned().collect();
+        for ((name, labels), c) in counters.iter() {
             if *name != last {
                 let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} counter", help(name));
                 last = name;
@@ -143,7 +163,7 @@ impl Metrics {
             let _ = writeln!(out, "{name}{} {}", render_labels(labels, None), c.get());
         }
         last = "";
-        for ((name, labels), h) in self.histograms.read().iter() {
+        for ((name, labels), h) in histograms.iter() {
             if *name != last {
                 let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} histogram", help(name));
                 last = name;

@@ -325,6 +325,19 @@ impl BatchBuilder {
         self.row_device = false;
     }
 
+    /// Drops every row after the first `rows` (and the open row): takes back a whole
+    /// payload that turned out to be malformed half-way.
+    pub fn rollback_to(&mut self, rows: usize) {
+        if rows >= self.rows {
+            self.abort_row();
+            return;
+        }
+        self.rows = rows;
+        self.time.truncate(rows);
+        self.dev_offsets.truncate(rows + 1);
+        self.abort_row();
+    }
+
     /// The finished batch (with every column of the stream's current schema), or `None`
     /// if no row was kept.
     pub fn finish(self) -> Option<StreamBatch> {
@@ -360,6 +373,31 @@ fn conflict(stream: &StreamName, field: &str, expected: FieldType, found: FieldT
 mod tests {
     use super::*;
     use arrow::array::Array;
+
+    #[test]
+    fn rollback_takes_back_whole_rows() -> anyhow::Result<()> {
+        let catalog = Arc::new(StreamCatalog::in_memory());
+        let mut b = BatchBuilder::new(catalog, &StreamName::new("t")?)?;
+        for (d, v) in [("a", "1"), ("bb", "2"), ("ccc", "3")] {
+            b.begin_row();
+            b.set_device(d);
+            b.set_str("s", v).map_err(|e| anyhow::anyhow!(e.message))?;
+            b.end_row(0);
+        }
+        b.begin_row();
+        b.set_device("half");
+        b.rollback_to(1);
+        b.begin_row();
+        b.set_device("e");
+        b.end_row(0);
+        let out = b.finish().ok_or_else(|| anyhow::anyhow!("no batch"))?;
+        let d = out.batch.column(1).as_any().downcast_ref::<StringArray>().ok_or_else(|| anyhow::anyhow!("d"))?;
+        assert_eq!(d.iter().flatten().collect::<Vec<_>>(), vec!["a", "e"]);
+        let s = out.batch.column(2).as_any().downcast_ref::<StringArray>().ok_or_else(|| anyhow::anyhow!("s"))?;
+        assert_eq!(s.value(0), "1");
+        assert!(s.is_null(1));
+        Ok(())
+    }
 
     #[test]
     fn abort_takes_back_a_row() -> anyhow::Result<()> {

@@ -267,17 +267,39 @@ impl Session {
         let mut clean = false;
         let result: Result<(), SessionError> = async {
             loop {
-                // Handle every complete packet already buffered.
+                // Handle every complete packet already buffered; QoS 0 telemetry from this
+                // read is gathered per device and stream and decoded as one batch each.
+                let mut qos0: Vec<(String, StreamName, Vec<bytes::Bytes>)> = Vec::new();
+                let mut disconnected = false;
                 loop {
                     match Packet::read(&mut buf, MAX_PACKET_BYTES) {
                         Ok(p) => {
-                            if self.handle(p, &out_tx, &mut pending, &mut qos2_inflight, &mut clean).await? {
-                                return Ok(());
+                            if self.handle(p, &out_tx, &mut pending, &mut qos2_inflight, &mut clean, &mut qos0).await? {
+                                disconnected = true;
+                                break;
                             }
                         }
                         Err(mqttbytes::Error::InsufficientBytes(_)) => break,
                         Err(e) => return Err(SessionError::Protocol(e.to_string())),
                     }
+                }
+                for (device, stream, payloads) in qos0.drain(..) {
+                    let ingestor = self.ingestor.clone();
+                    let payload = Payload::JsonMany { stream, device, payloads };
+                    pending.push_back(Box::pin(async move {
+                        match ingestor.ingest(Transport::Mqtt, payload, bytes::Bytes::new(), Durability::Queued).await {
+                            Ok(report) => {
+                                for r in &report.rejections {
+                                    tracing::warn!(reason = r.reason, "mqtt event rejected: {}", r.message);
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "mqtt QoS 0 messages rejected"),
+                        }
+                        None
+                    }));
+                }
+                if disconnected {
+                    return Ok(());
                 }
                 let reading = pending.len() < MAX_PENDING_ACKS;
                 tokio::select! {
@@ -325,6 +347,7 @@ impl Session {
         pending: &mut FuturesOrdered<AckFuture>,
         qos2: &mut HashMap<u16, ()>,
         clean: &mut bool,
+        qos0: &mut Vec<(String, StreamName, Vec<bytes::Bytes>)>,
     ) -> Result<bool, SessionError> {
         match packet {
             Packet::Publish(p) => {
@@ -360,8 +383,19 @@ impl Session {
                                 return Ok(false);
                             }
                         };
-                        let durability =
-                            if p.qos == QoS::AtMostOnce { Durability::Queued } else { Durability::Committed };
+                        if p.qos == QoS::AtMostOnce {
+                            if p.payload.len() > self.ingestor.max_payload_bytes() {
+                                let msg = format!("payload of {} bytes exceeds the limit", p.payload.len());
+                                self.reject(&p.topic, "payload_too_large", &msg);
+                                return Ok(false);
+                            }
+                            match qos0.iter_mut().find(|(d, s, _)| *d == device && *s == stream) {
+                                Some((_, _, list)) => list.push(p.payload),
+                                None => qos0.push((device, stream, vec![p.payload])),
+                            }
+                            return Ok(false);
+                        }
+                        let durability = Durability::Committed;
                         let ingestor = self.ingestor.clone();
                         let topic = p.topic.clone();
                         let payload = Payload::Json { stream, device: Some(device) };

@@ -80,6 +80,17 @@ pub enum Payload {
         /// The device, when the transport names it (MQTT topic).
         device: Option<String>,
     },
+    /// Several JSON payloads (each an object or an array of objects) of one device and
+    /// stream, decoded as one batch: an MQTT session's QoS 0 messages from one socket read.
+    /// A malformed payload is rejected whole; the others are kept. `Job::bytes` is unused.
+    JsonMany {
+        /// Target stream.
+        stream: StreamName,
+        /// The device (from the topic).
+        device: String,
+        /// The payloads, in arrival order.
+        payloads: Vec<Bytes>,
+    },
     /// Newline-delimited JSON objects for `stream`, each with `device_id`.
     Ndjson {
         /// Target stream.
@@ -240,6 +251,21 @@ impl Decoder {
                 let rejections = JsonDecoder::new(&mut b, source, now).decode(bytes)?;
                 Ok((b.finish().into_iter().collect(), rejections))
             }
+            Payload::JsonMany { stream, device, payloads } => {
+                let mut b = BatchBuilder::new(self.catalog.clone(), &stream)?;
+                let mut rejections = Vec::new();
+                for (i, p) in payloads.iter().enumerate() {
+                    let before = b.rows();
+                    match JsonDecoder::new(&mut b, DeviceSource::Fixed(&device), now).decode(p) {
+                        Ok(r) => rejections.extend(r.into_iter().map(|r| Rejection { index: i, ..r })),
+                        Err(e) => {
+                            b.rollback_to(before);
+                            rejections.push(Rejection { index: i, reason: e.code(), message: e.to_string() });
+                        }
+                    }
+                }
+                Ok((b.finish().into_iter().collect(), rejections))
+            }
             Payload::Ndjson { stream } => {
                 let mut b = BatchBuilder::new(self.catalog.clone(), &stream)?;
                 let rejections = JsonDecoder::new(&mut b, DeviceSource::PerEvent, now).decode_ndjson(bytes);
@@ -262,6 +288,10 @@ impl Decoder {
         detached: bool,
     ) -> Result<(IngestReport, Option<AckWaiter>)> {
         let t = transport.as_str();
+        let payload_bytes = match &payload {
+            Payload::JsonMany { payloads, .. } => payloads.iter().map(Bytes::len).sum(),
+            _ => bytes.len(),
+        };
         let (batches, mut rejections) = match self.decode(payload, bytes, now) {
             Ok(x) => x,
             Err(e) => {
@@ -277,7 +307,7 @@ impl Decoder {
         for b in &batches {
             let s = b.stream.as_str();
             self.metrics.inc("ferrite_ingested_events_total", &[("stream", s), ("transport", t)], b.num_rows() as u64);
-            let share = (bytes.len() as u64 * b.num_rows() as u64) / accepted.max(1) as u64;
+            let share = (payload_bytes as u64 * b.num_rows() as u64) / accepted.max(1) as u64;
             self.metrics.inc("ferrite_ingested_bytes_total", &[("stream", s), ("transport", t)], share);
         }
         let rejected = rejections.len();

@@ -196,3 +196,31 @@ fn ndjson_of_many_devices() -> anyhow::Result<()> {
     assert_eq!(s.sql_count("SELECT count(DISTINCT seq) FROM telemetry")?, 5000);
     Ok(())
 }
+
+#[test]
+fn configuration_precedence_file_env_flag() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("ferrite.toml");
+    std::fs::write(&config, "max_payload = \"1KiB\"\npersist_interval = \"1h\"\n")?;
+    let cfg = config.display().to_string();
+    let body = json!([{"device_id": "a", "pad": "x".repeat(1500)}]);
+    let status_with = |extra: &[&str], env: &[(&str, String)]| -> anyhow::Result<u16> {
+        let data = tempfile::tempdir()?;
+        let mut args = vec!["--config", cfg.as_str()];
+        args.extend_from_slice(extra);
+        let s = Server::start_with_env(data.path(), &args, env)?;
+        Ok(s.post_json("/api/v1/streams/t/events", &body)?.0)
+    };
+    assert_eq!(status_with(&[], &[])?, 413, "the file's 1KiB limit applies");
+    let env = [("FERRITE_MAX_PAYLOAD", "4KiB".to_owned())];
+    assert_eq!(status_with(&[], &env)?, 200, "the environment overrides the file");
+    assert_eq!(status_with(&["--max-payload", "1KiB"], &env)?, 413, "a flag overrides the environment");
+
+    // A bad file is refused with the file named.
+    std::fs::write(&config, "max_paylod = \"1KiB\"\n")?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrite")).args(["serve", "--config", &cfg]).output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ferrite.toml") && err.contains("max_paylod"), "{err}");
+    Ok(())
+}

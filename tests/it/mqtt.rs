@@ -99,6 +99,45 @@ fn bad_mqtt_payloads_are_counted_and_the_session_lives_on() -> anyhow::Result<()
 }
 
 #[test]
+fn a_burst_of_qos0_messages_is_batched_and_a_bad_one_loses_nothing_else() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    runtime()?.block_on(async {
+        let (c, mut ev) = client(&s, "burst");
+        until(&mut ev, |p| matches!(p, Packet::ConnAck(_))).await?;
+        // Publish from a task while this one drives the event loop (the client's request
+        // queue is bounded).
+        let publisher = tokio::spawn(async move {
+            for i in 0..300 {
+                let payload = match i {
+                    100 => "{broken".to_owned(),
+                    200 => r#"[{"seq": 200}, {"seq": 200.5}]"#.to_owned(),
+                    _ => format!(r#"{{"seq": {i}}}"#),
+                };
+                let device = if i % 2 == 0 { "even" } else { "odd" };
+                c.publish(format!("devices/{device}/telemetry"), QoS::AtMostOnce, false, payload).await?;
+            }
+            anyhow::Ok(c)
+        });
+        let mut sent = 0;
+        tokio::time::timeout(TIMEOUT, async {
+            while sent < 300 {
+                if let Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) = ev.poll().await {
+                    sent += 1;
+                }
+            }
+        })
+        .await?;
+        let _client = publisher.await??;
+        anyhow::Ok(())
+    })?;
+    s.wait_for("300 events", |s| Ok(s.sql_count("SELECT count(*) FROM telemetry")? == 300))?;
+    assert_eq!(s.sql_count("SELECT count(*) FROM telemetry WHERE device_id = 'even'")?, 150, "149 + 2 from the array");
+    assert_eq!(s.metric("ferrite_rejected_events_total{transport=\"mqtt\",reason=\"malformed_json\"}")?, 1);
+    Ok(())
+}
+
+#[test]
 fn messages_are_routed_to_subscribers() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let s = Server::start(dir.path(), &[])?;

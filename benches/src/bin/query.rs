@@ -110,18 +110,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             out_rows = r.batches.iter().map(|b| b.num_rows()).sum::<usize>();
         }
         let f = median(times).as_secs_f64() * 1e3;
-        let d = duck.as_ref().ok().and_then(|m| m.get(name).copied());
+        let d = duck.as_ref().ok().and_then(|m| m.get(&format!("duckdb:{name}")).copied());
+        let py = duck.as_ref().ok().and_then(|m| m.get(&format!("polars_py:{name}")).copied());
         #[cfg(feature = "polars")]
         let p = pol.get(name).copied();
         #[cfg(not(feature = "polars"))]
         let p: Option<f64> = None;
         let fmt = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "n/a".into());
         println!(
-            "query {name} rows_out={out_rows} ferrite_ms={f:.1} duckdb_ms={} polars_ms={} ferrite/duckdb={} ferrite/polars={}",
+            "query {name} rows_out={out_rows} ferrite_ms={f:.1} duckdb_ms={} polars_rust_ms={} polars_py_ms={} ferrite/duckdb={} ferrite/polars_rust={} ferrite/polars_py={}",
             fmt(d),
             fmt(p),
+            fmt(py),
             fmt(d.map(|d| f / d)),
-            fmt(p.map(|p| f / p))
+            fmt(p.map(|p| f / p)),
+            fmt(py.map(|p| f / p))
         );
     }
     if let Err(e) = duck {
@@ -133,7 +136,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Median milliseconds per query, from DuckDB over the same files (Python package).
+/// Median milliseconds per query (`engine:query` keys), from DuckDB and, when installed,
+/// polars' Python package, over the same files.
 fn duckdb_timings(
     archive: &Path,
     runs: usize,
@@ -158,7 +162,25 @@ for name, q in queries.items():
     ts = []
     for _ in range(runs):
         s = time.perf_counter(); con.execute(q).fetchall(); ts.append(time.perf_counter() - s)
-    print(name, statistics.median(ts) * 1000)
+    print("duckdb", name, statistics.median(ts) * 1000)
+try:
+    import polars as pl
+except ImportError:
+    sys.exit(0)
+scan = lambda: pl.scan_parquet(f"{root}/**/*.parquet", hive_partitioning=True)
+t = pl.col("time").cast(pl.Int64)
+plans = {
+  "count": lambda: scan().select(pl.len()),
+  "group_by_device": lambda: scan().group_by("device_id").agg(pl.col("temperature").mean(), pl.col("humidity").max()),
+  "one_hour_avg": lambda: scan().filter((t >= t1) & (t < t2)).select(pl.col("temperature").mean()),
+  "one_device": lambda: scan().filter(pl.col("device_id") == "dev-42").select(pl.len(), pl.col("temperature").mean()),
+  "hourly": lambda: scan().group_by(pl.col("time").dt.truncate("1h").alias("h")).agg(pl.col("temperature").mean()).sort("h"),
+}
+for name, q in plans.items():
+    ts = []
+    for _ in range(runs):
+        s = time.perf_counter(); q().collect(); ts.append(time.perf_counter() - s)
+    print("polars_py", name, statistics.median(ts) * 1000)
 "#;
     let out = Command::new("python3")
         .arg("-c")
@@ -172,7 +194,11 @@ for name, q in queries.items():
     }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.split_once(' ').and_then(|(n, v)| v.trim().parse().ok().map(|v| (n.to_owned(), v))))
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (engine, name, v) = (it.next()?, it.next()?, it.next()?.parse().ok()?);
+            Some((format!("{engine}:{name}"), v))
+        })
         .collect())
 }
 
