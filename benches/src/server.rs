@@ -4,7 +4,6 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 /// A running server, killed on drop.
 pub struct Ferrite {
@@ -54,7 +53,6 @@ impl Ferrite {
                 http = a.parse().ok();
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
         Ok(Self { child, mqtt: mqtt.ok_or("no mqtt address")?, http: http.ok_or("no http address")? })
     }
 
