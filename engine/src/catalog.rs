@@ -35,6 +35,8 @@ pub enum FieldType {
     Bool,
     /// UTF-8 string (JSON strings, line-protocol strings and tags).
     String,
+    /// UTC timestamp in nanoseconds (columns of derived streams, e.g. a window's end).
+    Timestamp,
 }
 
 impl FieldType {
@@ -45,6 +47,7 @@ impl FieldType {
             FieldType::Int => DataType::Int64,
             FieldType::Bool => DataType::Boolean,
             FieldType::String => DataType::Utf8,
+            FieldType::Timestamp => crate::batch::time_field_type(),
         }
     }
 
@@ -55,6 +58,7 @@ impl FieldType {
             FieldType::Int => "integer",
             FieldType::Bool => "boolean",
             FieldType::String => "string",
+            FieldType::Timestamp => "timestamp",
         }
     }
 }

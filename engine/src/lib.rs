@@ -29,5 +29,5 @@ pub use catalog::{FieldType, StreamCatalog, StreamSchema};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, ErrorClass, Result};
 pub use ids::{DeviceId, StreamName, TenantId};
-pub use metrics::Metrics;
+pub use metrics::{Gauge, Metrics};
 pub use shard::{BatchObserver, BatchSink, Engine, EngineConfig, ShardStore};

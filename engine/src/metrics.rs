@@ -58,6 +58,22 @@ impl Histogram {
     }
 }
 
+/// A value that goes up and down (sizes of state).
+#[derive(Debug, Default)]
+pub struct Gauge(std::sync::atomic::AtomicI64);
+
+impl Gauge {
+    /// Sets the value.
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// Current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 type Key = (&'static str, Vec<(&'static str, String)>);
 
 /// The process-wide registry of counters and histograms. Lookups format the series name
@@ -65,6 +81,7 @@ type Key = (&'static str, Vec<(&'static str, String)>);
 #[derive(Default)]
 pub struct Metrics {
     counters: RwLock<HashMap<String, (Key, Arc<Counter>)>>,
+    gauges: RwLock<HashMap<String, (Key, Arc<Gauge>)>>,
     histograms: RwLock<HashMap<String, (Key, Arc<Histogram>)>>,
 }
 
@@ -114,6 +131,14 @@ fn help(name: &str) -> &'static str {
         "ferrite_query_seconds" => "Latency of SQL queries.",
         "ferrite_mqtt_connections_total" => "MQTT connections accepted.",
         "ferrite_mqtt_messages_total" => "MQTT PUBLISH packets received, by QoS.",
+        "ferrite_rule_events_in_total" => "Events a rule read, by rule.",
+        "ferrite_rule_events_out_total" => "Rows a rule emitted, by rule.",
+        "ferrite_rule_matches_total" => "Pattern matches and window results that passed `having`, by rule.",
+        "ferrite_rule_late_events_total" => "Events a rule sent to the late side stream, by rule.",
+        "ferrite_rule_evicted_total" => "Partial matches or windows dropped at a rule's state limit, by rule.",
+        "ferrite_rule_errors_total" => "Batches a rule failed to process, by rule.",
+        "ferrite_rule_state_size" => "Open windows or partial matches of a rule, by rule and shard.",
+        "ferrite_rule_seconds" => "Time a rule spends on one batch, by rule.",
         _ => "Ferrite metric.",
     }
 }
@@ -136,6 +161,11 @@ impl Metrics {
     /// Adds `n` to the counter `name` with `labels`.
     pub fn inc(&self, name: &'static str, labels: &[(&'static str, &str)], n: u64) {
         self.counter(name, labels).add(n);
+    }
+
+    /// The gauge `name` with `labels`, created at zero if new.
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Arc<Gauge> {
+        lookup(&self.gauges, name, labels)
     }
 
     /// The histogram `name` with `labels`, created empty if new.
@@ -161,6 +191,15 @@ impl Metrics {
                 last = name;
             }
             let _ = writeln!(out, "{name}{} {}", render_labels(labels, None), c.get());
+        }
+        last = "";
+        let gauges: BTreeMap<Key, Arc<Gauge>> = self.gauges.read().values().cloned().collect();
+        for ((name, labels), g) in gauges.iter() {
+            if *name != last {
+                let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} gauge", help(name));
+                last = name;
+            }
+            let _ = writeln!(out, "{name}{} {}", render_labels(labels, None), g.get());
         }
         last = "";
         for ((name, labels), h) in histograms.iter() {

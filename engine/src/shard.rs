@@ -26,11 +26,23 @@ pub trait ShardStore: Send + Sync {
     fn commit(&self, shard: usize, group: &[StreamBatch]) -> std::result::Result<(), String>;
 }
 
-/// Sees every committed batch, on the thread of the shard that owns its devices.
+/// Sees every committed batch, on the thread of the shard that owns its devices (rules).
 pub trait BatchObserver: Send + Sync {
-    /// Called after `batches` were committed on `shard`.
-    fn observe(&self, shard: usize, batches: &[StreamBatch]);
+    /// Called after `batches` were committed on `shard`. Returns derived batches (rule
+    /// outputs), which the shard commits and shows to the observers in turn.
+    fn observe(&self, shard: usize, batches: &[StreamBatch]) -> Vec<StreamBatch>;
+
+    /// Called on each shard's thread about every [`EngineConfig::tick_interval`], also when
+    /// no data arrives, so that time-driven state (silent devices, absences) moves on.
+    /// Returns derived batches like [`Self::observe`].
+    fn tick(&self, _shard: usize) -> Vec<StreamBatch> {
+        Vec::new()
+    }
 }
+
+/// How many rounds of derived batches a shard commits for one group: a rule reading the
+/// output of a rule reading the output of ... ends here (the planner refuses direct loops).
+const MAX_DERIVED_DEPTH: usize = 8;
 
 /// The boundary between ingest and the engine: in one process a set of channels, in a
 /// cluster a Kafka topic partitioned by device id.
@@ -54,6 +66,8 @@ pub struct EngineConfig {
     /// group's first submission (zero: commit as soon as nothing more is queued, so an idle
     /// system acknowledges after one fsync).
     pub group_linger: std::time::Duration,
+    /// How often idle shards call [`BatchObserver::tick`].
+    pub tick_interval: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +77,7 @@ impl Default for EngineConfig {
             queue_depth: 1024,
             max_group_rows: 256 * 1024,
             group_linger: std::time::Duration::ZERO,
+            tick_interval: std::time::Duration::from_millis(100),
         }
     }
 }
@@ -118,6 +133,7 @@ impl Engine {
                 metrics: metrics.clone(),
                 max_group_rows: config.max_group_rows.max(1),
                 group_linger: config.group_linger,
+                tick_interval: config.tick_interval.max(std::time::Duration::from_millis(1)),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("ferrite-shard-{shard}"))
@@ -242,13 +258,27 @@ struct ShardWorker {
     metrics: Arc<Metrics>,
     max_group_rows: usize,
     group_linger: std::time::Duration,
+    tick_interval: std::time::Duration,
 }
 
 impl ShardWorker {
     fn run(self) {
         let mut pending: Vec<(StreamBatch, AckPart)> = Vec::new();
         let mut barriers: Vec<Sender<()>> = Vec::new();
-        while let Ok(first) = self.rx.recv() {
+        let mut next_tick = Instant::now() + self.tick_interval;
+        loop {
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + self.tick_interval;
+                let observers = self.observers.read().clone();
+                let derived: Vec<StreamBatch> = observers.iter().flat_map(|o| o.tick(self.shard)).collect();
+                self.commit_derived(derived, &observers);
+            }
+            let first = match self.rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+                Ok(msg) => msg,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
             let mut rows = 0;
             let mut push = |msg: ShardMsg, pending: &mut Vec<(StreamBatch, AckPart)>, rows: &mut usize| match msg {
                 ShardMsg::Batch(b, a) => {
@@ -309,9 +339,8 @@ impl ShardWorker {
                     a.commit();
                 }
                 let observers = self.observers.read().clone();
-                for o in observers {
-                    o.observe(self.shard, &group);
-                }
+                let derived: Vec<StreamBatch> = observers.iter().flat_map(|o| o.observe(self.shard, &group)).collect();
+                self.commit_derived(derived, &observers);
             }
             Err(e) => {
                 tracing::error!(shard = self.shard, error = %e, "commit failed");
@@ -319,6 +348,39 @@ impl ShardWorker {
                     a.fail(e.clone());
                 }
             }
+        }
+    }
+}
+
+impl ShardWorker {
+    /// Commits rule outputs on this shard (WAL and hot buffer, like ingested data) and
+    /// shows them to the observers, so derived streams are first-class streams.
+    fn commit_derived(&self, mut derived: Vec<StreamBatch>, observers: &[Arc<dyn BatchObserver>]) {
+        for depth in 0.. {
+            derived.retain(|b| b.num_rows() > 0);
+            if derived.is_empty() {
+                return;
+            }
+            if depth == MAX_DERIVED_DEPTH {
+                tracing::error!(
+                    shard = self.shard,
+                    "rules derive from derived streams more than {MAX_DERIVED_DEPTH} levels deep; dropping the deepest outputs"
+                );
+                return;
+            }
+            let group = match coalesce(std::mem::take(&mut derived)) {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(shard = self.shard, error = %e, "cannot coalesce derived batches");
+                    return;
+                }
+            };
+            if let Err(e) = self.store.commit(self.shard, &group) {
+                tracing::error!(shard = self.shard, error = %e, "cannot commit derived batches");
+                return;
+            }
+            self.metrics.inc("ferrite_batches_total", &[], group.len() as u64);
+            derived = observers.iter().flat_map(|o| o.observe(self.shard, &group)).collect();
         }
     }
 }

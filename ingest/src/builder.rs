@@ -29,7 +29,13 @@ enum Data {
     Float(Vec<f64>),
     Int(Vec<i64>),
     Bool(Vec<bool>),
-    Str { offsets: Vec<i32>, bytes: Vec<u8> },
+    Str {
+        offsets: Vec<i32>,
+        bytes: Vec<u8>,
+    },
+    /// Timestamp columns exist only in derived streams; decoders never fill them, so a
+    /// value sent for one is a type conflict and the column stays null.
+    Time(Vec<i64>),
 }
 
 struct Column {
@@ -45,6 +51,7 @@ impl Column {
             FieldType::Int => Data::Int(Vec::new()),
             FieldType::Bool => Data::Bool(Vec::new()),
             FieldType::String => Data::Str { offsets: vec![0], bytes: Vec::new() },
+            FieldType::Timestamp => Data::Time(Vec::new()),
         };
         Self { ty, data, valid: Vec::new() }
     }
@@ -58,7 +65,7 @@ impl Column {
             self.valid.push(false);
             match &mut self.data {
                 Data::Float(v) => v.push(0.0),
-                Data::Int(v) => v.push(0),
+                Data::Int(v) | Data::Time(v) => v.push(0),
                 Data::Bool(v) => v.push(false),
                 Data::Str { offsets, bytes } => offsets.push(bytes.len() as i32),
             }
@@ -72,7 +79,7 @@ impl Column {
         self.valid.truncate(rows);
         match &mut self.data {
             Data::Float(v) => v.truncate(rows),
-            Data::Int(v) => v.truncate(rows),
+            Data::Int(v) | Data::Time(v) => v.truncate(rows),
             Data::Bool(v) => v.truncate(rows),
             Data::Str { offsets, bytes } => {
                 offsets.truncate(rows + 1);
@@ -88,6 +95,7 @@ impl Column {
         match s.data {
             Data::Float(v) => Arc::new(Float64Array::new(v.into(), nulls)),
             Data::Int(v) => Arc::new(Int64Array::new(v.into(), nulls)),
+            Data::Time(v) => Arc::new(TimestampNanosecondArray::new(v.into(), nulls).with_timezone("UTC")),
             Data::Bool(v) => Arc::new(BooleanArray::new(v.into(), nulls)),
             Data::Str { offsets, bytes } => Arc::new(string_array(offsets, bytes, nulls)),
         }

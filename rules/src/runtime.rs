@@ -1,0 +1,919 @@
+//! The rule runtime: deployed rules, and their state on each shard.
+//!
+//! [`RuleEngine`] is a [`BatchObserver`]: every committed batch reaches it on the thread of
+//! the shard that owns the batch's devices, and each rule reading that stream runs there,
+//! against state kept for that shard only (one uncontended mutex per shard, taken by the
+//! shard's own thread and by inspection calls). Rule outputs come back to the shard as
+//! derived batches, which it commits like ingested data.
+//!
+//! Deploying a rule compiles it against the catalog; a rule that does not compile is
+//! refused and whatever ran before keeps running. Replacing a rule resets its state only.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, TimestampNanosecondArray, new_null_array,
+};
+use arrow::compute::{and_not, cast, filter_record_batch};
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use ferrite_engine::{
+    BatchObserver, Clock, DEVICE_COLUMN, Metrics, StreamBatch, StreamCatalog, StreamName, TIME_COLUMN,
+};
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::output::{ALERTS_STREAM, ActionSink, RowView, conform, fill_json, fill_text};
+use crate::pattern::{PatternInput, PatternState};
+use crate::plan::{ActionPlan, CompiledRule, OperatorPlan, PostOp, SchemaSource};
+use crate::window::{WindowInput, WindowState};
+
+/// Counters of one deployed rule.
+#[derive(Debug, Default)]
+pub struct RuleStats {
+    /// Events read.
+    pub events_in: AtomicU64,
+    /// Rows emitted.
+    pub events_out: AtomicU64,
+    /// Matches (patterns) or windows that passed `having`.
+    pub matches: AtomicU64,
+    /// Events sent to the late side stream.
+    pub late: AtomicU64,
+    /// Windows or partial matches dropped at the state limit.
+    pub evicted: AtomicU64,
+    /// Batches that failed.
+    pub errors: AtomicU64,
+    /// Total processing time, nanoseconds.
+    pub busy_nanos: AtomicU64,
+    /// Batches processed.
+    pub batches: AtomicU64,
+}
+
+/// A rule as deployed.
+#[derive(Debug)]
+pub struct LiveRule {
+    /// The compiled rule.
+    pub plan: CompiledRule,
+    /// Increases on every deployment; state of an older generation is discarded.
+    pub generation: u64,
+    /// The file it came from (`None`: the API).
+    pub origin: Option<String>,
+    /// Its counters.
+    pub stats: RuleStats,
+    /// The last runtime error, if any.
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// What `GET /api/v1/rules/{name}` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleInfo {
+    /// Name.
+    pub name: String,
+    /// `running`.
+    pub status: &'static str,
+    /// Streams read.
+    pub inputs: Vec<String>,
+    /// Derived stream written.
+    pub insert_into: Option<String>,
+    /// File it came from.
+    pub origin: Option<String>,
+    /// Source text.
+    pub text: String,
+    /// Counters.
+    pub events_in: u64,
+    /// Rows emitted.
+    pub events_out: u64,
+    /// Matches.
+    pub matches: u64,
+    /// Late events.
+    pub late_events: u64,
+    /// Evicted state.
+    pub evicted: u64,
+    /// Failed batches.
+    pub errors: u64,
+    /// Open windows or partial matches, over all shards.
+    pub state_size: usize,
+    /// Mean processing time per batch, microseconds.
+    pub mean_batch_micros: f64,
+    /// Last runtime error.
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct DeviceClock {
+    /// Newest event time seen (nanoseconds).
+    max_time: i64,
+    /// Wall-clock time of the last event (nanoseconds).
+    last_seen: i64,
+}
+
+enum OpState {
+    Stateless,
+    Window(WindowState),
+    Pattern(PatternState),
+}
+
+struct RuleState {
+    generation: u64,
+    devices: HashMap<Arc<str>, DeviceClock>,
+    op: OpState,
+    raised: HashSet<String>,
+    /// `output first every D`: per key, the period it last emitted in.
+    rate: HashMap<String, i64>,
+}
+
+/// The outputs of one rule run, before they become derived batches and actions.
+struct Outputs {
+    batches: Vec<StreamBatch>,
+}
+
+/// All deployed rules and their per-shard state.
+pub struct RuleEngine {
+    catalog: Arc<StreamCatalog>,
+    metrics: Arc<Metrics>,
+    actions: Arc<dyn ActionSink>,
+    clock: Arc<dyn Clock>,
+    rules: RwLock<Arc<Vec<Arc<LiveRule>>>>,
+    shards: Vec<Mutex<HashMap<String, RuleState>>>,
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for RuleEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleEngine").field("rules", &self.rules.read().len()).finish()
+    }
+}
+
+/// Schemas come from the catalog.
+struct CatalogSchemas<'a>(&'a StreamCatalog);
+
+impl SchemaSource for CatalogSchemas<'_> {
+    fn schema(&self, stream: &str) -> Option<SchemaRef> {
+        self.0.get_by_name(stream).map(|s| s.arrow.clone())
+    }
+}
+
+impl RuleEngine {
+    /// A rule engine for `shards` shards, with no rules.
+    pub fn new(
+        shards: usize,
+        catalog: Arc<StreamCatalog>,
+        metrics: Arc<Metrics>,
+        actions: Arc<dyn ActionSink>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            catalog,
+            metrics,
+            actions,
+            clock,
+            rules: RwLock::new(Arc::new(Vec::new())),
+            shards: (0..shards.max(1)).map(|_| Mutex::new(HashMap::new())).collect(),
+            generation: AtomicU64::new(1),
+        }
+    }
+
+    /// The catalog rules are compiled against.
+    pub fn catalog(&self) -> &Arc<StreamCatalog> {
+        &self.catalog
+    }
+
+    /// Parses and compiles `text` against the catalog without deploying it.
+    pub fn check(&self, text: &str) -> Result<Vec<CompiledRule>> {
+        compile_text(text, &CatalogSchemas(&self.catalog))
+    }
+
+    /// Deploys every rule of `text` (replacing rules of the same names). When `origin` is a
+    /// file, rules that file held before and no longer holds are removed. Returns the names
+    /// deployed. Nothing changes if any rule fails to compile.
+    pub fn deploy(&self, text: &str, origin: Option<&str>) -> Result<Vec<String>> {
+        let compiled = self.check(text)?;
+        self.install(compiled, origin)
+    }
+
+    /// Deploys already compiled rules.
+    pub fn install(&self, compiled: Vec<CompiledRule>, origin: Option<&str>) -> Result<Vec<String>> {
+        let names: Vec<String> = compiled.iter().map(|r| r.name.clone()).collect();
+        let mut guard = self.rules.write();
+        let mut next: Vec<Arc<LiveRule>> = guard
+            .iter()
+            .filter(|r| !names.contains(&r.plan.name))
+            .filter(|r| origin.is_none() || r.origin.as_deref() != origin)
+            .cloned()
+            .collect();
+        for plan in compiled {
+            // A rule of the same name from another file is replaced too: names are global.
+            let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(rule = %plan.name, generation, origin = origin.unwrap_or("api"), "rule deployed");
+            next.push(Arc::new(LiveRule {
+                plan,
+                generation,
+                origin: origin.map(str::to_owned),
+                stats: RuleStats::default(),
+                last_error: Mutex::new(None),
+            }));
+        }
+        *guard = Arc::new(next);
+        Ok(names)
+    }
+
+    /// Removes rule `name`.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        let mut guard = self.rules.write();
+        if !guard.iter().any(|r| r.plan.name == name) {
+            return Err(Error::NotFound(name.to_owned()));
+        }
+        *guard = Arc::new(guard.iter().filter(|r| r.plan.name != name).cloned().collect());
+        for shard in &self.shards {
+            shard.lock().remove(name);
+        }
+        tracing::info!(rule = name, "rule removed");
+        Ok(())
+    }
+
+    /// Removes every rule that came from `origin` (a deleted file).
+    pub fn remove_origin(&self, origin: &str) -> Vec<String> {
+        let gone: Vec<String> = self
+            .rules
+            .read()
+            .iter()
+            .filter(|r| r.origin.as_deref() == Some(origin))
+            .map(|r| r.plan.name.clone())
+            .collect();
+        for name in &gone {
+            let _ = self.remove(name);
+        }
+        gone
+    }
+
+    /// Deployed rules.
+    pub fn rules(&self) -> Arc<Vec<Arc<LiveRule>>> {
+        self.rules.read().clone()
+    }
+
+    /// Status and counters of every rule.
+    pub fn list(&self) -> Vec<RuleInfo> {
+        self.rules().iter().map(|r| self.info_of(r)).collect()
+    }
+
+    /// Status and counters of rule `name`.
+    pub fn info(&self, name: &str) -> Result<RuleInfo> {
+        let rules = self.rules();
+        let rule = rules.iter().find(|r| r.plan.name == name).ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        Ok(self.info_of(rule))
+    }
+
+    fn info_of(&self, r: &LiveRule) -> RuleInfo {
+        let state_size = self
+            .shards
+            .iter()
+            .map(|s| s.lock().get(&r.plan.name).filter(|st| st.generation == r.generation).map_or(0, state_size))
+            .sum();
+        let s = &r.stats;
+        let batches = s.batches.load(Ordering::Relaxed);
+        RuleInfo {
+            name: r.plan.name.clone(),
+            status: "running",
+            inputs: r.plan.inputs.clone(),
+            insert_into: r.plan.insert_into.clone(),
+            origin: r.origin.clone(),
+            text: r.plan.text.clone(),
+            events_in: s.events_in.load(Ordering::Relaxed),
+            events_out: s.events_out.load(Ordering::Relaxed),
+            matches: s.matches.load(Ordering::Relaxed),
+            late_events: s.late.load(Ordering::Relaxed),
+            evicted: s.evicted.load(Ordering::Relaxed),
+            errors: s.errors.load(Ordering::Relaxed),
+            state_size,
+            mean_batch_micros: if batches == 0 {
+                0.0
+            } else {
+                s.busy_nanos.load(Ordering::Relaxed) as f64 / batches as f64 / 1e3
+            },
+            last_error: r.last_error.lock().clone(),
+        }
+    }
+
+    /// Runs every rule over `batches` committed on `shard`; returns derived batches.
+    pub fn process(&self, shard: usize, batches: &[StreamBatch]) -> Vec<StreamBatch> {
+        let rules = self.rules();
+        if rules.is_empty() {
+            return Vec::new();
+        }
+        let Some(states) = self.shards.get(shard) else { return Vec::new() };
+        let mut states = states.lock();
+        let mut out = Vec::new();
+        for sb in batches {
+            for rule in rules.iter().filter(|r| r.plan.inputs.iter().any(|i| i == sb.stream.as_str())) {
+                let started = Instant::now();
+                let state = match states.get_mut(&rule.plan.name) {
+                    Some(s) if s.generation == rule.generation => s,
+                    _ => match new_state(rule) {
+                        Ok(s) => states.entry(rule.plan.name.clone()).insert_entry(s).into_mut(),
+                        Err(e) => {
+                            self.record_error(rule, &e);
+                            continue;
+                        }
+                    },
+                };
+                match self.run(rule, state, sb, shard) {
+                    Ok(o) => out.extend(o.batches),
+                    Err(e) => self.record_error(rule, &e),
+                }
+                let elapsed = started.elapsed();
+                rule.stats.busy_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+                rule.stats.batches.fetch_add(1, Ordering::Relaxed);
+                self.metrics.histogram("ferrite_rule_seconds", &[("rule", &rule.plan.name)]).observe(elapsed);
+                self.metrics
+                    .gauge("ferrite_rule_state_size", &[("rule", &rule.plan.name), ("shard", &shard.to_string())])
+                    .set(state_size(state) as i64);
+            }
+        }
+        out
+    }
+
+    /// Lets time pass on `shard`: devices silent for a while have their time extrapolated by
+    /// the wall clock, which closes their windows and completes their absences.
+    pub fn tick(&self, shard: usize) -> Vec<StreamBatch> {
+        let now = self.clock.now_nanos();
+        self.advance(shard, &|clock: &DeviceClock, delay: i64| {
+            // A device's time moves with the wall clock once it is silent.
+            let silent_for = now.saturating_sub(clock.last_seen);
+            (silent_for > 0).then(|| clock.max_time.saturating_add(silent_for).saturating_sub(delay))
+        })
+    }
+
+    /// End of input (tests, replay): closes every window and completes every absence.
+    pub fn finish(&self, shard: usize) -> Vec<StreamBatch> {
+        self.advance(shard, &|_, _| Some(i64::MAX))
+    }
+
+    fn advance(&self, shard: usize, time_of: &dyn Fn(&DeviceClock, i64) -> Option<i64>) -> Vec<StreamBatch> {
+        let rules = self.rules();
+        let Some(states) = self.shards.get(shard) else { return Vec::new() };
+        let mut states = states.lock();
+        let mut out = Vec::new();
+        for rule in rules.iter() {
+            let Some(state) = states.get_mut(&rule.plan.name).filter(|s| s.generation == rule.generation) else {
+                continue;
+            };
+            let delay = rule.plan.time.max_delay.saturating_add(rule.plan.time.lateness);
+            let result = (|| -> Result<Vec<StreamBatch>> {
+                let emitted = match &mut state.op {
+                    OpState::Stateless => return Ok(Vec::new()),
+                    OpState::Window(w) => {
+                        let mut emitted = Vec::new();
+                        for d in w.devices() {
+                            let Some(t) = state.devices.get(&d).and_then(|c| time_of(c, delay)) else { continue };
+                            emitted.extend(w.close_device(&d, t).map_err(|e| eval(rule, e))?);
+                        }
+                        if emitted.is_empty() {
+                            return Ok(Vec::new());
+                        }
+                        let times = WindowState::times(&emitted);
+                        let devices: Vec<Arc<str>> = emitted.iter().map(|e| e.device.clone()).collect();
+                        let batch = w.to_batch(&emitted).map_err(|e| eval(rule, e))?;
+                        (batch, times, devices)
+                    }
+                    OpState::Pattern(p) => {
+                        let devices = &state.devices;
+                        let matches = p.advance_all(&|d: &str| {
+                            devices
+                                .get(d)
+                                .and_then(|c| time_of(c, rule.plan.time.max_delay))
+                                .map(|t| if t == i64::MAX { t } else { t.saturating_add(1) })
+                        });
+                        if matches.is_empty() {
+                            return Ok(Vec::new());
+                        }
+                        let times: Vec<i64> = matches.iter().map(|m| m.time).collect();
+                        let devices: Vec<Arc<str>> = matches.iter().map(|m| m.device.clone()).collect();
+                        let batch = p.to_batch(&matches).map_err(|e| eval(rule, e))?;
+                        (batch, times, devices)
+                    }
+                };
+                let (batch, times, devices) = emitted;
+                self.emit(rule, state, batch, &times, &devices)
+            })();
+            match result {
+                Ok(b) => out.extend(b),
+                Err(e) => self.record_error(rule, &e),
+            }
+        }
+        out
+    }
+
+    fn record_error(&self, rule: &LiveRule, e: &Error) {
+        rule.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics.inc("ferrite_rule_errors_total", &[("rule", &rule.plan.name)], 1);
+        tracing::warn!(rule = %rule.plan.name, error = %e, "rule failed on a batch");
+        *rule.last_error.lock() = Some(e.to_string());
+    }
+
+    /// Runs one rule over one batch.
+    fn run(&self, rule: &LiveRule, state: &mut RuleState, sb: &StreamBatch, _shard: usize) -> Result<Outputs> {
+        let plan = &rule.plan;
+        let input_idx = plan.inputs.iter().position(|i| i == sb.stream.as_str()).unwrap_or(0);
+        let batch = align(&sb.batch, &plan.input_schemas[input_idx])?;
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(Outputs { batches: Vec::new() });
+        }
+        rule.stats.events_in.fetch_add(n as u64, Ordering::Relaxed);
+        self.metrics.inc("ferrite_rule_events_in_total", &[("rule", &plan.name)], n as u64);
+        let now = self.clock.now_nanos();
+        let time = if plan.time.processing_time {
+            TimestampNanosecondArray::from(vec![now; n]).with_timezone("UTC")
+        } else {
+            time_column(&batch)?
+        };
+        let device_col = batch
+            .column_by_name(DEVICE_COLUMN)
+            .and_then(|c| c.as_string_opt::<i32>())
+            .ok_or_else(|| Error::Input(format!("stream `{}` has no device_id column", sb.stream)))?
+            .clone();
+        // Device ids as shared strings, one allocation per device and rule, not per row.
+        let mut devices: Vec<Arc<str>> = Vec::with_capacity(n);
+        for i in 0..n {
+            let d = device_col.value(i);
+            let key = match state.devices.get_key_value(d) {
+                Some((k, _)) => k.clone(),
+                None => {
+                    let k: Arc<str> = Arc::from(d);
+                    state.devices.insert(k.clone(), DeviceClock { max_time: i64::MIN, last_seen: now });
+                    k
+                }
+            };
+            devices.push(key);
+        }
+        // Watermarks per device: late rows are those older than the device's newest event
+        // minus `max_delay` and `lateness`, evaluated row by row in arrival order.
+        let stateful = !matches!(state.op, OpState::Stateless);
+        let mut late = vec![false; n];
+        let mut any_late = false;
+        let mut touched: Vec<Arc<str>> = Vec::new();
+        if stateful {
+            for i in 0..n {
+                let Some(c) = state.devices.get_mut(&devices[i]) else { continue };
+                if time.is_null(i) {
+                    continue;
+                }
+                let t = time.value(i);
+                if c.max_time != i64::MIN {
+                    let wm = c.max_time.saturating_sub(plan.time.max_delay).saturating_sub(plan.time.lateness);
+                    if t < wm {
+                        late[i] = true;
+                        any_late = true;
+                    }
+                } else {
+                    touched.push(devices[i].clone());
+                }
+                if c.max_time < t {
+                    if c.max_time != i64::MIN && !touched.last().is_some_and(|d| Arc::ptr_eq(d, &devices[i])) {
+                        touched.push(devices[i].clone());
+                    }
+                    c.max_time = t;
+                }
+                c.last_seen = now;
+            }
+            touched.sort();
+            touched.dedup();
+        }
+        let mut batches = Vec::new();
+        if any_late {
+            let mask = BooleanArray::from(late.clone());
+            let late_rows = filter_record_batch(&batch, &mask)?;
+            let count = late_rows.num_rows() as u64;
+            rule.stats.late.fetch_add(count, Ordering::Relaxed);
+            self.metrics.inc("ferrite_rule_late_events_total", &[("rule", &plan.name)], count);
+            batches.push(self.late_batch(sb.stream.as_str(), &plan.name, &late_rows)?);
+        }
+        // The stream filter, then the operator.
+        let mut keep: Option<BooleanArray> = None;
+        for op in &plan.pre {
+            if let PostOp::Filter(f) = op {
+                let m = f.evaluate(&batch).map_err(|e| eval(rule, e))?.into_array(n).map_err(|e| eval(rule, e))?;
+                let m = m.as_boolean().clone();
+                keep = Some(match keep {
+                    Some(k) => arrow::compute::and(&k, &m)?,
+                    None => m,
+                });
+            }
+        }
+        let keep = match (keep, any_late) {
+            (Some(k), true) => Some(and_not(&k, &BooleanArray::from(late.clone()))?),
+            (None, true) => Some(arrow::compute::not(&BooleanArray::from(late.clone()))?),
+            (k, false) => k,
+        };
+        let keep = keep.map(|k| prep(&k));
+        let (batch, time, devices) = match &keep {
+            Some(k) if k.true_count() < n => {
+                let b = filter_record_batch(&batch, k)?;
+                let t = arrow::compute::filter(&time, k)?
+                    .as_primitive::<arrow::datatypes::TimestampNanosecondType>()
+                    .clone();
+                let d: Vec<Arc<str>> =
+                    devices.into_iter().zip(k.values().iter()).filter(|(_, k)| *k).map(|(d, _)| d).collect();
+                (b, t, d)
+            }
+            _ => (batch, time, devices),
+        };
+        let (op_batch, times, out_devices) = match &mut state.op {
+            OpState::Stateless => {
+                let times: Vec<i64> =
+                    (0..time.len()).map(|i| if time.is_null(i) { now } else { time.value(i) }).collect();
+                (batch, times, devices)
+            }
+            OpState::Window(w) => {
+                let OperatorPlan::Window(wp) = &plan.operator else { return Err(Error::Input("plan mismatch".into())) };
+                let rows = batch.num_rows();
+                let keys = wp
+                    .keys
+                    .iter()
+                    .map(|k| k.evaluate(&batch).and_then(|v| v.into_array(rows)))
+                    .collect::<datafusion::error::Result<Vec<_>>>()
+                    .map_err(|e| eval(rule, e))?;
+                let args = wp
+                    .aggregates
+                    .iter()
+                    .map(|a| {
+                        a.args
+                            .iter()
+                            .map(|e| e.evaluate(&batch).and_then(|v| v.into_array(rows)))
+                            .collect::<datafusion::error::Result<Vec<_>>>()
+                    })
+                    .collect::<datafusion::error::Result<Vec<_>>>()
+                    .map_err(|e| eval(rule, e))?;
+                let filters = wp
+                    .aggregates
+                    .iter()
+                    .map(|a| {
+                        a.filter
+                            .as_ref()
+                            .map(|f| f.evaluate(&batch).and_then(|v| v.into_array(rows)).map(|a| prep(a.as_boolean())))
+                            .transpose()
+                    })
+                    .collect::<datafusion::error::Result<Vec<_>>>()
+                    .map_err(|e| eval(rule, e))?;
+                let input = WindowInput {
+                    time: &time,
+                    devices: &devices,
+                    keys: &keys,
+                    args: &args,
+                    filters: &filters,
+                    skip: None,
+                };
+                let mut emitted = w.update(&input).map_err(|e| eval(rule, e))?;
+                let delay = plan.time.max_delay.saturating_add(plan.time.lateness);
+                for d in &touched {
+                    if let Some(c) = state.devices.get(d) {
+                        emitted.extend(w.close_device(d, c.max_time.saturating_sub(delay)).map_err(|e| eval(rule, e))?);
+                    }
+                }
+                let over = w.size().saturating_sub(plan.state_limit);
+                if over > 0 {
+                    rule.stats.evicted.fetch_add(over as u64, Ordering::Relaxed);
+                }
+                let times = WindowState::times(&emitted);
+                let devs: Vec<Arc<str>> = emitted.iter().map(|e| e.device.clone()).collect();
+                (w.to_batch(&emitted).map_err(|e| eval(rule, e))?, times, devs)
+            }
+            OpState::Pattern(p) => {
+                let input = PatternInput {
+                    stream: sb.stream.as_str(),
+                    batch: &batch,
+                    time: &time,
+                    devices: &devices,
+                    skip: None,
+                };
+                let before = p.evicted;
+                let matches = p.update(&input).map_err(|e| eval(rule, e))?;
+                if p.evicted > before {
+                    rule.stats.evicted.fetch_add(p.evicted - before, Ordering::Relaxed);
+                    self.metrics.inc("ferrite_rule_evicted_total", &[("rule", &plan.name)], p.evicted - before);
+                }
+                let times: Vec<i64> = matches.iter().map(|m| m.time).collect();
+                let devs: Vec<Arc<str>> = matches.iter().map(|m| m.device.clone()).collect();
+                (p.to_batch(&matches).map_err(|e| eval(rule, e))?, times, devs)
+            }
+        };
+        batches.extend(self.emit(rule, state, op_batch, &times, &out_devices)?);
+        Ok(Outputs { batches })
+    }
+
+    /// Applies `having`, the select list and output limits to the operator's output, and
+    /// turns the rows into derived batches, alerts and actions.
+    fn emit(
+        &self,
+        rule: &LiveRule,
+        state: &mut RuleState,
+        op_batch: RecordBatch,
+        times: &[i64],
+        devices: &[Arc<str>],
+    ) -> Result<Vec<StreamBatch>> {
+        let plan = &rule.plan;
+        if op_batch.num_rows() == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = op_batch.num_rows();
+        // Keys of the rows (for alert state and rate limits): the window key, or the device.
+        let keys: Vec<String> = match &plan.operator {
+            OperatorPlan::Window(w) if w.keys.len() > 1 => (0..rows)
+                .map(|i| {
+                    let view = RowView::new(&op_batch, i, &[]);
+                    (0..w.keys.len())
+                        .map(|k| view.text(op_batch.schema().field(k).name()).unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .collect(),
+            _ => devices.iter().map(|d| d.to_string()).collect(),
+        };
+        let passed: Vec<bool> = match &plan.having {
+            Some(h) => {
+                let m =
+                    h.evaluate(&op_batch).map_err(|e| eval(rule, e))?.into_array(rows).map_err(|e| eval(rule, e))?;
+                let m = m.as_boolean();
+                (0..rows).map(|i| m.is_valid(i) && m.value(i)).collect()
+            }
+            None => vec![true; rows],
+        };
+        // The select list (and a having written over it): filters drop rows, so the row
+        // positions are carried along to keep times, devices and keys in step.
+        let mut out_batch = op_batch;
+        let mut idx: Vec<usize> = (0..rows).collect();
+        for op in &plan.post {
+            match op {
+                PostOp::Filter(f) => {
+                    let n = out_batch.num_rows();
+                    let m =
+                        f.evaluate(&out_batch).map_err(|e| eval(rule, e))?.into_array(n).map_err(|e| eval(rule, e))?;
+                    let m = prep(m.as_boolean());
+                    out_batch = filter_record_batch(&out_batch, &m)?;
+                    idx = idx.into_iter().zip(m.values().iter()).filter(|(_, k)| *k).map(|(i, _)| i).collect();
+                }
+                project => out_batch = apply(rule, project, &out_batch)?,
+            }
+        }
+        let times: Vec<i64> = idx.iter().map(|&i| times[i]).collect();
+        let devices: Vec<Arc<str>> = idx.iter().map(|&i| devices[i].clone()).collect();
+        let keys: Vec<String> = idx.iter().map(|&i| keys[i].clone()).collect();
+        let passed: Vec<bool> = idx.iter().map(|&i| passed[i]).collect();
+        let mut emitted_rows = Vec::new();
+        let mut batches = Vec::new();
+        let mut alert_rows: Vec<(usize, &'static str)> = Vec::new();
+        let has_alert = plan.actions.iter().any(|a| matches!(a, ActionPlan::Alert { .. }));
+        for i in 0..out_batch.num_rows() {
+            if !passed[i] {
+                if plan.having.is_some() && has_alert && state.raised.remove(&keys[i]) {
+                    alert_rows.push((i, "cleared"));
+                }
+                continue;
+            }
+            if let Some(rate) = plan.output_rate {
+                let period = times[i].div_euclid(i64::try_from(rate.every.as_nanos()).unwrap_or(i64::MAX).max(1));
+                if state.rate.get(&keys[i]) == Some(&period) {
+                    continue;
+                }
+                state.rate.insert(keys[i].clone(), period);
+            }
+            emitted_rows.push(i);
+            if has_alert {
+                if plan.having.is_some() {
+                    if state.raised.insert(keys[i].clone()) {
+                        alert_rows.push((i, "raised"));
+                    }
+                } else {
+                    alert_rows.push((i, "raised"));
+                }
+            }
+        }
+        let matched = emitted_rows.len() as u64;
+        rule.stats.matches.fetch_add(matched, Ordering::Relaxed);
+        self.metrics.inc("ferrite_rule_matches_total", &[("rule", &plan.name)], matched);
+        if !emitted_rows.is_empty() {
+            let idx = arrow::array::UInt32Array::from_iter_values(emitted_rows.iter().map(|i| *i as u32));
+            let out = arrow::compute::take_record_batch(&out_batch, &idx)?;
+            rule.stats.events_out.fetch_add(out.num_rows() as u64, Ordering::Relaxed);
+            self.metrics.inc("ferrite_rule_events_out_total", &[("rule", &plan.name)], out.num_rows() as u64);
+            if let Some(target) = &plan.insert_into {
+                let stream = StreamName::new(target)?;
+                let t = TimestampNanosecondArray::from_iter_values(emitted_rows.iter().map(|i| times[*i]));
+                let d = StringArray::from_iter_values(emitted_rows.iter().map(|i| devices[*i].as_ref()));
+                batches.push(conform(&self.catalog, &stream, &out, &t, &d)?);
+            }
+            for (k, &i) in emitted_rows.iter().enumerate() {
+                let extra = [("rule", plan.name.as_str())];
+                let view = RowView::new(&out, k, &extra);
+                for a in &plan.actions {
+                    match a {
+                        ActionPlan::Alert { .. } => {}
+                        ActionPlan::Publish { topic, template } => {
+                            let body = template.as_ref().map_or_else(|| view.to_json(), |t| fill_json(t, &view));
+                            self.actions.publish(&fill_text(topic, &view), body.to_string().into_bytes());
+                        }
+                        ActionPlan::Command { device_column, name, params } => {
+                            let Some(device) = view.text(device_column).filter(|d| !d.is_empty()) else { continue };
+                            let params = params.as_ref().map_or(serde_json::json!({}), |t| fill_json(t, &view));
+                            let id = format!("{}-{}-{}", plan.name, device, times[i]);
+                            let body = serde_json::json!({"id": id, "name": name, "params": params, "rule": plan.name});
+                            self.actions.publish(&format!("devices/{device}/commands"), body.to_string().into_bytes());
+                        }
+                        ActionPlan::Webhook { url, template } => {
+                            let body = template.as_ref().map_or_else(|| view.to_json(), |t| fill_json(t, &view));
+                            self.actions.webhook(&fill_text(url, &view), body.to_string().into_bytes());
+                        }
+                    }
+                }
+            }
+        }
+        if !alert_rows.is_empty() {
+            batches.push(self.alerts(rule, &out_batch, &alert_rows, &times, &devices, &keys)?);
+        }
+        Ok(batches)
+    }
+
+    fn alerts(
+        &self,
+        rule: &LiveRule,
+        out: &RecordBatch,
+        rows: &[(usize, &'static str)],
+        times: &[i64],
+        devices: &[Arc<str>],
+        keys: &[String],
+    ) -> Result<StreamBatch> {
+        let (severity, message) = rule
+            .plan
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                ActionPlan::Alert { severity, message } => Some((severity.as_str(), message.as_str())),
+                _ => None,
+            })
+            .unwrap_or(("warning", ""));
+        let extra = [("rule", rule.plan.name.as_str()), ("severity", severity)];
+        let msgs: Vec<String> = rows.iter().map(|(i, _)| fill_text(message, &RowView::new(out, *i, &extra))).collect();
+        let schema = crate::output::alerts_schema();
+        let t = TimestampNanosecondArray::from_iter_values(rows.iter().map(|(i, _)| times[*i])).with_timezone("UTC");
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(t),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|(i, _)| devices[*i].as_ref()))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| rule.plan.name.as_str()))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|(i, _)| keys[*i].as_str()))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| severity))),
+            Arc::new(StringArray::from_iter_values(msgs.iter())),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, s)| *s))),
+        ];
+        let batch = RecordBatch::try_new(schema, columns)?;
+        let stream = StreamName::new(ALERTS_STREAM)?;
+        let time = batch.column(0).as_primitive::<arrow::datatypes::TimestampNanosecondType>().clone();
+        let device = batch.column(1).as_string::<i32>().clone();
+        conform(&self.catalog, &stream, &batch, &time, &device)
+    }
+
+    fn late_batch(&self, stream: &str, rule: &str, rows: &RecordBatch) -> Result<StreamBatch> {
+        let target = StreamName::new(&format!("{stream}_late"))?;
+        let mut fields: Vec<arrow::datatypes::Field> =
+            rows.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(arrow::datatypes::Field::new("late_for_rule", DataType::Utf8, true));
+        let mut columns = rows.columns().to_vec();
+        columns.push(Arc::new(StringArray::from_iter_values((0..rows.num_rows()).map(|_| rule))));
+        let with_rule = RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)?;
+        let time = time_column(rows)?;
+        let device = rows
+            .column_by_name(DEVICE_COLUMN)
+            .and_then(|c| c.as_string_opt::<i32>())
+            .cloned()
+            .unwrap_or_else(|| StringArray::from(Vec::<&str>::new()));
+        conform(&self.catalog, &target, &with_rule, &time, &device)
+    }
+
+    /// Open windows and partial matches of rule `name` on every shard, for inspection:
+    /// (shard, device, detail, start time).
+    pub fn state_of(&self, name: &str) -> Vec<(usize, String, String, i64)> {
+        let mut out = Vec::new();
+        for (shard, s) in self.shards.iter().enumerate() {
+            let s = s.lock();
+            let Some(st) = s.get(name) else { continue };
+            if let OpState::Pattern(p) = &st.op {
+                for (d, step, start) in p.partials() {
+                    out.push((shard, d.to_string(), format!("partial match at step {}", step + 1), start));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl BatchObserver for RuleEngine {
+    fn observe(&self, shard: usize, batches: &[StreamBatch]) -> Vec<StreamBatch> {
+        self.process(shard, batches)
+    }
+
+    fn tick(&self, shard: usize) -> Vec<StreamBatch> {
+        RuleEngine::tick(self, shard)
+    }
+}
+
+/// Parses and compiles a rule file.
+pub fn compile_text(text: &str, schemas: &dyn SchemaSource) -> Result<Vec<CompiledRule>> {
+    let file = crate::syntax::parse(text).map_err(Error::Invalid)?;
+    crate::plan::compile(&file, text, schemas).map_err(Error::Invalid)
+}
+
+fn new_state(rule: &LiveRule) -> Result<RuleState> {
+    let op = match &rule.plan.operator {
+        OperatorPlan::Stateless => OpState::Stateless,
+        OperatorPlan::Window(w) => {
+            let schema = &rule.plan.input_schemas[0];
+            let key_types = w
+                .keys
+                .iter()
+                .map(|k| k.data_type(schema))
+                .collect::<datafusion::error::Result<Vec<_>>>()
+                .map_err(|e| eval(rule, e))?;
+            OpState::Window(WindowState::new(w.clone(), key_types)?)
+        }
+        OperatorPlan::Pattern(p) => OpState::Pattern(PatternState::new(p.clone(), rule.plan.state_limit)),
+    };
+    Ok(RuleState {
+        generation: rule.generation,
+        devices: HashMap::new(),
+        op,
+        raised: HashSet::new(),
+        rate: HashMap::new(),
+    })
+}
+
+fn state_size(s: &RuleState) -> usize {
+    match &s.op {
+        OpState::Stateless => 0,
+        OpState::Window(w) => w.size(),
+        OpState::Pattern(p) => p.size(),
+    }
+}
+
+fn eval(rule: &LiveRule, source: datafusion::error::DataFusionError) -> Error {
+    Error::Eval { rule: rule.plan.name.clone(), source }
+}
+
+/// A filter mask without nulls (null counts as false).
+fn prep(b: &BooleanArray) -> BooleanArray {
+    if b.null_count() == 0 {
+        BooleanArray::new(b.values().clone(), None)
+    } else {
+        arrow::compute::prep_null_mask_filter(b)
+    }
+}
+
+fn apply(rule: &LiveRule, op: &PostOp, batch: &RecordBatch) -> Result<RecordBatch> {
+    let n = batch.num_rows();
+    match op {
+        PostOp::Filter(f) => {
+            let m = f.evaluate(batch).map_err(|e| eval(rule, e))?.into_array(n).map_err(|e| eval(rule, e))?;
+            Ok(filter_record_batch(batch, &prep(m.as_boolean()))?)
+        }
+        PostOp::Project(exprs, schema) => {
+            let columns = exprs
+                .iter()
+                .zip(schema.fields())
+                .map(|(e, f)| {
+                    let a = e.evaluate(batch)?.into_array(n)?;
+                    if a.data_type() != f.data_type() { Ok(cast(&a, f.data_type())?) } else { Ok(a) }
+                })
+                .collect::<datafusion::error::Result<Vec<_>>>()
+                .map_err(|e| eval(rule, e))?;
+            let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
+            Ok(RecordBatch::try_new_with_options(schema.clone(), columns, &options)?)
+        }
+    }
+}
+
+/// Returns `batch` with exactly the columns of `schema`, matched by name: columns the batch
+/// lacks (older batches) become nulls, extra columns (newer fields) are dropped.
+fn align(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch.clone());
+    }
+    let n = batch.num_rows();
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => cast(c, f.data_type()),
+            None => Ok(new_null_array(f.data_type(), n)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
+    Ok(RecordBatch::try_new_with_options(schema.clone(), columns, &options)?)
+}
+
+fn time_column(batch: &RecordBatch) -> Result<TimestampNanosecondArray> {
+    let col = batch.column_by_name(TIME_COLUMN).ok_or_else(|| Error::Input("batch without a time column".into()))?;
+    let col = cast(col, &DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())))?;
+    Ok(col.as_primitive::<arrow::datatypes::TimestampNanosecondType>().clone())
+}

@@ -1,0 +1,415 @@
+//! The window operator: per key and window, one DataFusion accumulator per aggregate.
+//!
+//! - Tumbling and hopping windows (time): each batch's rows are assigned their windows,
+//!   grouped by (key, window) with one sort of row indices, and each group's accumulators
+//!   get zero-copy slices of the argument columns (one `take` per argument per batch). A
+//!   window closes (and emits) when its key's watermark passes its end.
+//! - Sliding windows (the last `size` of event time, or the last `n` events) keep their
+//!   rows' arguments and use DataFusion's retractable accumulators: each event adds
+//!   itself and retracts what fell out, then emits.
+//! - Session windows close after `gap` without events of their key.
+//! - Tumbling count windows emit every `n` events of their key.
+//!
+//! The operator's output has the aggregate schema of the planned query: the key columns,
+//! `window_start`, `window_end`, then one column per aggregate.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, TimestampNanosecondArray, UInt32Array};
+use arrow::compute::{filter as filter_array, take};
+use arrow::row::{OwnedRow, RowConverter, SortField};
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::Accumulator;
+
+use crate::ast::{Emit, WindowKind};
+use crate::error::Result;
+use crate::plan::WindowPlan;
+
+type DfResult<T> = datafusion::error::Result<T>;
+
+/// One open window of one key.
+struct Group {
+    key: OwnedRow,
+    device: Arc<str>,
+    start: i64,
+    end: i64,
+    accs: Vec<Box<dyn Accumulator>>,
+    /// Sliding windows: the rows inside, oldest first (time, one value per argument).
+    rows: VecDeque<(i64, Vec<Vec<ScalarValue>>)>,
+    /// Count windows: events so far.
+    count: u64,
+    /// Session windows: time of the last event.
+    last: i64,
+}
+
+/// A finished (or updated) window ready to be emitted.
+pub struct Emitted {
+    key: OwnedRow,
+    /// The device whose watermark drove it (derived rows are written for this device).
+    pub device: Arc<str>,
+    start: i64,
+    end: i64,
+    values: Vec<ScalarValue>,
+}
+
+/// The rows of one input batch the operator should see: argument columns already computed.
+pub struct WindowInput<'a> {
+    /// Event times.
+    pub time: &'a TimestampNanosecondArray,
+    /// Device ids, one per row.
+    pub devices: &'a [Arc<str>],
+    /// Key columns.
+    pub keys: &'a [ArrayRef],
+    /// Per aggregate: its argument columns.
+    pub args: &'a [Vec<ArrayRef>],
+    /// Per aggregate: its `FILTER` mask, if any.
+    pub filters: &'a [Option<BooleanArray>],
+    /// Rows to skip (late), if any.
+    pub skip: Option<&'a [bool]>,
+}
+
+/// State of one window rule on one shard.
+pub struct WindowState {
+    plan: WindowPlan,
+    converter: RowConverter,
+    groups: HashMap<(OwnedRow, i64), Group>,
+    /// Per device: open windows by end (for closing on the device's watermark).
+    by_device: HashMap<Arc<str>, Vec<(i64, OwnedRow, i64)>>,
+}
+
+impl WindowState {
+    /// Fresh state for `plan`; `key_types` are the Arrow types of the key expressions.
+    pub fn new(plan: WindowPlan, key_types: Vec<arrow::datatypes::DataType>) -> Result<Self> {
+        let converter = RowConverter::new(key_types.into_iter().map(SortField::new).collect())?;
+        Ok(Self { plan, converter, groups: HashMap::new(), by_device: HashMap::new() })
+    }
+
+    /// Open windows.
+    pub fn size(&self) -> usize {
+        self.groups.len()
+    }
+
+    fn new_accs(&self) -> DfResult<Vec<Box<dyn Accumulator>>> {
+        let sliding = matches!(self.plan.kind, WindowKind::Sliding { .. } | WindowKind::CountSliding { .. });
+        self.plan
+            .aggregates
+            .iter()
+            .map(|a| if sliding { a.function.create_sliding_accumulator() } else { a.function.create_accumulator() })
+            .collect()
+    }
+
+    /// Feeds a batch; returns windows to emit now (updates, or sliding/count/session
+    /// windows that completed).
+    pub fn update(&mut self, input: &WindowInput<'_>) -> DfResult<Vec<Emitted>> {
+        let rows = self.converter.convert_columns(input.keys)?;
+        match self.plan.kind {
+            WindowKind::Tumbling { size } => self.update_timed(input, &rows, nanos(size), nanos(size)),
+            WindowKind::Hopping { size, slide } => self.update_timed(input, &rows, nanos(size), nanos(slide)),
+            _ => self.update_per_event(input, &rows),
+        }
+    }
+
+    /// Tumbling and hopping windows: group the batch's rows by (key, window) and update
+    /// each group once with slices.
+    fn update_timed(
+        &mut self,
+        input: &WindowInput<'_>,
+        rows: &arrow::row::Rows,
+        size: i64,
+        slide: i64,
+    ) -> DfResult<Vec<Emitted>> {
+        let n = input.time.len();
+        // (group ordinal in this batch, row) pairs; ordinals index `touched`.
+        let mut ordinal: HashMap<(arrow::row::Row<'_>, i64), u32> = HashMap::new();
+        let mut touched: Vec<(OwnedRow, i64, Arc<str>)> = Vec::new();
+        let mut pairs: Vec<(u32, u32)> = Vec::with_capacity(n);
+        for i in 0..n {
+            if input.skip.is_some_and(|s| s[i]) || input.time.is_null(i) {
+                continue;
+            }
+            let t = input.time.value(i);
+            let last_start = t - t.rem_euclid(slide);
+            let mut start = last_start;
+            while start > t - size {
+                let key = rows.row(i);
+                let next = touched.len() as u32;
+                let g = *ordinal.entry((key, start)).or_insert_with(|| {
+                    touched.push((key.owned(), start, input.devices[i].clone()));
+                    next
+                });
+                pairs.push((g, i as u32));
+                start -= slide;
+            }
+        }
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        pairs.sort_by_key(|p| p.0);
+        let idx = UInt32Array::from_iter_values(pairs.iter().map(|p| p.1));
+        let taken: Vec<Vec<ArrayRef>> = input
+            .args
+            .iter()
+            .map(|args| args.iter().map(|a| take(a.as_ref(), &idx, None)).collect::<Result<Vec<_>, _>>())
+            .collect::<Result<_, _>>()?;
+        let taken_filters: Vec<Option<BooleanArray>> = input
+            .filters
+            .iter()
+            .map(|f| {
+                f.as_ref()
+                    .map(|m| take(m, &idx, None).map(|a| a.as_any().downcast_ref::<BooleanArray>().cloned()))
+                    .transpose()
+                    .map(Option::flatten)
+            })
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while offset < pairs.len() {
+            let g = pairs[offset].0;
+            let len = pairs[offset..].iter().take_while(|p| p.0 == g).count();
+            let (key, start, device) = &touched[g as usize];
+            let map_key = (key.clone(), *start);
+            if !self.groups.contains_key(&map_key) {
+                let accs = self.new_accs()?;
+                self.groups.insert(
+                    map_key.clone(),
+                    Group {
+                        key: key.clone(),
+                        device: device.clone(),
+                        start: *start,
+                        end: start + size,
+                        accs,
+                        rows: VecDeque::new(),
+                        count: 0,
+                        last: *start,
+                    },
+                );
+                self.by_device.entry(device.clone()).or_default().push((start + size, key.clone(), *start));
+            }
+            let group = self.groups.get_mut(&map_key).ok_or_else(|| internal("group vanished"))?;
+            for (a, acc) in group.accs.iter_mut().enumerate() {
+                let slices: Vec<ArrayRef> = taken[a].iter().map(|c| c.slice(offset, len)).collect();
+                match &taken_filters[a] {
+                    Some(mask) => {
+                        let m = mask.slice(offset, len);
+                        let filtered = slices.iter().map(|c| filter_array(c, &m)).collect::<Result<Vec<_>, _>>()?;
+                        acc.update_batch(&filtered)?;
+                    }
+                    None => acc.update_batch(&slices)?,
+                }
+            }
+            group.count += len as u64;
+            if self.plan.emit == Emit::OnUpdate {
+                out.push(emit_now(group)?);
+            }
+            offset += len;
+        }
+        Ok(out)
+    }
+
+    /// Sliding, session and count windows: event by event, in arrival order.
+    fn update_per_event(&mut self, input: &WindowInput<'_>, rows: &arrow::row::Rows) -> DfResult<Vec<Emitted>> {
+        let mut out = Vec::new();
+        for i in 0..input.time.len() {
+            if input.skip.is_some_and(|s| s[i]) || input.time.is_null(i) {
+                continue;
+            }
+            let t = input.time.value(i);
+            let key = rows.row(i).owned();
+            let values: Vec<Vec<ScalarValue>> = input
+                .args
+                .iter()
+                .enumerate()
+                .map(|(a, args)| {
+                    let pass = input.filters[a].as_ref().is_none_or(|m| m.is_valid(i) && m.value(i));
+                    if pass {
+                        args.iter().map(|c| ScalarValue::try_from_array(c, i)).collect::<DfResult<Vec<_>>>()
+                    } else {
+                        Ok(Vec::new())
+                    }
+                })
+                .collect::<DfResult<_>>()?;
+            let map_key = (key.clone(), 0);
+            let kind = self.plan.kind;
+            // Session: an event after the gap closes the open session first.
+            if let WindowKind::Session { gap } = kind
+                && let Some(g) = self.groups.get(&map_key)
+                && t - g.last > nanos(gap)
+                && let Some(mut g) = self.groups.remove(&map_key)
+            {
+                out.push(emit_now(&mut g)?);
+            }
+            if !self.groups.contains_key(&map_key) {
+                let accs = self.new_accs()?;
+                self.groups.insert(
+                    map_key.clone(),
+                    Group {
+                        key: key.clone(),
+                        device: input.devices[i].clone(),
+                        start: t,
+                        end: t,
+                        accs,
+                        rows: VecDeque::new(),
+                        count: 0,
+                        last: t,
+                    },
+                );
+                if matches!(kind, WindowKind::Session { .. }) {
+                    self.by_device.entry(input.devices[i].clone()).or_default().push((i64::MIN, key.clone(), 0));
+                }
+            }
+            let group = self.groups.get_mut(&map_key).ok_or_else(|| internal("group vanished"))?;
+            for (acc, v) in group.accs.iter_mut().zip(&values) {
+                if !v.is_empty() {
+                    let arrays = v.iter().map(ScalarValue::to_array).collect::<DfResult<Vec<_>>>()?;
+                    acc.update_batch(&arrays)?;
+                }
+            }
+            group.count += 1;
+            group.last = group.last.max(t);
+            group.end = group.end.max(t);
+            match kind {
+                WindowKind::Sliding { size } => {
+                    group.rows.push_back((t, values));
+                    let horizon = t - nanos(size);
+                    while group.rows.front().is_some_and(|(rt, _)| *rt <= horizon) {
+                        if let Some((_, old)) = group.rows.pop_front() {
+                            retract(group, &old)?;
+                        }
+                    }
+                    group.start = horizon;
+                    group.end = t;
+                    out.push(emit_now(group)?);
+                }
+                WindowKind::CountSliding { n } => {
+                    group.rows.push_back((t, values));
+                    while group.rows.len() > n as usize {
+                        if let Some((_, old)) = group.rows.pop_front() {
+                            retract(group, &old)?;
+                        }
+                    }
+                    group.start = group.rows.front().map_or(t, |r| r.0);
+                    group.end = t;
+                    out.push(emit_now(group)?);
+                }
+                WindowKind::CountTumbling { n } => {
+                    if group.count >= u64::from(n) {
+                        if let Some(mut g) = self.groups.remove(&map_key) {
+                            out.push(emit_now(&mut g)?);
+                        }
+                    } else if self.plan.emit == Emit::OnUpdate {
+                        out.push(emit_now(group)?);
+                    }
+                }
+                WindowKind::Session { .. } => {
+                    if self.plan.emit == Emit::OnUpdate {
+                        out.push(emit_now(group)?);
+                    }
+                }
+                WindowKind::Tumbling { .. } | WindowKind::Hopping { .. } => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Closes the windows of `device` that its watermark `wm` has passed.
+    pub fn close_device(&mut self, device: &str, wm: i64) -> DfResult<Vec<Emitted>> {
+        let mut out = Vec::new();
+        let session_gap = match self.plan.kind {
+            WindowKind::Session { gap } => Some(nanos(gap)),
+            WindowKind::Tumbling { .. } | WindowKind::Hopping { .. } => None,
+            // Sliding windows emit per event; count windows close on counts.
+            _ => return Ok(out),
+        };
+        let Some(list) = self.by_device.get_mut(device) else { return Ok(out) };
+        let mut keep = Vec::with_capacity(list.len());
+        let mut closing = Vec::new();
+        for (end, key, start) in list.drain(..) {
+            let end = match session_gap {
+                Some(gap) => self.groups.get(&(key.clone(), start)).map_or(i64::MIN, |g| g.last.saturating_add(gap)),
+                None => end,
+            };
+            if end <= wm { closing.push((end, key, start)) } else { keep.push((end, key, start)) }
+        }
+        *list = keep;
+        if list.is_empty() {
+            self.by_device.remove(device);
+        }
+        closing.sort_by_key(|(end, _, start)| (*end, *start));
+        for (_, key, start) in closing {
+            if let Some(mut g) = self.groups.remove(&(key, start))
+                && (self.plan.emit == Emit::OnClose || session_gap.is_some())
+            {
+                out.push(emit_now(&mut g)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Devices with open windows (for idle closing).
+    pub fn devices(&self) -> Vec<Arc<str>> {
+        self.by_device.keys().cloned().collect()
+    }
+
+    /// Closes every window that can close (end of input): tumbling, hopping and session
+    /// windows emit; partial count windows are dropped, as they never completed.
+    pub fn close_all(&mut self) -> DfResult<Vec<Emitted>> {
+        let mut out = Vec::new();
+        for d in self.devices() {
+            out.extend(self.close_device(&d, i64::MAX)?);
+        }
+        Ok(out)
+    }
+
+    /// Builds the operator's output batch from emitted windows.
+    pub fn to_batch(&self, emitted: &[Emitted]) -> DfResult<RecordBatch> {
+        let keys = self.converter.convert_rows(emitted.iter().map(|e| e.key.row()))?;
+        let mut columns: Vec<ArrayRef> = keys;
+        let starts = TimestampNanosecondArray::from_iter_values(emitted.iter().map(|e| e.start)).with_timezone("UTC");
+        let ends = TimestampNanosecondArray::from_iter_values(emitted.iter().map(|e| e.end)).with_timezone("UTC");
+        columns.push(Arc::new(starts));
+        columns.push(Arc::new(ends));
+        for a in 0..self.plan.aggregates.len() {
+            let field = self.plan.output.field(columns.len());
+            let values: Vec<ScalarValue> = emitted.iter().map(|e| e.values[a].clone()).collect();
+            let arr = if values.is_empty() {
+                arrow::array::new_empty_array(field.data_type())
+            } else {
+                ScalarValue::iter_to_array(values)?
+            };
+            let arr =
+                if arr.data_type() != field.data_type() { arrow::compute::cast(&arr, field.data_type())? } else { arr };
+            columns.push(arr);
+        }
+        let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(emitted.len()));
+        Ok(RecordBatch::try_new_with_options(self.plan.output.clone(), columns, &options)?)
+    }
+
+    /// Event times of emitted windows: the window end (sliding: the event's time).
+    pub fn times(emitted: &[Emitted]) -> Vec<i64> {
+        emitted.iter().map(|e| e.end).collect()
+    }
+}
+
+fn retract(group: &mut Group, old: &[Vec<ScalarValue>]) -> DfResult<()> {
+    for (acc, v) in group.accs.iter_mut().zip(old) {
+        if !v.is_empty() {
+            let arrays = v.iter().map(ScalarValue::to_array).collect::<DfResult<Vec<_>>>()?;
+            acc.retract_batch(&arrays)?;
+        }
+    }
+    Ok(())
+}
+
+fn emit_now(g: &mut Group) -> DfResult<Emitted> {
+    let values = g.accs.iter_mut().map(|a| a.evaluate()).collect::<DfResult<Vec<_>>>()?;
+    Ok(Emitted { key: g.key.clone(), device: g.device.clone(), start: g.start, end: g.end, values })
+}
+
+fn nanos(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+fn internal(msg: &str) -> datafusion::error::DataFusionError {
+    datafusion::error::DataFusionError::Internal(msg.to_owned())
+}

@@ -1,0 +1,102 @@
+//! Pattern rules: followed-by with conditions on earlier steps, absence, counting, strict
+//! sequences, and time passing for silent devices.
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::harness::*;
+
+#[test]
+fn door_left_open_matches_a_rise_within_ten_minutes() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let rules = include_str!("../design.rules");
+    let (e, _) = engine(&catalog, 1, rules)?;
+    let b = batch(
+        &catalog,
+        "telemetry",
+        &[
+            json!({"t": 0, "d": "d1", "door": "open", "temperature": 20.0}),
+            json!({"t": 60, "d": "d2", "temperature": 99.0}),
+            json!({"t": 60, "d": "d1", "temperature": 22.0}),
+            json!({"t": 120, "d": "d1", "temperature": 26.0}),
+            json!({"t": 130, "d": "d3", "door": "open", "temperature": 20.0}),
+            json!({"t": 800, "d": "d3", "temperature": 30.0}),
+        ],
+    )?;
+    let out = run_all(&e, &[b]);
+    let alerts: Vec<_> =
+        rows_of(&out, "alerts")?.into_iter().filter(|r| r["rule"] == json!("door_left_open")).collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["message"], json!("door open on d1"));
+    assert_eq!(alerts[0]["time"], json!(120.0));
+    Ok(())
+}
+
+#[test]
+fn a_silent_device_is_found_at_its_next_event_and_at_the_end() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let (e, _) = engine(&catalog, 1, include_str!("../design.rules"))?;
+    let b = batch(
+        &catalog,
+        "telemetry",
+        &[
+            json!({"t": 0, "temperature": 1.0}),
+            json!({"t": 30, "temperature": 1.0}),
+            json!({"t": 200, "temperature": 1.0}),
+        ],
+    )?;
+    let out = run_all(&e, &[b]);
+    let silent: Vec<f64> = rows_of(&out, "alerts")?
+        .iter()
+        .filter(|r| r["rule"] == json!("silent_device"))
+        .map(|r| r["time"].as_f64().unwrap_or(f64::NAN))
+        .collect();
+    assert_eq!(silent, vec![150.0, 320.0]);
+    Ok(())
+}
+
+#[test]
+fn the_wall_clock_moves_a_silent_devices_time() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let rules = "rule silent { from every a = telemetry -> not telemetry[device_id = a.device_id] for 2m select a.device_id then alert message '{device_id} is silent' }";
+    let (e, clock) = engine(&catalog, 1, rules)?;
+    let b = batch(&catalog, "telemetry", &[json!({"t": 1000, "temperature": 1.0})])?;
+    assert!(rows_of(&e.process(0, &[b]), "alerts")?.is_empty());
+    clock.set(60 * S);
+    assert!(rows_of(&e.tick(0), "alerts")?.is_empty(), "one silent minute is not two");
+    clock.set(121 * S);
+    let alerts = rows_of(&e.tick(0), "alerts")?;
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0]["message"], json!("d1 is silent"));
+    assert!(rows_of(&e.tick(0), "alerts")?.is_empty(), "fires once");
+    Ok(())
+}
+
+#[test]
+fn counted_steps_and_strict_sequences() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let rules = "rule three { from every a = telemetry[temperature > 30]{3} select a.temperature insert into three_out }\n\
+                 rule strict { from every a = telemetry[door = 'open'], b = telemetry[door = 'closed'] select a.time as opened, b.time as closed insert into strict_out }";
+    let (e, _) = engine(&catalog, 1, rules)?;
+    let b = batch(
+        &catalog,
+        "telemetry",
+        &[
+            json!({"t": 0, "temperature": 31.0, "door": "open"}),
+            json!({"t": 1, "temperature": 32.0, "door": "ajar"}),
+            json!({"t": 2, "temperature": 33.0, "door": "closed"}),
+            json!({"t": 3, "temperature": 10.0, "door": "open"}),
+            json!({"t": 4, "temperature": 10.0, "door": "closed"}),
+        ],
+    )?;
+    let out = run_all(&e, &[b]);
+    // Three hot readings: the match ends at the third (every: starts at 0 only, as the
+    // readings at 1 and 2 start matches that never reach three).
+    assert_eq!(rows_of(&out, "three_out")?, vec![json!({"time": 2.0, "device_id": "d1", "temperature": 33.0})]);
+    // Strict: open at 0 is broken by `ajar` at 1; open at 3 is closed right after.
+    assert_eq!(
+        rows_of(&out, "strict_out")?,
+        vec![json!({"time": 4.0, "device_id": "d1", "opened": 3.0, "closed": 4.0})]
+    );
+    Ok(())
+}

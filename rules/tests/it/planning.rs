@@ -1,0 +1,83 @@
+//! Compiling rules against a catalog: the design rules, and errors that point at the problem.
+
+use anyhow::Result;
+use ferrite_rules::Error;
+
+use crate::harness::*;
+
+#[test]
+fn the_design_rules_compile_against_the_catalog() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let (e, _) = engine(&catalog, 1, include_str!("../design.rules"))?;
+    let names: Vec<String> = e.list().into_iter().map(|r| r.name).collect();
+    assert_eq!(names, vec!["hot_devices", "door_left_open", "silent_device"]);
+    Ok(())
+}
+
+fn check_error(rules: &str) -> Result<String> {
+    let catalog = telemetry_catalog()?;
+    let (e, _) = engine(&catalog, 1, "rule ok { from telemetry insert into ok_out }")?;
+    match e.check(rules) {
+        Err(err @ Error::Invalid(_)) => Ok(err.render("x.rules", rules)),
+        Err(other) => anyhow::bail!("unexpected error {other}"),
+        Ok(_) => anyhow::bail!("rule compiled but should not have"),
+    }
+}
+
+#[test]
+fn an_unknown_column_is_an_error_with_the_columns_as_hint() -> Result<()> {
+    let text = check_error("rule r {\n  from telemetry[tempreature > 3]\n  insert into o\n}\n")?;
+    assert!(text.contains("x.rules:2:18"), "{text}");
+    assert!(text.contains("tempreature"), "{text}");
+    assert!(text.contains("hint: the stream's columns are: time, device_id, temperature, door"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn an_unknown_stream_is_an_error() -> Result<()> {
+    let text = check_error("rule r { from telemetri insert into o }")?;
+    assert!(text.contains("unknown stream `telemetri`"), "{text}");
+    assert!(text.contains("x.rules:1:15"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_bad_select_list_points_at_the_select() -> Result<()> {
+    let text = check_error(
+        "rule r {\n  from telemetry\n  window tumbling 1m by device_id\n  select device_id, avg(nope)\n  insert into o\n}\n",
+    )?;
+    assert!(text.contains("x.rules:4:10"), "{text}");
+    assert!(text.contains("nope"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn aggregates_without_a_window_are_refused() -> Result<()> {
+    let text = check_error("rule r { from telemetry select avg(temperature) insert into o }")?;
+    assert!(text.contains("aggregates need a window"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_rule_cannot_insert_into_its_input() -> Result<()> {
+    let text = check_error("rule r { from telemetry insert into telemetry }")?;
+    assert!(text.contains("inserts into its own input"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_placeholder_must_name_an_output_column() -> Result<()> {
+    let text = check_error("rule r { from telemetry select device_id then alert message 'hot {temp}' }")?;
+    assert!(text.contains("placeholder `{temp}` names no output column"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_failed_deploy_keeps_the_running_rules() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let (e, _) = engine(&catalog, 1, "rule a { from telemetry[temperature > 1] insert into a_out }")?;
+    assert!(e.deploy("rule a { from telemetry[nope > 1] insert into a_out }", Some("test.rules")).is_err());
+    let info = e.info("a")?;
+    assert!(info.text.contains("temperature > 1"));
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! Window rules: every window kind, `having`, alerts raised and cleared, late events.
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::harness::*;
+
+fn run(rules: &str, rows: &[serde_json::Value]) -> Result<Vec<ferrite_engine::StreamBatch>> {
+    let catalog = telemetry_catalog()?;
+    let (e, _) = engine(&catalog, 1, rules)?;
+    let b = batch(&catalog, "telemetry", rows)?;
+    Ok(run_all(&e, &[b]))
+}
+
+#[test]
+fn tumbling_windows_close_on_the_device_watermark_and_at_the_end() -> Result<()> {
+    let out = run(
+        include_str!("../design.rules"),
+        &[
+            json!({"t": 0, "d": "d1", "temperature": 80.0}),
+            json!({"t": 30, "d": "d1", "temperature": 90.0}),
+            json!({"t": 10, "d": "d2", "temperature": 100.0}),
+            json!({"t": 60, "d": "d1", "temperature": 10.0}),
+        ],
+    )?;
+    let rows = rows_of(&out, "hot_devices")?;
+    assert_eq!(
+        rows,
+        vec![
+            json!({"time": 60.0, "device_id": "d1", "avg_temp": 85.0, "n": 2}),
+            json!({"time": 60.0, "device_id": "d2", "avg_temp": 100.0, "n": 1}),
+        ]
+    );
+    Ok(())
+}
+
+#[test]
+fn alerts_are_raised_once_and_cleared() -> Result<()> {
+    let rules = "rule hot {\n from telemetry\n window tumbling 1m by device_id\n select device_id, avg(temperature) as t\n having t > 50\n then alert severity 'critical' message '{device_id} at {t}'\n}\n";
+    let out = run(
+        rules,
+        &[
+            json!({"t": 0, "temperature": 90.0}),
+            json!({"t": 60, "temperature": 90.0}),
+            json!({"t": 120, "temperature": 10.0}),
+            json!({"t": 180, "temperature": 10.0}),
+        ],
+    )?;
+    let alerts: Vec<(String, String)> = rows_of(&out, "alerts")?
+        .iter()
+        .map(|r| (r["state"].as_str().unwrap_or("").to_owned(), r["message"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    assert_eq!(
+        alerts,
+        vec![("raised".to_owned(), "d1 at 90.0".to_owned()), ("cleared".to_owned(), "d1 at 10.0".to_owned())]
+    );
+    Ok(())
+}
+
+#[test]
+fn late_events_go_to_the_late_stream() -> Result<()> {
+    let rules = "stream telemetry { max_delay 10s }\nrule c { from telemetry window tumbling 1m by device_id select device_id, count(*) as n insert into counts }";
+    let out = run(
+        rules,
+        &[
+            json!({"t": 100, "temperature": 1.0}),
+            json!({"t": 95, "temperature": 2.0}),
+            json!({"t": 50, "temperature": 3.0}),
+        ],
+    )?;
+    let late = rows_of(&out, "telemetry_late")?;
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!(late[0]["temperature"], json!(3.0));
+    assert_eq!(late[0]["late_for_rule"], json!("c"));
+    let counts = rows_of(&out, "counts")?;
+    assert_eq!(counts, vec![json!({"time": 120.0, "device_id": "d1", "n": 2})]);
+    Ok(())
+}
+
+#[test]
+fn hopping_windows_overlap() -> Result<()> {
+    let rules = "rule h { from telemetry window hopping 2m every 1m by device_id select window_start, count(*) as n insert into h_out }";
+    let out = run(rules, &[json!({"t": 30, "temperature": 1.0}), json!({"t": 90, "temperature": 1.0})])?;
+    let got: Vec<(f64, i64)> = rows_of(&out, "h_out")?
+        .iter()
+        .map(|r| (r["window_start"].as_f64().unwrap_or(f64::NAN), r["n"].as_i64().unwrap_or(-1)))
+        .collect();
+    assert_eq!(got, vec![(-60.0, 1), (0.0, 2), (60.0, 1)]);
+    Ok(())
+}
+
+#[test]
+fn sliding_windows_emit_per_event_and_retract() -> Result<()> {
+    let rules = "rule s { from telemetry window sliding 5m by device_id select count(*) as n, sum(temperature) as total, max(temperature) as hi insert into s_out }";
+    let out = run(
+        rules,
+        &[
+            json!({"t": 0, "temperature": 5.0}),
+            json!({"t": 60, "temperature": 1.0}),
+            json!({"t": 400, "temperature": 2.0}),
+        ],
+    )?;
+    let got: Vec<(i64, f64, f64)> = rows_of(&out, "s_out")?
+        .iter()
+        .map(|r| {
+            (
+                r["n"].as_i64().unwrap_or(-1),
+                r["total"].as_f64().unwrap_or(f64::NAN),
+                r["hi"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![(1, 5.0, 5.0), (2, 6.0, 5.0), (1, 2.0, 2.0)]);
+    Ok(())
+}
+
+#[test]
+fn session_windows_split_on_gaps() -> Result<()> {
+    let rules = "rule s { from telemetry window session 30s by device_id select window_start, window_end, count(*) as n insert into sessions }";
+    let rows: Vec<_> = [0, 10, 20, 100, 110].iter().map(|t| json!({"t": t, "temperature": 1.0})).collect();
+    let out = run(rules, &rows)?;
+    let got: Vec<(f64, f64, i64)> = rows_of(&out, "sessions")?
+        .iter()
+        .map(|r| {
+            (
+                r["window_start"].as_f64().unwrap_or(f64::NAN),
+                r["window_end"].as_f64().unwrap_or(f64::NAN),
+                r["n"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![(0.0, 20.0, 3), (100.0, 110.0, 2)]);
+    Ok(())
+}
+
+#[test]
+fn count_windows_tumble_and_slide() -> Result<()> {
+    let rows: Vec<_> = [1.0, 2.0, 3.0].iter().enumerate().map(|(i, v)| json!({"t": i, "temperature": v})).collect();
+    let out = run(
+        "rule c { from telemetry window tumbling count 2 by device_id select sum(temperature) as s insert into c_out }",
+        &rows,
+    )?;
+    assert_eq!(rows_of(&out, "c_out")?.iter().map(|r| r["s"].clone()).collect::<Vec<_>>(), vec![json!(3.0)]);
+    let out = run(
+        "rule c { from telemetry window sliding count 2 by device_id select sum(temperature) as s insert into c_out }",
+        &rows,
+    )?;
+    assert_eq!(
+        rows_of(&out, "c_out")?.iter().map(|r| r["s"].clone()).collect::<Vec<_>>(),
+        vec![json!(1.0), json!(3.0), json!(5.0)]
+    );
+    Ok(())
+}
+
+#[test]
+fn the_aggregate_library_is_datafusions() -> Result<()> {
+    let rules = "rule a { from telemetry window tumbling 1m by device_id select count(distinct temperature) as k, stddev(temperature) as sd, first_value(temperature) as f, last_value(temperature) as l, approx_percentile_cont(temperature, 0.5) as p50, min(door) as dmin insert into a_out }";
+    let rows: Vec<_> = [2.0, 4.0, 4.0, 6.0]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| json!({"t": i, "temperature": v, "door": format!("x{i}")}))
+        .collect();
+    let out = run(rules, &rows)?;
+    let r = &rows_of(&out, "a_out")?[0];
+    assert_eq!(r["k"], json!(3));
+    assert!((r["sd"].as_f64().unwrap_or(0.0) - 1.632_993).abs() < 1e-5, "{r}");
+    assert_eq!((r["f"].clone(), r["l"].clone()), (json!(2.0), json!(6.0)));
+    assert_eq!(r["p50"], json!(4.0));
+    assert_eq!(r["dmin"], json!("x0"));
+    Ok(())
+}
+
+#[test]
+fn stateless_rules_filter_and_project() -> Result<()> {
+    let rules = "rule f { from telemetry[temperature > 30] select device_id, temperature * 2 as double, upper(door) as door having double < 100 insert into f_out }";
+    let out = run(
+        rules,
+        &[
+            json!({"t": 0, "temperature": 20.0, "door": "a"}),
+            json!({"t": 1, "temperature": 40.0, "door": "b"}),
+            json!({"t": 2, "temperature": 60.0, "door": "c"}),
+        ],
+    )?;
+    assert_eq!(rows_of(&out, "f_out")?, vec![json!({"time": 1.0, "device_id": "d1", "double": 80.0, "door": "B"})]);
+    Ok(())
+}
