@@ -1,7 +1,9 @@
 //! The `ferrite` binary: command-line parsing and the wiring of the crates. No logic of its
 //! own lives here; see the crates' docs for what each part does.
 
+mod actions;
 mod config;
+mod rules_cmd;
 mod serve;
 mod sql;
 
@@ -25,6 +27,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Run a SQL query against a running server and print the result.
     Sql(sql::SqlArgs),
+    /// Check and test rule files.
+    Rules(rules_cmd::RulesArgs),
 }
 
 /// Flags of `ferrite serve`; each overrides `ferrite.toml` and has a `FERRITE_*` variable.
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => args.into_config().and_then(serve::run),
         Command::Sql(args) => sql::run(args),
+        Command::Rules(args) => rules_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@ use ferrite_engine::{Engine, EngineConfig, Metrics, StreamCatalog, SystemClock};
 use ferrite_ingest::mqtt::{self, Broker};
 use ferrite_ingest::{IngestConfig, Ingestor};
 use ferrite_query::QueryService;
+use ferrite_rules::{RuleEngine, RuleFiles};
 use ferrite_storage::{Storage, StorageConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -56,6 +57,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ..EngineConfig::default()
     };
     let engine = Engine::start(engine_config, storage.clone(), metrics.clone())?;
+    // Rules run on the shard threads, after each commit; their actions go through the
+    // embedded broker and the webhook client.
+    let broker = Arc::new(Broker::default());
+    let actions = Arc::new(crate::actions::ServerActions::start(broker.clone(), metrics.clone())?);
+    let rules = Arc::new(RuleEngine::new(shards, catalog.clone(), metrics.clone(), actions, Arc::new(SystemClock)));
+    engine.add_observer(rules.clone());
+    let rule_files = Arc::new(RuleFiles::new(&config.rules_dir, rules.clone()));
+    rule_files.scan();
+    let watch_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = rule_files.clone().spawn(Duration::from_millis(500), watch_stop.clone())?;
     let ingest_config = IngestConfig { max_payload_bytes: config.max_payload, ..IngestConfig::default() };
     let ingestor =
         Ingestor::start(ingest_config, catalog.clone(), engine.clone(), metrics.clone(), Arc::new(SystemClock))?;
@@ -76,7 +87,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let http_addr = http_listener.local_addr()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let broker = Arc::new(Broker::default());
     let mqtt_task =
         tokio::spawn(mqtt::serve(mqtt_listener, ingestor.clone(), broker, metrics.clone(), stop_rx.clone()));
 
@@ -84,6 +94,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let app = Router::new()
         .merge(ferrite_ingest::http::router(ingestor.clone()))
         .merge(ferrite_query::http::router(query))
+        .merge(ferrite_rules::http::router(ferrite_rules::http::RulesApi { engine: rules, files: Some(rule_files) }))
         .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
         .route(
             "/metrics",
@@ -105,6 +116,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         mqtt = %mqtt_addr,
         http = %http_addr,
         data_dir = %config.data_dir.display(),
+        rules_dir = %config.rules_dir.display(),
         archive = storage_location,
         shards,
         "ferrite is running"
@@ -121,6 +133,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("http requests still running after 30s; closing anyway"),
         _ => {}
     }
+    watch_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    watcher.thread().unpark();
+    let _ = watcher.join();
     tracing::info!("draining the engine and persisting the hot buffer");
     let rows = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
         engine.flush()?;

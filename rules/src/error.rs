@@ -13,12 +13,20 @@ pub struct Diagnostic {
     pub span: Span,
     /// How to fix it, when we can tell.
     pub hint: Option<String>,
+    /// A stable code for problems callers treat specially (`unknown-stream`).
+    pub code: Option<&'static str>,
 }
 
 impl Diagnostic {
     /// A diagnostic at `span`.
     pub fn new(span: Span, message: impl Into<String>) -> Self {
-        Self { message: message.into(), span, hint: None }
+        Self { message: message.into(), span, hint: None, code: None }
+    }
+
+    /// Sets the code.
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
     }
 
     /// Adds a hint.

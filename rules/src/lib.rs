@@ -16,14 +16,18 @@
 
 pub mod ast;
 pub mod error;
+pub mod files;
+pub mod http;
 pub mod output;
 pub mod pattern;
 pub mod plan;
+pub mod recorded;
 pub mod runtime;
 pub mod syntax;
 pub mod window;
 
 pub use error::{Diagnostic, Error, Result};
+pub use files::{FileStatus, RuleFiles};
 pub use output::{ActionSink, NoActions};
 pub use plan::{CompiledRule, SchemaSource};
 pub use runtime::{RuleEngine, RuleInfo, compile_text};

@@ -178,6 +178,51 @@ pub fn fill_json(template: &serde_json::Value, row: &RowView<'_>) -> serde_json:
     }
 }
 
+/// The schema a derived stream will have once `output` rows are inserted into it: the
+/// existing columns (if the stream exists), then the output's new columns as the catalog
+/// stores them. Lets later rules of the same deployment read a stream nobody wrote yet.
+pub fn derived_schema(existing: Option<SchemaRef>, output: &Schema) -> SchemaRef {
+    let mut fields: Vec<Field> = match &existing {
+        Some(s) => s.fields().iter().map(|f| f.as_ref().clone()).collect(),
+        None => {
+            vec![Field::new(TIME_COLUMN, time_field_type(), false), Field::new(DEVICE_COLUMN, DataType::Utf8, false)]
+        }
+    };
+    for f in output.fields() {
+        if fields.iter().any(|x| x.name() == f.name()) {
+            continue;
+        }
+        if let Some(ft) = field_type_of(f.data_type()) {
+            fields.push(Field::new(f.name(), ft.data_type(), true));
+        }
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// Registers the columns a rule will insert into `stream`, so the stream and its schema
+/// exist (and other rules and SQL can use them) before the first row arrives.
+pub fn register_derived(catalog: &StreamCatalog, stream: &StreamName, output: &Schema) -> Result<()> {
+    catalog.ensure_stream(stream)?;
+    for f in output.fields() {
+        if f.name() == TIME_COLUMN || f.name() == DEVICE_COLUMN {
+            continue;
+        }
+        if let Some(ft) = field_type_of(f.data_type()) {
+            let (_, actual) = catalog.resolve_field(stream, f.name(), ft)?;
+            if actual != ft {
+                return Err(ferrite_engine::Error::TypeConflict {
+                    stream: stream.to_string(),
+                    field: f.name().clone(),
+                    expected: actual.name(),
+                    found: ft.name(),
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The catalog type a rule output column is stored as, and the Arrow type to cast it to.
 fn field_type_of(dt: &DataType) -> Option<FieldType> {
     Some(match dt {

@@ -225,12 +225,34 @@ pub fn compile(
     source: &str,
     schemas: &dyn SchemaSource,
 ) -> Result<Vec<CompiledRule>, Vec<Diagnostic>> {
-    let mut out = Vec::new();
+    let mut out: Vec<CompiledRule> = Vec::new();
     let mut errors = Vec::new();
-    for rule in &file.rules {
-        match compile_rule(file, rule, source, schemas) {
-            Ok(r) => out.push(r),
-            Err(d) => errors.push(d),
+    // Streams the file's rules insert into are readable by the rules after them (and, as
+    // rules are compiled in two rounds, before them), with the schema they will have.
+    let mut derived: HashMap<String, SchemaRef> = HashMap::new();
+    for round in 0..2 {
+        out.clear();
+        errors.clear();
+        let mut next = derived.clone();
+        {
+            let overlay = |s: &str| derived.get(s).cloned().or_else(|| schemas.schema(s));
+            for rule in &file.rules {
+                match compile_rule(file, rule, source, &overlay) {
+                    Ok(r) => {
+                        if let Some(target) = &r.insert_into {
+                            let existing = next.get(target).cloned().or_else(|| schemas.schema(target));
+                            next.insert(target.clone(), crate::output::derived_schema(existing, &r.output));
+                        }
+                        out.push(r);
+                    }
+                    Err(d) => errors.push(d),
+                }
+            }
+        }
+        let grew = next.len() > derived.len();
+        derived = next;
+        if errors.is_empty() || !grew || round == 1 {
+            break;
         }
     }
     if errors.is_empty() { Ok(out) } else { Err(errors) }
@@ -303,6 +325,7 @@ fn stream_schema(schemas: &dyn SchemaSource, name: &Spanned<String>) -> Result<S
     schemas.schema(&name.value).ok_or_else(|| {
         Diagnostic::new(name.span, format!("unknown stream `{}`", name.value))
             .with_hint("a stream exists once an event was written to it; check the name, or send one event first")
+            .with_code("unknown-stream")
     })
 }
 
@@ -312,6 +335,16 @@ fn compile_rule(
     source: &str,
     schemas: &dyn SchemaSource,
 ) -> Result<CompiledRule, Diagnostic> {
+    if let Some(j) = &rule.join {
+        return Err(Diagnostic::new(j.table.span, "joins are not built yet")
+            .with_hint("enrich with a derived stream for now; stream-table and stream-stream joins are planned (see docs/rules.md)"));
+    }
+    if let Some(rate) = &rule.output_rate
+        && !rate.first
+    {
+        return Err(Diagnostic::new(rule.name.span, "`output last every` is not built yet")
+            .with_hint("use `output first every D`, which is"));
+    }
     let c = Ctx { ctx: SessionContext::new(), rule };
     let text = source.get(rule.span.start..rule.span.end).unwrap_or_default().to_owned();
     let mut compiled = match &rule.from {
@@ -529,6 +562,13 @@ fn compile_stream(
             .build()
             .map_err(|e| df_error(select_span, "invalid aggregate", &e, Some(&schema)))?;
         let (function, filter) = (lowered.aggregate, lowered.filter);
+        if matches!(window.kind, WindowKind::Sliding { .. } | WindowKind::CountSliding { .. }) {
+            let retracts = function.create_sliding_accumulator().map(|a| a.supports_retract_batch()).unwrap_or(false);
+            if !retracts {
+                return Err(Diagnostic::new(select_span, format!("`{}` cannot be used in a sliding window", function.name()))
+                    .with_hint("a sliding window retracts the events that leave it; use a tumbling or hopping window for this aggregate"));
+            }
+        }
         let args = function.expressions();
         aggregates.push(AggregatePlan { function, args, filter });
     }

@@ -196,6 +196,11 @@ impl RuleEngine {
 
     /// Deploys already compiled rules.
     pub fn install(&self, compiled: Vec<CompiledRule>, origin: Option<&str>) -> Result<Vec<String>> {
+        for r in &compiled {
+            if let Some(target) = &r.insert_into {
+                crate::output::register_derived(&self.catalog, &StreamName::new(target)?, &r.output)?;
+            }
+        }
         let names: Vec<String> = compiled.iter().map(|r| r.name.clone()).collect();
         let mut guard = self.rules.write();
         let mut next: Vec<Arc<LiveRule>> = guard
@@ -215,6 +220,10 @@ impl RuleEngine {
                 stats: RuleStats::default(),
                 last_error: Mutex::new(None),
             }));
+        }
+        // State of rules that are gone (or replaced: a new generation starts fresh) is freed.
+        for shard in &self.shards {
+            shard.lock().retain(|name, st| next.iter().any(|r| &r.plan.name == name && r.generation == st.generation));
         }
         *guard = Arc::new(next);
         Ok(names)

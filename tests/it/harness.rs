@@ -90,6 +90,10 @@ impl Server {
         self.post(path, "application/json", body.to_string().as_bytes())
     }
 
+    pub fn delete(&self, path: &str) -> anyhow::Result<u16> {
+        Ok(self.agent.delete(&self.url(path)).call()?.status().as_u16())
+    }
+
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         let mut resp = self.agent.get(&self.url(path)).call()?;
         Ok((resp.status().as_u16(), resp.body_mut().read_to_string()?))

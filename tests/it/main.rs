@@ -7,3 +7,4 @@ mod durability;
 mod harness;
 mod http;
 mod mqtt;
+mod rules;

@@ -7,7 +7,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
 use crate::harness::{Server, TIMEOUT};
 
-fn client(s: &Server, id: &str) -> (AsyncClient, EventLoop) {
+pub(crate) fn client(s: &Server, id: &str) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(id, s.mqtt.ip().to_string(), s.mqtt.port());
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
@@ -15,7 +15,7 @@ fn client(s: &Server, id: &str) -> (AsyncClient, EventLoop) {
 }
 
 /// Polls the event loop until `pred` matches an incoming packet.
-async fn until(ev: &mut EventLoop, mut pred: impl FnMut(&Packet) -> bool) -> anyhow::Result<Packet> {
+pub(crate) async fn until(ev: &mut EventLoop, mut pred: impl FnMut(&Packet) -> bool) -> anyhow::Result<Packet> {
     tokio::time::timeout(TIMEOUT, async {
         loop {
             match ev.poll().await {
@@ -29,7 +29,7 @@ async fn until(ev: &mut EventLoop, mut pred: impl FnMut(&Packet) -> bool) -> any
     .context("timed out waiting for an MQTT packet")?
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 

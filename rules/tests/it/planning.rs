@@ -81,3 +81,30 @@ fn a_failed_deploy_keeps_the_running_rules() -> Result<()> {
     assert!(info.text.contains("temperature > 1"));
     Ok(())
 }
+
+#[test]
+fn unbuilt_constructs_are_refused_with_an_explanation() -> Result<()> {
+    let text = check_error("rule r { from telemetry join devices on devices.id = device_id insert into o }")?;
+    assert!(text.contains("joins are not built yet"), "{text}");
+    let text = check_error("rule r { from telemetry output last every 1m insert into o }")?;
+    assert!(text.contains("`output last every` is not built yet"), "{text}");
+    let text = check_error(
+        "rule r { from telemetry window sliding 5m by device_id select approx_distinct(door) as k insert into o }",
+    )?;
+    assert!(text.contains("cannot be used in a sliding window"), "{text}");
+    let text = check_error("rule r { from telemetry window tumbling 1m by door select count(*) as n insert into o }")?;
+    assert!(text.contains("keyed by device_id"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn the_readme_rule_compiles() -> Result<()> {
+    let readme = include_str!("../../../README.md");
+    let start = readme.find("<<'RULE'\n").map(|i| i + 9).unwrap_or(0);
+    let end = readme[start..].find("\nRULE\n").map_or(start, |i| start + i);
+    let rule = &readme[start..end];
+    assert!(rule.starts_with("rule hot_fridges"), "{rule}");
+    let catalog = telemetry_catalog()?;
+    engine(&catalog, 1, rule)?;
+    Ok(())
+}

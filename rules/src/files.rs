@@ -1,0 +1,135 @@
+//! Rule files on disk: every `*.rules` file of the rules directory is deployed, and
+//! re-deployed when it changes; a deleted file's rules are removed. A file that does not
+//! compile is refused with its diagnostics and its previous version keeps running. A file
+//! that only names streams nobody has written yet waits, and is retried whenever the
+//! catalog gains a stream or a column.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::runtime::RuleEngine;
+
+/// State of one rule file.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileStatus {
+    /// The file.
+    pub path: String,
+    /// `deployed`, `waiting` (for a stream to exist) or `failed`.
+    pub status: &'static str,
+    /// Rules it deployed.
+    pub rules: Vec<String>,
+    /// The diagnostics, rendered with line, column and caret.
+    pub error: Option<String>,
+}
+
+struct Seen {
+    modified: Option<SystemTime>,
+    catalog: u64,
+    status: FileStatus,
+}
+
+/// Watches a rules directory and keeps the engine's rules in step with it.
+pub struct RuleFiles {
+    dir: PathBuf,
+    engine: Arc<RuleEngine>,
+    seen: Mutex<BTreeMap<PathBuf, Seen>>,
+}
+
+impl std::fmt::Debug for RuleFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleFiles").field("dir", &self.dir).finish()
+    }
+}
+
+/// A cheap fingerprint of the catalog: changes when a stream or a column appears.
+fn catalog_version(engine: &RuleEngine) -> u64 {
+    engine.catalog().list().iter().map(|s| s.version + 1).sum()
+}
+
+impl RuleFiles {
+    /// Watches `dir` (which may not exist yet) for `engine`.
+    pub fn new(dir: &Path, engine: Arc<RuleEngine>) -> Self {
+        Self { dir: dir.to_owned(), engine, seen: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// The state of every rule file seen.
+    pub fn statuses(&self) -> Vec<FileStatus> {
+        self.seen.lock().values().map(|s| s.status.clone()).collect()
+    }
+
+    /// Deploys new and changed files, retries waiting ones, removes deleted ones.
+    pub fn scan(&self) {
+        let mut files: Vec<(PathBuf, Option<SystemTime>)> = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let path = e.path();
+                if path.extension().is_some_and(|x| x == "rules") {
+                    files.push((path, e.metadata().ok().and_then(|m| m.modified().ok())));
+                }
+            }
+        }
+        let catalog = catalog_version(&self.engine);
+        let mut seen = self.seen.lock();
+        let gone: Vec<PathBuf> = seen.keys().filter(|p| !files.iter().any(|(f, _)| f == *p)).cloned().collect();
+        for path in gone {
+            let removed = self.engine.remove_origin(&path.display().to_string());
+            tracing::info!(file = %path.display(), rules = ?removed, "rule file deleted; its rules are removed");
+            seen.remove(&path);
+        }
+        for (path, modified) in files {
+            let retry = match seen.get(&path) {
+                None => true,
+                Some(s) => s.modified != modified || (s.status.status == "waiting" && s.catalog != catalog),
+            };
+            if !retry {
+                continue;
+            }
+            let status = self.load(&path);
+            seen.insert(path, Seen { modified, catalog, status });
+        }
+    }
+
+    fn load(&self, path: &Path) -> FileStatus {
+        let name = path.display().to_string();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                return FileStatus { path: name, status: "failed", rules: Vec::new(), error: Some(e.to_string()) };
+            }
+        };
+        match self.engine.deploy(&text, Some(&name)) {
+            Ok(rules) => FileStatus { path: name, status: "deployed", rules, error: None },
+            Err(Error::Invalid(ds)) if ds.iter().all(|d| d.code == Some("unknown-stream")) => {
+                let error = Error::Invalid(ds).render(&name, &text);
+                tracing::info!(file = %name, "rule file waits for its streams:\n{error}");
+                FileStatus { path: name, status: "waiting", rules: Vec::new(), error: Some(error) }
+            }
+            Err(e) => {
+                let error = e.render(&name, &text);
+                tracing::error!(file = %name, "rule file refused (the running version, if any, keeps running):\n{error}");
+                FileStatus { path: name, status: "failed", rules: Vec::new(), error: Some(error) }
+            }
+        }
+    }
+
+    /// Scans every `interval` on a thread of its own until `stop` is set.
+    pub fn spawn(
+        self: Arc<Self>,
+        interval: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name("ferrite-rules-watch".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                self.scan();
+                std::thread::park_timeout(interval);
+            }
+        })
+    }
+}

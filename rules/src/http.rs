@@ -1,0 +1,80 @@
+//! `/api/v1/rules`: deploy rule files (`POST`, body: the file's text), list rules with their
+//! counters and the rule files' states (`GET`), one rule (`GET /{name}`), remove a rule
+//! (`DELETE /{name}`). Errors are `{"error": {"code", "message"}}`; a rule that does not
+//! compile answers 400 with the diagnostics rendered as `file:line:column`, line and caret.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ferrite_engine::ErrorClass;
+use serde_json::json;
+
+use crate::error::Error;
+use crate::files::RuleFiles;
+use crate::runtime::RuleEngine;
+
+/// What the routes need.
+#[derive(Debug, Clone)]
+pub struct RulesApi {
+    /// The rule engine.
+    pub engine: Arc<RuleEngine>,
+    /// The watched rules directory, if any.
+    pub files: Option<Arc<RuleFiles>>,
+}
+
+/// The routes.
+pub fn router(api: RulesApi) -> Router {
+    Router::new()
+        .route("/api/v1/rules", post(deploy).get(list))
+        .route("/api/v1/rules/{name}", get(one).delete(remove))
+        .with_state(api)
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
+}
+
+fn from_error(e: &Error, text: Option<&str>) -> Response {
+    match (e, e.class()) {
+        (Error::Invalid(_), _) => {
+            error(StatusCode::BAD_REQUEST, "invalid_rule", e.render("request", text.unwrap_or("")))
+        }
+        (Error::NotFound(_), _) => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+        (_, ErrorClass::User) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        _ => {
+            tracing::error!(error = %e, "rules API failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log".into())
+        }
+    }
+}
+
+async fn deploy(State(api): State<RulesApi>, body: String) -> Response {
+    match api.engine.deploy(&body, None) {
+        Ok(names) => (StatusCode::CREATED, Json(json!({"deployed": names}))).into_response(),
+        Err(e) => from_error(&e, Some(&body)),
+    }
+}
+
+async fn list(State(api): State<RulesApi>) -> Response {
+    let files = api.files.as_ref().map(|f| f.statuses()).unwrap_or_default();
+    Json(json!({"rules": api.engine.list(), "files": files})).into_response()
+}
+
+async fn one(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
+    match api.engine.info(&name) {
+        Ok(info) => Json(info).into_response(),
+        Err(e) => from_error(&e, None),
+    }
+}
+
+async fn remove(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
+    match api.engine.remove(&name) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => from_error(&e, None),
+    }
+}

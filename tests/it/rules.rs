@@ -1,0 +1,173 @@
+//! Rules end to end: the golden suite through `ferrite rules test`, `ferrite rules check`
+//! diagnostics, and a running server loading, hot-reloading and serving rules, with outputs
+//! in SQL and commands on MQTT.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use rumqttc::{Packet, QoS};
+use serde_json::{Value, json};
+
+use crate::harness::Server;
+use crate::mqtt::{client, runtime, until};
+
+fn ferrite(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_ferrite")).args(args).output()?)
+}
+
+fn cases_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/tests/cases")
+}
+
+#[test]
+fn the_golden_rule_cases_pass_in_every_shape() -> anyhow::Result<()> {
+    let dir = cases_dir();
+    let out = ferrite(&["rules", "test", dir.to_str().context("path")?])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let cases = std::fs::read_dir(&dir)?.count();
+    assert!(cases >= 13, "only {cases} cases");
+    assert!(stdout.contains(&format!("{cases} passed, 0 failed")), "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn a_wrong_expectation_fails_with_a_diff() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let case = cases_dir().join("tumbling_by_device");
+    for f in ["rule.rules", "input.ndjson", "expected.ndjson"] {
+        std::fs::copy(case.join(f), tmp.path().join(f))?;
+    }
+    let expected = std::fs::read_to_string(tmp.path().join("expected.ndjson"))?;
+    std::fs::write(tmp.path().join("expected.ndjson"), expected.replace("\"avg_temp\":90.0", "\"avg_temp\":91.0"))?;
+    let out = ferrite(&["rules", "test", tmp.path().to_str().context("path")?])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("- {\"avg_temp\":91.0"), "{stdout}");
+    assert!(stdout.contains("+ {\"avg_temp\":90.0"), "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn rules_check_prints_position_line_caret_and_hint() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join("bad.rules");
+    std::fs::write(&file, "rule r {\n    from telemetry\n    window tumbing 1m by device_id\n    insert into o\n}\n")?;
+    let out =
+        ferrite(&["rules", "check", file.to_str().context("path")?, "--data-dir", tmp.path().to_str().context("p")?])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("error: unknown window kind `tumbing`"), "{stderr}");
+    assert!(stderr.contains("bad.rules:3:12"), "{stderr}");
+    assert!(stderr.contains("3 |     window tumbing 1m by device_id"), "{stderr}");
+    assert!(stderr.contains("  |            ^^^^^^^"), "{stderr}");
+    assert!(stderr.contains("= hint: expected one of: tumbling"), "{stderr}");
+    // The design rules are valid (their stream does not exist yet: a warning, not an error).
+    let design = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/tests/design.rules");
+    let out = ferrite(&[
+        "rules",
+        "check",
+        design.to_str().context("path")?,
+        "--data-dir",
+        tmp.path().to_str().context("p")?,
+    ])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+fn rules_state(s: &Server) -> anyhow::Result<Value> {
+    let (status, body) = s.get("/api/v1/rules")?;
+    if status != 200 {
+        bail!("GET /api/v1/rules answered {status}: {body}");
+    }
+    Ok(serde_json::from_str(&body)?)
+}
+
+fn file_status(s: &Server) -> anyhow::Result<String> {
+    Ok(rules_state(s)?["files"][0]["status"].as_str().unwrap_or_default().to_owned())
+}
+
+#[test]
+fn a_server_runs_rules_from_files_and_the_api() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let rules_dir = tempfile::tempdir()?;
+    let file = rules_dir.path().join("site.rules");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/tests/design.rules"), &file)?;
+    let s = Server::start(data.path(), &["--rules-dir", rules_dir.path().to_str().context("path")?])?;
+    // `telemetry` does not exist yet: the file waits for it.
+    assert_eq!(file_status(&s)?, "waiting");
+    let post = |events: Vec<Value>| -> anyhow::Result<()> {
+        let (status, body) = s.post_json("/api/v1/streams/telemetry/events", &Value::Array(events))?;
+        if status / 100 != 2 {
+            bail!("ingest answered {status}: {body}");
+        }
+        Ok(())
+    };
+    post(vec![json!({"device_id": "d1", "ts": "2025-12-31T23:59:00Z", "temperature": 20.0, "door": "closed"})])?;
+    s.wait_for("the rule file to deploy", |s| Ok(file_status(s)? == "deployed"))?;
+
+    runtime()?.block_on(async {
+        let (device, mut ev) = client(&s, "d1");
+        until(&mut ev, |p| matches!(p, Packet::ConnAck(_))).await?;
+        device.subscribe("devices/d1/commands", QoS::AtLeastOnce).await?;
+        until(&mut ev, |p| matches!(p, Packet::SubAck(_))).await?;
+        post(vec![
+            json!({"device_id": "d1", "ts": "2026-01-01T00:00:10Z", "temperature": 85.0, "door": "open"}),
+            json!({"device_id": "d1", "ts": "2026-01-01T00:00:20Z", "temperature": 91.0}),
+            json!({"device_id": "d1", "ts": "2026-01-01T00:00:40Z", "temperature": 95.0}),
+            json!({"device_id": "d1", "ts": "2026-01-01T00:01:10Z", "temperature": 20.0}),
+        ])?;
+        let got = until(&mut ev, |p| matches!(p, Packet::Publish(_))).await?;
+        let Packet::Publish(p) = got else { bail!("not a publish") };
+        let cmd: Value = serde_json::from_slice(&p.payload)?;
+        assert_eq!(cmd["name"], "close_door");
+        assert_eq!(cmd["rule"], "door_left_open");
+        anyhow::Ok(())
+    })?;
+    // The alert and the derived stream are streams like any other. (The command is sent
+    // while the shard is still committing the alert: wait for it.)
+    s.wait_for("the alert", |s| Ok(s.rows("alerts")?.0 >= 1))?;
+    let alerts = s.sql("SELECT rule, device_id, message, state FROM alerts WHERE rule = 'door_left_open'")?;
+    assert_eq!(
+        alerts,
+        vec![json!({"rule": "door_left_open", "device_id": "d1", "message": "door open on d1", "state": "raised"})]
+    );
+    let hot = s.sql("SELECT device_id, round(avg_temp, 2) AS avg_temp, n, time FROM hot_devices")?;
+    assert_eq!(hot, vec![json!({"device_id": "d1", "avg_temp": 90.33, "n": 3, "time": "2026-01-01T00:01:00Z"})]);
+    // The first event came before the rules were deployed: they saw the other four.
+    let info: Value = serde_json::from_str(&s.get("/api/v1/rules/hot_devices")?.1)?;
+    assert_eq!(info["events_in"], 4, "{info}");
+    assert_eq!(info["matches"], 1, "{info}");
+    assert_eq!(s.metric("ferrite_rule_events_in_total{rule=\"hot_devices\"}")?, 4);
+
+    // A broken edit is refused; the running version keeps running.
+    std::fs::write(&file, "rule hot_devices {\n  from telemetry\n  window tumbling 1x by device_id\n}\n")?;
+    s.wait_for("the broken file to be refused", |s| Ok(file_status(s)? == "failed"))?;
+    let state = rules_state(&s)?;
+    assert!(state["files"][0]["error"].as_str().unwrap_or_default().contains("site.rules:3:"), "{state}");
+    assert_eq!(state["rules"].as_array().map(Vec::len), Some(3), "{state}");
+    // A fixed edit replaces the file's rules.
+    std::fs::write(&file, "rule cold { from telemetry[temperature < 0] insert into cold }\n")?;
+    s.wait_for("the edited file to deploy", |s| {
+        let st = rules_state(s)?;
+        Ok(st["rules"].as_array().map(|r| r.len()) == Some(1) && st["rules"][0]["name"] == "cold")
+    })?;
+
+    // The API: deploy, errors with positions, get, delete.
+    let (status, body) =
+        s.post("/api/v1/rules", "text/plain", b"rule hot2 {\n  from telemetry[nope > 1]\n  insert into x\n}")?;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "invalid_rule");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("request:2:18"), "{body}");
+    let (status, body) =
+        s.post("/api/v1/rules", "text/plain", b"rule warm { from telemetry[temperature > 30] insert into warm }")?;
+    assert_eq!((status, body), (201, json!({"deployed": ["warm"]})));
+    post(vec![json!({"device_id": "d2", "ts": "2026-01-01T00:00:00Z", "temperature": 31.0})])?;
+    s.wait_for("the API rule's output", |s| Ok(s.sql_count("SELECT count(*) FROM warm")? == 1))?;
+    assert_eq!(s.delete("/api/v1/rules/warm")?, 204);
+    assert_eq!(s.get("/api/v1/rules/warm")?.0, 404);
+    assert_eq!(s.delete("/api/v1/rules/warm")?, 404);
+    s.stop()?;
+    Ok(())
+}
