@@ -23,6 +23,8 @@ pub mod pattern;
 pub mod plan;
 pub mod recorded;
 pub mod runtime;
+pub mod scalar;
+pub mod slots;
 pub mod syntax;
 pub mod window;
 

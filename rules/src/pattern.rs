@@ -15,7 +15,6 @@
 //! by the wall clock while it is silent, so a device that back-fills is never judged by
 //! the clocks of other devices.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, TimestampNanosecondArray};
@@ -67,9 +66,11 @@ pub struct PatternInput<'a> {
 /// State of one pattern rule on one shard.
 pub struct PatternState {
     plan: PatternPlan,
-    devices: HashMap<Arc<str>, DeviceState>,
+    devices: hashbrown::HashMap<Arc<str>, DeviceState, ahash::RandomState>,
     limit: usize,
     partials: usize,
+    /// A cleared vector reused for rebuilding a device's partial matches.
+    spare: Vec<Partial>,
     /// Partial matches dropped because the state limit was reached.
     pub evicted: u64,
 }
@@ -77,7 +78,14 @@ pub struct PatternState {
 impl PatternState {
     /// Fresh state; at most `limit` partial matches are kept.
     pub fn new(plan: PatternPlan, limit: usize) -> Self {
-        Self { plan, devices: HashMap::new(), limit: limit.max(1), partials: 0, evicted: 0 }
+        Self {
+            plan,
+            devices: hashbrown::HashMap::default(),
+            limit: limit.max(1),
+            partials: 0,
+            spare: Vec::new(),
+            evicted: 0,
+        }
     }
 
     /// Open partial matches.
@@ -135,7 +143,9 @@ impl PatternState {
             if !is_candidate && !self.plan.strict {
                 // Not a step of anything, but time passes for the device (absences, within).
                 if let Some(state) = self.devices.get_mut(device) {
+                    let before = state.partials.len();
                     advance_time(&self.plan, state, device, t, &mut out);
+                    self.partials -= before - state.partials.len();
                     if state.partials.is_empty() {
                         self.devices.remove(device);
                     }
@@ -160,6 +170,7 @@ impl PatternState {
             };
             let plan = &self.plan;
             let state = self.devices.entry(device.clone()).or_default();
+            let before = state.partials.len();
             advance_time(plan, state, device, t, &mut out);
             let step_matches = |j: usize, p: &Partial| -> DfResult<bool> {
                 if !local_ok(j, i) {
@@ -167,8 +178,11 @@ impl PatternState {
                 }
                 cross_matches(plan, j, p, input.batch, i)
             };
-            let mut kept = Vec::with_capacity(state.partials.len() + 1);
-            for mut p in std::mem::take(&mut state.partials) {
+            // The partials are rebuilt into the spare vector, which then takes their place.
+            let mut kept = std::mem::take(&mut self.spare);
+            kept.clear();
+            let mut old = std::mem::take(&mut state.partials);
+            for mut p in old.drain(..) {
                 let step = &plan.steps[p.step];
                 if step.absent_for.is_some() {
                     // The awaited absence is broken by a matching event.
@@ -207,13 +221,18 @@ impl PatternState {
                     settle(plan, p, t, device, &mut kept, &mut out);
                 }
             }
+            let after = kept.len();
             if kept.is_empty() {
+                self.spare = kept;
                 self.devices.remove(device);
             } else {
                 state.partials = kept;
+                self.spare = old;
             }
-            self.recount();
-            self.enforce_limit();
+            self.partials = (self.partials + after).saturating_sub(before);
+            if self.partials > self.limit {
+                self.enforce_limit();
+            }
         }
         Ok(out)
     }
@@ -301,6 +320,16 @@ impl PatternState {
 /// Lets the device's time reach `t`: absences whose deadline passed complete, matches
 /// older than `within` expire.
 fn advance_time(plan: &PatternPlan, state: &mut DeviceState, device: &Arc<str>, t: i64, out: &mut Vec<Match>) {
+    let due = |p: &Partial| {
+        if plan.steps[p.step].absent_for.is_some() {
+            p.deadline < t
+        } else {
+            plan.within.is_some_and(|w| t.saturating_sub(p.start) > w)
+        }
+    };
+    if !state.partials.iter().any(due) {
+        return;
+    }
     let mut kept = Vec::with_capacity(state.partials.len());
     let mut queue: Vec<Partial> = std::mem::take(&mut state.partials);
     queue.reverse();
@@ -362,6 +391,14 @@ fn settle(
 fn cross_matches(plan: &PatternPlan, j: usize, p: &Partial, batch: &RecordBatch, i: usize) -> DfResult<bool> {
     let step = &plan.steps[j];
     let Some(expr) = &step.cross else { return Ok(true) };
+    if let Some(fast) = &step.cross_scalar {
+        // Column k after the event's is column `col` of named step `step`'s captured event.
+        let captured = |k: usize| -> Option<&ScalarValue> {
+            let (step, col) = *step.captured_columns.get(k)?;
+            p.captured[step].as_ref()?.get(col)
+        };
+        return Ok(fast.holds(batch.columns(), i, &captured));
+    }
     let mut columns: Vec<ArrayRef> = batch.columns().iter().map(|c| c.slice(i, 1)).collect();
     for (k, s) in plan.steps[..j].iter().enumerate() {
         if s.alias.is_none() {

@@ -31,6 +31,7 @@ use ferrite_engine::{DEVICE_COLUMN, TIME_COLUMN, time_field_type};
 
 use crate::ast::{self, ActionDef, Emit, RuleDef, Source, Span, Spanned, StepDef, WindowKind};
 use crate::error::Diagnostic;
+use crate::scalar::ScalarExpr;
 
 /// Name of the window-start column a window rule may select.
 pub const WINDOW_START: &str = "window_start";
@@ -102,6 +103,10 @@ pub struct StepPlan {
     pub cross: Option<Arc<dyn PhysicalExpr>>,
     /// Schema `cross` is evaluated against.
     pub cross_schema: SchemaRef,
+    /// `cross` compiled for one-row evaluation, when it is simple enough (most are).
+    pub cross_scalar: Option<Arc<ScalarExpr>>,
+    /// For each column of `cross_schema` after the step's own: (earlier step, its column).
+    pub captured_columns: Vec<(usize, usize)>,
     /// Columns of the step's stream (the width of its captured events).
     pub width: usize,
     /// Least and most events (`{min,max}`).
@@ -721,6 +726,7 @@ fn compile_pattern(
     let mut inputs: Vec<String> = Vec::new();
     let mut input_schemas = Vec::new();
     let mut aliases: HashMap<String, Span> = HashMap::new();
+    let mut step_of_alias: HashMap<String, usize> = HashMap::new();
     for step in &p.steps {
         let (alias, input, min, max, absent_for) = match step {
             StepDef::Event { alias, input, min, max } => (Some(alias), input, *min, *max, None),
@@ -740,9 +746,12 @@ fn compile_pattern(
         // The step's own columns, then the earlier steps' columns named `alias.column`; the
         // condition's `a.x` references are rewritten to those names (`"a.x"`).
         let mut cross_fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut captured_columns = Vec::new();
         for (a, s) in &captured {
-            for f in s.fields() {
+            let step_index = step_of_alias.get(a).copied().unwrap_or(0);
+            for (col, f) in s.fields().iter().enumerate() {
                 cross_fields.push(f.as_ref().clone().with_name(format!("{a}.{}", f.name())));
+                captured_columns.push((step_index, col));
             }
         }
         let df = DFSchema::try_from(Schema::new(cross_fields.clone()))
@@ -771,7 +780,10 @@ fn compile_pattern(
             .map(|e| c.physical(&e, &local_df))
             .transpose()
             .map_err(|e| df_error(span, "invalid condition", &e, Some(&schema)))?;
-        let cross = and_all(cross)
+        let cross = and_all(cross);
+        let names: Vec<String> = cross_fields.iter().map(|f| f.name().clone()).collect();
+        let cross_scalar = cross.as_ref().and_then(|e| ScalarExpr::compile(e, &names)).map(Arc::new);
+        let cross = cross
             .map(|e| c.physical(&e, &df))
             .transpose()
             .map_err(|e| df_error(span, "invalid condition", &e, Some(&schema)))?;
@@ -781,12 +793,15 @@ fn compile_pattern(
             local,
             cross,
             cross_schema: Arc::new(Schema::new(cross_fields)),
+            cross_scalar,
+            captured_columns: captured_columns.clone(),
             width: schema.fields().len(),
             min,
             max,
             absent_for,
         });
         if let Some(a) = alias {
+            step_of_alias.insert(a.value.clone(), steps.len() - 1);
             captured.push((a.value.clone(), schema));
         }
     }

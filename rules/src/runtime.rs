@@ -108,17 +108,21 @@ struct DeviceClock {
     max_time: i64,
     /// Wall-clock time of the last event (nanoseconds).
     last_seen: i64,
+    /// The batch (`RuleState::epoch`) that last moved `max_time`.
+    epoch: u64,
 }
 
 enum OpState {
     Stateless,
-    Window(WindowState),
+    Window(Box<WindowState>),
     Pattern(PatternState),
 }
 
 struct RuleState {
     generation: u64,
-    devices: HashMap<Arc<str>, DeviceClock>,
+    devices: hashbrown::HashMap<Arc<str>, DeviceClock, ahash::RandomState>,
+    /// Batches seen (marks the devices a batch moved).
+    epoch: u64,
     op: OpState,
     raised: HashSet<String>,
     /// `output first every D`: per key, the period it last emitted in.
@@ -444,52 +448,49 @@ impl RuleEngine {
             .and_then(|c| c.as_string_opt::<i32>())
             .ok_or_else(|| Error::Input(format!("stream `{}` has no device_id column", sb.stream)))?
             .clone();
-        // Device ids as shared strings, one allocation per device and rule, not per row.
-        let mut devices: Vec<Arc<str>> = Vec::with_capacity(n);
-        for i in 0..n {
-            let d = device_col.value(i);
-            let key = match state.devices.get_key_value(d) {
-                Some((k, _)) => k.clone(),
-                None => {
-                    let k: Arc<str> = Arc::from(d);
-                    state.devices.insert(k.clone(), DeviceClock { max_time: i64::MIN, last_seen: now });
-                    k
-                }
-            };
-            devices.push(key);
-        }
         // Watermarks per device: late rows are those older than the device's newest event
-        // minus `max_delay` and `lateness`, evaluated row by row in arrival order.
+        // minus `max_delay` and `lateness`, evaluated row by row in arrival order. Device ids
+        // become shared strings, one allocation per device and rule, not per row. Stateless
+        // rules need neither.
         let stateful = !matches!(state.op, OpState::Stateless);
-        let mut late = vec![false; n];
+        let mut late = vec![false; if stateful { n } else { 0 }];
         let mut any_late = false;
+        let mut devices: Vec<Arc<str>> = Vec::with_capacity(if stateful { n } else { 0 });
         let mut touched: Vec<Arc<str>> = Vec::new();
         if stateful {
-            for i in 0..n {
-                let Some(c) = state.devices.get_mut(&devices[i]) else { continue };
-                if time.is_null(i) {
-                    continue;
-                }
-                let t = time.value(i);
-                if c.max_time != i64::MIN {
-                    let wm = c.max_time.saturating_sub(plan.time.max_delay).saturating_sub(plan.time.lateness);
-                    if t < wm {
-                        late[i] = true;
-                        any_late = true;
+            state.epoch += 1;
+            let epoch = state.epoch;
+            let delay = plan.time.max_delay.saturating_add(plan.time.lateness);
+            for (i, late_i) in late.iter_mut().enumerate() {
+                let d = device_col.value(i);
+                let (key, c) = match state.devices.get_key_value_mut(d) {
+                    Some((k, c)) => (k.clone(), c),
+                    None => {
+                        let k: Arc<str> = Arc::from(d);
+                        let c = state.devices.entry(k.clone()).or_insert(DeviceClock {
+                            max_time: i64::MIN,
+                            last_seen: now,
+                            epoch: 0,
+                        });
+                        (k, c)
                     }
-                } else {
-                    touched.push(devices[i].clone());
-                }
-                if c.max_time < t {
-                    if c.max_time != i64::MIN && !touched.last().is_some_and(|d| Arc::ptr_eq(d, &devices[i])) {
-                        touched.push(devices[i].clone());
-                    }
-                    c.max_time = t;
-                }
+                };
                 c.last_seen = now;
+                if !time.is_null(i) {
+                    let t = time.value(i);
+                    if c.max_time != i64::MIN && t < c.max_time.saturating_sub(delay) {
+                        *late_i = true;
+                        any_late = true;
+                    } else if t > c.max_time {
+                        c.max_time = t;
+                        if c.epoch != epoch {
+                            c.epoch = epoch;
+                            touched.push(key.clone());
+                        }
+                    }
+                }
+                devices.push(key);
             }
-            touched.sort();
-            touched.dedup();
         }
         let mut batches = Vec::new();
         if any_late {
@@ -524,8 +525,11 @@ impl RuleEngine {
                 let t = arrow::compute::filter(&time, k)?
                     .as_primitive::<arrow::datatypes::TimestampNanosecondType>()
                     .clone();
-                let d: Vec<Arc<str>> =
-                    devices.into_iter().zip(k.values().iter()).filter(|(_, k)| *k).map(|(d, _)| d).collect();
+                let d: Vec<Arc<str>> = if stateful {
+                    devices.into_iter().zip(k.values().iter()).filter(|(_, k)| *k).map(|(d, _)| d).collect()
+                } else {
+                    Vec::new()
+                };
                 (b, t, d)
             }
             _ => (batch, time, devices),
@@ -534,6 +538,11 @@ impl RuleEngine {
             OpState::Stateless => {
                 let times: Vec<i64> =
                     (0..time.len()).map(|i| if time.is_null(i) { now } else { time.value(i) }).collect();
+                let col = batch.column_by_name(DEVICE_COLUMN).and_then(|c| c.as_string_opt::<i32>());
+                let devices: Vec<Arc<str>> = match col {
+                    Some(c) => (0..c.len()).map(|i| Arc::from(c.value(i))).collect(),
+                    None => Vec::new(),
+                };
                 (batch, times, devices)
             }
             OpState::Window(w) => {
@@ -844,13 +853,14 @@ fn new_state(rule: &LiveRule) -> Result<RuleState> {
                 .map(|k| k.data_type(schema))
                 .collect::<datafusion::error::Result<Vec<_>>>()
                 .map_err(|e| eval(rule, e))?;
-            OpState::Window(WindowState::new(w.clone(), key_types)?)
+            OpState::Window(Box::new(WindowState::new(w.clone(), key_types, schema)?))
         }
         OperatorPlan::Pattern(p) => OpState::Pattern(PatternState::new(p.clone(), rule.plan.state_limit)),
     };
     Ok(RuleState {
         generation: rule.generation,
-        devices: HashMap::new(),
+        devices: hashbrown::HashMap::default(),
+        epoch: 0,
         op,
         raised: HashSet::new(),
         rate: HashMap::new(),

@@ -16,8 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, TimestampNanosecondArray, UInt32Array};
-use arrow::compute::{filter as filter_array, take};
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, TimestampNanosecondArray};
 use arrow::row::{OwnedRow, RowConverter, SortField};
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::Accumulator;
@@ -25,6 +24,7 @@ use datafusion::logical_expr::Accumulator;
 use crate::ast::{Emit, WindowKind};
 use crate::error::Result;
 use crate::plan::WindowPlan;
+use crate::slots::Slots;
 
 type DfResult<T> = datafusion::error::Result<T>;
 
@@ -73,21 +73,38 @@ pub struct WindowInput<'a> {
 pub struct WindowState {
     plan: WindowPlan,
     converter: RowConverter,
+    /// Sliding, session and count windows: one group of accumulators per key.
     groups: HashMap<(OwnedRow, i64), Group>,
-    /// Per device: open windows by end (for closing on the device's watermark).
+    /// Per device: open session windows (for closing on the device's watermark).
     by_device: HashMap<Arc<str>, Vec<(i64, OwnedRow, i64)>>,
+    /// Tumbling and hopping windows: columnar slots.
+    slots: Slots,
+    /// Per device: its open tumbling or hopping windows' slots.
+    slots_by_device: HashMap<Arc<str>, Vec<u32>, ahash::RandomState>,
 }
 
 impl WindowState {
     /// Fresh state for `plan`; `key_types` are the Arrow types of the key expressions.
-    pub fn new(plan: WindowPlan, key_types: Vec<arrow::datatypes::DataType>) -> Result<Self> {
+    pub fn new(
+        plan: WindowPlan,
+        key_types: Vec<arrow::datatypes::DataType>,
+        input: &arrow::datatypes::Schema,
+    ) -> Result<Self> {
         let converter = RowConverter::new(key_types.into_iter().map(SortField::new).collect())?;
-        Ok(Self { plan, converter, groups: HashMap::new(), by_device: HashMap::new() })
+        let slots = Slots::new(&plan.aggregates, input);
+        Ok(Self {
+            plan,
+            converter,
+            groups: HashMap::new(),
+            by_device: HashMap::new(),
+            slots,
+            slots_by_device: HashMap::default(),
+        })
     }
 
     /// Open windows.
     pub fn size(&self) -> usize {
-        self.groups.len()
+        self.groups.len() + self.slots.len()
     }
 
     fn new_accs(&self) -> DfResult<Vec<Box<dyn Accumulator>>> {
@@ -110,8 +127,8 @@ impl WindowState {
         }
     }
 
-    /// Tumbling and hopping windows: group the batch's rows by (key, window) and update
-    /// each group once with slices.
+    /// Tumbling and hopping windows: find each row's slots (one per window it is in), then
+    /// fold the batch into them aggregate by aggregate.
     fn update_timed(
         &mut self,
         input: &WindowInput<'_>,
@@ -120,89 +137,44 @@ impl WindowState {
         slide: i64,
     ) -> DfResult<Vec<Emitted>> {
         let n = input.time.len();
-        // (group ordinal in this batch, row) pairs; ordinals index `touched`.
-        let mut ordinal: HashMap<(arrow::row::Row<'_>, i64), u32> = HashMap::new();
-        let mut touched: Vec<(OwnedRow, i64, Arc<str>)> = Vec::new();
-        let mut pairs: Vec<(u32, u32)> = Vec::with_capacity(n);
+        let mut pairs: Vec<(u32, u32)> = Vec::with_capacity(n * (size / slide).max(1) as usize);
         for i in 0..n {
             if input.skip.is_some_and(|s| s[i]) || input.time.is_null(i) {
                 continue;
             }
             let t = input.time.value(i);
-            let last_start = t - t.rem_euclid(slide);
-            let mut start = last_start;
+            let key = rows.row(i);
+            let device = &input.devices[i];
+            let mut start = t - t.rem_euclid(slide);
             while start > t - size {
-                let key = rows.row(i);
-                let next = touched.len() as u32;
-                let g = *ordinal.entry((key, start)).or_insert_with(|| {
-                    touched.push((key.owned(), start, input.devices[i].clone()));
-                    next
-                });
-                pairs.push((g, i as u32));
+                let (slot, new) = self.slots.slot(key, start, device)?;
+                if new {
+                    match self.slots_by_device.get_mut(device.as_ref()) {
+                        Some(list) => list.push(slot),
+                        None => {
+                            self.slots_by_device.insert(device.clone(), vec![slot]);
+                        }
+                    }
+                }
+                pairs.push((slot, i as u32));
                 start -= slide;
             }
         }
         if pairs.is_empty() {
             return Ok(Vec::new());
         }
-        pairs.sort_by_key(|p| p.0);
-        let idx = UInt32Array::from_iter_values(pairs.iter().map(|p| p.1));
-        let taken: Vec<Vec<ArrayRef>> = input
-            .args
-            .iter()
-            .map(|args| args.iter().map(|a| take(a.as_ref(), &idx, None)).collect::<Result<Vec<_>, _>>())
-            .collect::<Result<_, _>>()?;
-        let taken_filters: Vec<Option<BooleanArray>> = input
-            .filters
-            .iter()
-            .map(|f| {
-                f.as_ref()
-                    .map(|m| take(m, &idx, None).map(|a| a.as_any().downcast_ref::<BooleanArray>().cloned()))
-                    .transpose()
-                    .map(Option::flatten)
-            })
-            .collect::<Result<_, _>>()?;
+        self.slots.update(&pairs, input.args, input.filters)?;
         let mut out = Vec::new();
-        let mut offset = 0;
-        while offset < pairs.len() {
-            let g = pairs[offset].0;
-            let len = pairs[offset..].iter().take_while(|p| p.0 == g).count();
-            let (key, start, device) = &touched[g as usize];
-            let map_key = (key.clone(), *start);
-            if !self.groups.contains_key(&map_key) {
-                let accs = self.new_accs()?;
-                self.groups.insert(
-                    map_key.clone(),
-                    Group {
-                        key: key.clone(),
-                        device: device.clone(),
-                        start: *start,
-                        end: start + size,
-                        accs,
-                        rows: VecDeque::new(),
-                        count: 0,
-                        last: *start,
-                    },
-                );
-                self.by_device.entry(device.clone()).or_default().push((start + size, key.clone(), *start));
-            }
-            let group = self.groups.get_mut(&map_key).ok_or_else(|| internal("group vanished"))?;
-            for (a, acc) in group.accs.iter_mut().enumerate() {
-                let slices: Vec<ArrayRef> = taken[a].iter().map(|c| c.slice(offset, len)).collect();
-                match &taken_filters[a] {
-                    Some(mask) => {
-                        let m = mask.slice(offset, len);
-                        let filtered = slices.iter().map(|c| filter_array(c, &m)).collect::<Result<Vec<_>, _>>()?;
-                        acc.update_batch(&filtered)?;
-                    }
-                    None => acc.update_batch(&slices)?,
+        if self.plan.emit == Emit::OnUpdate {
+            let mut touched: Vec<u32> = pairs.iter().map(|p| p.0).collect();
+            touched.sort_unstable();
+            touched.dedup();
+            for slot in touched {
+                if let Some((key, device, start)) = self.slots.meta(slot) {
+                    let values = self.slots.values(slot)?;
+                    out.push(Emitted { key, device, start, end: start + size, values });
                 }
             }
-            group.count += len as u64;
-            if self.plan.emit == Emit::OnUpdate {
-                out.push(emit_now(group)?);
-            }
-            offset += len;
         }
         Ok(out)
     }
@@ -315,11 +287,46 @@ impl WindowState {
     /// Closes the windows of `device` that its watermark `wm` has passed.
     pub fn close_device(&mut self, device: &str, wm: i64) -> DfResult<Vec<Emitted>> {
         let mut out = Vec::new();
-        let session_gap = match self.plan.kind {
-            WindowKind::Session { gap } => Some(nanos(gap)),
-            WindowKind::Tumbling { .. } | WindowKind::Hopping { .. } => None,
+        let size = match self.plan.kind {
+            WindowKind::Tumbling { size } | WindowKind::Hopping { size, .. } => nanos(size),
+            WindowKind::Session { .. } => 0,
             // Sliding windows emit per event; count windows close on counts.
             _ => return Ok(out),
+        };
+        if size > 0 {
+            let Some(list) = self.slots_by_device.get_mut(device) else { return Ok(out) };
+            let mut closing = Vec::new();
+            let slots = &self.slots;
+            list.retain(|&slot| match slots.start(slot) {
+                Some(start) if start.saturating_add(size) <= wm => {
+                    closing.push((start, slot));
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            });
+            if list.is_empty() {
+                self.slots_by_device.remove(device);
+            }
+            closing.sort_unstable();
+            for (_, slot) in closing {
+                if let Some(c) = self.slots.close(slot)?
+                    && self.plan.emit == Emit::OnClose
+                {
+                    out.push(Emitted {
+                        key: c.key,
+                        device: c.device,
+                        start: c.start,
+                        end: c.start + size,
+                        values: c.values,
+                    });
+                }
+            }
+            return Ok(out);
+        }
+        let session_gap = match self.plan.kind {
+            WindowKind::Session { gap } => Some(nanos(gap)),
+            _ => None,
         };
         let Some(list) = self.by_device.get_mut(device) else { return Ok(out) };
         let mut keep = Vec::with_capacity(list.len());
@@ -348,7 +355,7 @@ impl WindowState {
 
     /// Devices with open windows (for idle closing).
     pub fn devices(&self) -> Vec<Arc<str>> {
-        self.by_device.keys().cloned().collect()
+        self.by_device.keys().chain(self.slots_by_device.keys()).cloned().collect()
     }
 
     /// Closes every window that can close (end of input): tumbling, hopping and session

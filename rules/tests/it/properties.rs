@@ -118,6 +118,99 @@ fn pattern_reference(evs: &[Ev]) -> Vec<String> {
     rows
 }
 
+/// Hopping windows (2 min every 1 min, max_delay 5 s): as tumbling, each event in two windows.
+fn hopping_reference(evs: &[Ev]) -> Vec<String> {
+    let mut newest: BTreeMap<u8, i64> = BTreeMap::new();
+    let mut windows: BTreeMap<(u8, i64), (i64, f64)> = BTreeMap::new();
+    for e in evs {
+        let late = newest.get(&e.d).is_some_and(|m| e.t < m - 5);
+        let m = newest.entry(e.d).or_insert(e.t);
+        *m = (*m).max(e.t);
+        if late {
+            continue;
+        }
+        let last = e.t.div_euclid(60) * 60;
+        for start in [last, last - 60] {
+            let w = windows.entry((e.d, start)).or_insert((0, 0.0));
+            w.0 += 1;
+            w.1 += e.v as f64;
+        }
+    }
+    let mut rows: Vec<String> = windows
+        .into_iter()
+        .map(|((d, start), (n, s))| {
+            json!({"time": (start + 120) as f64, "device_id": format!("dev{d}"), "n": n, "s": s}).to_string()
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Per device, in time order: the sliding 5-minute window (t - 300 s, t] at every event,
+/// sessions split by gaps of more than 30 s, and `every a -> not telemetry for 100s`.
+fn per_device(evs: &[Ev]) -> BTreeMap<u8, Vec<&Ev>> {
+    let mut by: BTreeMap<u8, Vec<&Ev>> = BTreeMap::new();
+    for e in evs {
+        by.entry(e.d).or_default().push(e);
+    }
+    by
+}
+
+fn sliding_reference(evs: &[Ev]) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (d, es) in per_device(evs) {
+        for (i, e) in es.iter().enumerate() {
+            let inside: Vec<&&Ev> = es[..=i].iter().filter(|x| x.t > e.t - 300).collect();
+            let s: f64 = inside.iter().map(|x| x.v as f64).sum();
+            rows.push(
+                json!({"time": e.t as f64, "device_id": format!("dev{d}"), "n": inside.len(), "s": s}).to_string(),
+            );
+        }
+    }
+    rows.sort();
+    rows
+}
+
+fn session_reference(evs: &[Ev]) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (d, es) in per_device(evs) {
+        let mut start = 0;
+        for i in 1..=es.len() {
+            if i == es.len() || es[i].t - es[i - 1].t > 30 {
+                let n = i - start;
+                let end = es[i - 1].t;
+                rows.push(
+                    json!({"time": end as f64, "device_id": format!("dev{d}"), "n": n, "first": es[start].t as f64})
+                        .to_string(),
+                );
+                start = i;
+            }
+        }
+    }
+    rows.sort();
+    rows
+}
+
+fn absence_reference(evs: &[Ev]) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (d, es) in per_device(evs) {
+        for (i, e) in es.iter().enumerate() {
+            if es.get(i + 1).is_none_or(|next| next.t > e.t + 100) {
+                rows.push(
+                    json!({"time": (e.t + 100) as f64, "device_id": format!("dev{d}"), "v": e.v as f64}).to_string(),
+                );
+            }
+        }
+    }
+    rows.sort();
+    rows
+}
+
+const HOPPING: &str = "stream telemetry { max_delay 5s }\nrule w { from telemetry window hopping 2m every 1m by device_id select device_id, count(*) as n, sum(temperature) as s insert into w_out }";
+const SLIDING: &str = "rule w { from telemetry window sliding 5m by device_id select device_id, count(*) as n, sum(temperature) as s insert into w_out }";
+const SESSION: &str = "rule w { from telemetry window session 30s by device_id select device_id, count(*) as n, min(time) as first insert into w_out }";
+const ABSENCE: &str = "rule w { from every a = telemetry -> not telemetry for 100s select a.device_id, a.temperature as v insert into w_out }";
+
 const TUMBLING: &str = "stream telemetry { max_delay 5s }\nrule w { from telemetry window tumbling 1m by device_id select device_id, count(*) as n, sum(temperature) as s insert into w_out }";
 const PATTERN: &str = "rule p { from every a = telemetry[door = 'open'] -> b = telemetry[door = 'closed'] within 90s select a.time as a_t, b.time as b_t insert into p_out }";
 
@@ -128,6 +221,36 @@ proptest! {
     fn tumbling_windows_match_the_reference(evs in events(60), cuts in prop::collection::vec(0usize..100, 0..4), shards in 1usize..4) {
         let got = run_split(TUMBLING, &evs, &cuts, shards, "w_out").map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(got, tumbling_reference(&evs));
+    }
+
+    #[test]
+    fn hopping_windows_match_the_reference(evs in events(50), cuts in prop::collection::vec(0usize..100, 0..4), shards in 1usize..4) {
+        let got = run_split(HOPPING, &evs, &cuts, shards, "w_out").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(got, hopping_reference(&evs));
+    }
+
+    #[test]
+    fn sliding_windows_match_the_reference(evs in events(50), cuts in prop::collection::vec(0usize..100, 0..4), shards in 1usize..4) {
+        let mut evs = evs;
+        evs.sort_by_key(|e| e.t);
+        let got = run_split(SLIDING, &evs, &cuts, shards, "w_out").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(got, sliding_reference(&evs));
+    }
+
+    #[test]
+    fn session_windows_match_the_reference(evs in events(50), cuts in prop::collection::vec(0usize..100, 0..4), shards in 1usize..4) {
+        let mut evs = evs;
+        evs.sort_by_key(|e| e.t);
+        let got = run_split(SESSION, &evs, &cuts, shards, "w_out").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(got, session_reference(&evs));
+    }
+
+    #[test]
+    fn absence_matches_the_reference(evs in events(40), cuts in prop::collection::vec(0usize..100, 0..4), shards in 1usize..4) {
+        let mut evs = evs;
+        evs.sort_by_key(|e| e.t);
+        let got = run_split(ABSENCE, &evs, &cuts, shards, "w_out").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(got, absence_reference(&evs));
     }
 
     #[test]
