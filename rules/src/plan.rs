@@ -87,6 +87,10 @@ pub struct WindowPlan {
     pub aggregates: Vec<AggregatePlan>,
     /// Schema of the operator's output: keys, window_start, window_end, aggregates.
     pub output: SchemaRef,
+    /// Whether the keys include `device_id`: then each window lives on its device's shard
+    /// and closes on its device's watermark. Otherwise the rule's state is shared by all
+    /// shards and windows close on the stream's watermark.
+    pub per_device: bool,
 }
 
 /// A step of a planned pattern.
@@ -593,10 +597,7 @@ fn compile_stream(
         return Err(Diagnostic::new(window.span, "a sliding window has no close: it emits on every update")
             .with_hint("drop `emit on close`, or use a tumbling or hopping window"));
     }
-    if !window.by.iter().any(|k| k.value.trim().eq_ignore_ascii_case(DEVICE_COLUMN)) {
-        return Err(Diagnostic::new(window.span, "a window must be keyed by device_id (for now)")
-            .with_hint("write `by device_id` (add other keys after it); windows across devices need the cross-shard exchange, which is not built yet"));
-    }
+    let per_device = window.by.iter().any(|k| k.value.trim().eq_ignore_ascii_case(DEVICE_COLUMN));
     Ok(CompiledRule {
         name: rule.name.value.clone(),
         text: String::new(),
@@ -604,7 +605,14 @@ fn compile_stream(
         input_schemas: vec![schema],
         time,
         pre,
-        operator: OperatorPlan::Window(WindowPlan { kind: window.kind, emit, keys, aggregates, output: agg_out }),
+        operator: OperatorPlan::Window(WindowPlan {
+            kind: window.kind,
+            emit,
+            keys,
+            aggregates,
+            output: agg_out,
+            per_device,
+        }),
         having,
         post,
         output,

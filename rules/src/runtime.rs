@@ -123,6 +123,9 @@ struct RuleState {
     devices: hashbrown::HashMap<Arc<str>, DeviceClock, ahash::RandomState>,
     /// Batches seen (marks the devices a batch moved).
     epoch: u64,
+    /// The stream's clock (newest event time of any device): windows not keyed by device
+    /// close on it.
+    stream: DeviceClock,
     op: OpState,
     raised: HashSet<String>,
     /// `output first every D`: per key, the period it last emitted in.
@@ -142,6 +145,9 @@ pub struct RuleEngine {
     clock: Arc<dyn Clock>,
     rules: RwLock<Arc<Vec<Arc<LiveRule>>>>,
     shards: Vec<Mutex<HashMap<String, RuleState>>>,
+    /// State of rules whose windows are not keyed by device: shared by every shard (taken
+    /// after a shard's own lock, never before).
+    global: Mutex<HashMap<String, RuleState>>,
     generation: AtomicU64,
 }
 
@@ -176,6 +182,7 @@ impl RuleEngine {
             clock,
             rules: RwLock::new(Arc::new(Vec::new())),
             shards: (0..shards.max(1)).map(|_| Mutex::new(HashMap::new())).collect(),
+            global: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
         }
     }
@@ -226,7 +233,7 @@ impl RuleEngine {
             }));
         }
         // State of rules that are gone (or replaced: a new generation starts fresh) is freed.
-        for shard in &self.shards {
+        for shard in self.shards.iter().chain(std::iter::once(&self.global)) {
             shard.lock().retain(|name, st| next.iter().any(|r| &r.plan.name == name && r.generation == st.generation));
         }
         *guard = Arc::new(next);
@@ -240,7 +247,7 @@ impl RuleEngine {
             return Err(Error::NotFound(name.to_owned()));
         }
         *guard = Arc::new(guard.iter().filter(|r| r.plan.name != name).cloned().collect());
-        for shard in &self.shards {
+        for shard in self.shards.iter().chain(std::iter::once(&self.global)) {
             shard.lock().remove(name);
         }
         tracing::info!(rule = name, "rule removed");
@@ -283,6 +290,7 @@ impl RuleEngine {
         let state_size = self
             .shards
             .iter()
+            .chain(std::iter::once(&self.global))
             .map(|s| s.lock().get(&r.plan.name).filter(|st| st.generation == r.generation).map_or(0, state_size))
             .sum();
         let s = &r.stats;
@@ -322,15 +330,19 @@ impl RuleEngine {
         for sb in batches {
             for rule in rules.iter().filter(|r| r.plan.inputs.iter().any(|i| i == sb.stream.as_str())) {
                 let started = Instant::now();
-                let state = match states.get_mut(&rule.plan.name) {
-                    Some(s) if s.generation == rule.generation => s,
-                    _ => match new_state(rule) {
-                        Ok(s) => states.entry(rule.plan.name.clone()).insert_entry(s).into_mut(),
-                        Err(e) => {
-                            self.record_error(rule, &e);
-                            continue;
-                        }
-                    },
+                let mut global;
+                let map = if is_global(rule) {
+                    global = self.global.lock();
+                    &mut *global
+                } else {
+                    &mut *states
+                };
+                let state = match state_in(map, rule) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.record_error(rule, &e);
+                        continue;
+                    }
                 };
                 match self.run(rule, state, sb, shard) {
                     Ok(o) => out.extend(o.batches),
@@ -370,7 +382,18 @@ impl RuleEngine {
         let mut states = states.lock();
         let mut out = Vec::new();
         for rule in rules.iter() {
-            let Some(state) = states.get_mut(&rule.plan.name).filter(|s| s.generation == rule.generation) else {
+            // Shared state moves on shard 0's ticks only.
+            let mut global;
+            let map = if is_global(rule) {
+                if shard != 0 {
+                    continue;
+                }
+                global = self.global.lock();
+                &mut *global
+            } else {
+                &mut *states
+            };
+            let Some(state) = map.get_mut(&rule.plan.name).filter(|s| s.generation == rule.generation) else {
                 continue;
             };
             let delay = rule.plan.time.max_delay.saturating_add(rule.plan.time.lateness);
@@ -379,15 +402,21 @@ impl RuleEngine {
                     OpState::Stateless => return Ok(Vec::new()),
                     OpState::Window(w) => {
                         let mut emitted = Vec::new();
-                        for d in w.devices() {
-                            let Some(t) = state.devices.get(&d).and_then(|c| time_of(c, delay)) else { continue };
-                            emitted.extend(w.close_device(&d, t).map_err(|e| eval(rule, e))?);
+                        if is_global(rule) {
+                            if let Some(t) = time_of(&state.stream, delay) {
+                                emitted.extend(w.close_until(t).map_err(|e| eval(rule, e))?);
+                            }
+                        } else {
+                            for d in w.devices() {
+                                let Some(t) = state.devices.get(&d).and_then(|c| time_of(c, delay)) else { continue };
+                                emitted.extend(w.close_device(&d, t).map_err(|e| eval(rule, e))?);
+                            }
                         }
                         if emitted.is_empty() {
                             return Ok(Vec::new());
                         }
                         let times = WindowState::times(&emitted);
-                        let devices: Vec<Arc<str>> = emitted.iter().map(|e| e.device.clone()).collect();
+                        let devices = emitted_devices(rule, &emitted);
                         let batch = w.to_batch(&emitted).map_err(|e| eval(rule, e))?;
                         (batch, times, devices)
                     }
@@ -457,6 +486,7 @@ impl RuleEngine {
         let mut any_late = false;
         let mut devices: Vec<Arc<str>> = Vec::with_capacity(if stateful { n } else { 0 });
         let mut touched: Vec<Arc<str>> = Vec::new();
+        let global_rule = is_global(rule);
         if stateful {
             state.epoch += 1;
             let epoch = state.epoch;
@@ -476,7 +506,18 @@ impl RuleEngine {
                     }
                 };
                 c.last_seen = now;
-                if !time.is_null(i) {
+                if global_rule && !time.is_null(i) {
+                    // Windows across devices: lateness against the stream's clock.
+                    let t = time.value(i);
+                    if state.stream.max_time != i64::MIN && t < state.stream.max_time.saturating_sub(delay) {
+                        *late_i = true;
+                        any_late = true;
+                    } else {
+                        state.stream.max_time = state.stream.max_time.max(t);
+                        c.max_time = c.max_time.max(t);
+                    }
+                    state.stream.last_seen = now;
+                } else if !time.is_null(i) {
                     let t = time.value(i);
                     if c.max_time != i64::MIN && t < c.max_time.saturating_sub(delay) {
                         *late_i = true;
@@ -586,9 +627,18 @@ impl RuleEngine {
                 };
                 let mut emitted = w.update(&input).map_err(|e| eval(rule, e))?;
                 let delay = plan.time.max_delay.saturating_add(plan.time.lateness);
-                for d in &touched {
-                    if let Some(c) = state.devices.get(d) {
-                        emitted.extend(w.close_device(d, c.max_time.saturating_sub(delay)).map_err(|e| eval(rule, e))?);
+                if global_rule {
+                    if state.stream.max_time != i64::MIN {
+                        let wm = state.stream.max_time.saturating_sub(delay);
+                        emitted.extend(w.close_until(wm).map_err(|e| eval(rule, e))?);
+                    }
+                } else {
+                    for d in &touched {
+                        if let Some(c) = state.devices.get(d) {
+                            emitted.extend(
+                                w.close_device(d, c.max_time.saturating_sub(delay)).map_err(|e| eval(rule, e))?,
+                            );
+                        }
                     }
                 }
                 let over = w.size().saturating_sub(plan.state_limit);
@@ -596,7 +646,7 @@ impl RuleEngine {
                     rule.stats.evicted.fetch_add(over as u64, Ordering::Relaxed);
                 }
                 let times = WindowState::times(&emitted);
-                let devs: Vec<Arc<str>> = emitted.iter().map(|e| e.device.clone()).collect();
+                let devs = emitted_devices(rule, &emitted);
                 (w.to_batch(&emitted).map_err(|e| eval(rule, e))?, times, devs)
             }
             OpState::Pattern(p) => {
@@ -836,6 +886,31 @@ impl BatchObserver for RuleEngine {
     }
 }
 
+/// Whether the rule's state is shared by all shards (windows not keyed by device).
+fn is_global(rule: &LiveRule) -> bool {
+    matches!(&rule.plan.operator, OperatorPlan::Window(w) if !w.per_device)
+}
+
+/// The rule's state in `map`, created (or recreated for a new generation) when needed.
+fn state_in<'a>(map: &'a mut HashMap<String, RuleState>, rule: &LiveRule) -> Result<&'a mut RuleState> {
+    let fresh = map.get(&rule.plan.name).is_none_or(|s| s.generation != rule.generation);
+    if fresh {
+        map.insert(rule.plan.name.clone(), new_state(rule)?);
+    }
+    map.get_mut(&rule.plan.name).ok_or_else(|| Error::Input("rule state vanished".into()))
+}
+
+/// The device a window's derived row is written for: its device for per-device windows;
+/// for windows across devices, the rule's name (no single device produced it).
+fn emitted_devices(rule: &LiveRule, emitted: &[crate::window::Emitted]) -> Vec<Arc<str>> {
+    if is_global(rule) {
+        let name: Arc<str> = Arc::from(rule.plan.name.as_str());
+        emitted.iter().map(|_| name.clone()).collect()
+    } else {
+        emitted.iter().map(|e| e.device.clone()).collect()
+    }
+}
+
 /// Parses and compiles a rule file.
 pub fn compile_text(text: &str, schemas: &dyn SchemaSource) -> Result<Vec<CompiledRule>> {
     let file = crate::syntax::parse(text).map_err(Error::Invalid)?;
@@ -861,6 +936,7 @@ fn new_state(rule: &LiveRule) -> Result<RuleState> {
         generation: rule.generation,
         devices: hashbrown::HashMap::default(),
         epoch: 0,
+        stream: DeviceClock { max_time: i64::MIN, last_seen: 0, epoch: 0 },
         op,
         raised: HashSet::new(),
         rate: HashMap::new(),

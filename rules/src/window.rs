@@ -90,6 +90,7 @@ impl WindowState {
         key_types: Vec<arrow::datatypes::DataType>,
         input: &arrow::datatypes::Schema,
     ) -> Result<Self> {
+        let key_types = if key_types.is_empty() { vec![arrow::datatypes::DataType::Boolean] } else { key_types };
         let converter = RowConverter::new(key_types.into_iter().map(SortField::new).collect())?;
         let slots = Slots::new(&plan.aggregates, input);
         Ok(Self {
@@ -119,7 +120,13 @@ impl WindowState {
     /// Feeds a batch; returns windows to emit now (updates, or sliding/count/session
     /// windows that completed).
     pub fn update(&mut self, input: &WindowInput<'_>) -> DfResult<Vec<Emitted>> {
-        let rows = self.converter.convert_columns(input.keys)?;
+        let rows = if self.plan.keys.is_empty() {
+            // One global window: every row has the same (constant) key.
+            let constant: ArrayRef = Arc::new(BooleanArray::from(vec![true; input.time.len()]));
+            self.converter.convert_columns(&[constant])?
+        } else {
+            self.converter.convert_columns(input.keys)?
+        };
         match self.plan.kind {
             WindowKind::Tumbling { size } => self.update_timed(input, &rows, nanos(size), nanos(size)),
             WindowKind::Hopping { size, slide } => self.update_timed(input, &rows, nanos(size), nanos(slide)),
@@ -353,6 +360,20 @@ impl WindowState {
         Ok(out)
     }
 
+    /// Closes every window whose end `wm` has passed, whatever its device (windows not
+    /// keyed by device close on the stream's watermark).
+    pub fn close_until(&mut self, wm: i64) -> DfResult<Vec<Emitted>> {
+        let mut out = Vec::new();
+        let mut devices = self.devices();
+        devices.sort();
+        devices.dedup();
+        for d in devices {
+            out.extend(self.close_device(&d, wm)?);
+        }
+        out.sort_by_key(|e| (e.end, e.start));
+        Ok(out)
+    }
+
     /// Devices with open windows (for idle closing).
     pub fn devices(&self) -> Vec<Arc<str>> {
         self.by_device.keys().chain(self.slots_by_device.keys()).cloned().collect()
@@ -370,8 +391,11 @@ impl WindowState {
 
     /// Builds the operator's output batch from emitted windows.
     pub fn to_batch(&self, emitted: &[Emitted]) -> DfResult<RecordBatch> {
-        let keys = self.converter.convert_rows(emitted.iter().map(|e| e.key.row()))?;
-        let mut columns: Vec<ArrayRef> = keys;
+        let mut columns: Vec<ArrayRef> = if self.plan.keys.is_empty() {
+            Vec::new()
+        } else {
+            self.converter.convert_rows(emitted.iter().map(|e| e.key.row()))?
+        };
         let starts = TimestampNanosecondArray::from_iter_values(emitted.iter().map(|e| e.start)).with_timezone("UTC");
         let ends = TimestampNanosecondArray::from_iter_values(emitted.iter().map(|e| e.end)).with_timezone("UTC");
         columns.push(Arc::new(starts));
