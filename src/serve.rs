@@ -71,6 +71,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let ingestor =
         Ingestor::start(ingest_config, catalog.clone(), engine.clone(), metrics.clone(), Arc::new(SystemClock))?;
     let query = Arc::new(QueryService::new(catalog.clone(), storage.clone(), metrics.clone())?);
+    query.add_system_table(Arc::new(ferrite_rules::inspect::RuleStateTable(rules.clone())));
+    query.add_system_table(Arc::new(ferrite_rules::inspect::WatermarksTable(rules.clone())));
 
     let persister = {
         let storage = storage.clone();

@@ -22,6 +22,7 @@ pub mod error;
 pub mod ids;
 pub mod metrics;
 pub mod shard;
+pub mod system;
 
 pub use ack::{Ack, AckPart};
 pub use batch::{DEVICE_COLUMN, StreamBatch, TIME_COLUMN, align_to_schema, time_field_type};
@@ -31,3 +32,4 @@ pub use error::{Error, ErrorClass, Result};
 pub use ids::{DeviceId, StreamName, TenantId};
 pub use metrics::{Gauge, Metrics};
 pub use shard::{BatchObserver, BatchSink, Engine, EngineConfig, ShardStore};
+pub use system::SystemTable;

@@ -14,6 +14,7 @@
 
 pub mod error;
 pub mod http;
+pub mod system;
 pub mod table;
 
 use std::sync::Arc;
@@ -72,6 +73,7 @@ pub struct QueryService {
     metrics: Arc<Metrics>,
     catalog: Arc<StreamCatalog>,
     storage: Arc<Storage>,
+    system: Arc<system::SystemSchemaProvider>,
 }
 
 impl std::fmt::Debug for QueryService {
@@ -91,8 +93,15 @@ impl QueryService {
         let ferrite = MemoryCatalogProvider::new();
         let provider = Arc::new(StreamSchemaProvider { catalog: catalog.clone(), storage: storage.clone() });
         ferrite.register_schema("public", provider).map_err(Error::from_datafusion)?;
+        let system = Arc::new(system::SystemSchemaProvider::default());
+        ferrite.register_schema("system", system.clone()).map_err(Error::from_datafusion)?;
         ctx.register_catalog("ferrite", Arc::new(ferrite));
-        Ok(Self { ctx, metrics, catalog, storage })
+        Ok(Self { ctx, metrics, catalog, storage, system })
+    }
+
+    /// Adds a table to the `system` schema (`SELECT * FROM system.NAME`).
+    pub fn add_system_table(&self, table: Arc<dyn ferrite_engine::SystemTable>) {
+        self.system.add(table);
     }
 
     /// The stream catalog.

@@ -18,6 +18,7 @@ pub mod ast;
 pub mod error;
 pub mod files;
 pub mod http;
+pub mod inspect;
 pub mod output;
 pub mod pattern;
 pub mod plan;

@@ -859,19 +859,80 @@ impl RuleEngine {
         conform(&self.catalog, &target, &with_rule, &time, &device)
     }
 
-    /// Open windows and partial matches of rule `name` on every shard, for inspection:
-    /// (shard, device, detail, start time).
-    pub fn state_of(&self, name: &str) -> Vec<(usize, String, String, i64)> {
+    /// Every open window and partial match of every rule (`system.rule_state`).
+    pub fn state_rows(&self) -> Result<Vec<crate::inspect::StateRow>> {
+        let rules = self.rules();
         let mut out = Vec::new();
-        for (shard, s) in self.shards.iter().enumerate() {
-            let s = s.lock();
-            let Some(st) = s.get(name) else { continue };
-            if let OpState::Pattern(p) = &st.op {
-                for (d, step, start) in p.partials() {
-                    out.push((shard, d.to_string(), format!("partial match at step {}", step + 1), start));
+        let maps =
+            self.shards.iter().enumerate().map(|(i, s)| (Some(i), s)).chain(std::iter::once((None, &self.global)));
+        for (shard, map) in maps {
+            let map = map.lock();
+            for rule in rules.iter() {
+                let Some(st) = map.get(&rule.plan.name).filter(|s| s.generation == rule.generation) else { continue };
+                match &st.op {
+                    OpState::Stateless => {}
+                    OpState::Window(w) => {
+                        for ow in w.open_windows().map_err(|e| eval(rule, e))? {
+                            out.push(crate::inspect::StateRow {
+                                rule: rule.plan.name.clone(),
+                                shard,
+                                kind: "window",
+                                device_id: ow.device.to_string(),
+                                detail: ow.key,
+                                start: ow.start,
+                                end: Some(ow.end),
+                            });
+                        }
+                    }
+                    OpState::Pattern(p) => {
+                        let steps = match &rule.plan.operator {
+                            OperatorPlan::Pattern(pp) => pp.steps.len(),
+                            _ => 0,
+                        };
+                        for (device, step, start) in p.partials() {
+                            out.push(crate::inspect::StateRow {
+                                rule: rule.plan.name.clone(),
+                                shard,
+                                kind: "partial_match",
+                                device_id: device.to_string(),
+                                detail: format!("at step {} of {steps}", step + 1),
+                                start,
+                                end: None,
+                            });
+                        }
+                    }
                 }
             }
         }
+        Ok(out)
+    }
+
+    /// Every device's clock per stateful rule (`system.watermarks`).
+    pub fn watermark_rows(&self) -> Vec<crate::inspect::WatermarkRow> {
+        let rules = self.rules();
+        let mut out = Vec::new();
+        let maps =
+            self.shards.iter().enumerate().map(|(i, s)| (Some(i), s)).chain(std::iter::once((None, &self.global)));
+        for (shard, map) in maps {
+            let map = map.lock();
+            for rule in rules.iter() {
+                let Some(st) = map.get(&rule.plan.name).filter(|s| s.generation == rule.generation) else { continue };
+                if matches!(st.op, OpState::Stateless) {
+                    continue;
+                }
+                for (device, c) in st.devices.iter().filter(|(_, c)| c.max_time != i64::MIN) {
+                    out.push(crate::inspect::WatermarkRow {
+                        rule: rule.plan.name.clone(),
+                        shard,
+                        device_id: device.to_string(),
+                        newest_event: c.max_time,
+                        watermark: c.max_time.saturating_sub(rule.plan.time.max_delay),
+                        last_seen: c.last_seen,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.rule, &a.device_id).cmp(&(&b.rule, &b.device_id)));
         out
     }
 }

@@ -320,6 +320,11 @@ impl Slots {
         self.slots.get(slot as usize).and_then(|s| s.as_ref()).map(|s| (s.key.clone(), s.device.clone(), s.start))
     }
 
+    /// Every open slot: key, device and start.
+    pub fn open(&self) -> impl Iterator<Item = (&OwnedRow, &Arc<str>, i64)> {
+        self.slots.iter().flatten().map(|s| (&s.key, &s.device, s.start))
+    }
+
     /// Start of a slot's window.
     pub fn start(&self, slot: u32) -> Option<i64> {
         self.slots.get(slot as usize).and_then(|s| s.as_ref()).map(|s| s.start)

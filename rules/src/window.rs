@@ -43,6 +43,19 @@ struct Group {
     last: i64,
 }
 
+/// An open window, for inspection.
+#[derive(Debug, Clone)]
+pub struct OpenWindow {
+    /// Its device (for a window across devices: the one that opened it).
+    pub device: Arc<str>,
+    /// Its key, as text.
+    pub key: String,
+    /// Start (sliding, session and count windows: first event).
+    pub start: i64,
+    /// End (sliding, session and count windows: last event).
+    pub end: i64,
+}
+
 /// A finished (or updated) window ready to be emitted.
 pub struct Emitted {
     key: OwnedRow,
@@ -372,6 +385,36 @@ impl WindowState {
         }
         out.sort_by_key(|e| (e.end, e.start));
         Ok(out)
+    }
+
+    /// Every open window, for inspection: (device, key as text, start, end; for sliding,
+    /// session and count windows the times of their first and last events).
+    pub fn open_windows(&self) -> DfResult<Vec<OpenWindow>> {
+        let size = match self.plan.kind {
+            WindowKind::Tumbling { size } | WindowKind::Hopping { size, .. } => nanos(size),
+            _ => 0,
+        };
+        let mut items: Vec<(&OwnedRow, Arc<str>, i64, i64)> =
+            self.slots.open().map(|(k, d, start)| (k, d.clone(), start, start + size)).collect();
+        items.extend(self.groups.values().map(|g| (&g.key, g.device.clone(), g.start, g.end)));
+        let keys: Vec<String> = if self.plan.keys.is_empty() || items.is_empty() {
+            vec![String::new(); items.len()]
+        } else {
+            let cols = self.converter.convert_rows(items.iter().map(|i| i.0.row()))?;
+            let options = arrow::util::display::FormatOptions::default();
+            let formatters = cols
+                .iter()
+                .map(|c| arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &options))
+                .collect::<Result<Vec<_>, _>>()?;
+            (0..items.len())
+                .map(|r| formatters.iter().map(|f| f.value(r).to_string()).collect::<Vec<_>>().join(","))
+                .collect()
+        };
+        Ok(items
+            .into_iter()
+            .zip(keys)
+            .map(|((_, device, start, end), key)| OpenWindow { device, key, start, end })
+            .collect())
     }
 
     /// Devices with open windows (for idle closing).

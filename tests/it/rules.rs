@@ -140,6 +140,19 @@ fn a_server_runs_rules_from_files_and_the_api() -> anyhow::Result<()> {
     assert_eq!(info["events_in"], 4, "{info}");
     assert_eq!(info["matches"], 1, "{info}");
     assert_eq!(s.metric("ferrite_rule_events_in_total{rule=\"hot_devices\"}")?, 4);
+    // Rule state is inspectable by SQL: d1's open minute, its pending silence check, its clock.
+    let state = s.sql("SELECT rule, kind, device_id, detail, start, \"end\" FROM system.rule_state ORDER BY rule")?;
+    assert_eq!(
+        state,
+        vec![
+            json!({"rule": "hot_devices", "kind": "window", "device_id": "d1", "detail": "d1",
+                   "start": "2026-01-01T00:01:00Z", "end": "2026-01-01T00:02:00Z"}),
+            json!({"rule": "silent_device", "kind": "partial_match", "device_id": "d1", "detail": "at step 2 of 2",
+                   "start": "2026-01-01T00:01:10Z", "end": null}),
+        ]
+    );
+    let marks = s.sql("SELECT newest_event, watermark FROM system.watermarks WHERE rule = 'hot_devices'")?;
+    assert_eq!(marks, vec![json!({"newest_event": "2026-01-01T00:01:10Z", "watermark": "2026-01-01T00:01:10Z"})]);
 
     // A broken edit is refused; the running version keeps running.
     std::fs::write(&file, "rule hot_devices {\n  from telemetry\n  window tumbling 1x by device_id\n}\n")?;

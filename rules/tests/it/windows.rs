@@ -184,3 +184,26 @@ fn stateless_rules_filter_and_project() -> Result<()> {
     assert_eq!(rows_of(&out, "f_out")?, vec![json!({"time": 1.0, "device_id": "d1", "double": 80.0, "door": "B"})]);
     Ok(())
 }
+
+#[test]
+fn open_windows_and_clocks_are_inspectable() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let rules = "stream telemetry { max_delay 5s }\nrule c { from telemetry window tumbling 1m by device_id select device_id, count(*) as n insert into counts }";
+    let (e, _) = engine(&catalog, 2, rules)?;
+    let b = batch(
+        &catalog,
+        "telemetry",
+        &[json!({"t": 10, "d": "d1", "temperature": 1.0}), json!({"t": 62, "d": "d1", "temperature": 1.0})],
+    )?;
+    // The watermark (62 - 5 = 57 s) has not passed the first window's end: both are open.
+    e.process(1, &[b]);
+    let state = e.state_rows()?;
+    assert_eq!(state.len(), 2, "{state:?}");
+    assert!(state.iter().all(|r| r.shard == Some(1) && r.kind == "window" && r.detail == "d1"));
+    let starts: Vec<i64> = state.iter().map(|r| r.start / S).collect();
+    assert!(starts.contains(&0) && starts.contains(&60), "{starts:?}");
+    let marks = e.watermark_rows();
+    assert_eq!(marks.len(), 1);
+    assert_eq!((marks[0].newest_event / S, marks[0].watermark / S), (62, 57));
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! The `system` schema: tables computed when queried from [`SystemTable`]s (rule state,
+//! watermarks), registered by the binary.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::datasource::TableType;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
+use ferrite_engine::SystemTable;
+use parking_lot::RwLock;
+
+/// The `system` schema's tables.
+#[derive(Default)]
+pub struct SystemSchemaProvider {
+    tables: RwLock<Vec<Arc<dyn SystemTable>>>,
+}
+
+impl std::fmt::Debug for SystemSchemaProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SystemSchemaProvider").field("tables", &self.table_names()).finish()
+    }
+}
+
+impl SystemSchemaProvider {
+    /// Adds (or replaces) a table.
+    pub fn add(&self, table: Arc<dyn SystemTable>) {
+        let mut t = self.tables.write();
+        t.retain(|x| x.name() != table.name());
+        t.push(table);
+    }
+}
+
+#[async_trait]
+impl SchemaProvider for SystemSchemaProvider {
+    fn table_names(&self) -> Vec<String> {
+        self.tables.read().iter().map(|t| t.name().to_owned()).collect()
+    }
+
+    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        Ok(self
+            .tables
+            .read()
+            .iter()
+            .find(|t| t.name() == name)
+            .map(|t| Arc::new(SystemTableProvider(t.clone())) as Arc<dyn TableProvider>))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.tables.read().iter().any(|t| t.name() == name)
+    }
+}
+
+struct SystemTableProvider(Arc<dyn SystemTable>);
+
+impl std::fmt::Debug for SystemTableProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "system.{}", self.0.name())
+    }
+}
+
+#[async_trait]
+impl TableProvider for SystemTableProvider {
+    fn schema(&self) -> SchemaRef {
+        self.0.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let rows = self.0.rows().map_err(DataFusionError::Execution)?;
+        let source = MemorySourceConfig::try_new(&[rows], self.0.schema(), projection.cloned())?.with_limit(limit);
+        Ok(DataSourceExec::from_data_source(source))
+    }
+}
