@@ -26,6 +26,27 @@ enum RulesCommand {
     Check(CheckArgs),
     /// Run rule files over recorded events and compare their outputs with expected ones.
     Test(TestArgs),
+    /// Run rule files over archived history, as if it arrived live (backtesting).
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReplayArgs {
+    /// The rule file.
+    file: PathBuf,
+    /// Start of the history to replay (RFC 3339, inclusive).
+    #[arg(long)]
+    from: String,
+    /// End of the history to replay (RFC 3339, exclusive).
+    #[arg(long)]
+    to: String,
+    /// Base URL of the server whose streams (archive and hot buffer) are replayed.
+    #[arg(long, env = "FERRITE_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// Write the outputs back to the server, into streams named PREFIX + the output stream
+    /// (e.g. `replay_alerts`), instead of printing them.
+    #[arg(long)]
+    write_prefix: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +81,7 @@ pub fn run(args: RulesArgs) -> anyhow::Result<()> {
     match args.command {
         RulesCommand::Check(a) => check(a),
         RulesCommand::Test(a) => test(a),
+        RulesCommand::Replay(a) => replay(a),
     }
 }
 
@@ -272,4 +294,180 @@ fn diff(expected: &[serde_json::Value], got: &[serde_json::Value]) -> String {
         out.push_str("  (same rows, different order or multiplicity)\n");
     }
     out
+}
+
+/// Reads the rule file's input streams over [from, to) from the server (Arrow IPC, in time
+/// order), runs the rules in event time as `rules test` does, and prints the outputs as
+/// NDJSON or writes them back to the server.
+fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+
+    let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let name = args.file.display().to_string();
+    let file = ferrite_rules::syntax::parse(&text)
+        .map_err(|ds| anyhow::anyhow!("{}", Error::Invalid(ds).render(&name, &text)))?;
+    let mut inputs: Vec<String> = Vec::new();
+    for rule in &file.rules {
+        let refs: Vec<&ferrite_rules::ast::StreamRef> = match &rule.from {
+            ferrite_rules::ast::Source::Stream(s) => vec![s],
+            ferrite_rules::ast::Source::Pattern(p) => p
+                .steps
+                .iter()
+                .map(|s| match s {
+                    ferrite_rules::ast::StepDef::Event { input, .. }
+                    | ferrite_rules::ast::StepDef::Absent { input, .. } => input,
+                })
+                .collect(),
+        };
+        for r in refs {
+            let derived = file.rules.iter().any(|x| x.insert_into.as_ref().is_some_and(|t| t.value == r.stream.value));
+            if !derived && !inputs.contains(&r.stream.value) {
+                inputs.push(r.stream.value.clone());
+            }
+        }
+    }
+    for (what, t) in [("--from", &args.from), ("--to", &args.to)] {
+        if ferrite_ingest::json::parse_rfc3339(t).is_none() {
+            bail!("{what} `{t}` is not an RFC 3339 time (e.g. 2026-11-01T00:00:00Z)");
+        }
+    }
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(3600)))
+        .build()
+        .new_agent();
+    let base = args.server.trim_end_matches('/').to_owned();
+    let catalog = Arc::new(StreamCatalog::in_memory());
+    let mut events: Vec<StreamBatch> = Vec::new();
+    for stream in &inputs {
+        let sql =
+            format!("SELECT * FROM \"{stream}\" WHERE time >= '{}' AND time < '{}' ORDER BY time", args.from, args.to);
+        let mut resp = agent
+            .post(&format!("{base}/api/v1/sql"))
+            .header("Content-Type", "application/json")
+            .header("Accept", "application/vnd.apache.arrow.stream")
+            .send(serde_json::json!({ "sql": sql }).to_string().as_bytes())
+            .with_context(|| format!("cannot reach the Ferrite server at {base} (set --server)"))?;
+        let status = resp.status();
+        let bytes = resp.body_mut().with_config().limit(u64::MAX).read_to_vec()?;
+        if !status.is_success() {
+            bail!("reading `{stream}`: {}", String::from_utf8_lossy(&bytes));
+        }
+        let name = StreamName::new(stream)?;
+        for batch in arrow::ipc::reader::StreamReader::try_new(bytes.as_slice(), None)? {
+            let batch = batch?;
+            for f in batch.schema().fields().iter().skip(2) {
+                let ty = match f.data_type() {
+                    arrow::datatypes::DataType::Float64 => ferrite_engine::FieldType::Float,
+                    arrow::datatypes::DataType::Int64 => ferrite_engine::FieldType::Int,
+                    arrow::datatypes::DataType::Boolean => ferrite_engine::FieldType::Bool,
+                    arrow::datatypes::DataType::Timestamp(..) => ferrite_engine::FieldType::Timestamp,
+                    _ => ferrite_engine::FieldType::String,
+                };
+                catalog.resolve_field(&name, f.name(), ty)?;
+            }
+            catalog.ensure_stream(&name)?;
+            events.push(StreamBatch::new(name.clone(), batch));
+        }
+    }
+    let events = merge_by_time(events)?;
+    let total: usize = events.iter().map(StreamBatch::num_rows).sum();
+    eprintln!("replaying {total} events of {} from {} to {}", inputs.join(", "), args.from, args.to);
+    // The replay itself, in slices so that progress can be shown.
+    let progress = |done: usize| {
+        let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+        let bar = "#".repeat((pct / 5.0) as usize);
+        eprint!("\r[{bar:<20}] {pct:5.1}%  {done}/{total} events");
+    };
+    let out = recorded::run_with_progress(
+        &text,
+        &catalog,
+        &events,
+        RunShape { shards: 1, batch_rows: 8192 },
+        Arc::new(NoActions),
+        &progress,
+    )
+    .map_err(|e| anyhow::anyhow!("{}", e.render(&name, &text)))?;
+    eprintln!();
+    let rows = recorded::to_rows(&out);
+    match &args.write_prefix {
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            for r in &rows {
+                writeln!(stdout, "{r}")?;
+            }
+        }
+        Some(prefix) => {
+            let mut by_stream: std::collections::BTreeMap<String, Vec<serde_json::Value>> = Default::default();
+            for r in rows {
+                let mut o = r.as_object().cloned().unwrap_or_default();
+                let stream = o.remove("stream").and_then(|s| s.as_str().map(str::to_owned)).unwrap_or_default();
+                if let Some(t) = o.remove("time") {
+                    o.insert("ts".into(), t);
+                }
+                by_stream.entry(format!("{prefix}{stream}")).or_default().push(serde_json::Value::Object(o));
+            }
+            for (stream, rows) in by_stream {
+                for chunk in rows.chunks(10_000) {
+                    let body = serde_json::Value::Array(chunk.to_vec()).to_string();
+                    let mut resp = agent
+                        .post(&format!("{base}/api/v1/streams/{stream}/events"))
+                        .header("Content-Type", "application/json")
+                        .send(body.as_bytes())?;
+                    if !resp.status().is_success() {
+                        bail!("writing `{stream}`: {}", resp.body_mut().read_to_string().unwrap_or_default());
+                    }
+                }
+                eprintln!("wrote {} rows to `{stream}`", rows.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Orders the rows of several streams by time into runs of one stream each (one stream:
+/// as it is, already in time order).
+fn merge_by_time(batches: Vec<StreamBatch>) -> anyhow::Result<Vec<StreamBatch>> {
+    let streams: std::collections::BTreeSet<&str> = batches.iter().map(|b| b.stream.as_str()).collect();
+    if streams.len() <= 1 {
+        return Ok(batches);
+    }
+    let mut rows: Vec<(i64, usize, usize)> = Vec::new();
+    for (bi, b) in batches.iter().enumerate() {
+        let t = b.batch.column_by_name("time").context("no time column")?;
+        let t = t
+            .as_any()
+            .downcast_ref::<arrow::array::TimestampNanosecondArray>()
+            .context("time is not a nanosecond timestamp")?;
+        rows.extend((0..t.len()).map(|i| (t.value(i), bi, i)));
+    }
+    rows.sort_by_key(|r| r.0);
+    let mut out: Vec<StreamBatch> = Vec::new();
+    let mut run: Vec<(usize, usize)> = Vec::new();
+    let flush = |run: &mut Vec<(usize, usize)>, out: &mut Vec<StreamBatch>| -> anyhow::Result<()> {
+        let Some(&(bi, _)) = run.first() else { return Ok(()) };
+        let idx = arrow::array::UInt32Array::from_iter_values(run.iter().map(|r| r.1 as u32));
+        // A run may span batches of its stream: take from each in turn.
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < run.len() {
+            let b = run[start].0;
+            let len = run[start..].iter().take_while(|r| r.0 == b).count();
+            let part_idx = idx.slice(start, len);
+            parts.push(arrow::compute::take_record_batch(&batches[b].batch, &part_idx)?);
+            start += len;
+        }
+        let schema = parts[0].schema();
+        out.push(StreamBatch::new(batches[bi].stream.clone(), arrow::compute::concat_batches(&schema, &parts)?));
+        run.clear();
+        Ok(())
+    };
+    for (_, bi, i) in rows {
+        if run.first().is_some_and(|&(b0, _)| batches[b0].stream != batches[bi].stream) {
+            flush(&mut run, &mut out)?;
+        }
+        run.push((bi, i));
+    }
+    flush(&mut run, &mut out)?;
+    Ok(out)
 }

@@ -32,18 +32,33 @@ pub fn run(
     shape: RunShape,
     actions: Arc<dyn ActionSink>,
 ) -> Result<Vec<StreamBatch>> {
+    run_with_progress(rules, catalog, events, shape, actions, &|_| {})
+}
+
+/// Like [`run`], calling `progress` with the number of events processed after each batch.
+pub fn run_with_progress(
+    rules: &str,
+    catalog: &Arc<StreamCatalog>,
+    events: &[StreamBatch],
+    shape: RunShape,
+    actions: Arc<dyn ActionSink>,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<StreamBatch>> {
     let shards = shape.shards.max(1);
     let clock = Arc::new(ManualClock::new(0));
     let engine = RuleEngine::new(shards, catalog.clone(), Arc::new(Metrics::new()), actions, clock.clone());
     engine.deploy(rules, None)?;
     let mut out = Vec::new();
+    let mut done = 0;
     for batch in rebatch(events, shape.batch_rows.max(1))? {
         if let Some(t) = max_time(&batch.batch) {
             clock.set(t);
         }
+        done += batch.num_rows();
         for (shard, part) in split(&batch, shards)? {
             feed(&engine, shard, vec![part], &mut out);
         }
+        progress(done);
     }
     for shard in 0..shards {
         let derived = engine.finish(shard);

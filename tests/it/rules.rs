@@ -184,3 +184,58 @@ fn a_server_runs_rules_from_files_and_the_api() -> anyhow::Result<()> {
     s.stop()?;
     Ok(())
 }
+
+#[test]
+fn replay_runs_rules_over_history_and_writes_back() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let s = Server::start(data.path(), &["--persist-interval", "100ms"])?;
+    // A month-old hour of history for two devices: d1 overheats in its second minute.
+    let mut events = Vec::new();
+    for (minute, temps) in [(0, [70.0, 75.0]), (1, [85.0, 95.0]), (2, [60.0, 60.0])] {
+        for (i, t) in temps.iter().enumerate() {
+            events.push(json!({"device_id": "d1", "ts": format!("2026-10-01T10:0{minute}:{:02}Z", 10 + i * 20), "temperature": t}));
+            events.push(json!({"device_id": "d2", "ts": format!("2026-10-01T10:0{minute}:{:02}Z", 15 + i * 20), "temperature": 20.0}));
+        }
+    }
+    events.push(json!({"device_id": "d2", "ts": "2026-10-01T10:00:00Z", "temperature": 20.0, "door": "closed"}));
+    let (status, body) = s.post_json("/api/v1/streams/telemetry/events", &Value::Array(events))?;
+    assert_eq!(status / 100, 2, "{body}");
+    // Once archived: replay reads the archive (and the hot buffer) through SQL.
+    s.wait_for("a persist", |s| Ok(s.rows("telemetry")?.1 > 0))?;
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/tests/design.rules");
+    let url = format!("http://{}", s.http);
+    let args = [
+        "rules",
+        "replay",
+        rules.to_str().context("path")?,
+        "--from",
+        "2026-10-01T00:00:00Z",
+        "--to",
+        "2026-10-02T00:00:00Z",
+        "--server",
+        &url,
+    ];
+    let out = ferrite(&args)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Value> = stdout.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let hot: Vec<&Value> = rows.iter().filter(|r| r["stream"] == "hot_devices").collect();
+    assert_eq!(hot.len(), 1, "{rows:?}");
+    assert_eq!(
+        (&hot[0]["device_id"], &hot[0]["avg_temp"], &hot[0]["time"]),
+        (&json!("d1"), &json!(90.0), &json!("2026-10-01T10:02:00Z"))
+    );
+    // Both devices fall silent at the end of the history.
+    let silent = rows.iter().filter(|r| r["stream"] == "alerts" && r["rule"] == "silent_device").count();
+    assert_eq!(silent, 2, "{rows:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("100.0%"));
+
+    let mut with_write = args.to_vec();
+    with_write.extend(["--write-prefix", "replay_"]);
+    let out = ferrite(&with_write)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s.sql_count("SELECT count(*) FROM replay_hot_devices")?, 1);
+    assert_eq!(s.sql_count("SELECT count(*) FROM replay_alerts WHERE rule = 'silent_device'")?, 2);
+    s.stop()?;
+    Ok(())
+}
