@@ -1,13 +1,14 @@
-//! `/api/v1/rules`: deploy rule files (`POST`, body: the file's text), list rules with their
-//! counters and the rule files' states (`GET`), one rule (`GET /{name}`), remove a rule
-//! (`DELETE /{name}`). Errors are `{"error": {"code", "message"}}`; a rule that does not
+//! `/api/v1/rules`: deploy rule files (`POST`, body: the file's text; `?shadow=true` deploys
+//! them as shadows of the running rules), list rules with their counters and the rule files'
+//! states (`GET`), one rule (`GET /{name}`), remove a rule (`DELETE /{name}`), and a
+//! shadow's comparison, promotion and removal (`/{name}/shadow`). Errors are `{"error": {"code", "message"}}`; a rule that does not
 //! compile answers 400 with the diagnostics rendered as `file:line:column`, line and caret.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -32,6 +33,8 @@ pub fn router(api: RulesApi) -> Router {
     Router::new()
         .route("/api/v1/rules", post(deploy).get(list))
         .route("/api/v1/rules/{name}", get(one).delete(remove))
+        .route("/api/v1/rules/{name}/shadow", get(shadow_report).delete(remove_shadow))
+        .route("/api/v1/rules/{name}/shadow/promote", post(promote))
         .with_state(api)
 }
 
@@ -53,7 +56,17 @@ fn from_error(e: &Error, text: Option<&str>) -> Response {
     }
 }
 
-async fn deploy(State(api): State<RulesApi>, body: String) -> Response {
+async fn deploy(
+    State(api): State<RulesApi>,
+    Query(params): Query<std::collections::HashMap<String, String>>,
+    body: String,
+) -> Response {
+    if params.get("shadow").is_some_and(|v| v == "true" || v == "1") {
+        return match api.engine.deploy_shadow(&body) {
+            Ok(names) => (StatusCode::CREATED, Json(json!({"shadowed": names}))).into_response(),
+            Err(e) => from_error(&e, Some(&body)),
+        };
+    }
     match api.engine.deploy(&body, None) {
         Ok(names) => (StatusCode::CREATED, Json(json!({"deployed": names}))).into_response(),
         Err(e) => from_error(&e, Some(&body)),
@@ -75,6 +88,27 @@ async fn one(State(api): State<RulesApi>, Path(name): Path<String>) -> Response 
 async fn remove(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
     match api.engine.remove(&name) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => from_error(&e, None),
+    }
+}
+
+async fn shadow_report(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
+    match api.engine.shadow_report(&name) {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => from_error(&e, None),
+    }
+}
+
+async fn remove_shadow(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
+    match api.engine.remove_shadow(&name) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => from_error(&e, None),
+    }
+}
+
+async fn promote(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
+    match api.engine.promote(&name) {
+        Ok(()) => (StatusCode::OK, Json(json!({"promoted": name}))).into_response(),
         Err(e) => from_error(&e, None),
     }
 }

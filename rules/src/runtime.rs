@@ -65,6 +65,53 @@ pub struct LiveRule {
     pub stats: RuleStats,
     /// The last runtime error, if any.
     pub last_error: Mutex<Option<String>>,
+    /// A shadow runs beside the live rule of the same name on the same events; its outputs
+    /// are compared with the live rule's, never committed or acted on.
+    pub shadow: bool,
+    /// The `rule` label of its metrics (shadows: `NAME (shadow)`).
+    pub label: String,
+}
+
+impl LiveRule {
+    /// The key of this rule's state in a shard's map.
+    fn state_key(&self) -> String {
+        if self.shadow { format!("{}\u{1}shadow", self.plan.name) } else { self.plan.name.clone() }
+    }
+}
+
+/// Where a live rule and its shadow disagree, as a multiset of output rows: +1 for each row
+/// the live rule emitted, -1 for each the shadow emitted.
+#[derive(Debug, Default)]
+struct ShadowDiff {
+    live_rows: u64,
+    shadow_rows: u64,
+    balance: HashMap<String, i64>,
+    /// Distinct differing rows not tracked because the bound was reached.
+    untracked: u64,
+}
+
+/// Distinct differing rows a shadow comparison keeps.
+const SHADOW_DIFF_LIMIT: usize = 10_000;
+
+/// What `GET /api/v1/rules/{name}/shadow` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShadowReport {
+    /// The rule.
+    pub name: String,
+    /// The shadow version's text.
+    pub shadow_text: String,
+    /// Rows the live version emitted since the shadow was deployed.
+    pub live_rows: u64,
+    /// Rows the shadow emitted.
+    pub shadow_rows: u64,
+    /// Rows only the live version emitted (up to 100, with how many times).
+    pub only_live: Vec<serde_json::Value>,
+    /// Rows only the shadow emitted (up to 100).
+    pub only_shadow: Vec<serde_json::Value>,
+    /// Distinct differing rows in all.
+    pub differing: usize,
+    /// Differing rows not tracked (the comparison keeps 10,000).
+    pub untracked: u64,
 }
 
 /// What `GET /api/v1/rules/{name}` shows.
@@ -100,6 +147,8 @@ pub struct RuleInfo {
     pub mean_batch_micros: f64,
     /// Last runtime error.
     pub last_error: Option<String>,
+    /// Whether a shadow version runs beside it.
+    pub has_shadow: bool,
 }
 
 #[derive(Default)]
@@ -144,6 +193,8 @@ pub struct RuleEngine {
     actions: Arc<dyn ActionSink>,
     clock: Arc<dyn Clock>,
     rules: RwLock<Arc<Vec<Arc<LiveRule>>>>,
+    shadows: RwLock<Arc<Vec<Arc<LiveRule>>>>,
+    diffs: Mutex<HashMap<String, ShadowDiff>>,
     shards: Vec<Mutex<HashMap<String, RuleState>>>,
     /// State of rules whose windows are not keyed by device: shared by every shard (taken
     /// after a shard's own lock, never before).
@@ -181,6 +232,8 @@ impl RuleEngine {
             actions,
             clock,
             rules: RwLock::new(Arc::new(Vec::new())),
+            shadows: RwLock::new(Arc::new(Vec::new())),
+            diffs: Mutex::new(HashMap::new()),
             shards: (0..shards.max(1)).map(|_| Mutex::new(HashMap::new())).collect(),
             global: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
@@ -225,19 +278,171 @@ impl RuleEngine {
             let generation = self.generation.fetch_add(1, Ordering::Relaxed);
             tracing::info!(rule = %plan.name, generation, origin = origin.unwrap_or("api"), "rule deployed");
             next.push(Arc::new(LiveRule {
+                label: plan.name.clone(),
                 plan,
                 generation,
                 origin: origin.map(str::to_owned),
                 stats: RuleStats::default(),
                 last_error: Mutex::new(None),
+                shadow: false,
             }));
         }
-        // State of rules that are gone (or replaced: a new generation starts fresh) is freed.
+        *guard = Arc::new(next);
+        drop(guard);
+        self.free_stale_state();
+        Ok(names)
+    }
+
+    /// Frees the state of rules and shadows that are gone or were replaced (a new
+    /// generation starts fresh).
+    fn free_stale_state(&self) {
+        let live: Vec<(String, u64)> =
+            self.rules().iter().chain(self.shadows.read().iter()).map(|r| (r.state_key(), r.generation)).collect();
         for shard in self.shards.iter().chain(std::iter::once(&self.global)) {
-            shard.lock().retain(|name, st| next.iter().any(|r| &r.plan.name == name && r.generation == st.generation));
+            shard.lock().retain(|key, st| live.iter().any(|(k, g)| k == key && *g == st.generation));
+        }
+    }
+
+    /// Deploys every rule of `text` as the shadow of the live rule of the same name: it runs
+    /// on the same events from now on, its outputs are compared with the live rule's
+    /// (`shadow_report`) and neither committed nor acted on, until it is promoted or removed.
+    pub fn deploy_shadow(&self, text: &str) -> Result<Vec<String>> {
+        let compiled = self.check(text)?;
+        let rules = self.rules();
+        for r in &compiled {
+            if !rules.iter().any(|l| l.plan.name == r.name) {
+                return Err(Error::Input(format!(
+                    "no live rule `{}` to shadow; deploy it first (a shadow is a new version of a running rule)",
+                    r.name
+                )));
+            }
+        }
+        let names: Vec<String> = compiled.iter().map(|r| r.name.clone()).collect();
+        let mut guard = self.shadows.write();
+        let mut next: Vec<Arc<LiveRule>> = guard.iter().filter(|s| !names.contains(&s.plan.name)).cloned().collect();
+        for plan in compiled {
+            let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+            self.diffs.lock().insert(plan.name.clone(), ShadowDiff::default());
+            tracing::info!(rule = %plan.name, generation, "shadow deployed");
+            next.push(Arc::new(LiveRule {
+                label: format!("{} (shadow)", plan.name),
+                plan,
+                generation,
+                origin: None,
+                stats: RuleStats::default(),
+                last_error: Mutex::new(None),
+                shadow: true,
+            }));
         }
         *guard = Arc::new(next);
+        drop(guard);
+        self.free_stale_state();
         Ok(names)
+    }
+
+    /// Where the shadow of rule `name` and the live rule have disagreed so far.
+    pub fn shadow_report(&self, name: &str) -> Result<ShadowReport> {
+        let shadows = self.shadows.read().clone();
+        let shadow =
+            shadows.iter().find(|s| s.plan.name == name).ok_or_else(|| Error::NotFound(format!("{name} (shadow)")))?;
+        let diffs = self.diffs.lock();
+        let d = diffs.get(name).ok_or_else(|| Error::NotFound(format!("{name} (shadow)")))?;
+        let mut differing: Vec<(&String, &i64)> = d.balance.iter().filter(|(_, n)| **n != 0).collect();
+        differing.sort();
+        let side = |positive: bool| -> Vec<serde_json::Value> {
+            differing
+                .iter()
+                .filter(|(_, n)| (**n > 0) == positive)
+                .take(100)
+                .map(|(row, n)| {
+                    let mut v: serde_json::Value = serde_json::from_str(row).unwrap_or(serde_json::Value::Null);
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("times".into(), serde_json::json!(n.abs()));
+                    }
+                    v
+                })
+                .collect()
+        };
+        Ok(ShadowReport {
+            name: name.to_owned(),
+            shadow_text: shadow.plan.text.clone(),
+            live_rows: d.live_rows,
+            shadow_rows: d.shadow_rows,
+            only_live: side(true),
+            only_shadow: side(false),
+            differing: differing.len(),
+            untracked: d.untracked,
+        })
+    }
+
+    /// Makes the shadow of rule `name` the live version (its state starts afresh).
+    pub fn promote(&self, name: &str) -> Result<()> {
+        let shadow = {
+            let mut guard = self.shadows.write();
+            let s = guard
+                .iter()
+                .find(|s| s.plan.name == name)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(format!("{name} (shadow)")))?;
+            *guard = Arc::new(guard.iter().filter(|x| x.plan.name != name).cloned().collect());
+            s
+        };
+        self.diffs.lock().remove(name);
+        let origin = self.rules().iter().find(|r| r.plan.name == name).and_then(|r| r.origin.clone());
+        let _ = self.install(vec![shadow.plan.clone()], None)?;
+        if let Some(o) = origin {
+            tracing::info!(rule = name, file = %o, "promoted a shadow over a rule from a file: the file wins again when it changes");
+        }
+        Ok(())
+    }
+
+    /// Removes the shadow of rule `name`.
+    pub fn remove_shadow(&self, name: &str) -> Result<()> {
+        let mut guard = self.shadows.write();
+        if !guard.iter().any(|s| s.plan.name == name) {
+            return Err(Error::NotFound(format!("{name} (shadow)")));
+        }
+        *guard = Arc::new(guard.iter().filter(|x| x.plan.name != name).cloned().collect());
+        drop(guard);
+        self.diffs.lock().remove(name);
+        self.free_stale_state();
+        Ok(())
+    }
+
+    /// Records outputs of a rule that has a shadow (or of the shadow) for the comparison.
+    fn record_shadow_outputs(&self, rule: &LiveRule, outputs: &[StreamBatch]) {
+        let relevant: Vec<StreamBatch> = outputs
+            .iter()
+            .filter(|b| {
+                Some(b.stream.as_str()) == rule.plan.insert_into.as_deref() || b.stream.as_str() == ALERTS_STREAM
+            })
+            .cloned()
+            .collect();
+        let rows = crate::recorded::to_rows(&relevant);
+        let mut diffs = self.diffs.lock();
+        let Some(d) = diffs.get_mut(&rule.plan.name) else { return };
+        let delta = if rule.shadow { -1 } else { 1 };
+        if rule.shadow {
+            d.shadow_rows += rows.len() as u64;
+        } else {
+            d.live_rows += rows.len() as u64;
+        }
+        for r in rows {
+            let key = r.to_string();
+            let tracked = d.balance.len() < SHADOW_DIFF_LIMIT;
+            match d.balance.get_mut(&key) {
+                Some(n) => {
+                    *n += delta;
+                    if *n == 0 {
+                        d.balance.remove(&key);
+                    }
+                }
+                None if tracked => {
+                    d.balance.insert(key, delta);
+                }
+                None => d.untracked += 1,
+            }
+        }
     }
 
     /// Removes rule `name`.
@@ -250,6 +455,7 @@ impl RuleEngine {
         for shard in self.shards.iter().chain(std::iter::once(&self.global)) {
             shard.lock().remove(name);
         }
+        let _ = self.remove_shadow(name);
         tracing::info!(rule = name, "rule removed");
         Ok(())
     }
@@ -315,20 +521,21 @@ impl RuleEngine {
                 s.busy_nanos.load(Ordering::Relaxed) as f64 / batches as f64 / 1e3
             },
             last_error: r.last_error.lock().clone(),
+            has_shadow: self.shadows.read().iter().any(|s| s.plan.name == r.plan.name),
         }
     }
 
     /// Runs every rule over `batches` committed on `shard`; returns derived batches.
     pub fn process(&self, shard: usize, batches: &[StreamBatch]) -> Vec<StreamBatch> {
         let rules = self.rules();
-        if rules.is_empty() {
-            return Vec::new();
-        }
+        let shadows = self.shadows.read().clone();
         let Some(states) = self.shards.get(shard) else { return Vec::new() };
         let mut states = states.lock();
         let mut out = Vec::new();
         for sb in batches {
-            for rule in rules.iter().filter(|r| r.plan.inputs.iter().any(|i| i == sb.stream.as_str())) {
+            let reads = |r: &&Arc<LiveRule>| r.plan.inputs.iter().any(|i| i == sb.stream.as_str());
+            for rule in rules.iter().filter(reads).chain(shadows.iter().filter(reads)) {
+                let compared = rule.shadow || shadows.iter().any(|s| s.plan.name == rule.plan.name);
                 let started = Instant::now();
                 let mut global;
                 let map = if is_global(rule) {
@@ -345,15 +552,22 @@ impl RuleEngine {
                     }
                 };
                 match self.run(rule, state, sb, shard) {
-                    Ok(o) => out.extend(o.batches),
+                    Ok(o) => {
+                        if compared {
+                            self.record_shadow_outputs(rule, &o.batches);
+                        }
+                        if !rule.shadow {
+                            out.extend(o.batches);
+                        }
+                    }
                     Err(e) => self.record_error(rule, &e),
                 }
                 let elapsed = started.elapsed();
                 rule.stats.busy_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
                 rule.stats.batches.fetch_add(1, Ordering::Relaxed);
-                self.metrics.histogram("ferrite_rule_seconds", &[("rule", &rule.plan.name)]).observe(elapsed);
+                self.metrics.histogram("ferrite_rule_seconds", &[("rule", &rule.label)]).observe(elapsed);
                 self.metrics
-                    .gauge("ferrite_rule_state_size", &[("rule", &rule.plan.name), ("shard", &shard.to_string())])
+                    .gauge("ferrite_rule_state_size", &[("rule", &rule.label), ("shard", &shard.to_string())])
                     .set(state_size(state) as i64);
             }
         }
@@ -378,10 +592,12 @@ impl RuleEngine {
 
     fn advance(&self, shard: usize, time_of: &dyn Fn(&DeviceClock, i64) -> Option<i64>) -> Vec<StreamBatch> {
         let rules = self.rules();
+        let shadows = self.shadows.read().clone();
         let Some(states) = self.shards.get(shard) else { return Vec::new() };
         let mut states = states.lock();
         let mut out = Vec::new();
-        for rule in rules.iter() {
+        for rule in rules.iter().chain(shadows.iter()) {
+            let compared = rule.shadow || shadows.iter().any(|s| s.plan.name == rule.plan.name);
             // Shared state moves on shard 0's ticks only.
             let mut global;
             let map = if is_global(rule) {
@@ -393,7 +609,7 @@ impl RuleEngine {
             } else {
                 &mut *states
             };
-            let Some(state) = map.get_mut(&rule.plan.name).filter(|s| s.generation == rule.generation) else {
+            let Some(state) = map.get_mut(&rule.state_key()).filter(|s| s.generation == rule.generation) else {
                 continue;
             };
             let delay = rule.plan.time.max_delay.saturating_add(rule.plan.time.lateness);
@@ -441,7 +657,14 @@ impl RuleEngine {
                 self.emit(rule, state, batch, &times, &devices)
             })();
             match result {
-                Ok(b) => out.extend(b),
+                Ok(b) => {
+                    if compared {
+                        self.record_shadow_outputs(rule, &b);
+                    }
+                    if !rule.shadow {
+                        out.extend(b);
+                    }
+                }
                 Err(e) => self.record_error(rule, &e),
             }
         }
@@ -450,7 +673,7 @@ impl RuleEngine {
 
     fn record_error(&self, rule: &LiveRule, e: &Error) {
         rule.stats.errors.fetch_add(1, Ordering::Relaxed);
-        self.metrics.inc("ferrite_rule_errors_total", &[("rule", &rule.plan.name)], 1);
+        self.metrics.inc("ferrite_rule_errors_total", &[("rule", &rule.label)], 1);
         tracing::warn!(rule = %rule.plan.name, error = %e, "rule failed on a batch");
         *rule.last_error.lock() = Some(e.to_string());
     }
@@ -465,7 +688,7 @@ impl RuleEngine {
             return Ok(Outputs { batches: Vec::new() });
         }
         rule.stats.events_in.fetch_add(n as u64, Ordering::Relaxed);
-        self.metrics.inc("ferrite_rule_events_in_total", &[("rule", &plan.name)], n as u64);
+        self.metrics.inc("ferrite_rule_events_in_total", &[("rule", &rule.label)], n as u64);
         let now = self.clock.now_nanos();
         let time = if plan.time.processing_time {
             TimestampNanosecondArray::from(vec![now; n]).with_timezone("UTC")
@@ -534,12 +757,12 @@ impl RuleEngine {
             }
         }
         let mut batches = Vec::new();
-        if any_late {
+        if any_late && !rule.shadow {
             let mask = BooleanArray::from(late.clone());
             let late_rows = filter_record_batch(&batch, &mask)?;
             let count = late_rows.num_rows() as u64;
             rule.stats.late.fetch_add(count, Ordering::Relaxed);
-            self.metrics.inc("ferrite_rule_late_events_total", &[("rule", &plan.name)], count);
+            self.metrics.inc("ferrite_rule_late_events_total", &[("rule", &rule.label)], count);
             batches.push(self.late_batch(sb.stream.as_str(), &plan.name, &late_rows)?);
         }
         // The stream filter, then the operator.
@@ -661,7 +884,7 @@ impl RuleEngine {
                 let matches = p.update(&input).map_err(|e| eval(rule, e))?;
                 if p.evicted > before {
                     rule.stats.evicted.fetch_add(p.evicted - before, Ordering::Relaxed);
-                    self.metrics.inc("ferrite_rule_evicted_total", &[("rule", &plan.name)], p.evicted - before);
+                    self.metrics.inc("ferrite_rule_evicted_total", &[("rule", &rule.label)], p.evicted - before);
                 }
                 let times: Vec<i64> = matches.iter().map(|m| m.time).collect();
                 let devs: Vec<Arc<str>> = matches.iter().map(|m| m.device.clone()).collect();
@@ -761,19 +984,24 @@ impl RuleEngine {
         }
         let matched = emitted_rows.len() as u64;
         rule.stats.matches.fetch_add(matched, Ordering::Relaxed);
-        self.metrics.inc("ferrite_rule_matches_total", &[("rule", &plan.name)], matched);
+        self.metrics.inc("ferrite_rule_matches_total", &[("rule", &rule.label)], matched);
         if !emitted_rows.is_empty() {
             let idx = arrow::array::UInt32Array::from_iter_values(emitted_rows.iter().map(|i| *i as u32));
             let out = arrow::compute::take_record_batch(&out_batch, &idx)?;
             rule.stats.events_out.fetch_add(out.num_rows() as u64, Ordering::Relaxed);
-            self.metrics.inc("ferrite_rule_events_out_total", &[("rule", &plan.name)], out.num_rows() as u64);
+            self.metrics.inc("ferrite_rule_events_out_total", &[("rule", &rule.label)], out.num_rows() as u64);
             if let Some(target) = &plan.insert_into {
                 let stream = StreamName::new(target)?;
                 let t = TimestampNanosecondArray::from_iter_values(emitted_rows.iter().map(|i| times[*i]));
                 let d = StringArray::from_iter_values(emitted_rows.iter().map(|i| devices[*i].as_ref()));
-                batches.push(conform(&self.catalog, &stream, &out, &t, &d)?);
+                batches.push(if rule.shadow {
+                    raw_output(&stream, &out, t, d)?
+                } else {
+                    conform(&self.catalog, &stream, &out, &t, &d)?
+                });
             }
-            for (k, &i) in emitted_rows.iter().enumerate() {
+            // A shadow acts on nothing.
+            for (k, &i) in emitted_rows.iter().enumerate().filter(|_| !rule.shadow) {
                 let extra = [("rule", plan.name.as_str())];
                 let view = RowView::new(&out, k, &extra);
                 for a in &plan.actions {
@@ -837,6 +1065,9 @@ impl RuleEngine {
         ];
         let batch = RecordBatch::try_new(schema, columns)?;
         let stream = StreamName::new(ALERTS_STREAM)?;
+        if rule.shadow {
+            return Ok(StreamBatch::new(stream, batch));
+        }
         let time = batch.column(0).as_primitive::<arrow::datatypes::TimestampNanosecondType>().clone();
         let device = batch.column(1).as_string::<i32>().clone();
         conform(&self.catalog, &stream, &batch, &time, &device)
@@ -947,6 +1178,30 @@ impl BatchObserver for RuleEngine {
     }
 }
 
+/// A shadow's derived rows as they are (`time`, `device_id`, the output columns), without
+/// touching the catalog.
+fn raw_output(
+    stream: &StreamName,
+    out: &RecordBatch,
+    time: TimestampNanosecondArray,
+    device: StringArray,
+) -> Result<StreamBatch> {
+    let mut fields = vec![
+        arrow::datatypes::Field::new(TIME_COLUMN, ferrite_engine::time_field_type(), false),
+        arrow::datatypes::Field::new(DEVICE_COLUMN, DataType::Utf8, false),
+    ];
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(time.with_timezone("UTC")), Arc::new(device)];
+    for (f, c) in out.schema().fields().iter().zip(out.columns()) {
+        if f.name() == TIME_COLUMN || f.name() == DEVICE_COLUMN {
+            continue;
+        }
+        fields.push(f.as_ref().clone());
+        columns.push(c.clone());
+    }
+    let batch = RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)?;
+    Ok(StreamBatch::new(stream.clone(), batch))
+}
+
 /// Whether the rule's state is shared by all shards (windows not keyed by device).
 fn is_global(rule: &LiveRule) -> bool {
     matches!(&rule.plan.operator, OperatorPlan::Window(w) if !w.per_device)
@@ -954,11 +1209,12 @@ fn is_global(rule: &LiveRule) -> bool {
 
 /// The rule's state in `map`, created (or recreated for a new generation) when needed.
 fn state_in<'a>(map: &'a mut HashMap<String, RuleState>, rule: &LiveRule) -> Result<&'a mut RuleState> {
-    let fresh = map.get(&rule.plan.name).is_none_or(|s| s.generation != rule.generation);
+    let key = rule.state_key();
+    let fresh = map.get(&key).is_none_or(|s| s.generation != rule.generation);
     if fresh {
-        map.insert(rule.plan.name.clone(), new_state(rule)?);
+        map.insert(key.clone(), new_state(rule)?);
     }
-    map.get_mut(&rule.plan.name).ok_or_else(|| Error::Input("rule state vanished".into()))
+    map.get_mut(&key).ok_or_else(|| Error::Input("rule state vanished".into()))
 }
 
 /// The device a window's derived row is written for: its device for per-device windows;

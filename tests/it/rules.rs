@@ -178,6 +178,24 @@ fn a_server_runs_rules_from_files_and_the_api() -> anyhow::Result<()> {
     assert_eq!((status, body), (201, json!({"deployed": ["warm"]})));
     post(vec![json!({"device_id": "d2", "ts": "2026-01-01T00:00:00Z", "temperature": 31.0})])?;
     s.wait_for("the API rule's output", |s| Ok(s.sql_count("SELECT count(*) FROM warm")? == 1))?;
+    // A shadow version beside it: compared, not committed, then promoted.
+    let (status, body) = s.post(
+        "/api/v1/rules?shadow=true",
+        "text/plain",
+        b"rule warm { from telemetry[temperature > 35] insert into warm }",
+    )?;
+    assert_eq!((status, body), (201, json!({"shadowed": ["warm"]})));
+    post(vec![json!({"device_id": "d2", "ts": "2026-01-01T00:00:01Z", "temperature": 32.0})])?;
+    s.wait_for("the live rule's second row", |s| Ok(s.sql_count("SELECT count(*) FROM warm")? == 2))?;
+    let report: Value = serde_json::from_str(&s.get("/api/v1/rules/warm/shadow")?.1)?;
+    assert_eq!((&report["live_rows"], &report["shadow_rows"]), (&json!(1), &json!(0)), "{report}");
+    assert_eq!(report["only_live"][0]["temperature"], json!(32.0), "{report}");
+    let (status, _) = s.post("/api/v1/rules/warm/shadow/promote", "text/plain", b"")?;
+    assert_eq!(status, 200);
+    assert!(
+        serde_json::from_str::<Value>(&s.get("/api/v1/rules/warm")?.1)?["text"].as_str().unwrap_or("").contains("> 35")
+    );
+    assert_eq!(s.get("/api/v1/rules/warm/shadow")?.0, 404);
     assert_eq!(s.delete("/api/v1/rules/warm")?, 204);
     assert_eq!(s.get("/api/v1/rules/warm")?.0, 404);
     assert_eq!(s.delete("/api/v1/rules/warm")?, 404);

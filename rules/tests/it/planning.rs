@@ -106,3 +106,32 @@ fn the_readme_rule_compiles() -> Result<()> {
     engine(&catalog, 1, rule)?;
     Ok(())
 }
+
+#[test]
+fn a_shadow_runs_beside_the_live_rule_and_reports_differences() -> Result<()> {
+    use serde_json::json;
+    let catalog = telemetry_catalog()?;
+    let (e, _) = engine(
+        &catalog,
+        1,
+        "rule hot { from telemetry[temperature > 30] select device_id, temperature insert into hot }",
+    )?;
+    assert!(e.deploy_shadow("rule cold { from telemetry insert into x }").is_err(), "no live rule to shadow");
+    e.deploy_shadow("rule hot { from telemetry[temperature > 40] select device_id, temperature insert into hot }")?;
+    assert!(e.info("hot")?.has_shadow);
+    let b =
+        batch(&catalog, "telemetry", &[json!({"t": 1, "temperature": 35.0}), json!({"t": 2, "temperature": 45.0})])?;
+    let out = e.process(0, &[b]);
+    // Only the live rule's rows are committed.
+    assert_eq!(rows_of(&out, "hot")?.len(), 2);
+    let report = e.shadow_report("hot")?;
+    assert_eq!((report.live_rows, report.shadow_rows, report.differing), (2, 1, 1));
+    assert_eq!(report.only_live[0]["temperature"], json!(35.0));
+    assert!(report.only_shadow.is_empty());
+    e.promote("hot")?;
+    assert!(e.shadow_report("hot").is_err());
+    let b =
+        batch(&catalog, "telemetry", &[json!({"t": 3, "temperature": 35.0}), json!({"t": 4, "temperature": 45.0})])?;
+    assert_eq!(rows_of(&e.process(0, &[b]), "hot")?.len(), 1, "the promoted version runs");
+    Ok(())
+}
