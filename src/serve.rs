@@ -63,16 +63,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let actions = Arc::new(crate::actions::ServerActions::start(broker.clone(), metrics.clone())?);
     let rules = Arc::new(RuleEngine::new(shards, catalog.clone(), metrics.clone(), actions, Arc::new(SystemClock)));
     engine.add_observer(rules.clone());
-    let rule_files = Arc::new(RuleFiles::new(&config.rules_dir, rules.clone()));
-    rule_files.scan();
-    let watch_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watcher = rule_files.clone().spawn(Duration::from_millis(500), watch_stop.clone())?;
+
     let ingest_config = IngestConfig { max_payload_bytes: config.max_payload, ..IngestConfig::default() };
     let ingestor =
         Ingestor::start(ingest_config, catalog.clone(), engine.clone(), metrics.clone(), Arc::new(SystemClock))?;
     let query = Arc::new(QueryService::new(catalog.clone(), storage.clone(), metrics.clone())?);
     query.add_system_table(Arc::new(ferrite_rules::inspect::RuleStateTable(rules.clone())));
     query.add_system_table(Arc::new(ferrite_rules::inspect::WatermarksTable(rules.clone())));
+    // Streams joined as tables (`join rule_params on ...`) start from their rows so far.
+    rules.set_table_loader(Arc::new(SqlTables { query: query.clone(), handle: tokio::runtime::Handle::current() }));
+    let rule_files = Arc::new(RuleFiles::new(&config.rules_dir, rules.clone()));
+    rule_files.scan();
+    let watch_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = rule_files.clone().spawn(Duration::from_millis(500), watch_stop.clone())?;
 
     let persister = {
         let storage = storage.clone();
@@ -151,6 +154,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     .await??;
     tracing::info!(rows, "shutdown complete");
     Ok(())
+}
+
+/// Reads a stream for a rule that joins it as a table, through SQL.
+struct SqlTables {
+    query: Arc<QueryService>,
+    handle: tokio::runtime::Handle,
+}
+
+impl ferrite_rules::runtime::TableLoader for SqlTables {
+    fn load(&self, stream: &str) -> Result<Vec<arrow::array::RecordBatch>, String> {
+        let sql = format!("SELECT * FROM \"{stream}\" ORDER BY time");
+        let (query, handle) = (self.query.clone(), self.handle.clone());
+        // Deploys may come from async handlers: run the query to completion on a thread of
+        // its own rather than blocking a runtime worker inside the runtime.
+        std::thread::scope(|s| s.spawn(move || handle.block_on(query.sql(&sql))).join())
+            .map_err(|_| "the table loader panicked".to_owned())?
+            .map(|r| r.batches)
+            .map_err(|e| format!("cannot read stream `{stream}`: {e}"))
+    }
 }
 
 async fn wait_for_signal() {

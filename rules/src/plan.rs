@@ -194,6 +194,11 @@ pub struct CompiledRule {
     pub inputs: Vec<String>,
     /// The schema each input was planned against (aligned by name at run time).
     pub input_schemas: Vec<SchemaRef>,
+    /// The schema of the main input's rows as the operator sees them (with a join: the
+    /// stream's columns, then the table's as `T.column`).
+    pub row_schema: SchemaRef,
+    /// `join T on T.key = column`.
+    pub join: Option<JoinPlan>,
     /// Event-time settings of the main input.
     pub time: TimeSettings,
     /// Applied to input batches before the operator (the stream filter).
@@ -214,6 +219,82 @@ pub struct CompiledRule {
     pub output_rate: Option<ast::OutputRate>,
     /// Most open windows or partial matches per shard.
     pub state_limit: usize,
+}
+
+/// Where a joined table's rows come from.
+#[derive(Debug, Clone)]
+pub enum JoinSource {
+    /// A file read when the rule was compiled.
+    Static(Arc<Vec<arrow::array::RecordBatch>>),
+    /// A stream read as a table: the latest row per key.
+    Stream,
+}
+
+/// A planned `join T on T.key = column`.
+#[derive(Debug, Clone)]
+pub struct JoinPlan {
+    /// The table's name (a `table` declaration or a stream).
+    pub table: String,
+    /// Its rows.
+    pub source: JoinSource,
+    /// Its columns.
+    pub table_schema: SchemaRef,
+    /// Its key column.
+    pub table_key: String,
+    /// The stream column matched against the key.
+    pub input_key: String,
+}
+
+fn plan_join(
+    c: &Ctx<'_>,
+    file: &ast::RuleFile,
+    j: &ast::JoinClause,
+    stream: &SchemaRef,
+    schemas: &dyn SchemaSource,
+) -> Result<JoinPlan, Diagnostic> {
+    let table = j.table.value.clone();
+    let (table_schema, source) = match file.tables.iter().find(|t| t.name.value == table) {
+        Some(decl) => {
+            let (schema, batches) = crate::lookup::read_file(std::path::Path::new(&decl.path.value)).map_err(|e| {
+                Diagnostic::new(decl.path.span, format!("cannot read table `{table}`: {e}"))
+                    .with_hint("a CSV file with a header row, or a .parquet file; a relative path starts from the server's working directory")
+            })?;
+            (schema, JoinSource::Static(Arc::new(batches)))
+        }
+        None => match schemas.schema(&table) {
+            Some(s) => (s, JoinSource::Stream),
+            None => {
+                return Err(Diagnostic::new(j.table.span, format!("unknown table `{table}`"))
+                    .with_hint("declare it with `table NAME from 'file.csv'`, or name a stream (read as a table: its latest row per key)")
+                    .with_code("unknown-stream"));
+            }
+        },
+    };
+    let enriched = crate::lookup::enriched_schema(stream, &table, &table_schema);
+    let df =
+        DFSchema::try_from(enriched.as_ref().clone()).map_err(|e| df_error(j.on.span, "invalid join", &e, None))?;
+    let on = c
+        .expr(&quote_step_refs(&j.on.value, &[table.as_str()]), &df)
+        .map_err(|e| df_error(j.on.span, "invalid join condition", &e, Some(&enriched)))?;
+    let prefix = format!("{table}.");
+    let keys = match &on {
+        Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) => match (left.as_ref(), right.as_ref()) {
+            (Expr::Column(a), Expr::Column(b)) if a.name.starts_with(&prefix) != b.name.starts_with(&prefix) => {
+                let (t, i) = if a.name.starts_with(&prefix) { (a, b) } else { (b, a) };
+                Some((t.name[prefix.len()..].to_owned(), i.name.clone()))
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some((table_key, input_key)) = keys else {
+        return Err(Diagnostic::new(
+            j.on.span,
+            "a join condition is one equality between a table column and a stream column",
+        )
+        .with_hint(format!("e.g. `join {table} on {table}.device_id = device_id`")));
+    };
+    Ok(JoinPlan { table, source, table_schema, table_key, input_key })
 }
 
 /// Looks up the schema of a stream (the catalog, or streams learned from test input).
@@ -344,9 +425,9 @@ fn compile_rule(
     source: &str,
     schemas: &dyn SchemaSource,
 ) -> Result<CompiledRule, Diagnostic> {
-    if let Some(j) = &rule.join {
-        return Err(Diagnostic::new(j.table.span, "joins are not built yet")
-            .with_hint("enrich with a derived stream for now; stream-table and stream-stream joins are planned (see docs/rules.md)"));
+    if let (Some(j), Source::Pattern(_)) = (&rule.join, &rule.from) {
+        return Err(Diagnostic::new(j.table.span, "a pattern cannot join a table (yet)")
+            .with_hint("join in a rule that reads the stream and inserts the enriched rows into a derived stream, then match the pattern on that"));
     }
     if let Some(rate) = &rule.output_rate
         && !rate.first
@@ -460,21 +541,31 @@ fn compile_stream(
     schemas: &dyn SchemaSource,
 ) -> Result<CompiledRule, Diagnostic> {
     let rule = c.rule;
-    let schema = stream_schema(schemas, &input.stream)?;
+    let plain = stream_schema(schemas, &input.stream)?;
+    // With `join T on ...`, the rule sees the stream's columns and the table's as `T.column`.
+    let join = rule.join.as_ref().map(|j| plan_join(c, file, j, &plain, schemas)).transpose()?;
+    let schema = match &join {
+        Some(j) => crate::lookup::enriched_schema(&plain, &j.table, &j.table_schema),
+        None => plain.clone(),
+    };
+    let q = |text: &str| match &join {
+        Some(j) => quote_step_refs(text, &[j.table.as_str()]),
+        None => text.to_owned(),
+    };
     let df_schema = DFSchema::try_from_qualified_schema("input", &schema)
         .map_err(|e| df_error(input.stream.span, "cannot use the stream", &e, None))?;
     // Plan the filter alone first: its errors then point at it.
     if let Some(f) = &input.filter {
-        let e = c.expr(&f.value, &df_schema).map_err(|e| df_error(f.span, "invalid filter", &e, Some(&schema)))?;
+        let e = c.expr(&q(&f.value), &df_schema).map_err(|e| df_error(f.span, "invalid filter", &e, Some(&schema)))?;
         let ty = e.get_type(&df_schema).map_err(|e| df_error(f.span, "invalid filter", &e, Some(&schema)))?;
         if ty != DataType::Boolean && ty != DataType::Null {
             return Err(Diagnostic::new(f.span, format!("a filter must be a condition, this is {ty}"))
                 .with_hint("write a comparison, e.g. `[temperature > 30]`"));
         }
     }
-    let select = rule.select.as_ref().map_or("*", |s| s.value.as_str());
+    let select = q(rule.select.as_ref().map_or("*", |s| s.value.as_str()));
     let select_span = rule.select.as_ref().map_or(rule.name.span, |s| s.span);
-    let filter = input.filter.as_ref().map(|f| format!(" WHERE {}", f.value)).unwrap_or_default();
+    let filter = input.filter.as_ref().map(|f| format!(" WHERE {}", q(&f.value))).unwrap_or_default();
     let time = time_settings(file, &input.stream.value);
     let Some(window) = &rule.window else {
         c.register("input", &schema).map_err(|e| df_error(input.stream.span, "cannot use the stream", &e, None))?;
@@ -493,7 +584,8 @@ fn compile_stream(
             Some(h) => {
                 let out_df = DFSchema::try_from(output.as_ref().clone())
                     .map_err(|e| df_error(h.span, "invalid having", &e, None))?;
-                let e = c.expr(&h.value, &out_df).map_err(|e| df_error(h.span, "invalid having", &e, Some(&output)))?;
+                let e =
+                    c.expr(&q(&h.value), &out_df).map_err(|e| df_error(h.span, "invalid having", &e, Some(&output)))?;
                 Some(c.physical(&e, &out_df).map_err(|e| df_error(h.span, "invalid having", &e, Some(&output)))?)
             }
             None => None,
@@ -507,7 +599,9 @@ fn compile_stream(
             name: rule.name.value.clone(),
             text: String::new(),
             inputs: vec![input.stream.value.clone()],
-            input_schemas: vec![schema],
+            input_schemas: vec![plain],
+            row_schema: schema,
+            join,
             time,
             pre,
             operator: OperatorPlan::Stateless,
@@ -530,12 +624,12 @@ fn compile_stream(
     let wdf = DFSchema::try_from_qualified_schema("input", &with_window)
         .map_err(|e| df_error(window.span, "cannot plan the window", &e, None))?;
     for k in &window.by {
-        c.expr(&k.value, &wdf).map_err(|e| df_error(k.span, "invalid window key", &e, Some(&schema)))?;
+        c.expr(&q(&k.value), &wdf).map_err(|e| df_error(k.span, "invalid window key", &e, Some(&schema)))?;
     }
-    let mut group: Vec<String> = window.by.iter().map(|k| k.value.clone()).collect();
+    let mut group: Vec<String> = window.by.iter().map(|k| q(&k.value)).collect();
     group.push(WINDOW_START.to_owned());
     group.push(WINDOW_END.to_owned());
-    let having = rule.having.as_ref().map(|h| format!(" HAVING {}", h.value)).unwrap_or_default();
+    let having = rule.having.as_ref().map(|h| format!(" HAVING {}", q(&h.value))).unwrap_or_default();
     let sql = format!("SELECT {select} FROM input{filter} GROUP BY {}{having}", group.join(", "));
     let plan = c.plan_sql(&sql).map_err(|e| {
         let span = match &rule.having {
@@ -602,7 +696,9 @@ fn compile_stream(
         name: rule.name.value.clone(),
         text: String::new(),
         inputs: vec![input.stream.value.clone()],
-        input_schemas: vec![schema],
+        input_schemas: vec![plain],
+        row_schema: schema,
+        join,
         time,
         pre,
         operator: OperatorPlan::Window(WindowPlan {
@@ -845,6 +941,8 @@ fn compile_pattern(
         name: rule.name.value.clone(),
         text: String::new(),
         time: time_settings(file, &inputs[0]),
+        row_schema: input_schemas[0].clone(),
+        join: None,
         inputs,
         input_schemas,
         pre: Vec::new(),

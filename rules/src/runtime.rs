@@ -26,10 +26,20 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::lookup::LookupTable;
 use crate::output::{ALERTS_STREAM, ActionSink, RowView, conform, fill_json, fill_text};
 use crate::pattern::{PatternInput, PatternState};
-use crate::plan::{ActionPlan, CompiledRule, OperatorPlan, PostOp, SchemaSource};
+use crate::plan::{ActionPlan, CompiledRule, JoinPlan, JoinSource, OperatorPlan, PostOp, SchemaSource};
 use crate::window::{WindowInput, WindowState};
+
+/// A lookup table shared by the shards (written by the shard that receives a row, read by all).
+type SharedLookup = Arc<RwLock<LookupTable>>;
+
+/// Loads a stream's rows (in time order) when a rule first joins it as a table.
+pub trait TableLoader: Send + Sync {
+    /// Every row of `stream`, oldest first.
+    fn load(&self, stream: &str) -> std::result::Result<Vec<RecordBatch>, String>;
+}
 
 /// Counters of one deployed rule.
 #[derive(Debug, Default)]
@@ -195,6 +205,9 @@ pub struct RuleEngine {
     rules: RwLock<Arc<Vec<Arc<LiveRule>>>>,
     shadows: RwLock<Arc<Vec<Arc<LiveRule>>>>,
     diffs: Mutex<HashMap<String, ShadowDiff>>,
+    /// Tables joined by rules, by (table, key column).
+    lookups: RwLock<HashMap<(String, String), SharedLookup>>,
+    loader: RwLock<Option<Arc<dyn TableLoader>>>,
     shards: Vec<Mutex<HashMap<String, RuleState>>>,
     /// State of rules whose windows are not keyed by device: shared by every shard (taken
     /// after a shard's own lock, never before).
@@ -234,6 +247,8 @@ impl RuleEngine {
             rules: RwLock::new(Arc::new(Vec::new())),
             shadows: RwLock::new(Arc::new(Vec::new())),
             diffs: Mutex::new(HashMap::new()),
+            lookups: RwLock::new(HashMap::new()),
+            loader: RwLock::new(None),
             shards: (0..shards.max(1)).map(|_| Mutex::new(HashMap::new())).collect(),
             global: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
@@ -260,6 +275,11 @@ impl RuleEngine {
 
     /// Deploys already compiled rules.
     pub fn install(&self, compiled: Vec<CompiledRule>, origin: Option<&str>) -> Result<Vec<String>> {
+        for r in &compiled {
+            if let Some(j) = &r.join {
+                self.prepare_lookup(&r.name, j)?;
+            }
+        }
         for r in &compiled {
             if let Some(target) = &r.insert_into {
                 crate::output::register_derived(&self.catalog, &StreamName::new(target)?, &r.output)?;
@@ -291,6 +311,92 @@ impl RuleEngine {
         drop(guard);
         self.free_stale_state();
         Ok(names)
+    }
+
+    /// Sets where stream tables are loaded from when a rule first joins them (the server
+    /// reads them through SQL); without it they fill from the rows that arrive.
+    pub fn set_table_loader(&self, loader: Arc<dyn TableLoader>) {
+        *self.loader.write() = Some(loader);
+    }
+
+    fn lookup_key(rule: &str, j: &JoinPlan) -> (String, String) {
+        match j.source {
+            // A file is read per deployment of the rule that declares it.
+            JoinSource::Static(_) => (format!("{rule}\u{1}{}", j.table), j.table_key.clone()),
+            JoinSource::Stream => (j.table.clone(), j.table_key.clone()),
+        }
+    }
+
+    fn prepare_lookup(&self, rule: &str, j: &JoinPlan) -> Result<()> {
+        let key = Self::lookup_key(rule, j);
+        match &j.source {
+            JoinSource::Static(batches) => {
+                let mut t = LookupTable::new(j.table_schema.clone(), &j.table_key);
+                for b in batches.iter() {
+                    t.apply(b)?;
+                }
+                self.lookups.write().insert(key, Arc::new(RwLock::new(t)));
+            }
+            JoinSource::Stream => {
+                if self.lookups.read().contains_key(&key) {
+                    return Ok(());
+                }
+                let mut t = LookupTable::new(j.table_schema.clone(), &j.table_key);
+                let loader = self.loader.read().clone();
+                if let Some(loader) = loader {
+                    for b in loader.load(&j.table).map_err(Error::Input)? {
+                        t.apply(&b)?;
+                    }
+                }
+                tracing::info!(table = %j.table, key = %j.table_key, rows = t.len(), "stream table loaded for joins");
+                self.lookups.write().entry(key).or_insert_with(|| Arc::new(RwLock::new(t)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds rows of stream tables to their lookups (every shard's rows, one shared table).
+    fn feed_lookups(&self, sb: &StreamBatch) {
+        let lookups = self.lookups.read();
+        for ((table, _), t) in lookups.iter() {
+            if table == sb.stream.as_str()
+                && let Err(e) = t.write().apply(&sb.batch)
+            {
+                tracing::warn!(table, error = %e, "cannot update a stream table");
+            }
+        }
+    }
+
+    fn enrich(&self, rule: &LiveRule, j: &JoinPlan, batch: &RecordBatch) -> Result<RecordBatch> {
+        let key = Self::lookup_key(&rule.plan.name, j);
+        let table = self.lookups.read().get(&key).cloned();
+        let keys = batch
+            .column_by_name(&j.input_key)
+            .cloned()
+            .ok_or_else(|| Error::Input(format!("join key `{}` missing", j.input_key)))?;
+        let mut fields: Vec<arrow::datatypes::Field> =
+            batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut columns = batch.columns().to_vec();
+        match table {
+            Some(t) => {
+                for (f, c) in t.read().enrich(&keys, &j.table)? {
+                    fields.push(f);
+                    columns.push(c);
+                }
+            }
+            None => {
+                for f in j.table_schema.fields() {
+                    fields.push(arrow::datatypes::Field::new(
+                        format!("{}.{}", j.table, f.name()),
+                        f.data_type().clone(),
+                        true,
+                    ));
+                    columns.push(new_null_array(f.data_type(), batch.num_rows()));
+                }
+            }
+        }
+        let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+        Ok(RecordBatch::try_new_with_options(Arc::new(arrow::datatypes::Schema::new(fields)), columns, &options)?)
     }
 
     /// Frees the state of rules and shadows that are gone or were replaced (a new
@@ -533,6 +639,7 @@ impl RuleEngine {
         let mut states = states.lock();
         let mut out = Vec::new();
         for sb in batches {
+            self.feed_lookups(sb);
             let reads = |r: &&Arc<LiveRule>| r.plan.inputs.iter().any(|i| i == sb.stream.as_str());
             for rule in rules.iter().filter(reads).chain(shadows.iter().filter(reads)) {
                 let compared = rule.shadow || shadows.iter().any(|s| s.plan.name == rule.plan.name);
@@ -765,6 +872,11 @@ impl RuleEngine {
             self.metrics.inc("ferrite_rule_late_events_total", &[("rule", &rule.label)], count);
             batches.push(self.late_batch(sb.stream.as_str(), &plan.name, &late_rows)?);
         }
+        // A join adds the table's columns (after late events were set aside as they came).
+        let batch = match &plan.join {
+            Some(j) => self.enrich(rule, j, &batch)?,
+            None => batch,
+        };
         // The stream filter, then the operator.
         let mut keep: Option<BooleanArray> = None;
         for op in &plan.pre {
@@ -1238,7 +1350,7 @@ fn new_state(rule: &LiveRule) -> Result<RuleState> {
     let op = match &rule.plan.operator {
         OperatorPlan::Stateless => OpState::Stateless,
         OperatorPlan::Window(w) => {
-            let schema = &rule.plan.input_schemas[0];
+            let schema = &rule.plan.row_schema;
             let key_types = w
                 .keys
                 .iter()

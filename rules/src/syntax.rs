@@ -299,7 +299,7 @@ impl<'a> Parser<'a> {
                 return true;
             }
             let prev_ok = i == 0 || !src[..i].ends_with(|p: char| p.is_ascii_alphanumeric() || p == '_' || p == '.');
-            prev_ok && CLAUSES.iter().any(|k| starts_with_word(&src[i..], k))
+            prev_ok && CLAUSES.iter().any(|k| starts_with_word(&src[i..], k) && opens_clause(&src[i + k.len()..], k))
         })?;
         let end = end.unwrap_or(self.src.len());
         let text = self.src[start..end].trim_end();
@@ -816,6 +816,18 @@ impl<'a> Parser<'a> {
     }
 }
 
+/// Words that are also common column names open a clause only with their next word:
+/// `limit state`, `output first|last`, `insert into`.
+fn opens_clause(after: &str, word: &str) -> bool {
+    let next = after.trim_start();
+    match word {
+        "limit" => starts_with_word(next, "state"),
+        "output" => starts_with_word(next, "first") || starts_with_word(next, "last"),
+        "insert" => starts_with_word(next, "into"),
+        _ => true,
+    }
+}
+
 fn starts_with_word(s: &str, word: &str) -> bool {
     s.len() >= word.len()
         && s[..word.len()].eq_ignore_ascii_case(word)
@@ -884,6 +896,18 @@ mod tests {
         let errs = parse(src).err().unwrap_or_default();
         let msgs: Vec<_> = errs.iter().map(|e| e.message.as_str()).collect();
         assert_eq!(msgs, vec!["rule `a` has no output", "unknown window kind `x`"]);
+    }
+
+    #[test]
+    fn column_names_like_clause_words_stay_in_the_select() -> Result<(), String> {
+        let src = "rule r { from t select a as limit, b as output, c as insert insert into o limit state 10 }";
+        let file = parse(src).map_err(|e| format!("{e:?}"))?;
+        assert_eq!(
+            file.rules[0].select.as_ref().map(|s| s.value.as_str()),
+            Some("a as limit, b as output, c as insert")
+        );
+        assert_eq!(file.rules[0].state_limit, Some(10));
+        Ok(())
     }
 
     #[test]

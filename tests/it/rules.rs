@@ -257,3 +257,34 @@ fn replay_runs_rules_over_history_and_writes_back() -> anyhow::Result<()> {
     s.stop()?;
     Ok(())
 }
+
+#[test]
+fn rules_as_data_per_device_limits_loaded_from_the_stream() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let s = Server::start(data.path(), &[])?;
+    let post = |stream: &str, events: Value| -> anyhow::Result<()> {
+        let (status, body) = s.post_json(&format!("/api/v1/streams/{stream}/events"), &events)?;
+        if status / 100 != 2 {
+            bail!("ingest answered {status}: {body}");
+        }
+        Ok(())
+    };
+    // Limits exist before the rule: deploying it reads them through SQL.
+    post("rule_params", json!([{"device_id": "d1", "max_temp": 30.0}, {"device_id": "d2", "max_temp": 50.0}]))?;
+    post("telemetry", json!([{"device_id": "d0", "temperature": 1.0}]))?;
+    let rule = b"rule over {\n  from telemetry[temperature > rule_params.max_temp]\n  join rule_params on rule_params.device_id = device_id\n  select device_id, temperature, rule_params.max_temp as max_t\n  insert into over_limit\n}";
+    let (status, body) = s.post("/api/v1/rules", "text/plain", rule)?;
+    assert_eq!(status, 201, "{body}");
+    post("telemetry", json!([{"device_id": "d1", "temperature": 40.0}, {"device_id": "d2", "temperature": 40.0}]))?;
+    s.wait_for("d1 over its limit", |s| Ok(s.sql_count("SELECT count(*) FROM over_limit")? == 1))?;
+    // A new limit is an event like any other; the rule uses it from then on.
+    post("rule_params", json!([{"device_id": "d2", "max_temp": 35.0}]))?;
+    post("telemetry", json!([{"device_id": "d2", "temperature": 40.0}]))?;
+    s.wait_for("d2 over its new limit", |s| {
+        Ok(s.sql_count("SELECT count(*) FROM over_limit WHERE device_id = 'd2'")? == 1)
+    })?;
+    let rows = s.sql("SELECT device_id, max_t FROM over_limit ORDER BY device_id")?;
+    assert_eq!(rows, vec![json!({"device_id": "d1", "max_t": 30.0}), json!({"device_id": "d2", "max_t": 35.0})]);
+    s.stop()?;
+    Ok(())
+}

@@ -84,8 +84,10 @@ fn a_failed_deploy_keeps_the_running_rules() -> Result<()> {
 
 #[test]
 fn unbuilt_constructs_are_refused_with_an_explanation() -> Result<()> {
-    let text = check_error("rule r { from telemetry join devices on devices.id = device_id insert into o }")?;
-    assert!(text.contains("joins are not built yet"), "{text}");
+    let text = check_error(
+        "rule r { from every a = telemetry -> b = telemetry join devices on devices.id = device_id insert into o }",
+    )?;
+    assert!(text.contains("a pattern cannot join a table"), "{text}");
     let text = check_error("rule r { from telemetry output last every 1m insert into o }")?;
     assert!(text.contains("`output last every` is not built yet"), "{text}");
     let text = check_error(

@@ -207,3 +207,71 @@ fn open_windows_and_clocks_are_inspectable() -> Result<()> {
     assert_eq!((marks[0].newest_event / S, marks[0].watermark / S), (62, 57));
     Ok(())
 }
+
+#[test]
+fn a_static_table_enriches_events() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let csv = dir.path().join("sites.csv");
+    std::fs::write(&csv, "device_id,site,floor\nd1,paris,2\nd2,lyon,1\n")?;
+    let catalog = telemetry_catalog()?;
+    let rules = format!(
+        "table sites from '{}'\nrule r {{ from telemetry[sites.floor > 1 or sites.site is null] join sites on sites.device_id = device_id select device_id, sites.site as site, temperature insert into out }}",
+        csv.display()
+    );
+    let (e, _) = engine(&catalog, 1, &rules)?;
+    let b = batch(
+        &catalog,
+        "telemetry",
+        &[
+            json!({"t": 1, "d": "d1", "temperature": 1.0}),
+            json!({"t": 2, "d": "d2", "temperature": 2.0}),
+            json!({"t": 3, "d": "d3", "temperature": 3.0}),
+        ],
+    )?;
+    let rows = rows_of(&e.process(0, &[b]), "out")?;
+    assert_eq!(
+        rows,
+        vec![
+            json!({"time": 1.0, "device_id": "d1", "site": "paris", "temperature": 1.0}),
+            json!({"time": 3.0, "device_id": "d3", "site": null, "temperature": 3.0}),
+        ]
+    );
+    Ok(())
+}
+
+#[test]
+fn per_device_limits_come_from_a_stream_read_as_a_table() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let params = ferrite_engine::StreamName::new("rule_params")?;
+    catalog.resolve_field(&params, "max_temp", ferrite_engine::FieldType::Float)?;
+    let rules = "rule over { from telemetry[temperature > rule_params.max_temp] join rule_params on rule_params.device_id = device_id select device_id, temperature, rule_params.max_temp as limit then alert message '{device_id} above {limit}' }";
+    let (e, _) = engine(&catalog, 2, rules)?;
+    e.process(
+        0,
+        &[batch(
+            &catalog,
+            "rule_params",
+            &[json!({"d": "d1", "max_temp": 30.0}), json!({"d": "d2", "max_temp": 50.0})],
+        )?],
+    );
+    let hot = |e: &ferrite_rules::RuleEngine| -> Result<Vec<String>> {
+        let b = batch(
+            &catalog,
+            "telemetry",
+            &[
+                json!({"t": 1, "d": "d1", "temperature": 40.0}),
+                json!({"t": 1, "d": "d2", "temperature": 40.0}),
+                json!({"t": 1, "d": "d3", "temperature": 40.0}),
+            ],
+        )?;
+        Ok(rows_of(&e.process(1, &[b]), "alerts")?
+            .iter()
+            .map(|r| r["message"].as_str().unwrap_or("").to_owned())
+            .collect())
+    };
+    assert_eq!(hot(&e)?, vec!["d1 above 30.0"]);
+    // A new limit for d2, written like any event: the rule uses it from then on.
+    e.process(1, &[batch(&catalog, "rule_params", &[json!({"d": "d2", "max_temp": 35.0})])?]);
+    assert_eq!(hot(&e)?, vec!["d1 above 30.0", "d2 above 35.0"]);
+    Ok(())
+}
