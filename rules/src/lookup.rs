@@ -49,18 +49,7 @@ impl LookupTable {
         if n == 0 {
             return Ok(());
         }
-        let columns = self
-            .schema
-            .fields()
-            .iter()
-            .map(|f| match batch.column_by_name(f.name()) {
-                Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
-                Some(c) => cast(c, f.data_type()),
-                None => Ok(new_null_array(f.data_type(), n)),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
-        let chunk = RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)?;
+        let chunk = crate::runtime::align(batch, &self.schema)?;
         let keys = key_strings(
             chunk
                 .column_by_name(&self.key)

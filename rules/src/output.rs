@@ -208,19 +208,31 @@ pub fn register_derived(catalog: &StreamCatalog, stream: &StreamName, output: &S
             continue;
         }
         if let Some(ft) = field_type_of(f.data_type()) {
-            let (_, actual) = catalog.resolve_field(stream, f.name(), ft)?;
-            if actual != ft {
-                return Err(ferrite_engine::Error::TypeConflict {
-                    stream: stream.to_string(),
-                    field: f.name().clone(),
-                    expected: actual.name(),
-                    found: ft.name(),
-                }
-                .into());
-            }
+            resolve(catalog, stream, f.name(), ft)?;
         }
     }
     Ok(())
+}
+
+/// Adds (or finds) column `name` of type `ft` in `stream`; a column of another type is an
+/// error naming both.
+fn resolve(
+    catalog: &StreamCatalog,
+    stream: &StreamName,
+    name: &str,
+    ft: FieldType,
+) -> Result<Arc<ferrite_engine::StreamSchema>> {
+    let (schema, actual) = catalog.resolve_field(stream, name, ft)?;
+    if actual != ft {
+        return Err(ferrite_engine::Error::TypeConflict {
+            stream: stream.to_string(),
+            field: name.to_owned(),
+            expected: actual.name(),
+            found: ft.name(),
+        }
+        .into());
+    }
+    Ok(schema)
 }
 
 /// The catalog type a rule output column is stored as, and the Arrow type to cast it to.
@@ -277,17 +289,7 @@ pub fn conform(
                 f.data_type()
             )));
         };
-        let (s, actual) = catalog.resolve_field(stream, f.name(), ft)?;
-        if actual != ft {
-            return Err(ferrite_engine::Error::TypeConflict {
-                stream: stream.to_string(),
-                field: f.name().clone(),
-                expected: actual.name(),
-                found: ft.name(),
-            }
-            .into());
-        }
-        stream_schema = s;
+        stream_schema = resolve(catalog, stream, f.name(), ft)?;
         named.push((f.name().clone(), cast(col, &ft.data_type())?));
     }
     let arrow_schema = stream_schema.arrow.clone();

@@ -1202,16 +1202,27 @@ impl RuleEngine {
         conform(&self.catalog, &target, &with_rule, &time, &device)
     }
 
-    /// Every open window and partial match of every rule (`system.rule_state`).
-    pub fn state_rows(&self) -> Result<Vec<crate::inspect::StateRow>> {
+    /// Calls `f` with every live rule's state on every shard (shard `None`: shared state).
+    fn each_state(&self, mut f: impl FnMut(Option<usize>, &LiveRule, &RuleState) -> Result<()>) -> Result<()> {
         let rules = self.rules();
-        let mut out = Vec::new();
         let maps =
             self.shards.iter().enumerate().map(|(i, s)| (Some(i), s)).chain(std::iter::once((None, &self.global)));
         for (shard, map) in maps {
             let map = map.lock();
             for rule in rules.iter() {
-                let Some(st) = map.get(&rule.plan.name).filter(|s| s.generation == rule.generation) else { continue };
+                if let Some(st) = map.get(&rule.plan.name).filter(|s| s.generation == rule.generation) {
+                    f(shard, rule, st)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every open window and partial match of every rule (`system.rule_state`).
+    pub fn state_rows(&self) -> Result<Vec<crate::inspect::StateRow>> {
+        let mut out = Vec::new();
+        self.each_state(|shard, rule, st| {
+            {
                 match &st.op {
                     OpState::Stateless => {}
                     OpState::Window(w) => {
@@ -1246,35 +1257,30 @@ impl RuleEngine {
                     }
                 }
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
     /// Every device's clock per stateful rule (`system.watermarks`).
     pub fn watermark_rows(&self) -> Vec<crate::inspect::WatermarkRow> {
-        let rules = self.rules();
         let mut out = Vec::new();
-        let maps =
-            self.shards.iter().enumerate().map(|(i, s)| (Some(i), s)).chain(std::iter::once((None, &self.global)));
-        for (shard, map) in maps {
-            let map = map.lock();
-            for rule in rules.iter() {
-                let Some(st) = map.get(&rule.plan.name).filter(|s| s.generation == rule.generation) else { continue };
-                if matches!(st.op, OpState::Stateless) {
-                    continue;
-                }
-                for (device, c) in st.devices.iter().filter(|(_, c)| c.max_time != i64::MIN) {
-                    out.push(crate::inspect::WatermarkRow {
-                        rule: rule.plan.name.clone(),
-                        shard,
-                        device_id: device.to_string(),
-                        newest_event: c.max_time,
-                        watermark: c.max_time.saturating_sub(rule.plan.time.max_delay),
-                        last_seen: c.last_seen,
-                    });
-                }
+        let _ = self.each_state(|shard, rule, st| {
+            if matches!(st.op, OpState::Stateless) {
+                return Ok(());
             }
-        }
+            for (device, c) in st.devices.iter().filter(|(_, c)| c.max_time != i64::MIN) {
+                out.push(crate::inspect::WatermarkRow {
+                    rule: rule.plan.name.clone(),
+                    shard,
+                    device_id: device.to_string(),
+                    newest_event: c.max_time,
+                    watermark: c.max_time.saturating_sub(rule.plan.time.max_delay),
+                    last_seen: c.last_seen,
+                });
+            }
+            Ok(())
+        });
         out.sort_by(|a, b| (&a.rule, &a.device_id).cmp(&(&b.rule, &b.device_id)));
         out
     }
@@ -1418,7 +1424,7 @@ fn apply(rule: &LiveRule, op: &PostOp, batch: &RecordBatch) -> Result<RecordBatc
 
 /// Returns `batch` with exactly the columns of `schema`, matched by name: columns the batch
 /// lacks (older batches) become nulls, extra columns (newer fields) are dropped.
-fn align(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+pub(crate) fn align(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     if batch.schema().fields() == schema.fields() {
         return Ok(batch.clone());
     }

@@ -529,15 +529,19 @@ impl<'a> Parser<'a> {
 
     fn stream_ref(&mut self) -> PResult<StreamRef> {
         let stream = self.ident("a stream name")?;
-        let filter = if self.peek_char() == Some('[') {
-            self.pos += 1;
-            let f = self.balanced(']')?;
-            self.pos += 1;
-            Some(f)
-        } else {
-            None
-        };
+        let filter = self.bracket_filter()?;
         Ok(StreamRef { stream, filter })
+    }
+
+    /// `[condition]` right after a stream name, if there is one.
+    fn bracket_filter(&mut self) -> PResult<Option<Spanned<String>>> {
+        if self.peek_char() != Some('[') {
+            return Ok(None);
+        }
+        self.pos += 1;
+        let f = self.balanced(']')?;
+        self.pos += 1;
+        Ok(Some(f))
     }
 
     fn source(&mut self) -> PResult<Source> {
@@ -617,14 +621,7 @@ impl<'a> Parser<'a> {
         } else {
             // No alias: the stream name itself; read its filter.
             self.pos = first.span.end;
-            let filter = if self.peek_char() == Some('[') {
-                self.pos += 1;
-                let f = self.balanced(']')?;
-                self.pos += 1;
-                Some(f)
-            } else {
-                None
-            };
+            let filter = self.bracket_filter()?;
             (first.clone(), StreamRef { stream: first, filter })
         };
         let (mut min, mut max) = (1, Some(1));
