@@ -288,3 +288,58 @@ fn rules_as_data_per_device_limits_loaded_from_the_stream() -> anyhow::Result<()
     s.stop()?;
     Ok(())
 }
+
+/// Accepts one HTTP request on an ephemeral port and hands over its path and body.
+fn one_request_server() -> anyhow::Result<(std::net::SocketAddr, std::sync::mpsc::Receiver<(String, String)>)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        let (stream, _) = listener.accept()?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line)?;
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse()?;
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        let mut stream = stream;
+        stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")?;
+        let path = request_line.split_whitespace().nth(1).unwrap_or_default().to_owned();
+        let _ = tx.send((path, String::from_utf8_lossy(&body).into_owned()));
+        Ok(())
+    });
+    Ok((addr, rx))
+}
+
+#[test]
+fn a_webhook_action_posts_the_row() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let s = Server::start(data.path(), &[])?;
+    let (hook, received) = one_request_server()?;
+    let (status, body) =
+        s.post_json("/api/v1/streams/telemetry/events", &json!([{"device_id": "d0", "temperature": 1.0}]))?;
+    assert_eq!(status / 100, 2, "{body}");
+    let rule = format!(
+        "rule hook {{ from telemetry[temperature > 100] select device_id, temperature then webhook 'http://{hook}/hooks/{{device_id}}' {{\"hot\": \"{{temperature}}\"}} }}"
+    );
+    let (status, body) = s.post("/api/v1/rules", "text/plain", rule.as_bytes())?;
+    assert_eq!(status, 201, "{body}");
+    s.post_json("/api/v1/streams/telemetry/events", &json!([{"device_id": "boiler-1", "temperature": 120.0}]))?;
+    let (path, body) = received.recv_timeout(crate::harness::TIMEOUT)?;
+    assert_eq!(path, "/hooks/boiler-1");
+    assert_eq!(serde_json::from_str::<Value>(&body)?, json!({"hot": 120.0}));
+    s.wait_for("the webhook counter", |s| Ok(s.metric("ferrite_webhooks_total{outcome=\"ok\"}")? == 1))?;
+    s.stop()?;
+    Ok(())
+}

@@ -100,3 +100,65 @@ fn counted_steps_and_strict_sequences() -> Result<()> {
     );
     Ok(())
 }
+
+/// Records actions instead of sending them.
+#[derive(Default)]
+struct Recorder(parking_lot::Mutex<Vec<(String, String, serde_json::Value)>>);
+
+impl ferrite_rules::ActionSink for Recorder {
+    fn publish(&self, topic: &str, payload: Vec<u8>) {
+        self.0.lock().push(("publish".into(), topic.into(), serde_json::from_slice(&payload).unwrap_or_default()));
+    }
+    fn webhook(&self, url: &str, body: Vec<u8>) {
+        self.0.lock().push(("webhook".into(), url.into(), serde_json::from_slice(&body).unwrap_or_default()));
+    }
+}
+
+#[test]
+fn actions_fill_their_templates() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let recorder = std::sync::Arc::new(Recorder::default());
+    let e = ferrite_rules::RuleEngine::new(
+        1,
+        catalog.clone(),
+        std::sync::Arc::new(ferrite_engine::Metrics::new()),
+        recorder.clone(),
+        std::sync::Arc::new(ferrite_engine::ManualClock::new(0)),
+    );
+    let rules = "rule a { from telemetry[temperature > 30] select device_id, temperature \
+                 then publish 'sites/{device_id}/hot' {\"t\": \"{temperature}\", \"note\": \"{device_id} is hot\"} \
+                 then webhook 'http://hooks.example/{device_id}' \
+                 then command device_id 'cool' {\"target\": 20} }";
+    e.deploy(rules, None).map_err(|err| anyhow::anyhow!(err.render("t", rules)))?;
+    e.process(
+        0,
+        &[batch(&catalog, "telemetry", &[json!({"t": 5, "temperature": 35.0}), json!({"t": 6, "temperature": 10.0})])?],
+    );
+    let got = recorder.0.lock().clone();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0], ("publish".into(), "sites/d1/hot".into(), json!({"t": 35.0, "note": "d1 is hot"})));
+    assert_eq!(
+        got[1],
+        ("webhook".into(), "http://hooks.example/d1".into(), json!({"device_id": "d1", "temperature": 35.0}))
+    );
+    assert_eq!(got[2].1, "devices/d1/commands");
+    assert_eq!(got[2].2["name"], json!("cool"));
+    assert_eq!(got[2].2["params"], json!({"target": 20}));
+    Ok(())
+}
+
+#[test]
+fn processing_time_uses_the_arrival_time() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let rules = "stream telemetry { time processing }\nrule w { from telemetry window tumbling 1m by device_id select count(*) as n insert into w_out }";
+    let (e, clock) = engine(&catalog, 1, rules)?;
+    // Event times an hour apart, but they arrive within the same minute: one window.
+    clock.set(10 * S);
+    e.process(0, &[batch(&catalog, "telemetry", &[json!({"t": 0, "temperature": 1.0})])?]);
+    clock.set(20 * S);
+    e.process(0, &[batch(&catalog, "telemetry", &[json!({"t": 3600, "temperature": 1.0})])?]);
+    clock.set(70 * S);
+    let out = e.process(0, &[batch(&catalog, "telemetry", &[json!({"t": 7200, "temperature": 1.0})])?]);
+    assert_eq!(rows_of(&out, "w_out")?, vec![json!({"time": 60.0, "device_id": "d1", "n": 2})]);
+    Ok(())
+}

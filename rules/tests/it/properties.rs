@@ -206,6 +206,28 @@ fn absence_reference(evs: &[Ev]) -> Vec<String> {
     rows
 }
 
+/// Count windows per device, in arrival order: every 3 events (tumbling; a partial last
+/// window is dropped) and the last 2 (sliding).
+fn count_reference(evs: &[Ev]) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (d, es) in per_device(evs) {
+        for chunk in es.chunks(3).filter(|c| c.len() == 3) {
+            let s: f64 = chunk.iter().map(|e| e.v as f64).sum();
+            rows.push(
+                json!({"time": chunk[2].t as f64, "device_id": format!("dev{d}"), "kind": "t", "s": s}).to_string(),
+            );
+        }
+        for (i, e) in es.iter().enumerate() {
+            let s: f64 = es[i.saturating_sub(1)..=i].iter().map(|x| x.v as f64).sum();
+            rows.push(json!({"time": e.t as f64, "device_id": format!("dev{d}"), "kind": "s", "s": s}).to_string());
+        }
+    }
+    rows.sort();
+    rows
+}
+
+const COUNT: &str = "rule t { from telemetry window tumbling count 3 by device_id select device_id, 't' as kind, sum(temperature) as s insert into w_out }\nrule s { from telemetry window sliding count 2 by device_id select device_id, 's' as kind, sum(temperature) as s insert into w_out }";
+
 const HOPPING: &str = "stream telemetry { max_delay 5s }\nrule w { from telemetry window hopping 2m every 1m by device_id select device_id, count(*) as n, sum(temperature) as s insert into w_out }";
 const SLIDING: &str = "rule w { from telemetry window sliding 5m by device_id select device_id, count(*) as n, sum(temperature) as s insert into w_out }";
 const SESSION: &str = "rule w { from telemetry window session 30s by device_id select device_id, count(*) as n, min(time) as first insert into w_out }";
@@ -221,6 +243,14 @@ proptest! {
     fn tumbling_windows_match_the_reference(evs in events(60), cuts in prop::collection::vec(0usize..100, 0..4), shards in 1usize..4) {
         let got = run_split(TUMBLING, &evs, &cuts, shards, "w_out").map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(got, tumbling_reference(&evs));
+    }
+
+    #[test]
+    fn count_windows_match_the_reference(evs in events(50), cuts in prop::collection::vec(0usize..100, 0..4), shards in 1usize..4) {
+        let mut evs = evs;
+        evs.sort_by_key(|e| e.t);
+        let got = run_split(COUNT, &evs, &cuts, shards, "w_out").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(got, count_reference(&evs));
     }
 
     #[test]
