@@ -429,12 +429,6 @@ fn compile_rule(
         return Err(Diagnostic::new(j.table.span, "a pattern cannot join a table (yet)")
             .with_hint("join in a rule that reads the stream and inserts the enriched rows into a derived stream, then match the pattern on that"));
     }
-    if let Some(rate) = &rule.output_rate
-        && !rate.first
-    {
-        return Err(Diagnostic::new(rule.name.span, "`output last every` is not built yet")
-            .with_hint("use `output first every D`, which is"));
-    }
     let c = Ctx { ctx: SessionContext::new(), rule };
     let text = source.get(rule.span.start..rule.span.end).unwrap_or_default().to_owned();
     let mut compiled = match &rule.from {

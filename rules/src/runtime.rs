@@ -189,6 +189,8 @@ struct RuleState {
     raised: HashSet<String>,
     /// `output first every D`: per key, the period it last emitted in.
     rate: HashMap<String, i64>,
+    /// `output last every D`: per key, the latest row of its current period.
+    pending: HashMap<String, PendingRow>,
 }
 
 /// The outputs of one rule run, before they become derived batches and actions.
@@ -763,6 +765,24 @@ impl RuleEngine {
                 let (batch, times, devices) = emitted;
                 self.emit(rule, state, batch, &times, &devices)
             })();
+            // `output last`: rows whose period has ended by their device's time go out.
+            let result = result.and_then(|mut b| {
+                let Some(rate) = rule.plan.output_rate.filter(|r| !r.first) else { return Ok(b) };
+                let global = is_global(rule);
+                let now_of: HashMap<String, i64> = state
+                    .pending
+                    .values()
+                    .filter_map(|p| {
+                        let clock = if global { Some(&state.stream) } else { state.devices.get(&p.device) };
+                        clock.and_then(|c| time_of(c, 0)).map(|t| (p.device.to_string(), t))
+                    })
+                    .collect();
+                if let Some(r) = release_due(state, rate.every, &|d| now_of.get(d).copied())? {
+                    let all = vec![true; r.batch.num_rows()];
+                    b.extend(self.deliver(rule, state, &r.batch, &r.times, &r.devices, &r.keys, &all, None, false)?);
+                }
+                Ok(b)
+            });
             match result {
                 Ok(b) => {
                     if compared {
@@ -811,7 +831,8 @@ impl RuleEngine {
         // minus `max_delay` and `lateness`, evaluated row by row in arrival order. Device ids
         // become shared strings, one allocation per device and rule, not per row. Stateless
         // rules need neither.
-        let stateful = !matches!(state.op, OpState::Stateless);
+        // `output last` keeps rows per key over event time: it needs the clocks too.
+        let stateful = !matches!(state.op, OpState::Stateless) || plan.output_rate.is_some_and(|r| !r.first);
         let mut late = vec![false; if stateful { n } else { 0 }];
         let mut any_late = false;
         let mut devices: Vec<Arc<str>> = Vec::with_capacity(if stateful { n } else { 0 });
@@ -1065,18 +1086,54 @@ impl RuleEngine {
         let devices: Vec<Arc<str>> = idx.iter().map(|&i| devices[i].clone()).collect();
         let keys: Vec<String> = idx.iter().map(|&i| keys[i].clone()).collect();
         let passed: Vec<bool> = idx.iter().map(|&i| passed[i]).collect();
+        // `output last every D`: the passing rows wait, one per key, until their period ends.
+        let (held, released) = match plan.output_rate {
+            Some(rate) if !rate.first => {
+                let (held, released) = hold_last(state, &out_batch, &times, &devices, &keys, &passed, rate.every)?;
+                (Some(held), released)
+            }
+            _ => (None, None),
+        };
+        let mut batches =
+            self.deliver(rule, state, &out_batch, &times, &devices, &keys, &passed, held.as_deref(), true)?;
+        if let Some(r) = released {
+            let all = vec![true; r.batch.num_rows()];
+            batches.extend(self.deliver(rule, state, &r.batch, &r.times, &r.devices, &r.keys, &all, None, false)?);
+        }
+        Ok(batches)
+    }
+
+    /// Turns final rows into derived batches, alerts and actions. `held` rows wait for
+    /// `output last`; `apply_rate` applies `output first`.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &self,
+        rule: &LiveRule,
+        state: &mut RuleState,
+        out_batch: &RecordBatch,
+        times: &[i64],
+        devices: &[Arc<str>],
+        keys: &[String],
+        passed: &[bool],
+        held: Option<&[bool]>,
+        apply_rate: bool,
+    ) -> Result<Vec<StreamBatch>> {
+        let plan = &rule.plan;
         let mut emitted_rows = Vec::new();
         let mut batches = Vec::new();
         let mut alert_rows: Vec<(usize, &'static str)> = Vec::new();
         let has_alert = plan.actions.iter().any(|a| matches!(a, ActionPlan::Alert { .. }));
         for i in 0..out_batch.num_rows() {
+            if held.is_some_and(|h| h[i]) {
+                continue;
+            }
             if !passed[i] {
                 if plan.having.is_some() && has_alert && state.raised.remove(&keys[i]) {
                     alert_rows.push((i, "cleared"));
                 }
                 continue;
             }
-            if let Some(rate) = plan.output_rate {
+            if let Some(rate) = plan.output_rate.filter(|r| r.first && apply_rate) {
                 let period = times[i].div_euclid(i64::try_from(rate.every.as_nanos()).unwrap_or(i64::MAX).max(1));
                 if state.rate.get(&keys[i]) == Some(&period) {
                     continue;
@@ -1099,7 +1156,7 @@ impl RuleEngine {
         self.metrics.inc("ferrite_rule_matches_total", &[("rule", &rule.label)], matched);
         if !emitted_rows.is_empty() {
             let idx = arrow::array::UInt32Array::from_iter_values(emitted_rows.iter().map(|i| *i as u32));
-            let out = arrow::compute::take_record_batch(&out_batch, &idx)?;
+            let out = arrow::compute::take_record_batch(out_batch, &idx)?;
             rule.stats.events_out.fetch_add(out.num_rows() as u64, Ordering::Relaxed);
             self.metrics.inc("ferrite_rule_events_out_total", &[("rule", &rule.label)], out.num_rows() as u64);
             if let Some(target) = &plan.insert_into {
@@ -1139,7 +1196,7 @@ impl RuleEngine {
             }
         }
         if !alert_rows.is_empty() {
-            batches.push(self.alerts(rule, &out_batch, &alert_rows, &times, &devices, &keys)?);
+            batches.push(self.alerts(rule, out_batch, &alert_rows, times, devices, keys)?);
         }
         Ok(batches)
     }
@@ -1296,6 +1353,80 @@ impl BatchObserver for RuleEngine {
     }
 }
 
+/// The row `output last` holds for a key.
+struct PendingRow {
+    period: i64,
+    row: RecordBatch,
+    time: i64,
+    device: Arc<str>,
+}
+
+/// Rows released by `output last`, ready to deliver.
+struct Released {
+    batch: RecordBatch,
+    times: Vec<i64>,
+    devices: Vec<Arc<str>>,
+    keys: Vec<String>,
+}
+
+/// `output last every D`: passing rows replace their key's pending row; a pending row of an
+/// earlier period is released. Returns which rows are held and what is released.
+fn hold_last(
+    state: &mut RuleState,
+    out: &RecordBatch,
+    times: &[i64],
+    devices: &[Arc<str>],
+    keys: &[String],
+    passed: &[bool],
+    every: std::time::Duration,
+) -> Result<(Vec<bool>, Option<Released>)> {
+    let every = i64::try_from(every.as_nanos()).unwrap_or(i64::MAX).max(1);
+    let mut released = Vec::new();
+    for i in (0..out.num_rows()).filter(|&i| passed[i]) {
+        let period = times[i].div_euclid(every);
+        let row = PendingRow { period, row: out.slice(i, 1), time: times[i], device: devices[i].clone() };
+        if let Some(old) = state.pending.insert(keys[i].clone(), row)
+            && old.period < period
+        {
+            released.push((keys[i].clone(), old));
+        }
+    }
+    Ok((passed.to_vec(), collect_released(released)?))
+}
+
+/// Pending `output last` rows whose period has ended by their device's time.
+fn release_due(
+    state: &mut RuleState,
+    every: std::time::Duration,
+    time_of: &dyn Fn(&str) -> Option<i64>,
+) -> Result<Option<Released>> {
+    let every = i64::try_from(every.as_nanos()).unwrap_or(i64::MAX).max(1);
+    let due: Vec<String> = state
+        .pending
+        .iter()
+        .filter(|(_, p)| time_of(&p.device).is_some_and(|t| t == i64::MAX || t >= (p.period + 1).saturating_mul(every)))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let rows = due.into_iter().filter_map(|k| state.pending.remove(&k).map(|p| (k, p))).collect();
+    collect_released(rows)
+}
+
+fn collect_released(mut rows: Vec<(String, PendingRow)>) -> Result<Option<Released>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    rows.sort_by(|a, b| (a.1.time, &a.0).cmp(&(b.1.time, &b.0)));
+    let schema = rows[0].1.row.schema();
+    let parts: Vec<&RecordBatch> = rows.iter().map(|(_, p)| &p.row).collect();
+    let batch = arrow::compute::concat_batches(&schema, parts)?;
+    Ok(Some(Released {
+        batch,
+        times: rows.iter().map(|(_, p)| p.time).collect(),
+        devices: rows.iter().map(|(_, p)| p.device.clone()).collect(),
+        keys: rows.into_iter().map(|(k, _)| k).collect(),
+    }))
+}
+
 /// A shadow's derived rows as they are (`time`, `device_id`, the output columns), without
 /// touching the catalog.
 fn raw_output(
@@ -1375,6 +1506,7 @@ fn new_state(rule: &LiveRule) -> Result<RuleState> {
         op,
         raised: HashSet::new(),
         rate: HashMap::new(),
+        pending: HashMap::new(),
     })
 }
 

@@ -88,8 +88,6 @@ fn unbuilt_constructs_are_refused_with_an_explanation() -> Result<()> {
         "rule r { from every a = telemetry -> b = telemetry join devices on devices.id = device_id insert into o }",
     )?;
     assert!(text.contains("a pattern cannot join a table"), "{text}");
-    let text = check_error("rule r { from telemetry output last every 1m insert into o }")?;
-    assert!(text.contains("`output last every` is not built yet"), "{text}");
     let text = check_error(
         "rule r { from telemetry window sliding 5m by device_id select approx_distinct(door) as k insert into o }",
     )?;

@@ -275,3 +275,25 @@ fn per_device_limits_come_from_a_stream_read_as_a_table() -> Result<()> {
     assert_eq!(hot(&e)?, vec!["d1 above 30.0", "d2 above 35.0"]);
     Ok(())
 }
+
+#[test]
+fn output_first_and_last_every_period() -> Result<()> {
+    let rows: Vec<_> = [(0, 1.0), (20, 2.0), (50, 3.0), (70, 4.0), (80, 5.0), (130, 6.0)]
+        .iter()
+        .map(|(t, v)| json!({"t": t, "temperature": v}))
+        .collect();
+    let values = |out: &[ferrite_engine::StreamBatch]| -> Result<Vec<(f64, f64)>> {
+        Ok(rows_of(out, "o")?
+            .iter()
+            .map(|r| (r["time"].as_f64().unwrap_or(f64::NAN), r["temperature"].as_f64().unwrap_or(f64::NAN)))
+            .collect())
+    };
+    let first =
+        run("rule r { from telemetry select device_id, temperature output first every 1m insert into o }", &rows)?;
+    assert_eq!(values(&first)?, vec![(0.0, 1.0), (70.0, 4.0), (130.0, 6.0)]);
+    // `last`: each minute's last row, sent once the minute is over (the final one at the end).
+    let last =
+        run("rule r { from telemetry select device_id, temperature output last every 1m insert into o }", &rows)?;
+    assert_eq!(values(&last)?, vec![(50.0, 3.0), (80.0, 5.0), (130.0, 6.0)]);
+    Ok(())
+}
