@@ -28,6 +28,26 @@ enum RulesCommand {
     Test(TestArgs),
     /// Run rule files over archived history, as if it arrived live (backtesting).
     Replay(ReplayArgs),
+    /// Say why a deployed rule did or did not fire for a device over a time range.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ExplainArgs {
+    /// The deployed rule.
+    rule: String,
+    /// The device.
+    #[arg(long)]
+    device: String,
+    /// Start of the range (RFC 3339, inclusive).
+    #[arg(long)]
+    from: String,
+    /// End of the range (RFC 3339, exclusive).
+    #[arg(long)]
+    to: String,
+    /// Base URL of the server.
+    #[arg(long, env = "FERRITE_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,6 +102,7 @@ pub fn run(args: RulesArgs) -> anyhow::Result<()> {
         RulesCommand::Check(a) => check(a),
         RulesCommand::Test(a) => test(a),
         RulesCommand::Replay(a) => replay(a),
+        RulesCommand::Explain(a) => explain(a),
     }
 }
 
@@ -306,71 +327,11 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let name = args.file.display().to_string();
     let file = ferrite_rules::syntax::parse(&text)
         .map_err(|ds| anyhow::anyhow!("{}", Error::Invalid(ds).render(&name, &text)))?;
-    let mut inputs: Vec<String> = Vec::new();
-    for rule in &file.rules {
-        let refs: Vec<&ferrite_rules::ast::StreamRef> = match &rule.from {
-            ferrite_rules::ast::Source::Stream(s) => vec![s],
-            ferrite_rules::ast::Source::Pattern(p) => p
-                .steps
-                .iter()
-                .map(|s| match s {
-                    ferrite_rules::ast::StepDef::Event { input, .. }
-                    | ferrite_rules::ast::StepDef::Absent { input, .. } => input,
-                })
-                .collect(),
-        };
-        for r in refs {
-            let derived = file.rules.iter().any(|x| x.insert_into.as_ref().is_some_and(|t| t.value == r.stream.value));
-            if !derived && !inputs.contains(&r.stream.value) {
-                inputs.push(r.stream.value.clone());
-            }
-        }
-    }
-    for (what, t) in [("--from", &args.from), ("--to", &args.to)] {
-        if ferrite_ingest::json::parse_rfc3339(t).is_none() {
-            bail!("{what} `{t}` is not an RFC 3339 time (e.g. 2026-11-01T00:00:00Z)");
-        }
-    }
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(std::time::Duration::from_secs(3600)))
-        .build()
-        .new_agent();
+    let inputs = input_streams(&file);
     let base = args.server.trim_end_matches('/').to_owned();
+    let agent = agent();
     let catalog = Arc::new(StreamCatalog::in_memory());
-    let mut events: Vec<StreamBatch> = Vec::new();
-    for stream in &inputs {
-        let sql =
-            format!("SELECT * FROM \"{stream}\" WHERE time >= '{}' AND time < '{}' ORDER BY time", args.from, args.to);
-        let mut resp = agent
-            .post(&format!("{base}/api/v1/sql"))
-            .header("Content-Type", "application/json")
-            .header("Accept", "application/vnd.apache.arrow.stream")
-            .send(serde_json::json!({ "sql": sql }).to_string().as_bytes())
-            .with_context(|| format!("cannot reach the Ferrite server at {base} (set --server)"))?;
-        let status = resp.status();
-        let bytes = resp.body_mut().with_config().limit(u64::MAX).read_to_vec()?;
-        if !status.is_success() {
-            bail!("reading `{stream}`: {}", String::from_utf8_lossy(&bytes));
-        }
-        let name = StreamName::new(stream)?;
-        for batch in arrow::ipc::reader::StreamReader::try_new(bytes.as_slice(), None)? {
-            let batch = batch?;
-            for f in batch.schema().fields().iter().skip(2) {
-                let ty = match f.data_type() {
-                    arrow::datatypes::DataType::Float64 => ferrite_engine::FieldType::Float,
-                    arrow::datatypes::DataType::Int64 => ferrite_engine::FieldType::Int,
-                    arrow::datatypes::DataType::Boolean => ferrite_engine::FieldType::Bool,
-                    arrow::datatypes::DataType::Timestamp(..) => ferrite_engine::FieldType::Timestamp,
-                    _ => ferrite_engine::FieldType::String,
-                };
-                catalog.resolve_field(&name, f.name(), ty)?;
-            }
-            catalog.ensure_stream(&name)?;
-            events.push(StreamBatch::new(name.clone(), batch));
-        }
-    }
-    let events = merge_by_time(events)?;
+    let events = fetch_history(&agent, &base, &inputs, &args.from, &args.to, None, &catalog)?;
     let total: usize = events.iter().map(StreamBatch::num_rows).sum();
     eprintln!("replaying {total} events of {} from {} to {}", inputs.join(", "), args.from, args.to);
     // The replay itself, in slices so that progress can be shown.
@@ -425,6 +386,92 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Streams the file's rules read that no rule of the file derives.
+fn input_streams(file: &ferrite_rules::ast::RuleFile) -> Vec<String> {
+    use ferrite_rules::ast::{Source, StepDef};
+    let mut inputs: Vec<String> = Vec::new();
+    for rule in &file.rules {
+        let refs: Vec<&ferrite_rules::ast::StreamRef> = match &rule.from {
+            Source::Stream(s) => vec![s],
+            Source::Pattern(p) => p
+                .steps
+                .iter()
+                .map(|s| match s {
+                    StepDef::Event { input, .. } | StepDef::Absent { input, .. } => input,
+                })
+                .collect(),
+        };
+        let joined = rule.join.iter().filter(|j| !file.tables.iter().any(|t| t.name.value == j.table.value));
+        for name in refs.iter().map(|r| &r.stream.value).chain(joined.map(|j| &j.table.value)) {
+            let derived = file.rules.iter().any(|x| x.insert_into.as_ref().is_some_and(|t| &t.value == name));
+            if !derived && !inputs.contains(name) {
+                inputs.push(name.clone());
+            }
+        }
+    }
+    inputs
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(3600)))
+        .build()
+        .new_agent()
+}
+
+/// Reads `streams` over [from, to) (and of one device, if given) from the server as Arrow,
+/// learning their schemas into `catalog`; returns the rows in time order.
+fn fetch_history(
+    agent: &ureq::Agent,
+    base: &str,
+    streams: &[String],
+    from: &str,
+    to: &str,
+    device: Option<&str>,
+    catalog: &StreamCatalog,
+) -> anyhow::Result<Vec<StreamBatch>> {
+    for (what, t) in [("--from", from), ("--to", to)] {
+        if ferrite_ingest::json::parse_rfc3339(t).is_none() {
+            bail!("{what} `{t}` is not an RFC 3339 time (e.g. 2026-11-01T00:00:00Z)");
+        }
+    }
+    let device_filter = device.map(|d| format!(" AND device_id = '{}'", d.replace('\'', "''"))).unwrap_or_default();
+    let mut events: Vec<StreamBatch> = Vec::new();
+    for stream in streams {
+        let sql =
+            format!("SELECT * FROM \"{stream}\" WHERE time >= '{from}' AND time < '{to}'{device_filter} ORDER BY time");
+        let mut resp = agent
+            .post(&format!("{base}/api/v1/sql"))
+            .header("Content-Type", "application/json")
+            .header("Accept", "application/vnd.apache.arrow.stream")
+            .send(serde_json::json!({ "sql": sql }).to_string().as_bytes())
+            .with_context(|| format!("cannot reach the Ferrite server at {base} (set --server)"))?;
+        let status = resp.status();
+        let bytes = resp.body_mut().with_config().limit(u64::MAX).read_to_vec()?;
+        if !status.is_success() {
+            bail!("reading `{stream}`: {}", String::from_utf8_lossy(&bytes));
+        }
+        let name = StreamName::new(stream)?;
+        catalog.ensure_stream(&name)?;
+        for batch in arrow::ipc::reader::StreamReader::try_new(bytes.as_slice(), None)? {
+            let batch = batch?;
+            for f in batch.schema().fields().iter().skip(2) {
+                let ty = match f.data_type() {
+                    arrow::datatypes::DataType::Float64 => ferrite_engine::FieldType::Float,
+                    arrow::datatypes::DataType::Int64 => ferrite_engine::FieldType::Int,
+                    arrow::datatypes::DataType::Boolean => ferrite_engine::FieldType::Bool,
+                    arrow::datatypes::DataType::Timestamp(..) => ferrite_engine::FieldType::Timestamp,
+                    _ => ferrite_engine::FieldType::String,
+                };
+                catalog.resolve_field(&name, f.name(), ty)?;
+            }
+            events.push(StreamBatch::new(name.clone(), batch));
+        }
+    }
+    merge_by_time(events)
+}
+
 /// Orders the rows of several streams by time into runs of one stream each (one stream:
 /// as it is, already in time order).
 fn merge_by_time(batches: Vec<StreamBatch>) -> anyhow::Result<Vec<StreamBatch>> {
@@ -470,4 +517,161 @@ fn merge_by_time(batches: Vec<StreamBatch>) -> anyhow::Result<Vec<StreamBatch>> 
     }
     flush(&mut run, &mut out)?;
     Ok(out)
+}
+
+/// Replays the rule over one device's history, then replays variants of it (the filter
+/// alone, windows without `having`, each prefix of a pattern) to show where events stop.
+fn explain(args: ExplainArgs) -> anyhow::Result<()> {
+    use ferrite_rules::ast::{Source, Span, Spanned, StepDef};
+
+    let agent = agent();
+    let base = args.server.trim_end_matches('/').to_owned();
+    let mut resp = agent
+        .get(&format!("{base}/api/v1/rules/{}", args.rule))
+        .call()
+        .with_context(|| format!("cannot reach the Ferrite server at {base} (set --server)"))?;
+    let body = resp.body_mut().read_to_string()?;
+    if !resp.status().is_success() {
+        bail!("rule `{}`: {body}", args.rule);
+    }
+    let info: serde_json::Value = serde_json::from_str(&body)?;
+    let rule_text = info["text"].as_str().unwrap_or_default();
+    let parsed = ferrite_rules::syntax::parse(rule_text)
+        .map_err(|ds| anyhow::anyhow!("{}", Error::Invalid(ds).render(&args.rule, rule_text)))?;
+    let inputs = input_streams(&parsed);
+    let main = inputs.first().cloned().unwrap_or_default();
+    // The rule's event-time settings, which live in a `stream` declaration of its file.
+    let text = format!(
+        "stream {main} {{ max_delay {}ms lateness {}ms time {} }}\n{rule_text}",
+        info["time"]["max_delay_ms"].as_i64().unwrap_or(0),
+        info["time"]["lateness_ms"].as_i64().unwrap_or(0),
+        if info["time"]["processing_time"].as_bool().unwrap_or(false) { "processing" } else { "event" }
+    );
+    let file = ferrite_rules::syntax::parse(&text)
+        .map_err(|ds| anyhow::anyhow!("{}", Error::Invalid(ds).render(&args.rule, &text)))?;
+    let rule = file.rules.first().context("no rule in the deployed text")?.clone();
+    let catalog = Arc::new(StreamCatalog::in_memory());
+    let events = fetch_history(&agent, &base, &inputs, &args.from, &args.to, Some(&args.device), &catalog)?;
+    println!("rule `{}` for device `{}` from {} to {}", args.rule, args.device, args.from, args.to);
+    for stream in &inputs {
+        let n: usize = events.iter().filter(|b| b.stream.as_str() == stream).map(StreamBatch::num_rows).sum();
+        println!("  {n} events of `{stream}`");
+    }
+    let run = |variant: ferrite_rules::ast::RuleDef| -> anyhow::Result<Vec<serde_json::Value>> {
+        let rf = ferrite_rules::ast::RuleFile {
+            streams: file.streams.clone(),
+            tables: file.tables.clone(),
+            rules: vec![variant],
+        };
+        let schemas = |s: &str| catalog.get_by_name(s).map(|x| x.arrow.clone());
+        let compiled = ferrite_rules::plan::compile(&rf, &text, &schemas)
+            .map_err(|ds| anyhow::anyhow!("{}", Error::Invalid(ds).render(&args.rule, &text)))?;
+        let out = recorded::run_compiled(
+            compiled,
+            &catalog,
+            &events,
+            RunShape { shards: 1, batch_rows: 1 },
+            Arc::new(NoActions),
+            &|_| {},
+        )?;
+        Ok(recorded::to_rows(&out))
+    };
+    let probe = |mut v: ferrite_rules::ast::RuleDef| {
+        v.insert_into = Some(Spanned { value: "explain_out".to_owned(), span: Span::default() });
+        v.actions.clear();
+        v.output_rate = None;
+        v
+    };
+    let count = |rows: &[serde_json::Value], stream: &str| rows.iter().filter(|r| r["stream"] == stream).count();
+    match &rule.from {
+        Source::Stream(input) => {
+            if let Some(f) = &input.filter {
+                let mut v = probe(rule.clone());
+                v.window = None;
+                v.select = None;
+                v.having = None;
+                let rows = run(v)?;
+                let total: usize =
+                    events.iter().filter(|b| b.stream.as_str() == input.stream.value).map(StreamBatch::num_rows).sum();
+                println!("  filter `{}`: {} of {total} events pass", f.value, count(&rows, "explain_out"));
+            }
+            if rule.window.is_some() {
+                let mut all = probe(rule.clone());
+                all.having = None;
+                let windows: Vec<serde_json::Value> =
+                    run(all)?.into_iter().filter(|r| r["stream"] == "explain_out").collect();
+                let passing: Vec<serde_json::Value> = match &rule.having {
+                    Some(_) => run(probe(rule.clone()))?.into_iter().filter(|r| r["stream"] == "explain_out").collect(),
+                    None => windows.clone(),
+                };
+                let late = run(probe(rule.clone()))?
+                    .iter()
+                    .filter(|r| r["stream"].as_str().is_some_and(|s| s.ends_with("_late")))
+                    .count();
+                println!(
+                    "  {} windows closed{}",
+                    windows.len(),
+                    if late > 0 { format!(", {late} events were late") } else { String::new() }
+                );
+                for w in &windows {
+                    let mut shown = w.clone();
+                    if let Some(o) = shown.as_object_mut() {
+                        o.remove("stream");
+                    }
+                    let verdict = match &rule.having {
+                        Some(h) if passing.contains(w) => format!("  (having `{}`: true)", h.value),
+                        Some(h) => format!("  (having `{}`: false)", h.value),
+                        None => String::new(),
+                    };
+                    println!("    {shown}{verdict}");
+                }
+            }
+        }
+        Source::Pattern(p) => {
+            for k in 1..=p.steps.len() {
+                let mut v = probe(rule.clone());
+                v.select = None;
+                v.having = None;
+                let Source::Pattern(vp) = &mut v.from else { continue };
+                vp.steps.truncate(k);
+                if matches!(vp.steps.last(), Some(StepDef::Absent { duration: None, .. })) && vp.within.is_none() {
+                    continue;
+                }
+                let what = match &p.steps[k - 1] {
+                    StepDef::Event { alias, input, .. } => format!(
+                        "{} = {}{}",
+                        alias.value,
+                        input.stream.value,
+                        input.filter.as_ref().map(|f| format!("[{}]", f.value)).unwrap_or_default()
+                    ),
+                    StepDef::Absent { input, .. } => format!(
+                        "not {}{}",
+                        input.stream.value,
+                        input.filter.as_ref().map(|f| format!("[{}]", f.value)).unwrap_or_default()
+                    ),
+                };
+                let n = count(&run(v)?, "explain_out");
+                println!("  steps 1..{k} (… {what}): {n} matches");
+                if n == 0 {
+                    println!(
+                        "  the pattern stops at step {k}{}",
+                        p.within.map(|w| format!(" (a match must complete within {w:?})")).unwrap_or_default()
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    let rows = run(rule.clone())?;
+    let fired: Vec<&serde_json::Value> =
+        rows.iter().filter(|r| !r["stream"].as_str().is_some_and(|s| s.ends_with("_late"))).collect();
+    if fired.is_empty() {
+        println!("  the rule did not fire");
+    } else {
+        println!("  the rule fired {} times:", fired.len());
+        for r in fired.iter().take(20) {
+            println!("    {r}");
+        }
+    }
+    Ok(())
 }

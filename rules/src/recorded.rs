@@ -44,10 +44,23 @@ pub fn run_with_progress(
     actions: Arc<dyn ActionSink>,
     progress: &dyn Fn(usize),
 ) -> Result<Vec<StreamBatch>> {
+    let compiled = crate::runtime::compile_text(rules, &|s: &str| catalog.get_by_name(s).map(|x| x.arrow.clone()))?;
+    run_compiled(compiled, catalog, events, shape, actions, progress)
+}
+
+/// Like [`run_with_progress`], for rules already compiled (variants built from a syntax tree).
+pub fn run_compiled(
+    compiled: Vec<crate::plan::CompiledRule>,
+    catalog: &Arc<StreamCatalog>,
+    events: &[StreamBatch],
+    shape: RunShape,
+    actions: Arc<dyn ActionSink>,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<StreamBatch>> {
     let shards = shape.shards.max(1);
     let clock = Arc::new(ManualClock::new(0));
     let engine = RuleEngine::new(shards, catalog.clone(), Arc::new(Metrics::new()), actions, clock.clone());
-    engine.deploy(rules, None)?;
+    engine.install(compiled, None)?;
     let mut out = Vec::new();
     let mut done = 0;
     for batch in rebatch(events, shape.batch_rows.max(1))? {

@@ -159,6 +159,19 @@ pub struct RuleInfo {
     pub last_error: Option<String>,
     /// Whether a shadow version runs beside it.
     pub has_shadow: bool,
+    /// Event-time settings of its main input (`stream` declarations are not in `text`).
+    pub time: TimeInfo,
+}
+
+/// Event-time settings, as the API shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimeInfo {
+    /// `max_delay`, milliseconds.
+    pub max_delay_ms: i64,
+    /// `lateness`, milliseconds.
+    pub lateness_ms: i64,
+    /// `time processing`.
+    pub processing_time: bool,
 }
 
 #[derive(Default)]
@@ -630,6 +643,11 @@ impl RuleEngine {
             },
             last_error: r.last_error.lock().clone(),
             has_shadow: self.shadows.read().iter().any(|s| s.plan.name == r.plan.name),
+            time: TimeInfo {
+                max_delay_ms: r.plan.time.max_delay / 1_000_000,
+                lateness_ms: r.plan.time.lateness / 1_000_000,
+                processing_time: r.plan.time.processing_time,
+            },
         }
     }
 

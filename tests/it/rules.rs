@@ -343,3 +343,53 @@ fn a_webhook_action_posts_the_row() -> anyhow::Result<()> {
     s.stop()?;
     Ok(())
 }
+
+#[test]
+fn explain_says_where_a_rule_stopped_for_a_device() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let s = Server::start(data.path(), &[])?;
+    // The door opens at 10:00 and the temperature rises 11 minutes later: too late.
+    let events = json!([
+        {"device_id": "d1", "ts": "2026-10-01T10:00:00Z", "door": "open", "temperature": 20.0},
+        {"device_id": "d1", "ts": "2026-10-01T10:05:00Z", "temperature": 22.0},
+        {"device_id": "d1", "ts": "2026-10-01T10:11:00Z", "temperature": 90.0},
+        {"device_id": "d2", "ts": "2026-10-01T10:00:00Z", "door": "open", "temperature": 20.0},
+    ]);
+    assert_eq!(s.post_json("/api/v1/streams/telemetry/events", &events)?.0 / 100, 2);
+    let design = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/tests/design.rules"))?;
+    assert_eq!(s.post("/api/v1/rules", "text/plain", &design)?.0, 201);
+    let url = format!("http://{}", s.http);
+    let explain = |rule: &str| -> anyhow::Result<String> {
+        let out = ferrite(&[
+            "rules",
+            "explain",
+            rule,
+            "--device",
+            "d1",
+            "--from",
+            "2026-10-01T00:00:00Z",
+            "--to",
+            "2026-10-02T00:00:00Z",
+            "--server",
+            &url,
+        ])?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(stdout)
+    };
+    let door = explain("door_left_open")?;
+    assert!(door.contains("3 events of `telemetry`"), "{door}");
+    assert!(door.contains("steps 1..1 (… a = telemetry[door = 'open']): 1 matches"), "{door}");
+    assert!(door.contains("0 matches"), "{door}");
+    assert!(door.contains("the pattern stops at step 2 (a match must complete within 600s)"), "{door}");
+    assert!(door.contains("the rule did not fire"), "{door}");
+    let hot = explain("hot_devices")?;
+    assert!(hot.contains("filter `temperature is not null`: 3 of 3 events pass"), "{hot}");
+    assert!(hot.contains("\"avg_temp\":90.0") && hot.contains("(having `avg_temp > 80`: true)"), "{hot}");
+    assert!(hot.contains("(having `avg_temp > 80`: false)"), "{hot}");
+    assert!(hot.contains("the rule fired 1 times"), "{hot}");
+    s.stop()?;
+    Ok(())
+}
