@@ -44,7 +44,7 @@ pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(0);
 pub const DEFAULT_STATE_LIMIT: usize = 1_000_000;
 
 /// Event-time settings of a rule's input.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimeSettings {
     /// Bounded out-of-orderness, nanoseconds.
     pub max_delay: i64,

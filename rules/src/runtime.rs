@@ -309,6 +309,18 @@ impl RuleEngine {
             .cloned()
             .collect();
         for plan in compiled {
+            // Re-deploying a file keeps the state of its rules that did not change.
+            let unchanged = guard.iter().find(|r| {
+                r.plan.name == plan.name
+                    && r.origin.as_deref() == origin
+                    && r.plan.text == plan.text
+                    && r.plan.input_schemas == plan.input_schemas
+                    && r.plan.time == plan.time
+            });
+            if let Some(r) = unchanged {
+                next.push(r.clone());
+                continue;
+            }
             // A rule of the same name from another file is replaced too: names are global.
             let generation = self.generation.fetch_add(1, Ordering::Relaxed);
             tracing::info!(rule = %plan.name, generation, origin = origin.unwrap_or("api"), "rule deployed");

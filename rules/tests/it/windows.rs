@@ -297,3 +297,26 @@ fn output_first_and_last_every_period() -> Result<()> {
     assert_eq!(values(&last)?, vec![(50.0, 3.0), (80.0, 5.0), (130.0, 6.0)]);
     Ok(())
 }
+
+#[test]
+fn editing_one_rule_of_a_file_keeps_the_others_state() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let a =
+        "rule a { from telemetry window tumbling 1m by device_id select device_id, count(*) as n insert into a_out }\n";
+    let (e, _) = engine(&catalog, 1, &format!("{a}rule b {{ from telemetry[temperature > 1] insert into b_out }}"))?;
+    e.process(0, &[batch(&catalog, "telemetry", &[json!({"t": 10, "temperature": 5.0})])?]);
+    assert_eq!(e.state_rows()?.len(), 1, "a's window is open");
+    e.deploy(&format!("{a}rule b {{ from telemetry[temperature > 2] insert into b_out }}"), Some("test.rules"))
+        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    assert_eq!(e.state_rows()?.len(), 1, "a kept its window");
+    let out = e.finish(0);
+    assert_eq!(rows_of(&out, "a_out")?, vec![json!({"time": 60.0, "device_id": "d1", "n": 1})]);
+    // Changing `a` itself starts it afresh.
+    e.deploy(
+        "rule a { from telemetry window tumbling 2m by device_id select device_id, count(*) as n insert into a_out }",
+        Some("test.rules"),
+    )
+    .map_err(|err| anyhow::anyhow!("{err}"))?;
+    assert_eq!(e.state_rows()?.len(), 0);
+    Ok(())
+}
