@@ -141,10 +141,14 @@ pub enum StepDef {
 /// `join NAME on EXPR`.
 #[derive(Debug, Clone)]
 pub struct JoinClause {
-    /// Table name (declared by `table`).
+    /// Table name (declared by `table`), or the joined stream.
     pub table: Spanned<String>,
+    /// `join b = stream ...`: a join of two streams, whose other side is `b`.
+    pub alias: Option<Spanned<String>>,
     /// Join condition (SQL boolean).
     pub on: Spanned<String>,
+    /// `within D`: how far apart in event time joined events may be (stream joins).
+    pub within: Option<Duration>,
 }
 
 /// The kind of a window.

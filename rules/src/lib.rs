@@ -19,6 +19,7 @@ pub mod error;
 pub mod files;
 pub mod http;
 pub mod inspect;
+pub mod join;
 pub mod lookup;
 pub mod output;
 pub mod pattern;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::common::DFSchema;
+use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::ExprSchemable;
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
@@ -136,6 +136,47 @@ pub struct PatternPlan {
     pub match_schema: SchemaRef,
 }
 
+/// The stateful part of a join of two streams.
+#[derive(Debug, Clone)]
+pub struct StreamJoinPlan {
+    /// The left side's stream.
+    pub left_stream: String,
+    /// The right side's stream.
+    pub right_stream: String,
+    /// The left side's `[filter]`, over its stream.
+    pub left_filter: Option<Arc<dyn PhysicalExpr>>,
+    /// The condition, compiled for one pair (when simple enough).
+    pub cond_scalar: Option<Arc<ScalarExpr>>,
+    /// The condition for DataFusion, over one row of the left then the right columns.
+    pub cond: Option<Arc<dyn PhysicalExpr>>,
+    /// Schema `cond` is evaluated against.
+    pub cond_schema: SchemaRef,
+    /// Columns of the left stream.
+    pub left_width: usize,
+    /// How far apart joined events may be, nanoseconds.
+    pub within: i64,
+    /// Schema of a pair as the select list sees it.
+    pub match_schema: SchemaRef,
+}
+
+impl StreamJoinPlan {
+    /// Whether the condition holds for a pair.
+    pub fn holds(&self, left: &[ScalarValue], right: &[ScalarValue]) -> datafusion::error::Result<bool> {
+        let w = self.left_width;
+        if let Some(fast) = &self.cond_scalar {
+            let get = |k: usize| if k < w { left.get(k) } else { right.get(k - w) };
+            return Ok(fast.holds(&[], 0, &get));
+        }
+        let Some(cond) = &self.cond else { return Ok(true) };
+        let columns =
+            left.iter().chain(right).map(ScalarValue::to_array).collect::<datafusion::error::Result<Vec<_>>>()?;
+        let one = arrow::array::RecordBatch::try_new(self.cond_schema.clone(), columns)?;
+        let v = cond.evaluate(&one)?.into_array(1)?;
+        let b = v.as_any().downcast_ref::<arrow::array::BooleanArray>();
+        Ok(b.is_some_and(|b| arrow::array::Array::is_valid(b, 0) && b.value(0)))
+    }
+}
+
 /// The operator a rule runs on its input.
 #[derive(Debug, Clone)]
 pub enum OperatorPlan {
@@ -145,6 +186,8 @@ pub enum OperatorPlan {
     Window(WindowPlan),
     /// A pattern over one or more streams.
     Pattern(PatternPlan),
+    /// A join of two streams within a time bound.
+    Join(StreamJoinPlan),
 }
 
 /// An action with its templates checked against the output schema.
@@ -425,15 +468,18 @@ fn compile_rule(
     source: &str,
     schemas: &dyn SchemaSource,
 ) -> Result<CompiledRule, Diagnostic> {
-    if let (Some(j), Source::Pattern(_)) = (&rule.join, &rule.from) {
+    if let (Some(j), Source::Pattern(_)) = (&rule.join, &rule.from)
+        && j.alias.is_none()
+    {
         return Err(Diagnostic::new(j.table.span, "a pattern cannot join a table (yet)")
             .with_hint("join in a rule that reads the stream and inserts the enriched rows into a derived stream, then match the pattern on that"));
     }
     let c = Ctx { ctx: SessionContext::new(), rule };
     let text = source.get(rule.span.start..rule.span.end).unwrap_or_default().to_owned();
-    let mut compiled = match &rule.from {
-        Source::Stream(input) => compile_stream(&c, file, input, schemas)?,
-        Source::Pattern(p) => compile_pattern(&c, file, p, schemas)?,
+    let mut compiled = match (&rule.from, &rule.join) {
+        (_, Some(j)) if j.alias.is_some() => compile_stream_join(&c, file, j, schemas)?,
+        (Source::Stream(input), _) => compile_stream(&c, file, input, schemas)?,
+        (Source::Pattern(p), _) => compile_pattern(&c, file, p, schemas)?,
     };
     compiled.text = text;
     compiled.insert_into = rule.insert_into.as_ref().map(|s| s.value.clone());
@@ -806,6 +852,129 @@ fn quote_step_refs(sql: &str, aliases: &[&str]) -> String {
         out.push(c);
     }
     out
+}
+
+fn compile_stream_join(
+    c: &Ctx<'_>,
+    file: &ast::RuleFile,
+    j: &ast::JoinClause,
+    schemas: &dyn SchemaSource,
+) -> Result<CompiledRule, Diagnostic> {
+    let rule = c.rule;
+    let (left_alias, left) = match &rule.from {
+        Source::Stream(s) => (s.stream.clone(), s.clone()),
+        Source::Pattern(p) => match p.steps.as_slice() {
+            [StepDef::Event { alias, input, min: 1, max: Some(1) }] if !p.every && p.within.is_none() => {
+                (alias.clone(), input.clone())
+            }
+            _ => {
+                return Err(Diagnostic::new(p.span, "a join reads one stream on each side")
+                    .with_hint("write `from a = s1 join b = s2 on CONDITION within D`"));
+            }
+        },
+    };
+    let right_alias = j.alias.clone().unwrap_or_else(|| j.table.clone());
+    if right_alias.value == left_alias.value {
+        return Err(Diagnostic::new(right_alias.span, "both sides of the join have the same name")
+            .with_hint("name them: `from a = telemetry join b = telemetry on ...`"));
+    }
+    if rule.window.is_some() {
+        return Err(Diagnostic::new(j.table.span, "a join of two streams cannot also have a window")
+            .with_hint("insert the joined rows into a derived stream and window that"));
+    }
+    let sl = stream_schema(schemas, &left.stream)?;
+    let sr = stream_schema(schemas, &j.table)?;
+    let left_filter = match &left.filter {
+        Some(f) => {
+            let df =
+                DFSchema::try_from(sl.as_ref().clone()).map_err(|e| df_error(f.span, "invalid filter", &e, None))?;
+            let e = c.expr(&f.value, &df).map_err(|e| df_error(f.span, "invalid filter", &e, Some(&sl)))?;
+            Some(c.physical(&e, &df).map_err(|e| df_error(f.span, "invalid filter", &e, Some(&sl)))?)
+        }
+        None => None,
+    };
+    let mut fields: Vec<Field> = Vec::new();
+    for (alias, s) in [(&left_alias.value, &sl), (&right_alias.value, &sr)] {
+        fields.extend(
+            s.fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_name(format!("{alias}.{}", f.name())).with_nullable(true)),
+        );
+    }
+    let cond_schema = Arc::new(Schema::new(fields));
+    let df =
+        DFSchema::try_from(cond_schema.as_ref().clone()).map_err(|e| df_error(j.on.span, "invalid join", &e, None))?;
+    let on_sql = quote_step_refs(&j.on.value, &[left_alias.value.as_str(), right_alias.value.as_str()]);
+    let on = c.expr(&on_sql, &df).map_err(|e| df_error(j.on.span, "invalid join condition", &e, Some(&cond_schema)))?;
+    // Joins pair events of one device: `a.device_id = b.device_id` only restates that.
+    let same_device = |e: &Expr| {
+        matches!(e, Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right })
+            if matches!((left.as_ref(), right.as_ref()), (Expr::Column(a), Expr::Column(b))
+                if a.name.ends_with(".device_id") && b.name.ends_with(".device_id") && a.name != b.name))
+    };
+    let rest: Vec<Expr> = split_conjunction(&on).into_iter().filter(|e| !same_device(e)).cloned().collect();
+    let cond_expr = rest.into_iter().reduce(|a, b| a.and(b));
+    let names: Vec<String> = cond_schema.fields().iter().map(|f| f.name().clone()).collect();
+    let cond_scalar = cond_expr.as_ref().and_then(|e| ScalarExpr::compile(e, &names)).map(Arc::new);
+    let cond = cond_expr
+        .map(|e| c.physical(&e, &df))
+        .transpose()
+        .map_err(|e| df_error(j.on.span, "invalid join condition", &e, Some(&cond_schema)))?;
+    // The select list over `a CROSS JOIN b`.
+    c.register(&left_alias.value, &sl).map_err(|e| df_error(left_alias.span, "cannot plan the join", &e, None))?;
+    c.register(&right_alias.value, &sr).map_err(|e| df_error(right_alias.span, "cannot plan the join", &e, None))?;
+    let select_span = rule.select.as_ref().map_or(rule.name.span, |s| s.span);
+    let default_select = format!("{}.*, {}.*", left_alias.value, right_alias.value);
+    let select = rule.select.as_ref().map_or(default_select.as_str(), |s| s.value.as_str());
+    let sql = format!("SELECT {select} FROM {} CROSS JOIN {}", left_alias.value, right_alias.value);
+    let plan = c.plan_sql(&sql).map_err(|e| df_error(select_span, "invalid select list", &e, None))?;
+    let (mut post, base) = lower_chain(c, &plan).map_err(|e| df_error(select_span, "invalid select list", &e, None))?;
+    if !matches!(base, LogicalPlan::Join(_)) || contains_aggregate(&plan) {
+        return Err(Diagnostic::new(select_span, "a join's select list holds expressions over its two sides")
+            .with_hint("e.g. `select a.device_id, a.temperature, b.humidity`"));
+    }
+    let match_schema = Arc::new(base.schema().as_arrow().clone());
+    let output = output_schema(&post, &match_schema);
+    if let Some(h) = &rule.having {
+        let out_df =
+            DFSchema::try_from(output.as_ref().clone()).map_err(|e| df_error(h.span, "invalid having", &e, None))?;
+        let e = c.expr(&h.value, &out_df).map_err(|e| df_error(h.span, "invalid having", &e, Some(&output)))?;
+        post.push(PostOp::Filter(c.physical(&e, &out_df).map_err(|e| df_error(h.span, "invalid having", &e, None))?));
+    }
+    let mut inputs = vec![left.stream.value.clone()];
+    let mut input_schemas = vec![sl.clone()];
+    if j.table.value != left.stream.value {
+        inputs.push(j.table.value.clone());
+        input_schemas.push(sr.clone());
+    }
+    Ok(CompiledRule {
+        name: rule.name.value.clone(),
+        text: String::new(),
+        time: time_settings(file, &inputs[0]),
+        row_schema: sl.clone(),
+        join: None,
+        inputs,
+        input_schemas,
+        pre: Vec::new(),
+        operator: OperatorPlan::Join(StreamJoinPlan {
+            left_stream: left.stream.value.clone(),
+            right_stream: j.table.value.clone(),
+            left_filter,
+            cond_scalar,
+            cond,
+            cond_schema,
+            left_width: sl.fields().len(),
+            within: j.within.map_or(0, nanos),
+            match_schema,
+        }),
+        having: None,
+        post,
+        output,
+        insert_into: None,
+        actions: Vec::new(),
+        output_rate: None,
+        state_limit: DEFAULT_STATE_LIMIT,
+    })
 }
 
 fn compile_pattern(

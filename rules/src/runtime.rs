@@ -26,6 +26,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::join::JoinState;
 use crate::lookup::LookupTable;
 use crate::output::{ALERTS_STREAM, ActionSink, RowView, conform, fill_json, fill_text};
 use crate::pattern::{PatternInput, PatternState};
@@ -188,6 +189,7 @@ enum OpState {
     Stateless,
     Window(Box<WindowState>),
     Pattern(PatternState),
+    Join(JoinState),
 }
 
 struct RuleState {
@@ -775,6 +777,7 @@ impl RuleEngine {
                         let batch = w.to_batch(&emitted).map_err(|e| eval(rule, e))?;
                         (batch, times, devices)
                     }
+                    OpState::Join(_) => return Ok(Vec::new()),
                     OpState::Pattern(p) => {
                         let devices = &state.devices;
                         let matches = p.advance_all(&|d: &str| {
@@ -1053,6 +1056,13 @@ impl RuleEngine {
                 let devs: Vec<Arc<str>> = matches.iter().map(|m| m.device.clone()).collect();
                 (p.to_batch(&matches).map_err(|e| eval(rule, e))?, times, devs)
             }
+            OpState::Join(j) => {
+                let delay = plan.time.max_delay.saturating_add(plan.time.lateness);
+                let pairs = j.update(sb.stream.as_str(), &batch, &time, &devices, delay).map_err(|e| eval(rule, e))?;
+                let times: Vec<i64> = pairs.iter().map(|p| p.time).collect();
+                let devs: Vec<Arc<str>> = pairs.iter().map(|p| p.device.clone()).collect();
+                (j.to_batch(&pairs).map_err(|e| eval(rule, e))?, times, devs)
+            }
         };
         batches.extend(self.emit(rule, state, op_batch, &times, &out_devices)?);
         Ok(Outputs { batches })
@@ -1325,6 +1335,19 @@ impl RuleEngine {
                             });
                         }
                     }
+                    OpState::Join(j) => {
+                        for (device, side, t) in j.buffered() {
+                            out.push(crate::inspect::StateRow {
+                                rule: rule.plan.name.clone(),
+                                shard,
+                                kind: "join_buffer",
+                                device_id: device.to_string(),
+                                detail: side.to_owned(),
+                                start: t,
+                                end: None,
+                            });
+                        }
+                    }
                     OpState::Pattern(p) => {
                         let steps = match &rule.plan.operator {
                             OperatorPlan::Pattern(pp) => pp.steps.len(),
@@ -1527,6 +1550,7 @@ fn new_state(rule: &LiveRule) -> Result<RuleState> {
             OpState::Window(Box::new(WindowState::new(w.clone(), key_types, schema)?))
         }
         OperatorPlan::Pattern(p) => OpState::Pattern(PatternState::new(p.clone(), rule.plan.state_limit)),
+        OperatorPlan::Join(j) => OpState::Join(JoinState::new(j.clone())),
     };
     Ok(RuleState {
         generation: rule.generation,
@@ -1545,6 +1569,7 @@ fn state_size(s: &RuleState) -> usize {
         OpState::Stateless => 0,
         OpState::Window(w) => w.size(),
         OpState::Pattern(p) => p.size(),
+        OpState::Join(j) => j.size(),
     }
 }
 

@@ -449,10 +449,45 @@ impl<'a> Parser<'a> {
                     from = Some(self.source()?);
                 }
                 Some("join") => {
-                    let table = self.ident("a table name")?;
-                    self.expect_word("on", "write `join TABLE on CONDITION`")?;
-                    let on = self.clause_text("a join condition")?;
-                    rule.join = Some(JoinClause { table, on });
+                    let first = self.ident("a table name, or `alias = stream`")?;
+                    self.skip_trivia();
+                    let (alias, table) = if self.rest().starts_with('=') && !self.rest().starts_with("==") {
+                        self.pos += 1;
+                        (Some(first), self.ident("a stream name")?)
+                    } else {
+                        (None, first)
+                    };
+                    self.expect_word(
+                        "on",
+                        "write `join TABLE on CONDITION` or `join b = STREAM on CONDITION within D`",
+                    )?;
+                    let mut on = self.clause_text("a join condition")?;
+                    let mut within = None;
+                    // `... within D` ends a stream join's condition.
+                    if let Some(at) = on.value.to_ascii_lowercase().rfind(" within ") {
+                        let d = on.value[at + 8..].trim();
+                        match parse_duration(d) {
+                            Some(d) => {
+                                within = Some(d);
+                                on.value.truncate(at);
+                                on.value = on.value.trim_end().to_owned();
+                                on.span.end = on.span.start + on.value.len();
+                            }
+                            None => {
+                                return Err(Diagnostic::new(
+                                    on.span,
+                                    format!("expected a duration after `within`, found `{d}`"),
+                                )
+                                .with_hint("e.g. `within 1m`"));
+                            }
+                        }
+                    }
+                    if alias.is_some() && within.is_none() {
+                        return Err(Diagnostic::new(table.span, "a join of two streams needs `within D`").with_hint(
+                            "say how far apart in event time joined events may be: `... on a.x = b.x within 1m`",
+                        ));
+                    }
+                    rule.join = Some(JoinClause { table, alias, on, within });
                 }
                 Some("window") => {
                     if rule.window.is_some() {
