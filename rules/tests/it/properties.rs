@@ -228,6 +228,23 @@ fn count_reference(evs: &[Ev]) -> Vec<String> {
 
 const COUNT: &str = "rule t { from telemetry window tumbling count 3 by device_id select device_id, 't' as kind, sum(temperature) as s insert into w_out }\nrule s { from telemetry window sliding count 2 by device_id select device_id, 's' as kind, sum(temperature) as s insert into w_out }";
 
+/// Pairs (open event a, closed event b) of one device at most 30 s apart, either order,
+/// with b hotter than a.
+fn join_reference(evs: &[Ev]) -> Vec<String> {
+    let mut rows = Vec::new();
+    for (i, a) in evs.iter().enumerate() {
+        for (j, b) in evs.iter().enumerate() {
+            if i != j && a.d == b.d && a.door == 0 && b.door == 1 && (a.t - b.t).abs() <= 30 && b.v > a.v {
+                rows.push(json!({"time": a.t.max(b.t) as f64, "device_id": format!("dev{}", a.d), "a_t": a.t as f64, "b_t": b.t as f64}).to_string());
+            }
+        }
+    }
+    rows.sort();
+    rows
+}
+
+const JOIN: &str = "rule j { from a = telemetry[door = 'open'] join b = telemetry on b.door = 'closed' and b.temperature > a.temperature within 30s select a.time as a_t, b.time as b_t insert into w_out }";
+
 const HOPPING: &str = "stream telemetry { max_delay 5s }\nrule w { from telemetry window hopping 2m every 1m by device_id select device_id, count(*) as n, sum(temperature) as s insert into w_out }";
 const SLIDING: &str = "rule w { from telemetry window sliding 5m by device_id select device_id, count(*) as n, sum(temperature) as s insert into w_out }";
 const SESSION: &str = "rule w { from telemetry window session 30s by device_id select device_id, count(*) as n, min(time) as first insert into w_out }";
@@ -251,6 +268,14 @@ proptest! {
         evs.sort_by_key(|e| e.t);
         let got = run_split(COUNT, &evs, &cuts, shards, "w_out").map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(got, count_reference(&evs));
+    }
+
+    #[test]
+    fn stream_joins_match_the_reference(evs in events(40), cuts in prop::collection::vec(0usize..100, 0..4), shards in 1usize..4) {
+        let mut evs = evs;
+        evs.sort_by_key(|e| e.t);
+        let got = run_split(JOIN, &evs, &cuts, shards, "w_out").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(got, join_reference(&evs));
     }
 
     #[test]
