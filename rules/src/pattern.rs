@@ -22,6 +22,7 @@ use arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 
 use crate::plan::PatternPlan;
+use crate::scalar::{Value, from_scalar};
 
 type DfResult<T> = datafusion::error::Result<T>;
 
@@ -33,6 +34,56 @@ struct Partial {
     deadline: i64,
     /// Per step: the last event it matched (columns of the step's stream).
     captured: Vec<Option<Arc<Vec<ScalarValue>>>>,
+    /// The captured values cross conditions read (`PatternPlan::refs`), typed and inline.
+    typed: Typed,
+}
+
+/// Typed captured values: inline for the usual one or two, so that testing a partial match
+/// reads nothing outside it.
+#[derive(Clone)]
+enum Typed {
+    Inline([Value; 2]),
+    Heap(Vec<Value>),
+}
+
+impl Typed {
+    fn new(n: usize) -> Self {
+        if n <= 2 { Typed::Inline([Value::Null, Value::Null]) } else { Typed::Heap(vec![Value::Null; n]) }
+    }
+
+    fn get(&self, i: usize) -> Option<&Value> {
+        match self {
+            Typed::Inline(a) => a.get(i),
+            Typed::Heap(v) => v.get(i),
+        }
+    }
+
+    fn set(&mut self, i: usize, v: Value) {
+        match self {
+            Typed::Inline(a) => {
+                if let Some(x) = a.get_mut(i) {
+                    *x = v;
+                }
+            }
+            Typed::Heap(h) => {
+                if let Some(x) = h.get_mut(i) {
+                    *x = v;
+                }
+            }
+        }
+    }
+}
+
+impl Partial {
+    /// Records the event step `j` matched, and the typed values conditions read from it.
+    fn capture(&mut self, plan: &PatternPlan, j: usize, row: Arc<Vec<ScalarValue>>) {
+        for (slot, (step, col)) in plan.refs.iter().enumerate() {
+            if *step == j {
+                self.typed.set(slot, row.get(*col).and_then(from_scalar).unwrap_or(Value::Null));
+            }
+        }
+        self.captured[j] = Some(row);
+    }
 }
 
 #[derive(Default)]
@@ -195,13 +246,14 @@ impl PatternState {
                 if p.count >= step.min && next < plan.steps.len() && step_matches(next, &p)? {
                     p.step = next;
                     p.count = 1;
-                    p.captured[next] = Some(row()?);
+                    p.capture(plan, next, row()?);
                     settle(plan, p, t, device, &mut kept, &mut out);
                     continue;
                 }
                 if step.max.is_none_or(|m| p.count < m) && step_matches(p.step, &p)? {
                     p.count += 1;
-                    p.captured[p.step] = Some(row()?);
+                    let at = p.step;
+                    p.capture(plan, at, row()?);
                     settle(plan, p, t, device, &mut kept, &mut out);
                     continue;
                 }
@@ -213,11 +265,17 @@ impl PatternState {
             }
             // A new match starts at a first-step event.
             if local_ok(0, i) && (plan.every || kept.is_empty()) {
-                let mut p =
-                    Partial { step: 0, count: 0, start: t, deadline: i64::MAX, captured: vec![None; plan.steps.len()] };
+                let mut p = Partial {
+                    step: 0,
+                    count: 0,
+                    start: t,
+                    deadline: i64::MAX,
+                    captured: vec![None; plan.steps.len()],
+                    typed: Typed::new(plan.refs.len()),
+                };
                 if cross_matches(plan, 0, &p, input.batch, i)? {
                     p.count = 1;
-                    p.captured[0] = Some(row()?);
+                    p.capture(plan, 0, row()?);
                     settle(plan, p, t, device, &mut kept, &mut out);
                 }
             }
@@ -392,10 +450,12 @@ fn cross_matches(plan: &PatternPlan, j: usize, p: &Partial, batch: &RecordBatch,
     let step = &plan.steps[j];
     let Some(expr) = &step.cross else { return Ok(true) };
     if let Some(fast) = &step.cross_scalar {
-        // Column k after the event's is column `col` of named step `step`'s captured event.
-        let captured = |k: usize| -> Option<&ScalarValue> {
-            let (step, col) = *step.captured_columns.get(k)?;
-            p.captured[step].as_ref()?.get(col)
+        // Column k after the event's: a typed value the partial keeps inline.
+        let captured = |k: usize| -> Value {
+            match step.ref_slots.get(k).copied().flatten() {
+                Some(slot) => p.typed.get(slot).cloned().unwrap_or(Value::Null),
+                None => Value::Null,
+            }
         };
         return Ok(fast.holds(batch.columns(), i, &captured));
     }

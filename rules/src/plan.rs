@@ -111,6 +111,9 @@ pub struct StepPlan {
     pub cross_scalar: Option<Arc<ScalarExpr>>,
     /// For each column of `cross_schema` after the step's own: (earlier step, its column).
     pub captured_columns: Vec<(usize, usize)>,
+    /// For each column of `cross_schema` after the step's own: its slot in the typed
+    /// values a partial match keeps (`PatternPlan::refs`), if `cross_scalar` reads it.
+    pub ref_slots: Vec<Option<usize>>,
     /// Columns of the step's stream (the width of its captured events).
     pub width: usize,
     /// Least and most events (`{min,max}`).
@@ -134,6 +137,9 @@ pub struct PatternPlan {
     pub steps: Vec<StepPlan>,
     /// Schema of a match: every aliased step's columns in order, as the select sees them.
     pub match_schema: SchemaRef,
+    /// Captured columns (step, column) that cross conditions read: a partial match keeps
+    /// their values typed and inline, so testing it touches no other memory.
+    pub refs: Vec<(usize, usize)>,
 }
 
 /// The stateful part of a join of two streams.
@@ -164,7 +170,10 @@ impl StreamJoinPlan {
     pub fn holds(&self, left: &[ScalarValue], right: &[ScalarValue]) -> datafusion::error::Result<bool> {
         let w = self.left_width;
         if let Some(fast) = &self.cond_scalar {
-            let get = |k: usize| if k < w { left.get(k) } else { right.get(k - w) };
+            let get = |k: usize| {
+                let v = if k < w { left.get(k) } else { right.get(k - w) };
+                v.and_then(crate::scalar::from_scalar).unwrap_or(crate::scalar::Value::Null)
+            };
             return Ok(fast.holds(&[], 0, &get));
         }
         let Some(cond) = &self.cond else { return Ok(true) };
@@ -854,6 +863,32 @@ fn quote_step_refs(sql: &str, aliases: &[&str]) -> String {
     out
 }
 
+/// Collects the captured columns the steps' compiled conditions read, and gives each step
+/// the slots of the ones it reads.
+fn typed_refs(steps: &mut [StepPlan]) -> Vec<(usize, usize)> {
+    let mut refs: Vec<(usize, usize)> = Vec::new();
+    for step in steps.iter_mut() {
+        let mut cols = Vec::new();
+        if let Some(e) = &step.cross_scalar {
+            e.columns(&mut cols);
+        }
+        step.ref_slots = vec![None; step.captured_columns.len()];
+        for c in cols.into_iter().filter(|c| *c >= step.width) {
+            let k = c - step.width;
+            let Some(&at) = step.captured_columns.get(k) else { continue };
+            let slot = match refs.iter().position(|r| *r == at) {
+                Some(i) => i,
+                None => {
+                    refs.push(at);
+                    refs.len() - 1
+                }
+            };
+            step.ref_slots[k] = Some(slot);
+        }
+    }
+    refs
+}
+
 fn compile_stream_join(
     c: &Ctx<'_>,
     file: &ast::RuleFile,
@@ -1062,6 +1097,7 @@ fn compile_pattern(
             cross_schema: Arc::new(Schema::new(cross_fields)),
             cross_scalar,
             captured_columns: captured_columns.clone(),
+            ref_slots: Vec::new(),
             width: schema.fields().len(),
             min,
             max,
@@ -1109,12 +1145,10 @@ fn compile_pattern(
         inputs,
         input_schemas,
         pre: Vec::new(),
-        operator: OperatorPlan::Pattern(PatternPlan {
-            every: p.every,
-            strict: p.strict,
-            within: p.within.map(nanos),
-            steps,
-            match_schema,
+        operator: OperatorPlan::Pattern({
+            let mut steps = steps;
+            let refs = typed_refs(&mut steps);
+            PatternPlan { every: p.every, strict: p.strict, within: p.within.map(nanos), steps, match_schema, refs }
         }),
         having: None,
         post,

@@ -70,6 +70,19 @@ pub enum Value {
 }
 
 impl ScalarExpr {
+    /// Indices of the columns the expression reads.
+    pub fn columns(&self, out: &mut Vec<usize>) {
+        match self {
+            ScalarExpr::Column(i) => out.push(*i),
+            ScalarExpr::Literal(_) => {}
+            ScalarExpr::Binary(l, _, r) => {
+                l.columns(out);
+                r.columns(out);
+            }
+            ScalarExpr::Not(e) | ScalarExpr::IsNull(e, _) => e.columns(out),
+        }
+    }
+
     /// Compiles `expr`, whose columns are named as in `columns` (in evaluation order).
     /// Returns `None` for expressions outside the supported subset.
     pub fn compile(expr: &Expr, columns: &[String]) -> Option<Self> {
@@ -112,19 +125,14 @@ impl ScalarExpr {
     }
 
     /// Evaluates over a row whose first columns are row `row` of `batch` and whose next
-    /// ones `captured(k)` gives (the k-th column after the batch's; `None`: null).
-    pub fn eval<'a>(
-        &self,
-        batch: &[ArrayRef],
-        row: usize,
-        captured: &dyn Fn(usize) -> Option<&'a ScalarValue>,
-    ) -> Value {
+    /// ones `captured(k)` gives (the k-th column after the batch's).
+    pub fn eval(&self, batch: &[ArrayRef], row: usize, captured: &dyn Fn(usize) -> Value) -> Value {
         match self {
             ScalarExpr::Column(i) => {
                 if *i < batch.len() {
                     return from_array(&batch[*i], row);
                 }
-                captured(*i - batch.len()).and_then(from_scalar).unwrap_or(Value::Null)
+                captured(*i - batch.len())
             }
             ScalarExpr::Literal(v) => v.clone(),
             ScalarExpr::Not(e) => match e.eval(batch, row, captured) {
@@ -146,33 +154,30 @@ impl ScalarExpr {
     }
 
     /// Whether the condition holds (null is false).
-    pub fn holds<'a>(
-        &self,
-        batch: &[ArrayRef],
-        row: usize,
-        captured: &dyn Fn(usize) -> Option<&'a ScalarValue>,
-    ) -> bool {
+    pub fn holds(&self, batch: &[ArrayRef], row: usize, captured: &dyn Fn(usize) -> Value) -> bool {
         self.eval(batch, row, captured) == Value::Bool(true)
     }
 }
 
-fn from_scalar(v: &ScalarValue) -> Option<Value> {
+/// The value of a scalar (`None`: a type the interpreter does not handle).
+pub fn from_scalar(v: &ScalarValue) -> Option<Value> {
+    // The common present values first: `is_null` is a long match of its own.
     Some(match v {
-        v if v.is_null() => Value::Null,
+        ScalarValue::Float64(Some(x)) => Value::Float(*x),
+        ScalarValue::Int64(Some(x)) => Value::Int(*x),
+        ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
+            Value::Str(s.clone())
+        }
         ScalarValue::Boolean(Some(b)) => Value::Bool(*b),
+        ScalarValue::TimestampNanosecond(Some(x), _) => Value::Int(*x),
         ScalarValue::Int8(Some(x)) => Value::Int(i64::from(*x)),
         ScalarValue::Int16(Some(x)) => Value::Int(i64::from(*x)),
         ScalarValue::Int32(Some(x)) => Value::Int(i64::from(*x)),
-        ScalarValue::Int64(Some(x)) => Value::Int(*x),
         ScalarValue::UInt8(Some(x)) => Value::Int(i64::from(*x)),
         ScalarValue::UInt16(Some(x)) => Value::Int(i64::from(*x)),
         ScalarValue::UInt32(Some(x)) => Value::Int(i64::from(*x)),
         ScalarValue::Float32(Some(x)) => Value::Float(f64::from(*x)),
-        ScalarValue::Float64(Some(x)) => Value::Float(*x),
-        ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
-            Value::Str(s.clone())
-        }
-        ScalarValue::TimestampNanosecond(Some(x), _) => Value::Int(*x),
+        v if v.is_null() => Value::Null,
         _ => return None,
     })
 }
@@ -271,7 +276,7 @@ mod tests {
         let c = ScalarExpr::compile(&e, &columns).unwrap_or(ScalarExpr::Literal(Value::Null));
         let batch: Vec<ArrayRef> = vec![Arc::new(Float64Array::from(vec![Some(26.0), Some(24.0), None]))];
         let a = [ScalarValue::Float64(Some(20.0))];
-        let captured = |k: usize| a.get(k);
+        let captured = |k: usize| a.get(k).and_then(from_scalar).unwrap_or(Value::Null);
         assert!(c.holds(&batch, 0, &captured));
         assert!(!c.holds(&batch, 1, &captured));
         assert!(!c.holds(&batch, 2, &captured), "null is not true");
