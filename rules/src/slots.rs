@@ -132,6 +132,23 @@ impl Native {
         Ok(())
     }
 
+    /// The value over several slots taken together (the panes of a hopping window).
+    fn combined(&self, slots: &[u32]) -> ScalarValue {
+        let n: i64 = slots.iter().map(|&s| self.n[s as usize]).sum();
+        let f = slots.iter().map(|&s| self.f[s as usize]);
+        let i = slots.iter().map(|&s| self.i[s as usize]);
+        match self.kind {
+            Kind::Count => ScalarValue::Int64(Some(n)),
+            Kind::Avg => ScalarValue::Float64((n > 0).then(|| f.sum::<f64>() / n as f64)),
+            Kind::Sum if self.int => ScalarValue::Int64((n > 0).then(|| i.fold(0i64, i64::wrapping_add))),
+            Kind::Sum => ScalarValue::Float64((n > 0).then(|| f.sum())),
+            Kind::Min if self.int => ScalarValue::Int64((n > 0).then(|| i.min().unwrap_or(i64::MAX))),
+            Kind::Min => ScalarValue::Float64((n > 0).then(|| f.fold(f64::INFINITY, f64::min))),
+            Kind::Max if self.int => ScalarValue::Int64((n > 0).then(|| i.max().unwrap_or(i64::MIN))),
+            Kind::Max => ScalarValue::Float64((n > 0).then(|| f.fold(f64::NEG_INFINITY, f64::max))),
+        }
+    }
+
     fn value(&self, slot: usize) -> ScalarValue {
         let n = self.n[slot];
         match self.kind {
@@ -298,6 +315,22 @@ impl Slots {
             }
         }
         Ok(())
+    }
+
+    /// Whether every aggregate is kept natively (then slots can be combined: panes).
+    pub fn all_native(&self) -> bool {
+        self.aggs.iter().all(|a| matches!(a, Agg::Native(_)))
+    }
+
+    /// The values of several slots taken together; `None` unless every aggregate is native.
+    pub fn combined(&self, slots: &[u32]) -> Option<Vec<ScalarValue>> {
+        self.aggs
+            .iter()
+            .map(|a| match a {
+                Agg::Native(n) => Some(n.combined(slots)),
+                Agg::Fallback(_) => None,
+            })
+            .collect()
     }
 
     /// Current values of a slot.

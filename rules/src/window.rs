@@ -94,6 +94,11 @@ pub struct WindowState {
     slots: Slots,
     /// Per device: its open tumbling or hopping windows' slots.
     slots_by_device: HashMap<Arc<str>, Vec<u32>, ahash::RandomState>,
+    /// Hopping windows whose aggregates combine (count, sum, avg, min, max) keep one slot
+    /// per `slide`-long pane; a window is the combination of its panes when it closes.
+    panes: Option<i64>,
+    /// With panes: per key, the start of the last window emitted.
+    emitted_upto: HashMap<OwnedRow, i64>,
 }
 
 impl WindowState {
@@ -106,6 +111,15 @@ impl WindowState {
         let key_types = if key_types.is_empty() { vec![arrow::datatypes::DataType::Boolean] } else { key_types };
         let converter = RowConverter::new(key_types.into_iter().map(SortField::new).collect())?;
         let slots = Slots::new(&plan.aggregates, input);
+        let panes = match plan.kind {
+            // Per device only: a key's panes must be found in one device's list.
+            WindowKind::Hopping { slide, .. }
+                if slots.all_native() && plan.emit == Emit::OnClose && plan.per_device =>
+            {
+                Some(nanos(slide))
+            }
+            _ => None,
+        };
         Ok(Self {
             plan,
             converter,
@@ -113,6 +127,8 @@ impl WindowState {
             by_device: HashMap::new(),
             slots,
             slots_by_device: HashMap::default(),
+            panes,
+            emitted_upto: HashMap::new(),
         })
     }
 
@@ -142,6 +158,11 @@ impl WindowState {
         };
         match self.plan.kind {
             WindowKind::Tumbling { size } => self.update_timed(input, &rows, nanos(size), nanos(size)),
+            // Panes: each event updates the one pane it falls in.
+            WindowKind::Hopping { .. } if self.panes.is_some() => {
+                let slide = self.panes.unwrap_or(1);
+                self.update_timed(input, &rows, slide, slide)
+            }
             WindowKind::Hopping { size, slide } => self.update_timed(input, &rows, nanos(size), nanos(slide)),
             _ => self.update_per_event(input, &rows),
         }
@@ -313,6 +334,9 @@ impl WindowState {
             // Sliding windows emit per event; count windows close on counts.
             _ => return Ok(out),
         };
+        if let (Some(slide), true) = (self.panes, size > 0) {
+            return self.close_panes(device, wm, size, slide);
+        }
         if size > 0 {
             let Some(list) = self.slots_by_device.get_mut(device) else { return Ok(out) };
             let mut closing = Vec::new();
@@ -373,6 +397,58 @@ impl WindowState {
         Ok(out)
     }
 
+    /// Hopping windows over panes: emits the windows of `device`'s keys that `wm` has
+    /// passed, each the combination of its panes, and frees the panes no open window needs.
+    fn close_panes(&mut self, device: &str, wm: i64, size: i64, slide: i64) -> DfResult<Vec<Emitted>> {
+        let mut out = Vec::new();
+        let Some(list) = self.slots_by_device.get(device) else { return Ok(out) };
+        let mut by_key: HashMap<OwnedRow, Vec<(i64, u32, Arc<str>)>> = HashMap::new();
+        for &slot in list {
+            if let Some((key, dev, start)) = self.slots.meta(slot) {
+                by_key.entry(key).or_default().push((start, slot, dev));
+            }
+        }
+        let mut freed = Vec::new();
+        for (key, mut panes) in by_key {
+            panes.sort_by_key(|p| p.0);
+            let (first, last) = (panes[0].0, panes[panes.len() - 1].0);
+            let mut s = first - size + slide;
+            if let Some(done) = self.emitted_upto.get(&key) {
+                s = s.max(done + slide);
+            }
+            let mut upto = None;
+            while s <= last && s.saturating_add(size) <= wm {
+                let members: Vec<u32> = panes.iter().filter(|p| p.0 >= s && p.0 < s + size).map(|p| p.1).collect();
+                if let (false, Some(values)) = (members.is_empty(), self.slots.combined(&members)) {
+                    out.push(Emitted { key: key.clone(), device: panes[0].2.clone(), start: s, end: s + size, values });
+                }
+                upto = Some(s);
+                s += slide;
+            }
+            for p in &panes {
+                if p.0.saturating_add(size) <= wm {
+                    freed.push(p.1);
+                }
+            }
+            if panes.iter().all(|p| p.0.saturating_add(size) <= wm) {
+                self.emitted_upto.remove(&key);
+            } else if let Some(u) = upto {
+                self.emitted_upto.insert(key, u);
+            }
+        }
+        for slot in &freed {
+            self.slots.close(*slot)?;
+        }
+        if let Some(list) = self.slots_by_device.get_mut(device) {
+            list.retain(|s| !freed.contains(s));
+            if list.is_empty() {
+                self.slots_by_device.remove(device);
+            }
+        }
+        out.sort_by_key(|e| (e.end, e.start));
+        Ok(out)
+    }
+
     /// Closes every window whose end `wm` has passed, whatever its device (windows not
     /// keyed by device close on the stream's watermark).
     pub fn close_until(&mut self, wm: i64) -> DfResult<Vec<Emitted>> {
@@ -390,8 +466,10 @@ impl WindowState {
     /// Every open window, for inspection: (device, key as text, start, end; for sliding,
     /// session and count windows the times of their first and last events).
     pub fn open_windows(&self) -> DfResult<Vec<OpenWindow>> {
-        let size = match self.plan.kind {
-            WindowKind::Tumbling { size } | WindowKind::Hopping { size, .. } => nanos(size),
+        let size = match (self.plan.kind, self.panes) {
+            // With panes, an open slot is one pane.
+            (WindowKind::Hopping { .. }, Some(slide)) => slide,
+            (WindowKind::Tumbling { size } | WindowKind::Hopping { size, .. }, _) => nanos(size),
             _ => 0,
         };
         let mut items: Vec<(&OwnedRow, Arc<str>, i64, i64)> =
