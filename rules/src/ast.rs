@@ -128,6 +128,9 @@ pub enum StepDef {
         min: u32,
         /// Upper bound (`None`: unbounded).
         max: Option<u32>,
+        /// `(a = X and|or b = Y)`: this step and the next form a group, which holds when
+        /// both (`and`, in either order) or either (`or`) of them matched.
+        group: Option<Group>,
     },
     /// `not stream[cond] for D`: no such event for D after the previous step.
     Absent {
@@ -136,6 +139,15 @@ pub enum StepDef {
         /// How long the absence must last (`None`: until the pattern's `within`).
         duration: Option<Duration>,
     },
+}
+
+/// A step's place in a logical group of two steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Group {
+    /// `and` (both) or `or` (either).
+    pub and: bool,
+    /// The group's first step (the second follows it).
+    pub first: bool,
 }
 
 /// `join NAME on EXPR`.

@@ -242,13 +242,51 @@ impl PatternState {
                     }
                     continue;
                 }
-                let next = p.step + 1;
-                if p.count >= step.min && next < plan.steps.len() && step_matches(next, &p)? {
-                    p.step = next;
-                    p.count = 1;
-                    p.capture(plan, next, row()?);
-                    settle(plan, p, t, device, &mut kept, &mut out);
+                if let Some(g) = step.group.filter(|g| g.first) {
+                    // Inside a group: `count` holds which of its two steps matched (bits 1, 2).
+                    let j = p.step;
+                    let hit = if p.count & 1 == 0 && step_matches(j, &p)? {
+                        Some(j)
+                    } else if p.count & 2 == 0 && step_matches(j + 1, &p)? {
+                        Some(j + 1)
+                    } else {
+                        None
+                    };
+                    match hit {
+                        Some(m) => {
+                            p.count |= if m == j { 1 } else { 2 };
+                            p.capture(plan, m, row()?);
+                            finish_group(plan, p, g.and, t, device, &mut kept, &mut out);
+                        }
+                        None if plan.strict => {}
+                        None => kept.push(p),
+                    }
                     continue;
+                }
+                let next = p.step + 1;
+                if p.count >= step.min && next < plan.steps.len() {
+                    if let Some(g) = plan.steps[next].group.filter(|g| g.first) {
+                        let hit = if step_matches(next, &p)? {
+                            Some(next)
+                        } else if step_matches(next + 1, &p)? {
+                            Some(next + 1)
+                        } else {
+                            None
+                        };
+                        if let Some(m) = hit {
+                            p.step = next;
+                            p.count = if m == next { 1 } else { 2 };
+                            p.capture(plan, m, row()?);
+                            finish_group(plan, p, g.and, t, device, &mut kept, &mut out);
+                            continue;
+                        }
+                    } else if step_matches(next, &p)? {
+                        p.step = next;
+                        p.count = 1;
+                        p.capture(plan, next, row()?);
+                        settle(plan, p, t, device, &mut kept, &mut out);
+                        continue;
+                    }
                 }
                 if step.max.is_none_or(|m| p.count < m) && step_matches(p.step, &p)? {
                     p.count += 1;
@@ -263,8 +301,10 @@ impl PatternState {
                 }
                 kept.push(p);
             }
-            // A new match starts at a first-step event.
-            if local_ok(0, i) && (plan.every || kept.is_empty()) {
+            // A new match starts at a first-step event (either step of a leading group).
+            let first_group = plan.steps[0].group.filter(|g| g.first);
+            let starts = local_ok(0, i) || (first_group.is_some() && local_ok(1, i));
+            if starts && (plan.every || kept.is_empty()) {
                 let mut p = Partial {
                     step: 0,
                     count: 0,
@@ -273,10 +313,25 @@ impl PatternState {
                     captured: vec![None; plan.steps.len()],
                     typed: Typed::new(plan.refs.len()),
                 };
-                if cross_matches(plan, 0, &p, input.batch, i)? {
-                    p.count = 1;
-                    p.capture(plan, 0, row()?);
-                    settle(plan, p, t, device, &mut kept, &mut out);
+                let hit = if local_ok(0, i) && cross_matches(plan, 0, &p, input.batch, i)? {
+                    Some(0)
+                } else if first_group.is_some() && local_ok(1, i) && cross_matches(plan, 1, &p, input.batch, i)? {
+                    Some(1)
+                } else {
+                    None
+                };
+                match (hit, first_group) {
+                    (Some(m), Some(g)) => {
+                        p.count = if m == 0 { 1 } else { 2 };
+                        p.capture(plan, m, row()?);
+                        finish_group(plan, p, g.and, t, device, &mut kept, &mut out);
+                    }
+                    (Some(m), None) => {
+                        p.count = 1;
+                        p.capture(plan, m, row()?);
+                        settle(plan, p, t, device, &mut kept, &mut out);
+                    }
+                    (None, _) => {}
                 }
             }
             let after = kept.len();
@@ -414,6 +469,28 @@ fn advance_time(plan: &PatternPlan, state: &mut DeviceState, device: &Arc<str>, 
         kept.push(p);
     }
     state.partials = kept;
+}
+
+/// A group's steps matched so far are in `p.count` (bits 1 and 2): once the group holds
+/// (`and`: both, `or`: either), the partial match moves past it.
+fn finish_group(
+    plan: &PatternPlan,
+    mut p: Partial,
+    and: bool,
+    t: i64,
+    device: &Arc<str>,
+    kept: &mut Vec<Partial>,
+    out: &mut Vec<Match>,
+) {
+    let holds = if and { p.count == 3 } else { p.count != 0 };
+    if !holds {
+        kept.push(p);
+        return;
+    }
+    // Continue from the group's second step, as if it had just matched.
+    p.step += 1;
+    p.count = 1;
+    settle(plan, p, t, device, kept, out);
 }
 
 /// After a step matched at `t`: completes the match, or moves into a following absence

@@ -122,6 +122,8 @@ pub struct StepPlan {
     pub max: Option<u32>,
     /// `not ... for D`: how long the absence must last (nanoseconds), if this is one.
     pub absent_for: Option<i64>,
+    /// Its place in a logical group `(a and|or b)`.
+    pub group: Option<ast::Group>,
 }
 
 /// The stateful part of a pattern rule.
@@ -899,7 +901,7 @@ fn compile_stream_join(
     let (left_alias, left) = match &rule.from {
         Source::Stream(s) => (s.stream.clone(), s.clone()),
         Source::Pattern(p) => match p.steps.as_slice() {
-            [StepDef::Event { alias, input, min: 1, max: Some(1) }] if !p.every && p.within.is_none() => {
+            [StepDef::Event { alias, input, min: 1, max: Some(1), group: None }] if !p.every && p.within.is_none() => {
                 (alias.clone(), input.clone())
             }
             _ => {
@@ -1030,9 +1032,9 @@ fn compile_pattern(
     let mut aliases: HashMap<String, Span> = HashMap::new();
     let mut step_of_alias: HashMap<String, usize> = HashMap::new();
     for step in &p.steps {
-        let (alias, input, min, max, absent_for) = match step {
-            StepDef::Event { alias, input, min, max } => (Some(alias), input, *min, *max, None),
-            StepDef::Absent { input, duration } => (None, input, 1, Some(1), Some(duration.map_or(-1, nanos))),
+        let (alias, input, min, max, absent_for, group) = match step {
+            StepDef::Event { alias, input, min, max, group } => (Some(alias), input, *min, *max, None, *group),
+            StepDef::Absent { input, duration } => (None, input, 1, Some(1), Some(duration.map_or(-1, nanos)), None),
         };
         let schema = stream_schema(schemas, &input.stream)?;
         if !inputs.contains(&input.stream.value) {
@@ -1098,6 +1100,7 @@ fn compile_pattern(
             cross_scalar,
             captured_columns: captured_columns.clone(),
             ref_slots: Vec::new(),
+            group,
             width: schema.fields().len(),
             min,
             max,
@@ -1109,8 +1112,12 @@ fn compile_pattern(
         }
     }
     // The select list over `a CROSS JOIN b ...`: one table per aliased step.
+    // Every column of a match may be null (the unmatched side of an `or` group).
     for (a, s) in &captured {
-        c.register(a, s).map_err(|e| df_error(p.span, "cannot plan the pattern", &e, None))?;
+        let nullable = Arc::new(Schema::new(
+            s.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
+        ));
+        c.register(a, &nullable).map_err(|e| df_error(p.span, "cannot plan the pattern", &e, None))?;
     }
     let from = captured.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>().join(" CROSS JOIN ");
     let select_span = rule.select.as_ref().map_or(rule.name.span, |s| s.span);

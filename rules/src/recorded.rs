@@ -77,6 +77,10 @@ pub fn run_compiled(
         let derived = engine.finish(shard);
         feed_derived(&engine, shard, derived, &mut out);
     }
+    // A rule that failed on a batch fails the run (the server would log and count it).
+    if let Some(info) = engine.list().into_iter().find(|r| r.last_error.is_some()) {
+        return Err(Error::Input(format!("rule `{}` failed: {}", info.name, info.last_error.unwrap_or_default())));
+    }
     Ok(out)
 }
 

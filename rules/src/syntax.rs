@@ -584,17 +584,17 @@ impl<'a> Parser<'a> {
         let start = self.pos;
         let every = self.eat_word("every");
         // A pattern starts with `every`, `alias =` or has `->` / `,` after its first step.
-        let first = self.step()?;
+        let mut first = self.steps()?;
         self.skip_trivia();
         let is_pattern = every
-            || matches!(first, StepDef::Absent { .. })
+            || first.len() > 1
+            || matches!(first[0], StepDef::Absent { .. })
             || self.rest().starts_with("->")
-            || matches!(&first, StepDef::Event { alias, input, min, max } if alias.value != input.stream.value || *min != 1 || *max != Some(1));
-        let first = match first {
-            StepDef::Event { input, .. } if !is_pattern => return Ok(Source::Stream(input)),
-            step => step,
-        };
-        let mut steps = vec![first];
+            || matches!(&first[0], StepDef::Event { alias, input, min, max, .. } if alias.value != input.stream.value || *min != 1 || *max != Some(1));
+        if !is_pattern && let StepDef::Event { input, .. } = first.remove(0) {
+            return Ok(Source::Stream(input));
+        }
+        let mut steps = first;
         let mut strict = None;
         loop {
             self.skip_trivia();
@@ -620,7 +620,7 @@ impl<'a> Parser<'a> {
             }
             strict = Some(sep_strict);
             self.skip_trivia();
-            steps.push(self.step()?);
+            steps.extend(self.steps()?);
         }
         let within = if self.eat_word("within") { Some(self.duration()?.value) } else { None };
         let span = self.span_from(start);
@@ -638,6 +638,40 @@ impl<'a> Parser<'a> {
             }
         }
         Ok(Source::Pattern(PatternDef { every, steps, strict: strict.unwrap_or(false), within, span }))
+    }
+
+    /// One step, or a parenthesised group of two: `(a = X[...] and|or b = Y[...])`.
+    fn steps(&mut self) -> PResult<Vec<StepDef>> {
+        self.skip_trivia();
+        if !self.eat_char('(') {
+            return Ok(vec![self.step()?]);
+        }
+        let start = self.pos - 1;
+        let mut first = self.step()?;
+        let and = match self.word_after_trivia().as_deref() {
+            Some("and") => true,
+            Some("or") => false,
+            _ => {
+                return Err(self
+                    .unexpected("`and` or `or`")
+                    .with_hint("group two steps: `(a = x[...] and b = y[...])`"));
+            }
+        };
+        let mut second = self.step()?;
+        self.expect_char(')', "close the group with `)`")?;
+        for (step, is_first) in [(&mut first, true), (&mut second, false)] {
+            match step {
+                StepDef::Event { group, min: 1, max: Some(1), .. } => *group = Some(Group { and, first: is_first }),
+                _ => {
+                    return Err(Diagnostic::new(
+                        self.span_from(start),
+                        "a group holds two named steps, each one event",
+                    )
+                    .with_hint("counts and `not` cannot be grouped: `(a = x[...] and b = y[...])`"));
+                }
+            }
+        }
+        Ok(vec![first, second])
     }
 
     fn step(&mut self) -> PResult<StepDef> {
@@ -675,7 +709,7 @@ impl<'a> Parser<'a> {
                     .with_hint("the minimum is at least 1 and not above the maximum"));
             }
         }
-        Ok(StepDef::Event { alias, input, min, max })
+        Ok(StepDef::Event { alias, input, min, max, group: None })
     }
 
     fn window(&mut self, start: usize) -> PResult<WindowSpec> {

@@ -162,3 +162,30 @@ fn processing_time_uses_the_arrival_time() -> Result<()> {
     assert_eq!(rows_of(&out, "w_out")?, vec![json!({"time": 60.0, "device_id": "d1", "n": 2})]);
     Ok(())
 }
+
+#[test]
+fn either_step_of_an_or_group_moves_the_match_on() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let rules = "rule r { from every (a = telemetry[door = 'open'] or b = telemetry[temperature > 50]) -> c = telemetry[door = 'closed'] within 5m select c.device_id, a.time as opened, b.temperature as hot insert into o }";
+    let (e, _) = engine(&catalog, 1, rules)?;
+    let b = batch(
+        &catalog,
+        "telemetry",
+        &[
+            json!({"t": 0, "door": "open", "temperature": 20.0}),
+            json!({"t": 10, "temperature": 60.0}),
+            json!({"t": 20, "door": "closed", "temperature": 20.0}),
+        ],
+    )?;
+    let out = run_all(&e, &[b]);
+    let info = e.info("r")?;
+    assert_eq!(info.last_error, None);
+    assert_eq!(
+        rows_of(&out, "o")?,
+        vec![
+            json!({"time": 20.0, "device_id": "d1", "opened": 0.0, "hot": null}),
+            json!({"time": 20.0, "device_id": "d1", "opened": null, "hot": 60.0}),
+        ]
+    );
+    Ok(())
+}
