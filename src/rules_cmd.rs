@@ -119,7 +119,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     for file in &args.files {
         let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
         let name = file.display().to_string();
-        match ferrite_rules::compile_text(&text, &schemas) {
+        match ferrite_rules::runtime::compile_text_in(&text, &schemas, file.parent()) {
             Ok(rules) => println!("{name}: ok ({} rules)", rules.len()),
             Err(Error::Invalid(ds)) => {
                 // Streams the catalog does not know yet cannot be checked further: a warning.
@@ -269,7 +269,7 @@ fn run_case(case: &Case, update: bool) -> anyhow::Result<()> {
     for shape in shapes {
         let catalog = Arc::new(StreamCatalog::in_memory());
         let events = load_events(&case.input, &catalog)?;
-        let out = recorded::run(&rules, &catalog, &events, shape, Arc::new(NoActions))
+        let out = recorded::run(&rules, &catalog, &events, shape, Arc::new(NoActions), case.rules.parent())
             .map_err(|e| anyhow::anyhow!("{}", e.render(&rules_name, &rules)))?;
         results.push((shape, recorded::to_rows(&out)));
     }
@@ -346,6 +346,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         &events,
         RunShape { shards: 1, batch_rows: 8192 },
         Arc::new(NoActions),
+        args.file.parent(),
         &progress,
     )
     .map_err(|e| anyhow::anyhow!("{}", e.render(&name, &text)))?;
@@ -562,6 +563,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<()> {
             streams: file.streams.clone(),
             tables: file.tables.clone(),
             rules: vec![variant],
+            base: None,
         };
         let schemas = |s: &str| catalog.get_by_name(s).map(|x| x.arrow.clone());
         let compiled = ferrite_rules::plan::compile(&rf, &text, &schemas)

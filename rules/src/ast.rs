@@ -30,6 +30,9 @@ pub struct RuleFile {
     pub tables: Vec<TableDecl>,
     /// Rules, in file order.
     pub rules: Vec<RuleDef>,
+    /// The directory relative `table` paths start from (the rule file's; `None`: the
+    /// working directory).
+    pub base: Option<std::path::PathBuf>,
 }
 
 /// Event-time settings of one input stream.

@@ -309,9 +309,14 @@ fn plan_join(
     let table = j.table.value.clone();
     let (table_schema, source) = match file.tables.iter().find(|t| t.name.value == table) {
         Some(decl) => {
-            let (schema, batches) = crate::lookup::read_file(std::path::Path::new(&decl.path.value)).map_err(|e| {
+            let path = std::path::Path::new(&decl.path.value);
+            let path = match &file.base {
+                Some(base) if path.is_relative() => base.join(path),
+                _ => path.to_owned(),
+            };
+            let (schema, batches) = crate::lookup::read_file(&path).map_err(|e| {
                 Diagnostic::new(decl.path.span, format!("cannot read table `{table}`: {e}"))
-                    .with_hint("a CSV file with a header row, or a .parquet file; a relative path starts from the server's working directory")
+                    .with_hint("a CSV file with a header row, or a .parquet file; a relative path starts from the rule file's directory")
             })?;
             (schema, JoinSource::Static(Arc::new(batches)))
         }

@@ -31,8 +31,9 @@ pub fn run(
     events: &[StreamBatch],
     shape: RunShape,
     actions: Arc<dyn ActionSink>,
+    base: Option<&std::path::Path>,
 ) -> Result<Vec<StreamBatch>> {
-    run_with_progress(rules, catalog, events, shape, actions, &|_| {})
+    run_with_progress(rules, catalog, events, shape, actions, base, &|_| {})
 }
 
 /// Like [`run`], calling `progress` with the number of events processed after each batch.
@@ -42,9 +43,11 @@ pub fn run_with_progress(
     events: &[StreamBatch],
     shape: RunShape,
     actions: Arc<dyn ActionSink>,
+    base: Option<&std::path::Path>,
     progress: &dyn Fn(usize),
 ) -> Result<Vec<StreamBatch>> {
-    let compiled = crate::runtime::compile_text(rules, &|s: &str| catalog.get_by_name(s).map(|x| x.arrow.clone()))?;
+    let compiled =
+        crate::runtime::compile_text_in(rules, &|s: &str| catalog.get_by_name(s).map(|x| x.arrow.clone()), base)?;
     run_compiled(compiled, catalog, events, shape, actions, progress)
 }
 

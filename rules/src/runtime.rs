@@ -286,7 +286,9 @@ impl RuleEngine {
     /// file, rules that file held before and no longer holds are removed. Returns the names
     /// deployed. Nothing changes if any rule fails to compile.
     pub fn deploy(&self, text: &str, origin: Option<&str>) -> Result<Vec<String>> {
-        let compiled = self.check(text)?;
+        // A file's relative table paths start from its directory.
+        let base = origin.map(std::path::Path::new).and_then(std::path::Path::parent);
+        let compiled = compile_text_in(text, &CatalogSchemas(&self.catalog), base)?;
         self.install(compiled, origin)
     }
 
@@ -1532,7 +1534,17 @@ fn emitted_devices(rule: &LiveRule, emitted: &[crate::window::Emitted]) -> Vec<A
 
 /// Parses and compiles a rule file.
 pub fn compile_text(text: &str, schemas: &dyn SchemaSource) -> Result<Vec<CompiledRule>> {
-    let file = crate::syntax::parse(text).map_err(Error::Invalid)?;
+    compile_text_in(text, schemas, None)
+}
+
+/// Parses and compiles a rule file whose relative `table` paths start from `base`.
+pub fn compile_text_in(
+    text: &str,
+    schemas: &dyn SchemaSource,
+    base: Option<&std::path::Path>,
+) -> Result<Vec<CompiledRule>> {
+    let mut file = crate::syntax::parse(text).map_err(Error::Invalid)?;
+    file.base = base.map(std::path::Path::to_owned);
     crate::plan::compile(&file, text, schemas).map_err(Error::Invalid)
 }
 
