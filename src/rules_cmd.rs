@@ -458,13 +458,8 @@ fn fetch_history(
         for batch in arrow::ipc::reader::StreamReader::try_new(bytes.as_slice(), None)? {
             let batch = batch?;
             for f in batch.schema().fields().iter().skip(2) {
-                let ty = match f.data_type() {
-                    arrow::datatypes::DataType::Float64 => ferrite_engine::FieldType::Float,
-                    arrow::datatypes::DataType::Int64 => ferrite_engine::FieldType::Int,
-                    arrow::datatypes::DataType::Boolean => ferrite_engine::FieldType::Bool,
-                    arrow::datatypes::DataType::Timestamp(..) => ferrite_engine::FieldType::Timestamp,
-                    _ => ferrite_engine::FieldType::String,
-                };
+                let ty =
+                    ferrite_rules::output::field_type_of(f.data_type()).unwrap_or(ferrite_engine::FieldType::String);
                 catalog.resolve_field(&name, f.name(), ty)?;
             }
             events.push(StreamBatch::new(name.clone(), batch));

@@ -194,42 +194,47 @@ impl Engine {
     }
 
     fn split(&self, sb: StreamBatch) -> Result<Vec<(usize, StreamBatch)>> {
-        if self.shards == 1 {
-            return Ok(vec![(0, sb)]);
-        }
-        let col = sb.batch.column_by_name(DEVICE_COLUMN).and_then(|c| c.as_any().downcast_ref::<StringArray>());
-        let Some(devices) = col else {
-            return Err(Error::Commit(format!("stream `{}`: batch without a string device_id column", sb.stream)));
-        };
-        let n = self.shards as u64;
-        let shard_of = |i: usize| (device_hash(devices.value(i).as_bytes()) % n) as u32;
-        let rows = devices.len();
-        if rows == 0 {
-            return Ok(Vec::new());
-        }
-        let first = shard_of(0);
-        let mut ids = Vec::with_capacity(rows);
-        let mut uniform = true;
-        for i in 0..rows {
-            let s = shard_of(i);
-            uniform &= s == first;
-            ids.push(s);
-        }
-        if uniform {
-            return Ok(vec![(first as usize, sb)]);
-        }
-        let mut out = Vec::with_capacity(self.shards);
-        for shard in 0..self.shards as u32 {
-            let idx: UInt32Array =
-                ids.iter().enumerate().filter(|(_, s)| **s == shard).map(|(i, _)| i as u32).collect();
-            if idx.is_empty() {
-                continue;
-            }
-            let part = take_record_batch(&sb.batch, &idx)?;
-            out.push((shard as usize, StreamBatch::new(sb.stream.clone(), part)));
-        }
-        Ok(out)
+        split_by_device(sb, self.shards)
     }
+}
+
+/// Splits a batch into the rows of each of `shards` shards (by [`device_hash`]), as the
+/// engine routes them; a batch whose rows all belong to one shard is passed through whole.
+pub fn split_by_device(sb: StreamBatch, shards: usize) -> Result<Vec<(usize, StreamBatch)>> {
+    if shards <= 1 {
+        return Ok(vec![(0, sb)]);
+    }
+    let col = sb.batch.column_by_name(DEVICE_COLUMN).and_then(|c| c.as_any().downcast_ref::<StringArray>());
+    let Some(devices) = col else {
+        return Err(Error::Commit(format!("stream `{}`: batch without a string device_id column", sb.stream)));
+    };
+    let n = shards as u64;
+    let shard_of = |i: usize| (device_hash(devices.value(i).as_bytes()) % n) as u32;
+    let rows = devices.len();
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    let first = shard_of(0);
+    let mut ids = Vec::with_capacity(rows);
+    let mut uniform = true;
+    for i in 0..rows {
+        let s = shard_of(i);
+        uniform &= s == first;
+        ids.push(s);
+    }
+    if uniform {
+        return Ok(vec![(first as usize, sb)]);
+    }
+    let mut out = Vec::with_capacity(shards);
+    for shard in 0..shards as u32 {
+        let idx: UInt32Array = ids.iter().enumerate().filter(|(_, s)| **s == shard).map(|(i, _)| i as u32).collect();
+        if idx.is_empty() {
+            continue;
+        }
+        let part = take_record_batch(&sb.batch, &idx)?;
+        out.push((shard as usize, StreamBatch::new(sb.stream.clone(), part)));
+    }
+    Ok(out)
 }
 
 impl BatchSink for Engine {

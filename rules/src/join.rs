@@ -87,15 +87,22 @@ impl JoinState {
                 continue;
             }
             let t = time.value(i);
-            let row: Row = Arc::new(
-                batch.columns().iter().map(|c| ScalarValue::try_from_array(c, i)).collect::<DfResult<Vec<_>>>()?,
-            );
             let sides = self.devices.entry(device.clone()).or_default();
             sides.newest = sides.newest.max(t);
             let horizon = sides.newest.saturating_sub(within).saturating_sub(delay);
             let before = sides.left.len() + sides.right.len();
             sides.left.retain(|(lt, _)| *lt >= horizon);
             sides.right.retain(|(rt, _)| *rt >= horizon);
+            let left_ok = is_left && left_mask.as_ref().is_none_or(|m| m.is_valid(i) && m.value(i));
+            if !left_ok && !is_right {
+                // Filtered out of the only side this stream feeds: its time counts, its row is
+                // not needed.
+                self.size = (self.size + sides.left.len() + sides.right.len()).saturating_sub(before);
+                continue;
+            }
+            let row: Row = Arc::new(
+                batch.columns().iter().map(|c| ScalarValue::try_from_array(c, i)).collect::<DfResult<Vec<_>>>()?,
+            );
             if is_right {
                 for (lt, l) in &sides.left {
                     if (t - lt).abs() <= within && self.plan.holds(l, &row)? {
@@ -108,7 +115,6 @@ impl JoinState {
                     }
                 }
             }
-            let left_ok = is_left && left_mask.as_ref().is_none_or(|m| m.is_valid(i) && m.value(i));
             if left_ok {
                 for (rt, r) in &sides.right {
                     if (t - rt).abs() <= within && self.plan.holds(&row, r)? {
@@ -137,19 +143,9 @@ impl JoinState {
         let wl = self.plan.left_width;
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
         for (k, field) in schema.fields().iter().enumerate() {
-            let values: Vec<ScalarValue> = pairs
-                .iter()
-                .map(|p| if k < wl { p.left[k].clone() } else { p.right[k - wl].clone() })
-                .map(|v| if v.is_null() { ScalarValue::try_from(field.data_type()).unwrap_or(v) } else { v })
-                .collect();
-            let arr = if values.is_empty() {
-                arrow::array::new_empty_array(field.data_type())
-            } else {
-                ScalarValue::iter_to_array(values)?
-            };
-            let arr =
-                if arr.data_type() != field.data_type() { arrow::compute::cast(&arr, field.data_type())? } else { arr };
-            columns.push(arr);
+            let values: Vec<ScalarValue> =
+                pairs.iter().map(|p| if k < wl { p.left[k].clone() } else { p.right[k - wl].clone() }).collect();
+            columns.push(crate::scalar::column_of(values, field.data_type())?);
         }
         let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(pairs.len()));
         Ok(RecordBatch::try_new_with_options(schema, columns, &options)?)

@@ -235,8 +235,8 @@ fn resolve(
     Ok(schema)
 }
 
-/// The catalog type a rule output column is stored as, and the Arrow type to cast it to.
-fn field_type_of(dt: &DataType) -> Option<FieldType> {
+/// The catalog type a column of Arrow type `dt` is stored as (`None`: a stream cannot hold it).
+pub fn field_type_of(dt: &DataType) -> Option<FieldType> {
     Some(match dt {
         DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Decimal128(..) => FieldType::Float,
         DataType::Int8

@@ -409,19 +409,8 @@ impl PatternState {
                         Some(row) => row.get(k).cloned().unwrap_or(ScalarValue::Null),
                         None => ScalarValue::Null,
                     })
-                    .map(|v| if v.is_null() { ScalarValue::try_from(field.data_type()).unwrap_or(v) } else { v })
                     .collect();
-                let arr = if values.is_empty() {
-                    arrow::array::new_empty_array(field.data_type())
-                } else {
-                    ScalarValue::iter_to_array(values)?
-                };
-                let arr = if arr.data_type() != field.data_type() {
-                    arrow::compute::cast(&arr, field.data_type())?
-                } else {
-                    arr
-                };
-                columns.push(arr);
+                columns.push(crate::scalar::column_of(values, field.data_type())?);
                 col += 1;
             }
         }

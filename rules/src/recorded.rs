@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
-use arrow::compute::{concat_batches, take_record_batch};
-use ferrite_engine::shard::device_hash;
+use arrow::array::{AsArray, RecordBatch};
+use arrow::compute::concat_batches;
+use ferrite_engine::shard::split_by_device;
 use ferrite_engine::{DEVICE_COLUMN, ManualClock, Metrics, StreamBatch, StreamCatalog, TIME_COLUMN};
 
 use crate::error::{Error, Result};
@@ -71,7 +71,7 @@ pub fn run_compiled(
             clock.set(t);
         }
         done += batch.num_rows();
-        for (shard, part) in split(&batch, shards)? {
+        for (shard, part) in split_by_device(batch, shards)? {
             feed(&engine, shard, vec![part], &mut out);
         }
         progress(done);
@@ -139,29 +139,6 @@ fn rebatch(events: &[StreamBatch], rows: usize) -> Result<Vec<StreamBatch>> {
         pending.push(e.clone());
     }
     flush(&mut pending, &mut out)?;
-    Ok(out)
-}
-
-/// Splits a batch by shard, as the engine does.
-fn split(b: &StreamBatch, shards: usize) -> Result<Vec<(usize, StreamBatch)>> {
-    if shards == 1 {
-        return Ok(vec![(0, b.clone())]);
-    }
-    let devices = b
-        .batch
-        .column_by_name(DEVICE_COLUMN)
-        .and_then(|c| c.as_string_opt::<i32>())
-        .ok_or_else(|| Error::Input(format!("stream `{}`: no device_id column", b.stream)))?;
-    let mut out = Vec::new();
-    for shard in 0..shards {
-        let idx: UInt32Array = (0..devices.len())
-            .filter(|&i| (device_hash(devices.value(i).as_bytes()) % shards as u64) as usize == shard)
-            .map(|i| i as u32)
-            .collect();
-        if !idx.is_empty() {
-            out.push((shard, StreamBatch::new(b.stream.clone(), take_record_batch(&b.batch, &idx)?)));
-        }
-    }
     Ok(out)
 }
 

@@ -1085,8 +1085,12 @@ impl RuleEngine {
             return Ok(Vec::new());
         }
         let rows = op_batch.num_rows();
-        // Keys of the rows (for alert state and rate limits): the window key, or the device.
+        // Keys of the rows, for alert state and rate limits only: the window key, or the
+        // device.
+        let needs_keys =
+            plan.output_rate.is_some() || plan.actions.iter().any(|a| matches!(a, ActionPlan::Alert { .. }));
         let keys: Vec<String> = match &plan.operator {
+            _ if !needs_keys => Vec::new(),
             OperatorPlan::Window(w) if w.keys.len() > 1 => (0..rows)
                 .map(|i| {
                     let view = RowView::new(&op_batch, i, &[]);
@@ -1126,7 +1130,7 @@ impl RuleEngine {
         }
         let times: Vec<i64> = idx.iter().map(|&i| times[i]).collect();
         let devices: Vec<Arc<str>> = idx.iter().map(|&i| devices[i].clone()).collect();
-        let keys: Vec<String> = idx.iter().map(|&i| keys[i].clone()).collect();
+        let keys: Vec<String> = if needs_keys { idx.iter().map(|&i| keys[i].clone()).collect() } else { keys };
         let passed: Vec<bool> = idx.iter().map(|&i| passed[i]).collect();
         // `output last every D`: the passing rows wait, one per key, until their period ends.
         let (held, released) = match plan.output_rate {

@@ -159,6 +159,17 @@ impl ScalarExpr {
     }
 }
 
+/// One column of type `ty` from scalars (operator outputs built row by row): untyped nulls
+/// take the column's type, and values of another type are cast to it.
+pub fn column_of(values: Vec<ScalarValue>, ty: &DataType) -> datafusion::error::Result<ArrayRef> {
+    if values.is_empty() {
+        return Ok(arrow::array::new_empty_array(ty));
+    }
+    let typed = values.into_iter().map(|v| if v.is_null() { ScalarValue::try_from(ty).unwrap_or(v) } else { v });
+    let arr = ScalarValue::iter_to_array(typed)?;
+    Ok(if arr.data_type() == ty { arr } else { arrow::compute::cast(&arr, ty)? })
+}
+
 /// The value of a scalar (`None`: a type the interpreter does not handle).
 pub fn from_scalar(v: &ScalarValue) -> Option<Value> {
     // The common present values first: `is_null` is a long match of its own.

@@ -524,14 +524,7 @@ impl WindowState {
         for a in 0..self.plan.aggregates.len() {
             let field = self.plan.output.field(columns.len());
             let values: Vec<ScalarValue> = emitted.iter().map(|e| e.values[a].clone()).collect();
-            let arr = if values.is_empty() {
-                arrow::array::new_empty_array(field.data_type())
-            } else {
-                ScalarValue::iter_to_array(values)?
-            };
-            let arr =
-                if arr.data_type() != field.data_type() { arrow::compute::cast(&arr, field.data_type())? } else { arr };
-            columns.push(arr);
+            columns.push(crate::scalar::column_of(values, field.data_type())?);
         }
         let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(emitted.len()));
         Ok(RecordBatch::try_new_with_options(self.plan.output.clone(), columns, &options)?)

@@ -41,9 +41,11 @@ fn main() -> Result<(), String> {
     let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let subscribed = Arc::new(AtomicBool::new(false));
+    // Set once every sender has finished: the subscriber then drains what is in flight.
+    let senders_done = Arc::new(AtomicBool::new(false));
+    let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel::<()>();
     let subscriber = {
-        let (sent, latencies, stop, subscribed) = (sent.clone(), latencies.clone(), stop.clone(), subscribed.clone());
+        let (sent, latencies, senders_done) = (sent.clone(), latencies.clone(), senders_done.clone());
         let mqtt = server.mqtt;
         std::thread::spawn(move || -> Result<(), String> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
@@ -52,9 +54,19 @@ fn main() -> Result<(), String> {
                 opts.set_keep_alive(Duration::from_secs(30));
                 let (client, mut ev) = AsyncClient::new(opts, 100);
                 client.subscribe("probe/out", QoS::AtMostOnce).await.map_err(|e| e.to_string())?;
-                while !stop.load(Ordering::Relaxed) {
+                let mut drain_until: Option<Instant> = None;
+                loop {
+                    if senders_done.load(Ordering::SeqCst) {
+                        // Every probe answered, or the ones left are lost.
+                        let until = *drain_until.get_or_insert_with(|| Instant::now() + Duration::from_secs(2));
+                        if sent.lock().map_err(|e| e.to_string())?.is_empty() || Instant::now() > until {
+                            break;
+                        }
+                    }
                     match tokio::time::timeout(Duration::from_millis(200), ev.poll()).await {
-                        Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subscribed.store(true, Ordering::SeqCst),
+                        Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                            let _ = subscribed_tx.send(());
+                        }
                         Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                             let now = Instant::now();
                             let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
@@ -72,9 +84,9 @@ fn main() -> Result<(), String> {
             })
         })
     };
-    while !subscribed.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    subscribed_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| "the subscriber did not get its SUBACK".to_owned())?;
 
     // Each thread sends its share of batches at a fixed pace; each batch starts with a probe.
     let rest = Arc::new(body[1..].to_vec());
@@ -107,6 +119,7 @@ fn main() -> Result<(), String> {
                     due += interval;
                     let now = Instant::now();
                     if due > now {
+                        // Pacing: this is the offered load, not a wait for the server.
                         std::thread::sleep(due - now);
                     } else {
                         due = now; // behind: do not burst to catch up
@@ -115,13 +128,14 @@ fn main() -> Result<(), String> {
             })
         })
         .collect();
+    // The run lasts `seconds` of wall time by definition.
     std::thread::sleep(Duration::from_secs(seconds));
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         let _ = h.join();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_millis(500));
+    senders_done.store(true, Ordering::SeqCst);
     let _ = subscriber.join();
     let mut l = latencies.lock().map_err(|e| e.to_string())?.clone();
     l.sort();
