@@ -50,7 +50,10 @@ impl ServerActions {
 
 impl ActionSink for ServerActions {
     fn publish(&self, topic: &str, payload: Vec<u8>) {
-        self.broker.publish(topic, bytes::Bytes::from(payload));
+        if let Err(e) = self.broker.publish(topic, bytes::Bytes::from(payload)) {
+            self.metrics.inc("ferrite_rule_publish_failures_total", &[("reason", "invalid_topic")], 1);
+            tracing::warn!(topic, error = %e, "rule action: publish topic is not valid MQTT; message dropped");
+        }
     }
 
     fn webhook(&self, url: &str, body: Vec<u8>) {

@@ -40,6 +40,31 @@ pub struct Config {
     pub commit_linger: Duration,
     /// Log filter (`info`, `debug`, `ferrite_ingest=debug,info`...); `RUST_LOG` wins.
     pub log: String,
+    /// Most streams the server holds (derived streams included).
+    pub max_streams: usize,
+    /// Most field columns per stream.
+    pub max_fields_per_stream: usize,
+    /// Most distinct event-time hours one ingest request may span.
+    pub max_hours_per_request: usize,
+    /// Most open MQTT connections in all.
+    pub mqtt_max_connections: usize,
+    /// Most open MQTT connections from one IP address.
+    pub mqtt_max_connections_per_ip: usize,
+    /// Most subscriptions one MQTT session may hold.
+    pub mqtt_max_subscriptions: usize,
+    /// A SQL query running longer is cancelled.
+    #[serde(with = "humantime_serde_compat")]
+    pub sql_timeout: Duration,
+    /// Memory all running SQL queries may hold.
+    #[serde(deserialize_with = "size")]
+    pub sql_memory_limit: usize,
+    /// Largest SQL result returned.
+    #[serde(deserialize_with = "size")]
+    pub sql_max_result: usize,
+    /// The only directory rules may read `table` files from; empty: `rules_dir`.
+    pub rules_table_dir: PathBuf,
+    /// Hosts (`host` or `host:port`) rule webhooks may call; empty: none.
+    pub webhook_allow_hosts: Vec<String>,
 }
 
 impl Default for Config {
@@ -57,6 +82,17 @@ impl Default for Config {
             commit_max_rows: 262_144,
             commit_linger: Duration::ZERO,
             log: "info".to_owned(),
+            max_streams: 1000,
+            max_fields_per_stream: 1024,
+            max_hours_per_request: 168,
+            mqtt_max_connections: 100_000,
+            mqtt_max_connections_per_ip: 10_000,
+            mqtt_max_subscriptions: 1000,
+            sql_timeout: Duration::from_secs(30),
+            sql_memory_limit: 1024 * 1024 * 1024,
+            sql_max_result: 64 * 1024 * 1024,
+            rules_table_dir: PathBuf::new(),
+            webhook_allow_hosts: Vec::new(),
         }
     }
 }
@@ -161,6 +197,17 @@ mod tests {
             "max_payload",
             "shards",
             "log",
+            "max_streams",
+            "max_fields_per_stream",
+            "max_hours_per_request",
+            "mqtt_max_connections",
+            "mqtt_max_connections_per_ip",
+            "mqtt_max_subscriptions",
+            "sql_timeout",
+            "sql_memory_limit",
+            "sql_max_result",
+            "rules_table_dir",
+            "webhook_allow_hosts",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} ="))),

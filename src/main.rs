@@ -73,6 +73,39 @@ pub struct ServeArgs {
     /// Log filter (e.g. info, debug).
     #[arg(long, env = "FERRITE_LOG")]
     log: Option<String>,
+    /// Most streams the server holds.
+    #[arg(long, env = "FERRITE_MAX_STREAMS")]
+    max_streams: Option<usize>,
+    /// Most field columns per stream.
+    #[arg(long, env = "FERRITE_MAX_FIELDS_PER_STREAM")]
+    max_fields_per_stream: Option<usize>,
+    /// Most distinct event-time hours one ingest request may span.
+    #[arg(long, env = "FERRITE_MAX_HOURS_PER_REQUEST")]
+    max_hours_per_request: Option<usize>,
+    /// Most open MQTT connections in all.
+    #[arg(long, env = "FERRITE_MQTT_MAX_CONNECTIONS")]
+    mqtt_max_connections: Option<usize>,
+    /// Most open MQTT connections from one IP address.
+    #[arg(long, env = "FERRITE_MQTT_MAX_CONNECTIONS_PER_IP")]
+    mqtt_max_connections_per_ip: Option<usize>,
+    /// Most subscriptions one MQTT session may hold.
+    #[arg(long, env = "FERRITE_MQTT_MAX_SUBSCRIPTIONS")]
+    mqtt_max_subscriptions: Option<usize>,
+    /// A SQL query running longer is cancelled (e.g. 30s).
+    #[arg(long, env = "FERRITE_SQL_TIMEOUT")]
+    sql_timeout: Option<String>,
+    /// Memory all running SQL queries may hold (e.g. 1GiB).
+    #[arg(long, env = "FERRITE_SQL_MEMORY_LIMIT")]
+    sql_memory_limit: Option<String>,
+    /// Largest SQL result returned (e.g. 64MiB).
+    #[arg(long, env = "FERRITE_SQL_MAX_RESULT")]
+    sql_max_result: Option<String>,
+    /// The only directory rules may read table files from (default: the rules directory).
+    #[arg(long, env = "FERRITE_RULES_TABLE_DIR")]
+    rules_table_dir: Option<PathBuf>,
+    /// Hosts rule webhooks may call, comma-separated (`host` or `host:port`).
+    #[arg(long, env = "FERRITE_WEBHOOK_ALLOW_HOSTS", value_delimiter = ',')]
+    webhook_allow_hosts: Option<Vec<String>>,
 }
 
 impl ServeArgs {
@@ -113,6 +146,39 @@ impl ServeArgs {
         }
         if let Some(v) = self.log {
             c.log = v;
+        }
+        if let Some(v) = self.max_streams {
+            c.max_streams = v;
+        }
+        if let Some(v) = self.max_fields_per_stream {
+            c.max_fields_per_stream = v;
+        }
+        if let Some(v) = self.max_hours_per_request {
+            c.max_hours_per_request = v;
+        }
+        if let Some(v) = self.mqtt_max_connections {
+            c.mqtt_max_connections = v;
+        }
+        if let Some(v) = self.mqtt_max_connections_per_ip {
+            c.mqtt_max_connections_per_ip = v;
+        }
+        if let Some(v) = self.mqtt_max_subscriptions {
+            c.mqtt_max_subscriptions = v;
+        }
+        if let Some(v) = self.sql_timeout {
+            c.sql_timeout = config::parse_duration(&v)?;
+        }
+        if let Some(v) = self.sql_memory_limit {
+            c.sql_memory_limit = config::parse_size(&v)?;
+        }
+        if let Some(v) = self.sql_max_result {
+            c.sql_max_result = config::parse_size(&v)?;
+        }
+        if let Some(v) = self.rules_table_dir {
+            c.rules_table_dir = v;
+        }
+        if let Some(v) = self.webhook_allow_hosts {
+            c.webhook_allow_hosts = v.into_iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
         }
         Ok(c)
     }

@@ -123,9 +123,13 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
             Ok(rules) => println!("{name}: ok ({} rules)", rules.len()),
             Err(Error::Invalid(ds)) => {
                 // Streams the catalog does not know yet cannot be checked further: a warning.
-                let (unknown, errors): (Vec<_>, Vec<_>) = ds
+                let (unknown, mut errors): (Vec<_>, Vec<_>) = ds
                     .into_iter()
                     .partition(|d| d.code == Some("unknown-stream") && !catalog_knows(&catalog, d, &text));
+                // What planning could not reach for want of a schema: SQL syntax.
+                if let Ok(parsed) = ferrite_rules::syntax::parse(&text) {
+                    errors.extend(ferrite_rules::sql_syntax::check(&parsed, &text));
+                }
                 for d in &unknown {
                     eprint!("{}", d.render(&name, &text).replacen("error:", "warning:", 1));
                 }
@@ -559,6 +563,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<()> {
             tables: file.tables.clone(),
             rules: vec![variant],
             base: None,
+            sandbox: None,
         };
         let schemas = |s: &str| catalog.get_by_name(s).map(|x| x.arrow.clone());
         let compiled = ferrite_rules::plan::compile(&rf, &text, &schemas)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::routing::get;
-use ferrite_engine::{Engine, EngineConfig, Metrics, StreamCatalog, SystemClock};
+use ferrite_engine::{Engine, EngineConfig, Health, Metrics, StreamCatalog, SystemClock};
 use ferrite_ingest::mqtt::{self, Broker};
 use ferrite_ingest::{IngestConfig, Ingestor};
 use ferrite_query::QueryService;
@@ -36,13 +36,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new());
     let catalog = Arc::new(StreamCatalog::open(&config.data_dir.join("catalog").join("streams.json"))?);
+    catalog.set_limits(ferrite_engine::CatalogLimits {
+        max_streams: config.max_streams,
+        max_fields_per_stream: config.max_fields_per_stream,
+    });
     let storage_config = StorageConfig {
         data_dir: config.data_dir.clone(),
         persist_interval: config.persist_interval,
         hot_max_bytes: config.hot_buffer_max,
         shards,
         archive_url: Some(config.archive_url.clone()).filter(|u| !u.is_empty()),
+        health: health.clone(),
     };
     let handle = tokio::runtime::Handle::current();
     let storage = {
@@ -63,11 +69,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let actions = Arc::new(crate::actions::ServerActions::start(broker.clone(), metrics.clone())?);
     let rules = Arc::new(RuleEngine::new(shards, catalog.clone(), metrics.clone(), actions, Arc::new(SystemClock)));
     engine.add_observer(rules.clone());
+    let table_dir = if config.rules_table_dir.as_os_str().is_empty() {
+        config.rules_dir.clone()
+    } else {
+        config.rules_table_dir.clone()
+    };
+    rules.set_sandbox(ferrite_rules::sandbox::Sandbox { table_dir, webhook_hosts: config.webhook_allow_hosts.clone() });
 
-    let ingest_config = IngestConfig { max_payload_bytes: config.max_payload, ..IngestConfig::default() };
+    let ingest_config = IngestConfig {
+        max_payload_bytes: config.max_payload,
+        health: health.clone(),
+        max_hours_per_request: config.max_hours_per_request,
+        ..IngestConfig::default()
+    };
     let ingestor =
         Ingestor::start(ingest_config, catalog.clone(), engine.clone(), metrics.clone(), Arc::new(SystemClock))?;
-    let query = Arc::new(QueryService::new(catalog.clone(), storage.clone(), metrics.clone())?);
+    let query_limits = ferrite_query::QueryConfig {
+        timeout: config.sql_timeout,
+        memory_limit: config.sql_memory_limit,
+        max_result_bytes: config.sql_max_result,
+    };
+    let query = Arc::new(QueryService::with_config(catalog.clone(), storage.clone(), metrics.clone(), query_limits)?);
     query.add_system_table(Arc::new(ferrite_rules::inspect::RuleStateTable(rules.clone())));
     query.add_system_table(Arc::new(ferrite_rules::inspect::WatermarksTable(rules.clone())));
     // Streams joined as tables (`join rule_params on ...`) start from their rows so far.
@@ -92,15 +114,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let http_addr = http_listener.local_addr()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mqtt_task =
-        tokio::spawn(mqtt::serve(mqtt_listener, ingestor.clone(), broker, metrics.clone(), stop_rx.clone()));
+    let mqtt_task = tokio::spawn(mqtt::serve(
+        mqtt_listener,
+        ingestor.clone(),
+        broker,
+        metrics.clone(),
+        mqtt::MqttLimits {
+            max_connections: config.mqtt_max_connections,
+            max_connections_per_ip: config.mqtt_max_connections_per_ip,
+            max_subscriptions_per_session: config.mqtt_max_subscriptions,
+        },
+        stop_rx.clone(),
+    ));
 
     let metrics_for_route = metrics.clone();
     let app = Router::new()
         .merge(ferrite_ingest::http::router(ingestor.clone()))
         .merge(ferrite_query::http::router(query))
         .merge(ferrite_rules::http::router(ferrite_rules::http::RulesApi { engine: rules, files: Some(rule_files) }))
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/healthz", get(move || std::future::ready(healthz(&health))))
         .route(
             "/metrics",
             get(move || {
@@ -154,6 +186,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     .await??;
     tracing::info!(rows, "shutdown complete");
     Ok(())
+}
+
+/// `GET /healthz`: 200 `{"status": "ok"}`, or 503 `{"status": "degraded", "reasons": [...]}`
+/// while persists or WAL commits fail or ingest is held back, so that orchestrators and load
+/// balancers can act.
+fn healthz(health: &Health) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut reasons: Vec<serde_json::Value> = health
+        .conditions()
+        .into_iter()
+        .map(|(component, message)| serde_json::json!({"component": component, "message": message}))
+        .collect();
+    if health.overloaded() {
+        reasons.push(serde_json::json!({
+            "component": "ingest",
+            "message": "the hot buffer is past its hard bound: new data is refused until a persist succeeds",
+        }));
+    }
+    if reasons.is_empty() {
+        return axum::Json(serde_json::json!({"status": "ok"})).into_response();
+    }
+    let body = serde_json::json!({"status": "degraded", "reasons": reasons});
+    (axum::http::StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
 }
 
 /// Reads a stream for a rule that joins it as a table, through SQL.

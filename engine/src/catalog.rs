@@ -20,8 +20,27 @@ use crate::batch::{DEVICE_COLUMN, TIME_COLUMN, time_field_type};
 use crate::error::{Error, Result};
 use crate::ids::StreamName;
 
-/// Most columns a stream may have, so that a buggy device cannot create unbounded schemas.
+/// Most columns a stream may have by default, so that a buggy device cannot create
+/// unbounded schemas.
 pub const MAX_FIELDS_PER_STREAM: usize = 1024;
+
+/// Most streams a catalog holds by default.
+pub const MAX_STREAMS: usize = 1000;
+
+/// What clients can grow the catalog to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatalogLimits {
+    /// Streams in all (derived streams included).
+    pub max_streams: usize,
+    /// Field columns per stream.
+    pub max_fields_per_stream: usize,
+}
+
+impl Default for CatalogLimits {
+    fn default() -> Self {
+        Self { max_streams: MAX_STREAMS, max_fields_per_stream: MAX_FIELDS_PER_STREAM }
+    }
+}
 
 /// Type of a field column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +133,7 @@ struct CatalogField {
 pub struct StreamCatalog {
     path: Option<PathBuf>,
     streams: RwLock<BTreeMap<StreamName, Arc<StreamSchema>>>,
+    limits: RwLock<CatalogLimits>,
 }
 
 impl std::fmt::Debug for StreamCatalog {
@@ -125,7 +145,7 @@ impl std::fmt::Debug for StreamCatalog {
 impl StreamCatalog {
     /// A catalog kept only in memory (tests, tools).
     pub fn in_memory() -> Self {
-        Self { path: None, streams: RwLock::new(BTreeMap::new()) }
+        Self { path: None, streams: RwLock::new(BTreeMap::new()), limits: RwLock::default() }
     }
 
     /// Opens (or creates) the catalog stored at `path`.
@@ -147,7 +167,20 @@ impl StreamCatalog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(Error::CatalogIo { path: path.display().to_string(), source }),
         }
-        Ok(Self { path: Some(path.to_owned()), streams: RwLock::new(streams) })
+        Ok(Self { path: Some(path.to_owned()), streams: RwLock::new(streams), limits: RwLock::default() })
+    }
+
+    /// Sets the bounds on streams and fields (existing ones over them stay).
+    pub fn set_limits(&self, limits: CatalogLimits) {
+        *self.limits.write() = limits;
+    }
+
+    fn check_new_stream(&self, streams: &BTreeMap<StreamName, Arc<StreamSchema>>, stream: &StreamName) -> Result<()> {
+        let limit = self.limits.read().max_streams;
+        if streams.len() >= limit {
+            return Err(Error::TooManyStreams { stream: stream.to_string(), limit });
+        }
+        Ok(())
     }
 
     /// The schema of `stream`, if it exists.
@@ -175,6 +208,7 @@ impl StreamCatalog {
         if let Some(s) = streams.get(stream) {
             return Ok(s.clone());
         }
+        self.check_new_stream(&streams, stream)?;
         let schema = Arc::new(StreamSchema::new(stream.clone(), Vec::new(), 1));
         streams.insert(stream.clone(), schema.clone());
         self.persist(&streams)?;
@@ -198,17 +232,17 @@ impl StreamCatalog {
         let mut streams = self.streams.write();
         let current = match streams.get(stream) {
             Some(s) => s.clone(),
-            None => Arc::new(StreamSchema::new(stream.clone(), Vec::new(), 0)),
+            None => {
+                self.check_new_stream(&streams, stream)?;
+                Arc::new(StreamSchema::new(stream.clone(), Vec::new(), 0))
+            }
         };
         if let Some(t) = current.field_type(field) {
             return Ok((current, t));
         }
-        if current.fields.len() >= MAX_FIELDS_PER_STREAM {
-            return Err(Error::TooManyFields {
-                stream: stream.to_string(),
-                field: field.to_owned(),
-                limit: MAX_FIELDS_PER_STREAM,
-            });
+        let limit = self.limits.read().max_fields_per_stream;
+        if current.fields.len() >= limit {
+            return Err(Error::TooManyFields { stream: stream.to_string(), field: field.to_owned(), limit });
         }
         let mut fields = current.fields.clone();
         fields.push((Arc::from(field), proposed));

@@ -53,12 +53,22 @@ pub enum Error {
         reason: &'static str,
     },
     /// A stream has reached its column limit.
-    #[error("stream `{stream}`: too many fields (limit {limit}); cannot add `{field}`")]
+    #[error(
+        "stream `{stream}`: too many fields (limit {limit}, the `max_fields_per_stream` setting); cannot add `{field}`"
+    )]
     TooManyFields {
         /// Stream name.
         stream: String,
         /// Field that could not be added.
         field: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The catalog has reached its stream limit.
+    #[error("cannot create stream `{stream}`: the server holds {limit} streams, its limit (the `max_streams` setting)")]
+    TooManyStreams {
+        /// Stream that could not be created.
+        stream: String,
         /// The limit.
         limit: usize,
     },
@@ -101,7 +111,8 @@ impl Error {
             | Error::InvalidDeviceId { .. }
             | Error::TypeConflict { .. }
             | Error::InvalidFieldName { .. }
-            | Error::TooManyFields { .. } => ErrorClass::User,
+            | Error::TooManyFields { .. }
+            | Error::TooManyStreams { .. } => ErrorClass::User,
             Error::CatalogIo { .. } | Error::Commit(_) | Error::ShuttingDown => ErrorClass::External,
             Error::CatalogCorrupt { .. } | Error::Arrow(_) => ErrorClass::Internal,
         }

@@ -276,7 +276,7 @@ impl ShardWorker {
             if now >= next_tick {
                 next_tick = now + self.tick_interval;
                 let observers = self.observers.read().clone();
-                let derived: Vec<StreamBatch> = observers.iter().flat_map(|o| o.tick(self.shard)).collect();
+                let derived = self.run_observers(&observers, |o| o.tick(self.shard));
                 self.commit_derived(derived, &observers);
             }
             let first = match self.rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
@@ -344,7 +344,7 @@ impl ShardWorker {
                     a.commit();
                 }
                 let observers = self.observers.read().clone();
-                let derived: Vec<StreamBatch> = observers.iter().flat_map(|o| o.observe(self.shard, &group)).collect();
+                let derived = self.run_observers(&observers, |o| o.observe(self.shard, &group));
                 self.commit_derived(derived, &observers);
             }
             Err(e) => {
@@ -358,6 +358,26 @@ impl ShardWorker {
 }
 
 impl ShardWorker {
+    /// Calls every observer; a panicking observer is caught and counted, so that the shard
+    /// thread (and every device it owns) survives a bug in it.
+    fn run_observers(
+        &self,
+        observers: &[Arc<dyn BatchObserver>],
+        call: impl Fn(&dyn BatchObserver) -> Vec<StreamBatch>,
+    ) -> Vec<StreamBatch> {
+        let mut out = Vec::new();
+        for o in observers {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(o.as_ref()))) {
+                Ok(derived) => out.extend(derived),
+                Err(_) => {
+                    self.metrics.inc("ferrite_observer_panics_total", &[], 1);
+                    tracing::error!(shard = self.shard, "an observer of committed batches panicked; the shard goes on");
+                }
+            }
+        }
+        out
+    }
+
     /// Commits rule outputs on this shard (WAL and hot buffer, like ingested data) and
     /// shows them to the observers, so derived streams are first-class streams.
     fn commit_derived(&self, mut derived: Vec<StreamBatch>, observers: &[Arc<dyn BatchObserver>]) {
@@ -385,7 +405,7 @@ impl ShardWorker {
                 return;
             }
             self.metrics.inc("ferrite_batches_total", &[], group.len() as u64);
-            derived = observers.iter().flat_map(|o| o.observe(self.shard, &group)).collect();
+            derived = self.run_observers(observers, |o| o.observe(self.shard, &group));
         }
     }
 }
@@ -476,6 +496,32 @@ mod tests {
         }
         // One group, coalesced into one batch of the stream.
         assert_eq!(store.rows.lock().clone(), vec![(0, vec!["a".to_owned(), "b".to_owned(), "c".to_owned()])]);
+        Ok(())
+    }
+
+    struct Panicking;
+
+    impl BatchObserver for Panicking {
+        fn observe(&self, _shard: usize, _batches: &[StreamBatch]) -> Vec<StreamBatch> {
+            panic!("observer bug");
+        }
+    }
+
+    #[test]
+    fn a_panicking_observer_does_not_kill_the_shard() -> Result<()> {
+        let store = Arc::new(Recorder::default());
+        let metrics = Arc::new(Metrics::new());
+        let engine =
+            Engine::start(EngineConfig { shards: 1, ..EngineConfig::default() }, store.clone(), metrics.clone())?;
+        engine.add_observer(Arc::new(Panicking));
+        for d in ["a", "b"] {
+            let (ack, rx) = Ack::new();
+            engine.submit(vec![batch(&[d])?], ack)?;
+            assert_eq!(rx.blocking_recv().map_err(|_| Error::ShuttingDown)?, Ok(()), "still committing after a panic");
+        }
+        engine.flush()?; // observers run after the acknowledgement; wait for them
+        assert_eq!(metrics.counter_value("ferrite_observer_panics_total", &[]), 2);
+        assert_eq!(store.rows.lock().len(), 2);
         Ok(())
     }
 

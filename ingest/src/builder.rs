@@ -130,6 +130,7 @@ impl From<ferrite_engine::Error> for ValueError {
             ferrite_engine::Error::TypeConflict { .. } => "type_conflict",
             ferrite_engine::Error::InvalidFieldName { .. } => "invalid_field",
             ferrite_engine::Error::TooManyFields { .. } => "too_many_fields",
+            ferrite_engine::Error::TooManyStreams { .. } => "too_many_streams",
             ferrite_engine::Error::InvalidDeviceId { .. } => "invalid_device_id",
             _ => "internal",
         };

@@ -35,20 +35,41 @@ pub enum Error {
     /// The WAL commit failed after the batch was accepted.
     #[error("commit failed: {0}")]
     Commit(String),
+    /// The payload's events span more event-time hours than one request may (each hour is
+    /// a Parquet file on every persist).
+    #[error(
+        "the events span more than {limit} distinct event-time hours, the most one request may span \
+         (the `max_hours_per_request` setting): split a backfill into smaller requests"
+    )]
+    TooManyHours {
+        /// Distinct hours counted in the payload (counting stops past the limit).
+        hours: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// The node holds back new data: its hot buffer is past the hard bound because
+    /// persists fail or lag. Retry after the given number of seconds.
+    #[error("the server is overloaded (persisting to the archive is failing or behind); retry in {retry_after}s")]
+    Overloaded {
+        /// Seconds a client should wait before retrying.
+        retry_after: u64,
+    },
 }
 
 impl Error {
     /// Classifies this error for status codes and retries.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::MalformedJson { .. } | Error::PayloadTooLarge { .. } | Error::NotUtf8(_) | Error::BadRequest(_) => {
-                ErrorClass::User
-            }
+            Error::MalformedJson { .. }
+            | Error::PayloadTooLarge { .. }
+            | Error::NotUtf8(_)
+            | Error::BadRequest(_)
+            | Error::TooManyHours { .. } => ErrorClass::User,
             Error::Engine(e) => e.class(),
-            Error::Commit(_) | Error::ShuttingDown => ErrorClass::External,
+            Error::Commit(_) | Error::ShuttingDown | Error::Overloaded { .. } => ErrorClass::External,
         }
     }
 
@@ -60,9 +81,12 @@ impl Error {
             Error::NotUtf8(_) => "not_utf8",
             Error::BadRequest(_) => "bad_request",
             Error::Engine(ferrite_engine::Error::InvalidStreamName { .. }) => "invalid_stream_name",
+            Error::Engine(ferrite_engine::Error::TooManyStreams { .. }) => "too_many_streams",
+            Error::TooManyHours { .. } => "too_many_hours",
             Error::Engine(ferrite_engine::Error::ShuttingDown) | Error::ShuttingDown => "shutting_down",
             Error::Engine(_) => "engine_error",
             Error::Commit(_) => "commit_failed",
+            Error::Overloaded { .. } => "overloaded",
         }
     }
 }

@@ -31,26 +31,34 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     details: Option<serde_json::Value>,
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), details: None }
+        Self { status, code, message: message.into(), details: None, retry_after: None }
     }
 }
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
+        let retry_after = match &e {
+            Error::Overloaded { retry_after } => Some(*retry_after),
+            _ => None,
+        };
         let status = match (&e, e.class()) {
             (Error::PayloadTooLarge { .. }, _) => StatusCode::PAYLOAD_TOO_LARGE,
-            (Error::ShuttingDown | Error::Engine(ferrite_engine::Error::ShuttingDown), _) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            (
+                Error::ShuttingDown | Error::Overloaded { .. } | Error::Engine(ferrite_engine::Error::ShuttingDown),
+                _,
+            ) => StatusCode::SERVICE_UNAVAILABLE,
             (_, ErrorClass::User) => StatusCode::BAD_REQUEST,
             (_, ErrorClass::External | ErrorClass::Internal) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let code = e.code();
-        let message = if status.is_server_error() {
+        let message = if retry_after.is_some() {
+            e.to_string()
+        } else if status.is_server_error() {
             tracing::error!(error = %e, "ingest failed");
             match e {
                 Error::Commit(_) => "the events could not be committed; retry".to_owned(),
@@ -59,7 +67,7 @@ impl From<Error> for ApiError {
         } else {
             e.to_string()
         };
-        Self::new(status, code, message)
+        Self { retry_after, ..Self::new(status, code, message) }
     }
 }
 
@@ -69,7 +77,11 @@ impl IntoResponse for ApiError {
         if let Some(d) = self.details {
             error["details"] = d;
         }
-        (self.status, Json(json!({ "error": error }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        response
     }
 }
 

@@ -12,6 +12,7 @@ pub mod json;
 pub mod line_protocol;
 pub mod mqtt;
 pub mod pipeline;
+pub mod topic;
 
 pub use error::{Error, Result};
 pub use pipeline::{Durability, IngestConfig, IngestReport, Ingestor, Payload, Transport};

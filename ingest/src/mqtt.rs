@@ -16,8 +16,14 @@
 //! PUBLISH is delivered at QoS 0 to the sessions subscribed to a matching filter.
 //! Not yet: persistent sessions, retained messages, QoS 1/2 delivery to subscribers,
 //! MQTT 5 and authentication (the identity plugin adds it).
+//!
+//! When a commit fails (or the node is overloaded) the acknowledgement is withheld and the
+//! session is closed: an MQTT 3.1.1 client retransmits unacknowledged messages only when it
+//! reconnects, so keeping the session open would leave the message waiting forever. A QoS 2
+//! packet id is recorded as received only once its events are committed, so the
+//! retransmission after a failure is ingested, and a duplicate of a committed one is not.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -38,6 +44,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::pipeline::{Durability, Ingestor, Payload, Transport};
+use crate::topic::{self, TopicError, TopicTrie};
 
 /// Largest MQTT packet accepted at all; bigger ones close the connection. Payloads over
 /// the ingest limit but under this are rejected and counted, and the session lives on.
@@ -48,16 +55,79 @@ pub const MAX_PENDING_ACKS: usize = 1024;
 /// and counted (QoS 0 semantics), so one slow subscriber never stalls the publishers.
 pub const SUBSCRIBER_QUEUE: usize = 1024;
 
+/// What any one client can grow on the listener. Each refusal is counted in
+/// `ferrite_mqtt_refused_total{reason}` and logged.
+#[derive(Debug, Clone)]
+pub struct MqttLimits {
+    /// Open connections in all (past it: CONNACK "server unavailable").
+    pub max_connections: usize,
+    /// Open connections from one IP address (past it: CONNACK "server unavailable").
+    pub max_connections_per_ip: usize,
+    /// Subscriptions one session may hold (past it: SUBACK failure for the extra filters).
+    pub max_subscriptions_per_session: usize,
+}
+
+impl Default for MqttLimits {
+    fn default() -> Self {
+        Self { max_connections: 100_000, max_connections_per_ip: 10_000, max_subscriptions_per_session: 1_000 }
+    }
+}
+
+/// Counts open connections, in all and per IP; a [`ConnectionSlot`] gives its place back
+/// when dropped.
+#[derive(Default)]
+struct ConnectionCounts {
+    total: usize,
+    per_ip: HashMap<std::net::IpAddr, usize>,
+}
+
+struct ConnectionSlot {
+    counts: Arc<parking_lot::Mutex<ConnectionCounts>>,
+    ip: std::net::IpAddr,
+    /// Why this connection is over a limit, if it is.
+    refused: Option<&'static str>,
+}
+
+impl ConnectionSlot {
+    fn take(counts: &Arc<parking_lot::Mutex<ConnectionCounts>>, ip: std::net::IpAddr, limits: &MqttLimits) -> Self {
+        let mut c = counts.lock();
+        c.total += 1;
+        let n = c.per_ip.entry(ip).or_default();
+        *n += 1;
+        let refused = if *n > limits.max_connections_per_ip {
+            Some("connections_per_ip")
+        } else if c.total > limits.max_connections {
+            Some("connections")
+        } else {
+            None
+        };
+        Self { counts: counts.clone(), ip, refused }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock();
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Subscriptions of all sessions, for routing messages between clients.
 #[derive(Default)]
 pub struct Broker {
-    subs: RwLock<Vec<Subscription>>,
+    subs: RwLock<TopicTrie<Subscriber>>,
     dropped: AtomicU64,
 }
 
-struct Subscription {
+/// One session's subscription to one filter.
+struct Subscriber {
     session: u64,
-    filter: String,
     tx: mpsc::Sender<Packet>,
 }
 
@@ -68,14 +138,17 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// Delivers a message at QoS 0 to every matching subscription; returns how many got it.
-    pub fn publish(&self, topic: &str, payload: bytes::Bytes) -> usize {
+    /// Delivers a message at QoS 0 to every session with a matching subscription (once per
+    /// session, however many of its filters match); returns how many got it. A topic that
+    /// is not a valid publish topic reaches nobody and is an error.
+    pub fn publish(&self, topic: &str, payload: bytes::Bytes) -> Result<usize, TopicError> {
+        topic::validate_topic(topic)?;
         let subs = self.subs.read();
         let mut delivered = 0;
         let mut seen: Vec<u64> = Vec::new();
-        for s in subs.iter() {
-            if seen.contains(&s.session) || !mqttbytes::matches(topic, &s.filter) {
-                continue;
+        subs.for_each_match(topic, |s| {
+            if seen.contains(&s.session) {
+                return;
             }
             seen.push(s.session);
             let p = Publish::from_bytes(topic, QoS::AtMostOnce, payload.clone());
@@ -84,23 +157,24 @@ impl Broker {
             } else {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
-        }
-        delivered
+        });
+        Ok(delivered)
     }
 
-    fn subscribe(&self, session: u64, filter: String, tx: mpsc::Sender<Packet>) {
+    /// Subscribes `session` to `filter` (a valid filter); a repeated filter is kept once.
+    fn subscribe(&self, session: u64, filter: &str, tx: mpsc::Sender<Packet>) {
         let mut subs = self.subs.write();
-        if !subs.iter().any(|s| s.session == session && s.filter == filter) {
-            subs.push(Subscription { session, filter, tx });
+        if !subs.contains(filter, |s| s.session == session) {
+            subs.insert(filter, Subscriber { session, tx });
         }
     }
 
     fn unsubscribe(&self, session: u64, filter: &str) {
-        self.subs.write().retain(|s| !(s.session == session && s.filter == filter));
+        self.subs.write().remove(filter, |s| s.session == session);
     }
 
     fn remove_session(&self, session: u64) {
-        self.subs.write().retain(|s| s.session != session);
+        self.subs.write().retain(|s| s.session == session);
     }
 }
 
@@ -138,9 +212,11 @@ pub async fn serve(
     ingestor: Arc<Ingestor>,
     broker: Arc<Broker>,
     metrics: Arc<Metrics>,
+    limits: MqttLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let next_session = AtomicU64::new(1);
+    let counts = Arc::new(parking_lot::Mutex::new(ConnectionCounts::default()));
     let mut sessions = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -153,6 +229,9 @@ pub async fn serve(
                         ingestor: ingestor.clone(),
                         broker: broker.clone(),
                         metrics: metrics.clone(),
+                        slot: ConnectionSlot::take(&counts, peer.ip(), &limits),
+                        max_subscriptions: limits.max_subscriptions_per_session,
+                        subscriptions: parking_lot::Mutex::new(HashSet::new()),
                     };
                     let shutdown = shutdown.clone();
                     sessions.spawn(async move {
@@ -180,13 +259,39 @@ pub async fn serve(
     }
 }
 
-type AckFuture = Pin<Box<dyn Future<Output = Option<Packet>> + Send>>;
+/// What a queued acknowledgement turned into, settled in arrival order.
+enum AckOutcome {
+    /// Nothing to send (QoS 0).
+    Nothing,
+    /// Send this packet.
+    Send(Packet),
+    /// A QoS 2 message was taken: record its packet id, then send PUBREC.
+    Qos2Taken(u16),
+    /// A retransmission of a QoS 2 message that was in flight: PUBREC if the first copy
+    /// was taken, nothing otherwise (the session is closing then).
+    Qos2Duplicate(u16),
+    /// The events were not committed: withhold the acknowledgement and close the session.
+    Withhold(String),
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = AckOutcome> + Send>>;
+
+/// QoS 2 packet ids: taken (committed, awaiting PUBREL) and in flight (commit pending).
+#[derive(Default)]
+struct Qos2State {
+    taken: HashSet<u16>,
+    in_flight: HashSet<u16>,
+}
 
 struct Session {
     id: u64,
     ingestor: Arc<Ingestor>,
     broker: Arc<Broker>,
     metrics: Arc<Metrics>,
+    slot: ConnectionSlot,
+    max_subscriptions: usize,
+    /// This session's filters (for its subscription limit).
+    subscriptions: parking_lot::Mutex<HashSet<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +302,8 @@ enum SessionError {
     Protocol(String),
     #[error("keep-alive expired")]
     KeepAlive,
+    #[error("acknowledgement withheld: {0}")]
+    Withheld(String),
 }
 
 impl Session {
@@ -232,6 +339,12 @@ impl Session {
                 .await?;
             return Err(SessionError::Protocol("MQTT 5 is not supported yet; connect with MQTT 3.1.1".into()));
         }
+        if let Some(reason) = self.slot.refused {
+            self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", reason)], 1);
+            tracing::warn!(client_id = %connect.client_id, reason, "mqtt connection refused: over the connection limit");
+            write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))).await?;
+            return Err(SessionError::Protocol(format!("over the limit of {reason}")));
+        }
         write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
         tracing::debug!(session = self.id, client_id = %connect.client_id, "mqtt connected");
 
@@ -263,7 +376,7 @@ impl Session {
             k => Duration::from_millis(u64::from(k) * 1500),
         };
         let mut pending: FuturesOrdered<AckFuture> = FuturesOrdered::new();
-        let mut qos2_inflight: HashMap<u16, ()> = HashMap::new();
+        let mut qos2 = Qos2State::default();
         let mut clean = false;
         let result: Result<(), SessionError> = async {
             loop {
@@ -274,7 +387,7 @@ impl Session {
                 loop {
                     match Packet::read(&mut buf, MAX_PACKET_BYTES) {
                         Ok(p) => {
-                            if self.handle(p, &out_tx, &mut pending, &mut qos2_inflight, &mut clean, &mut qos0).await? {
+                            if self.handle(p, &out_tx, &mut pending, &mut qos2, &mut clean, &mut qos0).await? {
                                 disconnected = true;
                                 break;
                             }
@@ -295,7 +408,7 @@ impl Session {
                             }
                             Err(e) => tracing::warn!(error = %e, "mqtt QoS 0 messages rejected"),
                         }
-                        None
+                        AckOutcome::Nothing
                     }));
                 }
                 if disconnected {
@@ -311,11 +424,18 @@ impl Session {
                             Ok(Err(e)) => return Err(e.into()),
                         }
                     }
-                    Some(ack) = pending.next(), if !pending.is_empty() => {
-                        if let Some(p) = ack
-                            && out_tx.send(p).await.is_err()
-                        {
-                            return Ok(());
+                    Some(outcome) = pending.next(), if !pending.is_empty() => {
+                        match settle(outcome, &mut qos2) {
+                            Ok(Some(p)) => {
+                                if out_tx.send(p).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(reason) => {
+                                self.metrics.inc("ferrite_mqtt_withheld_acks_total", &[], 1);
+                                return Err(SessionError::Withheld(reason));
+                            }
                         }
                     }
                     _ = shutdown.changed() => return Ok(()),
@@ -325,14 +445,17 @@ impl Session {
         .await;
 
         // Deliver the acknowledgements already earned before closing.
-        while let Some(ack) = pending.next().await {
-            if let Some(p) = ack {
+        while let Some(outcome) = pending.next().await {
+            if let Ok(Some(p)) = settle(outcome, &mut qos2) {
                 let _ = out_tx.send(p).await;
             }
         }
         self.broker.remove_session(self.id);
-        if !clean && let Some(will) = &connect.last_will {
-            self.broker.publish(&will.topic, will.message.clone());
+        if !clean
+            && let Some(will) = &connect.last_will
+            && let Err(e) = self.broker.publish(&will.topic, will.message.clone())
+        {
+            tracing::warn!(client_id = %connect.client_id, error = %e, "mqtt last will not delivered");
         }
         drop(out_tx);
         let _ = writer.await;
@@ -345,7 +468,7 @@ impl Session {
         packet: Packet,
         out: &mpsc::Sender<Packet>,
         pending: &mut FuturesOrdered<AckFuture>,
-        qos2: &mut HashMap<u16, ()>,
+        qos2: &mut Qos2State,
         clean: &mut bool,
         qos0: &mut Vec<(String, StreamName, Vec<bytes::Bytes>)>,
     ) -> Result<bool, SessionError> {
@@ -357,20 +480,30 @@ impl Session {
                     QoS::ExactlyOnce => "2",
                 };
                 self.metrics.inc("ferrite_mqtt_messages_total", &[("qos", qos_label)], 1);
-                let ack: Option<Packet> = match p.qos {
-                    QoS::AtMostOnce => None,
-                    QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(p.pkid))),
-                    QoS::ExactlyOnce => Some(Packet::PubRec(PubRec::new(p.pkid))),
+                let pkid = p.pkid;
+                // The acknowledgement once the message is taken.
+                let ack = move || match p.qos {
+                    QoS::AtMostOnce => AckOutcome::Nothing,
+                    QoS::AtLeastOnce => AckOutcome::Send(Packet::PubAck(PubAck::new(pkid))),
+                    QoS::ExactlyOnce => AckOutcome::Qos2Taken(pkid),
                 };
-                if p.qos == QoS::ExactlyOnce && qos2.contains_key(&p.pkid) {
-                    // A retransmission of a message we already took: acknowledge, don't ingest twice.
-                    pending.push_back(Box::pin(async move { ack }));
-                    return Ok(false);
-                }
                 if p.qos == QoS::ExactlyOnce {
-                    qos2.insert(p.pkid, ());
+                    if qos2.taken.contains(&pkid) {
+                        // A retransmission of a message already taken: acknowledge, don't ingest twice.
+                        pending.push_back(Box::pin(async move { AckOutcome::Send(Packet::PubRec(PubRec::new(pkid))) }));
+                        return Ok(false);
+                    }
+                    if qos2.in_flight.contains(&pkid) {
+                        pending.push_back(Box::pin(async move { AckOutcome::Qos2Duplicate(pkid) }));
+                        return Ok(false);
+                    }
+                    qos2.in_flight.insert(pkid);
                 }
-                self.broker.publish(&p.topic, p.payload.clone());
+                if let Err(e) = self.broker.publish(&p.topic, p.payload.clone()) {
+                    // A wildcard or NUL in a publish topic is a protocol violation: close.
+                    self.reject(&p.topic, "invalid_topic", &e.to_string());
+                    return Err(SessionError::Protocol(e.to_string()));
+                }
                 match parse_telemetry_topic(&p.topic) {
                     Some(t) => {
                         let stream = StreamName::new(t.stream);
@@ -379,7 +512,7 @@ impl Session {
                             (Ok(s), Ok(())) => (s, t.device.to_owned()),
                             (Err(e), _) | (_, Err(e)) => {
                                 self.reject(&p.topic, "invalid_topic", &e.to_string());
-                                pending.push_back(Box::pin(async move { ack }));
+                                pending.push_back(Box::pin(async move { ack() }));
                                 return Ok(false);
                             }
                         };
@@ -405,16 +538,22 @@ impl Session {
                                     for r in &report.rejections {
                                         tracing::warn!(topic = %topic, reason = r.reason, "mqtt event rejected: {}", r.message);
                                     }
-                                    ack
+                                    ack()
                                 }
-                                Err(crate::Error::Commit(e)) => {
-                                    // Not durable: withhold the PUBACK so the client resends.
-                                    tracing::error!(topic = %topic, error = %e, "mqtt commit failed; not acknowledging");
-                                    None
+                                Err(
+                                    e @ (crate::Error::Commit(_)
+                                    | crate::Error::Overloaded { .. }
+                                    | crate::Error::ShuttingDown
+                                    | crate::Error::Engine(_)),
+                                ) => {
+                                    // Not durable: withhold the acknowledgement so the client resends.
+                                    tracing::error!(topic = %topic, error = %e, "mqtt events not committed; withholding the acknowledgement and closing the session");
+                                    AckOutcome::Withhold(e.to_string())
                                 }
                                 Err(e) => {
+                                    // The payload itself is bad: acknowledge, or it comes back forever.
                                     tracing::warn!(topic = %topic, error = %e, "mqtt payload rejected");
-                                    ack
+                                    ack()
                                 }
                             }
                         }));
@@ -427,35 +566,52 @@ impl Session {
                                 "telemetry topics are devices/{id}/telemetry[/{stream}]",
                             );
                         }
-                        pending.push_back(Box::pin(async move { ack }));
+                        pending.push_back(Box::pin(async move { ack() }));
                     }
                 }
             }
             Packet::PubRel(r) => {
-                qos2.remove(&r.pkid);
-                pending.push_back(Box::pin(async move { Some(Packet::PubComp(PubComp::new(r.pkid))) }));
+                // Settled in order, after the message's own outcome.
+                pending.push_back(Box::pin(async move { AckOutcome::Send(Packet::PubComp(PubComp::new(r.pkid))) }));
             }
             Packet::Subscribe(s) => {
                 let mut codes = Vec::with_capacity(s.filters.len());
+                let mut mine = self.subscriptions.lock();
                 for f in s.filters {
-                    if mqttbytes::valid_filter(&f.path) {
-                        self.broker.subscribe(self.id, f.path, out.clone());
-                        codes.push(SubscribeReasonCode::Success(QoS::AtMostOnce));
-                    } else {
+                    if let Err(e) = topic::validate_filter(&f.path) {
+                        self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "invalid_filter")], 1);
+                        tracing::warn!(session = self.id, filter = %f.path, error = %e, "mqtt subscription refused");
                         codes.push(SubscribeReasonCode::Failure);
+                    } else if !mine.contains(&f.path) && mine.len() >= self.max_subscriptions {
+                        self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "subscriptions")], 1);
+                        tracing::warn!(
+                            session = self.id,
+                            filter = %f.path,
+                            limit = self.max_subscriptions,
+                            "mqtt subscription refused: the session is at its subscription limit"
+                        );
+                        codes.push(SubscribeReasonCode::Failure);
+                    } else {
+                        self.broker.subscribe(self.id, &f.path, out.clone());
+                        mine.insert(f.path);
+                        codes.push(SubscribeReasonCode::Success(QoS::AtMostOnce));
                     }
                 }
+                drop(mine);
                 let ack = Packet::SubAck(SubAck::new(s.pkid, codes));
-                pending.push_back(Box::pin(async move { Some(ack) }));
+                pending.push_back(Box::pin(async move { AckOutcome::Send(ack) }));
             }
             Packet::Unsubscribe(u) => {
+                let mut mine = self.subscriptions.lock();
                 for t in &u.topics {
                     self.broker.unsubscribe(self.id, t);
+                    mine.remove(t);
                 }
+                drop(mine);
                 let ack = Packet::UnsubAck(UnsubAck::new(u.pkid));
-                pending.push_back(Box::pin(async move { Some(ack) }));
+                pending.push_back(Box::pin(async move { AckOutcome::Send(ack) }));
             }
-            Packet::PingReq => pending.push_back(Box::pin(async { Some(Packet::PingResp) })),
+            Packet::PingReq => pending.push_back(Box::pin(async { AckOutcome::Send(Packet::PingResp) })),
             Packet::Disconnect => {
                 *clean = true;
                 return Ok(true);
@@ -470,6 +626,26 @@ impl Session {
     fn reject(&self, topic: &str, reason: &'static str, message: &str) {
         self.metrics.inc("ferrite_rejected_events_total", &[("transport", "mqtt"), ("reason", reason)], 1);
         tracing::warn!(topic, reason, "mqtt message rejected: {message}");
+    }
+}
+
+/// Applies an acknowledgement's outcome to the QoS 2 state; the packet to send, if any, or
+/// the reason the acknowledgement is withheld.
+fn settle(outcome: AckOutcome, qos2: &mut Qos2State) -> Result<Option<Packet>, String> {
+    match outcome {
+        AckOutcome::Nothing => Ok(None),
+        AckOutcome::Send(Packet::PubComp(c)) => {
+            qos2.taken.remove(&c.pkid);
+            Ok(Some(Packet::PubComp(c)))
+        }
+        AckOutcome::Send(p) => Ok(Some(p)),
+        AckOutcome::Qos2Taken(pkid) => {
+            qos2.in_flight.remove(&pkid);
+            qos2.taken.insert(pkid);
+            Ok(Some(Packet::PubRec(PubRec::new(pkid))))
+        }
+        AckOutcome::Qos2Duplicate(pkid) => Ok(qos2.taken.contains(&pkid).then(|| Packet::PubRec(PubRec::new(pkid)))),
+        AckOutcome::Withhold(reason) => Err(reason),
     }
 }
 

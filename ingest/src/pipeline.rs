@@ -16,13 +16,16 @@ use std::time::Instant;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, bounded};
 use ferrite_engine::ack::AckWaiter;
-use ferrite_engine::{Ack, BatchSink, Clock, Metrics, StreamBatch, StreamCatalog, StreamName};
+use ferrite_engine::{Ack, BatchSink, Clock, Health, Metrics, StreamBatch, StreamCatalog, StreamName};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::builder::{BatchBuilder, Rejection};
 use crate::error::{Error, Result};
 use crate::json::{DeviceSource, JsonDecoder};
 use crate::line_protocol::{self, Precision};
+
+/// What an overloaded node tells clients to wait before retrying (HTTP `Retry-After`).
+pub const RETRY_AFTER_SECS: u64 = 5;
 
 /// Most rejections reported back to a client per payload (all are counted).
 pub const MAX_REPORTED_REJECTIONS: usize = 100;
@@ -36,6 +39,13 @@ pub struct IngestConfig {
     pub decoder_threads: usize,
     /// Payloads in flight before transports wait.
     pub max_in_flight: usize,
+    /// The node's health: while it is overloaded, payloads wait up to `overload_wait` and
+    /// are then refused with [`Error::Overloaded`].
+    pub health: Arc<Health>,
+    /// How long a payload waits for an overload to end before it is refused.
+    pub overload_wait: std::time::Duration,
+    /// Most distinct event-time hours one payload may span.
+    pub max_hours_per_request: usize,
 }
 
 impl Default for IngestConfig {
@@ -44,6 +54,9 @@ impl Default for IngestConfig {
             max_payload_bytes: 1024 * 1024,
             decoder_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             max_in_flight: 256,
+            health: Arc::new(Health::new()),
+            overload_wait: std::time::Duration::from_secs(2),
+            max_hours_per_request: 168,
         }
     }
 }
@@ -161,8 +174,13 @@ impl Ingestor {
         // Sized to the number of permits, so a send never blocks the async caller.
         let (tx, rx) = bounded::<Job>(in_flight);
         for i in 0..config.decoder_threads.max(1) {
-            let worker =
-                Decoder { rx: rx.clone(), catalog: catalog.clone(), sink: sink.clone(), metrics: metrics.clone() };
+            let worker = Decoder {
+                rx: rx.clone(),
+                catalog: catalog.clone(),
+                sink: sink.clone(),
+                metrics: metrics.clone(),
+                max_hours: config.max_hours_per_request.max(1),
+            };
             std::thread::Builder::new()
                 .name(format!("ferrite-decode-{i}"))
                 .spawn(move || worker.run())
@@ -197,6 +215,14 @@ impl Ingestor {
             );
             return Err(Error::PayloadTooLarge { size: bytes.len(), limit: self.config.max_payload_bytes });
         }
+        if !self.config.health.wait_admitted(self.config.overload_wait).await {
+            self.metrics.inc(
+                "ferrite_rejected_events_total",
+                &[("transport", transport.as_str()), ("reason", "overloaded")],
+                1,
+            );
+            return Err(Error::Overloaded { retry_after: RETRY_AFTER_SECS });
+        }
         let permit = self.permits.clone().acquire_owned().await.map_err(|_| Error::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
         let job = Job {
@@ -226,6 +252,30 @@ struct Decoder {
     catalog: Arc<StreamCatalog>,
     sink: Arc<dyn BatchSink>,
     metrics: Arc<Metrics>,
+    max_hours: usize,
+}
+
+/// Distinct event-time hours of `batches`, counting no further than `limit + 1`.
+fn distinct_hours(batches: &[StreamBatch], limit: usize) -> usize {
+    const NS_PER_HOUR: i64 = 3_600_000_000_000;
+    let mut hours = ahash::AHashSet::new();
+    for b in batches {
+        let Some(t) = b.batch.column(0).as_any().downcast_ref::<arrow::array::TimestampNanosecondArray>() else {
+            continue;
+        };
+        let mut last = None;
+        for v in t.values().iter() {
+            let h = v.div_euclid(NS_PER_HOUR);
+            if last != Some(h) {
+                last = Some(h);
+                hours.insert(h);
+                if hours.len() > limit {
+                    return hours.len();
+                }
+            }
+        }
+    }
+    hours.len()
 }
 
 impl Decoder {
@@ -299,6 +349,16 @@ impl Decoder {
                 return Err(e);
             }
         };
+        let hours = distinct_hours(&batches, self.max_hours);
+        if hours > self.max_hours {
+            let rows: usize = batches.iter().map(StreamBatch::num_rows).sum();
+            self.metrics.inc(
+                "ferrite_rejected_events_total",
+                &[("transport", t), ("reason", "too_many_hours")],
+                rows as u64,
+            );
+            return Err(Error::TooManyHours { hours, limit: self.max_hours });
+        }
         for r in &rejections {
             self.metrics.inc("ferrite_rejected_events_total", &[("transport", t), ("reason", r.reason)], 1);
             tracing::debug!(transport = t, reason = r.reason, message = %r.message, "event rejected");

@@ -17,6 +17,15 @@ pub enum Error {
     /// Running the query failed.
     #[error("query failed: {0}")]
     Execution(String),
+    /// The statement is not a query: the SQL endpoint is read-only.
+    #[error("only queries (SELECT, WITH, EXPLAIN, SHOW) are allowed here: {0}")]
+    ReadOnly(String),
+    /// The query ran past the configured time limit.
+    #[error("query cancelled after {0:?} (the `sql_timeout` setting); narrow the time range or aggregate more")]
+    Timeout(std::time::Duration),
+    /// The query needs more memory than the configured pool, or returns more than the cap.
+    #[error("{0}")]
+    ResourcesExhausted(String),
     /// Encoding the result failed.
     #[error("cannot encode the result: {0}")]
     Encode(String),
@@ -26,7 +35,12 @@ impl Error {
     /// Classifies this error for status codes.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Syntax(_) | Error::UnknownTable(_) | Error::Plan(_) => ErrorClass::User,
+            Error::Syntax(_)
+            | Error::UnknownTable(_)
+            | Error::Plan(_)
+            | Error::ReadOnly(_)
+            | Error::Timeout(_)
+            | Error::ResourcesExhausted(_) => ErrorClass::User,
             Error::Execution(_) | Error::Encode(_) => ErrorClass::Internal,
         }
     }
@@ -37,6 +51,9 @@ impl Error {
             Error::Syntax(_) => "sql_syntax",
             Error::UnknownTable(_) => "unknown_table",
             Error::Plan(_) => "invalid_query",
+            Error::ReadOnly(_) => "read_only",
+            Error::Timeout(_) => "query_timeout",
+            Error::ResourcesExhausted(_) => "resources_exhausted",
             Error::Execution(_) => "query_failed",
             Error::Encode(_) => "encode_failed",
         }
@@ -47,6 +64,17 @@ impl Error {
         use datafusion::error::DataFusionError as D;
         match e.find_root() {
             D::SQL(p, _) => Error::Syntax(p.to_string()),
+            D::Plan(m)
+                if m.starts_with("DDL not supported")
+                    || m.starts_with("DML not supported")
+                    || m.starts_with("Statement not supported") =>
+            {
+                Error::ReadOnly(m.clone())
+            }
+            D::ResourcesExhausted(m) => Error::ResourcesExhausted(format!(
+                "the query needs more memory than the `sql_memory_limit` setting allows ({m}); \
+                 narrow the time range, aggregate, or add LIMIT"
+            )),
             D::Plan(m) => match table_not_found(m) {
                 Some(t) => Error::UnknownTable(t),
                 None => Error::Plan(m.clone()),

@@ -9,6 +9,10 @@
 //!                                                    row-group and page pruning by predicate)
 //! ```
 //!
+//! The SQL door is read-only and bounded ([`QueryConfig`]): no DDL, DML or statements
+//! (`CREATE EXTERNAL TABLE`, `COPY`, `SET`...), no object store but the archive's (so no
+//! query can read a server file), a time limit, a memory pool, and a cap on result size.
+//!
 //! Depends on `ferrite-engine` (stream catalog) and `ferrite-storage` (snapshots, object
 //! store); never on ingest or rules.
 
@@ -25,10 +29,13 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, SchemaProvider, TableProvider};
 use datafusion::error::Result as DfResult;
-use datafusion::execution::context::SessionContext;
+use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::execution::object_store::ObjectStoreRegistry;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::SessionConfig;
 use ferrite_engine::{Metrics, StreamCatalog};
 use ferrite_storage::Storage;
+use futures::StreamExt;
 
 pub use error::{Error, Result};
 use table::{ARCHIVE_URL, StreamTable};
@@ -67,9 +74,59 @@ pub struct QueryResult {
     pub batches: Vec<RecordBatch>,
 }
 
+/// Limits of the SQL door.
+#[derive(Debug, Clone)]
+pub struct QueryConfig {
+    /// A query running longer is cancelled.
+    pub timeout: std::time::Duration,
+    /// Memory all running queries may hold for sorts, joins and aggregates.
+    pub memory_limit: usize,
+    /// Largest result (Arrow bytes in memory) a query may return.
+    pub max_result_bytes: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            timeout: std::time::Duration::from_secs(30),
+            memory_limit: 1024 * 1024 * 1024,
+            max_result_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The only object store queries can reach: the archive's. `file://` and every other
+/// scheme are refused, so no table can be made to read a file of the server.
+#[derive(Debug, Default)]
+struct ArchiveOnlyRegistry {
+    archive: parking_lot::RwLock<Option<Arc<dyn object_store::ObjectStore>>>,
+}
+
+impl ObjectStoreRegistry for ArchiveOnlyRegistry {
+    fn register_store(
+        &self,
+        url: &url::Url,
+        store: Arc<dyn object_store::ObjectStore>,
+    ) -> Option<Arc<dyn object_store::ObjectStore>> {
+        if url.as_str().starts_with(ARCHIVE_URL) {
+            return self.archive.write().replace(store);
+        }
+        tracing::warn!(%url, "refused to register an object store other than the archive's");
+        None
+    }
+
+    fn get_store(&self, url: &url::Url) -> DfResult<Arc<dyn object_store::ObjectStore>> {
+        match self.archive.read().as_ref() {
+            Some(store) if url.as_str().starts_with(ARCHIVE_URL) => Ok(store.clone()),
+            _ => datafusion::common::plan_err!("no object store for `{url}`: queries read the streams only"),
+        }
+    }
+}
+
 /// Runs SQL over the streams.
 pub struct QueryService {
     ctx: SessionContext,
+    config: QueryConfig,
     metrics: Arc<Metrics>,
     catalog: Arc<StreamCatalog>,
     storage: Arc<Storage>,
@@ -83,11 +140,26 @@ impl std::fmt::Debug for QueryService {
 }
 
 impl QueryService {
-    /// A session over `storage`'s streams.
+    /// A session over `storage`'s streams, with the default limits.
     pub fn new(catalog: Arc<StreamCatalog>, storage: Arc<Storage>, metrics: Arc<Metrics>) -> Result<Self> {
+        Self::with_config(catalog, storage, metrics, QueryConfig::default())
+    }
+
+    /// A session over `storage`'s streams, with `limits`.
+    pub fn with_config(
+        catalog: Arc<StreamCatalog>,
+        storage: Arc<Storage>,
+        metrics: Arc<Metrics>,
+        limits: QueryConfig,
+    ) -> Result<Self> {
         let config =
             SessionConfig::new().with_information_schema(true).with_default_catalog_and_schema("ferrite", "public");
-        let ctx = SessionContext::new_with_config(config);
+        let runtime = RuntimeEnvBuilder::new()
+            .with_object_store_registry(Arc::new(ArchiveOnlyRegistry::default()))
+            .with_memory_limit(limits.memory_limit, 1.0)
+            .build_arc()
+            .map_err(Error::from_datafusion)?;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         let url = url::Url::parse(ARCHIVE_URL).map_err(|e| Error::Execution(e.to_string()))?;
         ctx.register_object_store(&url, storage.object_store());
         let ferrite = MemoryCatalogProvider::new();
@@ -96,7 +168,7 @@ impl QueryService {
         let system = Arc::new(system::SystemSchemaProvider::default());
         ferrite.register_schema("system", system.clone()).map_err(Error::from_datafusion)?;
         ctx.register_catalog("ferrite", Arc::new(ferrite));
-        Ok(Self { ctx, metrics, catalog, storage, system })
+        Ok(Self { ctx, config: limits, metrics, catalog, storage, system })
     }
 
     /// Adds a table to the `system` schema (`SELECT * FROM system.NAME`).
@@ -125,9 +197,41 @@ impl QueryService {
     }
 
     async fn run(&self, sql: &str) -> Result<QueryResult> {
-        let df = self.ctx.sql(sql).await.map_err(Error::from_datafusion)?;
-        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await.map_err(Error::from_datafusion)?;
-        Ok(QueryResult { schema, batches })
+        let limit = self.config.timeout;
+        // On a task of its own, so that the deadline holds even while an operator is busy,
+        // and the work is aborted (not merely abandoned) when it passes.
+        let task = tokio::spawn(run_query(self.ctx.clone(), sql.to_owned(), self.config.max_result_bytes));
+        let abort = task.abort_handle();
+        match tokio::time::timeout(limit, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(Error::Execution(format!("the query task failed: {e}"))),
+            Err(_) => {
+                abort.abort();
+                self.metrics.inc("ferrite_query_timeouts_total", &[], 1);
+                Err(Error::Timeout(limit))
+            }
+        }
     }
+}
+
+/// Plans `sql` read-only and collects its result, up to `max_result_bytes`.
+async fn run_query(ctx: SessionContext, sql: String, max_result_bytes: usize) -> Result<QueryResult> {
+    let read_only = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+    let df = ctx.sql_with_options(&sql, read_only).await.map_err(Error::from_datafusion)?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let mut stream = df.execute_stream().await.map_err(Error::from_datafusion)?;
+    let mut batches = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(Error::from_datafusion)?;
+        bytes += batch.get_array_memory_size();
+        if bytes > max_result_bytes {
+            return Err(Error::ResourcesExhausted(format!(
+                "the result is larger than {max_result_bytes} bytes (the `sql_max_result` setting); add LIMIT, \
+                 aggregate, or select fewer columns"
+            )));
+        }
+        batches.push(batch);
+    }
+    Ok(QueryResult { schema, batches })
 }

@@ -33,6 +33,8 @@ pub struct RuleFile {
     /// The directory relative `table` paths start from (the rule file's; `None`: the
     /// working directory).
     pub base: Option<std::path::PathBuf>,
+    /// What the file's rules may reach (files, hosts); `None`: anything (local tools).
+    pub sandbox: Option<crate::sandbox::Sandbox>,
 }
 
 /// Event-time settings of one input stream.

@@ -127,6 +127,14 @@ pub enum Error {
     /// Arrow failed while building outputs.
     #[error(transparent)]
     Arrow(#[from] arrow::error::ArrowError),
+    /// The rule panicked (a bug): it is disabled until it is deployed again.
+    #[error("rule `{rule}` panicked and is disabled until it is deployed again: {message}")]
+    Panicked {
+        /// The rule.
+        rule: String,
+        /// The panic's message.
+        message: String,
+    },
 }
 
 impl Error {
@@ -137,7 +145,7 @@ impl Error {
             Error::Invalid(_) | Error::NotFound(_) | Error::Input(_) => ErrorClass::User,
             Error::Io { .. } => ErrorClass::External,
             Error::Engine(e) => e.class(),
-            Error::Eval { .. } | Error::Arrow(_) => ErrorClass::Internal,
+            Error::Eval { .. } | Error::Arrow(_) | Error::Panicked { .. } => ErrorClass::Internal,
         }
     }
 

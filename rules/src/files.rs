@@ -40,6 +40,9 @@ pub struct RuleFiles {
     dir: PathBuf,
     engine: Arc<RuleEngine>,
     seen: Mutex<BTreeMap<PathBuf, Seen>>,
+    /// Rule texts posted to the API that name streams nobody has written yet, by key
+    /// (`api:` and their rule names); retried like waiting files.
+    waiting_api: Mutex<BTreeMap<String, (String, Seen)>>,
 }
 
 impl std::fmt::Debug for RuleFiles {
@@ -56,12 +59,59 @@ fn catalog_version(engine: &RuleEngine) -> u64 {
 impl RuleFiles {
     /// Watches `dir` (which may not exist yet) for `engine`.
     pub fn new(dir: &Path, engine: Arc<RuleEngine>) -> Self {
-        Self { dir: dir.to_owned(), engine, seen: Mutex::new(BTreeMap::new()) }
+        Self { dir: dir.to_owned(), engine, seen: Mutex::new(BTreeMap::new()), waiting_api: Mutex::default() }
     }
 
-    /// The state of every rule file seen.
+    /// The state of every rule file seen, and of rule texts from the API that wait.
     pub fn statuses(&self) -> Vec<FileStatus> {
-        self.seen.lock().values().map(|s| s.status.clone()).collect()
+        let mut out: Vec<FileStatus> = self.seen.lock().values().map(|s| s.status.clone()).collect();
+        out.extend(self.waiting_api.lock().values().map(|(_, s)| s.status.clone()));
+        out
+    }
+
+    /// Keeps a rule text from the API whose streams do not exist yet; it is deployed as
+    /// soon as they do (as a waiting file is). Returns its status.
+    pub fn wait_for_streams(&self, text: &str, rules: Vec<String>, error: String) -> FileStatus {
+        let key = format!("api:{}", rules.join(","));
+        let status = FileStatus { path: key.clone(), status: "waiting", rules, error: Some(error) };
+        let seen = Seen { modified: None, catalog: catalog_version(&self.engine), status: status.clone() };
+        self.waiting_api.lock().insert(key, (text.to_owned(), seen));
+        status
+    }
+
+    /// Drops a waiting API rule text that holds rule `name`; whether there was one.
+    pub fn forget_waiting(&self, name: &str) -> bool {
+        let mut w = self.waiting_api.lock();
+        let before = w.len();
+        w.retain(|_, (_, s)| !s.status.rules.iter().any(|r| r == name));
+        w.len() != before
+    }
+
+    fn retry_waiting_api(&self, catalog: u64) {
+        let mut waiting = self.waiting_api.lock();
+        let mut deployed = Vec::new();
+        for (key, (text, seen)) in waiting.iter_mut() {
+            if seen.status.status != "waiting" || seen.catalog == catalog {
+                continue;
+            }
+            seen.catalog = catalog;
+            match self.engine.deploy(text, None) {
+                Ok(rules) => {
+                    tracing::info!(rules = ?rules, "rules posted earlier found their streams and are deployed");
+                    deployed.push(key.clone());
+                }
+                Err(Error::Invalid(ds)) if ds.iter().all(|d| d.code == Some("unknown-stream")) => {}
+                Err(e) => {
+                    let error = e.render("request", text);
+                    tracing::error!("rules posted earlier are refused now that their streams exist:\n{error}");
+                    seen.status.status = "failed";
+                    seen.status.error = Some(error);
+                }
+            }
+        }
+        for key in deployed {
+            waiting.remove(&key);
+        }
     }
 
     /// Deploys new and changed files, retries waiting ones, removes deleted ones.
@@ -76,6 +126,7 @@ impl RuleFiles {
             }
         }
         let catalog = catalog_version(&self.engine);
+        self.retry_waiting_api(catalog);
         let mut seen = self.seen.lock();
         let gone: Vec<PathBuf> = seen.keys().filter(|p| !files.iter().any(|(f, _)| f == *p)).cloned().collect();
         for path in gone {

@@ -69,6 +69,17 @@ async fn deploy(
     }
     match api.engine.deploy(&body, None) {
         Ok(names) => (StatusCode::CREATED, Json(json!({"deployed": names}))).into_response(),
+        // Rules over streams nobody has written yet wait for them, as a rule file does.
+        Err(crate::Error::Invalid(ds)) if ds.iter().all(|d| d.code == Some("unknown-stream")) => {
+            let error = crate::Error::Invalid(ds);
+            let Some(files) = &api.files else { return from_error(&error, Some(&body)) };
+            let rules = crate::syntax::parse(&body).map(|f| f.rules.iter().map(|r| r.name.value.clone()).collect());
+            let status = files.wait_for_streams(&body, rules.unwrap_or_default(), error.render("request", &body));
+            let message = "the rules name streams that do not exist yet; they are deployed as soon as their streams \
+                           receive data (GET /api/v1/rules shows them under `files` until then)";
+            (StatusCode::ACCEPTED, Json(json!({"waiting": status.rules, "message": message, "error": status.error})))
+                .into_response()
+        }
         Err(e) => from_error(&e, Some(&body)),
     }
 }
@@ -88,6 +99,7 @@ async fn one(State(api): State<RulesApi>, Path(name): Path<String>) -> Response 
 async fn remove(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
     match api.engine.remove(&name) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(_) if api.files.as_ref().is_some_and(|f| f.forget_waiting(&name)) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => from_error(&e, None),
     }
 }

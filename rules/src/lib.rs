@@ -11,8 +11,13 @@
 //!        ──▶ having ──▶ select list ──▶ output rate ──▶ derived stream, `alerts`, MQTT, webhooks
 //! ```
 //!
-//! State lives on the shard that owns the device; nothing on the hot path takes a lock
-//! another shard could hold. This crate depends on `ferrite-engine` only (and DataFusion).
+//! State keyed by device lives on the shard that owns the device, and a rule keyed that way
+//! takes no lock another shard could hold. Two things are shared across shards and locked:
+//! windows keyed by something other than `device_id` (or by nothing), whose state is one
+//! map for all shards, and lookup tables fed from a stream (`join` on a stream), updated by
+//! whichever shard commits that stream's rows. A rule that panics is disabled (status
+//! `failed`) and the shard goes on. This crate depends on `ferrite-engine` only (and
+//! DataFusion).
 
 pub mod ast;
 pub mod error;
@@ -26,8 +31,10 @@ pub mod pattern;
 pub mod plan;
 pub mod recorded;
 pub mod runtime;
+pub mod sandbox;
 pub mod scalar;
 pub mod slots;
+pub mod sql_syntax;
 pub mod syntax;
 pub mod window;
 

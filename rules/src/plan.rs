@@ -314,6 +314,9 @@ fn plan_join(
                 Some(base) if path.is_relative() => base.join(path),
                 _ => path.to_owned(),
             };
+            if let Some(sandbox) = &file.sandbox {
+                sandbox.check_table(&path).map_err(|e| Diagnostic::new(decl.path.span, e))?;
+            }
             let (schema, batches) = crate::lookup::read_file(&path).map_err(|e| {
                 Diagnostic::new(decl.path.span, format!("cannot read table `{table}`: {e}"))
                     .with_hint("a CSV file with a header row, or a .parquet file; a relative path starts from the rule file's directory")
@@ -512,6 +515,13 @@ fn compile_rule(
         }
     }
     compiled.actions = rule.actions.iter().map(|a| plan_action(a, &compiled.output)).collect::<Result<_, _>>()?;
+    if let Some(sandbox) = &file.sandbox {
+        for a in &rule.actions {
+            if let ActionDef::Webhook { url, .. } = a {
+                sandbox.check_webhook(&url.value).map_err(|e| Diagnostic::new(url.span, e))?;
+            }
+        }
+    }
     compiled.output_rate = rule.output_rate;
     compiled.state_limit = rule.state_limit.unwrap_or(DEFAULT_STATE_LIMIT);
     Ok(compiled)

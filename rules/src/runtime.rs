@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use arrow::array::{
@@ -81,6 +81,9 @@ pub struct LiveRule {
     pub shadow: bool,
     /// The `rule` label of its metrics (shadows: `NAME (shadow)`).
     pub label: String,
+    /// Set when the rule panicked: it runs no more until deployed again, and the shard
+    /// that ran it goes on with the other rules.
+    pub failed: AtomicBool,
 }
 
 impl LiveRule {
@@ -230,6 +233,8 @@ pub struct RuleEngine {
     /// after a shard's own lock, never before).
     global: Mutex<HashMap<String, RuleState>>,
     generation: AtomicU64,
+    /// What deployed rules may read and call; `None`: anything (local tools).
+    sandbox: RwLock<Option<crate::sandbox::Sandbox>>,
 }
 
 impl std::fmt::Debug for RuleEngine {
@@ -269,7 +274,13 @@ impl RuleEngine {
             shards: (0..shards.max(1)).map(|_| Mutex::new(HashMap::new())).collect(),
             global: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
+            sandbox: RwLock::new(None),
         }
+    }
+
+    /// Limits what rules deployed from now on may read and call (the server sets one).
+    pub fn set_sandbox(&self, sandbox: crate::sandbox::Sandbox) {
+        *self.sandbox.write() = Some(sandbox);
     }
 
     /// The catalog rules are compiled against.
@@ -279,16 +290,25 @@ impl RuleEngine {
 
     /// Parses and compiles `text` against the catalog without deploying it.
     pub fn check(&self, text: &str) -> Result<Vec<CompiledRule>> {
-        compile_text(text, &CatalogSchemas(&self.catalog))
+        let sandbox = self.sandbox.read().clone();
+        let base = sandbox.as_ref().map(|s| s.table_dir.clone());
+        compile_text_sandboxed(text, &CatalogSchemas(&self.catalog), base.as_deref(), sandbox.as_ref())
     }
 
     /// Deploys every rule of `text` (replacing rules of the same names). When `origin` is a
     /// file, rules that file held before and no longer holds are removed. Returns the names
     /// deployed. Nothing changes if any rule fails to compile.
     pub fn deploy(&self, text: &str, origin: Option<&str>) -> Result<Vec<String>> {
-        // A file's relative table paths start from its directory.
-        let base = origin.map(std::path::Path::new).and_then(std::path::Path::parent);
-        let compiled = compile_text_in(text, &CatalogSchemas(&self.catalog), base)?;
+        // A file's relative table paths start from its directory; the API's from the
+        // sandbox's table directory.
+        let sandbox = self.sandbox.read().clone();
+        let base = origin
+            .map(std::path::Path::new)
+            .and_then(std::path::Path::parent)
+            .map(std::path::Path::to_owned)
+            .or_else(|| sandbox.as_ref().map(|s| s.table_dir.clone()));
+        let base = base.as_deref();
+        let compiled = compile_text_sandboxed(text, &CatalogSchemas(&self.catalog), base, sandbox.as_ref())?;
         self.install(compiled, origin)
     }
 
@@ -314,8 +334,10 @@ impl RuleEngine {
             .collect();
         for plan in compiled {
             // Re-deploying a file keeps the state of its rules that did not change.
+            // A rule that failed starts afresh.
             let unchanged = guard.iter().find(|r| {
-                r.plan.name == plan.name
+                !r.failed.load(Ordering::Relaxed)
+                    && r.plan.name == plan.name
                     && r.origin.as_deref() == origin
                     && r.plan.text == plan.text
                     && r.plan.input_schemas == plan.input_schemas
@@ -336,6 +358,7 @@ impl RuleEngine {
                 stats: RuleStats::default(),
                 last_error: Mutex::new(None),
                 shadow: false,
+                failed: AtomicBool::new(false),
             }));
         }
         *guard = Arc::new(next);
@@ -469,6 +492,7 @@ impl RuleEngine {
                 stats: RuleStats::default(),
                 last_error: Mutex::new(None),
                 shadow: true,
+                failed: AtomicBool::new(false),
             }));
         }
         *guard = Arc::new(next);
@@ -640,7 +664,7 @@ impl RuleEngine {
         let batches = s.batches.load(Ordering::Relaxed);
         RuleInfo {
             name: r.plan.name.clone(),
-            status: "running",
+            status: if r.failed.load(Ordering::Relaxed) { "failed" } else { "running" },
             inputs: r.plan.inputs.clone(),
             insert_into: r.plan.insert_into.clone(),
             origin: r.origin.clone(),
@@ -676,7 +700,9 @@ impl RuleEngine {
         let mut out = Vec::new();
         for sb in batches {
             self.feed_lookups(sb);
-            let reads = |r: &&Arc<LiveRule>| r.plan.inputs.iter().any(|i| i == sb.stream.as_str());
+            let reads = |r: &&Arc<LiveRule>| {
+                !r.failed.load(Ordering::Relaxed) && r.plan.inputs.iter().any(|i| i == sb.stream.as_str())
+            };
             for rule in rules.iter().filter(reads).chain(shadows.iter().filter(reads)) {
                 let compared = rule.shadow || shadows.iter().any(|s| s.plan.name == rule.plan.name);
                 let started = Instant::now();
@@ -694,7 +720,7 @@ impl RuleEngine {
                         continue;
                     }
                 };
-                match self.run(rule, state, sb, shard) {
+                match self.guarded(rule, || self.run(rule, state, sb, shard)) {
                     Ok(o) => {
                         if compared {
                             self.record_shadow_outputs(rule, &o.batches);
@@ -740,6 +766,9 @@ impl RuleEngine {
         let mut states = states.lock();
         let mut out = Vec::new();
         for rule in rules.iter().chain(shadows.iter()) {
+            if rule.failed.load(Ordering::Relaxed) {
+                continue;
+            }
             let compared = rule.shadow || shadows.iter().any(|s| s.plan.name == rule.plan.name);
             // Shared state moves on shard 0's ticks only.
             let mut global;
@@ -756,7 +785,7 @@ impl RuleEngine {
                 continue;
             };
             let delay = rule.plan.time.max_delay.saturating_add(rule.plan.time.lateness);
-            let result = (|| -> Result<Vec<StreamBatch>> {
+            let result = self.guarded(rule, || -> Result<Vec<StreamBatch>> {
                 let emitted = match &mut state.op {
                     OpState::Stateless => return Ok(Vec::new()),
                     OpState::Window(w) => {
@@ -799,24 +828,28 @@ impl RuleEngine {
                 };
                 let (batch, times, devices) = emitted;
                 self.emit(rule, state, batch, &times, &devices)
-            })();
+            });
             // `output last`: rows whose period has ended by their device's time go out.
             let result = result.and_then(|mut b| {
-                let Some(rate) = rule.plan.output_rate.filter(|r| !r.first) else { return Ok(b) };
-                let global = is_global(rule);
-                let now_of: HashMap<String, i64> = state
-                    .pending
-                    .values()
-                    .filter_map(|p| {
-                        let clock = if global { Some(&state.stream) } else { state.devices.get(&p.device) };
-                        clock.and_then(|c| time_of(c, 0)).map(|t| (p.device.to_string(), t))
-                    })
-                    .collect();
-                if let Some(r) = release_due(state, rate.every, &|d| now_of.get(d).copied())? {
-                    let all = vec![true; r.batch.num_rows()];
-                    b.extend(self.deliver(rule, state, &r.batch, &r.times, &r.devices, &r.keys, &all, None, false)?);
-                }
-                Ok(b)
+                self.guarded(rule, || {
+                    let Some(rate) = rule.plan.output_rate.filter(|r| !r.first) else { return Ok(b) };
+                    let global = is_global(rule);
+                    let now_of: HashMap<String, i64> = state
+                        .pending
+                        .values()
+                        .filter_map(|p| {
+                            let clock = if global { Some(&state.stream) } else { state.devices.get(&p.device) };
+                            clock.and_then(|c| time_of(c, 0)).map(|t| (p.device.to_string(), t))
+                        })
+                        .collect();
+                    if let Some(r) = release_due(state, rate.every, &|d| now_of.get(d).copied())? {
+                        let all = vec![true; r.batch.num_rows()];
+                        b.extend(
+                            self.deliver(rule, state, &r.batch, &r.times, &r.devices, &r.keys, &all, None, false)?,
+                        );
+                    }
+                    Ok(b)
+                })
             });
             match result {
                 Ok(b) => {
@@ -831,6 +864,25 @@ impl RuleEngine {
             }
         }
         out
+    }
+
+    /// Runs `f` for `rule`, turning a panic into an error that disables the rule, so that
+    /// one rule's bug never takes down the shard thread (and every device on it).
+    fn guarded<T>(&self, rule: &LiveRule, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(r) => r,
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_owned());
+                rule.failed.store(true, Ordering::Relaxed);
+                self.metrics.inc("ferrite_rule_panics_total", &[("rule", &rule.label)], 1);
+                tracing::error!(rule = %rule.plan.name, %message, "rule panicked; disabled until deployed again");
+                Err(Error::Panicked { rule: rule.plan.name.clone(), message })
+            }
+        }
     }
 
     fn record_error(&self, rule: &LiveRule, e: &Error) {
@@ -1547,8 +1599,19 @@ pub fn compile_text_in(
     schemas: &dyn SchemaSource,
     base: Option<&std::path::Path>,
 ) -> Result<Vec<CompiledRule>> {
+    compile_text_sandboxed(text, schemas, base, None)
+}
+
+/// Like [`compile_text_in`], refusing what `sandbox` does not allow.
+pub fn compile_text_sandboxed(
+    text: &str,
+    schemas: &dyn SchemaSource,
+    base: Option<&std::path::Path>,
+    sandbox: Option<&crate::sandbox::Sandbox>,
+) -> Result<Vec<CompiledRule>> {
     let mut file = crate::syntax::parse(text).map_err(Error::Invalid)?;
     file.base = base.map(std::path::Path::to_owned);
+    file.sandbox = sandbox.cloned();
     crate::plan::compile(&file, text, schemas).map_err(Error::Invalid)
 }
 

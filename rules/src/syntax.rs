@@ -311,19 +311,33 @@ impl<'a> Parser<'a> {
     }
 
     /// Scans SQL text from the current position, tracking brackets, quotes and
-    /// `case ... end`; returns the offset where `stop(offset, char, depth)` holds.
+    /// `case ... end`; returns the offset where `stop(offset, char, depth)` holds, or where a
+    /// closer with no opener ends the text. An opener closed by the wrong bracket, or not at
+    /// all, is reported where it opens.
     fn scan_sql(&self, mut stop: impl FnMut(usize, char, i32) -> bool) -> PResult<Option<usize>> {
-        let mut depth = 0i32;
+        // Open brackets and `case`s: what closes each, and where it opened.
+        let mut open: Vec<(&'static str, usize, usize)> = Vec::new();
+        let unclosed = |(closer, at, len): (&'static str, usize, usize)| {
+            let what = if closer == "end" { "case" } else { &self.src[at..at + len] };
+            Diagnostic::new(Span { start: at, end: at + len }, format!("`{what}` is not closed"))
+                .with_hint(format!("add `{closer}` where the expression that starts here ends"))
+        };
         let mut iter = self.src[self.pos..].char_indices().peekable();
         let base = self.pos;
         while let Some((off, c)) = iter.next() {
             let i = base + off;
-            if stop(i, c, depth) {
+            if stop(i, c, open.len() as i32) {
                 return Ok(Some(i));
             }
             match c {
-                '(' | '[' | '{' => depth += 1,
-                ')' | ']' | '}' => depth -= 1,
+                '(' => open.push((")", i, 1)),
+                '[' => open.push(("]", i, 1)),
+                '{' => open.push(("}", i, 1)),
+                ')' | ']' | '}' => match open.pop() {
+                    None => return Ok(Some(i)),
+                    Some(o) if o.0.starts_with(c) => {}
+                    Some(o) => return Err(unclosed(o)),
+                },
                 '\'' | '"' => {
                     let mut closed = false;
                     for (_, d) in iter.by_ref() {
@@ -349,9 +363,13 @@ impl<'a> Parser<'a> {
                     let prev_ok = i == 0 || !self.src[..i].ends_with(|p: char| p.is_ascii_alphanumeric() || p == '_');
                     let rest = &self.src[i..];
                     if prev_ok && starts_with_word(rest, "case") {
-                        depth += 1;
+                        open.push(("end", i, 4));
                     } else if prev_ok && starts_with_word(rest, "end") {
-                        depth -= 1;
+                        match open.pop() {
+                            None => return Ok(Some(i)),
+                            Some(o) if o.0 == "end" => {}
+                            Some(o) => return Err(unclosed(o)),
+                        }
                     }
                     // Skip the rest of the word so its letters are not rescanned.
                     while let Some((_, d)) = iter.peek() {
@@ -364,11 +382,11 @@ impl<'a> Parser<'a> {
                 }
                 _ => {}
             }
-            if depth < 0 {
-                return Ok(Some(i));
-            }
         }
-        Ok(None)
+        match open.pop() {
+            Some(o) => Err(unclosed(o)),
+            None => Ok(None),
+        }
     }
 
     fn stream_decl(&mut self) -> PResult<StreamDecl> {
@@ -954,6 +972,19 @@ mod tests {
         assert_eq!(errs[0].message, "unknown window kind `tumbing`");
         assert_eq!(errs[0].line_col(src), (3, 10));
         assert!(errs[0].hint.as_deref().unwrap_or("").contains("tumbling"));
+    }
+
+    #[test]
+    fn an_unclosed_parenthesis_is_reported_where_it_opens() {
+        let src = "rule bad {\n    from telemetry\n    select avg(temperature as t\n    insert into x\n}\n";
+        let errors = parse(src).err().unwrap_or_default();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].message, "`(` is not closed");
+        assert_eq!(&src[errors[0].span.start..errors[0].span.end], "(");
+        assert_eq!(errors[0].line_col(src), (3, 15));
+        let src = "rule bad { from telemetry select case when x then 1 insert into y }";
+        let errors = parse(src).err().unwrap_or_default();
+        assert_eq!(errors.first().map(|e| e.message.as_str()), Some("`case` is not closed"));
     }
 
     #[test]

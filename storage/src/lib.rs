@@ -10,9 +10,19 @@
 //!                           persisted rows from the hot buffer and delete the WAL segments
 //! ```
 //!
-//! Invariants: a row is in exactly one of {hot buffer, catalogued Parquet files} as seen by
-//! any [`Storage::snapshot`] (both change under the stream's lock); a WAL segment is deleted
-//! only after the catalog that covers its rows is on disk. Depends on `ferrite-engine` only.
+//! Invariants:
+//! - A row is in exactly one of {hot buffer, catalogued Parquet files} as seen by any
+//!   [`Storage::snapshot`] (both change under the stream's lock).
+//! - A WAL segment is deleted only after the catalog that covers its rows is on disk, and
+//!   the catalog names a local file only after the file and its directory are fsynced.
+//! - The archive holds only catalogued files: a persist that fails removes what it had
+//!   uploaded, and opening the data directory sweeps away what a crash left behind, so
+//!   outside readers (DuckDB over `**/*.parquet`) never count a row twice.
+//! - The hot buffer has a hard bound ([`HARD_LIMIT_FACTOR`] × `hot_max_bytes`): past it the
+//!   node is marked overloaded in [`Health`] and the doors hold back new data until a
+//!   persist frees memory.
+//!
+//! Depends on `ferrite-engine` only.
 
 pub mod archive;
 pub mod error;
@@ -27,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
-use ferrite_engine::{Metrics, ShardStore, StreamBatch, StreamCatalog, StreamName, TenantId, align_to_schema};
+use ferrite_engine::{Health, Metrics, ShardStore, StreamBatch, StreamCatalog, StreamName, TenantId, align_to_schema};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -54,7 +64,13 @@ pub struct StorageConfig {
     /// URL, or `s3://bucket/prefix` (credentials, region and endpoint from the standard
     /// `AWS_*` environment variables).
     pub archive_url: Option<String>,
+    /// Where storage reports failing persists and commits and the overload flag.
+    pub health: Arc<Health>,
 }
+
+/// The hot buffer's hard bound, as a multiple of [`StorageConfig::hot_max_bytes`]: past
+/// it, ingest is held back until a persist succeeds.
+pub const HARD_LIMIT_FACTOR: usize = 2;
 
 impl Default for StorageConfig {
     fn default() -> Self {
@@ -64,6 +80,7 @@ impl Default for StorageConfig {
             hot_max_bytes: 512 * 1024 * 1024,
             shards: 1,
             archive_url: None,
+            health: Arc::new(Health::new()),
         }
     }
 }
@@ -150,10 +167,24 @@ pub struct Storage {
     file_catalog_path: PathBuf,
     archive_root: String,
     store: Arc<dyn ObjectStore>,
+    /// The archive's directory when it is local: files are written and fsynced by hand.
+    local_root: Option<PathBuf>,
     hot_bytes: AtomicUsize,
     persist_lock: Mutex<()>,
     wake: (Mutex<bool>, Condvar),
     runtime: tokio::runtime::Handle,
+    #[cfg(test)]
+    test: TestHooks,
+}
+
+/// Fault injection and an event log for the crate's own tests.
+#[cfg(test)]
+#[derive(Default)]
+struct TestHooks {
+    /// Persisting this stream fails (after the streams before it were uploaded).
+    fail_stream: Mutex<Option<String>>,
+    /// What the persister did, in order: `sync file …`, `sync dir …`, `catalog`.
+    events: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -175,7 +206,7 @@ impl Storage {
     ) -> Result<Arc<Self>> {
         let data = &config.data_dir;
         std::fs::create_dir_all(data).map_err(io("create data dir", data))?;
-        let (store, archive_root) = open_archive(config.archive_url.as_deref(), data)?;
+        let (store, archive_root, local_root) = open_archive(config.archive_url.as_deref(), data)?;
         let file_catalog_path = data.join("catalog").join("files.json");
         let files = FileCatalog::load(&file_catalog_path)?;
 
@@ -207,7 +238,23 @@ impl Storage {
             let upto = files.persisted_upto.get(&shard).copied().unwrap_or(0);
             let mut last = upto;
             for seg in wal::list_segments(&dir)? {
-                for entry in wal::read_segment(&seg.path)? {
+                let read = wal::read_segment(&seg.path)?;
+                if read.torn_tail > 0 {
+                    tracing::warn!(segment = %seg.path.display(), bytes = read.torn_tail, "wal: ignoring a torn write at the end of a segment (never acknowledged)");
+                }
+                if !read.corrupt.is_empty() {
+                    let kept = wal::quarantine(&seg.path)?;
+                    for (offset, len, what) in &read.corrupt {
+                        tracing::error!(
+                            segment = %seg.path.display(),
+                            offset, bytes = len, reason = %what, copy = %kept.display(),
+                            "wal: CORRUPTION inside a segment; the intact entries around it are replayed, \
+                             the damaged bytes are lost; a copy of the segment is kept for inspection"
+                        );
+                    }
+                    metrics.inc("ferrite_wal_corrupt_regions_total", &[], read.corrupt.len() as u64);
+                }
+                for entry in read.entries {
                     last = last.max(entry.seq);
                     if entry.seq <= upto {
                         continue;
@@ -226,7 +273,9 @@ impl Storage {
         if replayed > 0 {
             tracing::info!(rows = replayed, "replayed the write-ahead log into the hot buffer");
         }
-        Ok(Arc::new(Self {
+        let hot_bytes = hot_bytes.max(0) as usize;
+        config.health.set_overloaded(hot_bytes >= config.hot_max_bytes.saturating_mul(HARD_LIMIT_FACTOR));
+        let storage = Arc::new(Self {
             config,
             tenant: TenantId::default(),
             catalog,
@@ -237,11 +286,61 @@ impl Storage {
             file_catalog_path,
             archive_root,
             store,
-            hot_bytes: AtomicUsize::new(hot_bytes.max(0) as usize),
+            local_root,
+            hot_bytes: AtomicUsize::new(hot_bytes),
             persist_lock: Mutex::new(()),
             wake: (Mutex::new(false), Condvar::new()),
             runtime,
-        }))
+            #[cfg(test)]
+            test: TestHooks::default(),
+        });
+        let swept = storage.sweep_orphans()?;
+        if swept > 0 {
+            tracing::warn!(
+                files = swept,
+                "removed archive files that no catalog names (left by a failed or interrupted persist)"
+            );
+        }
+        Ok(storage)
+    }
+
+    /// The node's health, as storage reports it.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.config.health
+    }
+
+    /// Deletes every file under the tenant's archive prefix that the catalog does not name:
+    /// uploads of a persist that failed or was interrupted. Returns how many went.
+    fn sweep_orphans(&self) -> Result<usize> {
+        let known: std::collections::HashSet<String> =
+            self.file_catalog.lock().streams.values().flatten().map(|f| f.path.clone()).collect();
+        let prefix = ObjectPath::from(self.tenant.as_str());
+        let store = self.store.clone();
+        let listed: Vec<ObjectPath> = self.runtime.block_on(async move {
+            use futures::TryStreamExt;
+            store.list(Some(&prefix)).map_ok(|m| m.location).try_collect::<Vec<_>>().await
+        })?;
+        let mut removed = 0;
+        for location in listed {
+            if known.contains(location.as_ref()) {
+                continue;
+            }
+            self.delete_archived(location.as_ref())?;
+            removed += 1;
+        }
+        // Temporary files of a local write that never got renamed into place.
+        if let Some(root) = &self.local_root {
+            removed += remove_temp_files(&root.join(self.tenant.as_str()))?;
+        }
+        Ok(removed)
+    }
+
+    fn delete_archived(&self, path: &str) -> Result<()> {
+        let location = ObjectPath::from(path);
+        match self.runtime.block_on(self.store.delete(&location)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The object store holding the archive.
@@ -286,8 +385,9 @@ impl Storage {
         // 1. Cut every WAL: entries up to `cut` are exactly those in the closed segments,
         //    and all of them are in the hot buffer (commit holds the WAL lock until then).
         let cuts: Vec<u64> = self.wals.iter().map(|w| w.lock().rotate()).collect();
-        let streams: Vec<(StreamName, Arc<RwLock<StreamData>>)> =
+        let mut streams: Vec<(StreamName, Arc<RwLock<StreamData>>)> =
             self.streams.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        streams.sort_by(|a, b| a.0.cmp(&b.0));
         let below_cut = |h: &HotBatch| cuts.get(h.shard as usize).is_some_and(|c| h.seq <= *c);
 
         // 2. Encode and upload, stream by stream; nothing is visible yet.
@@ -300,7 +400,13 @@ impl Storage {
                 continue;
             }
             let started = Instant::now();
-            let files = self.persist_stream(name, &batches)?;
+            let files = match self.persist_stream(name, &batches) {
+                Ok(files) => files,
+                Err(e) => {
+                    self.persist_failed(&new_files, &e);
+                    return Err(e);
+                }
+            };
             rows_total += files.iter().map(|f| f.rows as usize).sum::<usize>();
             self.metrics.histogram("ferrite_persist_seconds", &[]).observe(started.elapsed());
             new_files.push((name.clone(), files));
@@ -317,7 +423,13 @@ impl Storage {
             for (name, files) in &new_files {
                 next.streams.entry(name.to_string()).or_default().extend(files.iter().cloned());
             }
-            next.store(&self.file_catalog_path)?;
+            if let Err(e) = next.store(&self.file_catalog_path) {
+                drop(fc);
+                self.persist_failed(&new_files, &e);
+                return Err(e);
+            }
+            #[cfg(test)]
+            self.test.events.lock().push("catalog".to_owned());
             *fc = next;
         }
         let mut freed = 0;
@@ -335,6 +447,11 @@ impl Storage {
             });
         }
         self.hot_bytes.fetch_sub(freed.min(self.hot_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        let left = self.hot_bytes();
+        self.config.health.recover("persist");
+        if left < self.hard_limit() {
+            self.config.health.set_overloaded(false);
+        }
 
         // 4. The WAL segments before the cut are now redundant.
         for (w, cut) in self.wals.iter().zip(&cuts) {
@@ -352,7 +469,31 @@ impl Storage {
         Ok(rows_total)
     }
 
+    /// Undoes a failed persist: removes the files it uploaded (no catalog names them) and
+    /// reports the failure. The rows stay in the hot buffer and the WAL for the next try.
+    fn persist_failed(&self, uploaded: &[(StreamName, Vec<ArchivedFile>)], error: &Error) {
+        for file in uploaded.iter().flat_map(|(_, f)| f) {
+            if let Err(e) = self.delete_archived(&file.path) {
+                tracing::warn!(file = %file.path, error = %e, "cannot remove an uncatalogued upload; the next start removes it");
+            }
+        }
+        self.metrics.inc("ferrite_persist_failures_total", &[], 1);
+        self.config.health.degrade("persist", format!("persisting the hot buffer fails: {error}"));
+    }
+
+    fn hard_limit(&self) -> usize {
+        self.config.hot_max_bytes.saturating_mul(HARD_LIMIT_FACTOR)
+    }
+
     fn persist_stream(&self, name: &StreamName, batches: &[RecordBatch]) -> Result<Vec<ArchivedFile>> {
+        #[cfg(test)]
+        if self.test.fail_stream.lock().as_deref() == Some(name.as_str()) {
+            return Err(Error::Io {
+                op: "put parquet",
+                path: name.to_string(),
+                source: std::io::Error::other("injected: object store unreachable"),
+            });
+        }
         let schema = match self.catalog.get(name) {
             Some(s) => s.arrow.clone(),
             None => batches
@@ -370,17 +511,58 @@ impl Storage {
             let unique =
                 format!("{:019}-{:08x}.parquet", chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0), rand_u32());
             file.path = format!("{}/{}/{}/{}", self.tenant, name, archive::partition_dir(chunk.hour_start), unique);
-            let location = ObjectPath::from(file.path.as_str());
             let size = bytes.len() as u64;
-            // Local files are written under a temporary name and renamed into place by
-            // object_store; an S3 PUT is atomic. Readers only learn of the file from the
-            // catalog, committed after this returns.
-            self.runtime.block_on(self.store.put(&location, bytes.into()))?;
+            // Readers only learn of the file from the catalog, committed after this returns.
+            // An S3 PUT is atomic and durable when it answers; a local file is written under
+            // a temporary name, fsynced, renamed into place, and its directory fsynced.
+            match &self.local_root {
+                Some(root) => self.write_local(root, &file.path, &bytes)?,
+                None => {
+                    let location = ObjectPath::from(file.path.as_str());
+                    self.runtime.block_on(self.store.put(&location, bytes.into()))?;
+                }
+            }
             self.metrics.inc("ferrite_persisted_rows_total", &[("stream", name.as_str())], file.rows);
             self.metrics.inc("ferrite_persisted_bytes_total", &[("stream", name.as_str())], size);
             out.push(file);
         }
         Ok(out)
+    }
+
+    /// Writes `bytes` to `root/rel` durably: temporary file, fsync, rename, fsync of every
+    /// directory from the file's up to the root (new partition directories included).
+    fn write_local(&self, root: &Path, rel: &str, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let path = root.join(rel);
+        let dir = path.parent().unwrap_or(root).to_owned();
+        std::fs::create_dir_all(&dir).map_err(io("create archive dir", &dir))?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file.parquet");
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io("write parquet", &tmp)(e));
+        }
+        #[cfg(test)]
+        self.test.events.lock().push(format!("sync file {rel}"));
+        std::fs::rename(&tmp, &path).map_err(io("rename parquet", &path))?;
+        let mut d = Some(dir.as_path());
+        while let Some(current) = d {
+            std::fs::File::open(current).and_then(|f| f.sync_all()).map_err(io("sync archive dir", current))?;
+            #[cfg(test)]
+            self.test
+                .events
+                .lock()
+                .push(format!("sync dir {}", current.strip_prefix(root).unwrap_or(current).display()));
+            if current == root {
+                break;
+            }
+            d = current.parent();
+        }
+        Ok(())
     }
 
     /// Runs the persist loop on the calling thread until [`Storage::stop_persister`]:
@@ -400,6 +582,12 @@ impl Storage {
             drop(stop);
             if let Err(e) = self.persist() {
                 tracing::error!(error = %e, "persist failed; the rows stay in the hot buffer and the WAL, retrying next time");
+                // Past the soft bound a failing persist would be retried in a tight loop:
+                // wait a little (or until stopped) before the next try.
+                let mut stop = lock.lock();
+                if !*stop {
+                    cv.wait_for(&mut stop, Duration::from_secs(1).min(self.config.persist_interval));
+                }
             }
         }
     }
@@ -432,11 +620,13 @@ impl Storage {
 }
 
 /// Opens the archive's object store: local by default, `file://` or `s3://` by URL.
-fn open_archive(url: Option<&str>, data_dir: &Path) -> Result<(Arc<dyn ObjectStore>, String)> {
-    let local = |dir: PathBuf| -> Result<(Arc<dyn ObjectStore>, String)> {
+type OpenedArchive = (Arc<dyn ObjectStore>, String, Option<PathBuf>);
+
+fn open_archive(url: Option<&str>, data_dir: &Path) -> Result<OpenedArchive> {
+    let local = |dir: PathBuf| -> Result<OpenedArchive> {
         std::fs::create_dir_all(&dir).map_err(io("create archive dir", &dir))?;
         let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&dir)?);
-        Ok((store, dir.display().to_string()))
+        Ok((store, dir.display().to_string(), Some(dir)))
     };
     match url.map(str::trim).filter(|u| !u.is_empty()) {
         None => local(data_dir.join("archive")),
@@ -454,11 +644,34 @@ fn open_archive(url: Option<&str>, data_dir: &Path) -> Result<(Arc<dyn ObjectSto
             } else {
                 Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
             };
-            Ok((store, u.to_owned()))
+            Ok((store, u.to_owned(), None))
         }
         Some(u) if !u.contains("://") => local(PathBuf::from(u)),
         Some(u) => Err(Error::UnsupportedArchive(u.to_owned())),
     }
+}
+
+/// Removes `.*.tmp` files (interrupted local writes) under `dir`; returns how many.
+fn remove_temp_files(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io("list archive dir", dir)(e)),
+    };
+    for e in entries {
+        let e = e.map_err(io("list archive dir", dir))?;
+        let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if e.file_type().map_err(io("list archive dir", &path))?.is_dir() {
+            removed += remove_temp_files(&path)?;
+        } else if name.starts_with('.') && name.ends_with(".tmp") {
+            std::fs::remove_file(&path).map_err(io("remove temporary file", &path))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 fn rand_u32() -> u32 {
@@ -474,7 +687,15 @@ impl ShardStore for Storage {
             return Err(format!("no WAL for shard {shard}"));
         };
         let mut w = wal.lock();
-        let seqs = w.append(group).map_err(|e| e.to_string())?;
+        let seqs = match w.append(group) {
+            Ok(seqs) => seqs,
+            Err(e) => {
+                self.metrics.inc("ferrite_wal_failures_total", &[], 1);
+                self.config.health.degrade("wal", format!("WAL appends fail: {e}"));
+                return Err(e.to_string());
+            }
+        };
+        self.config.health.recover("wal");
         self.metrics.inc("ferrite_wal_bytes_total", &[], w.last_append_bytes() as u64);
         let epoch = w.epoch();
         let mut added: isize = 0;
@@ -490,6 +711,14 @@ impl ShardStore for Storage {
         };
         if total >= self.config.hot_max_bytes {
             self.wake.1.notify_all();
+        }
+        if total >= self.hard_limit() && !self.config.health.overloaded() {
+            tracing::warn!(
+                hot_bytes = total,
+                limit = self.hard_limit(),
+                "the hot buffer is past its hard bound (persists are not keeping up or failing); holding back ingest"
+            );
+            self.config.health.set_overloaded(true);
         }
         Ok(())
     }
@@ -519,11 +748,20 @@ mod tests {
     impl Env {
         fn open(&self, shards: usize) -> anyhow::Result<Arc<Storage>> {
             let config = StorageConfig { data_dir: self.dir.path().to_owned(), shards, ..StorageConfig::default() };
+            self.open_with(config)
+        }
+
+        fn open_with(&self, config: StorageConfig) -> anyhow::Result<Arc<Storage>> {
             Ok(Storage::open(config, self.catalog.clone(), Arc::new(Metrics::new()), self.handle.clone())?)
         }
 
         fn batch(&self, from: usize, n: usize) -> anyhow::Result<StreamBatch> {
-            let s = StreamName::new("t")?;
+            self.batch_of("t", from, n)
+        }
+
+        fn batch_of(&self, stream: &str, from: usize, n: usize) -> anyhow::Result<StreamBatch> {
+            let s = StreamName::new(stream)?;
+            self.catalog.resolve_field(&s, "v", FieldType::Float)?;
             let schema = self.catalog.get(&s).map(|x| x.arrow.clone()).ok_or_else(|| anyhow::anyhow!("schema"))?;
             let t: Vec<i64> = (from..from + n).map(|i| i as i64 * 1_000_000_000).collect();
             let d: Vec<String> = (from..from + n).map(|i| format!("d{}", i % 3)).collect();
@@ -541,7 +779,11 @@ mod tests {
     }
 
     fn values(storage: &Storage) -> anyhow::Result<(Vec<f64>, usize)> {
-        let snap = storage.snapshot(&StreamName::new("t")?);
+        values_of(storage, "t")
+    }
+
+    fn values_of(storage: &Storage, stream: &str) -> anyhow::Result<(Vec<f64>, usize)> {
+        let snap = storage.snapshot(&StreamName::new(stream)?);
         let mut out = Vec::new();
         for b in &snap.hot {
             let v = b.column(2).as_any().downcast_ref::<Float64Array>().ok_or_else(|| anyhow::anyhow!("v"))?;
@@ -637,6 +879,207 @@ mod tests {
         drop(s);
         let s = e.open(1)?;
         assert_eq!(values(&s)?.0, (200..330).map(f64::from).collect::<Vec<_>>());
+        Ok(())
+    }
+
+    fn commit(s: &Storage, b: StreamBatch) -> anyhow::Result<()> {
+        s.commit(0, &[b]).map_err(anyhow::Error::msg)
+    }
+
+    fn shard0(e: &Env) -> PathBuf {
+        e.dir.path().join("wal").join("shard-0")
+    }
+
+    #[test]
+    fn a_failed_wal_write_leaves_nothing_before_later_entries() -> anyhow::Result<()> {
+        let e = env()?;
+        {
+            let s = e.open(1)?;
+            commit(&s, e.batch(0, 3)?)?;
+            // Disk full after 20 bytes of the second group: it fails and is not acknowledged.
+            s.wals[0].lock().faults.push(wal::Fault::PartialWrite(20));
+            assert!(s.commit(0, &[e.batch(3, 3)?]).is_err());
+            // Later groups land after the last good entry, not after the garbage.
+            commit(&s, e.batch(6, 3)?)?;
+        }
+        let s = e.open(1)?;
+        assert_eq!(values(&s)?.0, vec![0.0, 1.0, 2.0, 6.0, 7.0, 8.0], "every acknowledged entry replays");
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_fsync_unwrites_the_group() -> anyhow::Result<()> {
+        let e = env()?;
+        {
+            let s = e.open(1)?;
+            commit(&s, e.batch(0, 2)?)?;
+            s.wals[0].lock().faults.push(wal::Fault::Sync);
+            assert!(s.commit(0, &[e.batch(2, 2)?]).is_err(), "the group's acknowledgement fails");
+            assert!(!s.health().is_ok(), "a failing WAL degrades the node");
+            commit(&s, e.batch(4, 1)?)?;
+            assert!(s.health().is_ok(), "and it recovers with the next good append");
+        }
+        let s = e.open(1)?;
+        assert_eq!(values(&s)?.0, vec![0.0, 1.0, 4.0], "the unacknowledged group is not replayed");
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_truncation_is_retried_before_the_next_write() -> anyhow::Result<()> {
+        let e = env()?;
+        {
+            let s = e.open(1)?;
+            commit(&s, e.batch(0, 2)?)?;
+            s.wals[0].lock().faults.extend([wal::Fault::PartialWrite(30), wal::Fault::Truncate(1)]);
+            assert!(s.commit(0, &[e.batch(2, 2)?]).is_err());
+            commit(&s, e.batch(4, 2)?)?;
+        }
+        let s = e.open(1)?;
+        assert_eq!(values(&s)?.0, vec![0.0, 1.0, 4.0, 5.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn corruption_inside_a_segment_is_quarantined_and_the_entries_after_it_replay() -> anyhow::Result<()> {
+        let e = env()?;
+        let sizes;
+        {
+            let s = e.open(1)?;
+            let mut at = Vec::new();
+            for i in 0..3 {
+                commit(&s, e.batch(i * 2, 2)?)?;
+                at.push(std::fs::metadata(&wal::list_segments(&shard0(&e))?[0].path)?.len());
+            }
+            sizes = at;
+        }
+        // Flip a byte inside the second entry's body (bit rot, a bad sector).
+        let path = wal::list_segments(&shard0(&e))?[0].path.clone();
+        let mut bytes = std::fs::read(&path)?;
+        let middle = (sizes[0] + sizes[1]) as usize / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&path, &bytes)?;
+        let s = e.open(1)?;
+        assert_eq!(values(&s)?.0, vec![0.0, 1.0, 4.0, 5.0], "the entry after the damage is not dropped quietly");
+        let quarantined = std::fs::read_dir(e.dir.path().join("wal").join("quarantine"))?.count();
+        assert_eq!(quarantined, 1, "a copy of the damaged segment is kept");
+        Ok(())
+    }
+
+    #[test]
+    fn a_torn_first_entry_of_a_segment_is_never_appended_to() -> anyhow::Result<()> {
+        let e = env()?;
+        {
+            let s = e.open(1)?;
+            commit(&s, e.batch(0, 2)?)?;
+            s.persist()?;
+            // The first group of a new segment, torn by a crash mid-write.
+            commit(&s, e.batch(2, 2)?)?;
+        }
+        let seg = wal::list_segments(&shard0(&e))?;
+        assert_eq!(seg.len(), 1);
+        let len = std::fs::metadata(&seg[0].path)?.len();
+        std::fs::OpenOptions::new().write(true).open(&seg[0].path)?.set_len(len / 2)?;
+        {
+            let s = e.open(1)?;
+            assert_eq!(values(&s)?.0, Vec::<f64>::new());
+            commit(&s, e.batch(4, 2)?)?;
+        }
+        // The restart after that must still read what was acknowledged since.
+        let s = e.open(1)?;
+        assert_eq!(values(&s)?.0, vec![4.0, 5.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn local_parquet_files_are_fsynced_before_the_catalog_names_them() -> anyhow::Result<()> {
+        let e = env()?;
+        let s = e.open(1)?;
+        commit(&s, e.batch(0, 4)?)?;
+        s.persist()?;
+        let events = s.test.events.lock().clone();
+        let file = events.iter().position(|x| x.starts_with("sync file default/t/date=1970-01-01/hour=00/"));
+        let dir = events.iter().position(|x| x == "sync dir default/t/date=1970-01-01/hour=00");
+        let root = events.iter().position(|x| x == "sync dir ");
+        let catalog = events.iter().position(|x| x == "catalog");
+        assert!(
+            matches!((file, dir, root, catalog), (Some(f), Some(d), Some(r), Some(c)) if f < d && d < r && r < c),
+            "file, then its directories up to the root, then the catalog: {events:?}"
+        );
+        Ok(())
+    }
+
+    fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    out.extend(parquet_files(&p));
+                } else if p.extension().is_some_and(|x| x == "parquet") {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_failed_persist_leaves_no_uncatalogued_files() -> anyhow::Result<()> {
+        let e = env()?;
+        let archive = e.dir.path().join("archive");
+        let s = e.open(1)?;
+        commit(&s, e.batch_of("a", 0, 3)?)?;
+        commit(&s, e.batch_of("z", 0, 2)?)?;
+        *s.test.fail_stream.lock() = Some("z".to_owned());
+        assert!(s.persist().is_err());
+        assert_eq!(parquet_files(&archive), Vec::<PathBuf>::new(), "stream a's upload was removed");
+        assert!(s.health().conditions().iter().any(|(c, _)| c == "persist"), "the failure shows in health");
+        assert_eq!(values_of(&s, "a")?.0.len(), 3, "the rows stay hot");
+        *s.test.fail_stream.lock() = None;
+        assert_eq!(s.persist()?, 5);
+        assert!(s.health().is_ok());
+        assert_eq!(parquet_files(&archive).len(), 2, "one file per stream, each once");
+        Ok(())
+    }
+
+    #[test]
+    fn opening_sweeps_files_no_catalog_names() -> anyhow::Result<()> {
+        let e = env()?;
+        {
+            let s = e.open(1)?;
+            commit(&s, e.batch(0, 3)?)?;
+            s.persist()?;
+        }
+        let part = e.dir.path().join("archive/default/t/date=1970-01-01/hour=00");
+        // What a crash between an upload and the catalog commit leaves behind.
+        std::fs::write(part.join("0000000000000000001-deadbeef.parquet"), b"PAR1")?;
+        std::fs::write(part.join(".0000000000000000002-deadbeef.parquet.tmp"), b"PAR1")?;
+        let s = e.open(1)?;
+        assert_eq!(parquet_files(&e.dir.path().join("archive")).len(), 1);
+        assert_eq!(std::fs::read_dir(&part)?.count(), 1);
+        assert_eq!(values(&s)?.1, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn past_the_hard_bound_the_node_is_overloaded_until_a_persist_frees_memory() -> anyhow::Result<()> {
+        let e = env()?;
+        let config = StorageConfig {
+            data_dir: e.dir.path().to_owned(),
+            hot_max_bytes: 4096,
+            persist_interval: Duration::from_secs(3600),
+            ..StorageConfig::default()
+        };
+        let s = e.open_with(config)?;
+        let mut i = 0;
+        while !s.health().overloaded() {
+            commit(&s, e.batch(i, 50)?)?;
+            i += 50;
+            assert!(i < 100_000, "never overloaded");
+        }
+        assert!(s.hot_bytes() >= 4096 * HARD_LIMIT_FACTOR);
+        s.persist()?;
+        assert!(!s.health().overloaded(), "a successful persist lifts the overload");
         Ok(())
     }
 }

@@ -4,12 +4,22 @@
 //!
 //! Entry layout (little endian):
 //! `magic u32 | len u32 | crc32 u32 | seq u64 | stream_len u16 | stream | Arrow IPC stream`
-//! where `len` counts the bytes after the crc and the crc covers them. Replay stops at the
-//! first torn or corrupt entry of a segment (a crash mid-write), which was never
-//! acknowledged.
+//! where `len` counts the bytes after the crc and the crc covers them.
+//!
+//! Invariants:
+//! - A failed append (`write_all` or `sync_data` errors: disk full, EIO) leaves nothing
+//!   behind: the segment is truncated back to its length before the append, and until that
+//!   truncation has succeeded no further entry is written to it. So an acknowledged entry is
+//!   never preceded by garbage.
+//! - Replay reads every intact entry. A bad entry at the very end of a segment is a torn
+//!   write (a crash mid-append, never acknowledged) and is ignored; a bad region followed by
+//!   intact entries is corruption: the entries after it are still recovered, the segment is
+//!   copied to `quarantine/` and the error is logged and counted, never skipped quietly.
+//! - A writer never appends to a segment it did not create in this process: after a
+//!   restart the first append starts a fresh segment, so a torn tail stays a tail.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use arrow::array::RecordBatch;
@@ -40,15 +50,45 @@ pub struct Segment {
     pub path: PathBuf,
 }
 
+/// What replay found in one segment.
+#[derive(Debug, Default)]
+pub struct SegmentRead {
+    /// Every intact entry, in file order.
+    pub entries: Vec<WalEntry>,
+    /// Bytes at the end that do not form an intact entry (a torn, unacknowledged write).
+    pub torn_tail: usize,
+    /// Bad regions followed by intact entries: `(offset, length, what was wrong)`.
+    pub corrupt: Vec<(usize, usize, String)>,
+}
+
+/// An injected fault, for tests of the append path.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Fault {
+    /// The next write stores only this many bytes, then fails (disk full mid-write).
+    PartialWrite(usize),
+    /// The next fsync fails after the write went through.
+    Sync,
+    /// Truncating after a failure fails too, this many times.
+    Truncate(usize),
+}
+
 /// The appending end of one shard's log.
 #[derive(Debug)]
 pub struct WalWriter {
     dir: PathBuf,
     file: Option<File>,
     current: Option<Segment>,
+    /// Length of the current segment after the last successful append.
+    len: u64,
+    /// Set after a failed append whose garbage could not be truncated yet: the next append
+    /// retries the truncation before writing anything.
+    dirty: bool,
     next_seq: u64,
     epoch: u64,
     buf: Vec<u8>,
+    #[cfg(test)]
+    pub(crate) faults: Vec<Fault>,
 }
 
 /// Lists a shard directory's segments in order.
@@ -71,29 +111,56 @@ pub fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
     Ok(out)
 }
 
-/// Reads every intact entry of a segment.
-pub fn read_segment(path: &Path) -> Result<Vec<WalEntry>> {
+fn word(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// Checks the entry framed at `pos`: `Ok(end)` when magic, length and checksum hold.
+fn frame_at(bytes: &[u8], pos: usize) -> std::result::Result<usize, &'static str> {
+    if pos + HEADER > bytes.len() {
+        return Err("truncated header");
+    }
+    if word(bytes, pos) != MAGIC {
+        return Err("bad magic");
+    }
+    let len = word(bytes, pos + 4) as usize;
+    let body_start = pos + HEADER;
+    let Some(body) = bytes.get(body_start..body_start.saturating_add(len)) else {
+        return Err("entry runs past the end of the segment");
+    };
+    if body.len() < 10 || crc32fast::hash(body) != word(bytes, pos + 8) {
+        return Err("checksum mismatch");
+    }
+    Ok(body_start + len)
+}
+
+/// Reads every intact entry of a segment; see the module docs for torn tails and corruption.
+pub fn read_segment(path: &Path) -> Result<SegmentRead> {
     let mut bytes = Vec::new();
     File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io("read wal", path))?;
-    let mut out = Vec::new();
+    let mut out = SegmentRead::default();
     let mut pos = 0;
-    while pos + HEADER <= bytes.len() {
-        let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-        if word(pos) != MAGIC {
-            tracing::warn!(path = %path.display(), offset = pos, "wal: bad magic; ignoring the rest of the segment");
-            break;
-        }
-        let len = word(pos + 4) as usize;
-        let crc = word(pos + 8);
-        let body_start = pos + HEADER;
-        let Some(body) = bytes.get(body_start..body_start + len) else {
-            tracing::warn!(path = %path.display(), offset = pos, "wal: torn entry at the end; ignoring it");
-            break;
+    while pos < bytes.len() {
+        let end = match frame_at(&bytes, pos) {
+            Ok(end) => end,
+            Err(reason) => {
+                // Is there an intact entry further on? Then this is not a torn tail.
+                let resync = (pos + 1..bytes.len().saturating_sub(HEADER - 1))
+                    .find(|&p| word(&bytes, p) == MAGIC && frame_at(&bytes, p).is_ok());
+                match resync {
+                    Some(next) => {
+                        out.corrupt.push((pos, next - pos, reason.to_owned()));
+                        pos = next;
+                        continue;
+                    }
+                    None => {
+                        out.torn_tail = bytes.len() - pos;
+                        break;
+                    }
+                }
+            }
         };
-        if crc32fast::hash(body) != crc || body.len() < 10 {
-            tracing::warn!(path = %path.display(), offset = pos, "wal: checksum mismatch; ignoring the rest of the segment");
-            break;
-        }
+        let body = &bytes[pos + HEADER..end];
         let seq = u64::from_le_bytes(body[0..8].try_into().map_err(|_| corrupt(path, "seq"))?);
         let slen = u16::from_le_bytes([body[8], body[9]]) as usize;
         let name = body
@@ -101,18 +168,36 @@ pub fn read_segment(path: &Path) -> Result<Vec<WalEntry>> {
             .and_then(|b| std::str::from_utf8(b).ok())
             .ok_or_else(|| corrupt(path, "stream name"))?;
         let stream = StreamName::new(name)?;
-        let ipc = &body[10 + slen..];
+        let ipc = body.get(10 + slen..).ok_or_else(|| corrupt(path, "body"))?;
         let reader = StreamReader::try_new(ipc, None)?;
         for batch in reader {
-            out.push(WalEntry { seq, batch: StreamBatch::new(stream.clone(), batch?) });
+            out.entries.push(WalEntry { seq, batch: StreamBatch::new(stream.clone(), batch?) });
         }
-        pos = body_start + len;
+        pos = end;
     }
     Ok(out)
 }
 
+/// Copies a damaged segment into `{dir}/../quarantine/` (once) and returns where it went.
+pub fn quarantine(segment: &Path) -> Result<PathBuf> {
+    let shard_dir = segment.parent().unwrap_or(Path::new("."));
+    let qdir = shard_dir.parent().unwrap_or(shard_dir).join("quarantine");
+    std::fs::create_dir_all(&qdir).map_err(io("create wal quarantine", &qdir))?;
+    let shard = shard_dir.file_name().and_then(|n| n.to_str()).unwrap_or("shard");
+    let name = segment.file_name().and_then(|n| n.to_str()).unwrap_or("segment.wal");
+    let target = qdir.join(format!("{shard}-{name}"));
+    if !target.exists() {
+        std::fs::copy(segment, &target).map_err(io("quarantine wal segment", segment))?;
+    }
+    Ok(target)
+}
+
 fn corrupt(path: &Path, what: &str) -> Error {
     Error::CorruptCatalog { path: path.display().to_string(), message: format!("wal entry with invalid {what}") }
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.wal")
 }
 
 fn encode(buf: &mut Vec<u8>, seq: u64, stream: &StreamName, batch: &RecordBatch) -> Result<()> {
@@ -137,10 +222,30 @@ fn encode(buf: &mut Vec<u8>, seq: u64, stream: &StreamName, batch: &RecordBatch)
 }
 
 impl WalWriter {
-    /// Opens the shard directory; the next entry gets `next_seq`.
+    /// Opens the shard directory; the next entry gets `next_seq`, in a segment of its own.
+    ///
+    /// A leftover file with that segment's name can only hold bytes that replay found no
+    /// entry in (a torn first write): it is moved to quarantine, never appended to.
     pub fn open(dir: &Path, next_seq: u64) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(io("create wal dir", dir))?;
-        Ok(Self { dir: dir.to_owned(), file: None, current: None, next_seq, epoch: 0, buf: Vec::new() })
+        let leftover = dir.join(segment_name(next_seq));
+        if leftover.exists() {
+            let kept = quarantine(&leftover)?;
+            std::fs::remove_file(&leftover).map_err(io("remove torn wal segment", &leftover))?;
+            tracing::warn!(segment = %leftover.display(), kept = %kept.display(), "wal: a segment held only a torn write; starting a fresh one");
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            file: None,
+            current: None,
+            len: 0,
+            dirty: false,
+            next_seq,
+            epoch: 0,
+            buf: Vec::new(),
+            #[cfg(test)]
+            faults: Vec::new(),
+        })
     }
 
     /// Sequence number the next entry will get.
@@ -148,7 +253,9 @@ impl WalWriter {
         self.next_seq
     }
 
-    /// Appends one entry per batch and fsyncs; returns the sequence number of each.
+    /// Appends one entry per batch and fsyncs; returns the sequence number of each. On an
+    /// error nothing of the group stays in the log (see the module's invariants), and the
+    /// caller must not acknowledge it.
     pub fn append(&mut self, batches: &[StreamBatch]) -> Result<Vec<u64>> {
         self.buf.clear();
         let mut seqs = Vec::with_capacity(batches.len());
@@ -156,13 +263,36 @@ impl WalWriter {
             encode(&mut self.buf, self.next_seq + seqs.len() as u64, &sb.stream, &sb.batch)?;
             seqs.push(self.next_seq + seqs.len() as u64);
         }
+        if self.dirty {
+            self.truncate_to_last_good()?;
+        }
         if self.file.is_none() {
-            let path = self.dir.join(format!("{:020}.wal", self.next_seq));
-            let f = OpenOptions::new().create(true).append(true).open(&path).map_err(io("open wal segment", &path))?;
+            let path = self.dir.join(segment_name(self.next_seq));
+            // Truncate: a file of this name can only hold a failed first append of ours.
+            let f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(io("open wal segment", &path))?;
             File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("sync wal dir", &self.dir))?;
             self.current = Some(Segment { first_seq: self.next_seq, path });
             self.file = Some(f);
+            self.len = 0;
         }
+        if let Err(e) = self.write_group() {
+            self.dirty = true;
+            if let Err(t) = self.truncate_to_last_good() {
+                tracing::error!(error = %t, "wal: cannot remove a failed append yet; the next append retries first");
+            }
+            return Err(e);
+        }
+        self.len += self.buf.len() as u64;
+        self.next_seq += seqs.len() as u64;
+        Ok(seqs)
+    }
+
+    fn write_group(&mut self) -> Result<()> {
         let (Some(f), Some(seg)) = (self.file.as_mut(), self.current.as_ref()) else {
             return Err(Error::Io {
                 op: "append wal",
@@ -170,10 +300,44 @@ impl WalWriter {
                 source: std::io::Error::other("no segment"),
             });
         };
+        #[cfg(test)]
+        match self.faults.first().copied() {
+            Some(Fault::PartialWrite(n)) => {
+                self.faults.remove(0);
+                f.seek(SeekFrom::Start(self.len)).map_err(io("append wal", &seg.path))?;
+                f.write_all(&self.buf[..n.min(self.buf.len())]).map_err(io("append wal", &seg.path))?;
+                return Err(io("append wal", &seg.path)(std::io::Error::other("injected: no space left on device")));
+            }
+            Some(Fault::Sync) => {
+                self.faults.remove(0);
+                f.seek(SeekFrom::Start(self.len)).map_err(io("append wal", &seg.path))?;
+                f.write_all(&self.buf).map_err(io("append wal", &seg.path))?;
+                return Err(io("fsync wal", &seg.path)(std::io::Error::other("injected: input/output error")));
+            }
+            _ => {}
+        }
+        f.seek(SeekFrom::Start(self.len)).map_err(io("append wal", &seg.path))?;
         f.write_all(&self.buf).map_err(io("append wal", &seg.path))?;
-        f.sync_data().map_err(io("fsync wal", &seg.path))?;
-        self.next_seq += seqs.len() as u64;
-        Ok(seqs)
+        f.sync_data().map_err(io("fsync wal", &seg.path))
+    }
+
+    /// Cuts the current segment back to its last good length and makes that durable.
+    fn truncate_to_last_good(&mut self) -> Result<()> {
+        let (Some(f), Some(seg)) = (self.file.as_mut(), self.current.as_ref()) else {
+            self.dirty = false;
+            return Ok(());
+        };
+        #[cfg(test)]
+        if let Some(Fault::Truncate(n)) = self.faults.first_mut() {
+            *n -= 1;
+            if *n == 0 {
+                self.faults.remove(0);
+            }
+            return Err(io("truncate wal", &seg.path)(std::io::Error::other("injected: input/output error")));
+        }
+        f.set_len(self.len).and_then(|()| f.sync_data()).map_err(io("truncate wal", &seg.path))?;
+        self.dirty = false;
+        Ok(())
     }
 
     /// Number of rotations so far: entries appended in the same epoch are all on the same
@@ -190,6 +354,11 @@ impl WalWriter {
     /// Closes the current segment; the next append starts a new one. Returns the last
     /// sequence number written so far (`next_seq - 1`).
     pub fn rotate(&mut self) -> u64 {
+        if self.dirty && self.truncate_to_last_good().is_err() {
+            // Keep the segment open so that the next append retries the truncation.
+            self.epoch += 1;
+            return self.next_seq.saturating_sub(1);
+        }
         self.file = None;
         self.current = None;
         self.epoch += 1;

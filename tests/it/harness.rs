@@ -86,6 +86,14 @@ impl Server {
         Ok((status, json))
     }
 
+    /// POSTs JSON; returns the status, the `Retry-After` header and the body as text.
+    pub fn post_json_raw(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Option<String>, String)> {
+        let mut resp =
+            self.agent.post(&self.url(path)).header("Content-Type", "application/json").send(body.to_string())?;
+        let retry = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Ok((resp.status().as_u16(), retry, resp.body_mut().read_to_string()?))
+    }
+
     pub fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
         self.post(path, "application/json", body.to_string().as_bytes())
     }

@@ -4,6 +4,7 @@
 
 mod archive;
 mod durability;
+mod faults;
 mod harness;
 mod http;
 mod mqtt;

@@ -189,3 +189,69 @@ fn mosquitto_pub_lands_in_sql() -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+/// Regression: a non-ASCII topic panicked in rumqttc's matcher once any subscription
+/// existed, killing the publisher's session, and (through a rule's `then publish`) the
+/// shard thread with every device on it.
+#[test]
+fn non_ascii_topics_are_routed_and_kill_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let rule = "rule umlaut {\n    from telemetry[temperature > 0]\n    select device_id, temperature\n    then publish 'ü/{device_id}' {\"t\": \"{temperature}\"}\n}\n";
+    s.post_json("/api/v1/streams/telemetry/events", &serde_json::json!({"device_id": "warm", "temperature": 0.0}))?;
+    let (status, body) = s.post("/api/v1/rules", "text/plain", rule.as_bytes())?;
+    assert_eq!(status / 100, 2, "{body}");
+    runtime()?.block_on(async {
+        let (sub, mut sub_ev) = client(&s, "watcher");
+        until(&mut sub_ev, |p| matches!(p, Packet::ConnAck(_))).await?;
+        sub.subscribe("#", QoS::AtMostOnce).await?;
+        until(&mut sub_ev, |p| matches!(p, Packet::SubAck(_))).await?;
+
+        // A client publishes on a topic whose first character is two bytes long.
+        let (c, mut ev) = client(&s, "pub-1");
+        until(&mut ev, |p| matches!(p, Packet::ConnAck(_))).await?;
+        c.publish("é/x", QoS::AtLeastOnce, false, "hello").await?;
+        until(&mut ev, |p| matches!(p, Packet::PubAck(_))).await?;
+        until(&mut sub_ev, |p| matches!(p, Packet::Publish(m) if m.topic == "é/x")).await?;
+
+        // A rule publishes on a non-ASCII topic from the shard thread.
+        c.publish("devices/dev-ü/telemetry", QoS::AtLeastOnce, false, r#"{"temperature": 3}"#).await?;
+        until(&mut ev, |p| matches!(p, Packet::PubAck(_))).await?;
+        until(&mut sub_ev, |p| matches!(p, Packet::Publish(m) if m.topic == "ü/dev-ü")).await?;
+        anyhow::Ok(())
+    })?;
+    // Both shards still take data.
+    let (status, body) =
+        s.post_json("/api/v1/streams/telemetry/events", &serde_json::json!(crate::harness::events(0, 50, 10)))?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, 52);
+    Ok(())
+}
+
+/// MQTT forbids wildcards in a publish topic (client libraries refuse to send one, so this
+/// speaks the protocol by hand): the session is closed, the server lives on.
+#[test]
+fn a_wildcard_publish_topic_closes_only_that_session() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+
+    use rumqttc::mqttbytes::v4::{Connect, Packet as Raw, Publish};
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let mut conn = std::net::TcpStream::connect(s.mqtt)?;
+    conn.set_read_timeout(Some(TIMEOUT))?;
+    let mut out = bytes::BytesMut::new();
+    Raw::Connect(Connect::new("wild")).write(&mut out, 1 << 20)?;
+    let mut publish = Publish::new("devices/+/telemetry", rumqttc::mqttbytes::QoS::AtLeastOnce, b"{}".to_vec());
+    publish.pkid = 1;
+    Raw::Publish(publish).write(&mut out, 1 << 20)?;
+    conn.write_all(&out)?;
+    let mut got = Vec::new();
+    conn.read_to_end(&mut got)?; // returns once the server closes the connection
+    assert_eq!(got.first(), Some(&0x20), "a CONNACK, then the close, and no PUBACK: {got:?}");
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(s.metric("ferrite_rejected_events_total{transport=\"mqtt\",reason=\"invalid_topic\"}")?, 1);
+    let (status, _) =
+        s.post_json("/api/v1/streams/telemetry/events", &serde_json::json!({"device_id": "d", "v": 1}))?;
+    assert_eq!(status, 200);
+    Ok(())
+}

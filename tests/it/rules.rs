@@ -76,6 +76,43 @@ fn rules_check_prints_position_line_caret_and_hint() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Regression: with no stream in the catalog, `rules check` said "syntax ok" for SQL that
+/// does not parse.
+#[test]
+fn rules_check_finds_sql_errors_without_any_stream() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join("bad.rules");
+    std::fs::write(&file, "rule r {\n    from telemetry[temperature >]\n    insert into o\n}\n")?;
+    let out =
+        ferrite(&["rules", "check", file.to_str().context("path")?, "--data-dir", tmp.path().to_str().context("p")?])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("invalid SQL in the filter"), "{stderr}");
+    assert!(stderr.contains("bad.rules:2:"), "{stderr}");
+    Ok(())
+}
+
+/// Regression: the API refused a rule over a stream nobody had written yet, while the same
+/// file in the rules directory waited for it.
+#[test]
+fn a_posted_rule_waits_for_its_stream() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let s = Server::start(data.path(), &[])?;
+    let rule = "rule later { from sensors[level > 5] select device_id, level insert into high_levels }";
+    let (status, body) = s.post("/api/v1/rules", "text/plain", rule.as_bytes())?;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["waiting"], json!(["later"]), "{body}");
+    let (_, listing) = s.get("/api/v1/rules")?;
+    assert!(listing.contains("\"waiting\""), "{listing}");
+    s.post_json("/api/v1/streams/sensors/events", &json!([{"device_id": "d1", "level": 1.0}]))?;
+    s.wait_for("the rule to deploy", |s| Ok(s.get("/api/v1/rules/later")?.0 == 200))?;
+    s.post_json("/api/v1/streams/sensors/events", &json!([{"device_id": "d1", "level": 9.0}]))?;
+    s.wait_for("the derived row", |s| {
+        Ok(s.sql("SELECT count(*) AS n FROM high_levels").is_ok_and(|r| r == vec![json!({"n": 1})]))
+    })?;
+    Ok(())
+}
+
 fn rules_state(s: &Server) -> anyhow::Result<Value> {
     let (status, body) = s.get("/api/v1/rules")?;
     if status != 200 {
@@ -325,11 +362,16 @@ fn one_request_server() -> anyhow::Result<(std::net::SocketAddr, std::sync::mpsc
 #[test]
 fn a_webhook_action_posts_the_row() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
-    let s = Server::start(data.path(), &[])?;
     let (hook, received) = one_request_server()?;
+    let s = Server::start(data.path(), &["--webhook-allow-hosts", &format!("hooks.example.com,{hook}")])?;
     let (status, body) =
         s.post_json("/api/v1/streams/telemetry/events", &json!([{"device_id": "d0", "temperature": 1.0}]))?;
     assert_eq!(status / 100, 2, "{body}");
+    // A host that is not listed is refused at deploy, naming the setting.
+    let other = "rule leak { from telemetry select device_id then webhook 'http://127.0.0.2:9/x' {} }";
+    let (status, body) = s.post("/api/v1/rules", "text/plain", other.as_bytes())?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("webhook_allow_hosts"), "{body}");
     let rule = format!(
         "rule hook {{ from telemetry[temperature > 100] select device_id, temperature then webhook 'http://{hook}/hooks/{{device_id}}' {{\"hot\": \"{{temperature}}\"}} }}"
     );
@@ -341,6 +383,32 @@ fn a_webhook_action_posts_the_row() -> anyhow::Result<()> {
     assert_eq!(serde_json::from_str::<Value>(&body)?, json!({"hot": 120.0}));
     s.wait_for("the webhook counter", |s| Ok(s.metric("ferrite_webhooks_total{outcome=\"ok\"}")? == 1))?;
     s.stop()?;
+    Ok(())
+}
+
+#[test]
+fn rules_read_table_files_only_under_the_table_directory() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let rules_dir = tempfile::tempdir()?;
+    std::fs::write(rules_dir.path().join("limits.csv"), "device_id,max_t\nd1,30\n")?;
+    let outside = data.path().join("secret.csv");
+    std::fs::write(&outside, "device_id,max_t\nd1,30\n")?;
+    let s = Server::start(data.path(), &["--rules-dir", &rules_dir.path().display().to_string()])?;
+    s.post_json("/api/v1/streams/telemetry/events", &json!([{"device_id": "d1", "temperature": 1.0}]))?;
+    let rule = |path: &str| {
+        format!(
+            "table limits from '{path}'\nrule over {{ from telemetry join limits on limits.device_id = device_id select device_id, limits.max_t as m insert into over }}"
+        )
+    };
+    let (status, body) = s.post("/api/v1/rules", "text/plain", rule(&outside.display().to_string()).as_bytes())?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("rules_table_dir"), "{body}");
+    let traversal = format!("../{}", outside.display());
+    let (status, _) = s.post("/api/v1/rules", "text/plain", rule(&traversal).as_bytes())?;
+    assert_eq!(status, 400);
+    // A file in the rules directory (relative paths start there for the API) is fine.
+    let (status, body) = s.post("/api/v1/rules", "text/plain", rule("limits.csv").as_bytes())?;
+    assert_eq!(status, 201, "{body}");
     Ok(())
 }
 

@@ -1,4 +1,6 @@
-//! Property tests of the decoders against naive reference implementations.
+//! Property tests of the decoders against naive reference implementations, and MQTT
+//! acknowledgements under failing commits.
 
 mod json_reference;
 mod line_protocol_reference;
+mod mqtt_acks;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use arrow::array::{Float64Array, RecordBatch, StringArray, TimestampNanosecondArray};
 use ferrite_engine::{FieldType, Metrics, ShardStore, StreamBatch, StreamCatalog, StreamName};
-use ferrite_query::QueryService;
+use ferrite_query::{Error, QueryConfig, QueryService};
 use ferrite_storage::{Storage, StorageConfig};
 
 const HOUR: i64 = 3_600_000_000_000;
@@ -17,6 +17,10 @@ struct Fixture {
 }
 
 fn fixture() -> anyhow::Result<Fixture> {
+    fixture_with(QueryConfig::default())
+}
+
+fn fixture_with(limits: QueryConfig) -> anyhow::Result<Fixture> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let dir = tempfile::tempdir()?;
     let catalog = Arc::new(StreamCatalog::in_memory());
@@ -40,7 +44,7 @@ fn fixture() -> anyhow::Result<Fixture> {
         )?;
         storage.commit(0, &[StreamBatch::new(stream.clone(), batch)]).map_err(anyhow::Error::msg)?;
     }
-    let service = QueryService::new(catalog, storage.clone(), metrics)?;
+    let service = QueryService::with_config(catalog, storage.clone(), metrics, limits)?;
     Ok(Fixture { _rt: rt, _dir: dir, storage, service })
 }
 
@@ -105,5 +109,72 @@ fn sql_errors_are_classified() -> anyhow::Result<()> {
     assert_eq!(err("SELECT * FROM nope"), Some("unknown_table"));
     assert_eq!(err("SELEC 1"), Some("sql_syntax"));
     assert_eq!(err("SELECT nope FROM telemetry"), Some("invalid_query"));
+    Ok(())
+}
+
+#[test]
+fn the_sql_door_is_read_only() -> anyhow::Result<()> {
+    let f = fixture()?;
+    let outside = f._dir.path().join("secret.csv");
+    std::fs::write(&outside, "a,b\n1,2\n")?;
+    let copy_to = f._dir.path().join("copied.csv");
+    let attempts = [
+        "CREATE SCHEMA ferrite.x".to_owned(),
+        format!("CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '{}'", outside.display()),
+        format!("COPY (SELECT 1) TO '{}'", copy_to.display()),
+        "INSERT INTO telemetry VALUES (now(), 'x', 1.0)".to_owned(),
+        "SET datafusion.execution.batch_size = 1".to_owned(),
+        "CREATE TABLE m AS SELECT 1".to_owned(),
+        "DROP TABLE telemetry".to_owned(),
+    ];
+    for sql in &attempts {
+        match f._rt.block_on(f.service.sql(sql)) {
+            Err(e @ Error::ReadOnly(_)) => assert_eq!(e.code(), "read_only"),
+            other => anyhow::bail!("{sql:?} was not refused as read-only: {other:?}"),
+        }
+    }
+    assert!(!copy_to.exists(), "COPY wrote a file");
+    // A file URL as a table name reaches no object store either.
+    let url = format!("SELECT * FROM 'file://{}'", outside.display());
+    assert!(f._rt.block_on(f.service.sql(&url)).is_err());
+    // Queries still work.
+    assert_eq!(f.count("SELECT count(*) FROM telemetry")?, 3000);
+    assert!(!f.plan("SELECT count(*) FROM telemetry")?.is_empty(), "EXPLAIN is a query");
+    Ok(())
+}
+
+#[test]
+fn results_are_capped_in_size() -> anyhow::Result<()> {
+    let f = fixture_with(QueryConfig { max_result_bytes: 16 * 1024, ..QueryConfig::default() })?;
+    match f._rt.block_on(f.service.sql("SELECT * FROM telemetry")) {
+        Err(e @ Error::ResourcesExhausted(_)) => assert!(e.to_string().contains("sql_max_result"), "{e}"),
+        other => anyhow::bail!("an oversized result was not refused: {:?}", other.map(|r| r.batches.len())),
+    }
+    assert_eq!(f.count("SELECT count(*) FROM telemetry")?, 3000, "small results still pass");
+    Ok(())
+}
+
+#[test]
+fn a_query_past_its_time_limit_is_cancelled() -> anyhow::Result<()> {
+    let f = fixture_with(QueryConfig { timeout: std::time::Duration::from_millis(200), ..QueryConfig::default() })?;
+    // A hundred billion rows: hours of work, cancelled after 200 ms.
+    let sql = "SELECT count(*) FROM range(100000000000) AS t(x) WHERE x % 7 = 3";
+    let started = std::time::Instant::now();
+    match f._rt.block_on(f.service.sql(sql)) {
+        Err(e @ Error::Timeout(_)) => assert_eq!(e.code(), "query_timeout"),
+        other => anyhow::bail!("not cancelled: {:?}", other.map(|r| r.batches.len())),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    Ok(())
+}
+
+#[test]
+fn a_query_over_the_memory_pool_fails_cleanly() -> anyhow::Result<()> {
+    let f = fixture_with(QueryConfig { memory_limit: 64 * 1024, ..QueryConfig::default() })?;
+    let sql = "SELECT a.device_id, count(*) FROM telemetry a JOIN telemetry b ON a.device_id = b.device_id GROUP BY 1";
+    match f._rt.block_on(f.service.sql(sql)) {
+        Err(e @ Error::ResourcesExhausted(_)) => assert!(e.to_string().contains("sql_memory_limit"), "{e}"),
+        other => anyhow::bail!("the memory pool did not hold: {:?}", other.map(|r| r.batches.len())),
+    }
     Ok(())
 }

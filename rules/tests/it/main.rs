@@ -2,6 +2,7 @@
 //! Arrow batches, as on a shard, without a server.
 
 mod harness;
+mod isolation;
 mod patterns;
 mod planning;
 mod properties;

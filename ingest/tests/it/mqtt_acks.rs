@@ -1,0 +1,193 @@
+//! MQTT acknowledgements against a store whose commits can be made to fail: a withheld
+//! acknowledgement closes the session, the retransmission after reconnecting is taken, and
+//! QoS 2 takes every message exactly once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::BytesMut;
+use ferrite_engine::{Engine, EngineConfig, Health, Metrics, ShardStore, StreamBatch, StreamCatalog, SystemClock};
+use ferrite_ingest::mqtt::{self, Broker};
+use ferrite_ingest::{IngestConfig, Ingestor};
+use parking_lot::Mutex;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{Connect, Packet, PubRel, Publish};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A store that fails every commit while `fail` is set, and records what it committed.
+#[derive(Default)]
+struct FlakyStore {
+    fail: AtomicBool,
+    rows: Mutex<usize>,
+}
+
+impl ShardStore for FlakyStore {
+    fn commit(&self, _shard: usize, group: &[StreamBatch]) -> Result<(), String> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err("injected: no space left on device".to_owned());
+        }
+        *self.rows.lock() += group.iter().map(|b| b.batch.num_rows()).sum::<usize>();
+        Ok(())
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    store: Arc<FlakyStore>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    _stop: watch::Sender<bool>,
+}
+
+async fn server() -> anyhow::Result<Server> {
+    let store = Arc::new(FlakyStore::default());
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new());
+    let catalog = Arc::new(StreamCatalog::in_memory());
+    let engine = Engine::start(EngineConfig { shards: 1, ..EngineConfig::default() }, store.clone(), metrics.clone())?;
+    let config = IngestConfig {
+        decoder_threads: 1,
+        health: health.clone(),
+        overload_wait: Duration::from_millis(50),
+        ..IngestConfig::default()
+    };
+    let ingestor = Ingestor::start(config, catalog, engine, metrics.clone(), Arc::new(SystemClock))?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, rx) = watch::channel(false);
+    let limits = mqtt::MqttLimits::default();
+    tokio::spawn(mqtt::serve(listener, ingestor, Arc::new(Broker::default()), metrics.clone(), limits, rx));
+    Ok(Server { addr, store, health, metrics, _stop: stop })
+}
+
+/// A bare MQTT 3.1.1 client that sends exactly what a test says, retransmissions included.
+struct Client {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let mut c = Client { stream: TcpStream::connect(addr).await?, buf: BytesMut::new() };
+        c.send(Packet::Connect(Connect::new("raw-client"))).await?;
+        match c.recv().await? {
+            Some(Packet::ConnAck(_)) => Ok(c),
+            other => bail!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, p: Packet) -> anyhow::Result<()> {
+        let mut out = BytesMut::new();
+        p.write(&mut out, 1 << 20)?;
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    async fn publish(&mut self, qos: QoS, pkid: u16, dup: bool) -> anyhow::Result<()> {
+        let mut p = Publish::new("devices/d1/telemetry", qos, br#"{"v": 1}"#.to_vec());
+        p.pkid = pkid;
+        p.dup = dup;
+        self.send(Packet::Publish(p)).await
+    }
+
+    /// The next packet, or `None` when the server closed the connection.
+    async fn recv(&mut self) -> anyhow::Result<Option<Packet>> {
+        let deadline = Duration::from_secs(10);
+        loop {
+            match Packet::read(&mut self.buf, 1 << 20) {
+                Ok(p) => return Ok(Some(p)),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => bail!("bad packet from the server: {e}"),
+            }
+            let n = tokio::time::timeout(deadline, self.stream.read_buf(&mut self.buf))
+                .await
+                .context("the server neither answered nor closed the session within 10 s")??;
+            if n == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_qos1_commit_closes_the_session_and_the_resend_is_taken() -> anyhow::Result<()> {
+    let s = server().await?;
+    s.store.fail.store(true, Ordering::SeqCst);
+    let mut c = Client::connect(s.addr).await?;
+    c.publish(QoS::AtLeastOnce, 1, false).await?;
+    let got = c.recv().await?;
+    assert!(got.is_none(), "no PUBACK for an uncommitted message, and the session is closed: got {got:?}");
+
+    s.store.fail.store(false, Ordering::SeqCst);
+    let mut c = Client::connect(s.addr).await?;
+    c.publish(QoS::AtLeastOnce, 1, true).await?;
+    assert!(matches!(c.recv().await?, Some(Packet::PubAck(a)) if a.pkid == 1));
+    assert_eq!(*s.store.rows.lock(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_qos2_commit_does_not_mark_the_packet_id_received() -> anyhow::Result<()> {
+    let s = server().await?;
+    s.store.fail.store(true, Ordering::SeqCst);
+    let mut c = Client::connect(s.addr).await?;
+    c.publish(QoS::ExactlyOnce, 7, false).await?;
+    let got = c.recv().await?;
+    assert!(got.is_none(), "no PUBREC for an uncommitted message, and the session is closed: got {got:?}");
+
+    s.store.fail.store(false, Ordering::SeqCst);
+    let mut c = Client::connect(s.addr).await?;
+    c.publish(QoS::ExactlyOnce, 7, true).await?;
+    assert!(matches!(c.recv().await?, Some(Packet::PubRec(r)) if r.pkid == 7));
+    c.send(Packet::PubRel(PubRel::new(7))).await?;
+    assert!(matches!(c.recv().await?, Some(Packet::PubComp(r)) if r.pkid == 7));
+    assert_eq!(*s.store.rows.lock(), 1, "the retransmission was ingested");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_takes_each_message_exactly_once() -> anyhow::Result<()> {
+    let s = server().await?;
+    let mut c = Client::connect(s.addr).await?;
+    c.publish(QoS::ExactlyOnce, 9, false).await?;
+    // A retransmission before PUBREL (a lost PUBREC): acknowledged, not ingested again.
+    c.publish(QoS::ExactlyOnce, 9, true).await?;
+    assert!(matches!(c.recv().await?, Some(Packet::PubRec(r)) if r.pkid == 9));
+    assert!(matches!(c.recv().await?, Some(Packet::PubRec(r)) if r.pkid == 9));
+    c.send(Packet::PubRel(PubRel::new(9))).await?;
+    assert!(matches!(c.recv().await?, Some(Packet::PubComp(r)) if r.pkid == 9));
+    assert_eq!(*s.store.rows.lock(), 1);
+    // After PUBCOMP the packet id is free again: a new message with it is a new message.
+    c.publish(QoS::ExactlyOnce, 9, false).await?;
+    assert!(matches!(c.recv().await?, Some(Packet::PubRec(r)) if r.pkid == 9));
+    c.send(Packet::PubRel(PubRel::new(9))).await?;
+    assert!(matches!(c.recv().await?, Some(Packet::PubComp(r)) if r.pkid == 9));
+    assert_eq!(*s.store.rows.lock(), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_node_withholds_the_puback() -> anyhow::Result<()> {
+    let s = server().await?;
+    s.health.set_overloaded(true);
+    let mut c = Client::connect(s.addr).await?;
+    c.publish(QoS::AtLeastOnce, 3, false).await?;
+    let got = c.recv().await?;
+    assert!(got.is_none(), "refused while overloaded: got {got:?}");
+    assert_eq!(
+        s.metrics.counter_value("ferrite_rejected_events_total", &[("transport", "mqtt"), ("reason", "overloaded")]),
+        1
+    );
+    assert_eq!(*s.store.rows.lock(), 0);
+    s.health.set_overloaded(false);
+    let mut c = Client::connect(s.addr).await?;
+    c.publish(QoS::AtLeastOnce, 3, true).await?;
+    assert!(matches!(c.recv().await?, Some(Packet::PubAck(a)) if a.pkid == 3));
+    assert_eq!(*s.store.rows.lock(), 1);
+    Ok(())
+}
