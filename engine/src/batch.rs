@@ -39,25 +39,25 @@ impl StreamBatch {
     }
 }
 
-/// Returns `batch` with the columns of `schema`, in its order: columns the batch lacks
-/// (added to the stream after the batch was written) become null columns.
-///
-/// `schema` must be a superset of the batch's schema with the same types for shared
-/// columns, which the catalog guarantees (columns are only ever added).
+/// Returns `batch` with exactly the columns of `schema`, in its order, matched by name:
+/// columns the batch lacks (added to the stream after the batch was written) become null
+/// columns, columns `schema` lacks are dropped, and a column of another type is cast
+/// (rules read streams with the types they were planned with).
 pub fn align_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     if batch.schema().fields() == schema.fields() {
         return Ok(batch.clone());
     }
-    let bschema = batch.schema();
-    let columns: Vec<ArrayRef> = schema
+    let n = batch.num_rows();
+    let columns = schema
         .fields()
         .iter()
-        .map(|f| match bschema.index_of(f.name()) {
-            Ok(i) => batch.column(i).clone(),
-            Err(_) => new_null_array(f.data_type(), batch.num_rows()),
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => arrow::compute::cast(c, f.data_type()),
+            None => Ok(new_null_array(f.data_type(), n)),
         })
-        .collect();
-    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+        .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
     Ok(RecordBatch::try_new_with_options(schema.clone(), columns, &options)?)
 }
 

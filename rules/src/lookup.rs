@@ -49,7 +49,7 @@ impl LookupTable {
         if n == 0 {
             return Ok(());
         }
-        let chunk = crate::runtime::align(batch, &self.schema)?;
+        let chunk = ferrite_engine::align_to_schema(batch, &self.schema)?;
         let keys = key_strings(
             chunk
                 .column_by_name(&self.key)

@@ -1,0 +1,175 @@
+//! Deploying, replacing and removing rules, and what the API shows of them.
+
+use super::state::*;
+use super::*;
+
+impl RuleEngine {
+    /// Parses and compiles `text` against the catalog without deploying it.
+    pub fn check(&self, text: &str) -> Result<Vec<CompiledRule>> {
+        let sandbox = self.sandbox.read().clone();
+        let base = sandbox.as_ref().map(|s| s.table_dir.clone());
+        compile_text_sandboxed(text, &CatalogSchemas(&self.catalog), base.as_deref(), sandbox.as_ref())
+    }
+
+    /// Deploys every rule of `text` (replacing rules of the same names). When `origin` is a
+    /// file, rules that file held before and no longer holds are removed. Returns the names
+    /// deployed. Nothing changes if any rule fails to compile.
+    pub fn deploy(&self, text: &str, origin: Option<&str>) -> Result<Vec<String>> {
+        // A file's relative table paths start from its directory; the API's from the
+        // sandbox's table directory.
+        let sandbox = self.sandbox.read().clone();
+        let base = origin
+            .map(std::path::Path::new)
+            .and_then(std::path::Path::parent)
+            .map(std::path::Path::to_owned)
+            .or_else(|| sandbox.as_ref().map(|s| s.table_dir.clone()));
+        let base = base.as_deref();
+        let compiled = compile_text_sandboxed(text, &CatalogSchemas(&self.catalog), base, sandbox.as_ref())?;
+        self.install(compiled, origin)
+    }
+
+    /// Deploys already compiled rules.
+    pub fn install(&self, compiled: Vec<CompiledRule>, origin: Option<&str>) -> Result<Vec<String>> {
+        for r in &compiled {
+            if let Some(j) = &r.join {
+                self.prepare_lookup(&r.name, j)?;
+            }
+        }
+        for r in &compiled {
+            if let Some(target) = &r.insert_into {
+                crate::output::register_derived(&self.catalog, &StreamName::new(target)?, &r.output)?;
+            }
+        }
+        let names: Vec<String> = compiled.iter().map(|r| r.name.clone()).collect();
+        let mut guard = self.rules.write();
+        let mut next: Vec<Arc<LiveRule>> = guard
+            .iter()
+            .filter(|r| !names.contains(&r.plan.name))
+            .filter(|r| origin.is_none() || r.origin.as_deref() != origin)
+            .cloned()
+            .collect();
+        for plan in compiled {
+            // Re-deploying a file keeps the state of its rules that did not change.
+            // A rule that failed starts afresh.
+            let unchanged = guard.iter().find(|r| {
+                !r.failed.load(Ordering::Relaxed)
+                    && r.plan.name == plan.name
+                    && r.origin.as_deref() == origin
+                    && r.plan.text == plan.text
+                    && r.plan.input_schemas == plan.input_schemas
+                    && r.plan.time == plan.time
+            });
+            if let Some(r) = unchanged {
+                next.push(r.clone());
+                continue;
+            }
+            // A rule of the same name from another file is replaced too: names are global.
+            let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(rule = %plan.name, generation, origin = origin.unwrap_or("api"), "rule deployed");
+            next.push(Arc::new(LiveRule {
+                label: plan.name.clone(),
+                plan,
+                generation,
+                origin: origin.map(str::to_owned),
+                stats: RuleStats::default(),
+                last_error: Mutex::new(None),
+                shadow: false,
+                failed: AtomicBool::new(false),
+            }));
+        }
+        *guard = Arc::new(next);
+        drop(guard);
+        self.free_stale_state();
+        Ok(names)
+    }
+
+    /// Frees the state of rules and shadows that are gone or were replaced (a new
+    /// generation starts fresh).
+    pub(super) fn free_stale_state(&self) {
+        let live: Vec<(String, u64)> =
+            self.rules().iter().chain(self.shadows.read().iter()).map(|r| (r.state_key(), r.generation)).collect();
+        for shard in self.shards.iter().chain(std::iter::once(&self.global)) {
+            shard.lock().retain(|key, st| live.iter().any(|(k, g)| k == key && *g == st.generation));
+        }
+    }
+
+    /// Removes rule `name`.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        let mut guard = self.rules.write();
+        if !guard.iter().any(|r| r.plan.name == name) {
+            return Err(Error::NotFound(name.to_owned()));
+        }
+        *guard = Arc::new(guard.iter().filter(|r| r.plan.name != name).cloned().collect());
+        for shard in self.shards.iter().chain(std::iter::once(&self.global)) {
+            shard.lock().remove(name);
+        }
+        let _ = self.remove_shadow(name);
+        tracing::info!(rule = name, "rule removed");
+        Ok(())
+    }
+
+    /// Removes every rule that came from `origin` (a deleted file).
+    pub fn remove_origin(&self, origin: &str) -> Vec<String> {
+        let gone: Vec<String> = self
+            .rules
+            .read()
+            .iter()
+            .filter(|r| r.origin.as_deref() == Some(origin))
+            .map(|r| r.plan.name.clone())
+            .collect();
+        for name in &gone {
+            let _ = self.remove(name);
+        }
+        gone
+    }
+
+    /// Status and counters of every rule.
+    pub fn list(&self) -> Vec<RuleInfo> {
+        self.rules().iter().map(|r| self.info_of(r)).collect()
+    }
+
+    /// Status and counters of rule `name`.
+    pub fn info(&self, name: &str) -> Result<RuleInfo> {
+        let rules = self.rules();
+        let rule = rules.iter().find(|r| r.plan.name == name).ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        Ok(self.info_of(rule))
+    }
+
+    pub(super) fn info_of(&self, r: &LiveRule) -> RuleInfo {
+        let state_size = self
+            .shards
+            .iter()
+            .chain(std::iter::once(&self.global))
+            .map(|s| s.lock().get(&r.plan.name).filter(|st| st.generation == r.generation).map_or(0, state_size))
+            .sum();
+        let s = &r.stats;
+        let batches = s.batches.load(Ordering::Relaxed);
+        RuleInfo {
+            name: r.plan.name.clone(),
+            status: if r.failed.load(Ordering::Relaxed) { "failed" } else { "running" },
+            inputs: r.plan.inputs.clone(),
+            insert_into: r.plan.insert_into.clone(),
+            origin: r.origin.clone(),
+            text: r.plan.text.clone(),
+            events_in: s.events_in.load(Ordering::Relaxed),
+            events_out: s.events_out.load(Ordering::Relaxed),
+            matches: s.matches.load(Ordering::Relaxed),
+            late_events: s.late.load(Ordering::Relaxed),
+            evicted: s.evicted.load(Ordering::Relaxed),
+            errors: s.errors.load(Ordering::Relaxed),
+            state_size,
+            mean_batch_micros: if batches == 0 {
+                0.0
+            } else {
+                s.busy_nanos.load(Ordering::Relaxed) as f64 / batches as f64 / 1e3
+            },
+            last_error: r.last_error.lock().clone(),
+            has_shadow: self.shadows.read().iter().any(|s| s.plan.name == r.plan.name),
+            time: TimeInfo {
+                max_delay_ms: r.plan.time.max_delay / 1_000_000,
+                lateness_ms: r.plan.time.lateness / 1_000_000,
+                processing_time: r.plan.time.processing_time,
+            },
+        }
+    }
+}
