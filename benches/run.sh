@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every benchmark with its peer side by side, as recorded in BENCHMARKS.md.
+# Runs every benchmark with its peer side by side, and prints, after each one's raw output,
+# the rows of its table in BENCHMARKS.md (so that the file is pasted from a run, not retyped).
 # Needs: mosquitto (apt), duckdb and polars (pip). Release build (no LTO); the first one is long.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,12 +9,48 @@ FEATURES="${FERRITE_BENCH_FEATURES:-}"   # "polars" adds the polars Rust-crate p
 # One invocation for every binary, so features unify the same way each time (no rebuilds).
 cargo build --release -p ferrite -p ferrite-benches --bins --benches ${FEATURES:+--features ferrite-benches/$FEATURES}
 
-echo "== machine"; nproc; grep -m1 'model name' /proc/cpuinfo || true; free -g | head -2
+# key=value lines of the scenario binaries, as markdown rows of the named keys.
+rows() { # prefix key...
+    local prefix=$1; shift
+    awk -v prefix="$prefix" -v keys="$*" '
+        $1 == prefix {
+            n = split(keys, k, " ")
+            for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+            printf "|"; for (j = 1; j <= n; j++) printf " %s |", v[k[j]]; printf "\n"
+        }'
+}
+# criterion's "time: [low median high]" lines as `| benchmark | median | throughput median |`.
+criterion_rows() {
+    awk '
+        /^[A-Za-z_0-9\/.-]+$/ { name = $1 }
+        /^[A-Za-z_0-9\/.-]+ +time:/ { name = $1 }
+        /time:/ { split($0, a, "["); split(a[2], t, " "); median = t[3] " " t[4] }
+        /thrpt:/ { split($0, a, "["); split(a[2], t, " "); printf "| %s | %s | %s %s |\n", name, median, t[3], t[4] }'
+}
+
+echo "== machine"; nproc; grep -m1 'model name' /proc/cpuinfo || true; free -g | head -2; date -u
 echo "== decode (criterion)"
-"$(ls -t target/release/deps/decode-* | grep -v '\.d$' | head -1)" --bench --warm-up-time 1 --measurement-time 4 --noplot
+"$(ls -t target/release/deps/decode-* | grep -v '\.d$' | head -1)" --bench --warm-up-time 1 --measurement-time 4 --noplot | tee /tmp/ferrite-bench-decode.txt
+criterion_rows < /tmp/ferrite-bench-decode.txt
+echo "== rules (criterion)"
+"$(ls -t target/release/deps/rules-* | grep -v '\.d$' | head -1)" --bench --warm-up-time 1 --measurement-time 4 --noplot | tee /tmp/ferrite-bench-rules.txt
+criterion_rows < /tmp/ferrite-bench-rules.txt
 echo "== http ingest"
-./target/release/ingest_http "${HTTP_THREADS:-4}" "${HTTP_SECONDS:-10}"
-echo "== mqtt ingest"
-for _ in 1 2 3; do ./target/release/ingest_mqtt "${MQTT_PUBLISHERS:-100}" "${MQTT_MESSAGES:-2000}"; done
+./target/release/ingest_http "${HTTP_THREADS:-4}" "${HTTP_SECONDS:-10}" | tee /tmp/ferrite-bench-http.txt
+rows http_ingest format events_per_s MB_per_s < /tmp/ferrite-bench-http.txt
+echo "== mqtt ingest (three runs)"
+for _ in 1 2 3; do ./target/release/ingest_mqtt "${MQTT_PUBLISHERS:-100}" "${MQTT_MESSAGES:-2000}"; done | tee /tmp/ferrite-bench-mqtt.txt
+rows mqtt_ingest scenario ferrite_msgs_per_s ferrite_dropped mosquitto_msgs_per_s mosquitto_dropped ratio < /tmp/ferrite-bench-mqtt.txt
 echo "== persist and query"
-./target/release/query "${QUERY_ROWS:-10000000}" "${QUERY_RUNS:-5}"
+./target/release/query "${QUERY_ROWS:-10000000}" "${QUERY_RUNS:-5}" | tee /tmp/ferrite-bench-query.txt
+rows persist rows seconds rows_per_s arrow_MB_per_s parquet_MB files < /tmp/ferrite-bench-query.txt
+awk '$1 == "query" { name = $2; for (i = 3; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+     printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", name, v["ferrite_ms"], v["duckdb_ms"], v["polars_rust_ms"], v["polars_py_ms"], v["ferrite/duckdb"], v["ferrite/polars_rust"], v["ferrite/polars_py"] }' /tmp/ferrite-bench-query.txt
+echo "== rules latency: maximum load, then half of it (three runs)"
+MAX_LINE=$(./target/release/rules_latency 3000000 "${LATENCY_SECONDS:-10}" 4)
+echo "$MAX_LINE"
+MAX=$(echo "$MAX_LINE" | tr ' ' '\n' | awk -F= '$1 == "achieved_events_per_s" { print $2 }')
+HALF=$(( ${MAX%.*} / 2 ))
+for _ in 1 2 3; do ./target/release/rules_latency "$HALF" "${LATENCY_SECONDS:-10}" 4; done | tee /tmp/ferrite-bench-latency.txt
+echo "$MAX_LINE" | rows rules_latency target_events_per_s achieved_events_per_s measured p50_ms p99_ms max_ms load_windows_emitted
+rows rules_latency target_events_per_s achieved_events_per_s measured p50_ms p99_ms max_ms load_windows_emitted < /tmp/ferrite-bench-latency.txt

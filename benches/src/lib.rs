@@ -1,7 +1,8 @@
 //! Shared fixtures of Ferrite's benchmarks: TSBS-like telemetry as JSON and line protocol.
 //!
 //! The criterion benches live in `benches/benches/`; end-to-end scenarios against a running
-//! server live in `benches/scenarios/`. Results are recorded in `BENCHMARKS.md`.
+//! server are the binaries in `benches/src/bin/`, run together by `benches/run.sh`.
+//! Results are recorded in `BENCHMARKS.md`.
 
 pub mod server;
 
