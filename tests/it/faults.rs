@@ -107,3 +107,89 @@ fn memory_is_bounded_while_persists_fail_and_ingest_resumes_after() -> anyhow::R
     assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, accepted as i64, "nothing acknowledged was lost");
     Ok(())
 }
+
+/// Every bound on what a client can grow refuses with a clear error and a metric, and the
+/// rest of the server goes on.
+#[test]
+fn bounds_on_what_clients_can_grow() -> anyhow::Result<()> {
+    use rumqttc::{ConnectReturnCode, ConnectionError, Event, Packet, QoS, SubscribeReasonCode};
+
+    use crate::mqtt::{client, runtime, until};
+
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(
+        dir.path(),
+        &[
+            "--max-streams",
+            "2",
+            "--max-fields-per-stream",
+            "2",
+            "--max-hours-per-request",
+            "2",
+            "--mqtt-max-connections-per-ip",
+            "1",
+            "--mqtt-max-subscriptions",
+            "1",
+        ],
+    )?;
+    let post = |stream: &str, body: Value| s.post_json(&format!("/api/v1/streams/{stream}/events"), &body);
+
+    // Hours: one request spanning three event-time hours is refused whole.
+    let (status, body) = post(
+        "a",
+        json!([{"device_id": "d", "ts": "2026-01-01T00:00:00Z", "v": 1},
+               {"device_id": "d", "ts": "2026-01-01T01:00:00Z", "v": 1},
+               {"device_id": "d", "ts": "2026-01-01T02:00:00Z", "v": 1}]),
+    )?;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_hours", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("max_hours_per_request"), "{body}");
+    assert_eq!(s.metric("ferrite_rejected_events_total{transport=\"http\",reason=\"too_many_hours\"}")?, 3);
+
+    // Fields: the event that would add a third field is rejected, the others are kept.
+    let (status, body) = post("a", json!([{"device_id": "d", "v": 1, "w": 2}, {"device_id": "d", "v": 3, "x": 4}]))?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 1, "{body}");
+    assert_eq!(body["errors"][0]["code"], "too_many_fields", "{body}");
+
+    // Streams: a third stream is refused.
+    assert_eq!(post("b", json!({"device_id": "d", "v": 1}))?.0, 200);
+    let (status, body) = post("c", json!({"device_id": "d", "v": 1}))?;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("max_streams"), "{body}");
+
+    runtime()?.block_on(async {
+        // Subscriptions: the second filter of a session gets a failure code.
+        let (c, mut ev) = client(&s, "subscriber");
+        until(&mut ev, |p| matches!(p, Packet::ConnAck(_))).await?;
+        c.subscribe("alerts/#", QoS::AtMostOnce).await?;
+        c.subscribe("devices/+/commands", QoS::AtMostOnce).await?;
+        let first = until(&mut ev, |p| matches!(p, Packet::SubAck(_))).await?;
+        let second = until(&mut ev, |p| matches!(p, Packet::SubAck(_))).await?;
+        assert!(
+            matches!(first, Packet::SubAck(a) if a.return_codes == vec![SubscribeReasonCode::Success(QoS::AtMostOnce)])
+        );
+        assert!(matches!(second, Packet::SubAck(a) if a.return_codes == vec![SubscribeReasonCode::Failure]));
+
+        // Connections: a second connection from the same address is refused at CONNECT.
+        let (_c2, mut ev2) = client(&s, "second");
+        let refused = tokio::time::timeout(crate::harness::TIMEOUT, async {
+            loop {
+                match ev2.poll().await {
+                    Err(ConnectionError::ConnectionRefused(code)) => return Some(code),
+                    Err(_) => return None,
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await?;
+        assert_eq!(refused, Some(ConnectReturnCode::ServiceUnavailable));
+        anyhow::Ok(())
+    })?;
+    assert_eq!(s.metric("ferrite_mqtt_refused_total{reason=\"subscriptions\"}")?, 1);
+    assert_eq!(s.metric("ferrite_mqtt_refused_total{reason=\"connections_per_ip\"}")?, 1);
+    assert_eq!(post("a", json!({"device_id": "d", "v": 5}))?.0, 200, "the server goes on");
+    Ok(())
+}
