@@ -4,6 +4,9 @@
 //! The point of owning the listener: a QoS 1 PUBLISH on a telemetry topic is acknowledged
 //! (PUBACK) only after its events are committed to the write-ahead log, and a QoS 2
 //! PUBLISH gets its PUBREC only then. QoS 0 is queued to the engine and never acknowledged.
+//! The QoS 0 and QoS 1 telemetry of one socket read is decoded as one batch per device and
+//! stream (one decode job, one commit wait for many messages); QoS 1 PUBACKs still go out
+//! one per message, in the order the PUBLISHes came in.
 //!
 //! ```text
 //! socket ─▶ read loop ─▶ PUBLISH devices/{id}/telemetry[/{stream}] ─▶ Ingestor (decode, WAL)
@@ -265,6 +268,8 @@ enum AckOutcome {
     Nothing,
     /// Send this packet.
     Send(Packet),
+    /// Send these packets, in order (the PUBACKs of QoS 1 messages committed together).
+    SendMany(Vec<Packet>),
     /// A QoS 2 message was taken: record its packet id, then send PUBREC.
     Qos2Taken(u16),
     /// A retransmission of a QoS 2 message that was in flight: PUBREC if the first copy
@@ -275,6 +280,30 @@ enum AckOutcome {
 }
 
 type AckFuture = Pin<Box<dyn Future<Output = AckOutcome> + Send>>;
+
+/// Telemetry of one socket read, decoded as one batch per device and stream: QoS 0
+/// messages, and QoS 1 messages not yet handed over with their packet ids in arrival order.
+/// A QoS 1 group is handed over (one ingest, one commit wait, its PUBACKs in order) before
+/// any other acknowledgement is queued, so PUBACKs keep the order of the PUBLISHes.
+#[derive(Default)]
+struct Gathered {
+    qos0: Vec<(String, StreamName, Vec<bytes::Bytes>)>,
+    qos1: Vec<(String, StreamName, Vec<bytes::Bytes>)>,
+    qos1_ids: Vec<u16>,
+}
+
+/// Adds a payload to the group of its device and stream.
+fn gather(
+    groups: &mut Vec<(String, StreamName, Vec<bytes::Bytes>)>,
+    device: String,
+    stream: StreamName,
+    payload: bytes::Bytes,
+) {
+    match groups.iter_mut().find(|(d, s, _)| *d == device && *s == stream) {
+        Some((_, _, list)) => list.push(payload),
+        None => groups.push((device, stream, vec![payload])),
+    }
+}
 
 /// QoS 2 packet ids: taken (committed, awaiting PUBREL) and in flight (commit pending).
 #[derive(Default)]
@@ -382,12 +411,12 @@ impl Session {
             loop {
                 // Handle every complete packet already buffered; QoS 0 telemetry from this
                 // read is gathered per device and stream and decoded as one batch each.
-                let mut qos0: Vec<(String, StreamName, Vec<bytes::Bytes>)> = Vec::new();
+                let mut gathered = Gathered::default();
                 let mut disconnected = false;
                 loop {
                     match Packet::read(&mut buf, MAX_PACKET_BYTES) {
                         Ok(p) => {
-                            if self.handle(p, &out_tx, &mut pending, &mut qos2, &mut clean, &mut qos0).await? {
+                            if self.handle(p, &out_tx, &mut pending, &mut qos2, &mut clean, &mut gathered).await? {
                                 disconnected = true;
                                 break;
                             }
@@ -396,7 +425,8 @@ impl Session {
                         Err(e) => return Err(SessionError::Protocol(e.to_string())),
                     }
                 }
-                for (device, stream, payloads) in qos0.drain(..) {
+                self.hand_over_qos1(&mut gathered, &mut pending);
+                for (device, stream, payloads) in gathered.qos0.drain(..) {
                     let ingestor = self.ingestor.clone();
                     let payload = Payload::JsonMany { stream, device, payloads };
                     pending.push_back(Box::pin(async move {
@@ -426,12 +456,13 @@ impl Session {
                     }
                     Some(outcome) = pending.next(), if !pending.is_empty() => {
                         match settle(outcome, &mut qos2) {
-                            Ok(Some(p)) => {
-                                if out_tx.send(p).await.is_err() {
-                                    return Ok(());
+                            Ok(packets) => {
+                                for p in packets {
+                                    if out_tx.send(p).await.is_err() {
+                                        return Ok(());
+                                    }
                                 }
                             }
-                            Ok(None) => {}
                             Err(reason) => {
                                 self.metrics.inc("ferrite_mqtt_withheld_acks_total", &[], 1);
                                 return Err(SessionError::Withheld(reason));
@@ -446,7 +477,7 @@ impl Session {
 
         // Deliver the acknowledgements already earned before closing.
         while let Some(outcome) = pending.next().await {
-            if let Ok(Some(p)) = settle(outcome, &mut qos2) {
+            for p in settle(outcome, &mut qos2).unwrap_or_default() {
                 let _ = out_tx.send(p).await;
             }
         }
@@ -470,8 +501,15 @@ impl Session {
         pending: &mut FuturesOrdered<AckFuture>,
         qos2: &mut Qos2State,
         clean: &mut bool,
-        qos0: &mut Vec<(String, StreamName, Vec<bytes::Bytes>)>,
+        gathered: &mut Gathered,
     ) -> Result<bool, SessionError> {
+        // Anything that queues an acknowledgement of its own first hands over the QoS 1
+        // messages before it, so that acknowledgements keep arrival order.
+        let joins_a_group = matches!(&packet, Packet::Publish(p)
+            if p.qos == QoS::AtMostOnce || (p.qos == QoS::AtLeastOnce && parse_telemetry_topic(&p.topic).is_some()));
+        if !joins_a_group {
+            self.hand_over_qos1(gathered, pending);
+        }
         match packet {
             Packet::Publish(p) => {
                 let qos_label = match p.qos {
@@ -512,6 +550,7 @@ impl Session {
                             (Ok(s), Ok(())) => (s, t.device.to_owned()),
                             (Err(e), _) | (_, Err(e)) => {
                                 self.reject(&p.topic, "invalid_topic", &e.to_string());
+                                self.hand_over_qos1(gathered, pending);
                                 pending.push_back(Box::pin(async move { ack() }));
                                 return Ok(false);
                             }
@@ -522,10 +561,20 @@ impl Session {
                                 self.reject(&p.topic, "payload_too_large", &msg);
                                 return Ok(false);
                             }
-                            match qos0.iter_mut().find(|(d, s, _)| *d == device && *s == stream) {
-                                Some((_, _, list)) => list.push(p.payload),
-                                None => qos0.push((device, stream, vec![p.payload])),
+                            gather(&mut gathered.qos0, device, stream, p.payload);
+                            return Ok(false);
+                        }
+                        if p.qos == QoS::AtLeastOnce {
+                            if p.payload.len() > self.ingestor.max_payload_bytes() {
+                                let msg = format!("payload of {} bytes exceeds the limit", p.payload.len());
+                                self.reject(&p.topic, "payload_too_large", &msg);
+                                // Acknowledged anyway (or it would come back forever), in order.
+                                self.hand_over_qos1(gathered, pending);
+                                pending.push_back(Box::pin(async move { ack() }));
+                                return Ok(false);
                             }
+                            gather(&mut gathered.qos1, device, stream, p.payload);
+                            gathered.qos1_ids.push(pkid);
                             return Ok(false);
                         }
                         let durability = Durability::Committed;
@@ -623,6 +672,48 @@ impl Session {
         Ok(false)
     }
 
+    /// Queues the gathered QoS 1 messages as one ingest per device and stream; their
+    /// PUBACKs go out together, in arrival order, once every group is committed, or are all
+    /// withheld (and the session closed) if any is not.
+    fn hand_over_qos1(&self, gathered: &mut Gathered, pending: &mut FuturesOrdered<AckFuture>) {
+        if gathered.qos1_ids.is_empty() {
+            return;
+        }
+        let groups = std::mem::take(&mut gathered.qos1);
+        let ids = std::mem::take(&mut gathered.qos1_ids);
+        let ingestor = self.ingestor.clone();
+        pending.push_back(Box::pin(async move {
+            let ingests = groups.into_iter().map(|(device, stream, payloads)| {
+                let ingestor = ingestor.clone();
+                async move {
+                    let payload = Payload::JsonMany { stream, device, payloads };
+                    ingestor.ingest(Transport::Mqtt, payload, bytes::Bytes::new(), Durability::Committed).await
+                }
+            });
+            for outcome in futures_util::future::join_all(ingests).await {
+                match outcome {
+                    Ok(report) => {
+                        for r in &report.rejections {
+                            tracing::warn!(reason = r.reason, "mqtt event rejected: {}", r.message);
+                        }
+                    }
+                    Err(
+                        e @ (crate::Error::Commit(_)
+                        | crate::Error::Overloaded { .. }
+                        | crate::Error::ShuttingDown
+                        | crate::Error::Engine(_)),
+                    ) => {
+                        tracing::error!(error = %e, "mqtt events not committed; withholding the acknowledgements and closing the session");
+                        return AckOutcome::Withhold(e.to_string());
+                    }
+                    // The payloads themselves are bad: acknowledge, or they come back forever.
+                    Err(e) => tracing::warn!(error = %e, "mqtt payloads rejected"),
+                }
+            }
+            AckOutcome::SendMany(ids.into_iter().map(|id| Packet::PubAck(PubAck::new(id))).collect())
+        }));
+    }
+
     fn reject(&self, topic: &str, reason: &'static str, message: &str) {
         self.metrics.inc("ferrite_rejected_events_total", &[("transport", "mqtt"), ("reason", reason)], 1);
         tracing::warn!(topic, reason, "mqtt message rejected: {message}");
@@ -631,20 +722,23 @@ impl Session {
 
 /// Applies an acknowledgement's outcome to the QoS 2 state; the packet to send, if any, or
 /// the reason the acknowledgement is withheld.
-fn settle(outcome: AckOutcome, qos2: &mut Qos2State) -> Result<Option<Packet>, String> {
+fn settle(outcome: AckOutcome, qos2: &mut Qos2State) -> Result<Vec<Packet>, String> {
     match outcome {
-        AckOutcome::Nothing => Ok(None),
+        AckOutcome::Nothing => Ok(Vec::new()),
         AckOutcome::Send(Packet::PubComp(c)) => {
             qos2.taken.remove(&c.pkid);
-            Ok(Some(Packet::PubComp(c)))
+            Ok(vec![Packet::PubComp(c)])
         }
-        AckOutcome::Send(p) => Ok(Some(p)),
+        AckOutcome::Send(p) => Ok(vec![p]),
+        AckOutcome::SendMany(packets) => Ok(packets),
         AckOutcome::Qos2Taken(pkid) => {
             qos2.in_flight.remove(&pkid);
             qos2.taken.insert(pkid);
-            Ok(Some(Packet::PubRec(PubRec::new(pkid))))
+            Ok(vec![Packet::PubRec(PubRec::new(pkid))])
         }
-        AckOutcome::Qos2Duplicate(pkid) => Ok(qos2.taken.contains(&pkid).then(|| Packet::PubRec(PubRec::new(pkid)))),
+        AckOutcome::Qos2Duplicate(pkid) => {
+            Ok(qos2.taken.contains(&pkid).then(|| Packet::PubRec(PubRec::new(pkid))).into_iter().collect())
+        }
         AckOutcome::Withhold(reason) => Err(reason),
     }
 }

@@ -191,3 +191,38 @@ async fn an_overloaded_node_withholds_the_puback() -> anyhow::Result<()> {
     assert_eq!(*s.store.rows.lock(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_acks_keep_arrival_order_when_gathered_into_one_commit() -> anyhow::Result<()> {
+    let s = server().await?;
+    let mut c = Client::connect(s.addr).await?;
+    // One write: 20 telemetry messages, a ping, a message on another topic, 20 more.
+    let mut out = BytesMut::new();
+    let publish = |pkid: u16, topic: &str| {
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, br#"{"v": 1}"#.to_vec());
+        p.pkid = pkid;
+        Packet::Publish(p)
+    };
+    for pkid in 1..=20 {
+        publish(pkid, "devices/d1/telemetry").write(&mut out, 1 << 20)?;
+    }
+    Packet::PingReq.write(&mut out, 1 << 20)?;
+    publish(21, "devices/d1/status").write(&mut out, 1 << 20)?;
+    for pkid in 22..=41 {
+        publish(pkid, if pkid % 2 == 0 { "devices/d1/telemetry" } else { "devices/d2/telemetry/power" })
+            .write(&mut out, 1 << 20)?;
+    }
+    c.stream.write_all(&out).await?;
+    let mut seen = Vec::new();
+    while seen.len() < 42 {
+        match c.recv().await? {
+            Some(Packet::PubAck(a)) => seen.push(i32::from(a.pkid)),
+            Some(Packet::PingResp) => seen.push(0),
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    let want: Vec<i32> = (1..=20).chain([0]).chain(21..=41).collect();
+    assert_eq!(seen, want, "PUBACKs (and the PINGRESP, as 0) in the order of the packets");
+    assert_eq!(*s.store.rows.lock(), 40, "every telemetry message committed once");
+    Ok(())
+}
