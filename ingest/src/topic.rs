@@ -192,28 +192,36 @@ impl<V> TopicTrie<V> {
         removed
     }
 
-    /// Calls `visit` with every value whose filter matches `topic`.
+    /// Calls `visit` with every value whose filter matches `topic`. Allocates nothing:
+    /// the topic's levels are walked with a cloned iterator per branch.
     pub fn for_each_match(&self, topic: &str, mut visit: impl FnMut(&V)) {
-        let levels: Vec<&str> = topic.split('/').collect();
+        if self.len == 0 {
+            return;
+        }
         // Wildcards at the first level do not match `$` topics.
         let system = topic.starts_with('$');
-        match_in(&self.root, &levels, system, &mut visit);
+        match_in(&self.root, topic.split('/'), system, &mut visit);
     }
 }
 
-fn match_in<V>(node: &Node<V>, levels: &[&str], first_is_system: bool, visit: &mut impl FnMut(&V)) {
+fn match_in<'t, V>(
+    node: &Node<V>,
+    mut levels: std::str::Split<'t, char>,
+    first_is_system: bool,
+    visit: &mut impl FnMut(&V),
+) {
     if !first_is_system {
         node.hash.iter().for_each(&mut *visit);
     }
-    let Some((level, rest)) = levels.split_first() else {
+    let Some(level) = levels.next() else {
         node.here.iter().for_each(visit);
         return;
     };
-    if let Some(n) = node.exact.get(*level) {
-        match_in(n, rest, false, visit);
+    if let Some(n) = node.exact.get(level) {
+        match_in(n, levels.clone(), false, visit);
     }
     if !first_is_system && let Some(n) = &node.plus {
-        match_in(n, rest, false, visit);
+        match_in(n, levels, false, visit);
     }
 }
 
