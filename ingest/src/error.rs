@@ -73,6 +73,14 @@ impl Error {
         }
     }
 
+    /// Whether the events were not made durable for a reason other than the payload itself
+    /// (the disk, an overload, a shutdown): the transport must not acknowledge them, and the
+    /// client's retry may succeed. A bad payload is the client's fault and is acknowledged
+    /// over MQTT, or it would be resent forever.
+    pub fn is_not_durable(&self) -> bool {
+        self.class() != ErrorClass::User
+    }
+
     /// A short machine-readable code for the API.
     pub fn code(&self) -> &'static str {
         match self {

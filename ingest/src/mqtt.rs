@@ -589,12 +589,7 @@ impl Session {
                                     }
                                     ack()
                                 }
-                                Err(
-                                    e @ (crate::Error::Commit(_)
-                                    | crate::Error::Overloaded { .. }
-                                    | crate::Error::ShuttingDown
-                                    | crate::Error::Engine(_)),
-                                ) => {
+                                Err(e) if e.is_not_durable() => {
                                     // Not durable: withhold the acknowledgement so the client resends.
                                     tracing::error!(topic = %topic, error = %e, "mqtt events not committed; withholding the acknowledgement and closing the session");
                                     AckOutcome::Withhold(e.to_string())
@@ -697,12 +692,7 @@ impl Session {
                             tracing::warn!(reason = r.reason, "mqtt event rejected: {}", r.message);
                         }
                     }
-                    Err(
-                        e @ (crate::Error::Commit(_)
-                        | crate::Error::Overloaded { .. }
-                        | crate::Error::ShuttingDown
-                        | crate::Error::Engine(_)),
-                    ) => {
+                    Err(e) if e.is_not_durable() => {
                         tracing::error!(error = %e, "mqtt events not committed; withholding the acknowledgements and closing the session");
                         return AckOutcome::Withhold(e.to_string());
                     }

@@ -41,6 +41,7 @@ struct Server {
     store: Arc<FlakyStore>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    catalog: Arc<StreamCatalog>,
     _stop: watch::Sender<bool>,
 }
 
@@ -56,13 +57,13 @@ async fn server() -> anyhow::Result<Server> {
         overload_wait: Duration::from_millis(50),
         ..IngestConfig::default()
     };
-    let ingestor = Ingestor::start(config, catalog, engine, metrics.clone(), Arc::new(SystemClock))?;
+    let ingestor = Ingestor::start(config, catalog.clone(), engine, metrics.clone(), Arc::new(SystemClock))?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, rx) = watch::channel(false);
     let limits = mqtt::MqttLimits::default();
     tokio::spawn(mqtt::serve(listener, ingestor, Arc::new(Broker::default()), metrics.clone(), limits, rx));
-    Ok(Server { addr, store, health, metrics, _stop: stop })
+    Ok(Server { addr, store, health, metrics, catalog, _stop: stop })
 }
 
 /// A bare MQTT 3.1.1 client that sends exactly what a test says, retransmissions included.
@@ -224,5 +225,23 @@ async fn qos1_acks_keep_arrival_order_when_gathered_into_one_commit() -> anyhow:
     let want: Vec<i32> = (1..=20).chain([0]).chain(21..=41).collect();
     assert_eq!(seen, want, "PUBACKs (and the PINGRESP, as 0) in the order of the packets");
     assert_eq!(*s.store.rows.lock(), 40, "every telemetry message committed once");
+    Ok(())
+}
+
+/// Regression: a payload refused for the client's own fault (here: a stream past the
+/// server's limit) had its PUBACK withheld, so the client would resend it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_refused_for_its_own_fault_is_acknowledged() -> anyhow::Result<()> {
+    let s = server().await?;
+    s.catalog.set_limits(ferrite_engine::CatalogLimits { max_streams: 0, max_fields_per_stream: 10 });
+    let mut c = Client::connect(s.addr).await?;
+    c.publish(QoS::AtLeastOnce, 5, false).await?;
+    assert!(matches!(c.recv().await?, Some(Packet::PubAck(a)) if a.pkid == 5), "acknowledged, not withheld");
+    assert_eq!(*s.store.rows.lock(), 0);
+    assert_eq!(
+        s.metrics
+            .counter_value("ferrite_rejected_events_total", &[("transport", "mqtt"), ("reason", "too_many_streams")]),
+        1
+    );
     Ok(())
 }
