@@ -255,14 +255,24 @@ struct Decoder {
     max_hours: usize,
 }
 
-/// Distinct event-time hours of `batches`, counting no further than `limit + 1`.
-fn distinct_hours(batches: &[StreamBatch], limit: usize) -> usize {
+/// Distinct event-time hours of `batches` when they are more than `limit` (counting no
+/// further than `limit + 1`); `None` when within it. The usual payload spans an hour or two,
+/// which the min and max kernels settle without looking at rows one by one.
+fn hours_over_limit(batches: &[StreamBatch], limit: usize) -> Option<usize> {
     const NS_PER_HOUR: i64 = 3_600_000_000_000;
+    let times = || {
+        batches
+            .iter()
+            .filter_map(|b| b.batch.column(0).as_any().downcast_ref::<arrow::array::TimestampNanosecondArray>())
+    };
+    let lo = times().filter_map(arrow::compute::min).min()?;
+    let hi = times().filter_map(arrow::compute::max).max()?;
+    let span = hi.div_euclid(NS_PER_HOUR) - lo.div_euclid(NS_PER_HOUR) + 1;
+    if span <= limit as i64 {
+        return None;
+    }
     let mut hours = ahash::AHashSet::new();
-    for b in batches {
-        let Some(t) = b.batch.column(0).as_any().downcast_ref::<arrow::array::TimestampNanosecondArray>() else {
-            continue;
-        };
+    for t in times() {
         let mut last = None;
         for v in t.values().iter() {
             let h = v.div_euclid(NS_PER_HOUR);
@@ -270,12 +280,12 @@ fn distinct_hours(batches: &[StreamBatch], limit: usize) -> usize {
                 last = Some(h);
                 hours.insert(h);
                 if hours.len() > limit {
-                    return hours.len();
+                    return Some(hours.len());
                 }
             }
         }
     }
-    hours.len()
+    None
 }
 
 impl Decoder {
@@ -349,8 +359,7 @@ impl Decoder {
                 return Err(e);
             }
         };
-        let hours = distinct_hours(&batches, self.max_hours);
-        if hours > self.max_hours {
+        if let Some(hours) = hours_over_limit(&batches, self.max_hours) {
             let rows: usize = batches.iter().map(StreamBatch::num_rows).sum();
             self.metrics.inc(
                 "ferrite_rejected_events_total",

@@ -529,12 +529,15 @@ impl Storage {
         Ok(out)
     }
 
-    /// Writes `bytes` to `root/rel` durably: temporary file, fsync, rename, fsync of every
-    /// directory from the file's up to the root (new partition directories included).
+    /// Writes `bytes` to `root/rel` durably: temporary file, fsync, rename, then fsync of
+    /// the file's directory and of each directory this call created, up to the first that
+    /// already existed (whose new entry must be durable too).
     fn write_local(&self, root: &Path, rel: &str, bytes: &[u8]) -> Result<()> {
         use std::io::Write;
         let path = root.join(rel);
         let dir = path.parent().unwrap_or(root).to_owned();
+        // The deepest directory that exists before this write: syncing stops there.
+        let existing = dir.ancestors().find(|d| d.is_dir()).unwrap_or(root).to_owned();
         std::fs::create_dir_all(&dir).map_err(io("create archive dir", &dir))?;
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file.parquet");
         let tmp = dir.join(format!(".{name}.tmp"));
@@ -549,18 +552,16 @@ impl Storage {
         #[cfg(test)]
         self.test.events.lock().push(format!("sync file {rel}"));
         std::fs::rename(&tmp, &path).map_err(io("rename parquet", &path))?;
-        let mut d = Some(dir.as_path());
-        while let Some(current) = d {
+        for current in dir.ancestors() {
             std::fs::File::open(current).and_then(|f| f.sync_all()).map_err(io("sync archive dir", current))?;
             #[cfg(test)]
             self.test
                 .events
                 .lock()
                 .push(format!("sync dir {}", current.strip_prefix(root).unwrap_or(current).display()));
-            if current == root {
+            if current == existing || current == root {
                 break;
             }
-            d = current.parent();
         }
         Ok(())
     }

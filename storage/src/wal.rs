@@ -293,6 +293,19 @@ impl WalWriter {
     }
 
     fn write_group(&mut self) -> Result<()> {
+        let len = self.buf.len();
+        #[cfg(test)]
+        let (len, injected) = match self.faults.first().copied() {
+            Some(Fault::PartialWrite(n)) => {
+                self.faults.remove(0);
+                (n.min(len), Some("injected: no space left on device"))
+            }
+            Some(Fault::Sync) => {
+                self.faults.remove(0);
+                (len, Some("injected: input/output error"))
+            }
+            _ => (len, None),
+        };
         let (Some(f), Some(seg)) = (self.file.as_mut(), self.current.as_ref()) else {
             return Err(Error::Io {
                 op: "append wal",
@@ -300,24 +313,12 @@ impl WalWriter {
                 source: std::io::Error::other("no segment"),
             });
         };
-        #[cfg(test)]
-        match self.faults.first().copied() {
-            Some(Fault::PartialWrite(n)) => {
-                self.faults.remove(0);
-                f.seek(SeekFrom::Start(self.len)).map_err(io("append wal", &seg.path))?;
-                f.write_all(&self.buf[..n.min(self.buf.len())]).map_err(io("append wal", &seg.path))?;
-                return Err(io("append wal", &seg.path)(std::io::Error::other("injected: no space left on device")));
-            }
-            Some(Fault::Sync) => {
-                self.faults.remove(0);
-                f.seek(SeekFrom::Start(self.len)).map_err(io("append wal", &seg.path))?;
-                f.write_all(&self.buf).map_err(io("append wal", &seg.path))?;
-                return Err(io("fsync wal", &seg.path)(std::io::Error::other("injected: input/output error")));
-            }
-            _ => {}
-        }
         f.seek(SeekFrom::Start(self.len)).map_err(io("append wal", &seg.path))?;
-        f.write_all(&self.buf).map_err(io("append wal", &seg.path))?;
+        f.write_all(&self.buf[..len]).map_err(io("append wal", &seg.path))?;
+        #[cfg(test)]
+        if let Some(what) = injected {
+            return Err(io("append wal", &seg.path)(std::io::Error::other(what)));
+        }
         f.sync_data().map_err(io("fsync wal", &seg.path))
     }
 
@@ -354,13 +355,13 @@ impl WalWriter {
     /// Closes the current segment; the next append starts a new one. Returns the last
     /// sequence number written so far (`next_seq - 1`).
     pub fn rotate(&mut self) -> u64 {
-        if self.dirty && self.truncate_to_last_good().is_err() {
-            // Keep the segment open so that the next append retries the truncation.
-            self.epoch += 1;
-            return self.next_seq.saturating_sub(1);
+        // A segment whose failed append could not be cut off yet stays open, so that the
+        // next append retries the truncation before writing.
+        let keep_open = self.dirty && self.truncate_to_last_good().is_err();
+        if !keep_open {
+            self.file = None;
+            self.current = None;
         }
-        self.file = None;
-        self.current = None;
         self.epoch += 1;
         self.next_seq.saturating_sub(1)
     }
