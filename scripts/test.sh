@@ -24,6 +24,35 @@ if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
 fi
 
+# A real PostgreSQL for the identity store's tests: the distribution's server, started as
+# an unprivileged user in a temporary directory on a free port, stopped on exit.
+find_pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
+if [ -z "$(find_pg_bin)" ] && ! command -v initdb >/dev/null 2>&1; then
+    log "installing postgresql"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null || true
+fi
+PG_BIN="$(find_pg_bin)"
+if [ -n "$PG_BIN" ] || command -v initdb >/dev/null 2>&1; then
+    INITDB="${PG_BIN:+$PG_BIN/}initdb"; PG_CTL="${PG_BIN:+$PG_BIN/}pg_ctl"
+    PG_DIR="$(mktemp -d /tmp/ferrite-pg.XXXXXX)"
+    PG_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    if [ "$(id -u)" = 0 ]; then
+        id ferrite-pg >/dev/null 2>&1 || useradd --system --no-create-home ferrite-pg 2>/dev/null || true
+        chown ferrite-pg "$PG_DIR"; AS="runuser -u ferrite-pg --"
+    else
+        AS=""
+    fi
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT ($PG_DIR)"
+    $AS "$INITDB" -D "$PG_DIR/data" -U ferrite --auth=trust >/dev/null
+    $AS "$PG_CTL" -D "$PG_DIR/data" -l "$PG_DIR/log" -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1" -w start >/dev/null
+    trap '$AS "$PG_CTL" -D "$PG_DIR/data" -m fast stop >/dev/null 2>&1 || true; rm -rf "$PG_DIR"' EXIT
+    export FERRITE_TEST_POSTGRES_URL="postgres://ferrite@127.0.0.1:$PG_PORT/postgres"
+else
+    log "PostgreSQL cannot be installed here: the identity store's PostgreSQL test will say it skipped"
+fi
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -65,6 +65,18 @@ pub struct Config {
     pub rules_table_dir: PathBuf,
     /// Hosts (`host` or `host:port`) rule webhooks may call; empty: none.
     pub webhook_allow_hosts: Vec<String>,
+    /// `on` (tokens and policies at every door) or `off` (tests and demos only: every
+    /// request is allowed).
+    pub auth: String,
+    /// Where `*.cedar` policy files are read from (watched; a broken edit is refused).
+    pub policies_dir: PathBuf,
+    /// A `postgres://` URL for the identity store; empty: embedded SQLite in the data directory.
+    pub identity_store_url: String,
+    /// The `iss` of Ferrite's tokens; empty: `http://localhost:{http port}`, fixed at first start.
+    pub issuer: String,
+    /// Lifetime of access tokens from the token endpoint.
+    #[serde(with = "humantime_serde_compat")]
+    pub access_token_ttl: Duration,
 }
 
 impl Default for Config {
@@ -93,6 +105,11 @@ impl Default for Config {
             sql_max_result: 64 * 1024 * 1024,
             rules_table_dir: PathBuf::new(),
             webhook_allow_hosts: Vec::new(),
+            auth: "on".to_owned(),
+            policies_dir: PathBuf::from("./policies"),
+            identity_store_url: String::new(),
+            issuer: String::new(),
+            access_token_ttl: Duration::from_secs(15 * 60),
         }
     }
 }

@@ -2,7 +2,10 @@
 //! own lives here; see the crates' docs for what each part does.
 
 mod actions;
+mod client;
 mod config;
+mod identity;
+mod identity_cmd;
 mod rules_cmd;
 mod serve;
 mod sql;
@@ -29,6 +32,14 @@ enum Command {
     Sql(sql::SqlArgs),
     /// Check and test rule files.
     Rules(rules_cmd::RulesArgs),
+    /// Create, list and revoke API tokens; rotate the signing key.
+    Token(identity_cmd::TokenArgs),
+    /// Manage users of the embedded directory.
+    User(identity_cmd::UserArgs),
+    /// Manage clients of the token endpoint (services and devices).
+    Client(identity_cmd::ClientArgs),
+    /// Check what the policies decide.
+    Policy(identity_cmd::PolicyArgs),
 }
 
 /// Flags of `ferrite serve`; each overrides `ferrite.toml` and has a `FERRITE_*` variable.
@@ -106,6 +117,21 @@ pub struct ServeArgs {
     /// Hosts rule webhooks may call, comma-separated (`host` or `host:port`).
     #[arg(long, env = "FERRITE_WEBHOOK_ALLOW_HOSTS", value_delimiter = ',')]
     webhook_allow_hosts: Option<Vec<String>>,
+    /// `on` (default) or `off`: with `off` every request is allowed (tests and demos only).
+    #[arg(long, env = "FERRITE_AUTH")]
+    auth: Option<String>,
+    /// Policy directory (`*.cedar`, hot-reloaded).
+    #[arg(long, env = "FERRITE_POLICIES_DIR")]
+    policies_dir: Option<PathBuf>,
+    /// PostgreSQL URL for the identity store (default: embedded SQLite).
+    #[arg(long, env = "FERRITE_IDENTITY_STORE_URL")]
+    identity_store_url: Option<String>,
+    /// Issuer (`iss`) of Ferrite's tokens.
+    #[arg(long, env = "FERRITE_ISSUER")]
+    issuer: Option<String>,
+    /// Lifetime of access tokens (e.g. 15m).
+    #[arg(long, env = "FERRITE_ACCESS_TOKEN_TTL")]
+    access_token_ttl: Option<String>,
 }
 
 impl ServeArgs {
@@ -177,6 +203,21 @@ impl ServeArgs {
         if let Some(v) = self.rules_table_dir {
             c.rules_table_dir = v;
         }
+        if let Some(v) = self.auth {
+            c.auth = v;
+        }
+        if let Some(v) = self.policies_dir {
+            c.policies_dir = v;
+        }
+        if let Some(v) = self.identity_store_url {
+            c.identity_store_url = v;
+        }
+        if let Some(v) = self.issuer {
+            c.issuer = v;
+        }
+        if let Some(v) = self.access_token_ttl {
+            c.access_token_ttl = config::parse_duration(&v)?;
+        }
         if let Some(v) = self.webhook_allow_hosts {
             c.webhook_allow_hosts = v.into_iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
         }
@@ -190,6 +231,14 @@ fn main() -> ExitCode {
         Command::Serve(args) => args.into_config().and_then(serve::run),
         Command::Sql(args) => sql::run(args),
         Command::Rules(args) => rules_cmd::run(args),
+        Command::Token(args) => identity_cmd::token(args),
+        Command::User(args) => identity_cmd::user(args),
+        Command::Client(args) => identity_cmd::client(args),
+        Command::Policy(args) => match identity_cmd::policy(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(2),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -48,6 +48,8 @@ struct ExplainArgs {
     /// Base URL of the server.
     #[arg(long, env = "FERRITE_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
+    #[command(flatten)]
+    auth: crate::client::AuthArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -67,6 +69,8 @@ struct ReplayArgs {
     /// (e.g. `replay_alerts`), instead of printing them.
     #[arg(long)]
     write_prefix: Option<String>,
+    #[command(flatten)]
+    auth: crate::client::AuthArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -307,13 +311,30 @@ fn run_case(case: &Case, update: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A JSON value printed with its object keys sorted, so that diffs line up whatever order
+/// the rows were built in.
+fn sorted_keys(v: &serde_json::Value) -> String {
+    fn sort(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut keys: Vec<_> = m.keys().collect();
+                keys.sort();
+                serde_json::Value::Object(keys.into_iter().map(|k| (k.clone(), sort(&m[k]))).collect())
+            }
+            serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(sort).collect()),
+            other => other.clone(),
+        }
+    }
+    sort(v).to_string()
+}
+
 fn diff(expected: &[serde_json::Value], got: &[serde_json::Value]) -> String {
     let mut out = String::new();
     for e in expected.iter().filter(|e| !got.contains(e)) {
-        out.push_str(&format!("  - {e}\n"));
+        out.push_str(&format!("  - {}\n", sorted_keys(e)));
     }
     for g in got.iter().filter(|g| !expected.contains(g)) {
-        out.push_str(&format!("  + {g}\n"));
+        out.push_str(&format!("  + {}\n", sorted_keys(g)));
     }
     if out.is_empty() {
         out.push_str("  (same rows, different order or multiplicity)\n");
@@ -335,7 +356,8 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let base = args.server.trim_end_matches('/').to_owned();
     let agent = agent();
     let catalog = Arc::new(StreamCatalog::in_memory());
-    let events = fetch_history(&agent, &base, &inputs, &args.from, &args.to, None, &catalog)?;
+    let auth = args.auth.header()?;
+    let events = fetch_history(&agent, &base, &auth, &inputs, &args.from, &args.to, None, &catalog)?;
     let total: usize = events.iter().map(StreamBatch::num_rows).sum();
     eprintln!("replaying {total} events of {} from {} to {}", inputs.join(", "), args.from, args.to);
     // The replay itself, in slices so that progress can be shown.
@@ -378,6 +400,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
                     let body = serde_json::Value::Array(chunk.to_vec()).to_string();
                     let mut resp = agent
                         .post(&format!("{base}/api/v1/streams/{stream}/events"))
+                        .header("Authorization", &auth)
                         .header("Content-Type", "application/json")
                         .send(body.as_bytes())?;
                     if !resp.status().is_success() {
@@ -427,9 +450,11 @@ fn agent() -> ureq::Agent {
 
 /// Reads `streams` over [from, to) (and of one device, if given) from the server as Arrow,
 /// learning their schemas into `catalog`; returns the rows in time order.
+#[allow(clippy::too_many_arguments)]
 fn fetch_history(
     agent: &ureq::Agent,
     base: &str,
+    auth: &str,
     streams: &[String],
     from: &str,
     to: &str,
@@ -448,6 +473,7 @@ fn fetch_history(
             format!("SELECT * FROM \"{stream}\" WHERE time >= '{from}' AND time < '{to}'{device_filter} ORDER BY time");
         let mut resp = agent
             .post(&format!("{base}/api/v1/sql"))
+            .header("Authorization", auth)
             .header("Content-Type", "application/json")
             .header("Accept", "application/vnd.apache.arrow.stream")
             .send(serde_json::json!({ "sql": sql }).to_string().as_bytes())
@@ -526,8 +552,10 @@ fn explain(args: ExplainArgs) -> anyhow::Result<()> {
 
     let agent = agent();
     let base = args.server.trim_end_matches('/').to_owned();
+    let auth = args.auth.header()?;
     let mut resp = agent
         .get(&format!("{base}/api/v1/rules/{}", args.rule))
+        .header("Authorization", &auth)
         .call()
         .with_context(|| format!("cannot reach the Ferrite server at {base} (set --server)"))?;
     let body = resp.body_mut().read_to_string()?;
@@ -551,7 +579,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<()> {
         .map_err(|ds| anyhow::anyhow!("{}", Error::Invalid(ds).render(&args.rule, &text)))?;
     let rule = file.rules.first().context("no rule in the deployed text")?.clone();
     let catalog = Arc::new(StreamCatalog::in_memory());
-    let events = fetch_history(&agent, &base, &inputs, &args.from, &args.to, Some(&args.device), &catalog)?;
+    let events = fetch_history(&agent, &base, &auth, &inputs, &args.from, &args.to, Some(&args.device), &catalog)?;
     println!("rule `{}` for device `{}` from {} to {}", args.rule, args.device, args.from, args.to);
     for stream in &inputs {
         let n: usize = events.iter().filter(|b| b.stream.as_str() == stream).map(StreamBatch::num_rows).sum();

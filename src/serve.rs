@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::Config;
+use crate::identity;
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     let filter =
@@ -113,12 +114,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mqtt_addr = mqtt_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
+    // Identity: the decision point every door asks, and the plugins' context.
+    let (access, plugins) =
+        identity::start(&config, http_addr, &catalog, &engine, &ingestor, &broker, &metrics).await?;
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let mqtt_task = tokio::spawn(mqtt::serve(
         mqtt_listener,
         ingestor.clone(),
         broker,
         metrics.clone(),
+        access.clone(),
         mqtt::MqttLimits {
             max_connections: config.mqtt_max_connections,
             max_connections_per_ip: config.mqtt_max_connections_per_ip,
@@ -128,21 +134,35 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     ));
 
     let metrics_for_route = metrics.clone();
-    let app = Router::new()
+    let mut protected = Router::new()
         .merge(ferrite_ingest::http::router(ingestor.clone()))
         .merge(ferrite_query::http::router(query))
         .merge(ferrite_rules::http::router(ferrite_rules::http::RulesApi { engine: rules, files: Some(rule_files) }))
-        .route("/healthz", get(move || std::future::ready(healthz(&health))))
         .route(
             "/metrics",
-            get(move || {
+            get(move |axum::Extension(caller): axum::Extension<ferrite_engine::Caller>| {
                 let m = metrics_for_route.clone();
-                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
+                async move {
+                    use axum::response::IntoResponse;
+                    let tenant = ferrite_engine::Resource::tenant(ferrite_engine::ids::DEFAULT_TENANT);
+                    match caller.check(ferrite_engine::Action::ReadMetrics, &tenant) {
+                        Ok(()) => ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
+                            .into_response(),
+                        Err(e) => ferrite_plugin::forbidden(&e),
+                    }
+                }
             }),
         );
+    let mut public = Router::new().route("/healthz", get(move || std::future::ready(healthz(&health))));
+    for plugin in &plugins {
+        let routes = plugin.routes();
+        protected = protected.merge(routes.protected);
+        public = public.merge(routes.public);
+    }
+    let app = ferrite_plugin::protect(protected, access.clone()).merge(public);
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, app)
+        axum::serve(http_listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
             .with_graceful_shutdown(async move {
                 let _ = http_stop.changed().await;
             })
@@ -169,6 +189,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server error during shutdown"),
         Err(_) => tracing::warn!("http requests still running after 30s; closing anyway"),
         _ => {}
+    }
+    for plugin in plugins.iter().rev() {
+        plugin.stop().await;
     }
     watch_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     watcher.thread().unpark();

@@ -16,6 +16,8 @@ pub struct SqlArgs {
     /// Output format: table, json or csv.
     #[arg(long, default_value = "table")]
     format: String,
+    #[command(flatten)]
+    auth: crate::client::AuthArgs,
 }
 
 pub fn run(args: SqlArgs) -> anyhow::Result<()> {
@@ -36,6 +38,7 @@ pub fn run(args: SqlArgs) -> anyhow::Result<()> {
         .post(&url)
         .header("Content-Type", "application/json")
         .header("Accept", accept)
+        .header("Authorization", args.auth.header()?)
         .send(body.as_bytes())
         .with_context(|| {
             format!("cannot reach the Ferrite server at {} (is `ferrite serve` running? set --server)", args.server)

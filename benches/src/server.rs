@@ -36,6 +36,9 @@ impl Ferrite {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--log", "warn"])
+            // The load scenarios measure ingest and queries without identity unless a
+            // scenario asks for it (`--auth on`).
+            .args(if extra.contains(&"--auth") { &[][..] } else { &["--auth", "off"][..] })
             .args(extra)
             .stdout(Stdio::piped())
             .spawn()

@@ -10,6 +10,9 @@ pub const MAX_STREAM_NAME: usize = 64;
 /// Maximum length of a device id, in bytes.
 pub const MAX_DEVICE_ID: usize = 128;
 
+/// The tenant everything belongs to until others are made.
+pub const DEFAULT_TENANT: &str = "default";
+
 /// Name of a stream: `[A-Za-z_][A-Za-z0-9_]*`, at most 64 bytes; also its SQL table name.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamName(Arc<str>);

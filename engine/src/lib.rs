@@ -15,6 +15,7 @@
 //! through the traits [`BatchSink`], [`ShardStore`] and [`BatchObserver`].
 
 pub mod ack;
+pub mod auth;
 pub mod batch;
 pub mod catalog;
 pub mod clock;
@@ -22,10 +23,12 @@ pub mod error;
 pub mod health;
 pub mod ids;
 pub mod metrics;
+pub mod plugin;
 pub mod shard;
 pub mod system;
 
 pub use ack::{Ack, AckPart};
+pub use auth::{AccessControl, Action, AllowAll, Caller, Principal, RequestContext, Resource, Transport};
 pub use batch::{DEVICE_COLUMN, StreamBatch, TIME_COLUMN, align_to_schema, time_field_type};
 pub use catalog::{CatalogLimits, FieldType, StreamCatalog, StreamSchema};
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -8,14 +8,15 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::{Extension, Json};
 use bytes::Bytes;
+use ferrite_engine::auth::{Action, Caller, Resource};
 use ferrite_engine::{ErrorClass, StreamName};
 use serde::Deserialize;
 use serde_json::json;
@@ -85,7 +86,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The ingest routes, to merge into the server's router.
+impl From<ferrite_engine::auth::Denied> for ApiError {
+    fn from(e: ferrite_engine::auth::Denied) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+    }
+}
+
+/// The ingest routes, to merge into the server's router behind authentication: every
+/// handler needs the request's [`Caller`] and asks it for `ingest` before it decodes.
 pub fn router(ingestor: Arc<Ingestor>) -> Router {
     Router::new()
         .route("/api/v1/streams/{stream}/events", post(post_events))
@@ -124,12 +132,15 @@ fn rejection_details(report: &IngestReport) -> serde_json::Value {
 
 async fn post_events(
     State(ingestor): State<Arc<Ingestor>>,
+    Extension(caller): Extension<Caller>,
     Path(stream): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let stream = StreamName::new(&stream)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_stream_name", e.to_string()))?;
+    // Streams live in the default tenant until per-tenant catalogs exist.
+    caller.check(Action::Ingest, &Resource::stream(ferrite_engine::ids::DEFAULT_TENANT, stream.as_str()))?;
     let bytes = read_body(&ingestor, body).await?;
     let ndjson = headers
         .get(header::CONTENT_TYPE)
@@ -165,9 +176,13 @@ struct WriteParams {
 
 async fn post_line_protocol(
     State(ingestor): State<Arc<Ingestor>>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<WriteParams>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // A line-protocol body may name any measurement: the caller must be allowed to ingest
+    // into the tenant as a whole.
+    caller.check(Action::Ingest, &Resource::tenant(ferrite_engine::ids::DEFAULT_TENANT))?;
     let precision = match params.precision.as_deref() {
         None => Precision::Nanoseconds,
         Some(p) => Precision::parse(p).ok_or_else(|| {

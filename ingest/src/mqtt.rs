@@ -34,6 +34,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ferrite_engine::auth::{
+    AccessControl, Action, Credentials, DecisionCache, Principal, RequestContext, Transport as AuthTransport,
+};
 use ferrite_engine::{Metrics, StreamName};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -140,6 +143,12 @@ impl std::fmt::Debug for Broker {
     }
 }
 
+impl ferrite_engine::plugin::TopicPublisher for Broker {
+    fn publish(&self, topic: &str, payload: &[u8], _retain: bool) -> Result<usize, String> {
+        Broker::publish(self, topic, bytes::Bytes::copy_from_slice(payload)).map_err(|e| e.to_string())
+    }
+}
+
 impl Broker {
     /// Delivers a message at QoS 0 to every session with a matching subscription (once per
     /// session, however many of its filters match); returns how many got it. A topic that
@@ -215,6 +224,7 @@ pub async fn serve(
     ingestor: Arc<Ingestor>,
     broker: Arc<Broker>,
     metrics: Arc<Metrics>,
+    access: Arc<dyn AccessControl>,
     limits: MqttLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -235,6 +245,10 @@ pub async fn serve(
                         slot: ConnectionSlot::take(&counts, peer.ip(), &limits),
                         max_subscriptions: limits.max_subscriptions_per_session,
                         subscriptions: parking_lot::Mutex::new(HashSet::new()),
+                        access: access.clone(),
+                        context: RequestContext::new(AuthTransport::Mqtt, Some(peer.ip())),
+                        principal: std::sync::OnceLock::new(),
+                        decisions: parking_lot::Mutex::new(DecisionCache::default()),
                     };
                     let shutdown = shutdown.clone();
                     sessions.spawn(async move {
@@ -321,6 +335,22 @@ struct Session {
     max_subscriptions: usize,
     /// This session's filters (for its subscription limit).
     subscriptions: parking_lot::Mutex<HashSet<String>>,
+    /// The decision point.
+    access: Arc<dyn AccessControl>,
+    /// Where the session comes from.
+    context: RequestContext,
+    /// Who the CONNECT authenticated.
+    principal: std::sync::OnceLock<Principal>,
+    /// Publish and subscribe decisions, once per topic until policies or tokens change.
+    decisions: parking_lot::Mutex<DecisionCache>,
+}
+
+/// What the session may do with a topic.
+enum Permission {
+    Allowed,
+    Denied,
+    /// The principal no longer holds (token revoked, client removed): end the session.
+    Revoked,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -374,6 +404,38 @@ impl Session {
             write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))).await?;
             return Err(SessionError::Protocol(format!("over the limit of {reason}")));
         }
+        let credentials = Credentials::Mqtt {
+            client_id: &connect.client_id,
+            username: connect.login.as_ref().map(|l| l.username.as_str()),
+            password: connect.login.as_ref().map(|l| l.password.as_bytes()),
+        };
+        match self.access.authenticate(&credentials, &self.context) {
+            Ok(p) => {
+                let _ = self.principal.set(p);
+            }
+            Err(e) => {
+                self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "not_authorized")], 1);
+                tracing::warn!(client_id = %connect.client_id, error = %e, "mqtt connection refused: not authorized");
+                let code = if connect.login.is_some() {
+                    ConnectReturnCode::BadUserNamePassword
+                } else {
+                    ConnectReturnCode::NotAuthorized
+                };
+                write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(code, false))).await?;
+                return Err(SessionError::Protocol(format!("not authorized: {e}")));
+            }
+        }
+        // A last will the principal may not publish is dropped now, not at the disconnect.
+        let will_allowed = match &connect.last_will {
+            Some(w) => match self.permission(Action::Publish, &w.topic) {
+                Permission::Allowed => true,
+                _ => {
+                    tracing::warn!(client_id = %connect.client_id, topic = %w.topic, "mqtt last will refused by policy; it will not be delivered");
+                    false
+                }
+            },
+            None => false,
+        };
         write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
         tracing::debug!(session = self.id, client_id = %connect.client_id, "mqtt connected");
 
@@ -483,6 +545,7 @@ impl Session {
         }
         self.broker.remove_session(self.id);
         if !clean
+            && will_allowed
             && let Some(will) = &connect.last_will
             && let Err(e) = self.broker.publish(&will.topic, will.message.clone())
         {
@@ -519,6 +582,25 @@ impl Session {
                 };
                 self.metrics.inc("ferrite_mqtt_messages_total", &[("qos", qos_label)], 1);
                 let pkid = p.pkid;
+                match self.permission(Action::Publish, &p.topic) {
+                    Permission::Allowed => {}
+                    Permission::Revoked => return Err(SessionError::Protocol("the credentials were revoked".into())),
+                    Permission::Denied => {
+                        // Dropped, still acknowledged in order (MQTT 3.1.1 has no negative
+                        // PUBACK): otherwise the client would resend it forever.
+                        self.hand_over_qos1(gathered, pending);
+                        let outcome = match p.qos {
+                            QoS::AtMostOnce => AckOutcome::Nothing,
+                            QoS::AtLeastOnce => AckOutcome::Send(Packet::PubAck(PubAck::new(pkid))),
+                            QoS::ExactlyOnce if qos2.taken.contains(&pkid) => {
+                                AckOutcome::Send(Packet::PubRec(PubRec::new(pkid)))
+                            }
+                            QoS::ExactlyOnce => AckOutcome::Qos2Taken(pkid),
+                        };
+                        pending.push_back(Box::pin(async move { outcome }));
+                        return Ok(false);
+                    }
+                }
                 // The acknowledgement once the message is taken.
                 let ack = move || match p.qos {
                     QoS::AtMostOnce => AckOutcome::Nothing,
@@ -626,6 +708,8 @@ impl Session {
                         self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "invalid_filter")], 1);
                         tracing::warn!(session = self.id, filter = %f.path, error = %e, "mqtt subscription refused");
                         codes.push(SubscribeReasonCode::Failure);
+                    } else if !matches!(self.permission(Action::Subscribe, &f.path), Permission::Allowed) {
+                        codes.push(SubscribeReasonCode::Failure);
                     } else if !mine.contains(&f.path) && mine.len() >= self.max_subscriptions {
                         self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "subscriptions")], 1);
                         tracing::warn!(
@@ -665,6 +749,30 @@ impl Session {
             other => return Err(SessionError::Protocol(format!("unexpected packet from client: {other:?}"))),
         }
         Ok(false)
+    }
+
+    /// Whether the session's principal may `action` on `topic`: asked once per topic, then
+    /// from the session's cache until policies, tokens or devices change. A denial is
+    /// counted every time and logged the first time (the decision point audits it).
+    fn permission(&self, action: Action, topic: &str) -> Permission {
+        if !self.access.enabled() {
+            return Permission::Allowed;
+        }
+        let Some(principal) = self.principal.get() else { return Permission::Denied };
+        let d = self.decisions.lock().decide(self.access.as_ref(), principal, action, topic, &self.context);
+        if d.revoked {
+            tracing::warn!(session = self.id, %principal, "mqtt session closed: its credentials no longer hold");
+            return Permission::Revoked;
+        }
+        if d.allowed {
+            return Permission::Allowed;
+        }
+        let reason = if action == Action::Publish { "publish_denied" } else { "subscribe_denied" };
+        self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", reason)], 1);
+        if d.fresh {
+            tracing::warn!(session = self.id, %principal, topic, action = action.as_str(), "mqtt request denied by policy");
+        }
+        Permission::Denied
     }
 
     /// Queues the gathered QoS 1 messages as one ingest per device and stream; their

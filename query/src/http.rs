@@ -7,15 +7,17 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Json};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use ferrite_engine::ErrorClass;
+use ferrite_engine::auth::{Action, Caller, Resource};
+use ferrite_engine::ids::DEFAULT_TENANT;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -24,7 +26,23 @@ use crate::{Error, QueryService};
 /// Media type of Arrow IPC streams.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
-/// The query routes, to merge into the server's router.
+/// The stream only holders of `read_audit` see.
+pub const AUDIT_STREAM: &str = "audit";
+
+/// `Ok(hidden streams)` when the caller may query, the 403 otherwise. Streams live in the
+/// default tenant until per-tenant catalogs exist.
+fn scope(caller: &Caller) -> Result<Vec<String>, ApiError> {
+    if let Err(e) = caller.check(Action::Query, &Resource::tenant(DEFAULT_TENANT)) {
+        return Err(ApiError(StatusCode::FORBIDDEN, "forbidden", e.to_string()));
+    }
+    if caller.access.enabled() && !caller.allowed(Action::ReadAudit, &Resource::tenant(DEFAULT_TENANT)) {
+        return Ok(vec![AUDIT_STREAM.to_owned()]);
+    }
+    Ok(Vec::new())
+}
+
+/// The query routes, to merge into the server's router behind authentication (they need
+/// the request's [`Caller`]).
 pub fn router(service: Arc<QueryService>) -> Router {
     Router::new().route("/api/v1/sql", post(post_sql)).route("/api/v1/streams", get(get_streams)).with_state(service)
 }
@@ -130,7 +148,16 @@ pub fn encode(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Re
     Ok(out)
 }
 
-async fn post_sql(State(service): State<Arc<QueryService>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn post_sql(
+    State(service): State<Arc<QueryService>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let hidden = match scope(&caller) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
     let request: SqlRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -143,7 +170,7 @@ async fn post_sql(State(service): State<Arc<QueryService>>, headers: HeaderMap, 
         }
     };
     let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let result = match service.sql(&request.sql).await {
+    let result = match service.sql_scoped(&request.sql, &hidden).await {
         Ok(r) => r,
         Err(e) => return ApiError::from(e).into_response(),
     };
@@ -153,12 +180,17 @@ async fn post_sql(State(service): State<Arc<QueryService>>, headers: HeaderMap, 
     }
 }
 
-async fn get_streams(State(service): State<Arc<QueryService>>) -> Response {
+async fn get_streams(State(service): State<Arc<QueryService>>, Extension(caller): Extension<Caller>) -> Response {
+    let hidden = match scope(&caller) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
     let stats = service.storage().stats();
     let streams: Vec<serde_json::Value> = service
         .catalog()
         .list()
         .iter()
+        .filter(|s| !hidden.iter().any(|h| h == s.name.as_str()))
         .map(|s| {
             let (hot, archived) = stats.get(s.name.as_str()).copied().unwrap_or((0, 0));
             let columns: Vec<serde_json::Value> = s

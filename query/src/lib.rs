@@ -27,7 +27,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, SchemaProvider, TableProvider};
+use datafusion::catalog::{CatalogProvider, CatalogProviderList, MemoryCatalogProvider, SchemaProvider, TableProvider};
 use datafusion::error::Result as DfResult;
 use datafusion::execution::context::{SQLOptions, SessionContext};
 use datafusion::execution::object_store::ObjectStoreRegistry;
@@ -46,22 +46,34 @@ use table::{ARCHIVE_URL, StreamTable};
 struct StreamSchemaProvider {
     catalog: Arc<StreamCatalog>,
     storage: Arc<Storage>,
+    /// Streams this caller may not see (the `audit` stream without `read_audit`): to the
+    /// planner they do not exist.
+    hidden: Arc<[String]>,
+}
+
+impl StreamSchemaProvider {
+    fn visible(&self, name: &str) -> bool {
+        !self.hidden.iter().any(|h| h == name)
+    }
 }
 
 #[async_trait]
 impl SchemaProvider for StreamSchemaProvider {
     fn table_names(&self) -> Vec<String> {
-        self.catalog.list().iter().map(|s| s.name.to_string()).collect()
+        self.catalog.list().iter().map(|s| s.name.to_string()).filter(|n| self.visible(n)).collect()
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        if !self.visible(name) {
+            return Ok(None);
+        }
         Ok(self.catalog.get_by_name(name).map(|s| {
             Arc::new(StreamTable::new(s.name.clone(), s.arrow.clone(), self.storage.clone())) as Arc<dyn TableProvider>
         }))
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.catalog.get_by_name(name).is_some()
+        self.visible(name) && self.catalog.get_by_name(name).is_some()
     }
 }
 
@@ -163,7 +175,8 @@ impl QueryService {
         let url = url::Url::parse(ARCHIVE_URL).map_err(|e| Error::Execution(e.to_string()))?;
         ctx.register_object_store(&url, storage.object_store());
         let ferrite = MemoryCatalogProvider::new();
-        let provider = Arc::new(StreamSchemaProvider { catalog: catalog.clone(), storage: storage.clone() });
+        let provider =
+            Arc::new(StreamSchemaProvider { catalog: catalog.clone(), storage: storage.clone(), hidden: Arc::new([]) });
         ferrite.register_schema("public", provider).map_err(Error::from_datafusion)?;
         let system = Arc::new(system::SystemSchemaProvider::default());
         ferrite.register_schema("system", system.clone()).map_err(Error::from_datafusion)?;
@@ -188,19 +201,50 @@ impl QueryService {
 
     /// Plans and runs one SQL statement.
     pub async fn sql(&self, sql: &str) -> Result<QueryResult> {
+        self.sql_scoped(sql, &[]).await
+    }
+
+    /// Runs one read-only statement for a caller who may not see the `hidden` streams: the
+    /// planner resolves table names through a schema in which they do not exist, so no
+    /// spelling of the query reaches them.
+    pub async fn sql_scoped(&self, sql: &str, hidden: &[String]) -> Result<QueryResult> {
         let started = Instant::now();
-        let result = self.run(sql).await;
+        let result = match hidden {
+            [] => self.run(self.ctx.clone(), sql).await,
+            _ => match self.scoped(hidden) {
+                Ok(ctx) => self.run(ctx, sql).await,
+                Err(e) => Err(e),
+            },
+        };
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics.inc("ferrite_queries_total", &[("outcome", outcome)], 1);
         self.metrics.histogram("ferrite_query_seconds", &[]).observe(started.elapsed());
         result
     }
 
-    async fn run(&self, sql: &str) -> Result<QueryResult> {
+    /// A session whose `public` schema hides `hidden` (same runtime, limits and system tables).
+    fn scoped(&self, hidden: &[String]) -> Result<SessionContext> {
+        let ferrite = MemoryCatalogProvider::new();
+        let provider = Arc::new(StreamSchemaProvider {
+            catalog: self.catalog.clone(),
+            storage: self.storage.clone(),
+            hidden: hidden.to_vec().into(),
+        });
+        ferrite.register_schema("public", provider).map_err(Error::from_datafusion)?;
+        ferrite.register_schema("system", self.system.clone()).map_err(Error::from_datafusion)?;
+        let list = datafusion::catalog::MemoryCatalogProviderList::new();
+        list.register_catalog("ferrite".to_owned(), Arc::new(ferrite));
+        let state = datafusion::execution::SessionStateBuilder::new_from_existing(self.ctx.state())
+            .with_catalog_list(Arc::new(list))
+            .build();
+        Ok(SessionContext::new_with_state(state))
+    }
+
+    async fn run(&self, ctx: SessionContext, sql: &str) -> Result<QueryResult> {
         let limit = self.config.timeout;
         // On a task of its own, so that the deadline holds even while an operator is busy,
         // and the work is aborted (not merely abandoned) when it passes.
-        let task = tokio::spawn(run_query(self.ctx.clone(), sql.to_owned(), self.config.max_result_bytes));
+        let task = tokio::spawn(run_query(ctx, sql.to_owned(), self.config.max_result_bytes));
         let abort = task.abort_handle();
         match tokio::time::timeout(limit, task).await {
             Ok(Ok(result)) => result,

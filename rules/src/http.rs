@@ -4,6 +4,7 @@
 //! shadow's comparison, promotion and removal (`/{name}/shadow`). Errors are `{"error": {"code", "message"}}`; a rule that does not
 //! compile answers 400 with the diagnostics rendered as `file:line:column`, line and caret.
 
+use ferrite_engine::auth::{Action, Caller, Resource};
 use std::sync::Arc;
 
 use axum::Json;
@@ -28,13 +29,43 @@ pub struct RulesApi {
     pub files: Option<Arc<RuleFiles>>,
 }
 
-/// The routes.
+/// Asks the request's [`Caller`] for `query` (reading rules) or `manage_rules` (anything
+/// else) before a handler runs, and records successful changes in the audit trail.
+async fn enforce(
+    axum::Extension(caller): axum::Extension<Caller>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let name = path.strip_prefix("/api/v1/rules/").map(|n| n.split('/').next().unwrap_or(n).to_owned());
+    // Rules live in the default tenant until per-tenant deployments exist.
+    let tenant = ferrite_engine::ids::DEFAULT_TENANT;
+    let (action, resource) = match (&method, &name) {
+        (&axum::http::Method::GET, None) => (Action::Query, Resource::tenant(tenant)),
+        (&axum::http::Method::GET, Some(n)) => (Action::Query, Resource::rule(tenant, n)),
+        (_, Some(n)) => (Action::ManageRules, Resource::rule(tenant, n)),
+        (_, None) => (Action::ManageRules, Resource::tenant(tenant)),
+    };
+    if let Err(e) = caller.check(action, &resource) {
+        return error(StatusCode::FORBIDDEN, "forbidden", e.to_string());
+    }
+    let response = next.run(request).await;
+    if action == Action::ManageRules && response.status().is_success() {
+        caller.record("rules_changed", &format!("{method} {path}: {}", response.status()));
+    }
+    response
+}
+
+/// The routes, to merge into the server's router behind authentication (they need the
+/// request's [`Caller`]).
 pub fn router(api: RulesApi) -> Router {
     Router::new()
         .route("/api/v1/rules", post(deploy).get(list))
         .route("/api/v1/rules/{name}", get(one).delete(remove))
         .route("/api/v1/rules/{name}/shadow", get(shadow_report).delete(remove_shadow))
         .route("/api/v1/rules/{name}/shadow/promote", post(promote))
+        .route_layer(axum::middleware::from_fn(enforce))
         .with_state(api)
 }
 

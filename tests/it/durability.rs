@@ -99,7 +99,9 @@ fn mqtt_qos1_ack_survives_kill_9() -> anyhow::Result<()> {
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
     let dir = tempfile::tempdir()?;
     let s = Server::start(dir.path(), &[])?;
-    let (client, mut conn) = Client::new(MqttOptions::new("k9", s.mqtt.ip().to_string(), s.mqtt.port()), 10);
+    let mut opts = MqttOptions::new("k9", s.mqtt.ip().to_string(), s.mqtt.port());
+    opts.set_credentials("admin", s.token.clone());
+    let (client, mut conn) = Client::new(opts, 10);
     let mut acks = 0;
     for i in 0..25 {
         client.publish("devices/k9/telemetry", QoS::AtLeastOnce, false, format!(r#"{{"seq": {i}}}"#))?;

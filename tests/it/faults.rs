@@ -117,9 +117,12 @@ fn bounds_on_what_clients_can_grow() -> anyhow::Result<()> {
     use crate::mqtt::{client, runtime, until};
 
     let dir = tempfile::tempdir()?;
+    // About bounds, not identity (the audit stream would take one of the two streams).
     let s = Server::start(
         dir.path(),
         &[
+            "--auth",
+            "off",
             "--max-streams",
             "2",
             "--max-fields-per-stream",

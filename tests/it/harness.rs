@@ -17,6 +17,8 @@ pub struct Server {
     child: Option<Child>,
     pub mqtt: SocketAddr,
     pub http: SocketAddr,
+    /// The admin bearer token (also the MQTT password of user `admin`); empty with `--auth off`.
+    pub token: String,
     agent: ureq::Agent,
 }
 
@@ -63,10 +65,13 @@ impl Server {
         }
         let agent =
             ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(TIMEOUT)).build().new_agent();
+        // Identity writes the admin token before the listeners start.
+        let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap_or_default().trim().to_owned();
         Ok(Self {
             child: Some(child),
             mqtt: mqtt.context("no mqtt address")?,
             http: http.context("no http address")?,
+            token,
             agent,
         })
     }
@@ -75,10 +80,25 @@ impl Server {
         format!("http://{}{path}", self.http)
     }
 
+    /// The `Authorization` header of the admin.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    /// An HTTP agent that does not treat error statuses as errors.
+    pub fn agent(&self) -> &ureq::Agent {
+        &self.agent
+    }
+
     /// POSTs `body` with `content_type`; returns the status and the body parsed as JSON
     /// (`Value::Null` when empty).
     pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, Value)> {
-        let mut resp = self.agent.post(&self.url(path)).header("Content-Type", content_type).send(body)?;
+        let mut resp = self
+            .agent
+            .post(&self.url(path))
+            .header("Content-Type", content_type)
+            .header("Authorization", self.bearer())
+            .send(body)?;
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string()?;
         let json =
@@ -88,8 +108,12 @@ impl Server {
 
     /// POSTs JSON; returns the status, the `Retry-After` header and the body as text.
     pub fn post_json_raw(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Option<String>, String)> {
-        let mut resp =
-            self.agent.post(&self.url(path)).header("Content-Type", "application/json").send(body.to_string())?;
+        let mut resp = self
+            .agent
+            .post(&self.url(path))
+            .header("Content-Type", "application/json")
+            .header("Authorization", self.bearer())
+            .send(body.to_string())?;
         let retry = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
         Ok((resp.status().as_u16(), retry, resp.body_mut().read_to_string()?))
     }
@@ -99,11 +123,11 @@ impl Server {
     }
 
     pub fn delete(&self, path: &str) -> anyhow::Result<u16> {
-        Ok(self.agent.delete(&self.url(path)).call()?.status().as_u16())
+        Ok(self.agent.delete(&self.url(path)).header("Authorization", self.bearer()).call()?.status().as_u16())
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let mut resp = self.agent.get(&self.url(path)).call()?;
+        let mut resp = self.agent.get(&self.url(path)).header("Authorization", self.bearer()).call()?;
         Ok((resp.status().as_u16(), resp.body_mut().read_to_string()?))
     }
 

@@ -48,11 +48,13 @@ fn every_http_format_lands_in_sql() -> anyhow::Result<()> {
     let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
     let mut csv = agent
         .post(&s.url("/api/v1/sql"))
+        .header("Authorization", s.bearer())
         .header("Accept", "text/csv")
         .send(json!({"sql": "SELECT device_id FROM telemetry ORDER BY 1 LIMIT 2"}).to_string().as_bytes())?;
     assert_eq!(csv.body_mut().read_to_string()?, "device_id\na\nb\n");
     let mut ipc = agent
         .post(&s.url("/api/v1/sql"))
+        .header("Authorization", s.bearer())
         .header("Accept", "application/vnd.apache.arrow.stream")
         .send(json!({"sql": "SELECT count(*) AS n FROM telemetry"}).to_string().as_bytes())?;
     let bytes = ipc.body_mut().read_to_vec()?;
@@ -70,10 +72,10 @@ fn every_http_format_lands_in_sql() -> anyhow::Result<()> {
             t["columns"].as_array().into_iter().flatten().map(|c| format!("{}:{}", c["name"], c["type"])).collect()
         })
         .unwrap_or_default();
-    // Columns in order of first appearance (json! sorts keys: door before temperature).
+    // Columns in order of first appearance in the first payload: temperature before door.
     assert_eq!(
         cols,
-        vec![r#""time":"timestamp""#, r#""device_id":"string""#, r#""door":"string""#, r#""temperature":"float""#]
+        vec![r#""time":"timestamp""#, r#""device_id":"string""#, r#""temperature":"float""#, r#""door":"string""#]
     );
 
     // Health and metrics.

@@ -7,5 +7,6 @@ mod durability;
 mod faults;
 mod harness;
 mod http;
+mod identity;
 mod mqtt;
 mod rules;

@@ -11,6 +11,8 @@ pub(crate) fn client(s: &Server, id: &str) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(id, s.mqtt.ip().to_string(), s.mqtt.port());
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+    // The admin may publish and subscribe for any device.
+    opts.set_credentials("admin", s.token.clone());
     AsyncClient::new(opts, 100)
 }
 
@@ -180,6 +182,7 @@ fn mosquitto_pub_lands_in_sql() -> anyhow::Result<()> {
     {
         let out = std::process::Command::new("mosquitto_pub")
             .args(["-h", &s.mqtt.ip().to_string(), "-p", &s.mqtt.port().to_string()])
+            .args(["-u", "admin", "-P", &s.token])
             .args(["-V", "mqttv311", "-q", qos, "-t", "devices/sensor-7/telemetry", "-m", payload])
             .output()?;
         assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -240,7 +243,9 @@ fn a_wildcard_publish_topic_closes_only_that_session() -> anyhow::Result<()> {
     let mut conn = std::net::TcpStream::connect(s.mqtt)?;
     conn.set_read_timeout(Some(TIMEOUT))?;
     let mut out = bytes::BytesMut::new();
-    Raw::Connect(Connect::new("wild")).write(&mut out, 1 << 20)?;
+    let mut connect = Connect::new("wild");
+    connect.set_login("admin", &s.token);
+    Raw::Connect(connect).write(&mut out, 1 << 20)?;
     let mut publish = Publish::new("devices/+/telemetry", rumqttc::mqttbytes::QoS::AtLeastOnce, b"{}".to_vec());
     publish.pkid = 1;
     Raw::Publish(publish).write(&mut out, 1 << 20)?;

@@ -269,6 +269,8 @@ fn replay_runs_rules_over_history_and_writes_back() -> anyhow::Result<()> {
         "2026-10-02T00:00:00Z",
         "--server",
         &url,
+        "--token",
+        &s.token,
     ];
     let out = ferrite(&args)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -440,6 +442,8 @@ fn explain_says_where_a_rule_stopped_for_a_device() -> anyhow::Result<()> {
             "2026-10-02T00:00:00Z",
             "--server",
             &url,
+            "--token",
+            &s.token,
         ])?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {

@@ -62,7 +62,9 @@ async fn server() -> anyhow::Result<Server> {
     let addr = listener.local_addr()?;
     let (stop, rx) = watch::channel(false);
     let limits = mqtt::MqttLimits::default();
-    tokio::spawn(mqtt::serve(listener, ingestor, Arc::new(Broker::default()), metrics.clone(), limits, rx));
+    // Identity is not what these tests are about: every decision allows.
+    let access = Arc::new(ferrite_engine::auth::AllowAll);
+    tokio::spawn(mqtt::serve(listener, ingestor, Arc::new(Broker::default()), metrics.clone(), access, limits, rx));
     Ok(Server { addr, store, health, metrics, catalog, _stop: stop })
 }
 

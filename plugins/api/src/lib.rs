@@ -1,0 +1,210 @@
+//! The plugin API: the trait a service hosted around the engine implements (identity,
+//! devices, actuation), and the HTTP authentication middleware every protected route sits
+//! behind. The engine-side half (what a plugin is given, the enforcement-point traits) is
+//! `ferrite_engine::plugin` and `ferrite_engine::auth`; this crate adds what needs HTTP
+//! types. See docs/adr/0002-plugins.md.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use ferrite_engine::auth::{
+    AccessControl, AuthError, Caller, Credentials, Denied, Principal, RequestContext, Transport,
+};
+use ferrite_engine::plugin::PluginContext;
+
+/// A boxed future, for the trait's async methods (it must stay object safe).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a plugin could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin {plugin}: {message}")]
+pub struct PluginError {
+    /// The plugin's name.
+    pub plugin: &'static str,
+    /// What went wrong, and how to fix it.
+    pub message: String,
+}
+
+/// A plugin's HTTP routes.
+#[derive(Default)]
+pub struct Routes {
+    /// Routes any client may call (OAuth2 endpoints, discovery documents).
+    pub public: Router,
+    /// Routes behind authentication: handlers find the [`Caller`] in the request's
+    /// extensions and call [`Caller::check`] before they act.
+    pub protected: Router,
+}
+
+/// A service hosted around the engine. The server starts every plugin in order at boot
+/// (after storage and the engine, before the listeners), merges their routes, and stops
+/// them in reverse order at shutdown.
+pub trait Plugin: Send + Sync {
+    /// A short name (`identity`, `device`): its storage directory, its log target.
+    fn name(&self) -> &'static str;
+
+    /// Starts the plugin's own work (background tasks, stream subscriptions).
+    fn start<'a>(&'a self, context: &'a PluginContext) -> BoxFuture<'a, Result<(), PluginError>>;
+
+    /// The plugin's HTTP routes.
+    fn routes(&self) -> Routes;
+
+    /// Stops what [`Plugin::start`] started; called once, at shutdown.
+    fn stop(&self) -> BoxFuture<'_, ()>;
+}
+
+/// The JSON error body every Ferrite endpoint answers with: `{"error": {"code", "message"}}`.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    (status, axum::Json(body)).into_response()
+}
+
+/// HTTP 401 for an authentication failure, with the `WWW-Authenticate` challenge of RFC 6750.
+pub fn unauthorized(e: &AuthError) -> Response {
+    let mut resp = error_response(StatusCode::UNAUTHORIZED, e.code(), &e.to_string());
+    let challenge = match e {
+        AuthError::Missing => "Bearer realm=\"ferrite\"".to_owned(),
+        _ => "Bearer realm=\"ferrite\", error=\"invalid_token\"".to_owned(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+/// HTTP 403 for a policy denial.
+pub fn forbidden(e: &Denied) -> Response {
+    error_response(StatusCode::FORBIDDEN, "forbidden", &e.to_string())
+}
+
+/// The longest `Authorization` header accepted; longer ones are refused before any parsing.
+pub const MAX_AUTHORIZATION_BYTES: usize = 8 * 1024;
+
+/// Puts `router` behind authentication: every request must carry a valid bearer token
+/// (401 otherwise); the resulting [`Caller`] goes into the request's extensions.
+pub fn protect(router: Router, access: Arc<dyn AccessControl>) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(access, authenticate))
+}
+
+async fn authenticate(State(access): State<Arc<dyn AccessControl>>, mut request: Request, next: Next) -> Response {
+    let source = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let context = RequestContext::new(Transport::Http, source);
+    let refused = |e: &AuthError| {
+        // The request body is left unread: the connection cannot be reused, so say so
+        // rather than let a client's pool send the next request into a closed socket.
+        let mut resp = unauthorized(e);
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp
+    };
+    if !access.enabled() {
+        request.extensions_mut().insert(Caller { principal: Principal::anonymous(), context, access });
+        return next.run(request).await;
+    }
+    let principal = match bearer(&request) {
+        Err(e) => return refused(&e),
+        Ok(None) if access.enabled() => return refused(&AuthError::Missing),
+        Ok(token) => match access.authenticate(&Credentials::Bearer(token.unwrap_or("")), &context) {
+            Ok(p) => p,
+            Err(e) => return refused(&e),
+        },
+    };
+    request.extensions_mut().insert(Caller { principal, context, access });
+    next.run(request).await
+}
+
+/// The bearer token of a request, if it has an `Authorization` header.
+fn bearer(request: &Request) -> Result<Option<&str>, AuthError> {
+    let Some(value) = request.headers().get(header::AUTHORIZATION) else { return Ok(None) };
+    if value.len() > MAX_AUTHORIZATION_BYTES {
+        return Err(AuthError::InvalidToken(format!(
+            "the Authorization header is {} bytes, more than the {MAX_AUTHORIZATION_BYTES} accepted",
+            value.len()
+        )));
+    }
+    let value = value.to_str().map_err(|_| AuthError::InvalidToken("the Authorization header is not ASCII".into()))?;
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::InvalidToken(format!(
+            "expected `Authorization: Bearer <token>`, got the {scheme:?} scheme"
+        )));
+    }
+    Ok(Some(token.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::routing::get;
+    use ferrite_engine::auth::{Action, AllowAll, Decision, PrincipalKind, Resource};
+
+    use super::*;
+
+    /// Accepts the token `good` as device d1, which may query tenant `default` only.
+    struct OneToken;
+
+    impl AccessControl for OneToken {
+        fn enabled(&self) -> bool {
+            true
+        }
+        fn authenticate(&self, c: &Credentials<'_>, _: &RequestContext) -> Result<Principal, AuthError> {
+            match c {
+                Credentials::Bearer("good") => Ok(Principal::new(PrincipalKind::Device, "d1", "default")),
+                _ => Err(AuthError::InvalidToken("unknown".into())),
+            }
+        }
+        fn authorize(&self, _: &Principal, a: Action, r: &Resource, _: &RequestContext) -> Decision {
+            if a == Action::Query && *r == Resource::tenant("default") { Decision::allow() } else { Decision::deny() }
+        }
+        fn generation(&self) -> u64 {
+            0
+        }
+        fn still_valid(&self, _: &Principal) -> bool {
+            true
+        }
+    }
+
+    async fn handler(axum::Extension(caller): axum::Extension<Caller>) -> Response {
+        match caller.check(Action::Query, &Resource::tenant("other")) {
+            Ok(()) => "ok".into_response(),
+            Err(e) => forbidden(&e),
+        }
+    }
+
+    async fn call(access: Arc<dyn AccessControl>, auth: Option<&str>) -> (StatusCode, String) {
+        use tower::ServiceExt;
+        let app = protect(Router::new().route("/x", get(handler)), access);
+        let mut req = Request::builder().uri("/x");
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let resp = app.oneshot(req.body(Body::empty()).expect("request")).await.expect("infallible");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn missing_malformed_and_oversized_credentials_get_401_and_denials_403() {
+        let access: Arc<dyn AccessControl> = Arc::new(OneToken);
+        let (s, body) = call(access.clone(), None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(body.contains("unauthenticated"), "{body}");
+        assert_eq!(call(access.clone(), Some("Basic abc")).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(call(access.clone(), Some("Bearer bad")).await.0, StatusCode::UNAUTHORIZED);
+        let huge = format!("Bearer {}", "a".repeat(MAX_AUTHORIZATION_BYTES + 1));
+        let (s, body) = call(access.clone(), Some(&huge)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(body.contains("more than"), "{body}");
+        let (s, body) = call(access, Some("Bearer good")).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        assert!(body.contains("denied by policy"), "{body}");
+        // With identity off, the anonymous admin passes without any header.
+        assert_eq!(call(Arc::new(AllowAll), None).await.0, StatusCode::OK);
+    }
+}

@@ -1,0 +1,99 @@
+//! The identity plugin: an OAuth2 authorization server built in (client credentials,
+//! refresh-token rotation with reuse detection, the device authorization grant, revocation,
+//! introspection, discovery and JWKS), an embedded directory of users and clients, Cedar
+//! policies as the decision point of every enforcement point, and an audit trail.
+//!
+//! [`service::Identity`] implements [`ferrite_engine::auth::AccessControl`]; ingest, query
+//! and rules see only that trait.
+
+pub mod error;
+pub mod http;
+pub mod policy;
+pub mod secret;
+pub mod service;
+pub mod store;
+pub mod tokens;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrite_engine::plugin::PluginContext;
+use ferrite_plugin::{BoxFuture, Plugin, PluginError, Routes};
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+
+pub use error::{Error, Result};
+pub use service::{ADMIN, AUDIT_STREAM, Identity, IdentityConfig};
+
+/// The identity service as a plugin: its routes, the audit writer and the policy watcher.
+pub struct IdentityPlugin {
+    identity: Arc<Identity>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl IdentityPlugin {
+    /// The plugin around an opened identity service.
+    pub fn new(identity: Arc<Identity>) -> Self {
+        Self { identity, tasks: Mutex::new(Vec::new()) }
+    }
+}
+
+/// How often the policy directory is checked for changes.
+const POLICY_POLL: Duration = Duration::from_millis(500);
+
+impl Plugin for IdentityPlugin {
+    fn name(&self) -> &'static str {
+        "identity"
+    }
+
+    fn start<'a>(&'a self, context: &'a PluginContext) -> BoxFuture<'a, std::result::Result<(), PluginError>> {
+        Box::pin(async move {
+            let audit = {
+                let identity = self.identity.clone();
+                let writer = context.events.clone();
+                tokio::spawn(async move { identity.run_audit(writer).await })
+            };
+            let watcher = {
+                let identity = self.identity.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(POLICY_POLL);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tick.tick().await;
+                        let id = identity.clone();
+                        match tokio::task::spawn_blocking(move || id.reload_policy_files()).await {
+                            Ok(Err(e)) => {
+                                tracing::error!(error = %e, "policy change refused; the previous policies stay in force")
+                            }
+                            Err(e) => tracing::error!(error = %e, "policy watcher task failed"),
+                            Ok(Ok(_)) => {}
+                        }
+                    }
+                })
+            };
+            self.tasks.lock().extend([audit, watcher]);
+            Ok(())
+        })
+    }
+
+    fn routes(&self) -> Routes {
+        Routes {
+            public: http::public_routes(self.identity.clone()),
+            protected: http::protected_routes(self.identity.clone()),
+        }
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Give queued audit records a moment to reach the stream before the writer stops.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while !self.identity.audit_idle() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            for t in self.tasks.lock().drain(..) {
+                t.abort();
+            }
+            self.identity.store().close().await;
+        })
+    }
+}

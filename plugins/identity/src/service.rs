@@ -1,0 +1,1290 @@
+//! The identity service: the in-memory view of the store that every decision reads, token
+//! issue and checks, the OAuth2 grants, the failure throttle and the audit trail.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferrite_engine::Metrics;
+use ferrite_engine::auth::{
+    AccessControl, Action, AuthError, Credentials, Decision, Principal, PrincipalKind, RequestContext, Resource,
+};
+use ferrite_engine::ids::DEFAULT_TENANT;
+use ferrite_engine::plugin::EventWriter;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+use crate::policy::{Pdp, Policies};
+use crate::secret;
+use crate::store::{ClientRecord, DeviceCodeRecord, RefreshRecord, Store, TokenRecord, UserRecord};
+use crate::tokens::{AUDIENCE, Claims, KeyRing, generate_key};
+
+/// The name of the built-in platform administrator.
+pub const ADMIN: &str = "admin";
+
+/// The stream every audit event goes to.
+pub const AUDIT_STREAM: &str = "audit";
+
+/// How the identity service is set up.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// The data directory (`admin.token` goes there; the SQLite store under `identity/`).
+    pub data_dir: PathBuf,
+    /// A `postgres://` URL for the store; empty for the embedded SQLite store.
+    pub store_url: String,
+    /// Where `*.cedar` policy files are read from (and watched).
+    pub policies_dir: PathBuf,
+    /// The issuer (`iss`) of tokens; empty: fixed at first start from `default_issuer`.
+    pub issuer: String,
+    /// The issuer used at first start when none is configured.
+    pub default_issuer: String,
+    /// Access-token lifetime (15 minutes by default).
+    pub access_ttl: Duration,
+    /// Refresh-token lifetime.
+    pub refresh_ttl: Duration,
+    /// The admin token's lifetime.
+    pub admin_token_ttl: Duration,
+}
+
+impl IdentityConfig {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_owned(),
+            store_url: String::new(),
+            policies_dir: PathBuf::from("policies"),
+            issuer: String::new(),
+            default_issuer: "http://localhost:8080".into(),
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            admin_token_ttl: Duration::from_secs(365 * 24 * 3600),
+        }
+    }
+}
+
+/// One audit record.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    /// What happened: `denied`, `token_issued`, `login_failed`, `policy_changed`, ...
+    pub event: &'static str,
+    /// `ok`, `refused` or `failed`.
+    pub outcome: &'static str,
+    /// Who (or which claimed identity).
+    pub principal: String,
+    /// Their kind.
+    pub kind: String,
+    /// Their tenant.
+    pub tenant: String,
+    /// The action asked for, if any.
+    pub action: String,
+    /// The resource, if any.
+    pub resource: String,
+    /// The peer's address, if known.
+    pub source: String,
+    /// Free text: why, what changed.
+    pub detail: String,
+}
+
+impl AuditEvent {
+    /// An event with only its name, outcome and detail.
+    pub fn new(event: &'static str, outcome: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            event,
+            outcome,
+            principal: String::new(),
+            kind: String::new(),
+            tenant: DEFAULT_TENANT.into(),
+            action: String::new(),
+            resource: String::new(),
+            source: String::new(),
+            detail: detail.into(),
+        }
+    }
+
+    /// The same event about `p`.
+    pub fn by(mut self, p: &Principal) -> Self {
+        self.principal = p.id.to_string();
+        self.kind = p.kind.as_str().into();
+        self.tenant = p.tenant.to_string();
+        self
+    }
+
+    /// The same event about a claimed identity.
+    pub fn claimed(mut self, who: &str) -> Self {
+        self.principal = who.into();
+        self
+    }
+
+    /// The same event from `source`.
+    pub fn from_source(mut self, source: Option<std::net::IpAddr>) -> Self {
+        if let Some(s) = source {
+            self.source = s.to_string();
+        }
+        self
+    }
+
+    fn to_json(&self, ts_ms: i64) -> serde_json::Value {
+        serde_json::json!({
+            "device_id": if self.principal.is_empty() { "-" } else { &self.principal },
+            "ts": ts_ms,
+            "event": self.event,
+            "outcome": self.outcome,
+            "kind": self.kind,
+            "tenant": self.tenant,
+            "action": self.action,
+            "resource": self.resource,
+            "source": self.source,
+            "detail": self.detail,
+        })
+    }
+}
+
+/// What a grant gives back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The access token.
+    pub access_token: String,
+    /// Its lifetime in seconds.
+    pub expires_in: i64,
+    /// The granted scope.
+    pub scope: String,
+    /// A refresh token, when the grant gives one.
+    pub refresh_token: Option<String>,
+}
+
+/// Why a grant was refused, as RFC 6749 §5.2 names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantError {
+    /// `invalid_client`, `invalid_grant`, `authorization_pending`, `slow_down`, ...
+    pub error: &'static str,
+    /// A human-readable description.
+    pub description: String,
+    /// For throttled clients: when to try again.
+    pub retry_after: Option<Duration>,
+}
+
+impl GrantError {
+    fn new(error: &'static str, description: impl Into<String>) -> Self {
+        Self { error, description: description.into(), retry_after: None }
+    }
+}
+
+impl From<Error> for GrantError {
+    fn from(e: Error) -> Self {
+        Self::new("server_error", e.to_string())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Failures {
+    count: u32,
+    first: Option<Instant>,
+    locked_until: Option<Instant>,
+}
+
+/// Failures on one key (client id and address) before the key is locked.
+const MAX_FAILURES: u32 = 5;
+/// The window failures are counted in.
+const FAILURE_WINDOW: Duration = Duration::from_secs(300);
+/// The first lock; each further failure while counted doubles it, up to 15 minutes.
+const FIRST_LOCK: Duration = Duration::from_secs(30);
+
+/// The device authorization grant's polling interval and lifetime.
+pub const DEVICE_CODE_INTERVAL: i64 = 5;
+/// How long a device code may wait for approval.
+pub const DEVICE_CODE_TTL: i64 = 600;
+
+struct State {
+    users: HashMap<String, UserRecord>,
+    clients: HashMap<String, ClientRecord>,
+    tenants: HashSet<String>,
+    revoked: HashSet<String>,
+    keys: Arc<KeyRing>,
+    policies: Arc<Policies>,
+    /// Policy documents from files (name, text), as last loaded successfully.
+    file_policies: Vec<(String, String)>,
+    /// Policy documents stored through the API.
+    api_policies: Vec<(String, String)>,
+}
+
+/// The identity service.
+pub struct Identity {
+    config: IdentityConfig,
+    issuer: String,
+    store: Store,
+    pdp: Pdp,
+    state: RwLock<State>,
+    generation: AtomicU64,
+    failures: Mutex<HashMap<String, Failures>>,
+    audit_tx: mpsc::Sender<AuditEvent>,
+    audit_rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("issuer", &self.issuer).finish_non_exhaustive()
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Whether `id` is a usable name for a tenant, user or client.
+pub fn valid_name(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'))
+}
+
+impl Identity {
+    /// Opens the store, makes the first signing key, the `default` tenant and the `admin`
+    /// user on first start, writes `{data}/admin.token` if it is missing or no longer
+    /// valid, and loads the policies (a broken policy file fails the start).
+    pub async fn open(config: IdentityConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>> {
+        let store = Store::open(&config.store_url, &config.data_dir.join("identity")).await?;
+        let now = now();
+        let issuer = match (config.issuer.as_str(), store.setting("issuer").await?) {
+            ("", Some(stored)) => stored,
+            ("", None) => {
+                store.set_setting("issuer", &config.default_issuer).await?;
+                config.default_issuer.clone()
+            }
+            (configured, _) => configured.to_owned(),
+        };
+        store.add_tenant(DEFAULT_TENANT, now).await?;
+        let mut keys = store.keys().await?;
+        if !keys.iter().any(|k| k.retired_at.is_none()) {
+            let key = generate_key(now)?;
+            store.add_key(&key).await?;
+            keys = store.keys().await?;
+            tracing::info!(kid = key.kid, "made a new token signing key");
+        }
+        let created_admin = store
+            .add_user(
+                &UserRecord {
+                    name: ADMIN.into(),
+                    tenant: DEFAULT_TENANT.into(),
+                    password_hash: None,
+                    roles: vec!["platform-admin".into(), "admin".into()],
+                    disabled: false,
+                },
+                now,
+            )
+            .await?;
+        let pdp = Pdp::new()?;
+        let file_policies = read_policy_dir(&config.policies_dir)?;
+        let api_policies: Vec<(String, String)> =
+            store.policies().await?.into_iter().map(|(id, text)| (format!("api:{id}"), text)).collect();
+        let policies = pdp.compile(&[file_policies.clone(), api_policies.clone()].concat())?;
+        let state = State {
+            users: store.users().await?.into_iter().map(|u| (u.name.clone(), u)).collect(),
+            clients: store.clients().await?.into_iter().map(|c| (c.id.clone(), c)).collect(),
+            tenants: store.tenants().await?.into_iter().collect(),
+            revoked: store.revocations(now).await?.into_iter().collect(),
+            keys: Arc::new(KeyRing::new(&keys)?),
+            policies: Arc::new(policies),
+            file_policies,
+            api_policies,
+        };
+        let (audit_tx, audit_rx) = mpsc::channel(10_000);
+        let identity = Arc::new(Self {
+            config,
+            issuer,
+            store,
+            pdp,
+            state: RwLock::new(state),
+            generation: AtomicU64::new(1),
+            failures: Mutex::new(HashMap::new()),
+            audit_tx,
+            audit_rx: Mutex::new(Some(audit_rx)),
+            metrics,
+        });
+        identity.ensure_admin_token(created_admin).await?;
+        Ok(identity)
+    }
+
+    /// The issuer of Ferrite's tokens.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The store (for tests and tools).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Where the admin token is written.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.config.data_dir.join("admin.token")
+    }
+
+    async fn ensure_admin_token(&self, created: bool) -> Result<()> {
+        let path = self.admin_token_path();
+        if !created
+            && let Ok(existing) = std::fs::read_to_string(&path)
+            && self.verify_token(existing.trim()).is_ok()
+        {
+            return Ok(());
+        }
+        let (token, _) =
+            self.create_api_token(ADMIN, "admin token written at start", self.config.admin_token_ttl).await?;
+        write_private(&path, token.as_bytes())?;
+        tracing::info!(path = %path.display(), "wrote the admin bearer token (also the MQTT password of user `admin`)");
+        Ok(())
+    }
+
+    /// Bumps the generation: decision caches drop themselves.
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Queues an audit record; counted and dropped when the queue is full.
+    pub fn audit(&self, event: AuditEvent) {
+        self.metrics.inc("ferrite_audit_events_total", &[("event", event.event)], 1);
+        if self.audit_tx.try_send(event).is_err() {
+            self.metrics.inc("ferrite_audit_dropped_total", &[], 1);
+        }
+    }
+
+    /// Whether no audit record waits to be written.
+    pub fn audit_idle(&self) -> bool {
+        self.audit_tx.capacity() == self.audit_tx.max_capacity()
+    }
+
+    /// Runs the audit writer until the service is dropped: batches of queued records go to
+    /// the `audit` stream through `writer`.
+    pub async fn run_audit(self: &Arc<Self>, writer: Arc<dyn EventWriter>) {
+        let Some(mut rx) = self.audit_rx.lock().take() else { return };
+        let mut buf = Vec::new();
+        while let Some(first) = rx.recv().await {
+            buf.clear();
+            let mut n = 0;
+            let push = |e: AuditEvent, buf: &mut Vec<u8>| {
+                let _ = serde_json::to_writer(&mut *buf, &e.to_json(now_ms()));
+                buf.push(b'\n');
+            };
+            push(first, &mut buf);
+            while n < 1000 {
+                match rx.try_recv() {
+                    Ok(e) => push(e, &mut buf),
+                    Err(_) => break,
+                }
+                n += 1;
+            }
+            if let Err(e) = writer.write(DEFAULT_TENANT, AUDIT_STREAM, buf.clone()).await {
+                self.metrics.inc("ferrite_audit_dropped_total", &[], 1);
+                tracing::error!(error = %e, "cannot write audit records");
+            }
+        }
+    }
+
+    // ---- tokens ----
+
+    fn keys(&self) -> Arc<KeyRing> {
+        self.state.read().keys.clone()
+    }
+
+    /// The JWKS document.
+    pub fn jwks(&self) -> serde_json::Value {
+        self.keys().jwks()
+    }
+
+    /// Checks a token's signature and claims, and that it is not revoked.
+    pub fn verify_token(&self, token: &str) -> std::result::Result<Claims, String> {
+        let claims = self.keys().verify(token, &self.issuer)?;
+        if self.state.read().revoked.contains(&claims.jti) {
+            return Err("the token has been revoked".into());
+        }
+        Ok(claims)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn issue(
+        &self,
+        sub: &str,
+        kind: &str,
+        tenant: &str,
+        roles: &[String],
+        client_id: &str,
+        scope: &str,
+        ttl: i64,
+    ) -> Result<(String, Claims)> {
+        let now = now();
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            sub: sub.into(),
+            aud: AUDIENCE.into(),
+            exp: now + ttl,
+            iat: now,
+            nbf: now,
+            jti: secret::new_id()?,
+            client_id: client_id.into(),
+            scope: scope.into(),
+            tenant: tenant.into(),
+            roles: roles.to_vec(),
+            kind: kind.into(),
+        };
+        let token = self.keys().sign(&claims)?;
+        self.metrics.inc("ferrite_tokens_issued_total", &[("kind", if kind == "user" { "user" } else { "client" })], 1);
+        Ok((token, claims))
+    }
+
+    /// The principal a subject names now (its roles, tenant and children as stored), or
+    /// why it cannot act.
+    fn principal_of(&self, sub: &str, kind: &str) -> std::result::Result<Principal, String> {
+        let state = self.state.read();
+        match PrincipalKind::parse(kind) {
+            Some(PrincipalKind::User) => {
+                let u = state.users.get(sub).ok_or_else(|| format!("user {sub:?} does not exist"))?;
+                if u.disabled {
+                    return Err(format!("user {sub:?} is disabled"));
+                }
+                Ok(Principal::new(PrincipalKind::User, &u.name, &u.tenant).with_roles(u.roles.iter().cloned()))
+            }
+            Some(k) => {
+                let c = state.clients.get(sub).ok_or_else(|| format!("client {sub:?} does not exist"))?;
+                if c.disabled {
+                    return Err(format!("{sub:?} is disabled"));
+                }
+                let mut p = Principal::new(k, &c.id, &c.tenant).with_roles(c.roles.iter().cloned());
+                p.device_type = c.device_type.as_deref().map(Into::into);
+                p.children = c.children.clone().into();
+                Ok(p)
+            }
+            None => Err(format!("unknown principal kind {kind:?}")),
+        }
+    }
+
+    /// Creates a long-lived API token for the user or client `subject` (`ferrite token
+    /// create`, the admin token); recorded so that it can be listed and revoked.
+    pub async fn create_api_token(
+        &self,
+        subject: &str,
+        description: &str,
+        ttl: Duration,
+    ) -> Result<(String, TokenRecord)> {
+        let kind = if self.state.read().users.contains_key(subject) {
+            "user"
+        } else if let Some(c) = self.state.read().clients.get(subject) {
+            if c.kind == "device" { "device" } else { "service" }
+        } else {
+            return Err(Error::NotFound(format!("no user or client named {subject:?}")));
+        };
+        let p = self.principal_of(subject, kind).map_err(Error::Invalid)?;
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 4);
+        let (token, claims) = self.issue(subject, kind, &p.tenant, &p.roles, subject, "api", ttl)?;
+        let record = TokenRecord {
+            jti: claims.jti,
+            subject: subject.into(),
+            kind: kind.into(),
+            tenant: p.tenant.to_string(),
+            description: description.into(),
+            expires_at: claims.exp,
+            created_at: claims.iat,
+        };
+        self.store.add_token(&record).await?;
+        self.audit(AuditEvent::new("token_issued", "ok", format!("API token {}: {description}", record.jti)).by(&p));
+        Ok((token, record))
+    }
+
+    /// The API tokens not yet expired or revoked.
+    pub async fn api_tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.store.tokens(now()).await
+    }
+
+    /// Revokes an access token by its id; the change reaches every cache at once.
+    pub async fn revoke_jti(&self, jti: &str, expires_at: i64, by: Option<&Principal>) -> Result<()> {
+        self.store.revoke(jti, expires_at).await?;
+        self.state.write().revoked.insert(jti.to_owned());
+        self.changed();
+        let mut e = AuditEvent::new("token_revoked", "ok", format!("token {jti}"));
+        if let Some(p) = by {
+            e = e.by(p);
+        }
+        self.audit(e);
+        Ok(())
+    }
+
+    /// Revokes a token given whole: an access token (by its `jti`) or a refresh token (its
+    /// family). Unknown tokens are ignored, as RFC 7009 asks.
+    pub async fn revoke_token(&self, token: &str, by: Option<&Principal>) -> Result<()> {
+        if let Ok(claims) = self.keys().verify(token, &self.issuer) {
+            return self.revoke_jti(&claims.jti, claims.exp, by).await;
+        }
+        if let Some(r) = self.store.refresh(&secret::hash_secret(token)).await? {
+            let n = self.store.revoke_family(&r.family).await?;
+            self.audit(
+                AuditEvent::new("refresh_revoked", "ok", format!("{n} refresh tokens of a family of {}", r.subject))
+                    .claimed(&r.subject),
+            );
+        }
+        Ok(())
+    }
+
+    /// Rotates the signing key: a new key signs from now on; the old ones stay in the JWKS
+    /// until the last token they signed has expired.
+    pub async fn rotate_key(&self, by: Option<&Principal>) -> Result<String> {
+        let now = now();
+        let key = generate_key(now)?;
+        self.store.add_key(&key).await?;
+        let longest = self.config.admin_token_ttl.max(self.config.access_ttl);
+        self.store.retire_keys_except(&key.kid, now, now + longest.as_secs() as i64).await?;
+        let ring = KeyRing::new(&self.store.keys().await?)?;
+        self.state.write().keys = Arc::new(ring);
+        let mut e = AuditEvent::new("key_rotated", "ok", format!("new signing key {}", key.kid));
+        if let Some(p) = by {
+            e = e.by(p);
+        }
+        self.audit(e);
+        Ok(key.kid)
+    }
+
+    // ---- failure throttle ----
+
+    /// When `key` is locked after repeated failures: how long it still is.
+    pub fn locked(&self, key: &str) -> Option<Duration> {
+        let failures = self.failures.lock();
+        let until = failures.get(key)?.locked_until?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    /// Records a failure on `key`; returns how long to hold the answer back (slowing down
+    /// guessing) and locks the key after five in the window.
+    pub fn failed(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock();
+        if failures.len() > 100_000 {
+            failures.retain(|_, f| f.first.is_some_and(|t| t.elapsed() < FAILURE_WINDOW));
+        }
+        let f = failures.entry(key.to_owned()).or_default();
+        if f.first.is_none_or(|t| t.elapsed() > FAILURE_WINDOW) {
+            *f = Failures { count: 0, first: Some(Instant::now()), locked_until: None };
+        }
+        f.count += 1;
+        if f.count >= MAX_FAILURES {
+            let doublings = (f.count - MAX_FAILURES).min(5);
+            let lock = (FIRST_LOCK * 2u32.pow(doublings)).min(Duration::from_secs(900));
+            f.locked_until = Some(Instant::now() + lock);
+        }
+        self.metrics.inc("ferrite_auth_failures_total", &[], 1);
+        Duration::from_millis(100 * u64::from(f.count.min(10)))
+    }
+
+    fn succeeded(&self, key: &str) {
+        self.failures.lock().remove(key);
+    }
+
+    // ---- grants ----
+
+    /// Checks a client's secret (throttled per client and address); the client record.
+    pub fn authenticate_client(
+        &self,
+        client_id: &str,
+        client_secret: &str,
+        source: Option<std::net::IpAddr>,
+    ) -> std::result::Result<ClientRecord, GrantError> {
+        let key = format!("client:{client_id}@{}", source.map(|s| s.to_string()).unwrap_or_default());
+        if let Some(wait) = self.locked(&key) {
+            self.audit(
+                AuditEvent::new("login_throttled", "refused", "too many failed attempts")
+                    .claimed(client_id)
+                    .from_source(source),
+            );
+            return Err(GrantError {
+                error: "slow_down",
+                description: format!(
+                    "too many failed attempts for client {client_id:?}; retry in {} s",
+                    wait.as_secs() + 1
+                ),
+                retry_after: Some(wait),
+            });
+        }
+        let record = self.state.read().clients.get(client_id).cloned();
+        match record {
+            Some(c) if !c.disabled && secret::check_secret(client_secret, &c.secret_hash) => {
+                self.succeeded(&key);
+                Ok(c)
+            }
+            other => {
+                let delay = self.failed(&key);
+                let why = match other {
+                    Some(c) if c.disabled => "the client is disabled",
+                    Some(_) => "wrong client secret",
+                    None => "unknown client",
+                };
+                self.audit(AuditEvent::new("login_failed", "refused", why).claimed(client_id).from_source(source));
+                Err(GrantError {
+                    error: "invalid_client",
+                    description: format!("client authentication failed ({why})"),
+                    retry_after: Some(delay),
+                })
+            }
+        }
+    }
+
+    fn kind_of(c: &ClientRecord) -> &'static str {
+        if c.kind == "device" { "device" } else { "service" }
+    }
+
+    /// The client credentials grant; a refresh token too when `offline_access` is asked.
+    pub async fn client_credentials(
+        &self,
+        client: &ClientRecord,
+        scope: &str,
+    ) -> std::result::Result<Grant, GrantError> {
+        let kind = Self::kind_of(client);
+        let ttl = self.config.access_ttl.as_secs() as i64;
+        let (access_token, claims) =
+            self.issue(&client.id, kind, &client.tenant, &client.roles, &client.id, scope, ttl)?;
+        let refresh_token = if scope.split(' ').any(|s| s == "offline_access") {
+            Some(self.new_refresh(&secret::new_id()?, &client.id, &client.id, kind, &client.tenant, scope).await?)
+        } else {
+            None
+        };
+        self.audit(
+            AuditEvent::new("token_issued", "ok", format!("client_credentials, jti {}", claims.jti))
+                .claimed(&client.id),
+        );
+        Ok(Grant { access_token, expires_in: ttl, scope: scope.into(), refresh_token })
+    }
+
+    async fn new_refresh(
+        &self,
+        family: &str,
+        client_id: &str,
+        subject: &str,
+        kind: &str,
+        tenant: &str,
+        scope: &str,
+    ) -> Result<String> {
+        let token = secret::new_secret()?;
+        let record = RefreshRecord {
+            hash: secret::hash_secret(&token),
+            family: family.into(),
+            client_id: client_id.into(),
+            subject: subject.into(),
+            kind: kind.into(),
+            tenant: tenant.into(),
+            scope: scope.into(),
+            expires_at: now() + self.config.refresh_ttl.as_secs() as i64,
+            used: false,
+            revoked: false,
+        };
+        self.store.add_refresh(&record, now()).await?;
+        Ok(token)
+    }
+
+    /// The refresh-token grant with rotation: the token is used up and a new one of the same
+    /// family given back; presenting a used token again revokes the whole family.
+    pub async fn refresh(&self, token: &str, client_id: Option<&str>) -> std::result::Result<Grant, GrantError> {
+        let hash = secret::hash_secret(token);
+        let Some(r) = self.store.refresh(&hash).await? else {
+            return Err(GrantError::new("invalid_grant", "unknown refresh token"));
+        };
+        if let Some(c) = client_id
+            && c != r.client_id
+        {
+            return Err(GrantError::new("invalid_grant", "the refresh token was issued to another client"));
+        }
+        if r.revoked {
+            return Err(GrantError::new("invalid_grant", "the refresh token has been revoked"));
+        }
+        if r.expires_at < now() {
+            return Err(GrantError::new("invalid_grant", "the refresh token has expired"));
+        }
+        if r.used || !self.store.use_refresh(&hash).await? {
+            let n = self.store.revoke_family(&r.family).await?;
+            self.changed();
+            self.audit(
+                AuditEvent::new(
+                    "refresh_reuse",
+                    "refused",
+                    format!("a used refresh token was presented again: {n} tokens of its family revoked"),
+                )
+                .claimed(&r.subject),
+            );
+            return Err(GrantError::new(
+                "invalid_grant",
+                "the refresh token was already used: its whole family is now revoked; authenticate again",
+            ));
+        }
+        let p = self.principal_of(&r.subject, &r.kind).map_err(|e| GrantError::new("invalid_grant", e))?;
+        let ttl = self.config.access_ttl.as_secs() as i64;
+        let (access_token, claims) =
+            self.issue(&r.subject, &r.kind, &p.tenant, &p.roles, &r.client_id, &r.scope, ttl)?;
+        let next = self.new_refresh(&r.family, &r.client_id, &r.subject, &r.kind, &p.tenant, &r.scope).await?;
+        self.audit(AuditEvent::new("token_refreshed", "ok", format!("jti {}", claims.jti)).by(&p));
+        Ok(Grant { access_token, expires_in: ttl, scope: r.scope, refresh_token: Some(next) })
+    }
+
+    /// Starts a device authorization (RFC 8628): the device code and the user code.
+    pub async fn device_authorization(
+        &self,
+        client_id: &str,
+        scope: &str,
+    ) -> std::result::Result<(String, String), GrantError> {
+        if self.state.read().clients.get(client_id).is_none_or(|c| c.disabled) {
+            return Err(GrantError::new("invalid_client", format!("unknown or disabled client {client_id:?}")));
+        }
+        let device_code = secret::new_secret()?;
+        let user_code = secret::new_user_code()?;
+        self.store
+            .add_device_code(&DeviceCodeRecord {
+                device_code_hash: secret::hash_secret(&device_code),
+                user_code: user_code.clone(),
+                client_id: client_id.into(),
+                scope: scope.into(),
+                expires_at: now() + DEVICE_CODE_TTL,
+                status: "pending".into(),
+                approved_by: None,
+                last_poll: 0,
+            })
+            .await?;
+        Ok((device_code, user_code))
+    }
+
+    /// A user approves (or denies) a device's user code.
+    pub async fn decide_device_code(&self, user_code: &str, approver: &Principal, approve: bool) -> Result<String> {
+        let code = user_code.trim().to_ascii_uppercase();
+        let Some(d) = self.store.device_code(None, Some(&code)).await? else {
+            return Err(Error::NotFound(format!("no pending device authorization with user code {code:?}")));
+        };
+        if d.expires_at < now() || d.status != "pending" {
+            return Err(Error::Invalid(format!("the user code {code:?} has expired or was already used")));
+        }
+        let client_tenant = self.state.read().clients.get(&d.client_id).map(|c| c.tenant.clone()).unwrap_or_default();
+        if client_tenant != *approver.tenant && !approver.has_role("platform-admin") {
+            return Err(Error::Invalid(format!("the device {:?} is not of your tenant", d.client_id)));
+        }
+        let to = if approve { "approved" } else { "denied" };
+        self.store.set_device_code_status(&d.device_code_hash, "pending", to, Some(&approver.id)).await?;
+        self.audit(
+            AuditEvent::new("device_code_decided", "ok", format!("{to} the device {}", d.client_id)).by(approver),
+        );
+        Ok(d.client_id)
+    }
+
+    /// The device code grant: the device polls until a user approved its code.
+    pub async fn device_code_grant(
+        &self,
+        device_code: &str,
+        client_id: &str,
+    ) -> std::result::Result<Grant, GrantError> {
+        let hash = secret::hash_secret(device_code);
+        let Some(d) = self.store.device_code(Some(&hash), None).await? else {
+            return Err(GrantError::new("invalid_grant", "unknown device code"));
+        };
+        if d.client_id != client_id {
+            return Err(GrantError::new("invalid_grant", "the device code was issued to another client"));
+        }
+        let now = now();
+        if d.expires_at < now {
+            return Err(GrantError::new("expired_token", "the device code has expired; start again"));
+        }
+        match d.status.as_str() {
+            "pending" => {
+                self.store.touch_device_code(&hash, now).await?;
+                if now - d.last_poll < DEVICE_CODE_INTERVAL {
+                    return Err(GrantError::new("slow_down", format!("poll at most every {DEVICE_CODE_INTERVAL} s")));
+                }
+                Err(GrantError::new("authorization_pending", "the user has not approved the code yet"))
+            }
+            "denied" => Err(GrantError::new("access_denied", "the user denied the request")),
+            "approved" => {
+                if !self.store.set_device_code_status(&hash, "approved", "used", None).await? {
+                    return Err(GrantError::new("invalid_grant", "the device code was already used"));
+                }
+                let client = self.state.read().clients.get(client_id).cloned();
+                let client = client.ok_or_else(|| GrantError::new("invalid_client", "the client no longer exists"))?;
+                let mut grant = self.client_credentials(&client, &d.scope).await?;
+                if grant.refresh_token.is_none() {
+                    let kind = Self::kind_of(&client);
+                    grant.refresh_token = Some(
+                        self.new_refresh(&secret::new_id()?, client_id, client_id, kind, &client.tenant, &d.scope)
+                            .await?,
+                    );
+                }
+                Ok(grant)
+            }
+            _ => Err(GrantError::new("invalid_grant", "the device code was already used")),
+        }
+    }
+
+    /// Signs a user in with name and password (throttled, audited); an access and a refresh token.
+    pub async fn login(
+        &self,
+        name: &str,
+        password: &str,
+        source: Option<std::net::IpAddr>,
+    ) -> std::result::Result<Grant, GrantError> {
+        let key = format!("user:{name}@{}", source.map(|s| s.to_string()).unwrap_or_default());
+        if let Some(wait) = self.locked(&key) {
+            return Err(GrantError {
+                error: "slow_down",
+                description: format!("too many failed attempts; retry in {} s", wait.as_secs() + 1),
+                retry_after: Some(wait),
+            });
+        }
+        let user = self.state.read().users.get(name).cloned();
+        let hash = user.as_ref().and_then(|u| u.password_hash.clone());
+        // Checks a hash even for unknown users, so that timing does not tell who exists.
+        let ok = match &hash {
+            Some(h) => secret::check_password(password, h),
+            None => {
+                let _ = secret::check_password(password, DUMMY_HASH);
+                false
+            }
+        };
+        match user {
+            Some(u) if ok && !u.disabled => {
+                self.succeeded(&key);
+                let ttl = self.config.access_ttl.as_secs() as i64;
+                let (access_token, claims) =
+                    self.issue(&u.name, "user", &u.tenant, &u.roles, "ferrite-cli", "", ttl)?;
+                let refresh =
+                    self.new_refresh(&secret::new_id()?, "ferrite-cli", &u.name, "user", &u.tenant, "").await?;
+                self.audit(
+                    AuditEvent::new("token_issued", "ok", format!("login, jti {}", claims.jti))
+                        .claimed(name)
+                        .from_source(source),
+                );
+                Ok(Grant { access_token, expires_in: ttl, scope: String::new(), refresh_token: Some(refresh) })
+            }
+            _ => {
+                let delay = self.failed(&key);
+                self.audit(
+                    AuditEvent::new("login_failed", "refused", "wrong user name or password")
+                        .claimed(name)
+                        .from_source(source),
+                );
+                Err(GrantError {
+                    error: "invalid_grant",
+                    description: "wrong user name or password".into(),
+                    retry_after: Some(delay),
+                })
+            }
+        }
+    }
+
+    // ---- the directory ----
+
+    /// Adds a tenant.
+    pub async fn add_tenant(&self, id: &str, by: &Principal) -> Result<bool> {
+        if !valid_name(id) {
+            return Err(Error::Invalid(format!(
+                "{id:?} is not a valid tenant id (letters, digits, - _ . : @; at most 128)"
+            )));
+        }
+        let added = self.store.add_tenant(id, now()).await?;
+        self.state.write().tenants.insert(id.to_owned());
+        self.audit(AuditEvent::new("tenant_added", "ok", id.to_owned()).by(by));
+        Ok(added)
+    }
+
+    /// Every tenant.
+    pub fn tenants(&self) -> Vec<String> {
+        let mut t: Vec<_> = self.state.read().tenants.iter().cloned().collect();
+        t.sort();
+        t
+    }
+
+    fn require_tenant(&self, tenant: &str) -> Result<()> {
+        if self.state.read().tenants.contains(tenant) {
+            Ok(())
+        } else {
+            Err(Error::NotFound(format!("no tenant {tenant:?}: create it first (POST /api/v1/tenants)")))
+        }
+    }
+
+    /// Adds a client (a device or a service); returns its secret, shown once.
+    pub async fn add_client(&self, mut record: ClientRecord, by: Option<&Principal>) -> Result<String> {
+        if record.id.is_empty() {
+            record.id = secret::new_id()?;
+        }
+        if !valid_name(&record.id) {
+            return Err(Error::Invalid(format!(
+                "{:?} is not a valid client id (letters, digits, - _ . : @)",
+                record.id
+            )));
+        }
+        if record.kind != "device" && record.kind != "service" {
+            return Err(Error::Invalid(format!("client kind {:?}: use device or service", record.kind)));
+        }
+        self.require_tenant(&record.tenant)?;
+        if self.state.read().users.contains_key(&record.id) {
+            return Err(Error::Invalid(format!("{:?} is already a user's name", record.id)));
+        }
+        let secret = secret::new_secret()?;
+        record.secret_hash = secret::hash_secret(&secret);
+        if !self.store.add_client(&record, now()).await? {
+            return Err(Error::Invalid(format!("a client {:?} already exists", record.id)));
+        }
+        let mut e =
+            AuditEvent::new("client_added", "ok", format!("{} {} roles {:?}", record.kind, record.id, record.roles));
+        if let Some(p) = by {
+            e = e.by(p);
+        }
+        self.audit(e);
+        self.state.write().clients.insert(record.id.clone(), record);
+        self.changed();
+        Ok(secret)
+    }
+
+    /// Removes a client: its tokens stop working at once.
+    pub async fn remove_client(&self, id: &str, by: &Principal) -> Result<bool> {
+        let removed = self.store.remove_client(id).await?;
+        self.state.write().clients.remove(id);
+        self.changed();
+        self.audit(AuditEvent::new("client_removed", "ok", id.to_owned()).by(by));
+        Ok(removed)
+    }
+
+    /// Every client.
+    pub fn clients(&self) -> Vec<ClientRecord> {
+        let mut c: Vec<_> = self.state.read().clients.values().cloned().collect();
+        c.sort_by(|a, b| a.id.cmp(&b.id));
+        c
+    }
+
+    /// Adds a user with a password (hashed with argon2id).
+    pub async fn add_user(
+        &self,
+        name: &str,
+        tenant: &str,
+        roles: Vec<String>,
+        password: Option<&str>,
+        by: &Principal,
+    ) -> Result<()> {
+        if !valid_name(name) {
+            return Err(Error::Invalid(format!("{name:?} is not a valid user name")));
+        }
+        self.require_tenant(tenant)?;
+        if self.state.read().clients.contains_key(name) {
+            return Err(Error::Invalid(format!("{name:?} is already a client's id")));
+        }
+        let password_hash = match password {
+            Some(p) if p.len() < 8 => return Err(Error::Invalid("a password needs at least 8 characters".into())),
+            Some(p) => Some(hash_blocking(p).await?),
+            None => None,
+        };
+        let record = UserRecord { name: name.into(), tenant: tenant.into(), password_hash, roles, disabled: false };
+        if !self.store.add_user(&record, now()).await? {
+            return Err(Error::Invalid(format!("a user {name:?} already exists")));
+        }
+        self.audit(AuditEvent::new("user_added", "ok", format!("{name} in {tenant} roles {:?}", record.roles)).by(by));
+        self.state.write().users.insert(name.to_owned(), record);
+        self.changed();
+        Ok(())
+    }
+
+    /// Sets a user's password.
+    pub async fn set_password(&self, name: &str, password: &str, by: &Principal) -> Result<()> {
+        if password.len() < 8 {
+            return Err(Error::Invalid("a password needs at least 8 characters".into()));
+        }
+        let hash = hash_blocking(password).await?;
+        if !self.store.set_password(name, &hash).await? {
+            return Err(Error::NotFound(format!("no user {name:?}")));
+        }
+        if let Some(u) = self.state.write().users.get_mut(name) {
+            u.password_hash = Some(hash);
+        }
+        self.audit(AuditEvent::new("password_changed", "ok", name.to_owned()).by(by));
+        Ok(())
+    }
+
+    /// Every user (without password hashes).
+    pub fn users(&self) -> Vec<UserRecord> {
+        let mut u: Vec<_> =
+            self.state.read().users.values().map(|u| UserRecord { password_hash: None, ..u.clone() }).collect();
+        u.sort_by(|a, b| a.name.cmp(&b.name));
+        u
+    }
+
+    /// The tenant of a user or client, if it exists.
+    pub fn tenant_of(&self, id: &str) -> Option<String> {
+        let state = self.state.read();
+        state.clients.get(id).map(|c| c.tenant.clone()).or_else(|| state.users.get(id).map(|u| u.tenant.clone()))
+    }
+
+    // ---- policies ----
+
+    /// Re-reads the policy directory; a broken set is refused and the old one kept.
+    pub fn reload_policy_files(&self) -> Result<bool> {
+        let files = read_policy_dir(&self.config.policies_dir)?;
+        let api = {
+            let state = self.state.read();
+            if state.file_policies == files {
+                return Ok(false);
+            }
+            state.api_policies.clone()
+        };
+        match self.pdp.compile(&[files.clone(), api].concat()) {
+            Ok(p) => {
+                let mut state = self.state.write();
+                state.policies = Arc::new(p);
+                state.file_policies = files;
+                drop(state);
+                self.changed();
+                self.audit(AuditEvent::new("policy_changed", "ok", "policy files reloaded"));
+                tracing::info!("policy files reloaded");
+                Ok(true)
+            }
+            Err(e) => {
+                // Remember the broken set so that the error is logged once, not every poll.
+                self.state.write().file_policies = files;
+                self.metrics.inc("ferrite_policy_reload_errors_total", &[], 1);
+                self.audit(AuditEvent::new("policy_changed", "refused", e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores (or replaces) a policy document through the API, once it validates with the rest.
+    pub async fn put_policy(&self, id: &str, text: &str, by: &Principal) -> Result<()> {
+        if !valid_name(id) {
+            return Err(Error::Invalid(format!("{id:?} is not a valid policy id")));
+        }
+        let source = format!("api:{id}");
+        let (files, mut api) = {
+            let s = self.state.read();
+            (s.file_policies.clone(), s.api_policies.clone())
+        };
+        api.retain(|(s, _)| *s != source);
+        api.push((source, text.to_owned()));
+        let compiled = self.pdp.compile(&[files, api.clone()].concat()).inspect_err(|e| {
+            self.audit(AuditEvent::new("policy_changed", "refused", e.to_string()).by(by));
+        })?;
+        self.store.put_policy(id, text, now()).await?;
+        let mut state = self.state.write();
+        state.policies = Arc::new(compiled);
+        state.api_policies = api;
+        drop(state);
+        self.changed();
+        self.audit(AuditEvent::new("policy_changed", "ok", format!("policy {id} stored")).by(by));
+        Ok(())
+    }
+
+    /// Deletes a policy document stored through the API.
+    pub async fn delete_policy(&self, id: &str, by: &Principal) -> Result<bool> {
+        let source = format!("api:{id}");
+        let (files, mut api) = {
+            let s = self.state.read();
+            (s.file_policies.clone(), s.api_policies.clone())
+        };
+        api.retain(|(s, _)| *s != source);
+        let compiled = self.pdp.compile(&[files, api.clone()].concat())?;
+        let removed = self.store.delete_policy(id).await?;
+        let mut state = self.state.write();
+        state.policies = Arc::new(compiled);
+        state.api_policies = api;
+        drop(state);
+        self.changed();
+        self.audit(AuditEvent::new("policy_changed", "ok", format!("policy {id} deleted")).by(by));
+        Ok(removed)
+    }
+
+    /// The policy documents in force: the built-in set, files, API documents.
+    pub fn policy_documents(&self) -> Vec<(String, String)> {
+        let state = self.state.read();
+        let mut docs = vec![("default".to_owned(), crate::policy::DEFAULT_POLICIES.to_owned())];
+        docs.extend(state.file_policies.iter().cloned());
+        docs.extend(state.api_policies.iter().cloned());
+        docs
+    }
+
+    /// Decides without auditing (for `policy check`).
+    pub fn explain(
+        &self,
+        principal: &Principal,
+        action: Action,
+        resource: &Resource,
+        context: &RequestContext,
+    ) -> Result<Decision> {
+        let policies = self.state.read().policies.clone();
+        self.pdp.decide(&policies, principal, action, resource, context, &|d| self.topic_tenant(d), now())
+    }
+
+    fn topic_tenant(&self, device: &str) -> String {
+        self.state.read().clients.get(device).map(|c| c.tenant.clone()).unwrap_or_else(|| DEFAULT_TENANT.to_owned())
+    }
+
+    /// The policy directory this service watches.
+    pub fn policies_dir(&self) -> &Path {
+        &self.config.policies_dir
+    }
+}
+
+/// An argon2id hash checked for unknown users, so that a failed login takes as long either way.
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Wg9mH0eyf8IyJ3yBSdDLuxWvrlgJKb4c7eGv+DCFLrA";
+
+async fn hash_blocking(password: &str) -> Result<String> {
+    let p = password.to_owned();
+    tokio::task::spawn_blocking(move || secret::hash_password(&p))
+        .await
+        .map_err(|e| Error::Key(format!("hashing task: {e}")))?
+}
+
+/// Every `*.cedar` file of `dir` (none when it does not exist), by file name.
+pub fn read_policy_dir(dir: &Path) -> Result<Vec<(String, String)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::Policy(format!("cannot read the policy directory {}: {e}", dir.display()))),
+    };
+    let mut docs = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|x| x == "cedar") {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Error::Policy(format!("cannot read {}: {e}", path.display())))?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            docs.push((name, text));
+        }
+    }
+    docs.sort();
+    Ok(docs)
+}
+
+/// Writes `bytes` to `path` with mode 0600 (replacing what was there).
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options.open(&tmp).map_err(|e| Error::Io(format!("cannot write {}: {e}", tmp.display())))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::Io(format!("cannot write {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::Io(format!("cannot write {}: {e}", path.display())))?;
+    Ok(())
+}
+
+impl AccessControl for Identity {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn authenticate(
+        &self,
+        credentials: &Credentials<'_>,
+        context: &RequestContext,
+    ) -> std::result::Result<Principal, AuthError> {
+        let result = match credentials {
+            Credentials::Bearer(token) => self.principal_from_token(token, None),
+            Credentials::Mqtt { username, password, .. } => {
+                let (Some(user), Some(pass)) = (username, password) else {
+                    return Err(AuthError::InvalidCredentials(
+                        "MQTT CONNECT needs a username (the device or client id) and a password (an access token or the \
+                         client secret)"
+                            .into(),
+                    ));
+                };
+                let pass = std::str::from_utf8(pass)
+                    .map_err(|_| AuthError::InvalidCredentials("the password is not UTF-8".into()))?;
+                if pass.len() > crate::tokens::MAX_TOKEN_BYTES {
+                    return Err(AuthError::InvalidCredentials("the password is too long".into()));
+                }
+                if pass.split('.').count() == 3 {
+                    self.principal_from_token(pass, Some(user))
+                } else {
+                    match self.authenticate_client(user, pass, context.source) {
+                        Ok(c) => self.principal_of(&c.id, Self::kind_of(&c)).map_err(AuthError::InvalidCredentials),
+                        Err(e) => Err(AuthError::InvalidCredentials(e.description)),
+                    }
+                }
+            }
+        };
+        if let Err(e) = &result {
+            let who = match credentials {
+                Credentials::Mqtt { username, .. } => username.unwrap_or(""),
+                Credentials::Bearer(_) => "",
+            };
+            self.metrics.inc("ferrite_auth_failures_total", &[], 1);
+            self.audit(
+                AuditEvent::new("authentication_failed", "refused", e.to_string())
+                    .claimed(who)
+                    .from_source(context.source),
+            );
+        }
+        result
+    }
+
+    fn authorize(
+        &self,
+        principal: &Principal,
+        action: Action,
+        resource: &Resource,
+        context: &RequestContext,
+    ) -> Decision {
+        if let Some(jti) = &principal.token_id
+            && self.state.read().revoked.contains(jti.as_ref())
+        {
+            return Decision::deny();
+        }
+        let decision = self.explain(principal, action, resource, context).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "policy evaluation failed; denying");
+            Decision::deny()
+        });
+        if !decision.allowed {
+            self.metrics.inc("ferrite_access_denied_total", &[("action", action.as_str())], 1);
+            let mut e =
+                AuditEvent::new("denied", "refused", format!("{principal} may not {} {resource}", action.as_str()))
+                    .by(principal)
+                    .from_source(context.source);
+            e.action = action.as_str().into();
+            e.resource = resource.to_string();
+            self.audit(e);
+        }
+        decision
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, principal: &Principal, event: &'static str, detail: &str) {
+        self.audit(AuditEvent::new(event, "ok", detail.to_owned()).by(principal));
+    }
+
+    fn still_valid(&self, principal: &Principal) -> bool {
+        if let Some(jti) = &principal.token_id
+            && self.state.read().revoked.contains(jti.as_ref())
+        {
+            return false;
+        }
+        self.principal_of(&principal.id, principal.kind.as_str()).is_ok()
+    }
+}
+
+impl Identity {
+    fn principal_from_token(&self, token: &str, mqtt_user: Option<&str>) -> std::result::Result<Principal, AuthError> {
+        let claims = self.verify_token(token).map_err(AuthError::InvalidToken)?;
+        if let Some(user) = mqtt_user
+            && user != claims.sub
+        {
+            return Err(AuthError::InvalidCredentials(format!(
+                "the MQTT username {user:?} is not the token's subject {:?}",
+                claims.sub
+            )));
+        }
+        let mut p = self.principal_of(&claims.sub, &claims.kind).map_err(AuthError::InvalidToken)?;
+        p.token_id = Some(claims.jti.into());
+        Ok(p)
+    }
+}

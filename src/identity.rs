@@ -1,0 +1,91 @@
+//! Wiring of identity into `ferrite serve`: the identity plugin (or, with `--auth off`, the
+//! allow-all decision point), and the plugin context every plugin gets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use ferrite_engine::auth::{AccessControl, AllowAll};
+use ferrite_engine::plugin::{EventWriter, PluginContext, WriteFuture};
+use ferrite_engine::{Engine, Metrics, StreamCatalog, StreamName};
+use ferrite_identity::{Identity, IdentityConfig, IdentityPlugin};
+use ferrite_ingest::mqtt::Broker;
+use ferrite_ingest::{Durability, Ingestor, Payload, Transport};
+use ferrite_plugin::Plugin;
+
+use crate::config::Config;
+
+/// Writes plugin events (the audit trail) through the ingest pipeline, as if ingested.
+struct IngestWriter(Arc<Ingestor>);
+
+impl EventWriter for IngestWriter {
+    fn write(&self, _tenant: &str, stream: &str, ndjson: Vec<u8>) -> WriteFuture {
+        let ingestor = self.0.clone();
+        let stream = StreamName::new(stream).map_err(|e| e.to_string());
+        Box::pin(async move {
+            let payload = Payload::Ndjson { stream: stream? };
+            let report = ingestor
+                .ingest(Transport::Http, payload, bytes::Bytes::from(ndjson), Durability::Committed)
+                .await
+                .map_err(|e| e.to_string())?;
+            match report.rejections.first() {
+                Some(r) => Err(format!("{} events rejected: {}", report.rejected, r.message)),
+                None => Ok(()),
+            }
+        })
+    }
+}
+
+/// Starts identity (unless `auth = "off"`) and every plugin; returns the decision point and
+/// the started plugins (to merge their routes and stop them at shutdown).
+pub async fn start(
+    config: &Config,
+    http_addr: SocketAddr,
+    catalog: &Arc<StreamCatalog>,
+    engine: &Arc<Engine>,
+    ingestor: &Arc<Ingestor>,
+    broker: &Arc<Broker>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Arc<dyn AccessControl>, Vec<Box<dyn Plugin>>)> {
+    let mut plugins: Vec<Box<dyn Plugin>> = Vec::new();
+    let access: Arc<dyn AccessControl> = match config.auth.as_str() {
+        "off" => {
+            tracing::warn!(
+                "AUTHENTICATION IS OFF (--auth off): anyone who reaches the MQTT and HTTP ports may publish as any \
+                 device, read every stream and change every rule. Use this only for tests and demos."
+            );
+            Arc::new(AllowAll)
+        }
+        "on" => {
+            let mut ic = IdentityConfig::new(&config.data_dir);
+            ic.store_url = config.identity_store_url.clone();
+            ic.policies_dir = config.policies_dir.clone();
+            ic.issuer = config.issuer.clone();
+            ic.default_issuer = format!("http://localhost:{}", http_addr.port());
+            ic.access_ttl = config.access_token_ttl;
+            let identity = Identity::open(ic, metrics.clone()).await.context("cannot start identity")?;
+            tracing::info!(
+                admin_token = %identity.admin_token_path().display(),
+                issuer = identity.issuer(),
+                store = identity.store().backend(),
+                "identity is on: the admin bearer token is in the file named here"
+            );
+            plugins.push(Box::new(IdentityPlugin::new(identity.clone())));
+            identity
+        }
+        other => anyhow::bail!("auth = {other:?}: use \"on\" or \"off\""),
+    };
+    let context = PluginContext {
+        data_dir: config.data_dir.join("plugins"),
+        catalog: catalog.clone(),
+        engine: Some(engine.clone()),
+        events: Arc::new(IngestWriter(ingestor.clone())),
+        publisher: broker.clone(),
+        access: access.clone(),
+        metrics: metrics.clone(),
+    };
+    for plugin in &plugins {
+        plugin.start(&context).await.with_context(|| format!("cannot start the {} plugin", plugin.name()))?;
+    }
+    Ok((access, plugins))
+}
