@@ -12,6 +12,9 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+/// The stream the audit trail goes to; only holders of `read_audit` see it.
+pub const AUDIT_STREAM: &str = "audit";
+
 /// What kind of party a principal is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PrincipalKind {
@@ -422,15 +425,6 @@ impl fmt::Debug for Caller {
 }
 
 impl Caller {
-    /// The caller of a request when identity is off: the anonymous admin.
-    pub fn anonymous(transport: Transport) -> Self {
-        Self {
-            principal: Principal::anonymous(),
-            context: RequestContext::new(transport, None),
-            access: Arc::new(AllowAll),
-        }
-    }
-
     /// The caller's tenant.
     pub fn tenant(&self) -> &str {
         &self.principal.tenant
@@ -466,7 +460,8 @@ impl Caller {
 #[derive(Debug, Default)]
 pub struct DecisionCache {
     generation: u64,
-    decisions: HashMap<(Action, Box<str>), bool>,
+    /// Per action, per topic: a lookup by `&str` allocates nothing.
+    decisions: HashMap<Action, HashMap<Box<str>, bool>>,
 }
 
 /// How many decisions one session keeps before it starts over.
@@ -503,63 +498,15 @@ impl DecisionCache {
                 return CachedDecision { allowed: false, fresh: true, revoked: true };
             }
         }
-        // The lookup borrows `topic`: a hit allocates nothing.
-        if let Some(&allowed) = self.decisions.get(&(action, topic) as &dyn DecisionKey) {
+        if let Some(&allowed) = self.decisions.get(&action).and_then(|m| m.get(topic)) {
             return CachedDecision { allowed, fresh: false, revoked: false };
         }
         let allowed = access.authorize(principal, action, &Resource::topic(topic), context).allowed;
-        if self.decisions.len() >= DECISION_CACHE_MAX {
+        if self.decisions.values().map(HashMap::len).sum::<usize>() >= DECISION_CACHE_MAX {
             self.decisions.clear();
         }
-        self.decisions.insert((action, topic.into()), allowed);
+        self.decisions.entry(action).or_default().insert(topic.into(), allowed);
         CachedDecision { allowed, fresh: true, revoked: false }
-    }
-
-    /// How many decisions are cached.
-    pub fn len(&self) -> usize {
-        self.decisions.len()
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.decisions.is_empty()
-    }
-}
-
-/// Lets `(Action, &str)` look up `(Action, Box<str>)` keys without allocating.
-trait DecisionKey {
-    fn key(&self) -> (Action, &str);
-}
-
-impl DecisionKey for (Action, Box<str>) {
-    fn key(&self) -> (Action, &str) {
-        (self.0, &self.1)
-    }
-}
-
-impl DecisionKey for (Action, &str) {
-    fn key(&self) -> (Action, &str) {
-        (self.0, self.1)
-    }
-}
-
-impl<'a> std::borrow::Borrow<dyn DecisionKey + 'a> for (Action, Box<str>) {
-    fn borrow(&self) -> &(dyn DecisionKey + 'a) {
-        self
-    }
-}
-
-impl PartialEq for dyn DecisionKey + '_ {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for dyn DecisionKey + '_ {}
-
-impl std::hash::Hash for dyn DecisionKey + '_ {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.key().hash(state);
     }
 }
 

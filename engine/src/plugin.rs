@@ -68,21 +68,3 @@ impl PluginContext {
         }
     }
 }
-
-/// An [`EventWriter`] and [`TopicPublisher`] that refuse everything: for tools and tests
-/// that run a plugin without the server.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Detached;
-
-impl EventWriter for Detached {
-    fn write(&self, _: &str, stream: &str, _: Vec<u8>) -> WriteFuture {
-        let e = format!("no server to write stream {stream} to");
-        Box::pin(std::future::ready(Err(e)))
-    }
-}
-
-impl TopicPublisher for Detached {
-    fn publish(&self, topic: &str, _: &[u8], _: bool) -> Result<usize, String> {
-        Err(format!("no broker to publish {topic} on"))
-    }
-}

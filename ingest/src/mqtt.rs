@@ -582,25 +582,6 @@ impl Session {
                 };
                 self.metrics.inc("ferrite_mqtt_messages_total", &[("qos", qos_label)], 1);
                 let pkid = p.pkid;
-                match self.permission(Action::Publish, &p.topic) {
-                    Permission::Allowed => {}
-                    Permission::Revoked => return Err(SessionError::Protocol("the credentials were revoked".into())),
-                    Permission::Denied => {
-                        // Dropped, still acknowledged in order (MQTT 3.1.1 has no negative
-                        // PUBACK): otherwise the client would resend it forever.
-                        self.hand_over_qos1(gathered, pending);
-                        let outcome = match p.qos {
-                            QoS::AtMostOnce => AckOutcome::Nothing,
-                            QoS::AtLeastOnce => AckOutcome::Send(Packet::PubAck(PubAck::new(pkid))),
-                            QoS::ExactlyOnce if qos2.taken.contains(&pkid) => {
-                                AckOutcome::Send(Packet::PubRec(PubRec::new(pkid)))
-                            }
-                            QoS::ExactlyOnce => AckOutcome::Qos2Taken(pkid),
-                        };
-                        pending.push_back(Box::pin(async move { outcome }));
-                        return Ok(false);
-                    }
-                }
                 // The acknowledgement once the message is taken.
                 let ack = move || match p.qos {
                     QoS::AtMostOnce => AckOutcome::Nothing,
@@ -618,6 +599,17 @@ impl Session {
                         return Ok(false);
                     }
                     qos2.in_flight.insert(pkid);
+                }
+                match self.permission(Action::Publish, &p.topic) {
+                    Permission::Allowed => {}
+                    Permission::Revoked => return Err(SessionError::Protocol("the credentials were revoked".into())),
+                    Permission::Denied => {
+                        // Dropped, still acknowledged in order (MQTT 3.1.1 has no negative
+                        // PUBACK): otherwise the client would resend it forever.
+                        self.hand_over_qos1(gathered, pending);
+                        pending.push_back(Box::pin(async move { ack() }));
+                        return Ok(false);
+                    }
                 }
                 if let Err(e) = self.broker.publish(&p.topic, p.payload.clone()) {
                     // A wildcard or NUL in a publish topic is a protocol violation: close.

@@ -16,7 +16,7 @@ use axum::{Extension, Json};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use ferrite_engine::ErrorClass;
-use ferrite_engine::auth::{Action, Caller, Resource};
+use ferrite_engine::auth::{AUDIT_STREAM, Action, Caller, Resource};
 use ferrite_engine::ids::DEFAULT_TENANT;
 use serde::Deserialize;
 use serde_json::json;
@@ -25,9 +25,6 @@ use crate::{Error, QueryService};
 
 /// Media type of Arrow IPC streams.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
-
-/// The stream only holders of `read_audit` see.
-pub const AUDIT_STREAM: &str = "audit";
 
 /// `Ok(hidden streams)` when the caller may query, the 403 otherwise. Streams live in the
 /// default tenant until per-tenant catalogs exist.

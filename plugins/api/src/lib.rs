@@ -106,7 +106,7 @@ async fn authenticate(State(access): State<Arc<dyn AccessControl>>, mut request:
         request.extensions_mut().insert(Caller { principal: Principal::anonymous(), context, access });
         return next.run(request).await;
     }
-    let principal = match bearer(&request) {
+    let principal = match bearer(request.headers()) {
         Err(e) => return refused(&e),
         Ok(None) if access.enabled() => return refused(&AuthError::Missing),
         Ok(token) => match access.authenticate(&Credentials::Bearer(token.unwrap_or("")), &context) {
@@ -118,9 +118,10 @@ async fn authenticate(State(access): State<Arc<dyn AccessControl>>, mut request:
     next.run(request).await
 }
 
-/// The bearer token of a request, if it has an `Authorization` header.
-fn bearer(request: &Request) -> Result<Option<&str>, AuthError> {
-    let Some(value) = request.headers().get(header::AUTHORIZATION) else { return Ok(None) };
+/// The bearer token of a request, if it has an `Authorization` header; an error for an
+/// oversized header or another scheme.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, AuthError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
     if value.len() > MAX_AUTHORIZATION_BYTES {
         return Err(AuthError::InvalidToken(format!(
             "the Authorization header is {} bytes, more than the {MAX_AUTHORIZATION_BYTES} accepted",

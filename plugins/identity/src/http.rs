@@ -123,11 +123,7 @@ fn client_credentials(
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let value = value.to_str().unwrap_or("");
         if let Some(encoded) = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic ")) {
-            let bad = || GrantError {
-                error: "invalid_client",
-                description: "malformed HTTP Basic credentials".into(),
-                retry_after: None,
-            };
+            let bad = || GrantError::new("invalid_client", "malformed HTTP Basic credentials");
             let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
             let text = String::from_utf8(decoded).map_err(|_| bad())?;
             let (id, secret) = text.split_once(':').ok_or_else(bad)?;
@@ -143,27 +139,18 @@ fn client_credentials(
 
 /// Decodes `application/x-www-form-urlencoded` escapes (RFC 6749 encodes Basic credentials so).
 fn form_urlencoded_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
+    percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned()
+}
+
+/// The longest a refused credential check is held back.
+const MAX_HOLD_BACK: Duration = Duration::from_secs(2);
+
+/// Holds the answer to a failed credential check back (rate limiting, not synchronisation):
+/// guessing gets slower with each failure.
+async fn hold_back(e: &GrantError) {
+    if !e.hold_back.is_zero() {
+        tokio::time::sleep(e.hold_back.min(MAX_HOLD_BACK)).await;
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn authenticate_client(
@@ -172,23 +159,16 @@ async fn authenticate_client(
     peer: Option<IpAddr>,
 ) -> Result<(ClientRecord, bool), Response> {
     let Some((id, secret, basic)) = creds else {
-        let e = GrantError {
-            error: "invalid_client",
-            description: "client authentication is required: HTTP Basic, or client_id and client_secret in the form"
-                .into(),
-            retry_after: None,
-        };
+        let e = GrantError::new(
+            "invalid_client",
+            "client authentication is required: HTTP Basic, or client_id and client_secret in the form",
+        );
         return Err(grant_error(e, false));
     };
     match identity.authenticate_client(&id, &secret, peer) {
         Ok(c) => Ok((c, basic)),
         Err(e) => {
-            // Slow down guessing: the answer to a wrong secret comes later each time.
-            if e.error == "invalid_client"
-                && let Some(d) = e.retry_after
-            {
-                tokio::time::sleep(d.min(Duration::from_secs(2))).await;
-            }
+            hold_back(&e).await;
             Err(grant_error(e, basic))
         }
     }
@@ -213,14 +193,7 @@ async fn token(
         },
         "refresh_token" => {
             let Some(refresh) = form.get("refresh_token") else {
-                return grant_error(
-                    GrantError {
-                        error: "invalid_request",
-                        description: "refresh_token is missing".into(),
-                        retry_after: None,
-                    },
-                    false,
-                );
+                return grant_error(GrantError::new("invalid_request", "refresh_token is missing"), false);
             };
             let client_id = match creds {
                 Some(c) => match authenticate_client(&identity, Some(c), peer).await {
@@ -236,26 +209,19 @@ async fn token(
                 (form.get("device_code"), form.get("client_id").cloned().or(creds.map(|c| c.0)))
             else {
                 return grant_error(
-                    GrantError {
-                        error: "invalid_request",
-                        description: "device_code and client_id are required".into(),
-                        retry_after: None,
-                    },
+                    GrantError::new("invalid_request", "device_code and client_id are required"),
                     false,
                 );
             };
             identity.device_code_grant(code, &client_id).await
         }
-        "" => {
-            Err(GrantError { error: "invalid_request", description: "grant_type is missing".into(), retry_after: None })
-        }
-        other => Err(GrantError {
-            error: "unsupported_grant_type",
-            description: format!(
+        "" => Err(GrantError::new("invalid_request", "grant_type is missing")),
+        other => Err(GrantError::new(
+            "unsupported_grant_type",
+            format!(
                 "grant type {other:?} is not supported: use client_credentials, refresh_token or urn:ietf:params:oauth:grant-type:device_code"
             ),
-            retry_after: None,
-        }),
+        )),
     };
     match result {
         Ok(g) => grant_response(g),
@@ -269,10 +235,7 @@ async fn device_authorization(
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     let Some(client_id) = form.get("client_id") else {
-        return grant_error(
-            GrantError { error: "invalid_request", description: "client_id is missing".into(), retry_after: None },
-            false,
-        );
+        return grant_error(GrantError::new("invalid_request", "client_id is missing"), false);
     };
     let scope = form.get("scope").cloned().unwrap_or_default();
     match identity.device_authorization(client_id, &scope).await {
@@ -301,13 +264,15 @@ async fn authorized_caller(
     peer: Option<IpAddr>,
 ) -> Result<Option<Principal>, Response> {
     use ferrite_engine::auth::{AccessControl, Credentials};
-    if let Some(bearer) =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
-    {
+    let scheme_is_bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().get(..7))
+        .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "));
+    if scheme_is_bearer {
+        let token = ferrite_plugin::bearer(headers).map_err(|e| ferrite_plugin::unauthorized(&e))?.unwrap_or("");
         let ctx = RequestContext::new(Transport::Http, peer);
-        let p = identity
-            .authenticate(&Credentials::Bearer(bearer.trim()), &ctx)
-            .map_err(|e| ferrite_plugin::unauthorized(&e))?;
+        let p =
+            identity.authenticate(&Credentials::Bearer(token), &ctx).map_err(|e| ferrite_plugin::unauthorized(&e))?;
         if !identity.authorize(&p, Action::ManageIdentity, &Resource::tenant(&p.tenant), &ctx).allowed {
             return Err(error_response(
                 StatusCode::FORBIDDEN,
@@ -333,10 +298,7 @@ async fn revoke(
         Err(resp) => return resp,
     };
     let Some(token) = form.get("token") else {
-        return grant_error(
-            GrantError { error: "invalid_request", description: "token is missing".into(), retry_after: None },
-            false,
-        );
+        return grant_error(GrantError::new("invalid_request", "token is missing"), false);
     };
     match identity.revoke_token(token, by.as_ref()).await {
         Ok(()) => StatusCode::OK.into_response(),
@@ -402,11 +364,7 @@ async fn login(State(identity): State<Shared>, Peer(peer): Peer, Json(body): Jso
     match identity.login(&body.username, &body.password, peer).await {
         Ok(g) => grant_response(g),
         Err(e) => {
-            if let Some(d) = e.retry_after
-                && e.error != "slow_down"
-            {
-                tokio::time::sleep(d.min(Duration::from_secs(2))).await;
-            }
+            hold_back(&e).await;
             let status = if e.error == "slow_down" { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::UNAUTHORIZED };
             error_response(status, e.error, &e.description)
         }
@@ -493,26 +451,12 @@ async fn add_client(
         disabled: false,
     };
     let kind = record.kind.clone();
-    let id = record.id.clone();
     match identity.add_client(record, Some(&caller.principal)).await {
-        Ok(secret) => {
-            let id = if id.is_empty() {
-                identity
-                    .clients()
-                    .into_iter()
-                    .rev()
-                    .find(|c| crate::secret::check_secret(&secret, &c.secret_hash))
-                    .map(|c| c.id)
-                    .unwrap_or_default()
-            } else {
-                id
-            };
-            (
-                StatusCode::CREATED,
-                Json(serde_json::json!({ "client_id": id, "client_secret": secret, "tenant": tenant, "kind": kind })),
-            )
-                .into_response()
-        }
+        Ok((id, secret)) => (
+            StatusCode::CREATED,
+            Json(serde_json::json!({ "client_id": id, "client_secret": secret, "tenant": tenant, "kind": kind })),
+        )
+            .into_response(),
         Err(e) => api_error(e),
     }
 }
@@ -799,24 +743,10 @@ pub fn explain(
     let action_v = Action::parse(action).ok_or_else(|| {
         format!("unknown action {action:?}: {}", Action::ALL.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", "))
     })?;
-    let tenant = identity.tenant_of(&pid).unwrap_or_else(|| ferrite_engine::ids::DEFAULT_TENANT.to_owned());
-    let p = {
-        use ferrite_engine::auth::AccessControl;
-        let _ = identity.generation();
-        let known = identity
-            .users()
-            .into_iter()
-            .find(|u| u.name == pid)
-            .map(|u| Principal::new(kind, &pid, &u.tenant).with_roles(u.roles));
-        let known = known.or_else(|| {
-            identity.clients().into_iter().find(|c| c.id == pid).map(|c| {
-                let mut p = Principal::new(kind, &pid, &c.tenant).with_roles(c.roles);
-                p.children = c.children.into();
-                p.device_type = c.device_type.map(Into::into);
-                p
-            })
-        });
-        known.unwrap_or_else(|| Principal::new(kind, &pid, &tenant))
+    // What the store knows of the principal (tenant, roles, children), asked as `kind`.
+    let p = match identity.known_principal(&pid) {
+        Some(known) => Principal { kind, ..known },
+        None => Principal::new(kind, &pid, ferrite_engine::ids::DEFAULT_TENANT),
     };
     let r = parse_resource(resource, &p.tenant)?;
     let ctx = RequestContext::new(Transport::Local, None);

@@ -28,13 +28,21 @@ pub use service::{ADMIN, AUDIT_STREAM, Identity, IdentityConfig};
 /// The identity service as a plugin: its routes, the audit writer and the policy watcher.
 pub struct IdentityPlugin {
     identity: Arc<Identity>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Tells the audit writer to write what is queued and end.
+    stop_audit: Arc<tokio::sync::Notify>,
+    audit: Mutex<Option<JoinHandle<()>>>,
+    watcher: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl IdentityPlugin {
     /// The plugin around an opened identity service.
     pub fn new(identity: Arc<Identity>) -> Self {
-        Self { identity, tasks: Mutex::new(Vec::new()) }
+        Self {
+            identity,
+            stop_audit: Arc::new(tokio::sync::Notify::new()),
+            audit: Mutex::new(None),
+            watcher: Mutex::new(None),
+        }
     }
 }
 
@@ -50,8 +58,8 @@ impl Plugin for IdentityPlugin {
         Box::pin(async move {
             let audit = {
                 let identity = self.identity.clone();
-                let writer = context.events.clone();
-                tokio::spawn(async move { identity.run_audit(writer).await })
+                let (writer, stop) = (context.events.clone(), self.stop_audit.clone());
+                tokio::spawn(async move { identity.run_audit(writer, stop).await })
             };
             let watcher = {
                 let identity = self.identity.clone();
@@ -71,7 +79,8 @@ impl Plugin for IdentityPlugin {
                     }
                 })
             };
-            self.tasks.lock().extend([audit, watcher]);
+            *self.audit.lock() = Some(audit);
+            *self.watcher.lock() = Some(watcher);
             Ok(())
         })
     }
@@ -85,13 +94,17 @@ impl Plugin for IdentityPlugin {
 
     fn stop(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            // Give queued audit records a moment to reach the stream before the writer stops.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-            while !self.identity.audit_idle() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Some(w) = self.watcher.lock().take() {
+                w.abort();
             }
-            for t in self.tasks.lock().drain(..) {
-                t.abort();
+            // The audit writer writes what is queued, then ends; a writer stuck on a
+            // failing store is not waited for past the deadline.
+            self.stop_audit.notify_one();
+            let audit = self.audit.lock().take();
+            if let Some(a) = audit
+                && tokio::time::timeout(Duration::from_secs(5), a).await.is_err()
+            {
+                tracing::warn!("audit records still unwritten at shutdown");
             }
             self.identity.store().close().await;
         })

@@ -25,8 +25,7 @@ use crate::tokens::{AUDIENCE, Claims, KeyRing, generate_key};
 /// The name of the built-in platform administrator.
 pub const ADMIN: &str = "admin";
 
-/// The stream every audit event goes to.
-pub const AUDIT_STREAM: &str = "audit";
+pub use ferrite_engine::auth::AUDIT_STREAM;
 
 /// How the identity service is set up.
 #[derive(Debug, Clone)]
@@ -86,6 +85,8 @@ pub struct AuditEvent {
     pub source: String,
     /// Free text: why, what changed.
     pub detail: String,
+    /// When it happened, milliseconds since the epoch.
+    pub ts_ms: i64,
 }
 
 impl AuditEvent {
@@ -101,6 +102,7 @@ impl AuditEvent {
             resource: String::new(),
             source: String::new(),
             detail: detail.into(),
+            ts_ms: now_ms(),
         }
     }
 
@@ -126,10 +128,10 @@ impl AuditEvent {
         self
     }
 
-    fn to_json(&self, ts_ms: i64) -> serde_json::Value {
+    fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "device_id": if self.principal.is_empty() { "-" } else { &self.principal },
-            "ts": ts_ms,
+            "ts": self.ts_ms,
             "event": self.event,
             "outcome": self.outcome,
             "kind": self.kind,
@@ -162,13 +164,17 @@ pub struct GrantError {
     pub error: &'static str,
     /// A human-readable description.
     pub description: String,
-    /// For throttled clients: when to try again.
+    /// For a locked client or user (`slow_down`): when to try again.
     pub retry_after: Option<Duration>,
+    /// For a failed credential check: how long to hold the answer back, so that guessing
+    /// gets slower with each failure.
+    pub hold_back: Duration,
 }
 
 impl GrantError {
-    fn new(error: &'static str, description: impl Into<String>) -> Self {
-        Self { error, description: description.into(), retry_after: None }
+    /// An error with nothing to wait for.
+    pub fn new(error: &'static str, description: impl Into<String>) -> Self {
+        Self { error, description: description.into(), retry_after: None, hold_back: Duration::ZERO }
     }
 }
 
@@ -208,6 +214,9 @@ struct State {
     file_policies: Vec<(String, String)>,
     /// Policy documents stored through the API.
     api_policies: Vec<(String, String)>,
+    /// The policy directory as last looked at (names, sizes, times), whether or not its
+    /// documents were accepted: a broken edit is reported once, not at every poll.
+    policy_files_seen: Vec<(String, u64, Option<SystemTime>)>,
 }
 
 /// The identity service.
@@ -219,6 +228,8 @@ pub struct Identity {
     state: RwLock<State>,
     generation: AtomicU64,
     failures: Mutex<HashMap<String, Failures>>,
+    /// Serialises policy updates (files, API).
+    policy_update: Mutex<()>,
     audit_tx: mpsc::Sender<AuditEvent>,
     audit_rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
     metrics: Arc<Metrics>,
@@ -293,6 +304,7 @@ impl Identity {
             revoked: store.revocations(now).await?.into_iter().collect(),
             keys: Arc::new(KeyRing::new(&keys)?),
             policies: Arc::new(policies),
+            policy_files_seen: policy_dir_signature(&config.policies_dir)?,
             file_policies,
             api_policies,
         };
@@ -305,6 +317,7 @@ impl Identity {
             state: RwLock::new(state),
             generation: AtomicU64::new(1),
             failures: Mutex::new(HashMap::new()),
+            policy_update: Mutex::new(()),
             audit_tx,
             audit_rx: Mutex::new(Some(audit_rx)),
             metrics,
@@ -356,34 +369,42 @@ impl Identity {
         }
     }
 
-    /// Whether no audit record waits to be written.
-    pub fn audit_idle(&self) -> bool {
-        self.audit_tx.capacity() == self.audit_tx.max_capacity()
-    }
-
-    /// Runs the audit writer until the service is dropped: batches of queued records go to
-    /// the `audit` stream through `writer`.
-    pub async fn run_audit(self: &Arc<Self>, writer: Arc<dyn EventWriter>) {
+    /// Runs the audit writer: queued records go to the `audit` stream through `writer`, in
+    /// batches, until `stop` is notified; then what is still queued is written and it returns.
+    pub async fn run_audit(self: &Arc<Self>, writer: Arc<dyn EventWriter>, stop: Arc<tokio::sync::Notify>) {
+        const BATCH: usize = 1000;
         let Some(mut rx) = self.audit_rx.lock().take() else { return };
-        let mut buf = Vec::new();
-        while let Some(first) = rx.recv().await {
-            buf.clear();
-            let mut n = 0;
-            let push = |e: AuditEvent, buf: &mut Vec<u8>| {
-                let _ = serde_json::to_writer(&mut *buf, &e.to_json(now_ms()));
-                buf.push(b'\n');
+        loop {
+            let first = tokio::select! {
+                e = rx.recv() => e,
+                () = stop.notified() => None,
             };
-            push(first, &mut buf);
-            while n < 1000 {
-                match rx.try_recv() {
-                    Ok(e) => push(e, &mut buf),
-                    Err(_) => break,
+            let stopping = first.is_none();
+            let mut batch: Vec<AuditEvent> = first.into_iter().collect();
+            loop {
+                while batch.len() < BATCH
+                    && let Ok(e) = rx.try_recv()
+                {
+                    batch.push(e);
                 }
-                n += 1;
+                if batch.is_empty() {
+                    break;
+                }
+                let mut ndjson = Vec::new();
+                for e in batch.drain(..) {
+                    let _ = serde_json::to_writer(&mut ndjson, &e.to_json());
+                    ndjson.push(b'\n');
+                }
+                if let Err(e) = writer.write(DEFAULT_TENANT, AUDIT_STREAM, ndjson).await {
+                    self.metrics.inc("ferrite_audit_dropped_total", &[], 1);
+                    tracing::error!(error = %e, "cannot write audit records");
+                }
+                if !stopping {
+                    break;
+                }
             }
-            if let Err(e) = writer.write(DEFAULT_TENANT, AUDIT_STREAM, buf.clone()).await {
-                self.metrics.inc("ferrite_audit_dropped_total", &[], 1);
-                tracing::error!(error = %e, "cannot write audit records");
+            if stopping {
+                return;
             }
         }
     }
@@ -439,30 +460,37 @@ impl Identity {
         Ok((token, claims))
     }
 
-    /// The principal a subject names now (its roles, tenant and children as stored), or
-    /// why it cannot act.
-    fn principal_of(&self, sub: &str, kind: &str) -> std::result::Result<Principal, String> {
+    /// The stored user or client named `id`, and whether it is disabled.
+    fn stored(&self, id: &str) -> Option<(Principal, bool)> {
         let state = self.state.read();
-        match PrincipalKind::parse(kind) {
-            Some(PrincipalKind::User) => {
-                let u = state.users.get(sub).ok_or_else(|| format!("user {sub:?} does not exist"))?;
-                if u.disabled {
-                    return Err(format!("user {sub:?} is disabled"));
-                }
-                Ok(Principal::new(PrincipalKind::User, &u.name, &u.tenant).with_roles(u.roles.iter().cloned()))
-            }
-            Some(k) => {
-                let c = state.clients.get(sub).ok_or_else(|| format!("client {sub:?} does not exist"))?;
-                if c.disabled {
-                    return Err(format!("{sub:?} is disabled"));
-                }
-                let mut p = Principal::new(k, &c.id, &c.tenant).with_roles(c.roles.iter().cloned());
-                p.device_type = c.device_type.as_deref().map(Into::into);
-                p.children = c.children.clone().into();
-                Ok(p)
-            }
-            None => Err(format!("unknown principal kind {kind:?}")),
+        if let Some(u) = state.users.get(id) {
+            let p = Principal::new(PrincipalKind::User, &u.name, &u.tenant).with_roles(u.roles.iter().cloned());
+            return Some((p, u.disabled));
         }
+        let c = state.clients.get(id)?;
+        let mut p = Principal::new(Self::kind_of(c), &c.id, &c.tenant).with_roles(c.roles.iter().cloned());
+        p.device_type = c.device_type.as_deref().map(Into::into);
+        p.children = c.children.clone().into();
+        Some((p, c.disabled))
+    }
+
+    /// The stored user or client named `id`, with its tenant, roles and children (disabled
+    /// or not): what a policy would see.
+    pub fn known_principal(&self, id: &str) -> Option<Principal> {
+        self.stored(id).map(|(p, _)| p)
+    }
+
+    /// The principal a subject of kind `kind` names now (its roles, tenant and children as
+    /// stored), or why it cannot act.
+    fn principal_of(&self, sub: &str, kind: &str) -> std::result::Result<Principal, String> {
+        let (p, disabled) = self.stored(sub).ok_or_else(|| format!("{kind} {sub:?} does not exist"))?;
+        if PrincipalKind::parse(kind) != Some(p.kind) {
+            return Err(format!("{sub:?} is a {}, not a {kind}", p.kind.as_str()));
+        }
+        if disabled {
+            return Err(format!("{sub:?} is disabled"));
+        }
+        Ok(p)
     }
 
     /// Creates a long-lived API token for the user or client `subject` (`ferrite token
@@ -473,14 +501,12 @@ impl Identity {
         description: &str,
         ttl: Duration,
     ) -> Result<(String, TokenRecord)> {
-        let kind = if self.state.read().users.contains_key(subject) {
-            "user"
-        } else if let Some(c) = self.state.read().clients.get(subject) {
-            if c.kind == "device" { "device" } else { "service" }
-        } else {
-            return Err(Error::NotFound(format!("no user or client named {subject:?}")));
-        };
-        let p = self.principal_of(subject, kind).map_err(Error::Invalid)?;
+        let (p, disabled) =
+            self.stored(subject).ok_or_else(|| Error::NotFound(format!("no user or client named {subject:?}")))?;
+        if disabled {
+            return Err(Error::Invalid(format!("{subject:?} is disabled")));
+        }
+        let kind = p.kind.as_str();
         let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 4);
         let (token, claims) = self.issue(subject, kind, &p.tenant, &p.roles, subject, "api", ttl)?;
         let record = TokenRecord {
@@ -579,6 +605,41 @@ impl Identity {
         Duration::from_millis(100 * u64::from(f.count.min(10)))
     }
 
+    /// `slow_down` (audited) while `key` is locked after repeated failures.
+    fn unless_locked(
+        &self,
+        key: &str,
+        who: &str,
+        source: Option<std::net::IpAddr>,
+    ) -> std::result::Result<(), GrantError> {
+        let Some(wait) = self.locked(key) else { return Ok(()) };
+        self.audit(
+            AuditEvent::new("login_throttled", "refused", "too many failed attempts").claimed(who).from_source(source),
+        );
+        Err(GrantError {
+            retry_after: Some(wait),
+            ..GrantError::new(
+                "slow_down",
+                format!("too many failed attempts for {who:?}; retry in {} s", wait.as_secs() + 1),
+            )
+        })
+    }
+
+    /// Records a failed credential check on `key` (audited, counted, throttled) and the
+    /// error to answer with, held back longer after each failure.
+    fn refuse(
+        &self,
+        key: &str,
+        error: &'static str,
+        why: &str,
+        who: &str,
+        source: Option<std::net::IpAddr>,
+    ) -> GrantError {
+        let hold_back = self.failed(key);
+        self.audit(AuditEvent::new("login_failed", "refused", why.to_owned()).claimed(who).from_source(source));
+        GrantError { hold_back, ..GrantError::new(error, why.to_owned()) }
+    }
+
     fn succeeded(&self, key: &str) {
         self.failures.lock().remove(key);
     }
@@ -593,21 +654,7 @@ impl Identity {
         source: Option<std::net::IpAddr>,
     ) -> std::result::Result<ClientRecord, GrantError> {
         let key = format!("client:{client_id}@{}", source.map(|s| s.to_string()).unwrap_or_default());
-        if let Some(wait) = self.locked(&key) {
-            self.audit(
-                AuditEvent::new("login_throttled", "refused", "too many failed attempts")
-                    .claimed(client_id)
-                    .from_source(source),
-            );
-            return Err(GrantError {
-                error: "slow_down",
-                description: format!(
-                    "too many failed attempts for client {client_id:?}; retry in {} s",
-                    wait.as_secs() + 1
-                ),
-                retry_after: Some(wait),
-            });
-        }
+        self.unless_locked(&key, client_id, source)?;
         let record = self.state.read().clients.get(client_id).cloned();
         match record {
             Some(c) if !c.disabled && secret::check_secret(client_secret, &c.secret_hash) => {
@@ -615,24 +662,24 @@ impl Identity {
                 Ok(c)
             }
             other => {
-                let delay = self.failed(&key);
                 let why = match other {
                     Some(c) if c.disabled => "the client is disabled",
                     Some(_) => "wrong client secret",
                     None => "unknown client",
                 };
-                self.audit(AuditEvent::new("login_failed", "refused", why).claimed(client_id).from_source(source));
-                Err(GrantError {
-                    error: "invalid_client",
-                    description: format!("client authentication failed ({why})"),
-                    retry_after: Some(delay),
-                })
+                Err(self.refuse(
+                    &key,
+                    "invalid_client",
+                    &format!("client authentication failed ({why})"),
+                    client_id,
+                    source,
+                ))
             }
         }
     }
 
-    fn kind_of(c: &ClientRecord) -> &'static str {
-        if c.kind == "device" { "device" } else { "service" }
+    fn kind_of(c: &ClientRecord) -> PrincipalKind {
+        if c.kind == "device" { PrincipalKind::Device } else { PrincipalKind::Service }
     }
 
     /// The client credentials grant; a refresh token too when `offline_access` is asked.
@@ -641,7 +688,7 @@ impl Identity {
         client: &ClientRecord,
         scope: &str,
     ) -> std::result::Result<Grant, GrantError> {
-        let kind = Self::kind_of(client);
+        let kind = Self::kind_of(client).as_str();
         let ttl = self.config.access_ttl.as_secs() as i64;
         let (access_token, claims) =
             self.issue(&client.id, kind, &client.tenant, &client.roles, &client.id, scope, ttl)?;
@@ -807,7 +854,7 @@ impl Identity {
                 let client = client.ok_or_else(|| GrantError::new("invalid_client", "the client no longer exists"))?;
                 let mut grant = self.client_credentials(&client, &d.scope).await?;
                 if grant.refresh_token.is_none() {
-                    let kind = Self::kind_of(&client);
+                    let kind = Self::kind_of(&client).as_str();
                     grant.refresh_token = Some(
                         self.new_refresh(&secret::new_id()?, client_id, client_id, kind, &client.tenant, &d.scope)
                             .await?,
@@ -827,22 +874,19 @@ impl Identity {
         source: Option<std::net::IpAddr>,
     ) -> std::result::Result<Grant, GrantError> {
         let key = format!("user:{name}@{}", source.map(|s| s.to_string()).unwrap_or_default());
-        if let Some(wait) = self.locked(&key) {
-            return Err(GrantError {
-                error: "slow_down",
-                description: format!("too many failed attempts; retry in {} s", wait.as_secs() + 1),
-                retry_after: Some(wait),
-            });
-        }
+        self.unless_locked(&key, name, source)?;
         let user = self.state.read().users.get(name).cloned();
         let hash = user.as_ref().and_then(|u| u.password_hash.clone());
-        // Checks a hash even for unknown users, so that timing does not tell who exists.
-        let ok = match &hash {
-            Some(h) => secret::check_password(password, h),
-            None => {
-                let _ = secret::check_password(password, DUMMY_HASH);
-                false
-            }
+        // Checks a hash even for unknown users, so that timing does not tell who exists;
+        // off the async workers (argon2id takes tens of milliseconds by design).
+        let ok = {
+            let (password, hash) = (password.to_owned(), hash.clone());
+            tokio::task::spawn_blocking(move || {
+                let matched = secret::check_password(&password, hash.as_deref().unwrap_or(DUMMY_HASH));
+                matched && hash.is_some()
+            })
+            .await
+            .map_err(|e| GrantError::new("server_error", format!("password check: {e}")))?
         };
         match user {
             Some(u) if ok && !u.disabled => {
@@ -859,19 +903,7 @@ impl Identity {
                 );
                 Ok(Grant { access_token, expires_in: ttl, scope: String::new(), refresh_token: Some(refresh) })
             }
-            _ => {
-                let delay = self.failed(&key);
-                self.audit(
-                    AuditEvent::new("login_failed", "refused", "wrong user name or password")
-                        .claimed(name)
-                        .from_source(source),
-                );
-                Err(GrantError {
-                    error: "invalid_grant",
-                    description: "wrong user name or password".into(),
-                    retry_after: Some(delay),
-                })
-            }
+            _ => Err(self.refuse(&key, "invalid_grant", "wrong user name or password", name, source)),
         }
     }
 
@@ -906,7 +938,7 @@ impl Identity {
     }
 
     /// Adds a client (a device or a service); returns its secret, shown once.
-    pub async fn add_client(&self, mut record: ClientRecord, by: Option<&Principal>) -> Result<String> {
+    pub async fn add_client(&self, mut record: ClientRecord, by: Option<&Principal>) -> Result<(String, String)> {
         if record.id.is_empty() {
             record.id = secret::new_id()?;
         }
@@ -934,9 +966,10 @@ impl Identity {
             e = e.by(p);
         }
         self.audit(e);
-        self.state.write().clients.insert(record.id.clone(), record);
+        let id = record.id.clone();
+        self.state.write().clients.insert(id.clone(), record);
         self.changed();
-        Ok(secret)
+        Ok((id, secret))
     }
 
     /// Removes a client: its tokens stop working at once.
@@ -1018,30 +1051,52 @@ impl Identity {
 
     // ---- policies ----
 
-    /// Re-reads the policy directory; a broken set is refused and the old one kept.
+    /// Puts a new policy set in force: the file documents replaced by `files` (if given),
+    /// the API documents changed by `change`, the whole set compiled and validated. One
+    /// update at a time; an invalid set is refused whole and the old one stays.
+    fn install(
+        &self,
+        files: Option<Vec<(String, String)>>,
+        change: impl FnOnce(&mut Vec<(String, String)>),
+    ) -> Result<()> {
+        let _one_at_a_time = self.policy_update.lock();
+        let (mut file_docs, mut api_docs) = {
+            let s = self.state.read();
+            (s.file_policies.clone(), s.api_policies.clone())
+        };
+        if let Some(f) = files {
+            file_docs = f;
+        }
+        change(&mut api_docs);
+        let compiled = self.pdp.compile(&[file_docs.clone(), api_docs.clone()].concat())?;
+        let mut state = self.state.write();
+        state.policies = Arc::new(compiled);
+        state.file_policies = file_docs;
+        state.api_policies = api_docs;
+        drop(state);
+        self.changed();
+        Ok(())
+    }
+
+    /// Re-reads the policy directory when a file in it changed (name, size or modification
+    /// time); a broken set is refused, counted and audited once, and the old one kept.
     pub fn reload_policy_files(&self) -> Result<bool> {
-        let files = read_policy_dir(&self.config.policies_dir)?;
-        let api = {
-            let state = self.state.read();
-            if state.file_policies == files {
+        let signature = policy_dir_signature(&self.config.policies_dir)?;
+        {
+            let mut state = self.state.write();
+            if state.policy_files_seen == signature {
                 return Ok(false);
             }
-            state.api_policies.clone()
-        };
-        match self.pdp.compile(&[files.clone(), api].concat()) {
-            Ok(p) => {
-                let mut state = self.state.write();
-                state.policies = Arc::new(p);
-                state.file_policies = files;
-                drop(state);
-                self.changed();
+            state.policy_files_seen = signature;
+        }
+        let files = read_policy_dir(&self.config.policies_dir)?;
+        match self.install(Some(files), |_| {}) {
+            Ok(()) => {
                 self.audit(AuditEvent::new("policy_changed", "ok", "policy files reloaded"));
                 tracing::info!("policy files reloaded");
                 Ok(true)
             }
             Err(e) => {
-                // Remember the broken set so that the error is logged once, not every poll.
-                self.state.write().file_policies = files;
                 self.metrics.inc("ferrite_policy_reload_errors_total", &[], 1);
                 self.audit(AuditEvent::new("policy_changed", "refused", e.to_string()));
                 Err(e)
@@ -1055,40 +1110,28 @@ impl Identity {
             return Err(Error::Invalid(format!("{id:?} is not a valid policy id")));
         }
         let source = format!("api:{id}");
-        let (files, mut api) = {
-            let s = self.state.read();
-            (s.file_policies.clone(), s.api_policies.clone())
+        let previous = self.state.read().api_policies.iter().find(|(s, _)| *s == source).cloned();
+        let replace = |api: &mut Vec<(String, String)>, doc: Option<(String, String)>| {
+            api.retain(|(s, _)| *s != source);
+            api.extend(doc);
         };
-        api.retain(|(s, _)| *s != source);
-        api.push((source, text.to_owned()));
-        let compiled = self.pdp.compile(&[files, api.clone()].concat()).inspect_err(|e| {
+        self.install(None, |api| replace(api, Some((source.clone(), text.to_owned())))).inspect_err(|e| {
             self.audit(AuditEvent::new("policy_changed", "refused", e.to_string()).by(by));
         })?;
-        self.store.put_policy(id, text, now()).await?;
-        let mut state = self.state.write();
-        state.policies = Arc::new(compiled);
-        state.api_policies = api;
-        drop(state);
-        self.changed();
+        if let Err(e) = self.store.put_policy(id, text, now()).await {
+            // Not durable: take it back out of force.
+            self.install(None, |api| replace(api, previous))?;
+            return Err(e);
+        }
         self.audit(AuditEvent::new("policy_changed", "ok", format!("policy {id} stored")).by(by));
         Ok(())
     }
 
     /// Deletes a policy document stored through the API.
     pub async fn delete_policy(&self, id: &str, by: &Principal) -> Result<bool> {
-        let source = format!("api:{id}");
-        let (files, mut api) = {
-            let s = self.state.read();
-            (s.file_policies.clone(), s.api_policies.clone())
-        };
-        api.retain(|(s, _)| *s != source);
-        let compiled = self.pdp.compile(&[files, api.clone()].concat())?;
         let removed = self.store.delete_policy(id).await?;
-        let mut state = self.state.write();
-        state.policies = Arc::new(compiled);
-        state.api_policies = api;
-        drop(state);
-        self.changed();
+        let source = format!("api:{id}");
+        self.install(None, |api| api.retain(|(s, _)| *s != source))?;
         self.audit(AuditEvent::new("policy_changed", "ok", format!("policy {id} deleted")).by(by));
         Ok(removed)
     }
@@ -1133,6 +1176,27 @@ async fn hash_blocking(password: &str) -> Result<String> {
     tokio::task::spawn_blocking(move || secret::hash_password(&p))
         .await
         .map_err(|e| Error::Key(format!("hashing task: {e}")))?
+}
+
+/// The name, size and modification time of every `*.cedar` file of `dir`, by name: what
+/// the watcher compares before it reads anything.
+fn policy_dir_signature(dir: &Path) -> Result<Vec<(String, u64, Option<SystemTime>)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::Policy(format!("cannot read the policy directory {}: {e}", dir.display()))),
+    };
+    let mut seen: Vec<_> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cedar"))
+        .map(|e| {
+            let meta = e.metadata().ok();
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, meta.as_ref().map_or(0, |m| m.len()), meta.and_then(|m| m.modified().ok()))
+        })
+        .collect();
+    seen.sort();
+    Ok(seen)
 }
 
 /// Every `*.cedar` file of `dir` (none when it does not exist), by file name.
@@ -1185,32 +1249,13 @@ impl AccessControl for Identity {
         credentials: &Credentials<'_>,
         context: &RequestContext,
     ) -> std::result::Result<Principal, AuthError> {
-        let result = match credentials {
-            Credentials::Bearer(token) => self.principal_from_token(token, None),
-            Credentials::Mqtt { username, password, .. } => {
-                let (Some(user), Some(pass)) = (username, password) else {
-                    return Err(AuthError::InvalidCredentials(
-                        "MQTT CONNECT needs a username (the device or client id) and a password (an access token or the \
-                         client secret)"
-                            .into(),
-                    ));
-                };
-                let pass = std::str::from_utf8(pass)
-                    .map_err(|_| AuthError::InvalidCredentials("the password is not UTF-8".into()))?;
-                if pass.len() > crate::tokens::MAX_TOKEN_BYTES {
-                    return Err(AuthError::InvalidCredentials("the password is too long".into()));
-                }
-                if pass.split('.').count() == 3 {
-                    self.principal_from_token(pass, Some(user))
-                } else {
-                    match self.authenticate_client(user, pass, context.source) {
-                        Ok(c) => self.principal_of(&c.id, Self::kind_of(&c)).map_err(AuthError::InvalidCredentials),
-                        Err(e) => Err(AuthError::InvalidCredentials(e.description)),
-                    }
-                }
-            }
+        let (result, recorded) = match credentials {
+            Credentials::Bearer(token) => (self.principal_from_token(token, None), false),
+            Credentials::Mqtt { username, password, .. } => self.authenticate_mqtt(*username, *password, context),
         };
-        if let Err(e) = &result {
+        if let Err(e) = &result
+            && !recorded
+        {
             let who = match credentials {
                 Credentials::Mqtt { username, .. } => username.unwrap_or(""),
                 Credentials::Bearer(_) => "",
@@ -1273,6 +1318,36 @@ impl AccessControl for Identity {
 }
 
 impl Identity {
+    /// An MQTT CONNECT's username and password (a token, or the client secret); `true` with
+    /// an error already audited and counted where the secret was checked.
+    fn authenticate_mqtt(
+        &self,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+        context: &RequestContext,
+    ) -> (std::result::Result<Principal, AuthError>, bool) {
+        let refused = |why: &str| (Err(AuthError::InvalidCredentials(why.to_owned())), false);
+        let (Some(user), Some(pass)) = (username, password) else {
+            return refused(
+                "MQTT CONNECT needs a username (the device or client id) and a password (an access token or the \
+                 client secret)",
+            );
+        };
+        let Ok(pass) = std::str::from_utf8(pass) else { return refused("the password is not UTF-8") };
+        if pass.len() > crate::tokens::MAX_TOKEN_BYTES {
+            return refused("the password is too long");
+        }
+        if pass.split('.').count() == 3 {
+            return (self.principal_from_token(pass, Some(user)), false);
+        }
+        match self.authenticate_client(user, pass, context.source) {
+            Ok(c) => {
+                (self.principal_of(&c.id, Self::kind_of(&c).as_str()).map_err(AuthError::InvalidCredentials), false)
+            }
+            Err(e) => (Err(AuthError::InvalidCredentials(e.description)), true),
+        }
+    }
+
     fn principal_from_token(&self, token: &str, mqtt_user: Option<&str>) -> std::result::Result<Principal, AuthError> {
         let claims = self.verify_token(token).map_err(AuthError::InvalidToken)?;
         if let Some(user) = mqtt_user

@@ -387,20 +387,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await
         .map_err(db("listing signing keys"))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let get = |e| Error::Store(format!("reading a signing key: {e}"));
-            out.push(KeyRecord {
-                kid: r.try_get(0).map_err(get)?,
-                algorithm: r.try_get(1).map_err(get)?,
-                private_pkcs8: unb64(&r.try_get::<String, _>(2).map_err(get)?)?,
-                public_key: unb64(&r.try_get::<String, _>(3).map_err(get)?)?,
-                created_at: r.try_get(4).map_err(get)?,
-                retired_at: r.try_get(5).map_err(get)?,
-                remove_after: r.try_get(6).map_err(get)?,
-            });
-        }
-        Ok(out)
+        rows.iter().map(key_row).collect()
     }
 
     /// Records an API token.
@@ -432,20 +419,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await
         .map_err(db("listing tokens"))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let get = |e| Error::Store(format!("reading a token: {e}"));
-            out.push(TokenRecord {
-                jti: r.try_get(0).map_err(get)?,
-                subject: r.try_get(1).map_err(get)?,
-                kind: r.try_get(2).map_err(get)?,
-                tenant: r.try_get(3).map_err(get)?,
-                description: r.try_get(4).map_err(get)?,
-                expires_at: r.try_get(5).map_err(get)?,
-                created_at: r.try_get(6).map_err(get)?,
-            });
-        }
-        Ok(out)
+        rows.iter().map(token_row).collect::<std::result::Result<_, _>>().map_err(db("listing tokens"))
     }
 
     /// Revokes the access token `jti` (valid until `expires_at`); `false` when it already was.
@@ -556,32 +530,20 @@ impl Store {
         device_code_hash: Option<&str>,
         user_code: Option<&str>,
     ) -> Result<Option<DeviceCodeRecord>> {
-        let (sql, key) = match (device_code_hash, user_code) {
-            (Some(h), _) => ("WHERE device_code_hash = $1", h),
-            (None, Some(u)) => ("WHERE user_code = $1", u),
-            (None, None) => return Ok(None),
-        };
-        let sql = format!(
+        if device_code_hash.is_none() && user_code.is_none() {
+            return Ok(None);
+        }
+        // Neither can be empty when given: an absent one matches nothing.
+        let row = sqlx::query(
             "SELECT device_code_hash, user_code, client_id, scope, expires_at, status, approved_by, last_poll FROM \
-             device_codes {sql}"
-        );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(key.to_owned())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db("reading a device code"))?;
-        let Some(r) = row else { return Ok(None) };
-        let get = |e| Error::Store(format!("reading a device code: {e}"));
-        Ok(Some(DeviceCodeRecord {
-            device_code_hash: r.try_get(0).map_err(get)?,
-            user_code: r.try_get(1).map_err(get)?,
-            client_id: r.try_get(2).map_err(get)?,
-            scope: r.try_get(3).map_err(get)?,
-            expires_at: r.try_get(4).map_err(get)?,
-            status: r.try_get(5).map_err(get)?,
-            approved_by: r.try_get(6).map_err(get)?,
-            last_poll: r.try_get(7).map_err(get)?,
-        }))
+             device_codes WHERE device_code_hash = $1 OR user_code = $2",
+        )
+        .bind(device_code_hash.unwrap_or("").to_owned())
+        .bind(user_code.unwrap_or("").to_owned())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a device code"))?;
+        row.map(|r| device_code_row(&r)).transpose().map_err(db("reading a device code"))
     }
 
     /// Moves a device authorization from status `from` to `to`; `false` when it was not in
@@ -676,6 +638,44 @@ fn client_row(r: &AnyRow) -> std::result::Result<ClientRecord, sqlx::Error> {
         device_type: r.try_get(5)?,
         children: roles_list(&r.try_get::<String, _>(6)?),
         disabled: r.try_get::<i64, _>(7)? != 0,
+    })
+}
+
+fn key_row(r: &AnyRow) -> Result<KeyRecord> {
+    let get = |e| Error::Store(format!("reading a signing key: {e}"));
+    Ok(KeyRecord {
+        kid: r.try_get(0).map_err(get)?,
+        algorithm: r.try_get(1).map_err(get)?,
+        private_pkcs8: unb64(&r.try_get::<String, _>(2).map_err(get)?)?,
+        public_key: unb64(&r.try_get::<String, _>(3).map_err(get)?)?,
+        created_at: r.try_get(4).map_err(get)?,
+        retired_at: r.try_get(5).map_err(get)?,
+        remove_after: r.try_get(6).map_err(get)?,
+    })
+}
+
+fn token_row(r: &AnyRow) -> std::result::Result<TokenRecord, sqlx::Error> {
+    Ok(TokenRecord {
+        jti: r.try_get(0)?,
+        subject: r.try_get(1)?,
+        kind: r.try_get(2)?,
+        tenant: r.try_get(3)?,
+        description: r.try_get(4)?,
+        expires_at: r.try_get(5)?,
+        created_at: r.try_get(6)?,
+    })
+}
+
+fn device_code_row(r: &AnyRow) -> std::result::Result<DeviceCodeRecord, sqlx::Error> {
+    Ok(DeviceCodeRecord {
+        device_code_hash: r.try_get(0)?,
+        user_code: r.try_get(1)?,
+        client_id: r.try_get(2)?,
+        scope: r.try_get(3)?,
+        expires_at: r.try_get(4)?,
+        status: r.try_get(5)?,
+        approved_by: r.try_get(6)?,
+        last_poll: r.try_get(7)?,
     })
 }
 
