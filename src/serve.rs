@@ -159,7 +159,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         protected = protected.merge(routes.protected);
         public = public.merge(routes.public);
     }
-    let app = ferrite_plugin::protect(protected, access.clone()).merge(public);
+    let app = ferrite_plugin::protect(protected, access.clone())
+        .merge(public)
+        .layer(axum::middleware::from_fn(ferrite_plugin::close_after_error));
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(http_listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())

@@ -83,6 +83,21 @@ pub fn forbidden(e: &Denied) -> Response {
     error_response(StatusCode::FORBIDDEN, "forbidden", &e.to_string())
 }
 
+/// Middleware for the whole HTTP app: an error answer to a request that carried a body says
+/// `Connection: close`. A refusal (401, 403, 413, ...) often leaves the body unread, and then
+/// the server cannot reuse the connection; without the header a client's pool would send its
+/// next request into a closed socket.
+pub async fn close_after_error(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
+    let mut response = next.run(request).await;
+    if has_body && (response.status().is_client_error() || response.status().is_server_error()) {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// The longest `Authorization` header accepted; longer ones are refused before any parsing.
 pub const MAX_AUTHORIZATION_BYTES: usize = 8 * 1024;
 
@@ -95,23 +110,16 @@ pub fn protect(router: Router, access: Arc<dyn AccessControl>) -> Router {
 async fn authenticate(State(access): State<Arc<dyn AccessControl>>, mut request: Request, next: Next) -> Response {
     let source = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let context = RequestContext::new(Transport::Http, source);
-    let refused = |e: &AuthError| {
-        // The request body is left unread: the connection cannot be reused, so say so
-        // rather than let a client's pool send the next request into a closed socket.
-        let mut resp = unauthorized(e);
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        resp
-    };
     if !access.enabled() {
         request.extensions_mut().insert(Caller { principal: Principal::anonymous(), context, access });
         return next.run(request).await;
     }
     let principal = match bearer(request.headers()) {
-        Err(e) => return refused(&e),
-        Ok(None) if access.enabled() => return refused(&AuthError::Missing),
-        Ok(token) => match access.authenticate(&Credentials::Bearer(token.unwrap_or("")), &context) {
+        Err(e) => return unauthorized(&e),
+        Ok(None) => return unauthorized(&AuthError::Missing),
+        Ok(Some(token)) => match access.authenticate(&Credentials::Bearer(token), &context) {
             Ok(p) => p,
-            Err(e) => return refused(&e),
+            Err(e) => return unauthorized(&e),
         },
     };
     request.extensions_mut().insert(Caller { principal, context, access });
@@ -207,5 +215,27 @@ mod tests {
         assert!(body.contains("denied by policy"), "{body}");
         // With identity off, the anonymous admin passes without any header.
         assert_eq!(call(Arc::new(AllowAll), None).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn error_answers_to_requests_with_a_body_close_the_connection() {
+        use tower::ServiceExt;
+        let app = Router::new()
+            .route("/refuse", axum::routing::post(|| async { StatusCode::FORBIDDEN }))
+            .route("/ok", axum::routing::post(|| async { StatusCode::OK }))
+            .layer(axum::middleware::from_fn(close_after_error));
+        let send = |path: &str, body: &'static str| {
+            let req = Request::builder()
+                .method("POST")
+                .uri(path)
+                .header(header::CONTENT_LENGTH, body.len())
+                .body(Body::from(body))
+                .expect("request");
+            app.clone().oneshot(req)
+        };
+        let closes = |r: &Response| r.headers().get(header::CONNECTION).is_some_and(|v| v == "close");
+        assert!(closes(&send("/refuse", "unread body").await.expect("infallible")));
+        assert!(!closes(&send("/refuse", "").await.expect("infallible")));
+        assert!(!closes(&send("/ok", "body").await.expect("infallible")));
     }
 }
