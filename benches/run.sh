@@ -27,6 +27,13 @@ criterion_rows() {
         /time:/ { split($0, a, "["); split(a[2], t, " "); median = t[3] " " t[4] }
         /thrpt:/ { split($0, a, "["); split(a[2], t, " "); printf "| %s | %s | %s %s |\n", name, median, t[3], t[4] }'
 }
+# criterion's time lines alone, as `| benchmark | median |` (benchmarks without a throughput).
+criterion_times() {
+    awk '
+        /^[A-Za-z_0-9\/.-]+$/ { name = $1 }
+        /^[A-Za-z_0-9\/.-]+ +time:/ { name = $1 }
+        /time:/ { split($0, a, "["); split(a[2], t, " "); printf "| %s | %s %s |\n", name, t[3], t[4] }'
+}
 
 echo "== machine"; nproc; grep -m1 'model name' /proc/cpuinfo || true; free -g | head -2; date -u
 echo "== decode (criterion)"
@@ -41,6 +48,13 @@ rows http_ingest format events_per_s MB_per_s < /tmp/ferrite-bench-http.txt
 echo "== mqtt ingest (three runs)"
 for _ in 1 2 3; do ./target/release/ingest_mqtt "${MQTT_PUBLISHERS:-100}" "${MQTT_MESSAGES:-2000}"; done | tee /tmp/ferrite-bench-mqtt.txt
 rows mqtt_ingest scenario ferrite_msgs_per_s ferrite_dropped mosquitto_msgs_per_s mosquitto_dropped ratio < /tmp/ferrite-bench-mqtt.txt
+echo "== policy decisions (criterion)"
+"$(ls -t target/release/deps/policy-* | grep -v '\.d$' | head -1)" --bench --warm-up-time 1 --measurement-time 4 --noplot | tee /tmp/ferrite-bench-policy.txt
+criterion_times < /tmp/ferrite-bench-policy.txt
+echo "== identity on against --auth off (three alternating runs)"
+./target/release/identity "${MQTT_PUBLISHERS:-100}" "${MQTT_MESSAGES:-2000}" "${HTTP_THREADS:-4}" "${HTTP_SECONDS:-10}" 3 | tee /tmp/ferrite-bench-identity.txt
+rows identity_summary scenario off_median on_median on/off < /tmp/ferrite-bench-identity.txt
+rows identity_summary scenario threads tokens_per_s_median < /tmp/ferrite-bench-identity.txt | grep token_endpoint
 echo "== persist and query"
 ./target/release/query "${QUERY_ROWS:-10000000}" "${QUERY_RUNS:-5}" | tee /tmp/ferrite-bench-query.txt
 rows persist rows seconds rows_per_s arrow_MB_per_s parquet_MB files < /tmp/ferrite-bench-query.txt

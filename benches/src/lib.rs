@@ -4,6 +4,7 @@
 //! server are the binaries in `benches/src/bin/`, run together by `benches/run.sh`.
 //! Results are recorded in `BENCHMARKS.md`.
 
+pub mod load;
 pub mod server;
 
 use serde::{Deserialize, Serialize};

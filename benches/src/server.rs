@@ -12,6 +12,8 @@ pub struct Ferrite {
     pub mqtt: SocketAddr,
     /// HTTP address.
     pub http: SocketAddr,
+    /// The admin bearer token, when identity is on.
+    pub token: Option<String>,
 }
 
 impl Drop for Ferrite {
@@ -56,18 +58,19 @@ impl Ferrite {
                 http = a.parse().ok();
             }
         }
-        Ok(Self { child, mqtt: mqtt.ok_or("no mqtt address")?, http: http.ok_or("no http address")? })
+        // Identity writes the admin token before the listeners start.
+        let token = std::fs::read_to_string(data_dir.join("admin.token")).ok().map(|t| t.trim().to_owned());
+        Ok(Self { child, mqtt: mqtt.ok_or("no mqtt address")?, http: http.ok_or("no http address")?, token })
     }
 
     /// Value of one series in `/metrics` (0 when absent).
     pub fn metric(&self, series: &str) -> u64 {
         let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
-        let text = agent
-            .get(&format!("http://{}/metrics", self.http))
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_to_string().ok())
-            .unwrap_or_default();
+        let mut request = agent.get(&format!("http://{}/metrics", self.http));
+        if let Some(t) = &self.token {
+            request = request.header("Authorization", &format!("Bearer {t}"));
+        }
+        let text = request.call().ok().and_then(|mut r| r.body_mut().read_to_string().ok()).unwrap_or_default();
         text.lines()
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
             .unwrap_or(0)

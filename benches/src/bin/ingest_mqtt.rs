@@ -17,80 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use ferrite_benches::load::{mqtt_options, publish_all};
 use ferrite_benches::server::Ferrite;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
-fn options(id: String, port: u16) -> MqttOptions {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(60));
-    o.set_inflight(100);
-    o
-}
-
-fn payload(i: usize) -> Vec<u8> {
-    format!(
-        r#"{{"ts":{},"temperature":{}.5,"humidity":{},"door":"open"}}"#,
-        1_764_000_000_000i64 + i as i64,
-        i % 40,
-        i % 100
-    )
-    .into_bytes()
-}
-
-/// Publishes `messages` per publisher; returns when every client's last publish was sent
-/// and, for QoS 1, acknowledged.
-async fn publish_all(
-    port: u16,
-    publishers: usize,
-    messages: usize,
-    qos: QoS,
-    acks: Arc<AtomicU64>,
-) -> Result<(), String> {
-    let mut tasks = Vec::new();
-    for p in 0..publishers {
-        let (client, mut ev) = AsyncClient::new(options(format!("pub-{p}"), port), 1000);
-        let acks = acks.clone();
-        let poller = tokio::spawn(async move {
-            loop {
-                match ev.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        acks.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-                    Ok(_) => {}
-                    Err(e) => {
-                        eprintln!("publisher {p}: {e}");
-                        return;
-                    }
-                }
-            }
-        });
-        tasks.push(tokio::spawn(async move {
-            let topic = format!("devices/dev-{p}/telemetry");
-            for i in 0..messages {
-                if client.publish(topic.as_str(), qos, false, payload(i)).await.is_err() {
-                    break;
-                }
-            }
-            (client, poller)
-        }));
-    }
-    let mut clients = Vec::new();
-    for t in tasks {
-        clients.push(t.await.map_err(|e| e.to_string())?);
-    }
-    if qos == QoS::AtLeastOnce {
-        let total = (publishers * messages) as u64;
-        while acks.load(Ordering::Relaxed) < total {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-    for (c, poller) in clients {
-        let _ = c.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), poller).await;
-    }
-    Ok(())
-}
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 
 /// What one run measured.
 struct Outcome {
@@ -105,7 +34,7 @@ async fn subscriber(
 ) -> Result<(Arc<AtomicU64>, Arc<parking_lot::Mutex<Option<Instant>>>, tokio::task::JoinHandle<()>), String> {
     let received = Arc::new(AtomicU64::new(0));
     let last = Arc::new(parking_lot::Mutex::new(None));
-    let mut opts = options("subscriber".into(), port);
+    let mut opts = mqtt_options("subscriber".into(), port);
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (sub, mut ev) = AsyncClient::new(opts, 100);
     sub.subscribe("devices/+/telemetry", QoS::AtMostOnce).await.map_err(|e| e.to_string())?;
@@ -139,12 +68,12 @@ async fn run(port: u16, publishers: usize, messages: usize, fanout: bool) -> Res
     let total = (publishers * messages) as u64;
     if !fanout {
         let started = Instant::now();
-        publish_all(port, publishers, messages, QoS::AtLeastOnce, Arc::new(AtomicU64::new(0))).await?;
+        publish_all(port, publishers, messages, QoS::AtLeastOnce, Arc::new(AtomicU64::new(0)), &[]).await?;
         return Ok(Outcome { msgs_per_s: total as f64 / started.elapsed().as_secs_f64(), dropped: 0 });
     }
     let (received, last, task) = subscriber(port).await?;
     let started = Instant::now();
-    publish_all(port, publishers, messages, QoS::AtMostOnce, Arc::new(AtomicU64::new(0))).await?;
+    publish_all(port, publishers, messages, QoS::AtMostOnce, Arc::new(AtomicU64::new(0)), &[]).await?;
     // Wait for the subscriber: all of it, or until nothing more has come for 2 s.
     let mut seen = (received.load(Ordering::Relaxed), Instant::now());
     loop {
