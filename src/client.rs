@@ -15,6 +15,29 @@ pub struct AuthArgs {
     /// The server's data directory, to read admin.token from.
     #[arg(long, env = "FERRITE_DATA_DIR", default_value = "./ferrite-data")]
     pub data_dir: PathBuf,
+    /// Act in this tenant rather than the token's own (sent as the `Ferrite-Tenant` header;
+    /// the server's policies decide whether the token may).
+    #[arg(long, env = "FERRITE_TENANT")]
+    pub tenant: Option<String>,
+}
+
+/// What a client command sends with every request: the bearer token and, when asked for,
+/// the tenant to act in.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    authorization: String,
+    tenant: Option<String>,
+}
+
+impl Auth {
+    /// `request` with the credentials' headers.
+    pub fn apply<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        let request = request.header("Authorization", &self.authorization);
+        match &self.tenant {
+            Some(t) => request.header("Ferrite-Tenant", t),
+            None => request,
+        }
+    }
 }
 
 impl AuthArgs {
@@ -34,8 +57,8 @@ impl AuthArgs {
         Ok(token.trim().to_owned())
     }
 
-    /// The `Authorization` header value.
-    pub fn header(&self) -> anyhow::Result<String> {
-        Ok(format!("Bearer {}", self.token()?))
+    /// The headers to send.
+    pub fn auth(&self) -> anyhow::Result<Auth> {
+        Ok(Auth { authorization: format!("Bearer {}", self.token()?), tenant: self.tenant.clone() })
     }
 }

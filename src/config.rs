@@ -77,6 +77,19 @@ pub struct Config {
     /// Lifetime of access tokens from the token endpoint.
     #[serde(with = "humantime_serde_compat")]
     pub access_token_ttl: Duration,
+    /// The issuer of an external OpenID Connect provider whose tokens are accepted too;
+    /// empty: none.
+    pub oidc_issuer: String,
+    /// Its key set's URL; empty: discovered from the issuer's openid-configuration.
+    pub oidc_jwks_url: String,
+    /// The audience its tokens must name.
+    pub oidc_audience: String,
+    /// The claim (a dotted path) holding the tenant.
+    pub oidc_tenant_claim: String,
+    /// The claim (a dotted path) holding the roles.
+    pub oidc_roles_claim: String,
+    /// The tenant of its tokens without a tenant claim.
+    pub oidc_default_tenant: String,
 }
 
 impl Default for Config {
@@ -110,6 +123,12 @@ impl Default for Config {
             identity_store_url: String::new(),
             issuer: String::new(),
             access_token_ttl: Duration::from_secs(15 * 60),
+            oidc_issuer: String::new(),
+            oidc_jwks_url: String::new(),
+            oidc_audience: "ferrite".to_owned(),
+            oidc_tenant_claim: "tenant".to_owned(),
+            oidc_roles_claim: "roles".to_owned(),
+            oidc_default_tenant: "default".to_owned(),
         }
     }
 }

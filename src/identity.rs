@@ -19,9 +19,9 @@ use crate::config::Config;
 struct IngestWriter(Arc<Ingestor>);
 
 impl EventWriter for IngestWriter {
-    fn write(&self, _tenant: &str, stream: &str, ndjson: Vec<u8>) -> WriteFuture {
+    fn write(&self, tenant: &str, stream: &str, ndjson: Vec<u8>) -> WriteFuture {
         let ingestor = self.0.clone();
-        let stream = StreamName::new(stream).map_err(|e| e.to_string());
+        let stream = StreamName::in_tenant(tenant, stream).map_err(|e| e.to_string());
         Box::pin(async move {
             let payload = Payload::Ndjson { stream: stream? };
             let report = ingestor
@@ -63,6 +63,17 @@ pub async fn start(
             ic.issuer = config.issuer.clone();
             ic.default_issuer = format!("http://localhost:{}", http_addr.port());
             ic.access_ttl = config.access_token_ttl;
+            if !config.oidc_issuer.is_empty() {
+                ferrite_engine::validate_tenant(&config.oidc_default_tenant)
+                    .context("oidc_default_tenant is not a valid tenant id")?;
+                let mut ext = ferrite_identity::external::ExternalConfig::new(&config.oidc_issuer);
+                ext.jwks_url = config.oidc_jwks_url.clone();
+                ext.audience = config.oidc_audience.clone();
+                ext.tenant_claim = config.oidc_tenant_claim.clone();
+                ext.roles_claim = config.oidc_roles_claim.clone();
+                ext.default_tenant = config.oidc_default_tenant.clone();
+                ic.external = Some(ext);
+            }
             let identity = Identity::open(ic, metrics.clone()).await.context("cannot start identity")?;
             tracing::info!(
                 admin_token = %identity.admin_token_path().display(),

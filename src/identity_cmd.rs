@@ -28,14 +28,13 @@ impl Remote {
             .build()
             .new_agent();
         let url = format!("{}{path}", self.server.trim_end_matches('/'));
-        let auth = self.auth.header()?;
+        let auth = self.auth.auth()?;
         let reach = || format!("cannot reach the Ferrite server at {} (is it running? set --server)", self.server);
         let mut resp = match method {
-            "GET" => agent.get(&url).header("Authorization", &auth).call().with_context(reach)?,
-            "DELETE" => agent.delete(&url).header("Authorization", &auth).call().with_context(reach)?,
-            _ => agent
-                .post(&url)
-                .header("Authorization", &auth)
+            "GET" => auth.apply(agent.get(&url)).call().with_context(reach)?,
+            "DELETE" => auth.apply(agent.delete(&url)).call().with_context(reach)?,
+            _ => auth
+                .apply(agent.post(&url))
                 .header("Content-Type", "application/json")
                 .send(body.unwrap_or(Value::Null).to_string())
                 .with_context(reach)?,

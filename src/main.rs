@@ -132,6 +132,24 @@ pub struct ServeArgs {
     /// Lifetime of access tokens (e.g. 15m).
     #[arg(long, env = "FERRITE_ACCESS_TOKEN_TTL")]
     access_token_ttl: Option<String>,
+    /// Issuer of an external OpenID Connect provider whose tokens are accepted too.
+    #[arg(long, env = "FERRITE_OIDC_ISSUER")]
+    oidc_issuer: Option<String>,
+    /// The external provider's JWKS URL (default: from its discovery document).
+    #[arg(long, env = "FERRITE_OIDC_JWKS_URL")]
+    oidc_jwks_url: Option<String>,
+    /// The audience the external provider's tokens must name (default `ferrite`).
+    #[arg(long, env = "FERRITE_OIDC_AUDIENCE")]
+    oidc_audience: Option<String>,
+    /// The external token claim holding the tenant (dotted path; default `tenant`).
+    #[arg(long, env = "FERRITE_OIDC_TENANT_CLAIM")]
+    oidc_tenant_claim: Option<String>,
+    /// The external token claim holding the roles (dotted path; default `roles`).
+    #[arg(long, env = "FERRITE_OIDC_ROLES_CLAIM")]
+    oidc_roles_claim: Option<String>,
+    /// The tenant of external tokens without the tenant claim (default `default`).
+    #[arg(long, env = "FERRITE_OIDC_DEFAULT_TENANT")]
+    oidc_default_tenant: Option<String>,
 }
 
 impl ServeArgs {
@@ -217,6 +235,19 @@ impl ServeArgs {
         }
         if let Some(v) = self.access_token_ttl {
             c.access_token_ttl = config::parse_duration(&v)?;
+        }
+        let oidc = [
+            (self.oidc_issuer, &mut c.oidc_issuer),
+            (self.oidc_jwks_url, &mut c.oidc_jwks_url),
+            (self.oidc_audience, &mut c.oidc_audience),
+            (self.oidc_tenant_claim, &mut c.oidc_tenant_claim),
+            (self.oidc_roles_claim, &mut c.oidc_roles_claim),
+            (self.oidc_default_tenant, &mut c.oidc_default_tenant),
+        ];
+        for (flag, setting) in oidc {
+            if let Some(v) = flag {
+                *setting = v;
+            }
         }
         if let Some(v) = self.webhook_allow_hosts {
             c.webhook_allow_hosts = v.into_iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();

@@ -356,7 +356,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let base = args.server.trim_end_matches('/').to_owned();
     let agent = agent();
     let catalog = Arc::new(StreamCatalog::in_memory());
-    let auth = args.auth.header()?;
+    let auth = args.auth.auth()?;
     let events = fetch_history(&agent, &base, &auth, &inputs, &args.from, &args.to, None, &catalog)?;
     let total: usize = events.iter().map(StreamBatch::num_rows).sum();
     eprintln!("replaying {total} events of {} from {} to {}", inputs.join(", "), args.from, args.to);
@@ -398,9 +398,8 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             for (stream, rows) in by_stream {
                 for chunk in rows.chunks(10_000) {
                     let body = serde_json::Value::Array(chunk.to_vec()).to_string();
-                    let mut resp = agent
-                        .post(&format!("{base}/api/v1/streams/{stream}/events"))
-                        .header("Authorization", &auth)
+                    let mut resp = auth
+                        .apply(agent.post(&format!("{base}/api/v1/streams/{stream}/events")))
                         .header("Content-Type", "application/json")
                         .send(body.as_bytes())?;
                     if !resp.status().is_success() {
@@ -454,7 +453,7 @@ fn agent() -> ureq::Agent {
 fn fetch_history(
     agent: &ureq::Agent,
     base: &str,
-    auth: &str,
+    auth: &crate::client::Auth,
     streams: &[String],
     from: &str,
     to: &str,
@@ -471,9 +470,8 @@ fn fetch_history(
     for stream in streams {
         let sql =
             format!("SELECT * FROM \"{stream}\" WHERE time >= '{from}' AND time < '{to}'{device_filter} ORDER BY time");
-        let mut resp = agent
-            .post(&format!("{base}/api/v1/sql"))
-            .header("Authorization", auth)
+        let mut resp = auth
+            .apply(agent.post(&format!("{base}/api/v1/sql")))
             .header("Content-Type", "application/json")
             .header("Accept", "application/vnd.apache.arrow.stream")
             .send(serde_json::json!({ "sql": sql }).to_string().as_bytes())
@@ -552,10 +550,9 @@ fn explain(args: ExplainArgs) -> anyhow::Result<()> {
 
     let agent = agent();
     let base = args.server.trim_end_matches('/').to_owned();
-    let auth = args.auth.header()?;
-    let mut resp = agent
-        .get(&format!("{base}/api/v1/rules/{}", args.rule))
-        .header("Authorization", &auth)
+    let auth = args.auth.auth()?;
+    let mut resp = auth
+        .apply(agent.get(&format!("{base}/api/v1/rules/{}", args.rule)))
         .call()
         .with_context(|| format!("cannot reach the Ferrite server at {base} (set --server)"))?;
     let body = resp.body_mut().read_to_string()?;

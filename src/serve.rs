@@ -68,7 +68,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // embedded broker and the webhook client.
     let broker = Arc::new(Broker::default());
     let actions = Arc::new(crate::actions::ServerActions::start(broker.clone(), metrics.clone())?);
-    let rules = Arc::new(RuleEngine::new(shards, catalog.clone(), metrics.clone(), actions, Arc::new(SystemClock)));
+    let rules =
+        Arc::new(RuleEngine::new(shards, catalog.clone(), metrics.clone(), actions.clone(), Arc::new(SystemClock)));
     engine.add_observer(rules.clone());
     let table_dir = if config.rules_table_dir.as_os_str().is_empty() {
         config.rules_dir.clone()
@@ -117,6 +118,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Identity: the decision point every door asks, and the plugins' context.
     let (access, plugins) =
         identity::start(&config, http_addr, &catalog, &engine, &ingestor, &broker, &metrics).await?;
+    actions.set_access(access.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mqtt_task = tokio::spawn(mqtt::serve(
@@ -244,11 +246,14 @@ struct SqlTables {
 
 impl ferrite_rules::runtime::TableLoader for SqlTables {
     fn load(&self, stream: &str) -> Result<Vec<arrow::array::RecordBatch>, String> {
-        let sql = format!("SELECT * FROM \"{stream}\" ORDER BY time");
+        // `stream` is a key: the stream of a tenant, read in that tenant's scope.
+        let name = ferrite_engine::StreamName::from_key(stream).map_err(|e| e.to_string())?;
+        let sql = format!("SELECT * FROM \"{}\" ORDER BY time", name.local());
+        let scope = ferrite_query::Scope::tenant(name.tenant());
         let (query, handle) = (self.query.clone(), self.handle.clone());
         // Deploys may come from async handlers: run the query to completion on a thread of
         // its own rather than blocking a runtime worker inside the runtime.
-        std::thread::scope(|s| s.spawn(move || handle.block_on(query.sql(&sql))).join())
+        std::thread::scope(|s| s.spawn(move || handle.block_on(query.sql_in(&scope, &sql))).join())
             .map_err(|_| "the table loader panicked".to_owned())?
             .map(|r| r.batches)
             .map_err(|e| format!("cannot read stream `{stream}`: {e}"))

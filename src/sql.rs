@@ -34,11 +34,12 @@ pub fn run(args: SqlArgs) -> anyhow::Result<()> {
         .new_agent();
     let url = format!("{}/api/v1/sql", args.server.trim_end_matches('/'));
     let body = serde_json::json!({ "sql": args.query }).to_string();
-    let mut resp = agent
-        .post(&url)
+    let mut resp = args
+        .auth
+        .auth()?
+        .apply(agent.post(&url))
         .header("Content-Type", "application/json")
         .header("Accept", accept)
-        .header("Authorization", args.auth.header()?)
         .send(body.as_bytes())
         .with_context(|| {
             format!("cannot reach the Ferrite server at {} (is `ferrite serve` running? set --server)", args.server)

@@ -53,7 +53,13 @@ fn decode(c: &mut Criterion) {
     g.throughput(Throughput::Elements(rs.len() as u64));
     g.bench_function(BenchmarkId::new("ferrite_lp_to_arrow", lp.len()), |b| {
         b.iter(|| {
-            let out = line_protocol::decode(&lp_catalog, black_box(&lp), Precision::Nanoseconds, 0);
+            let out = line_protocol::decode(
+                &lp_catalog,
+                ferrite_engine::ids::DEFAULT_TENANT,
+                black_box(&lp),
+                Precision::Nanoseconds,
+                0,
+            );
             assert!(out.rejections.is_empty());
             black_box(out.batches)
         })

@@ -65,6 +65,8 @@ pub struct Principal {
     /// The token's id (`jti`) when the principal came from a token: revoking it ends the
     /// principal's rights at once.
     pub token_id: Option<Arc<str>>,
+    /// The external OpenID provider that vouched for it (`None`: Ferrite's own directory).
+    pub issuer: Option<Arc<str>>,
 }
 
 impl Principal {
@@ -78,6 +80,7 @@ impl Principal {
             device_type: None,
             children: Arc::new([]),
             token_id: None,
+            issuer: None,
         }
     }
 
@@ -239,6 +242,8 @@ pub enum Transport {
     Mqtt,
     /// The command line, on the server's own machine.
     Local,
+    /// The server's own services acting for a tenant (a rule's actions).
+    Internal,
 }
 
 impl Transport {
@@ -248,6 +253,7 @@ impl Transport {
             Self::Http => "http",
             Self::Mqtt => "mqtt",
             Self::Local => "local",
+            Self::Internal => "internal",
         }
     }
 }
@@ -365,6 +371,11 @@ pub trait AccessControl: Send + Sync {
     /// Records a change a principal made (a rule deployed, a device removed) in the audit
     /// trail. Without identity there is no trail.
     fn record(&self, _principal: &Principal, _event: &'static str, _detail: &str) {}
+
+    /// Whether `tenant` exists (a request naming an unknown tenant is refused).
+    fn tenant_exists(&self, tenant: &str) -> bool {
+        tenant == crate::ids::DEFAULT_TENANT
+    }
 }
 
 /// No identity (`--auth off`): every request is the anonymous admin, every decision allows.
@@ -389,6 +400,10 @@ impl AccessControl for AllowAll {
     }
 
     fn still_valid(&self, _: &Principal) -> bool {
+        true
+    }
+
+    fn tenant_exists(&self, _: &str) -> bool {
         true
     }
 }
@@ -416,18 +431,42 @@ pub struct Caller {
     pub context: RequestContext,
     /// The decision point.
     pub access: Arc<dyn AccessControl>,
+    /// The tenant the request acts in: the principal's own, or the one it named with the
+    /// `Ferrite-Tenant` header (policies then decide whether it may act there).
+    tenant: Arc<str>,
 }
+
+/// The HTTP header with which a caller acts in a tenant other than its own (a platform
+/// operator working in a customer's tenant); policies decide whether it may.
+pub const TENANT_HEADER: &str = "ferrite-tenant";
 
 impl fmt::Debug for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Caller").field("principal", &self.principal).field("context", &self.context).finish()
+        f.debug_struct("Caller")
+            .field("principal", &self.principal)
+            .field("tenant", &self.tenant)
+            .field("context", &self.context)
+            .finish()
     }
 }
 
 impl Caller {
-    /// The caller's tenant.
+    /// A request of `principal`, acting in its own tenant.
+    pub fn new(principal: Principal, context: RequestContext, access: Arc<dyn AccessControl>) -> Self {
+        let tenant = principal.tenant.clone();
+        Self { principal, context, access, tenant }
+    }
+
+    /// The same caller acting in `tenant`.
+    pub fn in_tenant(mut self, tenant: &str) -> Self {
+        self.tenant = tenant.into();
+        self
+    }
+
+    /// The tenant the request acts in: every stream, rule and table it names is this
+    /// tenant's.
     pub fn tenant(&self) -> &str {
-        &self.principal.tenant
+        &self.tenant
     }
 
     /// Records a change the caller made in the audit trail.

@@ -156,7 +156,7 @@ impl StreamCatalog {
                 let file: CatalogFile = serde_json::from_slice(&bytes)
                     .map_err(|e| Error::CatalogCorrupt { path: path.display().to_string(), message: e.to_string() })?;
                 for (name, fields) in file.streams {
-                    let stream = StreamName::new(&name).map_err(|e| Error::CatalogCorrupt {
+                    let stream = StreamName::from_key(&name).map_err(|e| Error::CatalogCorrupt {
                         path: path.display().to_string(),
                         message: e.to_string(),
                     })?;
@@ -188,15 +188,25 @@ impl StreamCatalog {
         self.streams.read().get(stream).cloned()
     }
 
-    /// The schema of the stream named `name`, if it exists.
-    pub fn get_by_name(&self, name: &str) -> Option<Arc<StreamSchema>> {
-        let stream = StreamName::new(name).ok()?;
+    /// The schema of the stream keyed `key` (`name`, or `tenant/name`), if it exists.
+    pub fn get_by_name(&self, key: &str) -> Option<Arc<StreamSchema>> {
+        let stream = StreamName::from_key(key).ok()?;
         self.get(&stream)
     }
 
-    /// Every stream and its schema, ordered by name.
+    /// The schema of stream `name` of `tenant`, if it exists.
+    pub fn get_in(&self, tenant: &str, name: &str) -> Option<Arc<StreamSchema>> {
+        self.get(&StreamName::in_tenant(tenant, name).ok()?)
+    }
+
+    /// Every stream and its schema, ordered by key.
     pub fn list(&self) -> Vec<Arc<StreamSchema>> {
         self.streams.read().values().cloned().collect()
+    }
+
+    /// The streams of `tenant`, ordered by name.
+    pub fn list_in(&self, tenant: &str) -> Vec<Arc<StreamSchema>> {
+        self.streams.read().values().filter(|s| s.name.tenant() == tenant).cloned().collect()
     }
 
     /// Returns the stream's schema, creating the stream with no fields if it is new.

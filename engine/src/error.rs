@@ -14,6 +14,14 @@ pub enum ErrorClass {
 /// Errors raised by the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A tenant id that is not valid.
+    #[error("invalid tenant id `{id}`: {reason}")]
+    InvalidTenant {
+        /// The rejected id.
+        id: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
     /// A stream name that is not a valid identifier.
     #[error("invalid stream name `{name}`: {reason}")]
     InvalidStreamName {
@@ -108,6 +116,7 @@ impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::InvalidStreamName { .. }
+            | Error::InvalidTenant { .. }
             | Error::InvalidDeviceId { .. }
             | Error::TypeConflict { .. }
             | Error::InvalidFieldName { .. }

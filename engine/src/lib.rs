@@ -34,7 +34,7 @@ pub use catalog::{CatalogLimits, FieldType, StreamCatalog, StreamSchema};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, ErrorClass, Result};
 pub use health::Health;
-pub use ids::{DeviceId, StreamName, TenantId};
+pub use ids::{DeviceId, StreamName, validate_tenant};
 pub use metrics::{Gauge, Metrics};
 pub use shard::{BatchObserver, BatchSink, Engine, EngineConfig, ShardStore};
 pub use system::SystemTable;

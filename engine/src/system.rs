@@ -12,6 +12,6 @@ pub trait SystemTable: Send + Sync {
     fn name(&self) -> &str;
     /// Its columns (fixed).
     fn schema(&self) -> SchemaRef;
-    /// Its rows now.
-    fn rows(&self) -> Result<Vec<RecordBatch>, String>;
+    /// Its rows now that belong to `tenant` (a table never shows another tenant's rows).
+    fn rows(&self, tenant: &str) -> Result<Vec<RecordBatch>, String>;
 }

@@ -137,10 +137,10 @@ async fn post_events(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let stream = StreamName::new(&stream)
+    // The stream is the caller's tenant's: a name never reaches another tenant's stream.
+    let stream = StreamName::in_tenant(caller.tenant(), &stream)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_stream_name", e.to_string()))?;
-    // Streams live in the default tenant until per-tenant catalogs exist.
-    caller.check(Action::Ingest, &Resource::stream(ferrite_engine::ids::DEFAULT_TENANT, stream.as_str()))?;
+    caller.check(Action::Ingest, &Resource::stream(stream.tenant(), stream.local()))?;
     let bytes = read_body(&ingestor, body).await?;
     let ndjson = headers
         .get(header::CONTENT_TYPE)
@@ -180,9 +180,9 @@ async fn post_line_protocol(
     Query(params): Query<WriteParams>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    // A line-protocol body may name any measurement: the caller must be allowed to ingest
-    // into the tenant as a whole.
-    caller.check(Action::Ingest, &Resource::tenant(ferrite_engine::ids::DEFAULT_TENANT))?;
+    // A line-protocol body may name any measurement of the caller's tenant: the caller must
+    // be allowed to ingest into that tenant as a whole.
+    caller.check(Action::Ingest, &Resource::tenant(caller.tenant()))?;
     let precision = match params.precision.as_deref() {
         None => Precision::Nanoseconds,
         Some(p) => Precision::parse(p).ok_or_else(|| {
@@ -195,7 +195,12 @@ async fn post_line_protocol(
     };
     let bytes = read_body(&ingestor, body).await?;
     let report = ingestor
-        .ingest(Transport::LineProtocol, Payload::LineProtocol { precision }, bytes, Durability::Committed)
+        .ingest(
+            Transport::LineProtocol,
+            Payload::LineProtocol { precision, tenant: caller.tenant().into() },
+            bytes,
+            Durability::Committed,
+        )
         .await?;
     if report.rejected == 0 {
         return Ok(StatusCode::NO_CONTENT.into_response());

@@ -63,8 +63,14 @@ pub struct LineProtocolOutput {
     pub rejections: Vec<Rejection>,
 }
 
-/// Decodes a whole line-protocol payload.
-pub fn decode(catalog: &Arc<StreamCatalog>, payload: &str, precision: Precision, now: i64) -> LineProtocolOutput {
+/// Decodes a whole line-protocol payload; measurements name streams of `tenant`.
+pub fn decode(
+    catalog: &Arc<StreamCatalog>,
+    tenant: &str,
+    payload: &str,
+    precision: Precision,
+    now: i64,
+) -> LineProtocolOutput {
     let mut builders: AHashMap<String, BatchBuilder> = AHashMap::new();
     let mut order: Vec<String> = Vec::new();
     let mut rejections = Vec::new();
@@ -88,7 +94,7 @@ pub fn decode(catalog: &Arc<StreamCatalog>, payload: &str, precision: Precision,
         let builder = match builders.get_mut(parsed.measurement.as_ref()) {
             Some(b) => b,
             None => {
-                let stream = match StreamName::new(&parsed.measurement) {
+                let stream = match StreamName::in_tenant(tenant, &parsed.measurement) {
                     Ok(s) => s,
                     Err(e) => {
                         rejections.push(reject("invalid_stream_name", e.to_string()));
@@ -347,7 +353,7 @@ mod tests {
     fn rejects_bad_lines_alone() -> anyhow::Result<()> {
         let catalog = Arc::new(StreamCatalog::in_memory());
         let payload = "cpu,host=a usage=1.5 1000\ncpu,host=b usage=\ncpu usage=2\n# comment\ncpu,host=c usage=3 1000\nbad-name,host=d x=1\n";
-        let out = decode(&catalog, payload, Precision::Seconds, 0);
+        let out = decode(&catalog, "default", payload, Precision::Seconds, 0);
         assert_eq!(out.accepted, 2);
         let lines: Vec<_> = out.rejections.iter().map(|r| (r.index + 1, r.reason)).collect();
         assert_eq!(lines, vec![(2, "invalid_line_protocol"), (3, "missing_device_id"), (6, "invalid_stream_name")]);

@@ -618,7 +618,10 @@ impl Session {
                 }
                 match parse_telemetry_topic(&p.topic) {
                     Some(t) => {
-                        let stream = StreamName::new(t.stream);
+                        // The stream of the session's tenant: a device's telemetry never
+                        // lands in another tenant's stream of the same name.
+                        let tenant = self.principal.get().map_or(ferrite_engine::ids::DEFAULT_TENANT, |p| &p.tenant);
+                        let stream = StreamName::in_tenant(tenant, t.stream);
                         let device_ok = ferrite_engine::ids::validate_device_id(t.device);
                         let (stream, device) = match (stream, device_ok) {
                             (Ok(s), Ok(())) => (s, t.device.to_owned()),

@@ -113,6 +113,8 @@ pub enum Payload {
     LineProtocol {
         /// Timestamp unit.
         precision: Precision,
+        /// The tenant whose streams the measurements name.
+        tenant: Arc<str>,
     },
 }
 
@@ -331,9 +333,9 @@ impl Decoder {
                 let rejections = JsonDecoder::new(&mut b, DeviceSource::PerEvent, now).decode_ndjson(bytes);
                 Ok((b.finish().into_iter().collect(), rejections))
             }
-            Payload::LineProtocol { precision } => {
+            Payload::LineProtocol { precision, tenant } => {
                 let text = std::str::from_utf8(bytes).map_err(|e| Error::NotUtf8(e.valid_up_to()))?;
-                let out = line_protocol::decode(&self.catalog, text, precision, now);
+                let out = line_protocol::decode(&self.catalog, &tenant, text, precision, now);
                 Ok((out.batches, out.rejections))
             }
         }

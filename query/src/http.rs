@@ -17,25 +17,26 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use ferrite_engine::ErrorClass;
 use ferrite_engine::auth::{AUDIT_STREAM, Action, Caller, Resource};
-use ferrite_engine::ids::DEFAULT_TENANT;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{Error, QueryService};
+use crate::{Error, QueryService, Scope};
 
 /// Media type of Arrow IPC streams.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
-/// `Ok(hidden streams)` when the caller may query, the 403 otherwise. Streams live in the
-/// default tenant until per-tenant catalogs exist.
-fn scope(caller: &Caller) -> Result<Vec<String>, ApiError> {
-    if let Err(e) = caller.check(Action::Query, &Resource::tenant(DEFAULT_TENANT)) {
+/// `Ok(what the caller sees)` when the caller may query its tenant, the 403 otherwise: the
+/// tenant's streams, less `audit` without `read_audit`.
+fn scope(caller: &Caller) -> Result<Scope, ApiError> {
+    let tenant = caller.tenant();
+    if let Err(e) = caller.check(Action::Query, &Resource::tenant(tenant)) {
         return Err(ApiError(StatusCode::FORBIDDEN, "forbidden", e.to_string()));
     }
-    if caller.access.enabled() && !caller.allowed(Action::ReadAudit, &Resource::tenant(DEFAULT_TENANT)) {
-        return Ok(vec![AUDIT_STREAM.to_owned()]);
+    let scope = Scope::tenant(tenant);
+    if caller.access.enabled() && !caller.allowed(Action::ReadAudit, &Resource::tenant(tenant)) {
+        return Ok(scope.hiding(AUDIT_STREAM));
     }
-    Ok(Vec::new())
+    Ok(scope)
 }
 
 /// The query routes, to merge into the server's router behind authentication (they need
@@ -151,8 +152,8 @@ async fn post_sql(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let hidden = match scope(&caller) {
-        Ok(h) => h,
+    let scope = match scope(&caller) {
+        Ok(s) => s,
         Err(e) => return e.into_response(),
     };
     let request: SqlRequest = match serde_json::from_slice(&body) {
@@ -167,7 +168,7 @@ async fn post_sql(
         }
     };
     let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let result = match service.sql_scoped(&request.sql, &hidden).await {
+    let result = match service.sql_in(&scope, &request.sql).await {
         Ok(r) => r,
         Err(e) => return ApiError::from(e).into_response(),
     };
@@ -178,16 +179,16 @@ async fn post_sql(
 }
 
 async fn get_streams(State(service): State<Arc<QueryService>>, Extension(caller): Extension<Caller>) -> Response {
-    let hidden = match scope(&caller) {
-        Ok(h) => h,
+    let scope = match scope(&caller) {
+        Ok(s) => s,
         Err(e) => return e.into_response(),
     };
     let stats = service.storage().stats();
     let streams: Vec<serde_json::Value> = service
         .catalog()
-        .list()
+        .list_in(&scope.tenant)
         .iter()
-        .filter(|s| !hidden.iter().any(|h| h == s.name.as_str()))
+        .filter(|s| !scope.hidden.iter().any(|h| h == s.name.local()))
         .map(|s| {
             let (hot, archived) = stats.get(s.name.as_str()).copied().unwrap_or((0, 0));
             let columns: Vec<serde_json::Value> = s
@@ -203,7 +204,7 @@ async fn get_streams(State(service): State<Arc<QueryService>>, Extension(caller)
                     json!({"name": f.name(), "type": ty, "nullable": f.is_nullable()})
                 })
                 .collect();
-            json!({"name": s.name.as_str(), "columns": columns, "rows": {"hot": hot, "archived": archived}})
+            json!({"name": s.name.local(), "columns": columns, "rows": {"hot": hot, "archived": archived}})
         })
         .collect();
     Json(json!({ "streams": streams })).into_response()

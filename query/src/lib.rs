@@ -40,40 +40,72 @@ use futures::StreamExt;
 pub use error::{Error, Result};
 use table::{ARCHIVE_URL, StreamTable};
 
-/// Schema provider whose tables are the catalog's streams, so a stream is queryable the
-/// moment its first event is accepted.
+/// What one caller's queries see: the streams of one tenant, less the hidden ones.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope {
+    /// The tenant whose streams are the tables of `public` (and whose rows `system.*` shows).
+    pub tenant: String,
+    /// Streams of the tenant the caller may not see (the `audit` stream without
+    /// `read_audit`): to the planner they do not exist.
+    pub hidden: Vec<String>,
+}
+
+impl Scope {
+    /// Every stream of `tenant`.
+    pub fn tenant(tenant: &str) -> Self {
+        Self { tenant: tenant.to_owned(), hidden: Vec::new() }
+    }
+
+    /// The same scope without stream `name`.
+    pub fn hiding(mut self, name: &str) -> Self {
+        self.hidden.push(name.to_owned());
+        self
+    }
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Self::tenant(ferrite_engine::ids::DEFAULT_TENANT)
+    }
+}
+
+/// Schema provider whose tables are one tenant's streams, so a stream is queryable the
+/// moment its first event is accepted, and no other tenant's stream can be named.
 #[derive(Debug)]
 struct StreamSchemaProvider {
     catalog: Arc<StreamCatalog>,
     storage: Arc<Storage>,
-    /// Streams this caller may not see (the `audit` stream without `read_audit`): to the
-    /// planner they do not exist.
-    hidden: Arc<[String]>,
+    scope: Scope,
 }
 
 impl StreamSchemaProvider {
     fn visible(&self, name: &str) -> bool {
-        !self.hidden.iter().any(|h| h == name)
+        !self.scope.hidden.iter().any(|h| h == name)
     }
 }
 
 #[async_trait]
 impl SchemaProvider for StreamSchemaProvider {
     fn table_names(&self) -> Vec<String> {
-        self.catalog.list().iter().map(|s| s.name.to_string()).filter(|n| self.visible(n)).collect()
+        self.catalog
+            .list_in(&self.scope.tenant)
+            .iter()
+            .map(|s| s.name.local().to_owned())
+            .filter(|n| self.visible(n))
+            .collect()
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
         if !self.visible(name) {
             return Ok(None);
         }
-        Ok(self.catalog.get_by_name(name).map(|s| {
+        Ok(self.catalog.get_in(&self.scope.tenant, name).map(|s| {
             Arc::new(StreamTable::new(s.name.clone(), s.arrow.clone(), self.storage.clone())) as Arc<dyn TableProvider>
         }))
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.visible(name) && self.catalog.get_by_name(name).is_some()
+        self.visible(name) && self.catalog.get_in(&self.scope.tenant, name).is_some()
     }
 }
 
@@ -142,8 +174,14 @@ pub struct QueryService {
     metrics: Arc<Metrics>,
     catalog: Arc<StreamCatalog>,
     storage: Arc<Storage>,
-    system: Arc<system::SystemSchemaProvider>,
+    system: Arc<system::SystemTables>,
+    /// One session per scope seen, sharing the runtime and limits (their schema providers
+    /// read the catalog when planning, so a cached session is never stale).
+    sessions: parking_lot::Mutex<std::collections::HashMap<Scope, SessionContext>>,
 }
+
+/// Sessions kept for reuse; past this many scopes the cache starts over.
+const MAX_SESSIONS: usize = 256;
 
 impl std::fmt::Debug for QueryService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -174,14 +212,15 @@ impl QueryService {
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         let url = url::Url::parse(ARCHIVE_URL).map_err(|e| Error::Execution(e.to_string()))?;
         ctx.register_object_store(&url, storage.object_store());
-        let ferrite = MemoryCatalogProvider::new();
-        let provider =
-            Arc::new(StreamSchemaProvider { catalog: catalog.clone(), storage: storage.clone(), hidden: Arc::new([]) });
-        ferrite.register_schema("public", provider).map_err(Error::from_datafusion)?;
-        let system = Arc::new(system::SystemSchemaProvider::default());
-        ferrite.register_schema("system", system.clone()).map_err(Error::from_datafusion)?;
-        ctx.register_catalog("ferrite", Arc::new(ferrite));
-        Ok(Self { ctx, config: limits, metrics, catalog, storage, system })
+        Ok(Self {
+            ctx,
+            config: limits,
+            metrics,
+            catalog,
+            storage,
+            system: Arc::new(system::SystemTables::default()),
+            sessions: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        })
     }
 
     /// Adds a table to the `system` schema (`SELECT * FROM system.NAME`).
@@ -199,22 +238,19 @@ impl QueryService {
         &self.storage
     }
 
-    /// Plans and runs one SQL statement.
+    /// Plans and runs one SQL statement over the default tenant's streams (local tools).
     pub async fn sql(&self, sql: &str) -> Result<QueryResult> {
-        self.sql_scoped(sql, &[]).await
+        self.sql_in(&Scope::default(), sql).await
     }
 
-    /// Runs one read-only statement for a caller who may not see the `hidden` streams: the
-    /// planner resolves table names through a schema in which they do not exist, so no
-    /// spelling of the query reaches them.
-    pub async fn sql_scoped(&self, sql: &str, hidden: &[String]) -> Result<QueryResult> {
+    /// Runs one read-only statement in `scope`: the planner resolves table names through a
+    /// schema holding only the scope's streams, so no spelling of the query reaches another
+    /// tenant's stream or a hidden one.
+    pub async fn sql_in(&self, scope: &Scope, sql: &str) -> Result<QueryResult> {
         let started = Instant::now();
-        let result = match hidden {
-            [] => self.run(self.ctx.clone(), sql).await,
-            _ => match self.scoped(hidden) {
-                Ok(ctx) => self.run(ctx, sql).await,
-                Err(e) => Err(e),
-            },
+        let result = match self.session(scope) {
+            Ok(ctx) => self.run(ctx, sql).await,
+            Err(e) => Err(e),
         };
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics.inc("ferrite_queries_total", &[("outcome", outcome)], 1);
@@ -222,22 +258,33 @@ impl QueryService {
         result
     }
 
-    /// A session whose `public` schema hides `hidden` (same runtime, limits and system tables).
-    fn scoped(&self, hidden: &[String]) -> Result<SessionContext> {
+    /// The session of `scope`: its `public` schema is the scope's streams, its `system`
+    /// schema the system tables' rows of the scope's tenant (same runtime and limits).
+    fn session(&self, scope: &Scope) -> Result<SessionContext> {
+        if let Some(ctx) = self.sessions.lock().get(scope) {
+            return Ok(ctx.clone());
+        }
         let ferrite = MemoryCatalogProvider::new();
         let provider = Arc::new(StreamSchemaProvider {
             catalog: self.catalog.clone(),
             storage: self.storage.clone(),
-            hidden: hidden.to_vec().into(),
+            scope: scope.clone(),
         });
         ferrite.register_schema("public", provider).map_err(Error::from_datafusion)?;
-        ferrite.register_schema("system", self.system.clone()).map_err(Error::from_datafusion)?;
+        let system = Arc::new(system::SystemSchemaProvider::new(self.system.clone(), &scope.tenant));
+        ferrite.register_schema("system", system).map_err(Error::from_datafusion)?;
         let list = datafusion::catalog::MemoryCatalogProviderList::new();
         list.register_catalog("ferrite".to_owned(), Arc::new(ferrite));
         let state = datafusion::execution::SessionStateBuilder::new_from_existing(self.ctx.state())
             .with_catalog_list(Arc::new(list))
             .build();
-        Ok(SessionContext::new_with_state(state))
+        let ctx = SessionContext::new_with_state(state);
+        let mut sessions = self.sessions.lock();
+        if sessions.len() >= MAX_SESSIONS {
+            sessions.clear();
+        }
+        sessions.insert(scope.clone(), ctx.clone());
+        Ok(ctx)
     }
 
     async fn run(&self, ctx: SessionContext, sql: &str) -> Result<QueryResult> {

@@ -15,48 +15,66 @@ use datafusion::physical_plan::ExecutionPlan;
 use ferrite_engine::SystemTable;
 use parking_lot::RwLock;
 
-/// The `system` schema's tables.
+/// Every table of the `system` schema (registered once, shared by all sessions).
 #[derive(Default)]
-pub struct SystemSchemaProvider {
+pub struct SystemTables {
     tables: RwLock<Vec<Arc<dyn SystemTable>>>,
 }
 
-impl std::fmt::Debug for SystemSchemaProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SystemSchemaProvider").field("tables", &self.table_names()).finish()
-    }
-}
-
-impl SystemSchemaProvider {
+impl SystemTables {
     /// Adds (or replaces) a table.
     pub fn add(&self, table: Arc<dyn SystemTable>) {
         let mut t = self.tables.write();
         t.retain(|x| x.name() != table.name());
         t.push(table);
     }
+
+    fn find(&self, name: &str) -> Option<Arc<dyn SystemTable>> {
+        self.tables.read().iter().find(|t| t.name() == name).cloned()
+    }
+}
+
+/// The `system` schema as one tenant sees it: every table, with that tenant's rows only.
+pub struct SystemSchemaProvider {
+    tables: Arc<SystemTables>,
+    tenant: Arc<str>,
+}
+
+impl SystemSchemaProvider {
+    /// The tables of `tables`, showing `tenant`'s rows.
+    pub fn new(tables: Arc<SystemTables>, tenant: &str) -> Self {
+        Self { tables, tenant: tenant.into() }
+    }
+}
+
+impl std::fmt::Debug for SystemSchemaProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SystemSchemaProvider")
+            .field("tenant", &self.tenant)
+            .field("tables", &self.table_names())
+            .finish()
+    }
 }
 
 #[async_trait]
 impl SchemaProvider for SystemSchemaProvider {
     fn table_names(&self) -> Vec<String> {
-        self.tables.read().iter().map(|t| t.name().to_owned()).collect()
+        self.tables.tables.read().iter().map(|t| t.name().to_owned()).collect()
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
         Ok(self
             .tables
-            .read()
-            .iter()
-            .find(|t| t.name() == name)
-            .map(|t| Arc::new(SystemTableProvider(t.clone())) as Arc<dyn TableProvider>))
+            .find(name)
+            .map(|t| Arc::new(SystemTableProvider(t, self.tenant.clone())) as Arc<dyn TableProvider>))
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.tables.read().iter().any(|t| t.name() == name)
+        self.tables.find(name).is_some()
     }
 }
 
-struct SystemTableProvider(Arc<dyn SystemTable>);
+struct SystemTableProvider(Arc<dyn SystemTable>, Arc<str>);
 
 impl std::fmt::Debug for SystemTableProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,7 +99,7 @@ impl TableProvider for SystemTableProvider {
         _filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let rows = self.0.rows().map_err(DataFusionError::Execution)?;
+        let rows = self.0.rows(&self.1).map_err(DataFusionError::Execution)?;
         let source = MemorySourceConfig::try_new(&[rows], self.0.schema(), projection.cloned())?.with_limit(limit);
         Ok(DataSourceExec::from_data_source(source))
     }

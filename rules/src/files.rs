@@ -41,8 +41,15 @@ pub struct RuleFiles {
     engine: Arc<RuleEngine>,
     seen: Mutex<BTreeMap<PathBuf, Seen>>,
     /// Rule texts posted to the API that name streams nobody has written yet, by key
-    /// (`api:` and their rule names); retried like waiting files.
-    waiting_api: Mutex<BTreeMap<String, (String, Seen)>>,
+    /// (tenant, `api:` and their rule names); retried like waiting files.
+    waiting_api: Mutex<BTreeMap<String, Waiting>>,
+}
+
+/// A rule text from the API waiting for its streams.
+struct Waiting {
+    tenant: String,
+    text: String,
+    seen: Seen,
 }
 
 impl std::fmt::Debug for RuleFiles {
@@ -62,40 +69,45 @@ impl RuleFiles {
         Self { dir: dir.to_owned(), engine, seen: Mutex::new(BTreeMap::new()), waiting_api: Mutex::default() }
     }
 
-    /// The state of every rule file seen, and of rule texts from the API that wait.
-    pub fn statuses(&self) -> Vec<FileStatus> {
-        let mut out: Vec<FileStatus> = self.seen.lock().values().map(|s| s.status.clone()).collect();
-        out.extend(self.waiting_api.lock().values().map(|(_, s)| s.status.clone()));
+    /// The state of every rule file seen (they hold the default tenant's rules), and of
+    /// `tenant`'s rule texts from the API that wait.
+    pub fn statuses(&self, tenant: &str) -> Vec<FileStatus> {
+        let mut out: Vec<FileStatus> = Vec::new();
+        if tenant == ferrite_engine::ids::DEFAULT_TENANT {
+            out.extend(self.seen.lock().values().map(|s| s.status.clone()));
+        }
+        out.extend(self.waiting_api.lock().values().filter(|w| w.tenant == tenant).map(|w| w.seen.status.clone()));
         out
     }
 
-    /// Keeps a rule text from the API whose streams do not exist yet; it is deployed as
-    /// soon as they do (as a waiting file is). Returns its status.
-    pub fn wait_for_streams(&self, text: &str, rules: Vec<String>, error: String) -> FileStatus {
-        let key = format!("api:{}", rules.join(","));
-        let status = FileStatus { path: key.clone(), status: "waiting", rules, error: Some(error) };
+    /// Keeps a rule text of `tenant` from the API whose streams do not exist yet; it is
+    /// deployed as soon as they do (as a waiting file is). Returns its status.
+    pub fn wait_for_streams(&self, tenant: &str, text: &str, rules: Vec<String>, error: String) -> FileStatus {
+        let key = format!("{tenant}\u{1}api:{}", rules.join(","));
+        let path = format!("api:{}", rules.join(","));
+        let status = FileStatus { path, status: "waiting", rules, error: Some(error) };
         let seen = Seen { modified: None, catalog: catalog_version(&self.engine), status: status.clone() };
-        self.waiting_api.lock().insert(key, (text.to_owned(), seen));
+        self.waiting_api.lock().insert(key, Waiting { tenant: tenant.to_owned(), text: text.to_owned(), seen });
         status
     }
 
-    /// Drops a waiting API rule text that holds rule `name`; whether there was one.
-    pub fn forget_waiting(&self, name: &str) -> bool {
+    /// Drops a waiting API rule text of `tenant` that holds rule `name`; whether there was one.
+    pub fn forget_waiting(&self, tenant: &str, name: &str) -> bool {
         let mut w = self.waiting_api.lock();
         let before = w.len();
-        w.retain(|_, (_, s)| !s.status.rules.iter().any(|r| r == name));
+        w.retain(|_, w| w.tenant != tenant || !w.seen.status.rules.iter().any(|r| r == name));
         w.len() != before
     }
 
     fn retry_waiting_api(&self, catalog: u64) {
         let mut waiting = self.waiting_api.lock();
         let mut deployed = Vec::new();
-        for (key, (text, seen)) in waiting.iter_mut() {
+        for (key, Waiting { tenant, text, seen }) in waiting.iter_mut() {
             if seen.status.status != "waiting" || seen.catalog == catalog {
                 continue;
             }
             seen.catalog = catalog;
-            match self.engine.deploy(text, None) {
+            match self.engine.deploy_in(tenant, text, None) {
                 Ok(rules) => {
                     tracing::info!(rules = ?rules, "rules posted earlier found their streams and are deployed");
                     deployed.push(key.clone());

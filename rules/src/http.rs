@@ -7,12 +7,12 @@
 use ferrite_engine::auth::{Action, Caller, Resource};
 use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Json};
 use ferrite_engine::ErrorClass;
 use serde_json::json;
 
@@ -39,8 +39,8 @@ async fn enforce(
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let name = path.strip_prefix("/api/v1/rules/").map(|n| n.split('/').next().unwrap_or(n).to_owned());
-    // Rules live in the default tenant until per-tenant deployments exist.
-    let tenant = ferrite_engine::ids::DEFAULT_TENANT;
+    // Rules live in the caller's tenant: names are looked up among its rules only.
+    let tenant = caller.tenant();
     let (action, resource) = match (&method, &name) {
         (&axum::http::Method::GET, None) => (Action::Query, Resource::tenant(tenant)),
         (&axum::http::Method::GET, Some(n)) => (Action::Query, Resource::rule(tenant, n)),
@@ -87,25 +87,55 @@ fn from_error(e: &Error, text: Option<&str>) -> Response {
     }
 }
 
+/// The engine's key of rule `name` of `tenant`.
+fn key(tenant: &str, name: &str) -> String {
+    if tenant == ferrite_engine::ids::DEFAULT_TENANT { name.to_owned() } else { format!("{tenant}/{name}") }
+}
+
+/// Names as the caller's tenant knows them (rule and stream keys without the tenant).
+fn local(name: &str) -> String {
+    crate::inspect::split_rule_key(name).1.to_owned()
+}
+
+/// An engine error about rule `name`, with the rule named as the caller knows it.
+fn unscoped(e: Error, name: &str) -> Error {
+    match e {
+        Error::NotFound(what) if what.ends_with("(shadow)") => Error::NotFound(format!("{name} (shadow)")),
+        Error::NotFound(_) => Error::NotFound(name.to_owned()),
+        e => e,
+    }
+}
+
+fn localize(mut info: crate::runtime::RuleInfo) -> crate::runtime::RuleInfo {
+    info.name = local(&info.name);
+    info.inputs = info.inputs.iter().map(|s| local(s)).collect();
+    info.insert_into = info.insert_into.as_deref().map(local);
+    info
+}
+
 async fn deploy(
     State(api): State<RulesApi>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<std::collections::HashMap<String, String>>,
     body: String,
 ) -> Response {
+    let tenant = caller.tenant();
+    let locals = |names: Vec<String>| names.iter().map(|n| local(n)).collect::<Vec<_>>();
     if params.get("shadow").is_some_and(|v| v == "true" || v == "1") {
-        return match api.engine.deploy_shadow(&body) {
-            Ok(names) => (StatusCode::CREATED, Json(json!({"shadowed": names}))).into_response(),
+        return match api.engine.deploy_shadow_in(tenant, &body) {
+            Ok(names) => (StatusCode::CREATED, Json(json!({"shadowed": locals(names)}))).into_response(),
             Err(e) => from_error(&e, Some(&body)),
         };
     }
-    match api.engine.deploy(&body, None) {
-        Ok(names) => (StatusCode::CREATED, Json(json!({"deployed": names}))).into_response(),
+    match api.engine.deploy_in(tenant, &body, None) {
+        Ok(names) => (StatusCode::CREATED, Json(json!({"deployed": locals(names)}))).into_response(),
         // Rules over streams nobody has written yet wait for them, as a rule file does.
         Err(crate::Error::Invalid(ds)) if ds.iter().all(|d| d.code == Some("unknown-stream")) => {
             let error = crate::Error::Invalid(ds);
             let Some(files) = &api.files else { return from_error(&error, Some(&body)) };
             let rules = crate::syntax::parse(&body).map(|f| f.rules.iter().map(|r| r.name.value.clone()).collect());
-            let status = files.wait_for_streams(&body, rules.unwrap_or_default(), error.render("request", &body));
+            let status =
+                files.wait_for_streams(tenant, &body, rules.unwrap_or_default(), error.render("request", &body));
             let message = "the rules name streams that do not exist yet; they are deployed as soon as their streams \
                            receive data (GET /api/v1/rules shows them under `files` until then)";
             (StatusCode::ACCEPTED, Json(json!({"waiting": status.rules, "message": message, "error": status.error})))
@@ -115,43 +145,73 @@ async fn deploy(
     }
 }
 
-async fn list(State(api): State<RulesApi>) -> Response {
-    let files = api.files.as_ref().map(|f| f.statuses()).unwrap_or_default();
-    Json(json!({"rules": api.engine.list(), "files": files})).into_response()
+async fn list(State(api): State<RulesApi>, Extension(caller): Extension<Caller>) -> Response {
+    let tenant = caller.tenant();
+    let files = api.files.as_ref().map(|f| f.statuses(tenant)).unwrap_or_default();
+    let rules: Vec<_> = api
+        .engine
+        .list()
+        .into_iter()
+        .filter(|r| crate::inspect::split_rule_key(&r.name).0 == tenant)
+        .map(localize)
+        .collect();
+    Json(json!({"rules": rules, "files": files})).into_response()
 }
 
-async fn one(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
-    match api.engine.info(&name) {
-        Ok(info) => Json(info).into_response(),
-        Err(e) => from_error(&e, None),
+async fn one(State(api): State<RulesApi>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> Response {
+    match api.engine.info(&key(caller.tenant(), &name)) {
+        Ok(info) => Json(localize(info)).into_response(),
+        Err(e) => from_error(&unscoped(e, &name), None),
     }
 }
 
-async fn remove(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
-    match api.engine.remove(&name) {
+async fn remove(
+    State(api): State<RulesApi>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Response {
+    let tenant = caller.tenant();
+    match api.engine.remove(&key(tenant, &name)) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(_) if api.files.as_ref().is_some_and(|f| f.forget_waiting(&name)) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => from_error(&e, None),
+        Err(_) if api.files.as_ref().is_some_and(|f| f.forget_waiting(tenant, &name)) => {
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => from_error(&unscoped(e, &name), None),
     }
 }
 
-async fn shadow_report(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
-    match api.engine.shadow_report(&name) {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => from_error(&e, None),
+async fn shadow_report(
+    State(api): State<RulesApi>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Response {
+    match api.engine.shadow_report(&key(caller.tenant(), &name)) {
+        Ok(mut r) => {
+            r.name = local(&r.name);
+            Json(r).into_response()
+        }
+        Err(e) => from_error(&unscoped(e, &name), None),
     }
 }
 
-async fn remove_shadow(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
-    match api.engine.remove_shadow(&name) {
+async fn remove_shadow(
+    State(api): State<RulesApi>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Response {
+    match api.engine.remove_shadow(&key(caller.tenant(), &name)) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => from_error(&e, None),
+        Err(e) => from_error(&unscoped(e, &name), None),
     }
 }
 
-async fn promote(State(api): State<RulesApi>, Path(name): Path<String>) -> Response {
-    match api.engine.promote(&name) {
+async fn promote(
+    State(api): State<RulesApi>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Response {
+    match api.engine.promote(&key(caller.tenant(), &name)) {
         Ok(()) => (StatusCode::OK, Json(json!({"promoted": name}))).into_response(),
-        Err(e) => from_error(&e, None),
+        Err(e) => from_error(&unscoped(e, &name), None),
     }
 }

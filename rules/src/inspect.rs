@@ -51,6 +51,27 @@ pub struct RuleStateTable(pub Arc<RuleEngine>);
 /// `system.watermarks`.
 pub struct WatermarksTable(pub Arc<RuleEngine>);
 
+/// The tenant of a rule key and the rule's name in it (`tenant/name`, or `name` in the
+/// default tenant).
+pub fn split_rule_key(key: &str) -> (&str, &str) {
+    key.split_once('/').unwrap_or((ferrite_engine::ids::DEFAULT_TENANT, key))
+}
+
+/// Keeps `tenant`'s rows and names their rules as the tenant knows them.
+fn of_tenant<T>(rows: Vec<T>, tenant: &str, rule: impl Fn(&mut T) -> &mut String) -> Vec<T> {
+    rows.into_iter()
+        .filter_map(|mut r| {
+            let name = rule(&mut r);
+            let (t, local) = split_rule_key(name);
+            if t != tenant {
+                return None;
+            }
+            *name = local.to_owned();
+            Some(r)
+        })
+        .collect()
+}
+
 fn ts(v: impl IntoIterator<Item = Option<i64>>) -> ArrayRef {
     Arc::new(TimestampNanosecondArray::from_iter(v).with_timezone("UTC"))
 }
@@ -72,8 +93,8 @@ impl SystemTable for RuleStateTable {
         ]))
     }
 
-    fn rows(&self) -> Result<Vec<RecordBatch>, String> {
-        let rows = self.0.state_rows().map_err(|e| e.to_string())?;
+    fn rows(&self, tenant: &str) -> Result<Vec<RecordBatch>, String> {
+        let rows = of_tenant(self.0.state_rows().map_err(|e| e.to_string())?, tenant, |r| &mut r.rule);
         let columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.rule.as_str()))),
             Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.shard.map(|s| s as i64)))),
@@ -103,8 +124,8 @@ impl SystemTable for WatermarksTable {
         ]))
     }
 
-    fn rows(&self) -> Result<Vec<RecordBatch>, String> {
-        let rows = self.0.watermark_rows();
+    fn rows(&self, tenant: &str) -> Result<Vec<RecordBatch>, String> {
+        let rows = of_tenant(self.0.watermark_rows(), tenant, |r| &mut r.rule);
         let columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.rule.as_str()))),
             Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.shard.map(|s| s as i64)))),

@@ -19,8 +19,9 @@ pub const ALERTS_STREAM: &str = "alerts";
 /// Where rule actions go. The server implements it with its MQTT broker and an HTTP client;
 /// `ferrite rules test` records them.
 pub trait ActionSink: Send + Sync {
-    /// Publishes `payload` on an MQTT topic (commands go to `devices/{id}/commands`).
-    fn publish(&self, topic: &str, payload: Vec<u8>);
+    /// Publishes `payload` on an MQTT topic (commands go to `devices/{id}/commands`) for a
+    /// rule of `tenant` (the sink decides whether that tenant may reach the topic).
+    fn publish(&self, tenant: &str, topic: &str, payload: Vec<u8>);
     /// POSTs `body` (JSON) to `url`; must not block the caller.
     fn webhook(&self, url: &str, body: Vec<u8>);
 }
@@ -30,7 +31,7 @@ pub trait ActionSink: Send + Sync {
 pub struct NoActions;
 
 impl ActionSink for NoActions {
-    fn publish(&self, _topic: &str, _payload: Vec<u8>) {}
+    fn publish(&self, _tenant: &str, _topic: &str, _payload: Vec<u8>) {}
     fn webhook(&self, _url: &str, _body: Vec<u8>) {}
 }
 

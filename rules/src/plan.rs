@@ -167,6 +167,50 @@ pub struct StreamJoinPlan {
     pub match_schema: SchemaRef,
 }
 
+impl CompiledRule {
+    /// Moves a rule compiled against `tenant`'s streams into that tenant: its name and every
+    /// stream it reads or writes become keys of the tenant (`tenant/name`), so that it sees
+    /// only the tenant's batches and writes only the tenant's streams.
+    pub fn in_tenant(mut self, tenant: &str) -> Result<Self, ferrite_engine::Error> {
+        if tenant == ferrite_engine::ids::DEFAULT_TENANT {
+            return Ok(self);
+        }
+        let key = |s: &str| ferrite_engine::StreamName::in_tenant(tenant, s).map(|n| n.as_str().to_owned());
+        ferrite_engine::validate_tenant(tenant)?;
+        self.name = format!("{tenant}/{}", self.name);
+        self.inputs = self.inputs.iter().map(|s| key(s)).collect::<Result<_, _>>()?;
+        self.insert_into = self.insert_into.as_deref().map(key).transpose()?;
+        if let Some(j) = &mut self.join
+            && matches!(j.source, JoinSource::Stream)
+        {
+            j.stream = key(&j.table)?;
+        }
+        match &mut self.operator {
+            OperatorPlan::Pattern(p) => {
+                for step in &mut p.steps {
+                    step.stream = key(&step.stream)?;
+                }
+            }
+            OperatorPlan::Join(j) => {
+                j.left_stream = key(&j.left_stream)?;
+                j.right_stream = key(&j.right_stream)?;
+            }
+            OperatorPlan::Stateless | OperatorPlan::Window(_) => {}
+        }
+        Ok(self)
+    }
+
+    /// The tenant the rule runs in.
+    pub fn tenant(&self) -> &str {
+        self.name.split_once('/').map_or(ferrite_engine::ids::DEFAULT_TENANT, |(t, _)| t)
+    }
+
+    /// The rule's name inside its tenant.
+    pub fn local_name(&self) -> &str {
+        self.name.split_once('/').map_or(&self.name, |(_, n)| n)
+    }
+}
+
 impl StreamJoinPlan {
     /// Whether the condition holds for a pair.
     pub fn holds(&self, left: &[ScalarValue], right: &[ScalarValue]) -> datafusion::error::Result<bool> {
@@ -287,8 +331,12 @@ pub enum JoinSource {
 /// A planned `join T on T.key = column`.
 #[derive(Debug, Clone)]
 pub struct JoinPlan {
-    /// The table's name (a `table` declaration or a stream).
+    /// The table's name (a `table` declaration or a stream), as the rule writes it: its
+    /// columns are `table.column`.
     pub table: String,
+    /// The stream's key (`tenant/name` outside the default tenant) when the table is a
+    /// stream; what its rows are matched and loaded by.
+    pub stream: String,
     /// Its rows.
     pub source: JoinSource,
     /// Its columns.
@@ -356,7 +404,8 @@ fn plan_join(
         )
         .with_hint(format!("e.g. `join {table} on {table}.device_id = device_id`")));
     };
-    Ok(JoinPlan { table, source, table_schema, table_key, input_key })
+    let stream = table.clone();
+    Ok(JoinPlan { table, stream, source, table_schema, table_key, input_key })
 }
 
 /// Looks up the schema of a stream (the catalog, or streams learned from test input).

@@ -262,12 +262,15 @@ impl std::fmt::Debug for RuleEngine {
     }
 }
 
-/// Schemas come from the catalog.
-struct CatalogSchemas<'a>(&'a StreamCatalog);
+/// Schemas come from one tenant's streams in the catalog.
+struct CatalogSchemas<'a> {
+    catalog: &'a StreamCatalog,
+    tenant: &'a str,
+}
 
 impl SchemaSource for CatalogSchemas<'_> {
     fn schema(&self, stream: &str) -> Option<SchemaRef> {
-        self.0.get_by_name(stream).map(|s| s.arrow.clone())
+        self.catalog.get_in(self.tenant, stream).map(|s| s.arrow.clone())
     }
 }
 

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
-use ferrite_engine::{Health, Metrics, ShardStore, StreamBatch, StreamCatalog, StreamName, TenantId, align_to_schema};
+use ferrite_engine::{Health, Metrics, ShardStore, StreamBatch, StreamCatalog, StreamName, align_to_schema};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -158,7 +158,6 @@ pub struct StreamSnapshot {
 /// the query layer.
 pub struct Storage {
     config: StorageConfig,
-    tenant: TenantId,
     catalog: Arc<StreamCatalog>,
     metrics: Arc<Metrics>,
     wals: Vec<Mutex<WalWriter>>,
@@ -212,7 +211,7 @@ impl Storage {
 
         let mut streams: HashMap<StreamName, Arc<RwLock<StreamData>>> = HashMap::new();
         for (name, list) in &files.streams {
-            let s = StreamName::new(name)?;
+            let s = StreamName::from_key(name)?;
             streams.entry(s).or_default().write().files = list.clone();
         }
 
@@ -277,7 +276,6 @@ impl Storage {
         config.health.set_overloaded(hot_bytes >= config.hot_max_bytes.saturating_mul(HARD_LIMIT_FACTOR));
         let storage = Arc::new(Self {
             config,
-            tenant: TenantId::default(),
             catalog,
             metrics,
             wals,
@@ -309,16 +307,24 @@ impl Storage {
         &self.config.health
     }
 
-    /// Deletes every file under the tenant's archive prefix that the catalog does not name:
-    /// uploads of a persist that failed or was interrupted. Returns how many went.
+    /// Deletes every file under the tenants' archive prefixes that the catalog does not
+    /// name: uploads of a persist that failed or was interrupted. Returns how many went.
     fn sweep_orphans(&self) -> Result<usize> {
         let known: std::collections::HashSet<String> =
             self.file_catalog.lock().streams.values().flatten().map(|f| f.path.clone()).collect();
-        let prefix = ObjectPath::from(self.tenant.as_str());
         let store = self.store.clone();
+        // Only directories named like tenants are ours to sweep.
         let listed: Vec<ObjectPath> = self.runtime.block_on(async move {
             use futures::TryStreamExt;
-            store.list(Some(&prefix)).map_ok(|m| m.location).try_collect::<Vec<_>>().await
+            let top = store.list_with_delimiter(None).await?;
+            let mut files = Vec::new();
+            for prefix in top.common_prefixes {
+                if ferrite_engine::validate_tenant(prefix.as_ref()).is_err() {
+                    continue;
+                }
+                files.extend(store.list(Some(&prefix)).map_ok(|m| m.location).try_collect::<Vec<_>>().await?);
+            }
+            Ok::<_, object_store::Error>(files)
         })?;
         let mut removed = 0;
         for location in listed {
@@ -330,7 +336,12 @@ impl Storage {
         }
         // Temporary files of a local write that never got renamed into place.
         if let Some(root) = &self.local_root {
-            removed += remove_temp_files(&root.join(self.tenant.as_str()))?;
+            for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+                let name = entry.file_name();
+                if name.to_str().is_some_and(|n| ferrite_engine::validate_tenant(n).is_ok()) {
+                    removed += remove_temp_files(&entry.path())?;
+                }
+            }
         }
         Ok(removed)
     }
@@ -510,7 +521,8 @@ impl Storage {
             let (bytes, mut file) = archive::encode(&chunk)?;
             let unique =
                 format!("{:019}-{:08x}.parquet", chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0), rand_u32());
-            file.path = format!("{}/{}/{}/{}", self.tenant, name, archive::partition_dir(chunk.hour_start), unique);
+            file.path =
+                format!("{}/{}/{}/{}", name.tenant(), name.local(), archive::partition_dir(chunk.hour_start), unique);
             let size = bytes.len() as u64;
             // Readers only learn of the file from the catalog, committed after this returns.
             // An S3 PUT is atomic and durable when it answers; a local file is written under

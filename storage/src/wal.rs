@@ -167,7 +167,7 @@ pub fn read_segment(path: &Path) -> Result<SegmentRead> {
             .get(10..10 + slen)
             .and_then(|b| std::str::from_utf8(b).ok())
             .ok_or_else(|| corrupt(path, "stream name"))?;
-        let stream = StreamName::new(name)?;
+        let stream = StreamName::from_key(name)?;
         let ipc = body.get(10 + slen..).ok_or_else(|| corrupt(path, "body"))?;
         let reader = StreamReader::try_new(ipc, None)?;
         for batch in reader {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::harness::{Server, TIMEOUT};
 
 /// A form POST (OAuth2 endpoints), optionally with HTTP Basic client authentication.
-fn form(
+pub(crate) fn form(
     s: &Server,
     path: &str,
     basic: Option<(&str, &str)>,
@@ -37,7 +37,7 @@ fn form(
 }
 
 /// A request with an arbitrary `Authorization` header.
-fn call(
+pub(crate) fn call(
     s: &Server,
     method: &str,
     path: &str,
@@ -66,20 +66,46 @@ fn call(
     Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
 }
 
-fn client_token(s: &Server, id: &str, secret: &str, scope: &str) -> anyhow::Result<Value> {
+/// A request acting in `tenant` (the `Ferrite-Tenant` header).
+pub(crate) fn call_in(
+    s: &Server,
+    method: &str,
+    path: &str,
+    auth: &str,
+    tenant: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let url = s.url(path);
+    let mut resp = match method {
+        "GET" => s.agent().get(&url).header("Authorization", auth).header("Ferrite-Tenant", tenant).call()?,
+        "DELETE" => s.agent().delete(&url).header("Authorization", auth).header("Ferrite-Tenant", tenant).call()?,
+        _ => s
+            .agent()
+            .post(&url)
+            .header("Authorization", auth)
+            .header("Ferrite-Tenant", tenant)
+            .header("Content-Type", "application/json")
+            .send(body.map(Value::to_string).unwrap_or_default())?,
+    };
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string()?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+pub(crate) fn client_token(s: &Server, id: &str, secret: &str, scope: &str) -> anyhow::Result<Value> {
     let (st, body, _) =
         form(s, "/oauth2/token", Some((id, secret)), &[("grant_type", "client_credentials"), ("scope", scope)])?;
     anyhow::ensure!(st == 200, "token for {id}: {st} {body}");
     Ok(body)
 }
 
-fn add_client(s: &Server, body: Value) -> anyhow::Result<(String, String)> {
+pub(crate) fn add_client(s: &Server, body: Value) -> anyhow::Result<(String, String)> {
     let (st, b) = s.post_json("/api/v1/clients", &body)?;
     anyhow::ensure!(st == 201, "add client: {st} {b}");
     Ok((b["client_id"].as_str().unwrap_or("").to_owned(), b["client_secret"].as_str().unwrap_or("").to_owned()))
 }
 
-async fn connect(
+pub(crate) async fn connect(
     s: &Server,
     id: &str,
     user: &str,
@@ -104,7 +130,7 @@ async fn connect(
 }
 
 /// Polls until a SUBACK arrives; its return codes.
-async fn suback(ev: &mut EventLoop) -> anyhow::Result<Vec<SubscribeReasonCode>> {
+pub(crate) async fn suback(ev: &mut EventLoop) -> anyhow::Result<Vec<SubscribeReasonCode>> {
     tokio::time::timeout(TIMEOUT, async {
         loop {
             if let Event::Incoming(Packet::SubAck(a)) = ev.poll().await? {
@@ -342,15 +368,17 @@ fn tenants_users_and_the_device_code_grant() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let s = Server::start(dir.path(), &[])?;
     s.post_json("/api/v1/streams/telemetry/events", &json!({"device_id": "x", "v": 1}))?;
-    // A service of tenant b may not read tenant default's streams, nor manage identity there.
+    // A service of tenant b does not see tenant default's streams (the name resolves in its
+    // own tenant, which has none), may not act there, nor manage identity there.
     let (st, _) = s.post_json("/api/v1/tenants", &json!({"id": "b"}))?;
     assert_eq!(st, 201);
     let (b, b_secret) = add_client(&s, json!({"tenant": "b", "roles": ["admin"]}))?;
     let tb = format!("Bearer {}", client_token(&s, &b, &b_secret, "")?["access_token"].as_str().unwrap_or(""));
     let (st, body) = call(&s, "POST", "/api/v1/sql", Some(&tb), Some(&json!({"sql": "SELECT * FROM telemetry"})))?;
+    assert_eq!(st, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("telemetry"), "{body}");
+    let (st, body) = call_in(&s, "POST", "/api/v1/sql", &tb, "default", Some(&json!({"sql": "SELECT 1"})))?;
     assert_eq!(st, 403, "{body}");
-    let (st, _) = call(&s, "POST", "/api/v1/streams/telemetry/events", Some(&tb), Some(&json!({"device_id": "x"})))?;
-    assert_eq!(st, 403);
     let (st, _) =
         call(&s, "POST", "/api/v1/clients", Some(&tb), Some(&json!({"tenant": "default", "roles": ["admin"]})))?;
     assert_eq!(st, 403);

@@ -9,4 +9,6 @@ mod harness;
 mod http;
 mod identity;
 mod mqtt;
+mod oidc;
 mod rules;
+mod tenants;

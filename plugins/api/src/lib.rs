@@ -15,7 +15,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ferrite_engine::auth::{
-    AccessControl, AuthError, Caller, Credentials, Denied, Principal, RequestContext, Transport,
+    AccessControl, AuthError, Caller, Credentials, Denied, Principal, RequestContext, TENANT_HEADER, Transport,
 };
 use ferrite_engine::plugin::PluginContext;
 
@@ -110,8 +110,16 @@ pub fn protect(router: Router, access: Arc<dyn AccessControl>) -> Router {
 async fn authenticate(State(access): State<Arc<dyn AccessControl>>, mut request: Request, next: Next) -> Response {
     let source = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let context = RequestContext::new(Transport::Http, source);
+    let tenant = match acting_tenant(request.headers(), access.as_ref()) {
+        Ok(t) => t,
+        Err(response) => return *response,
+    };
     if !access.enabled() {
-        request.extensions_mut().insert(Caller { principal: Principal::anonymous(), context, access });
+        let caller = Caller::new(Principal::anonymous(), context, access);
+        request.extensions_mut().insert(match &tenant {
+            Some(t) => caller.in_tenant(t),
+            None => caller,
+        });
         return next.run(request).await;
     }
     let principal = match bearer(request.headers()) {
@@ -122,8 +130,32 @@ async fn authenticate(State(access): State<Arc<dyn AccessControl>>, mut request:
             Err(e) => return unauthorized(&e),
         },
     };
-    request.extensions_mut().insert(Caller { principal, context, access });
+    let caller = Caller::new(principal, context, access);
+    request.extensions_mut().insert(match &tenant {
+        Some(t) => caller.in_tenant(t),
+        None => caller,
+    });
     next.run(request).await
+}
+
+/// The tenant a request names with the `Ferrite-Tenant` header, if any: 400 when it is not
+/// a valid tenant id, 404 when no such tenant exists.
+fn acting_tenant(headers: &axum::http::HeaderMap, access: &dyn AccessControl) -> Result<Option<String>, Box<Response>> {
+    let Some(value) = headers.get(TENANT_HEADER) else { return Ok(None) };
+    let bad = |status, code, message: String| Box::new(error_response(status, code, &message));
+    let tenant = value
+        .to_str()
+        .map_err(|_| bad(StatusCode::BAD_REQUEST, "invalid_tenant", "the Ferrite-Tenant header is not ASCII".into()))?;
+    ferrite_engine::validate_tenant(tenant)
+        .map_err(|e| bad(StatusCode::BAD_REQUEST, "invalid_tenant", format!("Ferrite-Tenant header: {e}")))?;
+    if !access.tenant_exists(tenant) {
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            "unknown_tenant",
+            format!("no tenant {tenant:?} (the Ferrite-Tenant header); create it with POST /api/v1/tenants"),
+        ));
+    }
+    Ok(Some(tenant.to_owned()))
 }
 
 /// The bearer token of a request, if it has an `Authorization` header; an error for an

@@ -7,6 +7,7 @@
 //! and rules see only that trait.
 
 pub mod error;
+pub mod external;
 pub mod http;
 pub mod policy;
 pub mod secret;
@@ -32,6 +33,8 @@ pub struct IdentityPlugin {
     stop_audit: Arc<tokio::sync::Notify>,
     audit: Mutex<Option<JoinHandle<()>>>,
     watcher: Mutex<Option<JoinHandle<()>>>,
+    /// Keeps the external provider's key set fresh.
+    keys: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl IdentityPlugin {
@@ -42,6 +45,7 @@ impl IdentityPlugin {
             stop_audit: Arc::new(tokio::sync::Notify::new()),
             audit: Mutex::new(None),
             watcher: Mutex::new(None),
+            keys: Mutex::new(None),
         }
     }
 }
@@ -81,6 +85,9 @@ impl Plugin for IdentityPlugin {
             };
             *self.audit.lock() = Some(audit);
             *self.watcher.lock() = Some(watcher);
+            if let Some(external) = self.identity.external() {
+                *self.keys.lock() = Some(tokio::spawn(external.clone().run()));
+            }
             Ok(())
         })
     }
@@ -96,6 +103,9 @@ impl Plugin for IdentityPlugin {
         Box::pin(async move {
             if let Some(w) = self.watcher.lock().take() {
                 w.abort();
+            }
+            if let Some(k) = self.keys.lock().take() {
+                k.abort();
             }
             // The audit writer writes what is queued, then ends; a writer stuck on a
             // failing store is not waited for past the deadline.

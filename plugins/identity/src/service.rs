@@ -46,6 +46,8 @@ pub struct IdentityConfig {
     pub refresh_ttl: Duration,
     /// The admin token's lifetime.
     pub admin_token_ttl: Duration,
+    /// An external OpenID Connect provider whose tokens are accepted too.
+    pub external: Option<crate::external::ExternalConfig>,
 }
 
 impl IdentityConfig {
@@ -60,6 +62,7 @@ impl IdentityConfig {
             access_ttl: Duration::from_secs(15 * 60),
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             admin_token_ttl: Duration::from_secs(365 * 24 * 3600),
+            external: None,
         }
     }
 }
@@ -117,6 +120,12 @@ impl AuditEvent {
     /// The same event about a claimed identity.
     pub fn claimed(mut self, who: &str) -> Self {
         self.principal = who.into();
+        self
+    }
+
+    /// The same event, kept in `tenant`'s audit stream.
+    pub fn in_tenant(mut self, tenant: &str) -> Self {
+        self.tenant = tenant.into();
         self
     }
 
@@ -233,6 +242,8 @@ pub struct Identity {
     audit_tx: mpsc::Sender<AuditEvent>,
     audit_rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
     metrics: Arc<Metrics>,
+    /// The external OpenID provider whose tokens are accepted, if one is configured.
+    external: Option<Arc<crate::external::ExternalIssuer>>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -309,7 +320,9 @@ impl Identity {
             api_policies,
         };
         let (audit_tx, audit_rx) = mpsc::channel(10_000);
+        let external = config.external.clone().map(|c| Arc::new(crate::external::ExternalIssuer::new(c)));
         let identity = Arc::new(Self {
+            external,
             config,
             issuer,
             store,
@@ -329,6 +342,11 @@ impl Identity {
     /// The issuer of Ferrite's tokens.
     pub fn issuer(&self) -> &str {
         &self.issuer
+    }
+
+    /// The external OpenID provider whose tokens are accepted, if any.
+    pub fn external(&self) -> Option<&Arc<crate::external::ExternalIssuer>> {
+        self.external.as_ref()
     }
 
     /// The store (for tests and tools).
@@ -390,14 +408,21 @@ impl Identity {
                 if batch.is_empty() {
                     break;
                 }
-                let mut ndjson = Vec::new();
+                // Each record goes to its tenant's `audit` stream, where that tenant's
+                // auditors read it; records of unknown parties to the default tenant's.
+                let mut by_tenant: std::collections::BTreeMap<String, Vec<u8>> = std::collections::BTreeMap::new();
                 for e in batch.drain(..) {
-                    let _ = serde_json::to_writer(&mut ndjson, &e.to_json());
+                    let tenant =
+                        if ferrite_engine::validate_tenant(&e.tenant).is_ok() { &e.tenant } else { DEFAULT_TENANT };
+                    let ndjson = by_tenant.entry(tenant.to_owned()).or_default();
+                    let _ = serde_json::to_writer(&mut *ndjson, &e.to_json());
                     ndjson.push(b'\n');
                 }
-                if let Err(e) = writer.write(DEFAULT_TENANT, AUDIT_STREAM, ndjson).await {
-                    self.metrics.inc("ferrite_audit_dropped_total", &[], 1);
-                    tracing::error!(error = %e, "cannot write audit records");
+                for (tenant, ndjson) in by_tenant {
+                    if let Err(e) = writer.write(&tenant, AUDIT_STREAM, ndjson).await {
+                        self.metrics.inc("ferrite_audit_dropped_total", &[], 1);
+                        tracing::error!(error = %e, tenant, "cannot write audit records");
+                    }
                 }
                 if !stopping {
                     break;
@@ -699,7 +724,8 @@ impl Identity {
         };
         self.audit(
             AuditEvent::new("token_issued", "ok", format!("client_credentials, jti {}", claims.jti))
-                .claimed(&client.id),
+                .claimed(&client.id)
+                .in_tenant(&client.tenant),
         );
         Ok(Grant { access_token, expires_in: ttl, scope: scope.into(), refresh_token })
     }
@@ -899,6 +925,7 @@ impl Identity {
                 self.audit(
                     AuditEvent::new("token_issued", "ok", format!("login, jti {}", claims.jti))
                         .claimed(name)
+                        .in_tenant(&u.tenant)
                         .from_source(source),
                 );
                 Ok(Grant { access_token, expires_in: ttl, scope: String::new(), refresh_token: Some(refresh) })
@@ -911,10 +938,8 @@ impl Identity {
 
     /// Adds a tenant.
     pub async fn add_tenant(&self, id: &str, by: &Principal) -> Result<bool> {
-        if !valid_name(id) {
-            return Err(Error::Invalid(format!(
-                "{id:?} is not a valid tenant id (letters, digits, - _ . : @; at most 128)"
-            )));
+        if let Err(e) = ferrite_engine::validate_tenant(id) {
+            return Err(Error::Invalid(format!("{e}: a tenant id names a directory of the archive")));
         }
         let added = self.store.add_tenant(id, now()).await?;
         self.state.write().tenants.insert(id.to_owned());
@@ -1307,11 +1332,19 @@ impl AccessControl for Identity {
         self.audit(AuditEvent::new(event, "ok", detail.to_owned()).by(principal));
     }
 
+    fn tenant_exists(&self, tenant: &str) -> bool {
+        self.state.read().tenants.contains(tenant)
+    }
+
     fn still_valid(&self, principal: &Principal) -> bool {
         if let Some(jti) = &principal.token_id
             && self.state.read().revoked.contains(jti.as_ref())
         {
             return false;
+        }
+        // An external provider's principal holds as long as its token (no directory entry).
+        if principal.issuer.is_some() {
+            return true;
         }
         self.principal_of(&principal.id, principal.kind.as_str()).is_ok()
     }
@@ -1349,6 +1382,11 @@ impl Identity {
     }
 
     fn principal_from_token(&self, token: &str, mqtt_user: Option<&str>) -> std::result::Result<Principal, AuthError> {
+        if let Some(external) = &self.external
+            && crate::external::unverified_issuer(token).as_deref() == Some(external.issuer())
+        {
+            return self.external_principal(external, token, mqtt_user);
+        }
         let claims = self.verify_token(token).map_err(AuthError::InvalidToken)?;
         if let Some(user) = mqtt_user
             && user != claims.sub
@@ -1360,6 +1398,41 @@ impl Identity {
         }
         let mut p = self.principal_of(&claims.sub, &claims.kind).map_err(AuthError::InvalidToken)?;
         p.token_id = Some(claims.jti.into());
+        Ok(p)
+    }
+
+    /// The principal of a token of the external provider: a user of the tenant its claims
+    /// name (which must exist), with the roles they list.
+    fn external_principal(
+        &self,
+        external: &crate::external::ExternalIssuer,
+        token: &str,
+        mqtt_user: Option<&str>,
+    ) -> std::result::Result<Principal, AuthError> {
+        let claims = external.verify(token).map_err(AuthError::InvalidToken)?;
+        if let Some(user) = mqtt_user
+            && user != claims.subject
+        {
+            return Err(AuthError::InvalidCredentials(format!(
+                "the MQTT username {user:?} is not the token's subject {:?}",
+                claims.subject
+            )));
+        }
+        if !self.state.read().tenants.contains(&claims.tenant) {
+            return Err(AuthError::InvalidToken(format!(
+                "the token's tenant {:?} does not exist in Ferrite (create it, or map the provider's claim with \
+                 oidc_tenant_claim / oidc_default_tenant)",
+                claims.tenant
+            )));
+        }
+        if let Some(jti) = &claims.token_id
+            && self.state.read().revoked.contains(jti)
+        {
+            return Err(AuthError::InvalidToken("the token has been revoked".into()));
+        }
+        let mut p = Principal::new(PrincipalKind::User, &claims.subject, &claims.tenant).with_roles(claims.roles);
+        p.token_id = claims.token_id.map(Into::into);
+        p.issuer = Some(external.issuer().into());
         Ok(p)
     }
 }

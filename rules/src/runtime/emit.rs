@@ -141,7 +141,7 @@ impl RuleEngine {
             rule.stats.events_out.fetch_add(out.num_rows() as u64, Ordering::Relaxed);
             self.metrics.inc("ferrite_rule_events_out_total", &[("rule", &rule.label)], out.num_rows() as u64);
             if let Some(target) = &plan.insert_into {
-                let stream = StreamName::new(target)?;
+                let stream = StreamName::from_key(target)?;
                 let t = TimestampNanosecondArray::from_iter_values(emitted_rows.iter().map(|i| times[*i]));
                 let d = StringArray::from_iter_values(emitted_rows.iter().map(|i| devices[*i].as_ref()));
                 batches.push(if rule.shadow {
@@ -152,21 +152,26 @@ impl RuleEngine {
             }
             // A shadow acts on nothing.
             for (k, &i) in emitted_rows.iter().enumerate().filter(|_| !rule.shadow) {
-                let extra = [("rule", plan.name.as_str())];
+                let extra = [("rule", plan.local_name())];
                 let view = RowView::new(&out, k, &extra);
                 for a in &plan.actions {
                     match a {
                         ActionPlan::Alert { .. } => {}
                         ActionPlan::Publish { topic, template } => {
                             let body = template.as_ref().map_or_else(|| view.to_json(), |t| fill_json(t, &view));
-                            self.actions.publish(&fill_text(topic, &view), body.to_string().into_bytes());
+                            self.actions.publish(
+                                plan.tenant(),
+                                &fill_text(topic, &view),
+                                body.to_string().into_bytes(),
+                            );
                         }
                         ActionPlan::Command { device_column, name, params } => {
                             let Some(device) = view.text(device_column).filter(|d| !d.is_empty()) else { continue };
                             let params = params.as_ref().map_or(serde_json::json!({}), |t| fill_json(t, &view));
-                            let id = format!("{}-{}-{}", plan.name, device, times[i]);
-                            let body = serde_json::json!({"id": id, "name": name, "params": params, "rule": plan.name});
-                            self.actions.publish(&format!("devices/{device}/commands"), body.to_string().into_bytes());
+                            let id = format!("{}-{}-{}", plan.local_name(), device, times[i]);
+                            let body = serde_json::json!({"id": id, "name": name, "params": params, "rule": plan.local_name()});
+                            let topic = format!("devices/{device}/commands");
+                            self.actions.publish(plan.tenant(), &topic, body.to_string().into_bytes());
                         }
                         ActionPlan::Webhook { url, template } => {
                             let body = template.as_ref().map_or_else(|| view.to_json(), |t| fill_json(t, &view));
@@ -200,21 +205,21 @@ impl RuleEngine {
                 _ => None,
             })
             .unwrap_or(("warning", ""));
-        let extra = [("rule", rule.plan.name.as_str()), ("severity", severity)];
+        let extra = [("rule", rule.plan.local_name()), ("severity", severity)];
         let msgs: Vec<String> = rows.iter().map(|(i, _)| fill_text(message, &RowView::new(out, *i, &extra))).collect();
         let schema = crate::output::alerts_schema();
         let t = TimestampNanosecondArray::from_iter_values(rows.iter().map(|(i, _)| times[*i])).with_timezone("UTC");
         let columns: Vec<ArrayRef> = vec![
             Arc::new(t),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|(i, _)| devices[*i].as_ref()))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| rule.plan.name.as_str()))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| rule.plan.local_name()))),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|(i, _)| keys[*i].as_str()))),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|_| severity))),
             Arc::new(StringArray::from_iter_values(msgs.iter())),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, s)| *s))),
         ];
         let batch = RecordBatch::try_new(schema, columns)?;
-        let stream = StreamName::new(ALERTS_STREAM)?;
+        let stream = StreamName::in_tenant(rule.plan.tenant(), ALERTS_STREAM)?;
         if rule.shadow {
             return Ok(StreamBatch::new(stream, batch));
         }
@@ -224,7 +229,7 @@ impl RuleEngine {
     }
 
     pub(super) fn late_batch(&self, stream: &str, rule: &str, rows: &RecordBatch) -> Result<StreamBatch> {
-        let target = StreamName::new(&format!("{stream}_late"))?;
+        let target = StreamName::from_key(&format!("{stream}_late"))?;
         let mut fields: Vec<arrow::datatypes::Field> =
             rows.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(arrow::datatypes::Field::new("late_for_rule", DataType::Utf8, true));

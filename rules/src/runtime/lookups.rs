@@ -13,7 +13,7 @@ impl RuleEngine {
         match j.source {
             // A file is read per deployment of the rule that declares it.
             JoinSource::Static(_) => (format!("{rule}\u{1}{}", j.table), j.table_key.clone()),
-            JoinSource::Stream => (j.table.clone(), j.table_key.clone()),
+            JoinSource::Stream => (j.stream.clone(), j.table_key.clone()),
         }
     }
 
@@ -34,11 +34,11 @@ impl RuleEngine {
                 let mut t = LookupTable::new(j.table_schema.clone(), &j.table_key);
                 let loader = self.loader.read().clone();
                 if let Some(loader) = loader {
-                    for b in loader.load(&j.table).map_err(Error::Input)? {
+                    for b in loader.load(&j.stream).map_err(Error::Input)? {
                         t.apply(&b)?;
                     }
                 }
-                tracing::info!(table = %j.table, key = %j.table_key, rows = t.len(), "stream table loaded for joins");
+                tracing::info!(table = %j.stream, key = %j.table_key, rows = t.len(), "stream table loaded for joins");
                 self.lookups.write().entry(key).or_insert_with(|| Arc::new(RwLock::new(t)));
             }
         }

@@ -4,17 +4,41 @@ use super::state::*;
 use super::*;
 
 impl RuleEngine {
-    /// Parses and compiles `text` against the catalog without deploying it.
+    /// Parses and compiles `text` against the default tenant's streams without deploying it.
     pub fn check(&self, text: &str) -> Result<Vec<CompiledRule>> {
+        self.check_in(ferrite_engine::ids::DEFAULT_TENANT, text)
+    }
+
+    /// Parses and compiles `text` against `tenant`'s streams, as rules of that tenant,
+    /// without deploying it.
+    pub fn check_in(&self, tenant: &str, text: &str) -> Result<Vec<CompiledRule>> {
         let sandbox = self.sandbox.read().clone();
         let base = sandbox.as_ref().map(|s| s.table_dir.clone());
-        compile_text_sandboxed(text, &CatalogSchemas(&self.catalog), base.as_deref(), sandbox.as_ref())
+        self.compile_in(tenant, text, base.as_deref(), sandbox.as_ref())
+    }
+
+    fn compile_in(
+        &self,
+        tenant: &str,
+        text: &str,
+        base: Option<&std::path::Path>,
+        sandbox: Option<&crate::sandbox::Sandbox>,
+    ) -> Result<Vec<CompiledRule>> {
+        let schemas = CatalogSchemas { catalog: &self.catalog, tenant };
+        let compiled = compile_text_sandboxed(text, &schemas, base, sandbox)?;
+        compiled.into_iter().map(|r| r.in_tenant(tenant).map_err(Error::from)).collect()
     }
 
     /// Deploys every rule of `text` (replacing rules of the same names). When `origin` is a
     /// file, rules that file held before and no longer holds are removed. Returns the names
     /// deployed. Nothing changes if any rule fails to compile.
     pub fn deploy(&self, text: &str, origin: Option<&str>) -> Result<Vec<String>> {
+        self.deploy_in(ferrite_engine::ids::DEFAULT_TENANT, text, origin)
+    }
+
+    /// [`RuleEngine::deploy`] for rules of `tenant`: they read and write only its streams,
+    /// and their names are its keys (`tenant/name` outside the default tenant).
+    pub fn deploy_in(&self, tenant: &str, text: &str, origin: Option<&str>) -> Result<Vec<String>> {
         // A file's relative table paths start from its directory; the API's from the
         // sandbox's table directory.
         let sandbox = self.sandbox.read().clone();
@@ -24,7 +48,7 @@ impl RuleEngine {
             .map(std::path::Path::to_owned)
             .or_else(|| sandbox.as_ref().map(|s| s.table_dir.clone()));
         let base = base.as_deref();
-        let compiled = compile_text_sandboxed(text, &CatalogSchemas(&self.catalog), base, sandbox.as_ref())?;
+        let compiled = self.compile_in(tenant, text, base, sandbox.as_ref())?;
         self.install(compiled, origin)
     }
 
@@ -37,7 +61,7 @@ impl RuleEngine {
         }
         for r in &compiled {
             if let Some(target) = &r.insert_into {
-                crate::output::register_derived(&self.catalog, &StreamName::new(target)?, &r.output)?;
+                crate::output::register_derived(&self.catalog, &StreamName::from_key(target)?, &r.output)?;
             }
         }
         let names: Vec<String> = compiled.iter().map(|r| r.name.clone()).collect();

@@ -7,7 +7,12 @@ impl RuleEngine {
     /// on the same events from now on, its outputs are compared with the live rule's
     /// (`shadow_report`) and neither committed nor acted on, until it is promoted or removed.
     pub fn deploy_shadow(&self, text: &str) -> Result<Vec<String>> {
-        let compiled = self.check(text)?;
+        self.deploy_shadow_in(ferrite_engine::ids::DEFAULT_TENANT, text)
+    }
+
+    /// [`RuleEngine::deploy_shadow`] for rules of `tenant` (names are the tenant's keys).
+    pub fn deploy_shadow_in(&self, tenant: &str, text: &str) -> Result<Vec<String>> {
+        let compiled = self.check_in(tenant, text)?;
         let rules = self.rules();
         for r in &compiled {
             if !rules.iter().any(|l| l.plan.name == r.name) {
@@ -115,7 +120,8 @@ impl RuleEngine {
         let relevant: Vec<StreamBatch> = outputs
             .iter()
             .filter(|b| {
-                Some(b.stream.as_str()) == rule.plan.insert_into.as_deref() || b.stream.as_str() == ALERTS_STREAM
+                Some(b.stream.as_str()) == rule.plan.insert_into.as_deref()
+                    || (b.stream.local() == ALERTS_STREAM && b.stream.tenant() == rule.plan.tenant())
             })
             .cloned()
             .collect();

@@ -14,7 +14,7 @@ use crate::harness::{batch, rows_of, telemetry_catalog};
 struct PanickingSink;
 
 impl ActionSink for PanickingSink {
-    fn publish(&self, topic: &str, _payload: Vec<u8>) {
+    fn publish(&self, _tenant: &str, topic: &str, _payload: Vec<u8>) {
         if topic.starts_with("boom") {
             panic!("sink cannot route `{topic}`");
         }

@@ -106,7 +106,7 @@ fn counted_steps_and_strict_sequences() -> Result<()> {
 struct Recorder(parking_lot::Mutex<Vec<(String, String, serde_json::Value)>>);
 
 impl ferrite_rules::ActionSink for Recorder {
-    fn publish(&self, topic: &str, payload: Vec<u8>) {
+    fn publish(&self, _tenant: &str, topic: &str, payload: Vec<u8>) {
         self.0.lock().push(("publish".into(), topic.into(), serde_json::from_slice(&payload).unwrap_or_default()));
     }
     fn webhook(&self, url: &str, body: Vec<u8>) {
