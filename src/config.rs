@@ -72,6 +72,8 @@ pub struct Config {
     pub policies_dir: PathBuf,
     /// A `postgres://` URL for the identity store; empty: embedded SQLite in the data directory.
     pub identity_store_url: String,
+    /// A `postgres://` URL for the device registry; empty: embedded SQLite in the data directory.
+    pub registry_store_url: String,
     /// The `iss` of Ferrite's tokens; empty: `http://localhost:{http port}`, fixed at first start.
     pub issuer: String,
     /// Lifetime of access tokens from the token endpoint.
@@ -121,6 +123,7 @@ impl Default for Config {
             auth: "on".to_owned(),
             policies_dir: PathBuf::from("./policies"),
             identity_store_url: String::new(),
+            registry_store_url: String::new(),
             issuer: String::new(),
             access_token_ttl: Duration::from_secs(15 * 60),
             oidc_issuer: String::new(),

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use ferrite_device::DevicePlugin;
 use ferrite_engine::auth::{AccessControl, AllowAll};
-use ferrite_engine::plugin::{EventWriter, PluginContext, WriteFuture};
+use ferrite_engine::plugin::{DeviceCredentials, EventWriter, NoCredentials, PluginContext, WriteFuture};
+use ferrite_engine::system::TableSet;
 use ferrite_engine::{Engine, Metrics, StreamCatalog, StreamName};
 use ferrite_identity::{Identity, IdentityConfig, IdentityPlugin};
 use ferrite_ingest::mqtt::Broker;
@@ -38,16 +40,29 @@ impl EventWriter for IngestWriter {
 
 /// Starts identity (unless `auth = "off"`) and every plugin; returns the decision point and
 /// the started plugins (to merge their routes and stop them at shutdown).
+/// The running engine's parts plugins are given.
+pub struct Core<'a> {
+    /// The stream catalog.
+    pub catalog: &'a Arc<StreamCatalog>,
+    /// The engine (stream subscriptions).
+    pub engine: &'a Arc<Engine>,
+    /// Ingest, for the events plugins write.
+    pub ingestor: &'a Arc<Ingestor>,
+    /// The MQTT broker (publish, disconnect, presence).
+    pub broker: &'a Arc<Broker>,
+    /// Tables plugins add to each tenant's SQL schema.
+    pub tables: &'a Arc<TableSet>,
+    /// Metrics.
+    pub metrics: &'a Arc<Metrics>,
+}
+
 pub async fn start(
     config: &Config,
     http_addr: SocketAddr,
-    catalog: &Arc<StreamCatalog>,
-    engine: &Arc<Engine>,
-    ingestor: &Arc<Ingestor>,
-    broker: &Arc<Broker>,
-    metrics: &Arc<Metrics>,
+    core: Core<'_>,
 ) -> anyhow::Result<(Arc<dyn AccessControl>, Vec<Box<dyn Plugin>>)> {
     let mut plugins: Vec<Box<dyn Plugin>> = Vec::new();
+    let mut credentials: Arc<dyn DeviceCredentials> = Arc::new(NoCredentials);
     let access: Arc<dyn AccessControl> = match config.auth.as_str() {
         "off" => {
             tracing::warn!(
@@ -74,7 +89,7 @@ pub async fn start(
                 ext.default_tenant = config.oidc_default_tenant.clone();
                 ic.external = Some(ext);
             }
-            let identity = Identity::open(ic, metrics.clone()).await.context("cannot start identity")?;
+            let identity = Identity::open(ic, core.metrics.clone()).await.context("cannot start identity")?;
             tracing::info!(
                 admin_token = %identity.admin_token_path().display(),
                 issuer = identity.issuer(),
@@ -82,19 +97,23 @@ pub async fn start(
                 "identity is on: the admin bearer token is in the file named here"
             );
             plugins.push(Box::new(IdentityPlugin::new(identity.clone())));
+            credentials = identity.clone();
             identity
         }
         other => anyhow::bail!("auth = {other:?}: use \"on\" or \"off\""),
     };
     let context = PluginContext {
         data_dir: config.data_dir.join("plugins"),
-        catalog: catalog.clone(),
-        engine: Some(engine.clone()),
-        events: Arc::new(IngestWriter(ingestor.clone())),
-        publisher: broker.clone(),
+        catalog: core.catalog.clone(),
+        engine: Some(core.engine.clone()),
+        events: Arc::new(IngestWriter(core.ingestor.clone())),
+        publisher: core.broker.clone(),
         access: access.clone(),
-        metrics: metrics.clone(),
+        credentials,
+        tables: core.tables.clone(),
+        metrics: core.metrics.clone(),
     };
+    plugins.push(Box::new(DevicePlugin::new(&config.registry_store_url)));
     for plugin in &plugins {
         plugin.start(&context).await.with_context(|| format!("cannot start the {} plugin", plugin.name()))?;
     }

@@ -21,7 +21,14 @@ pub struct Remote {
 }
 
 impl Remote {
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    /// A JSON request; the JSON answer, or the server's error message.
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let body = body.unwrap_or(Value::Null).to_string().into_bytes();
+        self.send(method, path, "application/json", body)
+    }
+
+    /// A request with a body of `content_type`; the JSON answer, or the server's error.
+    pub fn send(&self, method: &str, path: &str, content_type: &str, body: Vec<u8>) -> anyhow::Result<Value> {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
@@ -33,10 +40,15 @@ impl Remote {
         let mut resp = match method {
             "GET" => auth.apply(agent.get(&url)).call().with_context(reach)?,
             "DELETE" => auth.apply(agent.delete(&url)).call().with_context(reach)?,
+            "PATCH" => auth
+                .apply(agent.patch(&url))
+                .header("Content-Type", content_type)
+                .send(body.as_slice())
+                .with_context(reach)?,
             _ => auth
                 .apply(agent.post(&url))
-                .header("Content-Type", "application/json")
-                .send(body.unwrap_or(Value::Null).to_string())
+                .header("Content-Type", content_type)
+                .send(body.as_slice())
                 .with_context(reach)?,
         };
         let status = resp.status();
@@ -50,7 +62,8 @@ impl Remote {
     }
 }
 
-fn print(v: &Value) -> anyhow::Result<()> {
+/// Prints a JSON answer.
+pub fn print(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }

@@ -4,6 +4,7 @@
 mod actions;
 mod client;
 mod config;
+mod device_cmd;
 mod identity;
 mod identity_cmd;
 mod rules_cmd;
@@ -40,6 +41,8 @@ enum Command {
     Client(identity_cmd::ClientArgs),
     /// Check what the policies decide.
     Policy(identity_cmd::PolicyArgs),
+    /// Manage the device registry of a running server.
+    Device(device_cmd::DeviceArgs),
 }
 
 /// Flags of `ferrite serve`; each overrides `ferrite.toml` and has a `FERRITE_*` variable.
@@ -126,6 +129,9 @@ pub struct ServeArgs {
     /// PostgreSQL URL for the identity store (default: embedded SQLite).
     #[arg(long, env = "FERRITE_IDENTITY_STORE_URL")]
     identity_store_url: Option<String>,
+    /// PostgreSQL URL for the device registry (default: embedded SQLite).
+    #[arg(long, env = "FERRITE_REGISTRY_STORE_URL")]
+    registry_store_url: Option<String>,
     /// Issuer (`iss`) of Ferrite's tokens.
     #[arg(long, env = "FERRITE_ISSUER")]
     issuer: Option<String>,
@@ -230,6 +236,9 @@ impl ServeArgs {
         if let Some(v) = self.identity_store_url {
             c.identity_store_url = v;
         }
+        if let Some(v) = self.registry_store_url {
+            c.registry_store_url = v;
+        }
         if let Some(v) = self.issuer {
             c.issuer = v;
         }
@@ -265,6 +274,7 @@ fn main() -> ExitCode {
         Command::Token(args) => identity_cmd::token(args),
         Command::User(args) => identity_cmd::user(args),
         Command::Client(args) => identity_cmd::client(args),
+        Command::Device(args) => device_cmd::device(args),
         Command::Policy(args) => match identity_cmd::policy(args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(2),

@@ -116,8 +116,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let http_addr = http_listener.local_addr()?;
 
     // Identity: the decision point every door asks, and the plugins' context.
-    let (access, plugins) =
-        identity::start(&config, http_addr, &catalog, &engine, &ingestor, &broker, &metrics).await?;
+    let core = identity::Core {
+        catalog: &catalog,
+        engine: &engine,
+        ingestor: &ingestor,
+        broker: &broker,
+        tables: query.tenant_tables(),
+        metrics: &metrics,
+    };
+    let (access, plugins) = identity::start(&config, http_addr, core).await?;
     actions.set_access(access.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);

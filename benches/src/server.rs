@@ -23,6 +23,34 @@ impl Drop for Ferrite {
     }
 }
 
+/// The admin's requests to a server.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// The server's HTTP address.
+    pub http: SocketAddr,
+    /// The admin bearer token.
+    pub token: Option<String>,
+}
+
+impl Admin {
+    /// POSTs `body` (of `content_type`) with the admin token; the answer's JSON.
+    pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> Result<serde_json::Value, String> {
+        let token = self.token.as_deref().ok_or("identity is off: no admin token")?;
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+        let mut resp = agent
+            .post(&format!("http://{}{path}", self.http))
+            .header("Authorization", &format!("Bearer {token}"))
+            .header("Content-Type", content_type)
+            .send(body)
+            .map_err(|e| e.to_string())?;
+        let text = resp.body_mut().read_to_string().map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("{path}: {} {text}", resp.status()));
+        }
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    }
+}
+
 /// Path of the `ferrite` binary next to the running benchmark binary (same profile).
 pub fn ferrite_binary() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
@@ -61,6 +89,16 @@ impl Ferrite {
         // Identity writes the admin token before the listeners start.
         let token = std::fs::read_to_string(data_dir.join("admin.token")).ok().map(|t| t.trim().to_owned());
         Ok(Self { child, mqtt: mqtt.ok_or("no mqtt address")?, http: http.ok_or("no http address")?, token })
+    }
+
+    /// POSTs `body` (of `content_type`) with the admin token; the answer's JSON.
+    pub fn admin_post(&self, path: &str, content_type: &str, body: &[u8]) -> Result<serde_json::Value, String> {
+        self.admin().post(path, content_type, body)
+    }
+
+    /// The admin's HTTP client, to move to another thread.
+    pub fn admin(&self) -> Admin {
+        Admin { http: self.http, token: self.token.clone() }
     }
 
     /// Value of one series in `/metrics` (0 when absent).

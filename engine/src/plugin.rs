@@ -23,10 +23,110 @@ pub trait EventWriter: Send + Sync {
     fn write(&self, tenant: &str, stream: &str, ndjson: Vec<u8>) -> WriteFuture;
 }
 
-/// Publishes a message to MQTT subscribers (a command to a device, desired state).
+/// A boxed future of a plugin-facing trait (they must stay object safe).
+pub type PluginFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// An MQTT session as the broker reports it to plugins.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    /// Who the CONNECT authenticated (the device id for a device; `anonymous` with
+    /// `--auth off`).
+    pub principal: crate::auth::Principal,
+    /// The MQTT client id.
+    pub client_id: String,
+    /// The peer's address.
+    pub source: Option<std::net::IpAddr>,
+}
+
+impl Presence {
+    /// The device this session is: the principal for a device, else the MQTT client id
+    /// (sessions of users and services, and every session with `--auth off`).
+    pub fn device(&self) -> &str {
+        if self.principal.kind == crate::auth::PrincipalKind::Device { &self.principal.id } else { &self.client_id }
+    }
+}
+
+/// Told when MQTT sessions start and end (availability).
+pub trait PresenceObserver: Send + Sync {
+    /// A session was accepted (after CONNACK).
+    fn connected(&self, session: &Presence);
+    /// A session ended: `disconnect` (clean), `keep_alive` (expired), `will` (dropped, its
+    /// last will published), `kicked` ([`TopicPublisher::disconnect`]), `shutdown` or
+    /// `error`.
+    fn disconnected(&self, session: &Presence, reason: &'static str);
+}
+
+/// The MQTT side of the bus, as plugins see it: publish to subscribers (a command to a
+/// device, desired state), end a principal's sessions, and learn of sessions.
 pub trait TopicPublisher: Send + Sync {
     /// Publishes `payload` on `topic`; returns how many subscribers it reached.
     fn publish(&self, topic: &str, payload: &[u8], retain: bool) -> Result<usize, String>;
+
+    /// Ends every session of principal `id` now (a disabled device); how many there were.
+    fn disconnect(&self, id: &str) -> usize;
+
+    /// Has `observer` told of every session's start and end from now on.
+    fn observe_presence(&self, observer: Arc<dyn PresenceObserver>);
+}
+
+/// A device's identity as the identity service keeps it: what the device plugin registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    /// Its tenant.
+    pub tenant: String,
+    /// Its id (the client id of the token endpoint, the MQTT username).
+    pub id: String,
+    /// Its type.
+    pub device_type: Option<String>,
+    /// A gateway's children: it may act for them.
+    pub children: Vec<String>,
+}
+
+/// Device credentials: the identity service keeps them, the device plugin asks for them.
+/// With identity off nothing is issued (every operation succeeds with nothing to give).
+pub trait DeviceCredentials: Send + Sync {
+    /// Registers the device as a client of the token endpoint; its secret (shown once), or
+    /// `None` when identity is off.
+    fn register<'a>(&'a self, device: &'a DeviceIdentity) -> PluginFuture<'a, Result<Option<String>, String>>;
+    /// [`DeviceCredentials::register`] for many devices at once (a bulk import), one result
+    /// per device in order.
+    fn register_many<'a>(
+        &'a self,
+        devices: &'a [DeviceIdentity],
+    ) -> PluginFuture<'a, Vec<Result<Option<String>, String>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(devices.len());
+            for d in devices {
+                out.push(self.register(d).await);
+            }
+            out
+        })
+    }
+    /// Replaces the device's secret (the old one stops working at once); the new one.
+    fn rotate<'a>(&'a self, id: &'a str) -> PluginFuture<'a, Result<Option<String>, String>>;
+    /// Disables (refused at once, its tokens with it) or enables the device.
+    fn set_disabled<'a>(&'a self, id: &'a str, disabled: bool) -> PluginFuture<'a, Result<(), String>>;
+    /// Forgets the device's credentials.
+    fn remove<'a>(&'a self, id: &'a str) -> PluginFuture<'a, Result<(), String>>;
+}
+
+/// [`DeviceCredentials`] with identity off: nothing to issue or revoke.
+#[derive(Debug, Default)]
+pub struct NoCredentials;
+
+impl DeviceCredentials for NoCredentials {
+    fn register<'a>(&'a self, _: &'a DeviceIdentity) -> PluginFuture<'a, Result<Option<String>, String>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn rotate<'a>(&'a self, _: &'a str) -> PluginFuture<'a, Result<Option<String>, String>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn set_disabled<'a>(&'a self, _: &'a str, _: bool) -> PluginFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn remove<'a>(&'a self, _: &'a str) -> PluginFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Everything a plugin is given when it starts.
@@ -45,6 +145,10 @@ pub struct PluginContext {
     pub publisher: Arc<dyn TopicPublisher>,
     /// The decision point every plugin calls before it acts.
     pub access: Arc<dyn AccessControl>,
+    /// Device credentials (the identity service, or [`NoCredentials`]).
+    pub credentials: Arc<dyn DeviceCredentials>,
+    /// Tables a plugin adds beside each tenant's streams in SQL (rows per tenant).
+    pub tables: Arc<crate::system::TableSet>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
 }

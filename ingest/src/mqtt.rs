@@ -37,6 +37,7 @@ use bytes::BytesMut;
 use ferrite_engine::auth::{
     AccessControl, Action, Credentials, DecisionCache, Principal, RequestContext, Transport as AuthTransport,
 };
+use ferrite_engine::plugin::{Presence, PresenceObserver};
 use ferrite_engine::{Metrics, StreamName};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -129,7 +130,14 @@ impl Drop for ConnectionSlot {
 pub struct Broker {
     subs: RwLock<TopicTrie<Subscriber>>,
     dropped: AtomicU64,
+    /// Live sessions: the device each is (for [`Broker::disconnect`]) and its kick signal.
+    sessions: parking_lot::Mutex<HashMap<u64, LiveSession>>,
+    /// Told of every session's start and end.
+    observers: RwLock<Vec<Arc<dyn PresenceObserver>>>,
 }
+
+/// A live session as the broker knows it: the device it is, and the signal that ends it.
+type LiveSession = (Arc<str>, Arc<tokio::sync::Notify>);
 
 /// One session's subscription to one filter.
 struct Subscriber {
@@ -146,6 +154,22 @@ impl std::fmt::Debug for Broker {
 impl ferrite_engine::plugin::TopicPublisher for Broker {
     fn publish(&self, topic: &str, payload: &[u8], _retain: bool) -> Result<usize, String> {
         Broker::publish(self, topic, bytes::Bytes::copy_from_slice(payload)).map_err(|e| e.to_string())
+    }
+
+    fn disconnect(&self, id: &str) -> usize {
+        let sessions = self.sessions.lock();
+        let mut n = 0;
+        for (device, kick) in sessions.values() {
+            if device.as_ref() == id {
+                kick.notify_one();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn observe_presence(&self, observer: Arc<dyn PresenceObserver>) {
+        self.observers.write().push(observer);
     }
 }
 
@@ -187,6 +211,24 @@ impl Broker {
 
     fn remove_session(&self, session: u64) {
         self.subs.write().retain(|s| s.session == session);
+    }
+
+    /// Records an accepted session and tells the observers; the signal that kicks it.
+    fn session_started(&self, session: u64, presence: &Presence) -> Arc<tokio::sync::Notify> {
+        let kick = Arc::new(tokio::sync::Notify::new());
+        self.sessions.lock().insert(session, (presence.device().into(), kick.clone()));
+        for o in self.observers.read().iter() {
+            o.connected(presence);
+        }
+        kick
+    }
+
+    /// Forgets an ended session and tells the observers why it ended.
+    fn session_ended(&self, session: u64, presence: &Presence, reason: &'static str) {
+        self.sessions.lock().remove(&session);
+        for o in self.observers.read().iter() {
+            o.disconnected(presence, reason);
+        }
     }
 }
 
@@ -361,6 +403,8 @@ enum SessionError {
     Protocol(String),
     #[error("keep-alive expired")]
     KeepAlive,
+    #[error("disconnected by the server (the device was disabled)")]
+    Kicked,
     #[error("acknowledgement withheld: {0}")]
     Withheld(String),
 }
@@ -438,6 +482,12 @@ impl Session {
         };
         write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
         tracing::debug!(session = self.id, client_id = %connect.client_id, "mqtt connected");
+        let presence = Presence {
+            principal: self.principal.get().cloned().unwrap_or_else(Principal::anonymous),
+            client_id: connect.client_id.clone(),
+            source: self.context.source,
+        };
+        let kick = self.broker.session_started(self.id, &presence);
 
         // Writer task: acknowledgements and deliveries, in the order they are queued.
         let (out_tx, mut out_rx) = mpsc::channel::<Packet>(SUBSCRIBER_QUEUE);
@@ -532,6 +582,7 @@ impl Session {
                         }
                     }
                     _ = shutdown.changed() => return Ok(()),
+                    () = kick.notified() => return Err(SessionError::Kicked),
                 }
             }
         }
@@ -544,6 +595,15 @@ impl Session {
             }
         }
         self.broker.remove_session(self.id);
+        let reason = match &result {
+            Ok(()) if clean => "disconnect",
+            Ok(()) if *shutdown.borrow() => "shutdown",
+            Err(SessionError::KeepAlive) => "keep_alive",
+            Err(SessionError::Kicked) => "kicked",
+            Ok(()) => "lost",
+            Err(_) => "error",
+        };
+        self.broker.session_ended(self.id, &presence, reason);
         if !clean
             && will_allowed
             && let Some(will) = &connect.last_will

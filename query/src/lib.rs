@@ -33,6 +33,7 @@ use datafusion::execution::context::{SQLOptions, SessionContext};
 use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::SessionConfig;
+use ferrite_engine::system::TableSet;
 use ferrite_engine::{Metrics, StreamCatalog};
 use ferrite_storage::Storage;
 use futures::StreamExt;
@@ -75,6 +76,10 @@ impl Default for Scope {
 struct StreamSchemaProvider {
     catalog: Arc<StreamCatalog>,
     storage: Arc<Storage>,
+    /// Tables plugins add beside the streams (`devices`); they take precedence over a
+    /// stream of the same name.
+    tables: Arc<TableSet>,
+    tenant: Arc<str>,
     scope: Scope,
 }
 
@@ -87,15 +92,18 @@ impl StreamSchemaProvider {
 #[async_trait]
 impl SchemaProvider for StreamSchemaProvider {
     fn table_names(&self) -> Vec<String> {
-        self.catalog
-            .list_in(&self.scope.tenant)
-            .iter()
-            .map(|s| s.name.local().to_owned())
-            .filter(|n| self.visible(n))
-            .collect()
+        let mut names = self.tables.names();
+        let streams = self.catalog.list_in(&self.scope.tenant);
+        names.extend(streams.iter().map(|s| s.name.local().to_owned()).filter(|n| self.visible(n)));
+        names.sort();
+        names.dedup();
+        names
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        if let Some(t) = self.tables.find(name) {
+            return Ok(Some(system::tenant_table(t, &self.tenant)));
+        }
         if !self.visible(name) {
             return Ok(None);
         }
@@ -105,7 +113,8 @@ impl SchemaProvider for StreamSchemaProvider {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.visible(name) && self.catalog.get_in(&self.scope.tenant, name).is_some()
+        self.tables.find(name).is_some()
+            || (self.visible(name) && self.catalog.get_in(&self.scope.tenant, name).is_some())
     }
 }
 
@@ -174,7 +183,8 @@ pub struct QueryService {
     metrics: Arc<Metrics>,
     catalog: Arc<StreamCatalog>,
     storage: Arc<Storage>,
-    system: Arc<system::SystemTables>,
+    system: Arc<TableSet>,
+    tables: Arc<TableSet>,
     /// One session per scope seen, sharing the runtime and limits (their schema providers
     /// read the catalog when planning, so a cached session is never stale).
     sessions: parking_lot::Mutex<std::collections::HashMap<Scope, SessionContext>>,
@@ -218,7 +228,8 @@ impl QueryService {
             metrics,
             catalog,
             storage,
-            system: Arc::new(system::SystemTables::default()),
+            system: Arc::new(TableSet::default()),
+            tables: Arc::new(TableSet::default()),
             sessions: parking_lot::Mutex::new(std::collections::HashMap::new()),
         })
     }
@@ -226,6 +237,11 @@ impl QueryService {
     /// Adds a table to the `system` schema (`SELECT * FROM system.NAME`).
     pub fn add_system_table(&self, table: Arc<dyn ferrite_engine::SystemTable>) {
         self.system.add(table);
+    }
+
+    /// The tables plugins add beside each tenant's streams (`SELECT * FROM devices`).
+    pub fn tenant_tables(&self) -> &Arc<TableSet> {
+        &self.tables
     }
 
     /// The stream catalog.
@@ -268,6 +284,8 @@ impl QueryService {
         let provider = Arc::new(StreamSchemaProvider {
             catalog: self.catalog.clone(),
             storage: self.storage.clone(),
+            tables: self.tables.clone(),
+            tenant: scope.tenant.as_str().into(),
             scope: scope.clone(),
         });
         ferrite.register_schema("public", provider).map_err(Error::from_datafusion)?;

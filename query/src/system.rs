@@ -13,36 +13,17 @@ use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 use ferrite_engine::SystemTable;
-use parking_lot::RwLock;
-
-/// Every table of the `system` schema (registered once, shared by all sessions).
-#[derive(Default)]
-pub struct SystemTables {
-    tables: RwLock<Vec<Arc<dyn SystemTable>>>,
-}
-
-impl SystemTables {
-    /// Adds (or replaces) a table.
-    pub fn add(&self, table: Arc<dyn SystemTable>) {
-        let mut t = self.tables.write();
-        t.retain(|x| x.name() != table.name());
-        t.push(table);
-    }
-
-    fn find(&self, name: &str) -> Option<Arc<dyn SystemTable>> {
-        self.tables.read().iter().find(|t| t.name() == name).cloned()
-    }
-}
+use ferrite_engine::system::TableSet;
 
 /// The `system` schema as one tenant sees it: every table, with that tenant's rows only.
 pub struct SystemSchemaProvider {
-    tables: Arc<SystemTables>,
+    tables: Arc<TableSet>,
     tenant: Arc<str>,
 }
 
 impl SystemSchemaProvider {
     /// The tables of `tables`, showing `tenant`'s rows.
-    pub fn new(tables: Arc<SystemTables>, tenant: &str) -> Self {
+    pub fn new(tables: Arc<TableSet>, tenant: &str) -> Self {
         Self { tables, tenant: tenant.into() }
     }
 }
@@ -59,19 +40,21 @@ impl std::fmt::Debug for SystemSchemaProvider {
 #[async_trait]
 impl SchemaProvider for SystemSchemaProvider {
     fn table_names(&self) -> Vec<String> {
-        self.tables.tables.read().iter().map(|t| t.name().to_owned()).collect()
+        self.tables.names()
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
-        Ok(self
-            .tables
-            .find(name)
-            .map(|t| Arc::new(SystemTableProvider(t, self.tenant.clone())) as Arc<dyn TableProvider>))
+        Ok(self.tables.find(name).map(|t| tenant_table(t, &self.tenant)))
     }
 
     fn table_exist(&self, name: &str) -> bool {
         self.tables.find(name).is_some()
     }
+}
+
+/// `table` as `tenant` sees it.
+pub fn tenant_table(table: Arc<dyn SystemTable>, tenant: &Arc<str>) -> Arc<dyn TableProvider> {
+    Arc::new(SystemTableProvider(table, tenant.clone()))
 }
 
 struct SystemTableProvider(Arc<dyn SystemTable>, Arc<str>);

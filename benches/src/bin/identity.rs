@@ -25,19 +25,7 @@ use rumqttc::QoS;
 
 /// POSTs JSON with the admin token; the answer's JSON.
 fn admin_post(server: &Ferrite, path: &str, body: serde_json::Value) -> Result<serde_json::Value, String> {
-    let token = server.token.as_deref().ok_or("identity is off: no admin token")?;
-    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
-    let mut resp = agent
-        .post(&format!("http://{}{path}", server.http))
-        .header("Authorization", &format!("Bearer {token}"))
-        .header("Content-Type", "application/json")
-        .send(body.to_string())
-        .map_err(|e| e.to_string())?;
-    let text = resp.body_mut().read_to_string().map_err(|e| e.to_string())?;
-    if !resp.status().is_success() {
-        return Err(format!("{path}: {} {text}", resp.status()));
-    }
-    serde_json::from_str(&text).map_err(|e| e.to_string())
+    server.admin_post(path, "application/json", body.to_string().as_bytes())
 }
 
 /// Registers a client; its id and secret.

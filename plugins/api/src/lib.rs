@@ -4,6 +4,9 @@
 //! `ferrite_engine::plugin` and `ferrite_engine::auth`; this crate adds what needs HTTP
 //! types. See docs/adr/0002-plugins.md.
 
+pub mod secret;
+pub mod sql;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -963,7 +963,12 @@ impl Identity {
     }
 
     /// Adds a client (a device or a service); returns its secret, shown once.
-    pub async fn add_client(&self, mut record: ClientRecord, by: Option<&Principal>) -> Result<(String, String)> {
+    pub async fn add_client(&self, record: ClientRecord, by: Option<&Principal>) -> Result<(String, String)> {
+        self.add_clients(vec![record], by).await?.pop().unwrap_or_else(|| Err(Error::Invalid("no client".into())))
+    }
+
+    /// Checks a new client and gives it a secret; the secret.
+    fn prepare_client(&self, record: &mut ClientRecord) -> Result<String> {
         if record.id.is_empty() {
             record.id = secret::new_id()?;
         }
@@ -982,28 +987,120 @@ impl Identity {
         }
         let secret = secret::new_secret()?;
         record.secret_hash = secret::hash_secret(&secret);
-        if !self.store.add_client(&record, now()).await? {
-            return Err(Error::Invalid(format!("a client {:?} already exists", record.id)));
+        Ok(secret)
+    }
+
+    /// Adds clients in one store transaction (a bulk device import); per client, its id
+    /// and secret (shown once) or why it was refused.
+    pub async fn add_clients(
+        &self,
+        mut records: Vec<ClientRecord>,
+        by: Option<&Principal>,
+    ) -> Result<Vec<Result<(String, String)>>> {
+        let prepared: Vec<Result<String>> = records.iter_mut().map(|r| self.prepare_client(r)).collect();
+        let valid: Vec<ClientRecord> =
+            records.iter().zip(&prepared).filter(|(_, p)| p.is_ok()).map(|(r, _)| r.clone()).collect();
+        let mut added = self.store.add_clients(&valid, now()).await?.into_iter();
+        let mut out = Vec::with_capacity(records.len());
+        // A bulk import is one audit record per tenant, not thousands.
+        let bulk = records.len() > 1;
+        let mut bulk_added: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+        for (record, secret) in records.into_iter().zip(prepared) {
+            let secret = match secret {
+                Ok(s) => s,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            };
+            if !added.next().unwrap_or(false) {
+                out.push(Err(Error::Invalid(format!("a client {:?} already exists", record.id))));
+                continue;
+            }
+            if bulk {
+                bulk_added.entry(record.tenant.clone()).or_default().push(record.id.clone());
+            } else {
+                let mut e = AuditEvent::new(
+                    "client_added",
+                    "ok",
+                    format!("{} {} roles {:?}", record.kind, record.id, record.roles),
+                )
+                .in_tenant(&record.tenant);
+                if let Some(p) = by {
+                    e = e.by(p);
+                }
+                self.audit(e);
+            }
+            let id = record.id.clone();
+            self.state.write().clients.insert(id.clone(), record);
+            out.push(Ok((id, secret)));
         }
-        let mut e =
-            AuditEvent::new("client_added", "ok", format!("{} {} roles {:?}", record.kind, record.id, record.roles));
-        if let Some(p) = by {
-            e = e.by(p);
+        for (tenant, ids) in bulk_added {
+            let detail = format!(
+                "{} clients added in bulk: {} .. {}",
+                ids.len(),
+                ids.first().map_or("", String::as_str),
+                ids.last().map_or("", String::as_str)
+            );
+            let mut e = AuditEvent::new("clients_added", "ok", detail).in_tenant(&tenant);
+            if let Some(p) = by {
+                e = e.by(p);
+            }
+            self.audit(e);
         }
-        self.audit(e);
-        let id = record.id.clone();
-        self.state.write().clients.insert(id.clone(), record);
         self.changed();
-        Ok((id, secret))
+        Ok(out)
     }
 
     /// Removes a client: its tokens stop working at once.
     pub async fn remove_client(&self, id: &str, by: &Principal) -> Result<bool> {
+        self.remove_client_as(id, Some(by)).await
+    }
+
+    async fn remove_client_as(&self, id: &str, by: Option<&Principal>) -> Result<bool> {
         let removed = self.store.remove_client(id).await?;
-        self.state.write().clients.remove(id);
+        let record = self.state.write().clients.remove(id);
         self.changed();
-        self.audit(AuditEvent::new("client_removed", "ok", id.to_owned()).by(by));
+        let mut e = AuditEvent::new("client_removed", "ok", id.to_owned());
+        match (by, record) {
+            (Some(p), _) => e = e.by(p),
+            (None, Some(r)) => e = e.in_tenant(&r.tenant),
+            (None, None) => {}
+        }
+        self.audit(e);
         Ok(removed)
+    }
+
+    /// Changes stored client `id` with `change` (in memory and in the store), audited as
+    /// `event`; the decision caches drop their answers.
+    async fn change_client(
+        &self,
+        id: &str,
+        event: &'static str,
+        change: impl FnOnce(&mut ClientRecord),
+    ) -> Result<ClientRecord> {
+        let mut record =
+            self.state.read().clients.get(id).cloned().ok_or_else(|| Error::NotFound(format!("no client {id:?}")))?;
+        change(&mut record);
+        self.store.update_client(&record).await?;
+        self.state.write().clients.insert(id.to_owned(), record.clone());
+        self.changed();
+        self.audit(AuditEvent::new(event, "ok", id.to_owned()).in_tenant(&record.tenant));
+        Ok(record)
+    }
+
+    /// Gives client `id` a new secret (the old one stops working at once); the secret.
+    pub async fn rotate_client_secret(&self, id: &str) -> Result<String> {
+        let secret = secret::new_secret()?;
+        let hash = secret::hash_secret(&secret);
+        self.change_client(id, "client_secret_rotated", |c| c.secret_hash = hash).await?;
+        Ok(secret)
+    }
+
+    /// Disables client `id` (it is refused at once, its tokens with it) or enables it.
+    pub async fn set_client_disabled(&self, id: &str, disabled: bool) -> Result<()> {
+        let event = if disabled { "client_disabled" } else { "client_enabled" };
+        self.change_client(id, event, |c| c.disabled = disabled).await.map(|_| ())
     }
 
     /// Every client.
@@ -1434,5 +1531,67 @@ impl Identity {
         p.token_id = claims.token_id.map(Into::into);
         p.issuer = Some(external.issuer().into());
         Ok(p)
+    }
+}
+
+/// The device plugin registers, rotates, disables and removes devices' credentials here:
+/// a device is a client of kind `device`.
+impl ferrite_engine::plugin::DeviceCredentials for Identity {
+    fn register<'a>(
+        &'a self,
+        device: &'a ferrite_engine::plugin::DeviceIdentity,
+    ) -> ferrite_engine::plugin::PluginFuture<'a, std::result::Result<Option<String>, String>> {
+        Box::pin(async move {
+            let mut results =
+                ferrite_engine::plugin::DeviceCredentials::register_many(self, std::slice::from_ref(device)).await;
+            results.pop().unwrap_or_else(|| Err("nothing registered".into()))
+        })
+    }
+
+    fn register_many<'a>(
+        &'a self,
+        devices: &'a [ferrite_engine::plugin::DeviceIdentity],
+    ) -> ferrite_engine::plugin::PluginFuture<'a, Vec<std::result::Result<Option<String>, String>>> {
+        Box::pin(async move {
+            // A device is a client of kind `device`, without roles: the device policies apply.
+            let records = devices
+                .iter()
+                .map(|d| ClientRecord {
+                    id: d.id.clone(),
+                    tenant: d.tenant.clone(),
+                    kind: "device".into(),
+                    secret_hash: String::new(),
+                    roles: Vec::new(),
+                    device_type: d.device_type.clone(),
+                    children: d.children.clone(),
+                    disabled: false,
+                })
+                .collect();
+            match self.add_clients(records, None).await {
+                Ok(results) => {
+                    results.into_iter().map(|r| r.map(|(_, s)| Some(s)).map_err(|e| e.to_string())).collect()
+                }
+                Err(e) => devices.iter().map(|_| Err(e.to_string())).collect(),
+            }
+        })
+    }
+
+    fn rotate<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> ferrite_engine::plugin::PluginFuture<'a, std::result::Result<Option<String>, String>> {
+        Box::pin(async move { self.rotate_client_secret(id).await.map(Some).map_err(|e| e.to_string()) })
+    }
+
+    fn set_disabled<'a>(
+        &'a self,
+        id: &'a str,
+        disabled: bool,
+    ) -> ferrite_engine::plugin::PluginFuture<'a, std::result::Result<(), String>> {
+        Box::pin(async move { self.set_client_disabled(id, disabled).await.map_err(|e| e.to_string()) })
+    }
+
+    fn remove<'a>(&'a self, id: &'a str) -> ferrite_engine::plugin::PluginFuture<'a, std::result::Result<(), String>> {
+        Box::pin(async move { self.remove_client_as(id, None).await.map(|_| ()).map_err(|e| e.to_string()) })
     }
 }

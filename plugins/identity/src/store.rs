@@ -3,17 +3,16 @@
 //! `postgres://` URL is configured. One code path for both, through sqlx's `Any` driver,
 //! with portable SQL (TEXT and BIGINT only) and embedded migrations.
 
-use std::borrow::Cow;
 use std::path::Path;
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{AnyPool, Row, SqlSafeStr};
+use sqlx::any::AnyRow;
+use sqlx::{AnyPool, Row};
 
 use crate::error::{Error, Result};
 
 /// The embedded migrations, applied in order at open.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "identity", include_str!("../migrations/0001_identity.sql"))];
+const MIGRATIONS: &[ferrite_plugin::sql::MigrationSource] =
+    &[(1, "identity", include_str!("../migrations/0001_identity.sql"))];
 
 /// The identity store.
 #[derive(Debug, Clone)]
@@ -170,37 +169,11 @@ impl Store {
     /// Opens the store at `url` (`postgres://...`), or the SQLite file `identity.db` in
     /// `dir` when `url` is empty, and applies the migrations.
     pub async fn open(url: &str, dir: &Path) -> Result<Self> {
-        sqlx::any::install_default_drivers();
-        let (url, backend) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            (url.to_owned(), "postgres")
-        } else if url.is_empty() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::Store(format!("cannot create {}: {e}", dir.display())))?;
-            let path = dir.join("identity.db");
-            create_private(&path)?;
-            (format!("sqlite://{}?mode=rwc", path.display()), "sqlite")
-        } else {
-            return Err(Error::Store(format!(
-                "unsupported identity store URL {url:?}: use postgres://user:password@host/db, or leave it empty for \
-                 the embedded SQLite store"
-            )));
-        };
-        // SQLite serialises writers: one connection avoids `database is locked` under load.
-        let max = if backend == "sqlite" { 1 } else { 8 };
-        let pool = AnyPoolOptions::new()
-            .max_connections(max)
-            .connect(&url)
-            .await
-            .map_err(|e| Error::Store(format!("cannot open the identity store ({backend}): {e}")))?;
-        let migrations = MIGRATIONS
-            .iter()
-            .map(|(v, name, sql)| {
-                Migration::new(*v, Cow::Borrowed(*name), MigrationType::Simple, sql.into_sql_str(), false)
-            })
-            .collect();
-        Migrator::with_migrations(migrations)
-            .run(&pool)
-            .await
-            .map_err(|e| Error::Store(format!("cannot migrate the identity store: {e}")))?;
+        let store =
+            ferrite_plugin::sql::open(url, dir, "identity.db", MIGRATIONS, "identity store", "identity_store_url")
+                .await
+                .map_err(Error::Store)?;
+        let (pool, backend) = (store.pool, store.backend);
         Ok(Self { pool, backend })
     }
 
@@ -300,22 +273,50 @@ impl Store {
 
     /// Adds a client; `false` when the id is taken.
     pub async fn add_client(&self, c: &ClientRecord, now: i64) -> Result<bool> {
+        Ok(self.add_clients(std::slice::from_ref(c), now).await?.first().copied().unwrap_or(false))
+    }
+
+    /// Adds clients in one transaction; per client, `false` when its id is taken.
+    pub async fn add_clients(&self, clients: &[ClientRecord], now: i64) -> Result<Vec<bool>> {
+        let mut tx = self.pool.begin().await.map_err(db("adding clients"))?;
+        let mut added = Vec::with_capacity(clients.len());
+        for c in clients {
+            let r = sqlx::query(
+                "INSERT INTO clients (id, tenant, kind, secret_hash, roles, device_type, children, disabled, \
+                 created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(c.id.clone())
+            .bind(c.tenant.clone())
+            .bind(c.kind.clone())
+            .bind(c.secret_hash.clone())
+            .bind(roles_text(&c.roles))
+            .bind(c.device_type.clone())
+            .bind(roles_text(&c.children))
+            .bind(i64::from(c.disabled))
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("adding a client"))?;
+            added.push(r.rows_affected() == 1);
+        }
+        tx.commit().await.map_err(db("adding clients"))?;
+        Ok(added)
+    }
+
+    /// Rewrites a client's secret, type, children and disabled flag; `false` when there is
+    /// no such client.
+    pub async fn update_client(&self, c: &ClientRecord) -> Result<bool> {
         let r = sqlx::query(
-            "INSERT INTO clients (id, tenant, kind, secret_hash, roles, device_type, children, disabled, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+            "UPDATE clients SET secret_hash = $1, device_type = $2, children = $3, disabled = $4 WHERE id = $5",
         )
-        .bind(c.id.clone())
-        .bind(c.tenant.clone())
-        .bind(c.kind.clone())
         .bind(c.secret_hash.clone())
-        .bind(roles_text(&c.roles))
         .bind(c.device_type.clone())
         .bind(roles_text(&c.children))
         .bind(i64::from(c.disabled))
-        .bind(now)
+        .bind(c.id.clone())
         .execute(&self.pool)
         .await
-        .map_err(db("adding a client"))?;
+        .map_err(db("updating a client"))?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -692,30 +693,4 @@ fn refresh_row(r: &AnyRow) -> std::result::Result<RefreshRecord, sqlx::Error> {
         used: r.try_get::<i64, _>(8)? != 0,
         revoked: r.try_get::<i64, _>(9)? != 0,
     })
-}
-
-/// Creates `path` with mode 0600 if it does not exist (it will hold private keys).
-fn create_private(path: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| Error::Store(format!("cannot create {}: {e}", path.display())))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::Store(format!("cannot restrict {}: {e}", path.display())))?;
-    }
-    #[cfg(not(unix))]
-    {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| Error::Store(format!("cannot create {}: {e}", path.display())))?;
-    }
-    Ok(())
 }

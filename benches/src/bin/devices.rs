@@ -1,0 +1,187 @@
+//! The device registry's figures, against a release `ferrite serve` with identity on:
+//!
+//! - `provision`: `devices` devices registered through `POST /api/v1/devices/import` in
+//!   requests of 10,000 (each gets a client id and secret from the identity store, in one
+//!   transaction per request, and a registry row): devices per second.
+//! - `disable_to_disconnect`: `sessions` devices connect over MQTT, then each is disabled
+//!   through the API; the time from sending the request to the device's client seeing its
+//!   connection end (median and maximum).
+//! - `lookup` (in process): `Registry::lookup` (what the publish path asks) and
+//!   `Registry::touch` (last seen, once per device run of a committed batch) over a registry
+//!   of `devices` devices: operations per second on one core.
+//!
+//! No peer registry runs on this machine (ThingsBoard needs a JVM and a database server);
+//! the figures stand alone.
+//!
+//! `cargo run --release -p ferrite-benches --bin devices -- [devices] [sessions] [runs]`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrite_benches::load::mqtt_options;
+use ferrite_benches::server::Ferrite;
+use ferrite_device::model::DeviceInput;
+use ferrite_device::registry::Registry;
+use ferrite_engine::Metrics;
+use ferrite_engine::plugin::{EventWriter, NoCredentials, PresenceObserver, TopicPublisher, WriteFuture};
+use rumqttc::{AsyncClient, Event, Packet};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Registers `n` devices in requests of 10,000; seconds taken.
+fn provision(server: &Ferrite, prefix: &str, n: usize) -> Result<f64, String> {
+    let started = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
+        let rows: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|i| serde_json::json!({"id": format!("{prefix}-{i:06}"), "type": "sensor", "groups": ["fleet"]}))
+            .collect();
+        let report = server.admin_post(
+            "/api/v1/devices/import",
+            "application/json",
+            serde_json::Value::Array(rows).to_string().as_bytes(),
+        )?;
+        if report["created"].as_u64() != Some(chunk.len() as u64) {
+            return Err(format!("import refused rows: {}", report["failed"]));
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Connects `n` registered devices, disables each, and times its disconnect (ms).
+fn disable_to_disconnect(server: &Ferrite, n: usize) -> Result<Vec<f64>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("kick-{i}");
+        let added = server.admin_post(
+            "/api/v1/devices",
+            "application/json",
+            serde_json::json!({"id": id}).to_string().as_bytes(),
+        )?;
+        let secret = added["credentials"]["client_secret"].as_str().ok_or("no secret")?.to_owned();
+        let elapsed = rt.block_on(async {
+            let mut o = mqtt_options(id.clone(), server.mqtt.port());
+            o.set_credentials(&id, &secret);
+            let (_client, mut ev): (AsyncClient, _) = AsyncClient::new(o, 10);
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("connect {id}: {e}")),
+                }
+            }
+            let path = format!("/api/v1/devices/{id}/disable");
+            let started = Instant::now();
+            let admin = server.admin();
+            let disable = tokio::task::spawn_blocking(move || admin.post(&path, "application/json", b"{}"));
+            let ended = tokio::time::timeout(Duration::from_secs(5), async { while ev.poll().await.is_ok() {} }).await;
+            let took = started.elapsed().as_secs_f64() * 1000.0;
+            disable.await.map_err(|e| e.to_string())??;
+            ended.map_err(|_| format!("{id} still connected 5 s after the disable"))?;
+            Ok(took)
+        })?;
+        out.push(elapsed);
+    }
+    Ok(out)
+}
+
+struct Nowhere;
+
+impl TopicPublisher for Nowhere {
+    fn publish(&self, _: &str, _: &[u8], _: bool) -> Result<usize, String> {
+        Ok(0)
+    }
+    fn disconnect(&self, _: &str) -> usize {
+        0
+    }
+    fn observe_presence(&self, _: Arc<dyn PresenceObserver>) {}
+}
+
+impl EventWriter for Nowhere {
+    fn write(&self, _: &str, _: &str, _: Vec<u8>) -> WriteFuture {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Lookups and touches per second over a registry of `n` devices.
+fn lookups(n: usize) -> Result<(f64, f64), String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("ferrite-devices-bench-{}", std::process::id()));
+    let registry = rt.block_on(async {
+        let store = ferrite_device::store::Store::open("", &dir).await.map_err(|e| e.to_string())?;
+        let r = Registry::open(
+            store,
+            Arc::new(NoCredentials),
+            Arc::new(Nowhere),
+            Arc::new(Nowhere),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let rows = (0..n)
+            .map(|i| (i + 1, Ok(DeviceInput { id: Some(format!("d-{i:06}")), ..DeviceInput::default() })))
+            .collect();
+        r.import("default", rows).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(r)
+    })?;
+    let ids: Vec<String> = (0..n).map(|i| format!("d-{:06}", (i * 7919) % n)).collect();
+    let ops = 5_000_000usize;
+    let started = Instant::now();
+    let mut found = 0usize;
+    for k in 0..ops {
+        found += usize::from(registry.lookup(&ids[k % n]).is_some());
+    }
+    let lookup_rate = ops as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(found, ops);
+    let started = Instant::now();
+    for k in 0..ops {
+        registry.touch(&ids[k % n], k as i64);
+    }
+    let touch_rate = ops as f64 / started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((lookup_rate, touch_rate))
+}
+
+fn main() -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let mut next = |d: usize| args.next().and_then(|a| a.parse().ok()).unwrap_or(d);
+    let (devices, sessions, runs) = (next(100_000), next(20), next(3));
+    let (mut rates, mut kicks, mut lookup, mut touch) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let dir = std::env::temp_dir().join(format!("ferrite-devices-{}-{run}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let server = Ferrite::start(&dir, &["--auth", "on"])?;
+        let secs = provision(&server, &format!("r{run}"), devices)?;
+        rates.push(devices as f64 / secs);
+        println!(
+            "devices run={run} scenario=provision devices={devices} seconds={secs:.2} per_s={:.0}",
+            devices as f64 / secs
+        );
+        let k = disable_to_disconnect(&server, sessions)?;
+        println!(
+            "devices run={run} scenario=disable_to_disconnect sessions={sessions} median_ms={:.1} max_ms={:.1}",
+            median(k.clone()),
+            k.iter().copied().fold(0.0, f64::max)
+        );
+        kicks.extend(k);
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+        let (l, t) = lookups(devices)?;
+        println!("devices run={run} scenario=lookup devices={devices} lookups_per_s={l:.0} touches_per_s={t:.0}");
+        lookup.push(l);
+        touch.push(t);
+    }
+    println!(
+        "devices_summary provision_per_s_median={:.0} disable_to_disconnect_median_ms={:.1} disable_to_disconnect_max_ms={:.1} lookups_per_s_median={:.0} touches_per_s_median={:.0}",
+        median(rates),
+        median(kicks.clone()),
+        kicks.iter().copied().fold(0.0, f64::max),
+        median(lookup),
+        median(touch)
+    );
+    Ok(())
+}
