@@ -27,6 +27,10 @@ pub struct ServerActions {
     /// Decides which topics the rules of a tenant other than `default` may publish on (set
     /// once identity has started); until then, and without it, such publishes are dropped.
     access: std::sync::OnceLock<Arc<dyn AccessControl>>,
+    /// The actuation service (set once the plugins started): rules' commands go through it.
+    actuation: std::sync::OnceLock<Arc<std::sync::OnceLock<Arc<ferrite_actuation::Actuation>>>>,
+    /// Where rules' commands are checked and queued (shard threads do not wait for it).
+    runtime: Option<tokio::runtime::Handle>,
     /// The decisions of tenants' rule publishes, per tenant and topic, asked once until
     /// policies change (the generation they were made in).
     decisions: Mutex<(u64, TopicDecisions)>,
@@ -71,8 +75,15 @@ impl ServerActions {
             webhooks: tx,
             metrics,
             access: std::sync::OnceLock::new(),
+            actuation: std::sync::OnceLock::new(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
             decisions: Mutex::new((0, HashMap::new())),
         })
+    }
+
+    /// Sets the actuation service rules' commands go through.
+    pub fn set_actuation(&self, actuation: Arc<std::sync::OnceLock<Arc<ferrite_actuation::Actuation>>>) {
+        let _ = self.actuation.set(actuation);
     }
 
     /// Sets the decision point for tenants' rule publishes.
@@ -119,6 +130,34 @@ impl ActionSink for ServerActions {
             self.metrics.inc("ferrite_rule_publish_failures_total", &[("reason", "invalid_topic")], 1);
             tracing::warn!(topic, error = %e, "rule action: publish topic is not valid MQTT; message dropped");
         }
+    }
+
+    fn command(&self, tenant: &str, rule: &str, device: &str, name: &str, params: serde_json::Value, _id: &str) {
+        let Some(actuation) = self.actuation.get().and_then(|a| a.get()).cloned() else {
+            self.metrics.inc("ferrite_rule_publish_failures_total", &[("reason", "no_actuation")], 1);
+            tracing::warn!(rule, device, "rule action: commands need the actuation plugin; dropped");
+            return;
+        };
+        let Some(runtime) = self.runtime.clone() else { return };
+        let params = match params {
+            serde_json::Value::Object(m) => m,
+            other => {
+                self.metrics.inc("ferrite_commands_refused_total", &[("reason", "invalid")], 1);
+                tracing::warn!(rule, device, params = %other, "rule action: command params are not an object; dropped");
+                return;
+            }
+        };
+        let request = ferrite_actuation::CommandRequest { name: name.to_owned(), params, timeout: None };
+        let sender = rules_principal(tenant);
+        let (tenant, device, rule) = (tenant.to_owned(), device.to_owned(), rule.to_owned());
+        // The shard thread must not wait: the command is checked and queued on the runtime.
+        runtime.spawn(async move {
+            let context = RequestContext::new(Transport::Internal, None);
+            let label = format!("rule::{rule:?} (tenant {tenant})");
+            if let Err(e) = actuation.submit(&sender, Some(&label), &context, &tenant, &device, request).await {
+                tracing::warn!(rule, device, error = %e, "rule action: command refused");
+            }
+        });
     }
 
     fn webhook(&self, url: &str, body: Vec<u8>) {

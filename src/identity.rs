@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use ferrite_actuation::ActuationPlugin;
 use ferrite_device::DevicePlugin;
 use ferrite_engine::auth::{AccessControl, AllowAll};
 use ferrite_engine::plugin::{DeviceCredentials, EventWriter, NoCredentials, PluginContext, WriteFuture};
@@ -54,7 +55,12 @@ pub struct Core<'a> {
     pub tables: &'a Arc<TableSet>,
     /// Metrics.
     pub metrics: &'a Arc<Metrics>,
+    /// Set to the actuation service's handle (rules' commands go through it).
+    pub actuation: &'a mut Option<ActuationHandle>,
 }
+
+/// Where the actuation service will be once its plugin started.
+pub type ActuationHandle = Arc<std::sync::OnceLock<Arc<ferrite_actuation::Actuation>>>;
 
 pub async fn start(
     config: &Config,
@@ -113,7 +119,11 @@ pub async fn start(
         tables: core.tables.clone(),
         metrics: core.metrics.clone(),
     };
-    plugins.push(Box::new(DevicePlugin::new(&config.registry_store_url)));
+    let devices = DevicePlugin::new(&config.registry_store_url);
+    let actuation = ActuationPlugin::new(&config.registry_store_url, devices.shared_registry());
+    *core.actuation = Some(actuation.handle());
+    plugins.push(Box::new(devices));
+    plugins.push(Box::new(actuation));
     for plugin in &plugins {
         plugin.start(&context).await.with_context(|| format!("cannot start the {} plugin", plugin.name()))?;
     }

@@ -116,6 +116,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let http_addr = http_listener.local_addr()?;
 
     // Identity: the decision point every door asks, and the plugins' context.
+    let mut actuation = None;
     let core = identity::Core {
         catalog: &catalog,
         engine: &engine,
@@ -123,8 +124,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         broker: &broker,
         tables: query.tenant_tables(),
         metrics: &metrics,
+        actuation: &mut actuation,
     };
     let (access, plugins) = identity::start(&config, http_addr, core).await?;
+    if let Some(a) = actuation {
+        actions.set_actuation(a);
+    }
     actions.set_access(access.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -23,6 +23,25 @@ pub trait EventWriter: Send + Sync {
     fn write(&self, tenant: &str, stream: &str, ndjson: Vec<u8>) -> WriteFuture;
 }
 
+/// Whether MQTT `topic` matches subscription `filter` (both assumed valid): `+` is one
+/// level, `#` the rest; topics starting with `$` are not matched by a leading wildcard.
+pub fn topic_matches(topic: &str, filter: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut t = topic.split('/');
+    let mut f = filter.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// A boxed future of a plugin-facing trait (they must stay object safe).
 pub type PluginFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
@@ -50,6 +69,8 @@ impl Presence {
 pub trait PresenceObserver: Send + Sync {
     /// A session was accepted (after CONNACK).
     fn connected(&self, session: &Presence);
+    /// A session subscribed to `filter` (allowed by policy).
+    fn subscribed(&self, _session: &Presence, _filter: &str) {}
     /// A session ended: `disconnect` (clean), `keep_alive` (expired), `will` (dropped, its
     /// last will published), `kicked` ([`TopicPublisher::disconnect`]), `shutdown` or
     /// `error`.
@@ -67,7 +88,23 @@ pub trait TopicPublisher: Send + Sync {
 
     /// Has `observer` told of every session's start and end from now on.
     fn observe_presence(&self, observer: Arc<dyn PresenceObserver>);
+
+    /// Sends `payload` at QoS 1 on `topic` to a session of `device` subscribed to it; an
+    /// error at once when there is none; otherwise a future that resolves when the device
+    /// acknowledges, or fails when its session ends first.
+    fn deliver(&self, device: &str, topic: &str, payload: &[u8]) -> Result<Delivery, String>;
+
+    /// Calls `handler` with the topic and payload of every message published on a topic
+    /// matching `filter` (command results, reported state). It runs on the publisher's task
+    /// and must not block.
+    fn subscribe_internal(&self, filter: &str, handler: MessageHandler);
 }
+
+/// A subscriber inside the server: called with each matching message's topic and payload.
+pub type MessageHandler = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
+
+/// A QoS 1 delivery in flight: resolves when the device acknowledges.
+pub type Delivery = PluginFuture<'static, Result<(), String>>;
 
 /// A device's identity as the identity service keeps it: what the device plugin registers.
 #[derive(Debug, Clone, PartialEq, Eq)]

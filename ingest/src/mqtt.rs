@@ -130,14 +130,51 @@ impl Drop for ConnectionSlot {
 pub struct Broker {
     subs: RwLock<TopicTrie<Subscriber>>,
     dropped: AtomicU64,
-    /// Live sessions: the device each is (for [`Broker::disconnect`]) and its kick signal.
-    sessions: parking_lot::Mutex<HashMap<u64, LiveSession>>,
+    /// Live sessions, for [`Broker::disconnect`] and QoS 1 delivery to one device.
+    sessions: parking_lot::Mutex<HashMap<u64, Arc<LiveSession>>>,
     /// Told of every session's start and end.
     observers: RwLock<Vec<Arc<dyn PresenceObserver>>>,
+    /// The server's own subscribers (command results, reported state), by filter.
+    internal: RwLock<Vec<(String, InternalSubscriber)>>,
 }
 
-/// A live session as the broker knows it: the device it is, and the signal that ends it.
-type LiveSession = (Arc<str>, Arc<tokio::sync::Notify>);
+/// A subscriber inside the server: called with each matching message's topic and payload
+/// on the publishing session's task (it must not block).
+pub type InternalSubscriber = ferrite_engine::plugin::MessageHandler;
+
+/// A live session as the broker knows it.
+struct LiveSession {
+    /// Who it is.
+    presence: Presence,
+    /// Ends it ([`Broker::disconnect`]).
+    kick: tokio::sync::Notify,
+    /// Its writer.
+    out: mpsc::Sender<Packet>,
+    /// Its subscriptions' filters.
+    filters: parking_lot::Mutex<HashSet<String>>,
+    /// QoS 1 messages sent to it and not yet acknowledged, by packet id.
+    unacked: parking_lot::Mutex<Unacked>,
+}
+
+#[derive(Default)]
+struct Unacked {
+    next: u16,
+    waiting: HashMap<u16, tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Why a message could not be handed to a device.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeliveryError {
+    /// No session of the device is subscribed to the topic.
+    #[error("device {0:?} is not connected and subscribed to {1:?}")]
+    NotSubscribed(String, String),
+    /// The session's outgoing queue is full, or every packet id is in use.
+    #[error("the session of device {0:?} is busy; retry later")]
+    Busy(String),
+    /// The topic is not a valid publish topic.
+    #[error("{0}")]
+    Topic(String),
+}
 
 /// One session's subscription to one filter.
 struct Subscriber {
@@ -159,9 +196,9 @@ impl ferrite_engine::plugin::TopicPublisher for Broker {
     fn disconnect(&self, id: &str) -> usize {
         let sessions = self.sessions.lock();
         let mut n = 0;
-        for (device, kick) in sessions.values() {
-            if device.as_ref() == id {
-                kick.notify_one();
+        for s in sessions.values() {
+            if s.presence.device() == id {
+                s.kick.notify_one();
                 n += 1;
             }
         }
@@ -170,6 +207,18 @@ impl ferrite_engine::plugin::TopicPublisher for Broker {
 
     fn observe_presence(&self, observer: Arc<dyn PresenceObserver>) {
         self.observers.write().push(observer);
+    }
+
+    fn deliver(&self, device: &str, topic: &str, payload: &[u8]) -> Result<ferrite_engine::plugin::Delivery, String> {
+        let acked =
+            Broker::deliver(self, device, topic, bytes::Bytes::copy_from_slice(payload)).map_err(|e| e.to_string())?;
+        Ok(Box::pin(
+            async move { acked.await.map_err(|_| "the session ended before the device acknowledged".to_owned()) },
+        ))
+    }
+
+    fn subscribe_internal(&self, filter: &str, handler: InternalSubscriber) {
+        self.internal.write().push((filter.to_owned(), handler));
     }
 }
 
@@ -194,19 +243,79 @@ impl Broker {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         });
+        drop(subs);
+        for (filter, handler) in self.internal.read().iter() {
+            if topic::matches(topic, filter) {
+                handler(topic, &payload);
+                delivered += 1;
+            }
+        }
         Ok(delivered)
     }
 
+    /// Sends `payload` at QoS 1 on `topic` to one session of `device` subscribed to it; the
+    /// receiver resolves when the device acknowledges (PUBACK), and fails if the session
+    /// ends first.
+    pub fn deliver(
+        &self,
+        device: &str,
+        topic: &str,
+        payload: bytes::Bytes,
+    ) -> Result<tokio::sync::oneshot::Receiver<()>, DeliveryError> {
+        topic::validate_topic(topic).map_err(|e| DeliveryError::Topic(e.to_string()))?;
+        let session = self
+            .sessions
+            .lock()
+            .values()
+            .filter(|s| s.presence.device() == device)
+            .find(|s| s.filters.lock().iter().any(|f| topic::matches(topic, f)))
+            .cloned()
+            .ok_or_else(|| DeliveryError::NotSubscribed(device.to_owned(), topic.to_owned()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut unacked = session.unacked.lock();
+        let pkid = (0..u16::MAX)
+            .map(|i| (unacked.next.wrapping_add(i) % u16::MAX) + 1)
+            .find(|id| !unacked.waiting.contains_key(id))
+            .ok_or_else(|| DeliveryError::Busy(device.to_owned()))?;
+        unacked.next = pkid;
+        let mut p = Publish::from_bytes(topic, QoS::AtLeastOnce, payload);
+        p.pkid = pkid;
+        session.out.try_send(Packet::Publish(p)).map_err(|_| DeliveryError::Busy(device.to_owned()))?;
+        unacked.waiting.insert(pkid, tx);
+        Ok(rx)
+    }
+
+    /// A PUBACK from `session` for a message the server sent it.
+    fn acked(&self, session: u64, pkid: u16) {
+        let live = self.sessions.lock().get(&session).cloned();
+        if let Some(tx) = live.and_then(|s| s.unacked.lock().waiting.remove(&pkid)) {
+            let _ = tx.send(());
+        }
+    }
+
     /// Subscribes `session` to `filter` (a valid filter); a repeated filter is kept once.
+    /// The observers learn of it (a device subscribing to its commands gets what waits).
     fn subscribe(&self, session: u64, filter: &str, tx: mpsc::Sender<Packet>) {
-        let mut subs = self.subs.write();
-        if !subs.contains(filter, |s| s.session == session) {
-            subs.insert(filter, Subscriber { session, tx });
+        {
+            let mut subs = self.subs.write();
+            if !subs.contains(filter, |s| s.session == session) {
+                subs.insert(filter, Subscriber { session, tx });
+            }
+        }
+        let live = self.sessions.lock().get(&session).cloned();
+        if let Some(live) = live {
+            live.filters.lock().insert(filter.to_owned());
+            for o in self.observers.read().iter() {
+                o.subscribed(&live.presence, filter);
+            }
         }
     }
 
     fn unsubscribe(&self, session: u64, filter: &str) {
         self.subs.write().remove(filter, |s| s.session == session);
+        if let Some(live) = self.sessions.lock().get(&session) {
+            live.filters.lock().remove(filter);
+        }
     }
 
     fn remove_session(&self, session: u64) {
@@ -214,13 +323,19 @@ impl Broker {
     }
 
     /// Records an accepted session and tells the observers; the signal that kicks it.
-    fn session_started(&self, session: u64, presence: &Presence) -> Arc<tokio::sync::Notify> {
-        let kick = Arc::new(tokio::sync::Notify::new());
-        self.sessions.lock().insert(session, (presence.device().into(), kick.clone()));
+    fn session_started(&self, session: u64, presence: &Presence, out: mpsc::Sender<Packet>) -> Arc<LiveSession> {
+        let live = Arc::new(LiveSession {
+            presence: presence.clone(),
+            kick: tokio::sync::Notify::new(),
+            out,
+            filters: parking_lot::Mutex::new(HashSet::new()),
+            unacked: parking_lot::Mutex::new(Unacked::default()),
+        });
+        self.sessions.lock().insert(session, live.clone());
         for o in self.observers.read().iter() {
             o.connected(presence);
         }
-        kick
+        live
     }
 
     /// Forgets an ended session and tells the observers why it ended.
@@ -487,10 +602,9 @@ impl Session {
             client_id: connect.client_id.clone(),
             source: self.context.source,
         };
-        let kick = self.broker.session_started(self.id, &presence);
-
         // Writer task: acknowledgements and deliveries, in the order they are queued.
         let (out_tx, mut out_rx) = mpsc::channel::<Packet>(SUBSCRIBER_QUEUE);
+        let live = self.broker.session_started(self.id, &presence, out_tx.clone());
         let writer = tokio::spawn(async move {
             let mut wbuf = BytesMut::with_capacity(4096);
             while let Some(p) = out_rx.recv().await {
@@ -582,7 +696,7 @@ impl Session {
                         }
                     }
                     _ = shutdown.changed() => return Ok(()),
-                    () = kick.notified() => return Err(SessionError::Kicked),
+                    () = live.kick.notified() => return Err(SessionError::Kicked),
                 }
             }
         }
@@ -604,6 +718,9 @@ impl Session {
             Err(_) => "error",
         };
         self.broker.session_ended(self.id, &presence, reason);
+        // The live entry holds a sender of the writer's queue: the writer ends (and closes
+        // the socket) only once every sender is gone.
+        drop(live);
         if !clean
             && will_allowed
             && let Some(will) = &connect.last_will
@@ -799,7 +916,8 @@ impl Session {
                 *clean = true;
                 return Ok(true);
             }
-            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::PubAck(a) => self.broker.acked(self.id, a.pkid),
+            Packet::PubRec(_) | Packet::PubComp(_) => {}
             Packet::Connect(_) => return Err(SessionError::Protocol("second CONNECT".into())),
             other => return Err(SessionError::Protocol(format!("unexpected packet from client: {other:?}"))),
         }

@@ -70,24 +70,7 @@ pub fn validate_filter(filter: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
-/// Whether `topic` matches `filter` (both assumed valid).
-pub fn matches(topic: &str, filter: &str) -> bool {
-    // Topics starting with `$` are not matched by a filter starting with a wildcard.
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut t = topic.split('/');
-    let mut f = filter.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(fl), Some(tl)) if fl == tl => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+pub use ferrite_engine::plugin::topic_matches as matches;
 
 /// Subscriptions by filter, for routing: values are kept at the node of their filter.
 #[derive(Debug)]

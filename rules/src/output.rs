@@ -24,6 +24,14 @@ pub trait ActionSink: Send + Sync {
     fn publish(&self, tenant: &str, topic: &str, payload: Vec<u8>);
     /// POSTs `body` (JSON) to `url`; must not block the caller.
     fn webhook(&self, url: &str, body: Vec<u8>);
+    /// Sends command `name` with `params` to `device` for rule `rule` of `tenant`. The
+    /// server hands it to the actuation service (the device type's limits, the rate and
+    /// the policies apply, with the tenant's rules as the sender); by default it is
+    /// published as `{"id", "name", "params", "rule"}` on `devices/{device}/commands`.
+    fn command(&self, tenant: &str, rule: &str, device: &str, name: &str, params: serde_json::Value, id: &str) {
+        let body = serde_json::json!({"id": id, "name": name, "params": params, "rule": rule});
+        self.publish(tenant, &format!("devices/{device}/commands"), body.to_string().into_bytes());
+    }
 }
 
 /// An [`ActionSink`] that drops everything (rules without a broker).

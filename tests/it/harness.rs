@@ -122,6 +122,19 @@ impl Server {
         self.post(path, "application/json", body.to_string().as_bytes())
     }
 
+    /// PUTs JSON with the admin token; the status and the answer as JSON.
+    pub fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let mut resp = self
+            .agent
+            .put(&self.url(path))
+            .header("Content-Type", "application/json")
+            .header("Authorization", self.bearer())
+            .send(body.to_string())?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string()?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
     pub fn delete(&self, path: &str) -> anyhow::Result<u16> {
         Ok(self.agent.delete(&self.url(path)).header("Authorization", self.bearer()).call()?.status().as_u16())
     }

@@ -99,6 +99,10 @@ impl TopicPublisher for Nowhere {
         0
     }
     fn observe_presence(&self, _: Arc<dyn PresenceObserver>) {}
+    fn deliver(&self, device: &str, _: &str, _: &[u8]) -> Result<ferrite_engine::plugin::Delivery, String> {
+        Err(format!("{device} is not connected"))
+    }
+    fn subscribe_internal(&self, _: &str, _: ferrite_engine::plugin::MessageHandler) {}
 }
 
 impl EventWriter for Nowhere {
@@ -122,10 +126,13 @@ fn lookups(n: usize) -> Result<(f64, f64), String> {
         )
         .await
         .map_err(|e| e.to_string())?;
-        let rows = (0..n)
-            .map(|i| (i + 1, Ok(DeviceInput { id: Some(format!("d-{i:06}")), ..DeviceInput::default() })))
-            .collect();
-        r.import("default", rows).await.map_err(|e| e.to_string())?;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(ferrite_device::registry::MAX_IMPORT_ROWS) {
+            let rows = chunk
+                .iter()
+                .map(|i| (i + 1, Ok(DeviceInput { id: Some(format!("d-{i:06}")), ..DeviceInput::default() })))
+                .collect();
+            r.import("default", rows).await.map_err(|e| e.to_string())?;
+        }
         Ok::<_, String>(r)
     })?;
     let ids: Vec<String> = (0..n).map(|i| format!("d-{:06}", (i * 7919) % n)).collect();

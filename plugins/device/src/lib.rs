@@ -31,7 +31,7 @@ const SEEN_FLUSH: Duration = Duration::from_secs(10);
 /// The device plugin.
 pub struct DevicePlugin {
     store_url: String,
-    registry: OnceLock<Arc<Registry>>,
+    registry: Arc<OnceLock<Arc<Registry>>>,
     flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -39,12 +39,17 @@ impl DevicePlugin {
     /// The plugin, keeping its registry at `store_url` (`postgres://...`) or, when empty, in
     /// SQLite under its directory.
     pub fn new(store_url: &str) -> Self {
-        Self { store_url: store_url.to_owned(), registry: OnceLock::new(), flusher: Mutex::new(None) }
+        Self { store_url: store_url.to_owned(), registry: Arc::new(OnceLock::new()), flusher: Mutex::new(None) }
     }
 
     /// The registry, once started.
     pub fn registry(&self) -> Option<&Arc<Registry>> {
         self.registry.get()
+    }
+
+    /// Where the registry will be once started (for plugins built on it).
+    pub fn shared_registry(&self) -> Arc<OnceLock<Arc<Registry>>> {
+        self.registry.clone()
     }
 }
 

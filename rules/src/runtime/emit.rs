@@ -169,9 +169,7 @@ impl RuleEngine {
                             let Some(device) = view.text(device_column).filter(|d| !d.is_empty()) else { continue };
                             let params = params.as_ref().map_or(serde_json::json!({}), |t| fill_json(t, &view));
                             let id = format!("{}-{}-{}", plan.local_name(), device, times[i]);
-                            let body = serde_json::json!({"id": id, "name": name, "params": params, "rule": plan.local_name()});
-                            let topic = format!("devices/{device}/commands");
-                            self.actions.publish(plan.tenant(), &topic, body.to_string().into_bytes());
+                            self.actions.command(plan.tenant(), plan.local_name(), &device, name, params, &id);
                         }
                         ActionPlan::Webhook { url, template } => {
                             let body = template.as_ref().map_or_else(|| view.to_json(), |t| fill_json(t, &view));

@@ -1,0 +1,115 @@
+//! `POST /api/v1/devices/{id}/commands` (202 with the command's id and status; 422
+//! `command_refused` naming the violated limit; 403 when the policy denies), `GET
+//! /api/v1/devices/{id}/commands/{command_id}`, and `PUT`/`GET /api/v1/device-types/{type}`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Extension, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ferrite_engine::auth::{Action, Caller, Resource};
+use ferrite_plugin::{error_response, forbidden};
+use serde_json::json;
+
+use crate::error::Error;
+use crate::service::{Actuation, CommandRequest};
+use crate::types::DeviceType;
+
+type Shared = Arc<Actuation>;
+
+/// An error answer (boxed: responses are large).
+pub struct ApiError(Box<Response>);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (status, code) = match &e {
+            Error::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_command"),
+            Error::Limit(_) => (StatusCode::UNPROCESSABLE_ENTITY, "command_refused"),
+            Error::Denied(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Error::Store(_) => {
+                tracing::error!(error = %e, "actuation failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError(Box::new(error_response(status, code, &e.to_string())))
+    }
+}
+
+impl From<ferrite_engine::auth::Denied> for ApiError {
+    fn from(e: ferrite_engine::auth::Denied) -> Self {
+        ApiError(Box::new(forbidden(&e)))
+    }
+}
+
+type Answer = Result<Response, ApiError>;
+
+/// Largest command or type body.
+const MAX_BODY: usize = 64 * 1024;
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.len() > MAX_BODY {
+        return Err(Error::Invalid(format!("the body is over {MAX_BODY} bytes")).into());
+    }
+    serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("the body is not the expected JSON: {e}")).into())
+}
+
+/// The routes behind authentication.
+pub fn protected_routes(actuation: Shared) -> Router {
+    Router::new()
+        .route("/api/v1/devices/{id}/commands", post(submit))
+        .route("/api/v1/devices/{id}/commands/{command}", get(show))
+        .route("/api/v1/device-types/{name}", get(show_type).put(put_type))
+        .with_state(actuation)
+}
+
+async fn submit(
+    State(a): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer {
+    let request: CommandRequest = parse(&body)?;
+    let c = a.submit(&caller.principal, None, &caller.context, caller.tenant(), &id, request).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({"id": c.id, "status": c.status, "expires_at": c.expires_at})))
+        .into_response())
+}
+
+async fn show(
+    State(a): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path((id, command)): Path<(String, String)>,
+) -> Answer {
+    caller.check(Action::Query, &Resource::tenant(caller.tenant()))?;
+    let c = a.command(caller.tenant(), &command).await?;
+    if c.device_id != id {
+        return Err(Error::NotFound(format!("no command {command:?} for device {id:?}")).into());
+    }
+    Ok(axum::Json(c).into_response())
+}
+
+async fn put_type(
+    State(a): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer {
+    caller.check(Action::ManageDevices, &Resource::tenant(caller.tenant()))?;
+    let t: DeviceType = parse(&body)?;
+    a.put_type(caller.tenant(), &name, t).await?;
+    caller.record("device_type_changed", &name);
+    Ok(axum::Json(a.device_type(caller.tenant(), &name).as_ref()).into_response())
+}
+
+async fn show_type(State(a): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> Answer {
+    caller.check(Action::Query, &Resource::tenant(caller.tenant()))?;
+    Ok(axum::Json(a.device_type(caller.tenant(), &name).as_ref()).into_response())
+}

@@ -1,0 +1,131 @@
+//! Ferrite's actuation plugin: the bridge from an HTTP call (or a rule) to an MQTT message
+//! to one device, behind safety limits. A device type declares its commands, each
+//! parameter's type and bounds, and a rate; with the standard management commands and the
+//! device's management level they decide what reaches a device. Commands are durable,
+//! delivered at QoS 1 when the device's session subscribes, correlated with its answers,
+//! and expire; every step is a row of the `commands` stream.
+
+pub mod command;
+pub mod error;
+pub mod http;
+pub mod service;
+pub mod store;
+pub mod types;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ferrite_device::Registry;
+use ferrite_engine::plugin::{PluginContext, Presence, PresenceObserver, topic_matches};
+use ferrite_plugin::{BoxFuture, Plugin, PluginError, Routes};
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+
+pub use error::{Error, Result};
+pub use service::{Actuation, CommandRequest};
+
+/// How often expired commands are looked for.
+const EXPIRY_TICK: Duration = Duration::from_secs(1);
+
+/// The actuation plugin.
+pub struct ActuationPlugin {
+    store_url: String,
+    registry: Arc<OnceLock<Arc<Registry>>>,
+    actuation: Arc<OnceLock<Arc<Actuation>>>,
+    expiry: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ActuationPlugin {
+    /// The plugin over the device plugin's registry (started before it), storing at
+    /// `store_url` (or SQLite under its directory).
+    pub fn new(store_url: &str, registry: Arc<OnceLock<Arc<Registry>>>) -> Self {
+        Self {
+            store_url: store_url.to_owned(),
+            registry,
+            actuation: Arc::new(OnceLock::new()),
+            expiry: Mutex::new(None),
+        }
+    }
+
+    /// The service, once started (for the rules' command path).
+    pub fn handle(&self) -> Arc<OnceLock<Arc<Actuation>>> {
+        self.actuation.clone()
+    }
+}
+
+/// A device subscribing to its commands gets what waits for it.
+struct Flusher(Arc<Actuation>);
+
+impl PresenceObserver for Flusher {
+    fn connected(&self, _: &Presence) {}
+
+    fn subscribed(&self, session: &Presence, filter: &str) {
+        let device = session.device();
+        if topic_matches(&format!("devices/{device}/commands"), filter) {
+            self.0.flush(device);
+        }
+    }
+
+    fn disconnected(&self, _: &Presence, _: &'static str) {}
+}
+
+impl Plugin for ActuationPlugin {
+    fn name(&self) -> &'static str {
+        "actuation"
+    }
+
+    fn start<'a>(&'a self, context: &'a PluginContext) -> BoxFuture<'a, std::result::Result<(), PluginError>> {
+        Box::pin(async move {
+            let failed = |m: String| PluginError { plugin: "actuation", message: m };
+            let registry =
+                self.registry.get().cloned().ok_or_else(|| failed("the device plugin must start first".into()))?;
+            let store = store::Store::open(&self.store_url, &context.data_dir.join("actuation"))
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let a = Actuation::open(
+                store,
+                registry,
+                context.publisher.clone(),
+                context.events.clone(),
+                context.access.clone(),
+                context.metrics.clone(),
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+            context.publisher.observe_presence(Arc::new(Flusher(a.clone())));
+            let answers = a.clone();
+            context.publisher.subscribe_internal(
+                "devices/+/commands/result",
+                Arc::new(move |topic: &str, payload: &[u8]| answers.answer(topic, payload)),
+            );
+            let expiring = a.clone();
+            *self.expiry.lock() = Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(EXPIRY_TICK);
+                loop {
+                    tick.tick().await;
+                    expiring.expire();
+                }
+            }));
+            let _ = self.actuation.set(a);
+            Ok(())
+        })
+    }
+
+    fn routes(&self) -> Routes {
+        match self.actuation.get() {
+            Some(a) => Routes { public: axum::Router::new(), protected: http::protected_routes(a.clone()) },
+            None => Routes::default(),
+        }
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(e) = self.expiry.lock().take() {
+                e.abort();
+            }
+            if let Some(a) = self.actuation.get() {
+                a.store().close().await;
+            }
+        })
+    }
+}

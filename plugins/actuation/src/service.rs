@@ -1,0 +1,391 @@
+//! The actuation service: device types and their safety limits, commands from the API and
+//! from rules checked against them (and the caller's policy), stored durably, delivered at
+//! QoS 1 when the device's session subscribes to its commands, correlated with the device's
+//! answers, expired when their timeout passes; every change a row of the `commands` stream.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrite_device::Registry;
+use ferrite_device::model::{Level, Status as DeviceStatus};
+use ferrite_engine::Metrics;
+use ferrite_engine::auth::{AccessControl, Action, Principal, RequestContext, Resource};
+use ferrite_engine::plugin::{EventWriter, TopicPublisher};
+use parking_lot::{Mutex, RwLock};
+use serde_json::{Map, Value};
+
+use crate::command::{Command, Status};
+use crate::error::{Error, Result};
+use crate::store::Store;
+use crate::types::{DeviceType, Kind, check_params};
+
+/// The stream of command lifecycle events.
+pub const COMMANDS_STREAM: &str = "commands";
+/// Timeout of a command whose sender and type set none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest timeout a command may ask for (it waits that long for an offline device).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A command as a sender asks for it.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRequest {
+    /// The command's name.
+    pub name: String,
+    /// Its parameters.
+    #[serde(default)]
+    pub params: Map<String, Value>,
+    /// How long it may wait for the device and its answer, seconds.
+    pub timeout: Option<u64>,
+}
+
+/// The actuation service.
+pub struct Actuation {
+    store: Store,
+    registry: Arc<Registry>,
+    publisher: Arc<dyn TopicPublisher>,
+    events: Arc<dyn EventWriter>,
+    access: Arc<dyn AccessControl>,
+    metrics: Arc<Metrics>,
+    /// Device types by (tenant, name).
+    types: RwLock<HashMap<(String, String), Arc<DeviceType>>>,
+    /// Open commands by id.
+    open: Mutex<HashMap<String, Command>>,
+    /// Per device: when its recent commands were accepted (the rate limit's window).
+    recent: Mutex<HashMap<String, VecDeque<i64>>>,
+}
+
+impl std::fmt::Debug for Actuation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Actuation").field("open", &self.open.lock().len()).finish()
+    }
+}
+
+fn topic_of(device: &str) -> String {
+    format!("devices/{device}/commands")
+}
+
+impl Actuation {
+    /// Loads types and open commands from `store`.
+    pub async fn open(
+        store: Store,
+        registry: Arc<Registry>,
+        publisher: Arc<dyn TopicPublisher>,
+        events: Arc<dyn EventWriter>,
+        access: Arc<dyn AccessControl>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>> {
+        let types = store.types().await?.into_iter().map(|(t, n, d)| ((t, n), Arc::new(d))).collect();
+        let open = store.open_commands().await?.into_iter().map(|c| (c.id.clone(), c)).collect();
+        let mut recent: HashMap<String, VecDeque<i64>> = HashMap::new();
+        for (device, at) in store.accepted_since(now_ms() - 60_000).await? {
+            recent.entry(device).or_default().push_back(at);
+        }
+        Ok(Arc::new(Self {
+            store,
+            registry,
+            publisher,
+            events,
+            access,
+            metrics,
+            types: RwLock::new(types),
+            open: Mutex::new(open),
+            recent: Mutex::new(recent),
+        }))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Defines (or replaces) device type `name` of `tenant`.
+    pub async fn put_type(&self, tenant: &str, name: &str, t: DeviceType) -> Result<()> {
+        t.validate()?;
+        self.store.put_type(tenant, name, &t, now_ms()).await?;
+        self.types.write().insert((tenant.to_owned(), name.to_owned()), Arc::new(t));
+        Ok(())
+    }
+
+    /// Device type `name` of `tenant` (a type nobody defined takes the standard management
+    /// commands only, at the default rate).
+    pub fn device_type(&self, tenant: &str, name: &str) -> Arc<DeviceType> {
+        self.types.read().get(&(tenant.to_owned(), name.to_owned())).cloned().unwrap_or_default()
+    }
+
+    /// Checks and queues a command to device `device` of `tenant` from `sender`; the command
+    /// (then delivered as soon as the device's session is subscribed). A refusal names the
+    /// violated limit and is audited, whoever sent it.
+    pub async fn submit(
+        self: &Arc<Self>,
+        sender: &Principal,
+        label: Option<&str>,
+        context: &RequestContext,
+        tenant: &str,
+        device: &str,
+        mut request: CommandRequest,
+    ) -> Result<Command> {
+        match self.check(sender, context, tenant, device, &mut request) {
+            Ok(timeout) => {
+                let now = now_ms();
+                let command = Command {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    tenant: tenant.to_owned(),
+                    device_id: device.to_owned(),
+                    name: request.name,
+                    params: request.params,
+                    status: Status::Queued,
+                    result: None,
+                    sender: label.map_or_else(|| sender.to_string(), str::to_owned),
+                    created_at: now,
+                    updated_at: now,
+                    expires_at: now + timeout.as_millis() as i64,
+                };
+                self.store.insert(&command).await?;
+                self.open.lock().insert(command.id.clone(), command.clone());
+                self.metrics.inc("ferrite_commands_total", &[("status", "queued")], 1);
+                self.event(&command, "");
+                self.flush(device);
+                Ok(self.open.lock().get(&command.id).cloned().unwrap_or(command))
+            }
+            Err(e) => {
+                let reason = match &e {
+                    Error::Limit(_) => "limit",
+                    Error::Denied(_) => "denied",
+                    Error::NotFound(_) => "not_found",
+                    _ => "invalid",
+                };
+                self.metrics.inc("ferrite_commands_refused_total", &[("reason", reason)], 1);
+                self.access.record(sender, "command_refused", &format!("{} to {device}: {e}", request.name));
+                Err(e)
+            }
+        }
+    }
+
+    /// Every check a command must pass; its timeout.
+    fn check(
+        &self,
+        sender: &Principal,
+        context: &RequestContext,
+        tenant: &str,
+        device: &str,
+        request: &mut CommandRequest,
+    ) -> Result<Duration> {
+        let d = self.registry.get(tenant, device).map_err(|e| Error::NotFound(e.to_string()))?;
+        let resource = Resource::Device { tenant: tenant.into(), id: device.into() };
+        if !self.access.authorize(sender, Action::Actuate, &resource, context).allowed {
+            return Err(Error::Denied(format!("{sender} may not actuate device {device:?}: denied by policy")));
+        }
+        if d.status != DeviceStatus::Active {
+            return Err(Error::Limit(format!("device {device:?} is {}: it takes no commands", d.status.as_str())));
+        }
+        let t = self.device_type(tenant, &d.device_type);
+        let spec = t.command(&request.name).ok_or_else(|| {
+            let mut known: Vec<String> = t.commands.keys().cloned().collect();
+            known.extend(crate::types::standard_commands().into_keys());
+            Error::Limit(format!(
+                "device type {:?} has no command {:?} (it takes: {})",
+                d.device_type,
+                request.name,
+                known.join(", ")
+            ))
+        })?;
+        let allowed = matches!(
+            (spec.kind, d.level),
+            (Kind::Actuation, _) | (Kind::Management, Level::Semi | Level::Full) | (Kind::Software, Level::Full)
+        );
+        if !allowed {
+            return Err(Error::Limit(format!(
+                "device {device:?} is {}-managed: it refuses {} commands such as {:?}",
+                d.level.as_str(),
+                match spec.kind {
+                    Kind::Software => "software and destructive",
+                    _ => "management",
+                },
+                request.name
+            )));
+        }
+        check_params(&request.name, &spec, &mut request.params)?;
+        let timeout = match request.timeout {
+            Some(0) => return Err(Error::Invalid("timeout must be at least 1 second".into())),
+            Some(s) => Duration::from_secs(s),
+            None => spec.timeout_secs.map_or(DEFAULT_TIMEOUT, Duration::from_secs),
+        };
+        if timeout > MAX_TIMEOUT {
+            return Err(Error::Invalid(format!(
+                "timeout {}s is over the limit of {}s",
+                timeout.as_secs(),
+                MAX_TIMEOUT.as_secs()
+            )));
+        }
+        // The rate: every sender together, over the last minute.
+        let now = now_ms();
+        let mut recent = self.recent.lock();
+        let window = recent.entry(device.to_owned()).or_default();
+        while window.front().is_some_and(|t| *t <= now - 60_000) {
+            window.pop_front();
+        }
+        if window.len() >= t.max_per_minute as usize {
+            return Err(Error::Limit(format!(
+                "device {device:?} already received {} commands in the last minute, the most its type {:?} allows",
+                window.len(),
+                d.device_type
+            )));
+        }
+        window.push_back(now);
+        Ok(timeout)
+    }
+
+    /// Command `id` of `tenant`.
+    pub async fn command(&self, tenant: &str, id: &str) -> Result<Command> {
+        let open = self.open.lock().get(id).cloned();
+        let c = match open {
+            Some(c) => Some(c),
+            None => self.store.command(id).await?,
+        };
+        c.filter(|c| c.tenant == tenant).ok_or_else(|| Error::NotFound(format!("no command {id:?}")))
+    }
+
+    /// Sends every queued command of `device` whose session is subscribed to its commands,
+    /// oldest first.
+    pub fn flush(self: &Arc<Self>, device: &str) {
+        let mut queued: Vec<Command> = self
+            .open
+            .lock()
+            .values()
+            .filter(|c| c.device_id == device && c.status == Status::Queued)
+            .cloned()
+            .collect();
+        queued.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        for c in queued {
+            match self.publisher.deliver(device, &topic_of(device), &c.message()) {
+                Ok(acked) => {
+                    self.transition(&c.id, Status::Sent, None);
+                    let me = self.clone();
+                    let id = c.id.clone();
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        rt.spawn(async move {
+                            match acked.await {
+                                Ok(()) => me.transition(&id, Status::Delivered, None),
+                                // The session ended first: queued again for the next one.
+                                Err(_) => me.transition(&id, Status::Queued, None),
+                            }
+                        });
+                    }
+                }
+                // Not connected (or busy): it waits.
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Moves open command `id` to `status` (an answer may carry `result`); records it.
+    pub fn transition(&self, id: &str, status: Status, result: Option<Value>) {
+        let changed = {
+            let mut open = self.open.lock();
+            let Some(c) = open.get_mut(id) else { return };
+            // A late PUBACK does not undo an answer, nor does a lost session.
+            let rank = |s: Status| match s {
+                Status::Queued => 0,
+                Status::Sent => 1,
+                Status::Delivered => 2,
+                _ => 3,
+            };
+            let back_to_queue = status == Status::Queued && c.status == Status::Sent;
+            if rank(status) <= rank(c.status) && !back_to_queue {
+                return;
+            }
+            c.status = status;
+            c.updated_at = now_ms();
+            if result.is_some() {
+                c.result = result;
+            }
+            let c = c.clone();
+            if status.is_final() {
+                open.remove(id);
+            }
+            c
+        };
+        self.metrics.inc("ferrite_commands_total", &[("status", status.as_str())], 1);
+        self.event(&changed, "");
+        let store = self.store.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = store.set_status(&changed).await {
+                    tracing::error!(error = %e, command = %changed.id, "cannot record a command's status");
+                }
+            });
+        }
+    }
+
+    /// A device's answer on `devices/{id}/commands/result`: `{"id", "status": "succeeded" |
+    /// "failed", "result"}`. An answer for a command that does not exist, is closed, or is
+    /// another device's is refused and counted.
+    pub fn answer(&self, topic: &str, payload: &[u8]) {
+        let device = topic.split('/').nth(1).unwrap_or_default();
+        let refuse = |reason: &'static str, detail: String| {
+            self.metrics.inc("ferrite_command_results_refused_total", &[("reason", reason)], 1);
+            tracing::warn!(device, reason, "{detail}");
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+            return refuse("malformed", "a command result that is not JSON".into());
+        };
+        let Some(id) = v.get("id").and_then(Value::as_str) else {
+            return refuse("malformed", "a command result without `id`".into());
+        };
+        let status = match v.get("status").and_then(Value::as_str) {
+            Some("succeeded") => Status::Succeeded,
+            Some("failed") => Status::Failed,
+            other => return refuse("malformed", format!("command {id}: status {other:?} is not succeeded or failed")),
+        };
+        match self.open.lock().get(id) {
+            None => return refuse("unknown_command", format!("a result for command {id:?}, which is not open")),
+            Some(c) if c.device_id != device => {
+                return refuse("wrong_device", format!("a result for command {id:?} of device {:?}", c.device_id));
+            }
+            Some(_) => {}
+        }
+        self.transition(id, status, Some(v.get("result").cloned().unwrap_or(Value::Null)));
+    }
+
+    /// Expires open commands whose timeout passed; how many.
+    pub fn expire(&self) -> usize {
+        let now = now_ms();
+        let due: Vec<String> =
+            self.open.lock().values().filter(|c| c.expires_at <= now).map(|c| c.id.clone()).collect();
+        for id in &due {
+            self.transition(id, Status::Expired, None);
+        }
+        due.len()
+    }
+
+    fn event(&self, c: &Command, detail: &str) {
+        let row = serde_json::json!({
+            "device_id": c.device_id,
+            "ts": c.updated_at,
+            "command_id": c.id,
+            "name": c.name,
+            "status": c.status.as_str(),
+            "sender": c.sender,
+            "detail": detail,
+        });
+        let mut line = row.to_string().into_bytes();
+        line.push(b'\n');
+        let write = self.events.write(&c.tenant, COMMANDS_STREAM, line);
+        let metrics = self.metrics.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = write.await {
+                    metrics.inc("ferrite_command_events_dropped_total", &[], 1);
+                    tracing::warn!(error = %e, "cannot write a command event");
+                }
+            });
+        }
+    }
+}
