@@ -6,6 +6,13 @@
 //! - `disable_to_disconnect`: `sessions` devices connect over MQTT, then each is disabled
 //!   through the API; the time from sending the request to the device's client seeing its
 //!   connection end (median and maximum).
+//! - `commands`: `connected` registered devices connect over MQTT and subscribe to their
+//!   commands; each answers every command it receives (`succeeded`) on its result topic.
+//!   `threads` clients send one command to every device through `POST
+//!   /api/v1/devices/{id}/commands`; the figure is commands per second from the first POST
+//!   to the last answer recorded (every command checked against its type, stored, sent at
+//!   QoS 1, acknowledged by the device, answered, each step written to the `commands`
+//!   stream).
 //! - `lookup` (in process): `Registry::lookup` (what the publish path asks) and
 //!   `Registry::touch` (last seen, once per device run of a committed batch) over a registry
 //!   of `devices` devices: operations per second on one core.
@@ -13,7 +20,7 @@
 //! No peer registry runs on this machine (ThingsBoard needs a JVM and a database server);
 //! the figures stand alone.
 //!
-//! `cargo run --release -p ferrite-benches --bin devices -- [devices] [sessions] [runs]`
+//! `cargo run --release -p ferrite-benches --bin devices -- [devices] [sessions] [runs] [connected] [threads]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,6 +96,101 @@ fn disable_to_disconnect(server: &Ferrite, n: usize) -> Result<Vec<f64>, String>
     Ok(out)
 }
 
+/// Connects `n` devices (registered now), has each answer its commands, sends one command
+/// to every device from `threads` clients; commands per second, first POST to last answer.
+fn commands(server: &Ferrite, n: usize, threads: usize) -> Result<f64, String> {
+    let rows: Vec<serde_json::Value> = (0..n).map(|i| serde_json::json!({"id": format!("act-{i:05}")})).collect();
+    let mut secrets = Vec::with_capacity(n);
+    for chunk in rows.chunks(10_000) {
+        let report = server.admin_post(
+            "/api/v1/devices/import",
+            "application/json",
+            serde_json::Value::Array(chunk.to_vec()).to_string().as_bytes(),
+        )?;
+        for c in report["credentials"].as_array().ok_or("no credentials")? {
+            secrets.push((
+                c["client_id"].as_str().unwrap_or("").to_owned(),
+                c["client_secret"].as_str().unwrap_or("").to_owned(),
+            ));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let port = server.mqtt.port();
+    // Every device: connect, subscribe, answer each command; ready once subscribed.
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(n);
+    let mut tasks = Vec::with_capacity(n);
+    for (id, secret) in secrets {
+        let ready = ready_tx.clone();
+        tasks.push(rt.spawn(async move {
+            let mut o = mqtt_options(id.clone(), port);
+            o.set_credentials(&id, &secret);
+            let (client, mut ev) = AsyncClient::new(o, 100);
+            let topic = format!("devices/{id}/commands/result");
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.subscribe(format!("devices/{id}/commands"), rumqttc::QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready.send(()).await;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let cmd: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                        let answer = serde_json::json!({"id": cmd["id"], "status": "succeeded", "result": {}});
+                        let _ = client.publish(&topic, rumqttc::QoS::AtMostOnce, false, answer.to_string()).await;
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }));
+    }
+    drop(ready_tx);
+    rt.block_on(async {
+        for _ in 0..n {
+            tokio::time::timeout(Duration::from_secs(120), ready_rx.recv())
+                .await
+                .map_err(|_| "devices did not all subscribe")?;
+        }
+        Ok::<_, String>(())
+    })?;
+    let before = server.metric("ferrite_commands_total{status=\"succeeded\"}");
+    let started = Instant::now();
+    let admin = server.admin();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let admin = admin.clone();
+            s.spawn(move || {
+                for i in (t..n).step_by(threads) {
+                    let body = br#"{"name": "locate"}"#;
+                    if let Err(e) =
+                        admin.post(&format!("/api/v1/devices/act-{i:05}/commands"), "application/json", body)
+                    {
+                        eprintln!("command to act-{i:05}: {e}");
+                    }
+                }
+            });
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while server.metric("ferrite_commands_total{status=\"succeeded\"}") < before + n as u64 {
+        if Instant::now() > deadline {
+            return Err("not every command was answered within 5 minutes".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    for t in tasks {
+        t.abort();
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(rate)
+}
+
 struct Nowhere;
 
 impl TopicPublisher for Nowhere {
@@ -156,12 +258,13 @@ fn lookups(n: usize) -> Result<(f64, f64), String> {
 fn main() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let mut next = |d: usize| args.next().and_then(|a| a.parse().ok()).unwrap_or(d);
-    let (devices, sessions, runs) = (next(100_000), next(20), next(3));
-    let (mut rates, mut kicks, mut lookup, mut touch) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (devices, sessions, runs, connected, threads) = (next(100_000), next(20), next(3), next(10_000), next(4));
+    let (mut rates, mut kicks, mut lookup, mut touch, mut cmds) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 1..=runs {
         let dir = std::env::temp_dir().join(format!("ferrite-devices-{}-{run}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let server = Ferrite::start(&dir, &["--auth", "on"])?;
+        let server = Ferrite::start(&dir, &["--auth", "on", "--mqtt-max-connections-per-ip", "100000"])?;
         let secs = provision(&server, &format!("r{run}"), devices)?;
         rates.push(devices as f64 / secs);
         println!(
@@ -175,6 +278,9 @@ fn main() -> Result<(), String> {
             k.iter().copied().fold(0.0, f64::max)
         );
         kicks.extend(k);
+        let c = commands(&server, connected, threads)?;
+        println!("devices run={run} scenario=commands connected={connected} threads={threads} per_s={c:.0}");
+        cmds.push(c);
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
         let (l, t) = lookups(devices)?;
@@ -183,10 +289,11 @@ fn main() -> Result<(), String> {
         touch.push(t);
     }
     println!(
-        "devices_summary provision_per_s_median={:.0} disable_to_disconnect_median_ms={:.1} disable_to_disconnect_max_ms={:.1} lookups_per_s_median={:.0} touches_per_s_median={:.0}",
+        "devices_summary provision_per_s_median={:.0} disable_to_disconnect_median_ms={:.1} disable_to_disconnect_max_ms={:.1} commands_per_s_median={:.0} lookups_per_s_median={:.0} touches_per_s_median={:.0}",
         median(rates),
         median(kicks.clone()),
         kicks.iter().copied().fold(0.0, f64::max),
+        median(cmds),
         median(lookup),
         median(touch)
     );

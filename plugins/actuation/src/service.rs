@@ -48,6 +48,7 @@ pub struct CommandRequest {
 /// The actuation service.
 pub struct Actuation {
     store: Store,
+    writer: crate::store::Writer,
     registry: Arc<Registry>,
     publisher: Arc<dyn TopicPublisher>,
     events: Arc<dyn EventWriter>,
@@ -88,6 +89,7 @@ impl Actuation {
             recent.entry(device).or_default().push_back(at);
         }
         Ok(Arc::new(Self {
+            writer: crate::store::Writer::start(store.clone()),
             store,
             registry,
             publisher,
@@ -147,7 +149,7 @@ impl Actuation {
                     updated_at: now,
                     expires_at: now + timeout.as_millis() as i64,
                 };
-                self.store.insert(&command).await?;
+                self.writer.insert(command.clone()).await?;
                 self.open.lock().insert(command.id.clone(), command.clone());
                 self.metrics.inc("ferrite_commands_total", &[("status", "queued")], 1);
                 self.event(&command, "");
@@ -314,14 +316,14 @@ impl Actuation {
         };
         self.metrics.inc("ferrite_commands_total", &[("status", status.as_str())], 1);
         self.event(&changed, "");
-        let store = self.store.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = store.set_status(&changed).await {
-                    tracing::error!(error = %e, command = %changed.id, "cannot record a command's status");
-                }
-            });
+        // The store keeps what a restart needs: open commands (stored when accepted) and
+        // final outcomes. `sent` and `delivered` live in memory and in the `commands`
+        // stream; a restart sends an open command again (delivery is at least once: a
+        // device recognises a repeat by its id).
+        if !status.is_final() {
+            return;
         }
+        self.writer.finish(changed);
     }
 
     /// A device's answer on `devices/{id}/commands/result`: `{"id", "status": "succeeded" |

@@ -100,8 +100,20 @@ impl Store {
             .map_err(db("reading device types"))
     }
 
-    /// Adds an accepted command.
-    pub async fn insert(&self, c: &Command) -> Result<()> {
+    /// Adds accepted commands and records final outcomes, in one transaction (one fsync for
+    /// all of them: the group commit of [`Writer`]).
+    pub async fn write(&self, inserts: &[Command], finals: &[Command]) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(db("writing commands"))?;
+        for c in inserts {
+            Self::insert_in(&mut tx, c).await?;
+        }
+        for c in finals {
+            Self::status_in(&mut tx, c).await?;
+        }
+        tx.commit().await.map_err(db("writing commands"))
+    }
+
+    async fn insert_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, c: &Command) -> Result<()> {
         sqlx::query(
             "INSERT INTO commands (id, tenant, device_id, name, params, status, result, sender, created_at, \
              updated_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
@@ -117,20 +129,19 @@ impl Store {
         .bind(c.created_at)
         .bind(c.updated_at)
         .bind(c.expires_at)
-        .execute(&self.pool)
+        .execute(&mut **tx)
         .await
         .map_err(db("storing a command"))?;
         Ok(())
     }
 
-    /// Records a command's new status (and result).
-    pub async fn set_status(&self, c: &Command) -> Result<()> {
+    async fn status_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, c: &Command) -> Result<()> {
         sqlx::query("UPDATE commands SET status = $1, result = $2, updated_at = $3 WHERE id = $4")
             .bind(c.status.as_str().to_owned())
             .bind(c.result.as_ref().map(serde_json::Value::to_string))
             .bind(c.updated_at)
             .bind(c.id.clone())
-            .execute(&self.pool)
+            .execute(&mut **tx)
             .await
             .map_err(db("updating a command"))?;
         Ok(())
@@ -168,5 +179,74 @@ impl Store {
             .await
             .map_err(db("reading a command"))?;
         row.map(|r| command_row(&r)).transpose().map_err(db("reading a command"))
+    }
+}
+
+/// What the writer is asked to make durable.
+enum Op {
+    /// A new command; answered once it is committed.
+    Insert(Command, tokio::sync::oneshot::Sender<Result<()>>),
+    /// A final outcome (not waited for).
+    Final(Command),
+}
+
+/// Group commit for commands: whatever is queued while a transaction commits goes into the
+/// next one, so concurrent senders share fsyncs instead of waiting for one each.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    tx: tokio::sync::mpsc::UnboundedSender<Op>,
+}
+
+/// Most operations in one transaction.
+const GROUP_MAX: usize = 1024;
+
+impl Writer {
+    /// Starts the writer task over `store`.
+    pub fn start(store: Store) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Op>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut ops = vec![first];
+                while ops.len() < GROUP_MAX
+                    && let Ok(op) = rx.try_recv()
+                {
+                    ops.push(op);
+                }
+                let mut inserts = Vec::new();
+                let mut finals = Vec::new();
+                let mut waiting = Vec::new();
+                for op in ops {
+                    match op {
+                        Op::Insert(c, done) => {
+                            inserts.push(c);
+                            waiting.push(done);
+                        }
+                        Op::Final(c) => finals.push(c),
+                    }
+                }
+                let result = store.write(&inserts, &finals).await;
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "cannot store commands");
+                }
+                for done in waiting {
+                    let _ = done.send(result.as_ref().map(|_| ()).map_err(|e| Error::Store(e.to_string())));
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Stores an accepted command; returns once it is durable.
+    pub async fn insert(&self, c: Command) -> Result<()> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx.send(Op::Insert(c, done)).map_err(|_| Error::Store("the command writer stopped".into()))?;
+        wait.await.map_err(|_| Error::Store("the command writer stopped".into()))?
+    }
+
+    /// Records a final outcome (written with the next group).
+    pub fn finish(&self, c: Command) {
+        if self.tx.send(Op::Final(c)).is_err() {
+            tracing::error!("the command writer stopped; an outcome is not stored");
+        }
     }
 }

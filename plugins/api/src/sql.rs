@@ -51,8 +51,20 @@ pub async fn open(
     };
     // SQLite serialises writers: one connection avoids `database is locked` under load.
     let max = if backend == "sqlite" { 1 } else { 8 };
+    let sqlite = backend == "sqlite";
     let pool = AnyPoolOptions::new()
         .max_connections(max)
+        // SQLite: a write-ahead log, so a commit is one fsync of the log rather than of the
+        // database and its journal; still durable at every commit (synchronous = FULL).
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if sqlite {
+                    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+                }
+                Ok(())
+            })
+        })
         .connect(&url)
         .await
         .map_err(|e| format!("cannot open the {what} ({backend}): {e}"))?;
