@@ -8,7 +8,9 @@ use anyhow::Context;
 use ferrite_actuation::ActuationPlugin;
 use ferrite_device::DevicePlugin;
 use ferrite_engine::auth::{AccessControl, AllowAll};
-use ferrite_engine::plugin::{DeviceCredentials, EventWriter, NoCredentials, PluginContext, WriteFuture};
+use ferrite_engine::plugin::{
+    DeviceCredentials, DeviceQuery, EventWriter, NoCredentials, PluginContext, PluginFuture, WriteFuture,
+};
 use ferrite_engine::system::TableSet;
 use ferrite_engine::{Engine, Metrics, StreamCatalog, StreamName};
 use ferrite_identity::{Identity, IdentityConfig, IdentityPlugin};
@@ -39,6 +41,36 @@ impl EventWriter for IngestWriter {
     }
 }
 
+/// Answers plugins' device queries (bulk job targets) with SQL over the tenant's tables
+/// (never the `audit` stream).
+struct SqlDevices(Arc<ferrite_query::QueryService>);
+
+impl DeviceQuery for SqlDevices {
+    fn device_ids<'a>(&'a self, tenant: &'a str, sql: &'a str) -> PluginFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            let scope = ferrite_query::Scope::tenant(tenant).hiding(ferrite_engine::auth::AUDIT_STREAM);
+            let result = self.0.sql_in(&scope, sql).await.map_err(|e| e.to_string())?;
+            let mut seen = std::collections::HashSet::new();
+            let mut ids = Vec::new();
+            for batch in &result.batches {
+                let column = batch
+                    .column_by_name("device_id")
+                    .ok_or("the query has no `device_id` column: select the devices' ids as device_id")?;
+                let strings =
+                    arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8).map_err(|e| e.to_string())?;
+                let strings =
+                    strings.as_any().downcast_ref::<arrow::array::StringArray>().ok_or("`device_id` is not text")?;
+                for id in strings.iter().flatten() {
+                    if seen.insert(id.to_owned()) {
+                        ids.push(id.to_owned());
+                    }
+                }
+            }
+            Ok(ids)
+        })
+    }
+}
+
 /// Starts identity (unless `auth = "off"`) and every plugin; returns the decision point and
 /// the started plugins (to merge their routes and stop them at shutdown).
 /// The running engine's parts plugins are given.
@@ -53,6 +85,8 @@ pub struct Core<'a> {
     pub broker: &'a Arc<Broker>,
     /// Tables plugins add to each tenant's SQL schema.
     pub tables: &'a Arc<TableSet>,
+    /// SQL, for plugins that target devices by a query.
+    pub query: &'a Arc<ferrite_query::QueryService>,
     /// Metrics.
     pub metrics: &'a Arc<Metrics>,
     /// Set to the actuation service's handle (rules' commands go through it).
@@ -117,6 +151,7 @@ pub async fn start(
         access: access.clone(),
         credentials,
         tables: core.tables.clone(),
+        queries: Arc::new(SqlDevices(core.query.clone())),
         metrics: core.metrics.clone(),
     };
     let devices = DevicePlugin::new(&config.registry_store_url);

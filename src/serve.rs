@@ -123,6 +123,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ingestor: &ingestor,
         broker: &broker,
         tables: query.tenant_tables(),
+        query: &query,
         metrics: &metrics,
         actuation: &mut actuation,
     };

@@ -166,6 +166,13 @@ impl DeviceCredentials for NoCredentials {
     }
 }
 
+/// Runs a read-only SQL query in a tenant and returns its `device_id` column (the targets
+/// of a bulk job: `SELECT device_id FROM devices WHERE firmware < '2.3'`).
+pub trait DeviceQuery: Send + Sync {
+    /// The distinct values of the query's `device_id` column, in order of first appearance.
+    fn device_ids<'a>(&'a self, tenant: &'a str, sql: &'a str) -> PluginFuture<'a, Result<Vec<String>, String>>;
+}
+
 /// Everything a plugin is given when it starts.
 #[derive(Clone)]
 pub struct PluginContext {
@@ -186,6 +193,8 @@ pub struct PluginContext {
     pub credentials: Arc<dyn DeviceCredentials>,
     /// Tables a plugin adds beside each tenant's streams in SQL (rows per tenant).
     pub tables: Arc<crate::system::TableSet>,
+    /// SQL over a tenant's tables, for plugins that target devices by a query.
+    pub queries: Arc<dyn DeviceQuery>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
 }

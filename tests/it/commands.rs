@@ -231,3 +231,199 @@ fn a_rules_commands_pass_the_same_limits() -> anyhow::Result<()> {
     assert_eq!(s.sql_count("SELECT count(*) FROM commands WHERE status = 'queued'")?, 2);
     Ok(())
 }
+
+/// A device that subscribes to its commands and desired state, and answers every command
+/// with `answer`; returns once it is subscribed.
+fn spawn_device(
+    rt: &tokio::runtime::Runtime,
+    s: &Server,
+    id: &str,
+    secret: &str,
+    answer: &'static str,
+) -> anyhow::Result<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut o = rumqttc::MqttOptions::new(id, s.mqtt.ip().to_string(), s.mqtt.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_credentials(id, secret);
+    let id = id.to_owned();
+    rt.spawn(async move {
+        let (c, mut ev) = AsyncClient::new(o, 100);
+        let mut subacks = 0;
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = c.subscribe(format!("devices/{id}/commands"), QoS::AtLeastOnce).await;
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    subacks += 1;
+                    if subacks == 1 {
+                        let _ = ready_tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/commands") => {
+                    let cmd: Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                    let body = json!({"id": cmd["id"], "status": answer}).to_string();
+                    let _ = c.publish(format!("devices/{id}/commands/result"), QoS::AtLeastOnce, false, body).await;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    ready_rx.recv_timeout(TIMEOUT)?;
+    Ok(())
+}
+
+#[test]
+fn bulk_jobs_run_bounded_and_stop_at_their_failure_threshold() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let rows: Vec<Value> = (0..24)
+        .map(|i| json!({"id": format!("l-{i:02}"), "type": "light", "groups": [if i < 12 { "bad" } else { "ok" }]}))
+        .collect();
+    let (st, report) = send(&s, "POST", "/api/v1/devices/import", &Value::Array(rows))?;
+    assert_eq!((st, report["created"].as_u64()), (200, Some(24)), "{report}");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    for c in report["credentials"].as_array().cloned().unwrap_or_default() {
+        let id = c["client_id"].as_str().unwrap_or("");
+        let answer = if id < "l-12" { "failed" } else { "succeeded" };
+        spawn_device(&rt, &s, id, c["client_secret"].as_str().unwrap_or(""), answer)?;
+    }
+    // Every device of group `bad` fails: the job stops once half of at least 4 finished did.
+    let (st, job) = send(
+        &s,
+        "POST",
+        "/api/v1/jobs",
+        &json!({"command": {"name": "locate"}, "target": {"group": "bad"}, "concurrency": 2,
+                "max_failure_rate": 0.5, "min_samples": 4}),
+    )?;
+    assert_eq!((st, job["total"].as_u64()), (202, Some(12)), "{job}");
+    let id = job["id"].as_str().unwrap_or("").to_owned();
+    let get = |id: &str| -> anyhow::Result<Value> {
+        Ok(call(&s, "GET", &format!("/api/v1/jobs/{id}"), Some(&s.bearer()), None)?.1)
+    };
+    s.wait_for("the job to stop", |_| Ok(get(&id)?["status"] == "stopped" && get(&id)?["in_flight"] == 0))?;
+    let v = get(&id)?;
+    assert!(v["reason"].as_str().unwrap_or("").contains("threshold"), "{v}");
+    let sent = v["sent"].as_u64().unwrap_or(99);
+    assert!((4..12).contains(&sent), "stopped early, two in flight at most past the threshold: {v}");
+    assert_eq!(v["failed"].as_u64(), Some(sent), "{v}");
+
+    // By query: every device answers; the job completes.
+    let (st, job) = send(
+        &s,
+        "POST",
+        "/api/v1/jobs",
+        &json!({"command": {"name": "reboot", "params": {"delay_secs": 5}},
+                "target": {"sql": "SELECT device_id FROM devices WHERE array_has(groups, 'ok')"}, "concurrency": 4}),
+    )?;
+    assert_eq!((st, job["total"].as_u64()), (202, Some(12)), "{job}");
+    let id = job["id"].as_str().unwrap_or("").to_owned();
+    s.wait_for("the job to complete", |_| Ok(get(&id)?["status"] == "completed"))?;
+    let v = get(&id)?;
+    assert_eq!(
+        (v["succeeded"].as_u64(), v["failed"].as_u64(), v["refused"].as_u64()),
+        (Some(12), Some(0), Some(0)),
+        "{v}"
+    );
+    // Bad jobs are refused with a reason.
+    let (st, e) =
+        send(&s, "POST", "/api/v1/jobs", &json!({"command": {"name": "locate"}, "target": {"group": "none"}}))?;
+    assert_eq!(st, 400, "{e}");
+    let (st, e) =
+        send(&s, "POST", "/api/v1/jobs", &json!({"command": {"name": "locate"}, "target": {"sql": "SELECT 1 AS x"}}))?;
+    assert_eq!(st, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap_or("").contains("device_id"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn the_twin_is_versioned_pushed_and_reported() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let mut secrets = std::collections::HashMap::new();
+    for (id, level) in [("tw-1", "full"), ("tw-2", "full"), ("tw-3", "none")] {
+        let (_, d) = send(&s, "POST", "/api/v1/devices", &json!({"id": id, "level": level}))?;
+        secrets.insert(id, d["credentials"]["client_secret"].as_str().unwrap_or("").to_owned());
+    }
+    let patch = |id: &str, body: Value| -> anyhow::Result<(u16, Value)> {
+        let mut r = s
+            .agent()
+            .patch(&s.url(&format!("/api/v1/devices/{id}/twin")))
+            .header("Authorization", &s.bearer())
+            .header("Content-Type", "application/json")
+            .send(body.to_string())?;
+        let st = r.status().as_u16();
+        Ok((st, serde_json::from_str(&r.body_mut().read_to_string()?)?))
+    };
+    let twin = |id: &str| -> anyhow::Result<Value> {
+        Ok(call(&s, "GET", &format!("/api/v1/devices/{id}/twin"), Some(&s.bearer()), None)?.1)
+    };
+    let (st, t) = patch("tw-1", json!({"desired": {"target": 21, "net": {"ssid": "plant"}}}))?;
+    assert_eq!(
+        (st, &t["version"], &t["delta"]),
+        (200, &json!(1), &json!({"target": 21, "net": {"ssid": "plant"}})),
+        "{t}"
+    );
+    let (st, e) = patch("tw-3", json!({"desired": {"x": 1}}))?;
+    assert_eq!(st, 422, "a non-managed device takes no desired state: {e}");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let secret = secrets["tw-1"].clone();
+    rt.block_on(async {
+        let (c, mut ev, code) = connect(&s, "tw-1", "tw-1", &secret).await?;
+        assert_eq!(code, ConnectReturnCode::Success);
+        // On subscribe: the current desired state.
+        c.subscribe("devices/tw-1/shadow/desired", QoS::AtLeastOnce).await?;
+        let got = next_command(&mut ev).await?;
+        assert_eq!(got, json!({"version": 1, "state": {"target": 21, "net": {"ssid": "plant"}}}));
+        // A change based on an old version is refused with the current one.
+        let (st, e) = patch("tw-1", json!({"desired": {"target": 25}, "version": 0}))?;
+        assert_eq!((st, e["error"]["code"].as_str()), (409, Some("stale_version")), "{e}");
+        // A change on the current version is pushed at once.
+        let (st, t) = patch("tw-1", json!({"desired": {"target": 22, "net": null}, "version": 1}))?;
+        assert_eq!((st, &t["version"]), (200, &json!(2)), "{t}");
+        let got = next_command(&mut ev).await?;
+        assert_eq!(got, json!({"version": 2, "state": {"target": 22}}));
+        // The device reports; an older report is refused.
+        c.publish(
+            "devices/tw-1/shadow/reported",
+            QoS::AtLeastOnce,
+            false,
+            json!({"version": 5, "state": {"target": 22, "fw": "2.1"}}).to_string(),
+        )
+        .await?;
+        c.publish(
+            "devices/tw-1/shadow/reported",
+            QoS::AtLeastOnce,
+            false,
+            json!({"version": 4, "state": {"target": 0}}).to_string(),
+        )
+        .await?;
+        drain(&mut ev).await;
+        anyhow::Ok(())
+    })?;
+    s.wait_for("the report", |_| Ok(twin("tw-1")?["reported_version"] == 5))?;
+    let t = twin("tw-1")?;
+    assert_eq!((&t["reported"], &t["delta"]), (&json!({"target": 22, "fw": "2.1"}), &json!({})), "{t}");
+    assert!(s.metric("ferrite_twin_reports_refused_total{reason=\"stale\"}")? >= 1);
+    // Another device cannot report for tw-1 (the policy drops it at the door).
+    let secret2 = secrets["tw-2"].clone();
+    rt.block_on(async {
+        let (c, mut ev, _) = connect(&s, "tw-2", "tw-2", &secret2).await?;
+        c.publish(
+            "devices/tw-1/shadow/reported",
+            QoS::AtLeastOnce,
+            false,
+            json!({"state": {"target": 99}}).to_string(),
+        )
+        .await?;
+        drain(&mut ev).await;
+        anyhow::Ok(())
+    })?;
+    assert_eq!(twin("tw-1")?["reported"]["target"], 22);
+    s.wait_for("the twin history", |s| {
+        Ok(s.sql_count("SELECT count(*) FROM device_twin WHERE device_id = 'tw-1'")? == 3)
+    })?;
+    Ok(())
+}

@@ -131,6 +131,14 @@ fn devices_are_registered_seen_disabled_and_kept() -> anyhow::Result<()> {
         .await??;
         anyhow::Ok((c, ev))
     })?;
+    // A position report (any stream with `lat` and `lon`) moves the device.
+    s.post_json("/api/v1/streams/location/events", &json!({"device_id": "th-1", "lat": 48.8566, "lon": 2.3522}))?;
+    s.wait_for("th-1 located", |s| {
+        let r = sql(s, &admin, "SELECT lat, lon FROM device_location WHERE device_id = 'th-1'");
+        Ok(r.is_ok_and(|r| r == json!([{"lat": 48.8566, "lon": 2.3522}])))
+    })?;
+    let (_, moved) = call(&s, "GET", "/api/v1/devices/th-1", Some(&admin), None)?;
+    assert_eq!(moved["location"], json!({"lat": 48.8566, "lon": 2.3522}));
     s.wait_for("th-1 online", |s| {
         Ok(sql(s, &admin, "SELECT status FROM device_status WHERE device_id = 'th-1'")
             .is_ok_and(|r| r[0]["status"] == "online"))

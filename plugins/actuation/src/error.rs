@@ -16,6 +16,9 @@ pub enum Error {
     /// No such device, command or type in the caller's tenant: 404.
     #[error("{0}")]
     NotFound(String),
+    /// A change based on an older version (the twin): 409, with the current version.
+    #[error("{0}")]
+    Stale(String),
     /// The plugin's store failed: 500.
     #[error("actuation store: {0}")]
     Store(String),

@@ -17,7 +17,22 @@ use crate::error::Error;
 use crate::service::{Actuation, CommandRequest};
 use crate::types::DeviceType;
 
-type Shared = Arc<Actuation>;
+/// What the routes need.
+#[derive(Clone)]
+pub struct Services {
+    /// Commands.
+    pub actuation: Arc<Actuation>,
+    /// Twins.
+    pub twins: Arc<crate::twin::Twins>,
+    /// Bulk jobs.
+    pub jobs: Arc<crate::jobs::Jobs>,
+    /// The device registry (job targets by group).
+    pub registry: Arc<ferrite_device::Registry>,
+    /// SQL (job targets by query).
+    pub queries: Arc<dyn ferrite_engine::plugin::DeviceQuery>,
+}
+
+type Shared = Services;
 
 /// An error answer (boxed: responses are large).
 pub struct ApiError(Box<Response>);
@@ -34,6 +49,7 @@ impl From<Error> for ApiError {
             Error::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_command"),
             Error::Limit(_) => (StatusCode::UNPROCESSABLE_ENTITY, "command_refused"),
             Error::Denied(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Error::Stale(_) => (StatusCode::CONFLICT, "stale_version"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::Store(_) => {
                 tracing::error!(error = %e, "actuation failed");
@@ -63,16 +79,20 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 /// The routes behind authentication.
-pub fn protected_routes(actuation: Shared) -> Router {
+pub fn protected_routes(services: Shared) -> Router {
     Router::new()
         .route("/api/v1/devices/{id}/commands", post(submit))
         .route("/api/v1/devices/{id}/commands/{command}", get(show))
+        .route("/api/v1/devices/{id}/twin", get(show_twin).patch(patch_twin))
         .route("/api/v1/device-types/{name}", get(show_type).put(put_type))
-        .with_state(actuation)
+        .route("/api/v1/jobs", post(start_job))
+        .route("/api/v1/jobs/{id}", get(show_job))
+        .route("/api/v1/jobs/{id}/stop", post(stop_job))
+        .with_state(services)
 }
 
 async fn submit(
-    State(a): State<Shared>,
+    State(Services { actuation: a, .. }): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
@@ -84,7 +104,7 @@ async fn submit(
 }
 
 async fn show(
-    State(a): State<Shared>,
+    State(Services { actuation: a, .. }): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path((id, command)): Path<(String, String)>,
 ) -> Answer {
@@ -97,7 +117,7 @@ async fn show(
 }
 
 async fn put_type(
-    State(a): State<Shared>,
+    State(Services { actuation: a, .. }): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     body: axum::body::Bytes,
@@ -109,7 +129,74 @@ async fn put_type(
     Ok(axum::Json(a.device_type(caller.tenant(), &name).as_ref()).into_response())
 }
 
-async fn show_type(State(a): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> Answer {
+async fn show_type(
+    State(Services { actuation: a, .. }): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Answer {
     caller.check(Action::Query, &Resource::tenant(caller.tenant()))?;
     Ok(axum::Json(a.device_type(caller.tenant(), &name).as_ref()).into_response())
+}
+
+async fn show_twin(State(s): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Answer {
+    caller.check(Action::Query, &Resource::tenant(caller.tenant()))?;
+    Ok(axum::Json(s.twins.get(caller.tenant(), &id)?.view()).into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TwinPatch {
+    desired: serde_json::Map<String, serde_json::Value>,
+    version: Option<i64>,
+}
+
+async fn patch_twin(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer {
+    caller.check(Action::Actuate, &Resource::Device { tenant: caller.tenant().into(), id: id.as_str().into() })?;
+    let patch: TwinPatch = parse(&body)?;
+    let twin = s.twins.set_desired(caller.tenant(), &id, &patch.desired, patch.version).await?;
+    caller.record("twin_changed", &format!("{id} desired version {}", twin.version));
+    Ok(axum::Json(twin.view()).into_response())
+}
+
+async fn start_job(State(s): State<Shared>, Extension(caller): Extension<Caller>, body: axum::body::Bytes) -> Answer {
+    let tenant = caller.tenant().to_owned();
+    caller.check(Action::Actuate, &Resource::tenant(&tenant))?;
+    let request: crate::jobs::JobRequest = parse(&body)?;
+    let devices = match &request.target {
+        crate::jobs::Target::Devices(d) => d.clone(),
+        crate::jobs::Target::Group(g) => {
+            s.registry.all(&tenant).into_iter().filter(|v| v.device.groups.contains(g)).map(|v| v.device.id).collect()
+        }
+        crate::jobs::Target::Sql(sql) => {
+            caller.check(Action::Query, &Resource::tenant(&tenant))?;
+            s.queries.device_ids(&tenant, sql).await.map_err(|e| Error::Invalid(format!("the job's query: {e}")))?
+        }
+    };
+    let view = s.jobs.start(
+        s.actuation.clone(),
+        caller.principal.clone(),
+        caller.context.clone(),
+        &tenant,
+        request,
+        devices,
+    )?;
+    caller.record("job_started", &format!("{} {} to {} devices", view.id, view.command, view.total));
+    Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
+}
+
+async fn show_job(State(s): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Answer {
+    caller.check(Action::Query, &Resource::tenant(caller.tenant()))?;
+    Ok(axum::Json(s.jobs.get(caller.tenant(), &id)?).into_response())
+}
+
+async fn stop_job(State(s): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Answer {
+    caller.check(Action::Actuate, &Resource::tenant(caller.tenant()))?;
+    let view = s.jobs.stop(caller.tenant(), &id)?;
+    caller.record("job_stopped", &id);
+    Ok(axum::Json(view).into_response())
 }

@@ -8,8 +8,10 @@
 pub mod command;
 pub mod error;
 pub mod http;
+pub mod jobs;
 pub mod service;
 pub mod store;
+pub mod twin;
 pub mod types;
 
 use std::sync::{Arc, OnceLock};
@@ -32,6 +34,7 @@ pub struct ActuationPlugin {
     store_url: String,
     registry: Arc<OnceLock<Arc<Registry>>>,
     actuation: Arc<OnceLock<Arc<Actuation>>>,
+    routes: OnceLock<http::Services>,
     expiry: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -43,6 +46,7 @@ impl ActuationPlugin {
             store_url: store_url.to_owned(),
             registry,
             actuation: Arc::new(OnceLock::new()),
+            routes: OnceLock::new(),
             expiry: Mutex::new(None),
         }
     }
@@ -53,8 +57,9 @@ impl ActuationPlugin {
     }
 }
 
-/// A device subscribing to its commands gets what waits for it.
-struct Flusher(Arc<Actuation>);
+/// A device subscribing to its commands gets what waits for it; to its desired state, the
+/// current one.
+struct Flusher(Arc<Actuation>, Arc<twin::Twins>);
 
 impl PresenceObserver for Flusher {
     fn connected(&self, _: &Presence) {}
@@ -63,6 +68,9 @@ impl PresenceObserver for Flusher {
         let device = session.device();
         if topic_matches(&format!("devices/{device}/commands"), filter) {
             self.0.flush(device);
+        }
+        if topic_matches(&format!("devices/{device}/shadow/desired"), filter) {
+            self.1.subscribed(device);
         }
     }
 
@@ -82,9 +90,18 @@ impl Plugin for ActuationPlugin {
             let store = store::Store::open(&self.store_url, &context.data_dir.join("actuation"))
                 .await
                 .map_err(|e| failed(e.to_string()))?;
+            let twins = twin::Twins::open(
+                store.clone(),
+                registry.clone(),
+                context.publisher.clone(),
+                context.events.clone(),
+                context.metrics.clone(),
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))?;
             let a = Actuation::open(
                 store,
-                registry,
+                registry.clone(),
                 context.publisher.clone(),
                 context.events.clone(),
                 context.access.clone(),
@@ -92,7 +109,12 @@ impl Plugin for ActuationPlugin {
             )
             .await
             .map_err(|e| failed(e.to_string()))?;
-            context.publisher.observe_presence(Arc::new(Flusher(a.clone())));
+            context.publisher.observe_presence(Arc::new(Flusher(a.clone(), twins.clone())));
+            let reports = twins.clone();
+            context.publisher.subscribe_internal(
+                "devices/+/shadow/reported",
+                Arc::new(move |topic: &str, payload: &[u8]| reports.reported(topic, payload)),
+            );
             let answers = a.clone();
             context.publisher.subscribe_internal(
                 "devices/+/commands/result",
@@ -106,14 +128,21 @@ impl Plugin for ActuationPlugin {
                     expiring.expire();
                 }
             }));
+            let _ = self.routes.set(http::Services {
+                actuation: a.clone(),
+                twins,
+                jobs: Arc::new(jobs::Jobs::default()),
+                registry,
+                queries: context.queries.clone(),
+            });
             let _ = self.actuation.set(a);
             Ok(())
         })
     }
 
     fn routes(&self) -> Routes {
-        match self.actuation.get() {
-            Some(a) => Routes { public: axum::Router::new(), protected: http::protected_routes(a.clone()) },
+        match self.routes.get() {
+            Some(s) => Routes { public: axum::Router::new(), protected: http::protected_routes(s.clone()) },
             None => Routes::default(),
         }
     }

@@ -60,6 +60,10 @@ pub struct Actuation {
     open: Mutex<HashMap<String, Command>>,
     /// Per device: when its recent commands were accepted (the rate limit's window).
     recent: Mutex<HashMap<String, VecDeque<i64>>>,
+    /// Who waits for a command to end (bulk jobs), by command id.
+    waiters: Mutex<HashMap<String, tokio::sync::oneshot::Sender<Status>>>,
+    /// Runs deliveries and event writes, whatever thread asks.
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Actuation {
@@ -99,6 +103,8 @@ impl Actuation {
             types: RwLock::new(types),
             open: Mutex::new(open),
             recent: Mutex::new(recent),
+            waiters: Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -131,7 +137,36 @@ impl Actuation {
         context: &RequestContext,
         tenant: &str,
         device: &str,
+        request: CommandRequest,
+    ) -> Result<Command> {
+        self.submit_inner(sender, label, context, tenant, device, request, None).await
+    }
+
+    /// [`Actuation::submit`], and a receiver of the command's final status.
+    pub async fn submit_watched(
+        self: &Arc<Self>,
+        sender: &Principal,
+        label: Option<&str>,
+        context: &RequestContext,
+        tenant: &str,
+        device: &str,
+        request: CommandRequest,
+    ) -> Result<(Command, tokio::sync::oneshot::Receiver<Status>)> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let c = self.submit_inner(sender, label, context, tenant, device, request, Some(tx)).await?;
+        Ok((c, rx))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn submit_inner(
+        self: &Arc<Self>,
+        sender: &Principal,
+        label: Option<&str>,
+        context: &RequestContext,
+        tenant: &str,
+        device: &str,
         mut request: CommandRequest,
+        waiter: Option<tokio::sync::oneshot::Sender<Status>>,
     ) -> Result<Command> {
         match self.check(sender, context, tenant, device, &mut request) {
             Ok(timeout) => {
@@ -150,6 +185,9 @@ impl Actuation {
                     expires_at: now + timeout.as_millis() as i64,
                 };
                 self.writer.insert(command.clone()).await?;
+                if let Some(w) = waiter {
+                    self.waiters.lock().insert(command.id.clone(), w);
+                }
                 self.open.lock().insert(command.id.clone(), command.clone());
                 self.metrics.inc("ferrite_commands_total", &[("status", "queued")], 1);
                 self.event(&command, "");
@@ -271,15 +309,13 @@ impl Actuation {
                     self.transition(&c.id, Status::Sent, None);
                     let me = self.clone();
                     let id = c.id.clone();
-                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                        rt.spawn(async move {
-                            match acked.await {
-                                Ok(()) => me.transition(&id, Status::Delivered, None),
-                                // The session ended first: queued again for the next one.
-                                Err(_) => me.transition(&id, Status::Queued, None),
-                            }
-                        });
-                    }
+                    self.runtime.spawn(async move {
+                        match acked.await {
+                            Ok(()) => me.transition(&id, Status::Delivered, None),
+                            // The session ended first: queued again for the next one.
+                            Err(_) => me.transition(&id, Status::Queued, None),
+                        }
+                    });
                 }
                 // Not connected (or busy): it waits.
                 Err(_) => break,
@@ -316,6 +352,11 @@ impl Actuation {
         };
         self.metrics.inc("ferrite_commands_total", &[("status", status.as_str())], 1);
         self.event(&changed, "");
+        if status.is_final()
+            && let Some(w) = self.waiters.lock().remove(id)
+        {
+            let _ = w.send(status);
+        }
         // The store keeps what a restart needs: open commands (stored when accepted) and
         // final outcomes. `sent` and `delivered` live in memory and in the `commands`
         // stream; a restart sends an open command again (delivery is at least once: a
@@ -381,13 +422,11 @@ impl Actuation {
         line.push(b'\n');
         let write = self.events.write(&c.tenant, COMMANDS_STREAM, line);
         let metrics = self.metrics.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = write.await {
-                    metrics.inc("ferrite_command_events_dropped_total", &[], 1);
-                    tracing::warn!(error = %e, "cannot write a command event");
-                }
-            });
-        }
+        self.runtime.spawn(async move {
+            if let Err(e) = write.await {
+                metrics.inc("ferrite_command_events_dropped_total", &[], 1);
+                tracing::warn!(error = %e, "cannot write a command event");
+            }
+        });
     }
 }

@@ -11,8 +11,10 @@ use crate::command::{Command, Status};
 use crate::error::{Error, Result};
 use crate::types::DeviceType;
 
-const MIGRATIONS: &[ferrite_plugin::sql::MigrationSource] =
-    &[(2001, "actuation", include_str!("../migrations/2001_actuation.sql"))];
+const MIGRATIONS: &[ferrite_plugin::sql::MigrationSource] = &[
+    (2001, "actuation", include_str!("../migrations/2001_actuation.sql")),
+    (2002, "twins", include_str!("../migrations/2002_twins.sql")),
+];
 
 /// The actuation store.
 #[derive(Debug, Clone)]
@@ -168,6 +170,49 @@ impl Store {
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect::<std::result::Result<_, sqlx::Error>>()
             .map_err(db("reading recent commands"))
+    }
+
+    /// Stores device `id`'s twin.
+    pub async fn put_twin(&self, id: &str, t: &crate::twin::Twin, now: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO twins (device_id, desired, version, reported, reported_version, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_id) DO UPDATE SET desired = excluded.desired, \
+             version = excluded.version, reported = excluded.reported, reported_version = excluded.reported_version, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(id.to_owned())
+        .bind(serde_json::Value::Object(t.desired.clone()).to_string())
+        .bind(t.version)
+        .bind(serde_json::Value::Object(t.reported.clone()).to_string())
+        .bind(t.reported_version)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db("storing a twin"))?;
+        Ok(())
+    }
+
+    /// Every twin, by device.
+    pub async fn twins(&self) -> Result<Vec<(String, crate::twin::Twin)>> {
+        let rows = sqlx::query("SELECT device_id, desired, version, reported, reported_version FROM twins")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading twins"))?;
+        let object = |text: String| -> std::result::Result<serde_json::Map<String, serde_json::Value>, sqlx::Error> {
+            serde_json::from_str(&text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+        };
+        rows.iter()
+            .map(|r| {
+                let twin = crate::twin::Twin {
+                    desired: object(r.try_get(1)?)?,
+                    version: r.try_get(2)?,
+                    reported: object(r.try_get(3)?)?,
+                    reported_version: r.try_get(4)?,
+                };
+                Ok((r.try_get(0)?, twin))
+            })
+            .collect::<std::result::Result<_, sqlx::Error>>()
+            .map_err(db("reading twins"))
     }
 
     /// Command `id`.

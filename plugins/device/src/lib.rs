@@ -76,6 +76,21 @@ impl BatchObserver for Observer {
             let Some(devices) = b.batch.column_by_name(DEVICE_COLUMN).and_then(|c| c.as_string_opt::<i32>()) else {
                 continue;
             };
+            // A position: the last `lat`/`lon` of each device in the batch.
+            let coordinate = |name: &str| {
+                b.batch.column_by_name(name).and_then(|c| c.as_primitive_opt::<arrow::datatypes::Float64Type>())
+            };
+            if let (Some(lat), Some(lon)) = (coordinate("lat"), coordinate("lon")) {
+                let mut last: std::collections::HashMap<&str, (f64, f64)> = std::collections::HashMap::new();
+                for i in 0..devices.len() {
+                    if lat.is_valid(i) && lon.is_valid(i) {
+                        last.insert(devices.value(i), (lat.value(i), lon.value(i)));
+                    }
+                }
+                for (d, (la, lo)) in last {
+                    self.0.locate(d, la, lo);
+                }
+            }
             // Events of one device come in runs: one update per run.
             let mut last: Option<&str> = None;
             for i in 0..devices.len() {

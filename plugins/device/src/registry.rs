@@ -19,6 +19,12 @@ use crate::store::{ProvisioningSecret, Store};
 /// The stream of availability changes (`online` / `offline`, with the reason).
 pub const STATUS_STREAM: &str = "device_status";
 
+/// The stream of position changes reported by devices.
+pub const LOCATION_STREAM: &str = "device_location";
+
+/// A move shorter than this (metres) is not a new position.
+pub const MIN_MOVE_METRES: f64 = 10.0;
+
 /// Most rows one import may hold.
 pub const MAX_IMPORT_ROWS: usize = 50_000;
 
@@ -103,10 +109,14 @@ pub struct Registry {
     /// Last seen per device, and whether the store is behind.
     seen: Mutex<HashMap<String, (i64, bool)>>,
     seen_dirty: AtomicBool,
+    /// Devices whose reported position the store does not have yet.
+    moved: Mutex<std::collections::HashSet<String>>,
     credentials: Arc<dyn DeviceCredentials>,
     publisher: Arc<dyn TopicPublisher>,
     events: Arc<dyn EventWriter>,
     metrics: Arc<Metrics>,
+    /// Runs event writes for callers on threads outside the runtime (the engine's shards).
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Registry {
@@ -132,10 +142,12 @@ impl Registry {
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(seen),
             seen_dirty: AtomicBool::new(false),
+            moved: Mutex::new(std::collections::HashSet::new()),
             credentials,
             publisher,
             events,
             metrics,
+            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -469,14 +481,12 @@ impl Registry {
         line.push(b'\n');
         let write = self.events.write(&d.tenant, STATUS_STREAM, line);
         let metrics = self.metrics.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = write.await {
-                    metrics.inc("ferrite_device_status_dropped_total", &[], 1);
-                    tracing::warn!(error = %e, "cannot write a device status event");
-                }
-            });
-        }
+        self.runtime.spawn(async move {
+            if let Err(e) = write.await {
+                metrics.inc("ferrite_device_status_dropped_total", &[], 1);
+                tracing::warn!(error = %e, "cannot write a device status event");
+            }
+        });
     }
 
     /// Records that device `id` was seen at `at` (telemetry, a connect).
@@ -498,8 +508,47 @@ impl Registry {
         self.seen_dirty.store(true, Ordering::Relaxed);
     }
 
-    /// Writes the last-seen times that changed to the store.
+    /// A position reported by device `id` (telemetry with `lat` and `lon`): a move of more
+    /// than [`MIN_MOVE_METRES`] becomes its location and a row of `device_location`.
+    pub fn locate(&self, id: &str, lat: f64, lon: f64) {
+        if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+            return;
+        }
+        let Some(d) = self.lookup(id) else { return };
+        if let Some(l) = d.location {
+            let dy = (lat - l.lat) * 110_540.0;
+            let dx = (lon - l.lon) * 111_320.0 * ((lat + l.lat) / 2.0).to_radians().cos();
+            if (dx * dx + dy * dy).sqrt() < MIN_MOVE_METRES {
+                return;
+            }
+        }
+        let mut next = (*d).clone();
+        next.location = Some(crate::model::Location { lat, lon });
+        next.updated_at = now_ms();
+        self.devices.write().insert(id.to_owned(), Arc::new(next));
+        self.moved.lock().insert(id.to_owned());
+        let row = serde_json::json!({"device_id": id, "ts": now_ms(), "lat": lat, "lon": lon});
+        let mut line = row.to_string().into_bytes();
+        line.push(b'\n');
+        let write = self.events.write(&d.tenant, LOCATION_STREAM, line);
+        let metrics = self.metrics.clone();
+        // Called on a shard thread: the write runs on the runtime.
+        self.runtime.spawn(async move {
+            if let Err(e) = write.await {
+                metrics.inc("ferrite_device_location_dropped_total", &[], 1);
+                tracing::warn!(error = %e, "cannot write a device location");
+            }
+        });
+    }
+
+    /// Writes the last-seen times and positions that changed to the store.
     pub async fn flush_seen(&self) -> Result<usize> {
+        let moved: Vec<String> = self.moved.lock().drain().collect();
+        for id in moved {
+            if let Some(d) = self.lookup(&id) {
+                self.store.update(&d).await?;
+            }
+        }
         if !self.seen_dirty.swap(false, Ordering::Relaxed) {
             return Ok(0);
         }
