@@ -55,6 +55,9 @@ echo "== identity on against --auth off (three alternating runs)"
 ./target/release/identity "${MQTT_PUBLISHERS:-100}" "${MQTT_MESSAGES:-2000}" "${HTTP_THREADS:-4}" "${HTTP_SECONDS:-10}" 3 | tee /tmp/ferrite-bench-identity.txt
 rows identity_summary scenario off_median on_median on/off < /tmp/ferrite-bench-identity.txt
 rows identity_summary scenario threads tokens_per_s_median < /tmp/ferrite-bench-identity.txt | grep token_endpoint
+echo "== devices: provisioning, disable to disconnect, commands, registry lookups (three runs)"
+./target/release/devices "${DEVICES:-100000}" 20 3 "${CONNECTED_DEVICES:-10000}" "${HTTP_THREADS:-4}" | tee /tmp/ferrite-bench-devices.txt
+rows devices run scenario devices per_s median_ms max_ms connected lookups_per_s touches_per_s < /tmp/ferrite-bench-devices.txt
 echo "== persist and query"
 ./target/release/query "${QUERY_ROWS:-10000000}" "${QUERY_RUNS:-5}" | tee /tmp/ferrite-bench-query.txt
 rows persist rows seconds rows_per_s arrow_MB_per_s parquet_MB files < /tmp/ferrite-bench-query.txt

@@ -136,6 +136,8 @@ pub struct Broker {
     observers: RwLock<Vec<Arc<dyn PresenceObserver>>>,
     /// The server's own subscribers (command results, reported state), by filter.
     internal: RwLock<Vec<(String, InternalSubscriber)>>,
+    /// Whether there is any (the publish path skips the lock otherwise).
+    has_internal: std::sync::atomic::AtomicBool,
 }
 
 /// A subscriber inside the server: called with each matching message's topic and payload
@@ -147,7 +149,7 @@ struct LiveSession {
     /// Who it is.
     presence: Presence,
     /// Ends it ([`Broker::disconnect`]).
-    kick: tokio::sync::Notify,
+    kick: Arc<tokio::sync::Notify>,
     /// Its writer.
     out: mpsc::Sender<Packet>,
     /// Its subscriptions' filters.
@@ -219,6 +221,7 @@ impl ferrite_engine::plugin::TopicPublisher for Broker {
 
     fn subscribe_internal(&self, filter: &str, handler: InternalSubscriber) {
         self.internal.write().push((filter.to_owned(), handler));
+        self.has_internal.store(true, Ordering::Relaxed);
     }
 }
 
@@ -244,10 +247,12 @@ impl Broker {
             }
         });
         drop(subs);
-        for (filter, handler) in self.internal.read().iter() {
-            if topic::matches(topic, filter) {
-                handler(topic, &payload);
-                delivered += 1;
+        if self.has_internal.load(Ordering::Relaxed) {
+            for (filter, handler) in self.internal.read().iter() {
+                if topic::matches(topic, filter) {
+                    handler(topic, &payload);
+                    delivered += 1;
+                }
             }
         }
         Ok(delivered)
@@ -326,7 +331,7 @@ impl Broker {
     fn session_started(&self, session: u64, presence: &Presence, out: mpsc::Sender<Packet>) -> Arc<LiveSession> {
         let live = Arc::new(LiveSession {
             presence: presence.clone(),
-            kick: tokio::sync::Notify::new(),
+            kick: Arc::new(tokio::sync::Notify::new()),
             out,
             filters: parking_lot::Mutex::new(HashSet::new()),
             unacked: parking_lot::Mutex::new(Unacked::default()),
@@ -633,6 +638,10 @@ impl Session {
         let mut pending: FuturesOrdered<AckFuture> = FuturesOrdered::new();
         let mut qos2 = Qos2State::default();
         let mut clean = false;
+        // One registration for the session's life, not one per loop turn.
+        let kick = live.kick.clone();
+        let kicked = kick.notified();
+        tokio::pin!(kicked);
         let result: Result<(), SessionError> = async {
             loop {
                 // Handle every complete packet already buffered; QoS 0 telemetry from this
@@ -696,7 +705,7 @@ impl Session {
                         }
                     }
                     _ = shutdown.changed() => return Ok(()),
-                    () = live.kick.notified() => return Err(SessionError::Kicked),
+                    () = &mut kicked => return Err(SessionError::Kicked),
                 }
             }
         }

@@ -302,3 +302,39 @@ fn the_device_command_line_drives_the_registry() -> anyhow::Result<()> {
     assert!(!ok && err.contains("404"), "{err}");
     Ok(())
 }
+
+#[test]
+fn a_device_that_stays_offline_raises_an_alert() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let (_, d) = send(&s, "POST", "/api/v1/devices", None, &json!({"id": "d-off"}))?;
+    let secret = secret_of(&d);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (client, ev) = rt.block_on(async {
+        let (c, ev, code) = connect(&s, "d-off", "d-off", &secret).await?;
+        assert_eq!(code, ConnectReturnCode::Success);
+        anyhow::Ok((c, ev))
+    })?;
+    s.wait_for("device_status", |s| Ok(sql(s, &s.bearer(), "SELECT count(*) AS n FROM device_status").is_ok()))?;
+    // The rule of docs/rules.md, with a one-second absence.
+    let rule = "rule stays_offline {
+        from every a = device_status[status = 'offline'] -> not device_status[status = 'online'] for 1s
+        select a.device_id, a.reason
+        then alert severity 'warning' message '{device_id} is offline ({reason})'
+    }";
+    let mut resp = s
+        .agent()
+        .post(&s.url("/api/v1/rules"))
+        .header("Authorization", &s.bearer())
+        .header("Content-Type", "text/plain")
+        .send(rule)?;
+    assert_eq!(resp.status().as_u16(), 201, "{}", resp.body_mut().read_to_string()?);
+    // The device drops off without a DISCONNECT.
+    drop((client, ev));
+    drop(rt);
+    s.wait_for("the alert", |s| {
+        Ok(sql(s, &s.bearer(), "SELECT message FROM alerts WHERE rule = 'stays_offline'")
+            .is_ok_and(|r| r == json!([{"message": "d-off is offline (lost)"}])))
+    })?;
+    Ok(())
+}
