@@ -27,6 +27,7 @@ fn decisions(c: &mut Criterion) {
         device_type: None,
         children: Vec::new(),
         disabled: false,
+        next_secret_hash: None,
     };
     rt.block_on(identity.add_client(client, None)).expect("device");
     let device = identity.known_principal("d1").expect("registered");

@@ -141,6 +141,11 @@ pub trait DeviceCredentials: Send + Sync {
     }
     /// Replaces the device's secret (the old one stops working at once); the new one.
     fn rotate<'a>(&'a self, id: &'a str) -> PluginFuture<'a, Result<Option<String>, String>>;
+    /// Gives the device a second secret, valid beside the current one until
+    /// [`DeviceCredentials::commit`] (a rotation over the command channel); the new secret.
+    fn stage<'a>(&'a self, id: &'a str) -> PluginFuture<'a, Result<Option<String>, String>>;
+    /// Makes the staged secret the device's only one: the old one stops working.
+    fn commit<'a>(&'a self, id: &'a str) -> PluginFuture<'a, Result<(), String>>;
     /// Disables (refused at once, its tokens with it) or enables the device.
     fn set_disabled<'a>(&'a self, id: &'a str, disabled: bool) -> PluginFuture<'a, Result<(), String>>;
     /// Forgets the device's credentials.
@@ -157,6 +162,12 @@ impl DeviceCredentials for NoCredentials {
     }
     fn rotate<'a>(&'a self, _: &'a str) -> PluginFuture<'a, Result<Option<String>, String>> {
         Box::pin(async { Ok(None) })
+    }
+    fn stage<'a>(&'a self, _: &'a str) -> PluginFuture<'a, Result<Option<String>, String>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn commit<'a>(&'a self, _: &'a str) -> PluginFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
     }
     fn set_disabled<'a>(&'a self, _: &'a str, _: bool) -> PluginFuture<'a, Result<(), String>> {
         Box::pin(async { Ok(()) })

@@ -427,3 +427,47 @@ fn the_twin_is_versioned_pushed_and_reported() -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+#[test]
+fn credentials_rotate_over_the_command_channel() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let (_, d) = send(&s, "POST", "/api/v1/devices", &json!({"id": "r-1"}))?;
+    let old = d["credentials"]["client_secret"].as_str().unwrap_or("").to_owned();
+    // Not through the generic commands route: the platform makes the secret.
+    let (st, e) = command(&s, "r-1", json!({"name": "rotate_credentials", "params": {"deadline_secs": 600}}))?;
+    assert_eq!(st, 400, "{e}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let new = rt.block_on(async {
+        let (c, mut ev, code) = connect(&s, "r-1", "r-1", &old).await?;
+        assert_eq!(code, ConnectReturnCode::Success);
+        c.subscribe("devices/r-1/commands", QoS::AtLeastOnce).await?;
+        drain(&mut ev).await;
+        let (st, started) = send(&s, "POST", "/api/v1/devices/r-1/credentials/rotate", &json!({"deadline_secs": 600}))?;
+        assert_eq!(st, 202, "{started}");
+        let got = next_command(&mut ev).await?;
+        assert_eq!((&got["name"], &got["params"]["deadline_secs"]), (&json!("rotate_credentials"), &json!(600)));
+        let new = got["params"]["client_secret"].as_str().unwrap_or("").to_owned();
+        assert_eq!(new.len(), 43);
+        drain(&mut ev).await;
+        // Until the device confirms, both secrets work.
+        assert_eq!(connect(&s, "r-1-new", "r-1", &new).await?.2, ConnectReturnCode::Success);
+        assert_eq!(connect(&s, "r-1-old", "r-1", &old).await?.2, ConnectReturnCode::Success);
+        // The secret is never stored nor shown.
+        let id = got["id"].as_str().unwrap_or("").to_owned();
+        let shown = status_of(&s, "r-1", &id)?;
+        assert!(!shown.to_string().contains(&new), "{shown}");
+        answer(&c, &mut ev, "r-1", &id, "succeeded").await?;
+        anyhow::Ok(new)
+    })?;
+    // Confirmed: the old secret stops working, the new one goes on.
+    s.wait_for("the old secret revoked", |s| {
+        let code = rt.block_on(async { connect(s, "r-1-check", "r-1", &old).await.map(|r| r.2) })?;
+        Ok(code == ConnectReturnCode::BadUserNamePassword)
+    })?;
+    rt.block_on(async {
+        assert_eq!(connect(&s, "r-1-after", "r-1", &new).await?.2, ConnectReturnCode::Success);
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}

@@ -82,11 +82,19 @@ pub struct Command {
     pub updated_at: i64,
     /// When it expires unless answered.
     pub expires_at: i64,
+    /// A credential rotation's new secret: sent to the device in `params.client_secret`,
+    /// never stored nor shown.
+    #[serde(skip)]
+    pub secret: Option<String>,
 }
 
 impl Command {
     /// What the device receives on `devices/{id}/commands`.
     pub fn message(&self) -> Vec<u8> {
-        serde_json::json!({"id": self.id, "name": self.name, "params": self.params}).to_string().into_bytes()
+        let mut params = self.params.clone();
+        if let Some(s) = &self.secret {
+            params.insert("client_secret".into(), Value::String(s.clone()));
+        }
+        serde_json::json!({"id": self.id, "name": self.name, "params": params}).to_string().into_bytes()
     }
 }

@@ -84,6 +84,7 @@ pub fn protected_routes(services: Shared) -> Router {
         .route("/api/v1/devices/{id}/commands", post(submit))
         .route("/api/v1/devices/{id}/commands/{command}", get(show))
         .route("/api/v1/devices/{id}/twin", get(show_twin).patch(patch_twin))
+        .route("/api/v1/devices/{id}/credentials/rotate", post(rotate))
         .route("/api/v1/device-types/{name}", get(show_type).put(put_type))
         .route("/api/v1/jobs", post(start_job))
         .route("/api/v1/jobs/{id}", get(show_job))
@@ -199,4 +200,35 @@ async fn stop_job(State(s): State<Shared>, Extension(caller): Extension<Caller>,
     let view = s.jobs.stop(caller.tenant(), &id)?;
     caller.record("job_stopped", &id);
     Ok(axum::Json(view).into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateRequest {
+    /// Seconds the device has to confirm before the old secret stops working anyway.
+    #[serde(default = "default_deadline")]
+    deadline_secs: u64,
+}
+
+fn default_deadline() -> u64 {
+    3600
+}
+
+async fn rotate(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer {
+    caller
+        .check(Action::ManageDevices, &Resource::Device { tenant: caller.tenant().into(), id: id.as_str().into() })?;
+    let request: RotateRequest =
+        if body.is_empty() { RotateRequest { deadline_secs: default_deadline() } } else { parse(&body)? };
+    let c = s
+        .actuation
+        .rotate_credentials(&caller.principal, &caller.context, caller.tenant(), &id, request.deadline_secs)
+        .await?;
+    caller.record("credential_rotation_started", &id);
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({"id": c.id, "status": c.status, "expires_at": c.expires_at})))
+        .into_response())
 }

@@ -101,6 +101,7 @@ impl Plugin for ActuationPlugin {
             .map_err(|e| failed(e.to_string()))?;
             let a = Actuation::open(
                 store,
+                context.credentials.clone(),
                 registry.clone(),
                 context.publisher.clone(),
                 context.events.clone(),

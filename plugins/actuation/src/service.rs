@@ -11,7 +11,7 @@ use ferrite_device::Registry;
 use ferrite_device::model::{Level, Status as DeviceStatus};
 use ferrite_engine::Metrics;
 use ferrite_engine::auth::{AccessControl, Action, Principal, RequestContext, Resource};
-use ferrite_engine::plugin::{EventWriter, TopicPublisher};
+use ferrite_engine::plugin::{DeviceCredentials, EventWriter, TopicPublisher};
 use parking_lot::{Mutex, RwLock};
 use serde_json::{Map, Value};
 
@@ -19,6 +19,10 @@ use crate::command::{Command, Status};
 use crate::error::{Error, Result};
 use crate::store::Store;
 use crate::types::{DeviceType, Kind, check_params};
+
+/// The standard command that rotates a device's credentials (only through
+/// [`Actuation::rotate_credentials`], which stages the new secret).
+pub const ROTATE: &str = "rotate_credentials";
 
 /// The stream of command lifecycle events.
 pub const COMMANDS_STREAM: &str = "commands";
@@ -48,6 +52,7 @@ pub struct CommandRequest {
 /// The actuation service.
 pub struct Actuation {
     store: Store,
+    credentials: Arc<dyn DeviceCredentials>,
     writer: crate::store::Writer,
     registry: Arc<Registry>,
     publisher: Arc<dyn TopicPublisher>,
@@ -78,8 +83,10 @@ fn topic_of(device: &str) -> String {
 
 impl Actuation {
     /// Loads types and open commands from `store`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         store: Store,
+        credentials: Arc<dyn DeviceCredentials>,
         registry: Arc<Registry>,
         publisher: Arc<dyn TopicPublisher>,
         events: Arc<dyn EventWriter>,
@@ -87,7 +94,19 @@ impl Actuation {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>> {
         let types = store.types().await?.into_iter().map(|(t, n, d)| ((t, n), Arc::new(d))).collect();
-        let open = store.open_commands().await?.into_iter().map(|c| (c.id.clone(), c)).collect();
+        let mut open: HashMap<String, Command> = HashMap::new();
+        for mut c in store.open_commands().await? {
+            // A rotation's secret lives only in memory: one a restart interrupted fails, and
+            // the device keeps both secrets until a new rotation.
+            if c.name == ROTATE {
+                c.status = Status::Failed;
+                c.result = Some(serde_json::json!({"error": "interrupted by a server restart; rotate again"}));
+                c.updated_at = now_ms();
+                store.write(&[], std::slice::from_ref(&c)).await?;
+                continue;
+            }
+            open.insert(c.id.clone(), c);
+        }
         let mut recent: HashMap<String, VecDeque<i64>> = HashMap::new();
         for (device, at) in store.accepted_since(now_ms() - 60_000).await? {
             recent.entry(device).or_default().push_back(at);
@@ -95,6 +114,7 @@ impl Actuation {
         Ok(Arc::new(Self {
             writer: crate::store::Writer::start(store.clone()),
             store,
+            credentials,
             registry,
             publisher,
             events,
@@ -139,7 +159,40 @@ impl Actuation {
         device: &str,
         request: CommandRequest,
     ) -> Result<Command> {
-        self.submit_inner(sender, label, context, tenant, device, request, None).await
+        if request.name == ROTATE {
+            return Err(Error::Invalid(format!(
+                "`{ROTATE}` carries a new secret that the platform makes: use POST \
+                 /api/v1/devices/{device}/credentials/rotate"
+            )));
+        }
+        self.submit_inner(sender, label, context, tenant, device, request, None, None).await
+    }
+
+    /// Rotates device `device`'s credentials over the command channel: a new secret is
+    /// staged (valid beside the old one) and sent in a `rotate_credentials` command; when the
+    /// device answers `succeeded`, or when `deadline_secs` pass, the old secret stops working.
+    pub async fn rotate_credentials(
+        self: &Arc<Self>,
+        sender: &Principal,
+        context: &RequestContext,
+        tenant: &str,
+        device: &str,
+        deadline_secs: u64,
+    ) -> Result<Command> {
+        let mut params = Map::new();
+        params.insert("deadline_secs".into(), Value::from(deadline_secs));
+        let request = CommandRequest { name: ROTATE.into(), params, timeout: Some(deadline_secs) };
+        let label = format!("{sender} (credential rotation)");
+        // Checked first (policy, level, rate), so that a refused rotation stages nothing.
+        let mut probe = request.clone();
+        self.check_only(sender, context, tenant, device, &mut probe)?;
+        let secret = self
+            .credentials
+            .stage(device)
+            .await
+            .map_err(|e| Error::Invalid(format!("cannot stage a new secret: {e}")))?
+            .ok_or_else(|| Error::Invalid("identity is off: there are no credentials to rotate".into()))?;
+        self.submit_inner(sender, Some(&label), context, tenant, device, request, None, Some(secret)).await
     }
 
     /// [`Actuation::submit`], and a receiver of the command's final status.
@@ -152,8 +205,11 @@ impl Actuation {
         device: &str,
         request: CommandRequest,
     ) -> Result<(Command, tokio::sync::oneshot::Receiver<Status>)> {
+        if request.name == ROTATE {
+            return Err(Error::Invalid(format!("`{ROTATE}` is not a bulk command: rotate each device")));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let c = self.submit_inner(sender, label, context, tenant, device, request, Some(tx)).await?;
+        let c = self.submit_inner(sender, label, context, tenant, device, request, Some(tx), None).await?;
         Ok((c, rx))
     }
 
@@ -167,6 +223,7 @@ impl Actuation {
         device: &str,
         mut request: CommandRequest,
         waiter: Option<tokio::sync::oneshot::Sender<Status>>,
+        secret: Option<String>,
     ) -> Result<Command> {
         match self.check(sender, context, tenant, device, &mut request) {
             Ok(timeout) => {
@@ -183,6 +240,7 @@ impl Actuation {
                     created_at: now,
                     updated_at: now,
                     expires_at: now + timeout.as_millis() as i64,
+                    secret,
                 };
                 self.writer.insert(command.clone()).await?;
                 if let Some(w) = waiter {
@@ -208,7 +266,19 @@ impl Actuation {
         }
     }
 
-    /// Every check a command must pass; its timeout.
+    /// The checks of [`Actuation::check`] without taking a slot of the rate.
+    fn check_only(
+        &self,
+        sender: &Principal,
+        context: &RequestContext,
+        tenant: &str,
+        device: &str,
+        request: &mut CommandRequest,
+    ) -> Result<Duration> {
+        self.checked(sender, context, tenant, device, request, false)
+    }
+
+    /// Every check a command must pass (taking a slot of the rate); its timeout.
     fn check(
         &self,
         sender: &Principal,
@@ -216,6 +286,18 @@ impl Actuation {
         tenant: &str,
         device: &str,
         request: &mut CommandRequest,
+    ) -> Result<Duration> {
+        self.checked(sender, context, tenant, device, request, true)
+    }
+
+    fn checked(
+        &self,
+        sender: &Principal,
+        context: &RequestContext,
+        tenant: &str,
+        device: &str,
+        request: &mut CommandRequest,
+        take_slot: bool,
     ) -> Result<Duration> {
         let d = self.registry.get(tenant, device).map_err(|e| Error::NotFound(e.to_string()))?;
         let resource = Resource::Device { tenant: tenant.into(), id: device.into() };
@@ -270,6 +352,9 @@ impl Actuation {
         let window = recent.entry(device.to_owned()).or_default();
         while window.front().is_some_and(|t| *t <= now - 60_000) {
             window.pop_front();
+        }
+        if !take_slot {
+            return Ok(timeout);
         }
         if window.len() >= t.max_per_minute as usize {
             return Err(Error::Limit(format!(
@@ -356,6 +441,18 @@ impl Actuation {
             && let Some(w) = self.waiters.lock().remove(id)
         {
             let _ = w.send(status);
+        }
+        // A rotation ends the old secret when the device confirms, or at its deadline.
+        if changed.name == ROTATE && matches!(status, Status::Succeeded | Status::Expired) {
+            let (credentials, device) = (self.credentials.clone(), changed.device_id.clone());
+            self.runtime.spawn(async move {
+                match credentials.commit(&device).await {
+                    Ok(()) => {
+                        tracing::info!(device = %device, "credential rotation committed: the old secret is revoked")
+                    }
+                    Err(e) => tracing::error!(device = %device, error = %e, "cannot commit a credential rotation"),
+                }
+            });
         }
         // The store keeps what a restart needs: open commands (stored when accepted) and
         // final outcomes. `sent` and `delivered` live in memory and in the `commands`

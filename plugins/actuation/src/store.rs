@@ -43,6 +43,7 @@ fn command_row(r: &AnyRow) -> std::result::Result<Command, sqlx::Error> {
         created_at: r.try_get(8)?,
         updated_at: r.try_get(9)?,
         expires_at: r.try_get(10)?,
+        secret: None,
     })
 }
 

@@ -449,6 +449,7 @@ async fn add_client(
         device_type: body.device_type,
         children: body.children,
         disabled: false,
+        next_secret_hash: None,
     };
     let kind = record.kind.clone();
     match identity.add_client(record, Some(&caller.principal)).await {

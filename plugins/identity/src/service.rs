@@ -682,7 +682,11 @@ impl Identity {
         self.unless_locked(&key, client_id, source)?;
         let record = self.state.read().clients.get(client_id).cloned();
         match record {
-            Some(c) if !c.disabled && secret::check_secret(client_secret, &c.secret_hash) => {
+            Some(c)
+                if !c.disabled
+                    && (secret::check_secret(client_secret, &c.secret_hash)
+                        || c.next_secret_hash.as_deref().is_some_and(|h| secret::check_secret(client_secret, h))) =>
+            {
                 self.succeeded(&key);
                 Ok(c)
             }
@@ -1095,6 +1099,29 @@ impl Identity {
         let hash = secret::hash_secret(&secret);
         self.change_client(id, "client_secret_rotated", |c| c.secret_hash = hash).await?;
         Ok(secret)
+    }
+
+    /// Stages a new secret for client `id`, valid beside the current one until
+    /// [`Identity::commit_client_secret`]; the new secret.
+    pub async fn stage_client_secret(&self, id: &str) -> Result<String> {
+        let secret = secret::new_secret()?;
+        let hash = secret::hash_secret(&secret);
+        self.change_client(id, "client_secret_staged", |c| c.next_secret_hash = Some(hash)).await?;
+        Ok(secret)
+    }
+
+    /// Makes client `id`'s staged secret its only one: the old secret stops working. Nothing
+    /// happens when none is staged.
+    pub async fn commit_client_secret(&self, id: &str) -> Result<()> {
+        let staged = self.state.read().clients.get(id).and_then(|c| c.next_secret_hash.clone());
+        if let Some(hash) = staged {
+            self.change_client(id, "client_secret_rotated", |c| {
+                c.secret_hash = hash;
+                c.next_secret_hash = None;
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Disables client `id` (it is refused at once, its tokens with it) or enables it.
@@ -1565,6 +1592,7 @@ impl ferrite_engine::plugin::DeviceCredentials for Identity {
                     device_type: d.device_type.clone(),
                     children: d.children.clone(),
                     disabled: false,
+                    next_secret_hash: None,
                 })
                 .collect();
             match self.add_clients(records, None).await {
@@ -1581,6 +1609,17 @@ impl ferrite_engine::plugin::DeviceCredentials for Identity {
         id: &'a str,
     ) -> ferrite_engine::plugin::PluginFuture<'a, std::result::Result<Option<String>, String>> {
         Box::pin(async move { self.rotate_client_secret(id).await.map(Some).map_err(|e| e.to_string()) })
+    }
+
+    fn stage<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> ferrite_engine::plugin::PluginFuture<'a, std::result::Result<Option<String>, String>> {
+        Box::pin(async move { self.stage_client_secret(id).await.map(Some).map_err(|e| e.to_string()) })
+    }
+
+    fn commit<'a>(&'a self, id: &'a str) -> ferrite_engine::plugin::PluginFuture<'a, std::result::Result<(), String>> {
+        Box::pin(async move { self.commit_client_secret(id).await.map_err(|e| e.to_string()) })
     }
 
     fn set_disabled<'a>(

@@ -11,8 +11,10 @@ use sqlx::{AnyPool, Row};
 use crate::error::{Error, Result};
 
 /// The embedded migrations, applied in order at open.
-const MIGRATIONS: &[ferrite_plugin::sql::MigrationSource] =
-    &[(1, "identity", include_str!("../migrations/0001_identity.sql"))];
+const MIGRATIONS: &[ferrite_plugin::sql::MigrationSource] = &[
+    (1, "identity", include_str!("../migrations/0001_identity.sql")),
+    (2, "staged secrets", include_str!("../migrations/0002_staged_secrets.sql")),
+];
 
 /// The identity store.
 #[derive(Debug, Clone)]
@@ -55,6 +57,8 @@ pub struct ClientRecord {
     pub children: Vec<String>,
     /// A disabled client is refused at once.
     pub disabled: bool,
+    /// During a credential rotation: the SHA-256 of the new secret, valid beside the old one.
+    pub next_secret_hash: Option<String>,
 }
 
 /// A signing key.
@@ -307,12 +311,14 @@ impl Store {
     /// no such client.
     pub async fn update_client(&self, c: &ClientRecord) -> Result<bool> {
         let r = sqlx::query(
-            "UPDATE clients SET secret_hash = $1, device_type = $2, children = $3, disabled = $4 WHERE id = $5",
+            "UPDATE clients SET secret_hash = $1, device_type = $2, children = $3, disabled = $4, \
+             next_secret_hash = $5 WHERE id = $6",
         )
         .bind(c.secret_hash.clone())
         .bind(c.device_type.clone())
         .bind(roles_text(&c.children))
         .bind(i64::from(c.disabled))
+        .bind(c.next_secret_hash.clone())
         .bind(c.id.clone())
         .execute(&self.pool)
         .await
@@ -333,7 +339,8 @@ impl Store {
     /// Every client.
     pub async fn clients(&self) -> Result<Vec<ClientRecord>> {
         let rows = sqlx::query(
-            "SELECT id, tenant, kind, secret_hash, roles, device_type, children, disabled FROM clients ORDER BY id",
+            "SELECT id, tenant, kind, secret_hash, roles, device_type, children, disabled, next_secret_hash FROM clients \
+             ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await
@@ -639,6 +646,7 @@ fn client_row(r: &AnyRow) -> std::result::Result<ClientRecord, sqlx::Error> {
         device_type: r.try_get(5)?,
         children: roles_list(&r.try_get::<String, _>(6)?),
         disabled: r.try_get::<i64, _>(7)? != 0,
+        next_secret_hash: r.try_get(8)?,
     })
 }
 

@@ -21,6 +21,7 @@ async fn exercise(store: &Store) -> anyhow::Result<()> {
         device_type: Some("thermostat".into()),
         children: vec!["x".into()],
         disabled: false,
+        next_secret_hash: None,
     };
     assert!(store.add_client(&client, now).await?);
     assert!(store.clients().await?.contains(&client));
