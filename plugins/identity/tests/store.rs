@@ -10,11 +10,14 @@ use ferrite_identity::{Identity, IdentityConfig};
 
 async fn exercise(store: &Store) -> anyhow::Result<()> {
     let now = 1_800_000_000;
-    assert!(store.add_tenant("t1", now).await?);
-    assert!(!store.add_tenant("t1", now).await?, "a tenant is added once");
-    let client = ClientRecord {
-        id: format!("c-{}", store.backend()),
-        tenant: "t1".into(),
+    // Unique per run: a PostgreSQL database may outlive one test run.
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    let (tenant, family, jti) = (format!("t-{run}"), format!("f-{run}"), format!("j-{run}"));
+    assert!(store.add_tenant(&tenant, now).await?);
+    assert!(!store.add_tenant(&tenant, now).await?, "a tenant is added once");
+    let mut client = ClientRecord {
+        id: format!("c-{}-{run}", store.backend()),
+        tenant: tenant.clone(),
         kind: "device".into(),
         secret_hash: "h".into(),
         roles: vec!["a".into(), "b".into()],
@@ -25,13 +28,17 @@ async fn exercise(store: &Store) -> anyhow::Result<()> {
     };
     assert!(store.add_client(&client, now).await?);
     assert!(store.clients().await?.contains(&client));
+    // A staged secret (a rotation over the command channel) round-trips.
+    client.next_secret_hash = Some("h2".into());
+    assert!(store.update_client(&client).await?);
+    assert!(store.clients().await?.contains(&client));
     let r = RefreshRecord {
-        hash: format!("r-{}", store.backend()),
-        family: "f".into(),
+        hash: format!("r-{}-{run}", store.backend()),
+        family: family.clone(),
         client_id: client.id.clone(),
         subject: client.id.clone(),
         kind: "device".into(),
-        tenant: "t1".into(),
+        tenant: tenant.clone(),
         scope: "offline_access".into(),
         expires_at: now + 60,
         used: false,
@@ -40,10 +47,10 @@ async fn exercise(store: &Store) -> anyhow::Result<()> {
     store.add_refresh(&r, now).await?;
     assert!(store.use_refresh(&r.hash).await?, "first use");
     assert!(!store.use_refresh(&r.hash).await?, "a second use is refused");
-    assert_eq!(store.revoke_family("f").await?, 1);
+    assert_eq!(store.revoke_family(&family).await?, 1);
     assert!(store.refresh(&r.hash).await?.is_some_and(|x| x.revoked && x.used));
-    assert!(store.revoke("j1", now + 60).await?);
-    assert!(store.revocations(now).await?.contains(&"j1".to_owned()));
+    assert!(store.revoke(&jti, now + 60).await?);
+    assert!(store.revocations(now).await?.contains(&jti));
     assert!(store.remove_client(&client.id).await?);
     Ok(())
 }
