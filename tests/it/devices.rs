@@ -240,6 +240,21 @@ fn devices_are_registered_seen_disabled_and_kept() -> anyhow::Result<()> {
     assert_eq!(call(&s, "GET", "/api/v1/devices/th-1", Some(&tg), None)?.0, 404);
     assert_eq!(send(&s, "POST", "/api/v1/devices/th-1/disable", Some(&tg), &json!({}))?.0, 404);
     assert_eq!(sql(&s, &tg, "SELECT count(*) AS n FROM devices")?[0]["n"], 0);
+    // Another tenant's data naming th-1 does not move it (events of one device reach one
+    // shard in order: once the default tenant's later report shows, globex's was seen).
+    let (st, _) = call(
+        &s,
+        "POST",
+        "/api/v1/streams/location/events",
+        Some(&tg),
+        Some(&json!({"device_id": "th-1", "lat": 0.0, "lon": 0.0})),
+    )?;
+    assert_eq!(st, 200);
+    s.post_json("/api/v1/streams/location/events", &json!({"device_id": "th-1", "lat": 40.0, "lon": 2.3522}))?;
+    s.wait_for("th-1's own report", |s| {
+        Ok(call(s, "GET", "/api/v1/devices/th-1", Some(&admin), None)?.1["location"]["lat"] == 40.0)
+    })?;
+    assert_eq!(sql(&s, &admin, "SELECT count(*) AS n FROM device_location WHERE lat = 0")?[0]["n"], 0);
     // A viewer lists but does not change.
     let (v, v_secret) = add_client(&s, json!({"roles": ["viewer"]}))?;
     let tv = format!("Bearer {}", client_token(&s, &v, &v_secret, "")?["access_token"].as_str().unwrap_or(""));

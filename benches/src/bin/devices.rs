@@ -248,7 +248,7 @@ fn lookups(n: usize) -> Result<(f64, f64), String> {
     assert_eq!(found, ops);
     let started = Instant::now();
     for k in 0..ops {
-        registry.touch(&ids[k % n], k as i64);
+        registry.touch("default", &ids[k % n], k as i64);
     }
     let touch_rate = ops as f64 / started.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&dir);

@@ -88,7 +88,7 @@ impl BatchObserver for Observer {
                     }
                 }
                 for (d, (la, lo)) in last {
-                    self.0.locate(d, la, lo);
+                    self.0.locate(b.stream.tenant(), d, la, lo);
                 }
             }
             // Events of one device come in runs: one update per run.
@@ -96,7 +96,7 @@ impl BatchObserver for Observer {
             for i in 0..devices.len() {
                 let d = devices.value(i);
                 if last != Some(d) {
-                    self.0.touch(d, now);
+                    self.0.touch(b.stream.tenant(), d, now);
                     last = Some(d);
                 }
             }

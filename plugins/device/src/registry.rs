@@ -430,16 +430,22 @@ impl Registry {
         Ok((self.view(&device), report.credentials.pop()))
     }
 
+    /// The registered device a session is, when the session's principal belongs to the
+    /// device's tenant (a session of another tenant using the id as its client id is not it).
+    fn of_session(&self, session: &Presence) -> Option<Arc<Device>> {
+        self.lookup(session.device()).filter(|d| *d.tenant == *session.principal.tenant)
+    }
+
     /// A session started: the device is online (written to `device_status`).
     pub fn connected(&self, session: &Presence) {
-        let Some(d) = self.lookup(session.device()) else { return };
+        let Some(d) = self.of_session(session) else { return };
         let first = {
             let mut s = self.sessions.lock();
             let n = s.entry(d.id.clone()).or_insert(0);
             *n += 1;
             *n == 1
         };
-        self.touch(&d.id, now_ms());
+        self.touch(&d.tenant, &d.id, now_ms());
         if first {
             self.status_event(&d, "online", "connect", session);
         }
@@ -447,7 +453,7 @@ impl Registry {
 
     /// A session ended: when it was the device's last, the device is offline.
     pub fn disconnected(&self, session: &Presence, reason: &'static str) {
-        let Some(d) = self.lookup(session.device()) else { return };
+        let Some(d) = self.of_session(session) else { return };
         let last = {
             let mut s = self.sessions.lock();
             match s.get_mut(&d.id) {
@@ -489,9 +495,10 @@ impl Registry {
         });
     }
 
-    /// Records that device `id` was seen at `at` (telemetry, a connect).
-    pub fn touch(&self, id: &str, at: i64) {
-        if !self.devices.read().contains_key(id) {
+    /// Records that device `id` was seen at `at` (telemetry of `tenant`, a connect). Data
+    /// of another tenant naming the device (device ids are free text in events) is not its.
+    pub fn touch(&self, tenant: &str, id: &str, at: i64) {
+        if self.devices.read().get(id).is_none_or(|d| d.tenant != tenant) {
             return;
         }
         let mut seen = self.seen.lock();
@@ -508,13 +515,14 @@ impl Registry {
         self.seen_dirty.store(true, Ordering::Relaxed);
     }
 
-    /// A position reported by device `id` (telemetry with `lat` and `lon`): a move of more
-    /// than [`MIN_MOVE_METRES`] becomes its location and a row of `device_location`.
-    pub fn locate(&self, id: &str, lat: f64, lon: f64) {
+    /// A position reported for device `id` in `tenant`'s telemetry (`lat` and `lon`): a
+    /// move of more than [`MIN_MOVE_METRES`] becomes its location and a row of
+    /// `device_location`. Another tenant's data cannot move it.
+    pub fn locate(&self, tenant: &str, id: &str, lat: f64, lon: f64) {
         if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
             return;
         }
-        let Some(d) = self.lookup(id) else { return };
+        let Some(d) = self.lookup(id).filter(|d| d.tenant == tenant) else { return };
         if let Some(l) = d.location {
             let dy = (lat - l.lat) * 110_540.0;
             let dx = (lon - l.lon) * 111_320.0 * ((lat + l.lat) / 2.0).to_radians().cos();
