@@ -65,11 +65,6 @@ impl StreamName {
     pub fn local(&self) -> &str {
         self.0.split_once('/').map_or(&self.0, |(_, n)| n)
     }
-
-    /// Stream `name` of the same tenant.
-    pub fn sibling(&self, name: &str) -> Result<Self> {
-        Self::in_tenant(self.tenant(), name)
-    }
 }
 
 fn validate_stream_name(name: &str) -> Result<()> {
@@ -190,7 +185,6 @@ mod tests {
         assert_eq!((acme.tenant(), acme.local()), ("acme", "telemetry"));
         assert_ne!(acme, plain);
         assert_eq!(StreamName::from_key("acme/telemetry")?, acme);
-        assert_eq!(acme.sibling("alerts")?.as_str(), "acme/alerts");
         assert!(StreamName::from_key("acme/x/y").is_err());
         assert!(StreamName::from_key("../x").is_err());
         assert!(StreamName::in_tenant("Acme", "t").is_err(), "tenant ids are lowercase");

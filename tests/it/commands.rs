@@ -11,13 +11,7 @@ use crate::harness::{Server, TIMEOUT};
 use crate::identity::{call, connect};
 
 fn send(s: &Server, method: &str, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-    let url = s.url(path);
-    let req = if method == "PUT" { s.agent().put(&url) } else { s.agent().post(&url) };
-    let mut resp =
-        req.header("Authorization", &s.bearer()).header("Content-Type", "application/json").send(body.to_string())?;
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string()?;
-    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    s.send_json(method, path, None, body)
 }
 
 fn command(s: &Server, device: &str, body: Value) -> anyhow::Result<(u16, Value)> {
@@ -346,16 +340,7 @@ fn the_twin_is_versioned_pushed_and_reported() -> anyhow::Result<()> {
         let (_, d) = send(&s, "POST", "/api/v1/devices", &json!({"id": id, "level": level}))?;
         secrets.insert(id, d["credentials"]["client_secret"].as_str().unwrap_or("").to_owned());
     }
-    let patch = |id: &str, body: Value| -> anyhow::Result<(u16, Value)> {
-        let mut r = s
-            .agent()
-            .patch(&s.url(&format!("/api/v1/devices/{id}/twin")))
-            .header("Authorization", &s.bearer())
-            .header("Content-Type", "application/json")
-            .send(body.to_string())?;
-        let st = r.status().as_u16();
-        Ok((st, serde_json::from_str(&r.body_mut().read_to_string()?)?))
-    };
+    let patch = |id: &str, body: Value| s.send_json("PATCH", &format!("/api/v1/devices/{id}/twin"), None, &body);
     let twin = |id: &str| -> anyhow::Result<Value> {
         Ok(call(&s, "GET", &format!("/api/v1/devices/{id}/twin"), Some(&s.bearer()), None)?.1)
     };

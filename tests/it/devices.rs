@@ -13,17 +13,7 @@ use crate::identity::{add_client, call, client_token, connect};
 
 /// A request with a JSON body and the admin's token (or `auth`).
 fn send(s: &Server, method: &str, path: &str, auth: Option<&str>, body: &Value) -> anyhow::Result<(u16, Value)> {
-    let auth = auth.map(str::to_owned).unwrap_or_else(|| s.bearer());
-    let url = s.url(path);
-    let req = match method {
-        "PATCH" => s.agent().patch(&url),
-        _ => s.agent().post(&url),
-    };
-    let mut resp =
-        req.header("Authorization", &auth).header("Content-Type", "application/json").send(body.to_string())?;
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string()?;
-    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    s.send_json(method, path, auth, body)
 }
 
 fn secret_of(v: &Value) -> String {

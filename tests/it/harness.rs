@@ -122,17 +122,32 @@ impl Server {
         self.post(path, "application/json", body.to_string().as_bytes())
     }
 
-    /// PUTs JSON with the admin token; the status and the answer as JSON.
-    pub fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let mut resp = self
-            .agent
-            .put(&self.url(path))
-            .header("Content-Type", "application/json")
-            .header("Authorization", self.bearer())
-            .send(body.to_string())?;
+    /// A request with a JSON body (`POST`, `PUT` or `PATCH`) and `auth` (default: the
+    /// admin's token); the status and the answer as JSON (or as a string when it is not).
+    pub fn send_json(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: &Value,
+    ) -> anyhow::Result<(u16, Value)> {
+        let auth = auth.map(str::to_owned).unwrap_or_else(|| self.bearer());
+        let url = self.url(path);
+        let req = match method {
+            "PUT" => self.agent.put(&url),
+            "PATCH" => self.agent.patch(&url),
+            _ => self.agent.post(&url),
+        };
+        let mut resp =
+            req.header("Authorization", &auth).header("Content-Type", "application/json").send(body.to_string())?;
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string()?;
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    }
+
+    /// PUTs JSON with the admin token; the status and the answer as JSON.
+    pub fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        self.send_json("PUT", path, None, body)
     }
 
     pub fn delete(&self, path: &str) -> anyhow::Result<u16> {

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ferrite_engine::auth::{Action, Caller, Resource};
-use ferrite_plugin::{error_response, forbidden};
+use ferrite_plugin::ApiError;
 use serde_json::json;
 
 use crate::error::Error;
@@ -34,15 +34,6 @@ pub struct Services {
 
 type Shared = Services;
 
-/// An error answer (boxed: responses are large).
-pub struct ApiError(Box<Response>);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        *self.0
-    }
-}
-
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let (status, code) = match &e {
@@ -56,13 +47,7 @@ impl From<Error> for ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
         };
-        ApiError(Box::new(error_response(status, code, &e.to_string())))
-    }
-}
-
-impl From<ferrite_engine::auth::Denied> for ApiError {
-    fn from(e: ferrite_engine::auth::Denied) -> Self {
-        ApiError(Box::new(forbidden(&e)))
+        ApiError::new(status, code, &e.to_string())
     }
 }
 

@@ -49,6 +49,38 @@ pub struct CommandRequest {
     pub timeout: Option<u64>,
 }
 
+/// Open commands by id, and their ids per device in the order they were accepted (a
+/// device's subscribe looks at its own commands only).
+#[derive(Default)]
+struct OpenCommands {
+    by_id: HashMap<String, Command>,
+    by_device: HashMap<String, Vec<String>>,
+}
+
+impl OpenCommands {
+    fn insert(&mut self, c: Command) {
+        self.by_device.entry(c.device_id.clone()).or_default().push(c.id.clone());
+        self.by_id.insert(c.id.clone(), c);
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(c) = self.by_id.remove(id)
+            && let Some(ids) = self.by_device.get_mut(&c.device_id)
+        {
+            ids.retain(|i| i != id);
+            if ids.is_empty() {
+                self.by_device.remove(&c.device_id);
+            }
+        }
+    }
+
+    /// `device`'s queued commands, oldest first.
+    fn queued(&self, device: &str) -> Vec<Command> {
+        let ids = self.by_device.get(device).map(Vec::as_slice).unwrap_or_default();
+        ids.iter().filter_map(|id| self.by_id.get(id)).filter(|c| c.status == Status::Queued).cloned().collect()
+    }
+}
+
 /// The actuation service.
 pub struct Actuation {
     store: Store,
@@ -56,24 +88,23 @@ pub struct Actuation {
     writer: crate::store::Writer,
     registry: Arc<Registry>,
     publisher: Arc<dyn TopicPublisher>,
-    events: Arc<dyn EventWriter>,
+    /// The `commands` stream.
+    log: ferrite_plugin::EventLog,
     access: Arc<dyn AccessControl>,
     metrics: Arc<Metrics>,
     /// Device types by (tenant, name).
     types: RwLock<HashMap<(String, String), Arc<DeviceType>>>,
     /// Open commands by id.
-    open: Mutex<HashMap<String, Command>>,
+    open: Mutex<OpenCommands>,
     /// Per device: when its recent commands were accepted (the rate limit's window).
     recent: Mutex<HashMap<String, VecDeque<i64>>>,
     /// Who waits for a command to end (bulk jobs), by command id.
     waiters: Mutex<HashMap<String, tokio::sync::oneshot::Sender<Status>>>,
-    /// Runs deliveries and event writes, whatever thread asks.
-    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Actuation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Actuation").field("open", &self.open.lock().len()).finish()
+        f.debug_struct("Actuation").field("open", &self.open.lock().by_id.len()).finish()
     }
 }
 
@@ -94,7 +125,8 @@ impl Actuation {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>> {
         let types = store.types().await?.into_iter().map(|(t, n, d)| ((t, n), Arc::new(d))).collect();
-        let mut open: HashMap<String, Command> = HashMap::new();
+        // Loaded oldest first, so each device's ids are in the order they were accepted.
+        let mut open = OpenCommands::default();
         for mut c in store.open_commands().await? {
             // A rotation's secret lives only in memory: one a restart interrupted fails, and
             // the device keeps both secrets until a new rotation.
@@ -105,7 +137,7 @@ impl Actuation {
                 store.write(&[], std::slice::from_ref(&c)).await?;
                 continue;
             }
-            open.insert(c.id.clone(), c);
+            open.insert(c);
         }
         let mut recent: HashMap<String, VecDeque<i64>> = HashMap::new();
         for (device, at) in store.accepted_since(now_ms() - 60_000).await? {
@@ -117,14 +149,13 @@ impl Actuation {
             credentials,
             registry,
             publisher,
-            events,
+            log: ferrite_plugin::EventLog::new(events, metrics.clone()),
             access,
             metrics,
             types: RwLock::new(types),
             open: Mutex::new(open),
             recent: Mutex::new(recent),
             waiters: Mutex::new(HashMap::new()),
-            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -185,7 +216,7 @@ impl Actuation {
         let label = format!("{sender} (credential rotation)");
         // Checked first (policy, level, rate), so that a refused rotation stages nothing.
         let mut probe = request.clone();
-        self.check_only(sender, context, tenant, device, &mut probe)?;
+        self.check(sender, context, tenant, device, &mut probe, false)?;
         let secret = self
             .credentials
             .stage(device)
@@ -225,7 +256,7 @@ impl Actuation {
         waiter: Option<tokio::sync::oneshot::Sender<Status>>,
         secret: Option<String>,
     ) -> Result<Command> {
-        match self.check(sender, context, tenant, device, &mut request) {
+        match self.check(sender, context, tenant, device, &mut request, true) {
             Ok(timeout) => {
                 let now = now_ms();
                 let command = Command {
@@ -246,11 +277,11 @@ impl Actuation {
                 if let Some(w) = waiter {
                     self.waiters.lock().insert(command.id.clone(), w);
                 }
-                self.open.lock().insert(command.id.clone(), command.clone());
+                self.open.lock().insert(command.clone());
                 self.metrics.inc("ferrite_commands_total", &[("status", "queued")], 1);
-                self.event(&command, "");
+                self.event(&command);
                 self.flush(device);
-                Ok(self.open.lock().get(&command.id).cloned().unwrap_or(command))
+                Ok(self.open.lock().by_id.get(&command.id).cloned().unwrap_or(command))
             }
             Err(e) => {
                 let reason = match &e {
@@ -266,31 +297,10 @@ impl Actuation {
         }
     }
 
-    /// The checks of [`Actuation::check`] without taking a slot of the rate.
-    fn check_only(
-        &self,
-        sender: &Principal,
-        context: &RequestContext,
-        tenant: &str,
-        device: &str,
-        request: &mut CommandRequest,
-    ) -> Result<Duration> {
-        self.checked(sender, context, tenant, device, request, false)
-    }
-
-    /// Every check a command must pass (taking a slot of the rate); its timeout.
+    /// Every check a command must pass, taking a slot of the rate when `take_slot`; its
+    /// timeout.
+    #[allow(clippy::too_many_arguments)]
     fn check(
-        &self,
-        sender: &Principal,
-        context: &RequestContext,
-        tenant: &str,
-        device: &str,
-        request: &mut CommandRequest,
-    ) -> Result<Duration> {
-        self.checked(sender, context, tenant, device, request, true)
-    }
-
-    fn checked(
         &self,
         sender: &Principal,
         context: &RequestContext,
@@ -369,7 +379,7 @@ impl Actuation {
 
     /// Command `id` of `tenant`.
     pub async fn command(&self, tenant: &str, id: &str) -> Result<Command> {
-        let open = self.open.lock().get(id).cloned();
+        let open = self.open.lock().by_id.get(id).cloned();
         let c = match open {
             Some(c) => Some(c),
             None => self.store.command(id).await?,
@@ -380,21 +390,14 @@ impl Actuation {
     /// Sends every queued command of `device` whose session is subscribed to its commands,
     /// oldest first.
     pub fn flush(self: &Arc<Self>, device: &str) {
-        let mut queued: Vec<Command> = self
-            .open
-            .lock()
-            .values()
-            .filter(|c| c.device_id == device && c.status == Status::Queued)
-            .cloned()
-            .collect();
-        queued.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let queued = self.open.lock().queued(device);
         for c in queued {
             match self.publisher.deliver(device, &topic_of(device), &c.message()) {
                 Ok(acked) => {
                     self.transition(&c.id, Status::Sent, None);
                     let me = self.clone();
                     let id = c.id.clone();
-                    self.runtime.spawn(async move {
+                    self.log.runtime().spawn(async move {
                         match acked.await {
                             Ok(()) => me.transition(&id, Status::Delivered, None),
                             // The session ended first: queued again for the next one.
@@ -412,7 +415,7 @@ impl Actuation {
     pub fn transition(&self, id: &str, status: Status, result: Option<Value>) {
         let changed = {
             let mut open = self.open.lock();
-            let Some(c) = open.get_mut(id) else { return };
+            let Some(c) = open.by_id.get_mut(id) else { return };
             // A late PUBACK does not undo an answer, nor does a lost session.
             let rank = |s: Status| match s {
                 Status::Queued => 0,
@@ -436,7 +439,7 @@ impl Actuation {
             c
         };
         self.metrics.inc("ferrite_commands_total", &[("status", status.as_str())], 1);
-        self.event(&changed, "");
+        self.event(&changed);
         if status.is_final()
             && let Some(w) = self.waiters.lock().remove(id)
         {
@@ -445,7 +448,7 @@ impl Actuation {
         // A rotation ends the old secret when the device confirms, or at its deadline.
         if changed.name == ROTATE && matches!(status, Status::Succeeded | Status::Expired) {
             let (credentials, device) = (self.credentials.clone(), changed.device_id.clone());
-            self.runtime.spawn(async move {
+            self.log.runtime().spawn(async move {
                 match credentials.commit(&device).await {
                     Ok(()) => {
                         tracing::info!(device = %device, "credential rotation committed: the old secret is revoked")
@@ -484,7 +487,7 @@ impl Actuation {
             Some("failed") => Status::Failed,
             other => return refuse("malformed", format!("command {id}: status {other:?} is not succeeded or failed")),
         };
-        match self.open.lock().get(id) {
+        match self.open.lock().by_id.get(id) {
             None => return refuse("unknown_command", format!("a result for command {id:?}, which is not open")),
             Some(c) if c.device_id != device => {
                 return refuse("wrong_device", format!("a result for command {id:?} of device {:?}", c.device_id));
@@ -498,14 +501,14 @@ impl Actuation {
     pub fn expire(&self) -> usize {
         let now = now_ms();
         let due: Vec<String> =
-            self.open.lock().values().filter(|c| c.expires_at <= now).map(|c| c.id.clone()).collect();
+            self.open.lock().by_id.values().filter(|c| c.expires_at <= now).map(|c| c.id.clone()).collect();
         for id in &due {
             self.transition(id, Status::Expired, None);
         }
         due.len()
     }
 
-    fn event(&self, c: &Command, detail: &str) {
+    fn event(&self, c: &Command) {
         let row = serde_json::json!({
             "device_id": c.device_id,
             "ts": c.updated_at,
@@ -513,17 +516,8 @@ impl Actuation {
             "name": c.name,
             "status": c.status.as_str(),
             "sender": c.sender,
-            "detail": detail,
+            "detail": "",
         });
-        let mut line = row.to_string().into_bytes();
-        line.push(b'\n');
-        let write = self.events.write(&c.tenant, COMMANDS_STREAM, line);
-        let metrics = self.metrics.clone();
-        self.runtime.spawn(async move {
-            if let Err(e) = write.await {
-                metrics.inc("ferrite_command_events_dropped_total", &[], 1);
-                tracing::warn!(error = %e, "cannot write a command event");
-            }
-        });
+        self.log.append(&c.tenant, COMMANDS_STREAM, &row, "ferrite_command_events_dropped_total");
     }
 }

@@ -98,11 +98,10 @@ pub struct Twins {
     store: Store,
     registry: Arc<Registry>,
     publisher: Arc<dyn TopicPublisher>,
-    events: Arc<dyn EventWriter>,
+    /// The `device_twin` stream; its runtime runs deliveries and store writes.
+    log: ferrite_plugin::EventLog,
     metrics: Arc<Metrics>,
     twins: Mutex<HashMap<String, Twin>>,
-    /// Runs deliveries, store and event writes, whatever thread asks.
-    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Twins {
@@ -121,8 +120,8 @@ impl Twins {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>> {
         let twins = store.twins().await?.into_iter().collect();
-        let runtime = tokio::runtime::Handle::current();
-        Ok(Arc::new(Self { store, registry, publisher, events, metrics, twins: Mutex::new(twins), runtime }))
+        let log = ferrite_plugin::EventLog::new(events, metrics.clone());
+        Ok(Arc::new(Self { store, registry, publisher, log, metrics, twins: Mutex::new(twins) }))
     }
 
     /// The twin of device `id` of `tenant`.
@@ -176,7 +175,7 @@ impl Twins {
         }
         let topic = format!("devices/{id}/shadow/desired");
         if let Ok(acked) = self.publisher.deliver(id, &topic, &twin.desired_message()) {
-            self.runtime.spawn(async move {
+            self.log.runtime().spawn(async move {
                 let _ = acked.await;
             });
         }
@@ -238,7 +237,7 @@ impl Twins {
         };
         self.event(&device.tenant, &id, "reported", twin.reported_version, &twin.reported);
         let me = self.clone();
-        self.runtime.spawn(async move {
+        self.log.runtime().spawn(async move {
             if let Err(e) = me.store.put_twin(&id, &twin, now_ms()).await {
                 tracing::error!(error = %e, device = %id, "cannot store a reported state");
             }
@@ -253,16 +252,7 @@ impl Twins {
             "version": version,
             "state": Value::Object(state.clone()).to_string(),
         });
-        let mut line = row.to_string().into_bytes();
-        line.push(b'\n');
-        let write = self.events.write(tenant, TWIN_STREAM, line);
-        let metrics = self.metrics.clone();
-        self.runtime.spawn(async move {
-            if let Err(e) = write.await {
-                metrics.inc("ferrite_twin_events_dropped_total", &[], 1);
-                tracing::warn!(error = %e, "cannot write a twin event");
-            }
-        });
+        self.log.append(tenant, TWIN_STREAM, &row, "ferrite_twin_events_dropped_total");
     }
 }
 

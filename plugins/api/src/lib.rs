@@ -4,8 +4,11 @@
 //! `ferrite_engine::plugin` and `ferrite_engine::auth`; this crate adds what needs HTTP
 //! types. See docs/adr/0002-plugins.md.
 
+pub mod events;
 pub mod secret;
 pub mod sql;
+
+pub use events::EventLog;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -84,6 +87,29 @@ pub fn unauthorized(e: &AuthError) -> Response {
 /// HTTP 403 for a policy denial.
 pub fn forbidden(e: &Denied) -> Response {
     error_response(StatusCode::FORBIDDEN, "forbidden", &e.to_string())
+}
+
+/// A plugin handler's error answer, `{"error": {"code", "message"}}` (boxed: responses are
+/// large). A plugin converts its own error enum into it; a policy denial converts to 403.
+pub struct ApiError(Box<Response>);
+
+impl ApiError {
+    /// An answer with `status`, `code` and `message`.
+    pub fn new(status: StatusCode, code: &str, message: &str) -> Self {
+        Self(Box::new(error_response(status, code, message)))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(e: Denied) -> Self {
+        Self(Box::new(forbidden(&e)))
+    }
 }
 
 /// Middleware for the whole HTTP app: an error answer to a request that carried a body says

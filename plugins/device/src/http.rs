@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ferrite_engine::auth::{Action, Caller, Resource};
-use ferrite_plugin::{error_response, forbidden};
+use ferrite_plugin::{ApiError, error_response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -24,15 +24,6 @@ use crate::registry::{Filter, ImportRows, Registry};
 pub const MAX_IMPORT_BYTES: usize = 16 * 1024 * 1024;
 
 type Shared = Arc<Registry>;
-
-/// An error answer (boxed: responses are large).
-pub struct ApiError(Box<Response>);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        *self.0
-    }
-}
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
@@ -46,13 +37,7 @@ impl From<Error> for ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
         };
-        ApiError(Box::new(error_response(status, code, &e.to_string())))
-    }
-}
-
-impl From<ferrite_engine::auth::Denied> for ApiError {
-    fn from(e: ferrite_engine::auth::Denied) -> Self {
-        ApiError(Box::new(forbidden(&e)))
+        ApiError::new(status, code, &e.to_string())
     }
 }
 
@@ -109,11 +94,11 @@ async fn body(body: axum::body::Body, limit: usize) -> Result<bytes::Bytes, ApiE
         }
     }
     if total > limit {
-        return Err(ApiError(Box::new(error_response(
+        return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             &format!("the body is over {limit} bytes; split it into smaller requests"),
-        ))));
+        ));
     }
     Ok(kept.freeze())
 }

@@ -42,11 +42,6 @@ impl DevicePlugin {
         Self { store_url: store_url.to_owned(), registry: Arc::new(OnceLock::new()), flusher: Mutex::new(None) }
     }
 
-    /// The registry, once started.
-    pub fn registry(&self) -> Option<&Arc<Registry>> {
-        self.registry.get()
-    }
-
     /// Where the registry will be once started (for plugins built on it).
     pub fn shared_registry(&self) -> Arc<OnceLock<Arc<Registry>>> {
         self.registry.clone()

@@ -113,10 +113,9 @@ pub struct Registry {
     moved: Mutex<std::collections::HashSet<String>>,
     credentials: Arc<dyn DeviceCredentials>,
     publisher: Arc<dyn TopicPublisher>,
-    events: Arc<dyn EventWriter>,
+    /// `device_status` and `device_location` (written from the engine's shards too).
+    log: ferrite_plugin::EventLog,
     metrics: Arc<Metrics>,
-    /// Runs event writes for callers on threads outside the runtime (the engine's shards).
-    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Registry {
@@ -145,9 +144,8 @@ impl Registry {
             moved: Mutex::new(std::collections::HashSet::new()),
             credentials,
             publisher,
-            events,
+            log: ferrite_plugin::EventLog::new(events, metrics.clone()),
             metrics,
-            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -483,16 +481,7 @@ impl Registry {
             "client_id": session.client_id,
             "source": session.source.map(|s| s.to_string()).unwrap_or_default(),
         });
-        let mut line = event.to_string().into_bytes();
-        line.push(b'\n');
-        let write = self.events.write(&d.tenant, STATUS_STREAM, line);
-        let metrics = self.metrics.clone();
-        self.runtime.spawn(async move {
-            if let Err(e) = write.await {
-                metrics.inc("ferrite_device_status_dropped_total", &[], 1);
-                tracing::warn!(error = %e, "cannot write a device status event");
-            }
-        });
+        self.log.append(&d.tenant, STATUS_STREAM, &event, "ferrite_device_status_dropped_total");
     }
 
     /// Records that device `id` was seen at `at` (telemetry of `tenant`, a connect). Data
@@ -536,17 +525,7 @@ impl Registry {
         self.devices.write().insert(id.to_owned(), Arc::new(next));
         self.moved.lock().insert(id.to_owned());
         let row = serde_json::json!({"device_id": id, "ts": now_ms(), "lat": lat, "lon": lon});
-        let mut line = row.to_string().into_bytes();
-        line.push(b'\n');
-        let write = self.events.write(&d.tenant, LOCATION_STREAM, line);
-        let metrics = self.metrics.clone();
-        // Called on a shard thread: the write runs on the runtime.
-        self.runtime.spawn(async move {
-            if let Err(e) = write.await {
-                metrics.inc("ferrite_device_location_dropped_total", &[], 1);
-                tracing::warn!(error = %e, "cannot write a device location");
-            }
-        });
+        self.log.append(&d.tenant, LOCATION_STREAM, &row, "ferrite_device_location_dropped_total");
     }
 
     /// Writes the last-seen times and positions that changed to the store.
