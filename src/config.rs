@@ -28,6 +28,25 @@ pub struct Config {
     /// Hot-buffer size that triggers an early persist.
     #[serde(deserialize_with = "size")]
     pub hot_buffer_max: usize,
+    /// Whether each hour's small archive files are merged.
+    pub compaction: bool,
+    /// How often compaction, retention and the removal of replaced files run.
+    #[serde(with = "humantime_serde_compat")]
+    pub compaction_interval: Duration,
+    /// How long after an hour ends before its files are merged.
+    #[serde(with = "humantime_serde_compat_zero")]
+    pub compact_after: Duration,
+    /// Files at least this large are not merged.
+    #[serde(deserialize_with = "size")]
+    pub compaction_target_size: usize,
+    /// Most Parquet bytes one merge reads.
+    #[serde(deserialize_with = "size")]
+    pub compaction_max_merge: usize,
+    /// Share of one core compaction may use.
+    pub compaction_cpu: f64,
+    /// How long replaced archive files stay readable for running queries.
+    #[serde(with = "humantime_serde_compat_zero")]
+    pub retired_grace: Duration,
     /// Largest accepted payload (HTTP body or MQTT message).
     #[serde(deserialize_with = "size")]
     pub max_payload: usize,
@@ -104,6 +123,13 @@ impl Default for Config {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             persist_interval: Duration::from_secs(60),
             hot_buffer_max: 512 * 1024 * 1024,
+            compaction: true,
+            compaction_interval: Duration::from_secs(60),
+            compact_after: Duration::from_secs(600),
+            compaction_target_size: 128 * 1024 * 1024,
+            compaction_max_merge: 256 * 1024 * 1024,
+            compaction_cpu: 0.5,
+            retired_grace: Duration::from_secs(600),
             max_payload: 1024 * 1024,
             shards: 0,
             commit_max_rows: 262_144,
@@ -233,6 +259,13 @@ mod tests {
             "http_listen",
             "persist_interval",
             "hot_buffer_max",
+            "compaction",
+            "compaction_interval",
+            "compact_after",
+            "compaction_target_size",
+            "compaction_max_merge",
+            "compaction_cpu",
+            "retired_grace",
             "max_payload",
             "shards",
             "log",

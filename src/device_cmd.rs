@@ -1,4 +1,4 @@
-//! `ferrite device add|import|list|show|disable|enable|approve|rotate|remove`: the device
+//! `ferrite device add|import|list|show|disable|enable|approve|rotate|remove|purge`: the device
 //! registry of a running server, through its HTTP API.
 
 use std::path::PathBuf;
@@ -112,8 +112,19 @@ enum DeviceCommand {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Decommission a device: its credentials are revoked, its data stays.
+    /// Decommission a device: its credentials are revoked; its data stays unless `--purge`.
     Remove {
+        /// Its id.
+        id: String,
+        /// Also delete its rows from every stream of the tenant (the audit trail stays).
+        #[arg(long)]
+        purge: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Delete a device's rows from every stream of the tenant (a data-subject request); the
+    /// device, registered or not, stays as it is.
+    Purge {
         /// Its id.
         id: String,
         #[command(flatten)]
@@ -190,11 +201,15 @@ pub fn device(args: DeviceArgs) -> anyhow::Result<()> {
         DeviceCommand::Enable { id, remote } => act(&remote, &id, "enable"),
         DeviceCommand::Approve { id, remote } => act(&remote, &id, "approve"),
         DeviceCommand::Rotate { id, remote } => act(&remote, &id, "rotate"),
-        DeviceCommand::Remove { id, remote } => {
+        DeviceCommand::Remove { id, purge: false, remote } => {
             remote.call("DELETE", &format!("/api/v1/devices/{id}"), None)?;
             println!("removed {id}");
             Ok(())
         }
+        DeviceCommand::Remove { id, purge: true, remote } => {
+            print(&remote.call("DELETE", &format!("/api/v1/devices/{id}?purge=true"), None)?)
+        }
+        DeviceCommand::Purge { id, remote } => act(&remote, &id, "purge"),
     }
 }
 

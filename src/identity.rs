@@ -9,7 +9,8 @@ use ferrite_actuation::ActuationPlugin;
 use ferrite_device::DevicePlugin;
 use ferrite_engine::auth::{AccessControl, AllowAll};
 use ferrite_engine::plugin::{
-    DeviceCredentials, DeviceQuery, EventWriter, NoCredentials, PluginContext, PluginFuture, WriteFuture,
+    DeviceCredentials, DeviceData, DeviceQuery, EventWriter, NoCredentials, PluginContext, PluginFuture, PurgeReport,
+    WriteFuture,
 };
 use ferrite_engine::system::TableSet;
 use ferrite_engine::{Engine, Metrics, StreamCatalog, StreamName};
@@ -37,6 +38,22 @@ impl EventWriter for IngestWriter {
                 Some(r) => Err(format!("{} events rejected: {}", report.rejected, r.message)),
                 None => Ok(()),
             }
+        })
+    }
+}
+
+/// Erases a device's rows from storage (off the async runtime: it persists and rewrites
+/// files).
+struct ArchiveData(Arc<ferrite_storage::Storage>);
+
+impl DeviceData for ArchiveData {
+    fn purge_device<'a>(&'a self, tenant: &'a str, device: &'a str) -> PluginFuture<'a, Result<PurgeReport, String>> {
+        let (storage, tenant, device) = (self.0.clone(), tenant.to_owned(), device.to_owned());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || storage.purge_device(&tenant, &device))
+                .await
+                .map_err(|e| format!("the purge task failed: {e}"))?
+                .map_err(|e| e.to_string())
         })
     }
 }
@@ -152,6 +169,7 @@ pub async fn start(
         credentials,
         tables: core.tables.clone(),
         queries: Arc::new(SqlDevices(core.query.clone())),
+        data: Arc::new(ArchiveData(core.query.storage().clone())),
         metrics: core.metrics.clone(),
     };
     let devices = DevicePlugin::new(&config.registry_store_url);

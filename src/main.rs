@@ -72,6 +72,27 @@ pub struct ServeArgs {
     /// Hot-buffer size that triggers an early persist (e.g. 512MiB).
     #[arg(long, env = "FERRITE_HOT_BUFFER_MAX")]
     hot_buffer_max: Option<String>,
+    /// Merge each hour's small archive files (true or false).
+    #[arg(long, env = "FERRITE_COMPACTION")]
+    compaction: Option<bool>,
+    /// How often compaction, retention and the removal of replaced files run (e.g. 60s).
+    #[arg(long, env = "FERRITE_COMPACTION_INTERVAL")]
+    compaction_interval: Option<String>,
+    /// How long after an hour ends before its files are merged (e.g. 10m; 0s at once).
+    #[arg(long, env = "FERRITE_COMPACT_AFTER")]
+    compact_after: Option<String>,
+    /// Files at least this large are not merged (e.g. 128MiB).
+    #[arg(long, env = "FERRITE_COMPACTION_TARGET_SIZE")]
+    compaction_target_size: Option<String>,
+    /// Most Parquet bytes one merge reads (e.g. 256MiB).
+    #[arg(long, env = "FERRITE_COMPACTION_MAX_MERGE")]
+    compaction_max_merge: Option<String>,
+    /// Share of one core compaction may use (0.05 to 1.0).
+    #[arg(long, env = "FERRITE_COMPACTION_CPU")]
+    compaction_cpu: Option<f64>,
+    /// How long replaced archive files stay readable for running queries (e.g. 10m; 0s).
+    #[arg(long, env = "FERRITE_RETIRED_GRACE")]
+    retired_grace: Option<String>,
     /// Largest accepted payload (e.g. 1MiB).
     #[arg(long, env = "FERRITE_MAX_PAYLOAD")]
     max_payload: Option<String>,
@@ -181,6 +202,27 @@ impl ServeArgs {
         }
         if let Some(v) = self.hot_buffer_max {
             c.hot_buffer_max = config::parse_size(&v)?;
+        }
+        if let Some(v) = self.compaction {
+            c.compaction = v;
+        }
+        if let Some(v) = self.compaction_interval {
+            c.compaction_interval = config::parse_duration(&v)?;
+        }
+        if let Some(v) = self.compact_after {
+            c.compact_after = config::parse_duration_or_zero(&v)?;
+        }
+        if let Some(v) = self.compaction_target_size {
+            c.compaction_target_size = config::parse_size(&v)?;
+        }
+        if let Some(v) = self.compaction_max_merge {
+            c.compaction_max_merge = config::parse_size(&v)?;
+        }
+        if let Some(v) = self.compaction_cpu {
+            c.compaction_cpu = v;
+        }
+        if let Some(v) = self.retired_grace {
+            c.retired_grace = config::parse_duration_or_zero(&v)?;
         }
         if let Some(v) = self.max_payload {
             c.max_payload = config::parse_size(&v)?;

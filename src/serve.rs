@@ -43,6 +43,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         max_streams: config.max_streams,
         max_fields_per_stream: config.max_fields_per_stream,
     });
+    anyhow::ensure!(
+        (0.05..=1.0).contains(&config.compaction_cpu),
+        "compaction_cpu = {} is out of range: use a share of one core from 0.05 to 1.0",
+        config.compaction_cpu
+    );
     let storage_config = StorageConfig {
         data_dir: config.data_dir.clone(),
         persist_interval: config.persist_interval,
@@ -50,6 +55,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shards,
         archive_url: Some(config.archive_url.clone()).filter(|u| !u.is_empty()),
         health: health.clone(),
+        maintenance: ferrite_storage::MaintenanceConfig {
+            compaction: config.compaction,
+            interval: config.compaction_interval,
+            compact_after: config.compact_after,
+            target_file_bytes: config.compaction_target_size as u64,
+            max_merge_bytes: config.compaction_max_merge as u64,
+            duty: config.compaction_cpu,
+            retired_grace: config.retired_grace,
+        },
     };
     let handle = tokio::runtime::Handle::current();
     let storage = {
@@ -104,6 +118,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let persister = {
         let storage = storage.clone();
         std::thread::Builder::new().name("ferrite-persist".into()).spawn(move || storage.run_persister())?
+    };
+    let maintenance = {
+        let storage = storage.clone();
+        std::thread::Builder::new().name("ferrite-compact".into()).spawn(move || storage.run_maintenance())?
     };
 
     let mqtt_listener = TcpListener::bind(config.mqtt_listen)
@@ -218,8 +236,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         engine.flush()?;
         engine.shutdown();
         storage.stop_persister();
+        storage.stop_maintenance();
         if persister.join().is_err() {
             tracing::error!("the persister thread panicked");
+        }
+        if maintenance.join().is_err() {
+            tracing::error!("the compaction thread panicked");
         }
         Ok(storage.persist()?)
     })

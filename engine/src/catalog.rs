@@ -119,7 +119,23 @@ impl StreamSchema {
 struct CatalogFile {
     version: u32,
     streams: BTreeMap<String, Vec<CatalogField>>,
+    /// Settings per stream key; absent in catalogs written before settings existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    settings: BTreeMap<String, StreamSettings>,
 }
+
+/// A stream's settings other than its schema, set by a rule file's `stream` declaration or
+/// through the API; a stream may have settings before it has data.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamSettings {
+    /// How long rows are kept, by event time, in seconds; `None` keeps them for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_secs: Option<u64>,
+}
+
+/// The shortest retention: the archive is partitioned by hour, and a retention drops whole
+/// hours.
+pub const MIN_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Serialize, Deserialize)]
 struct CatalogField {
@@ -133,6 +149,8 @@ struct CatalogField {
 pub struct StreamCatalog {
     path: Option<PathBuf>,
     streams: RwLock<BTreeMap<StreamName, Arc<StreamSchema>>>,
+    /// Lock order: `streams` before `settings`.
+    settings: RwLock<BTreeMap<StreamName, StreamSettings>>,
     limits: RwLock<CatalogLimits>,
 }
 
@@ -145,12 +163,18 @@ impl std::fmt::Debug for StreamCatalog {
 impl StreamCatalog {
     /// A catalog kept only in memory (tests, tools).
     pub fn in_memory() -> Self {
-        Self { path: None, streams: RwLock::new(BTreeMap::new()), limits: RwLock::default() }
+        Self {
+            path: None,
+            streams: RwLock::new(BTreeMap::new()),
+            settings: RwLock::default(),
+            limits: RwLock::default(),
+        }
     }
 
     /// Opens (or creates) the catalog stored at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         let mut streams = BTreeMap::new();
+        let mut settings = BTreeMap::new();
         match std::fs::read(path) {
             Ok(bytes) => {
                 let file: CatalogFile = serde_json::from_slice(&bytes)
@@ -163,11 +187,23 @@ impl StreamCatalog {
                     let fields = fields.into_iter().map(|f| (Arc::from(f.name.as_str()), f.ty)).collect();
                     streams.insert(stream.clone(), Arc::new(StreamSchema::new(stream, fields, 1)));
                 }
+                for (name, set) in file.settings {
+                    let stream = StreamName::from_key(&name).map_err(|e| Error::CatalogCorrupt {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                    settings.insert(stream, set);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(Error::CatalogIo { path: path.display().to_string(), source }),
         }
-        Ok(Self { path: Some(path.to_owned()), streams: RwLock::new(streams), limits: RwLock::default() })
+        Ok(Self {
+            path: Some(path.to_owned()),
+            streams: RwLock::new(streams),
+            settings: RwLock::new(settings),
+            limits: RwLock::default(),
+        })
     }
 
     /// Sets the bounds on streams and fields (existing ones over them stay).
@@ -263,9 +299,65 @@ impl StreamCatalog {
         Ok((next, proposed))
     }
 
+    /// The settings of `stream` (defaults when none were set).
+    pub fn settings(&self, stream: &StreamName) -> StreamSettings {
+        self.settings.read().get(stream).cloned().unwrap_or_default()
+    }
+
+    /// How long `stream` keeps rows; `None` for ever.
+    pub fn retention(&self, stream: &StreamName) -> Option<std::time::Duration> {
+        self.settings.read().get(stream).and_then(|s| s.retention_secs).map(std::time::Duration::from_secs)
+    }
+
+    /// Every stream with a retention, and that retention.
+    pub fn retentions(&self) -> Vec<(StreamName, std::time::Duration)> {
+        let settings = self.settings.read();
+        settings
+            .iter()
+            .filter_map(|(k, s)| s.retention_secs.map(|r| (k.clone(), std::time::Duration::from_secs(r))))
+            .collect()
+    }
+
+    /// Sets (or with `None` removes) the retention of `stream`, durably. A retention under
+    /// [`MIN_RETENTION`] is refused.
+    pub fn set_retention(&self, stream: &StreamName, retention: Option<std::time::Duration>) -> Result<()> {
+        if let Some(r) = retention
+            && r < MIN_RETENTION
+        {
+            return Err(Error::InvalidSetting {
+                stream: stream.to_string(),
+                message: format!(
+                    "retention {} is shorter than the archive's hour partitions; use at least 1h",
+                    crate::clock::format_duration(r)
+                ),
+            });
+        }
+        let streams = self.streams.write();
+        let mut settings = self.settings.write();
+        let before = settings.get(stream).cloned();
+        let entry = settings.entry(stream.clone()).or_default();
+        entry.retention_secs = retention.map(|r| r.as_secs());
+        if *entry == StreamSettings::default() {
+            settings.remove(stream);
+        }
+        drop(settings);
+        if let Err(e) = self.persist(&streams) {
+            let mut settings = self.settings.write();
+            match before {
+                Some(b) => settings.insert(stream.clone(), b),
+                None => settings.remove(stream),
+            };
+            return Err(e);
+        }
+        tracing::info!(stream = %stream, retention = ?retention, "stream retention set");
+        Ok(())
+    }
+
     fn persist(&self, streams: &BTreeMap<StreamName, Arc<StreamSchema>>) -> Result<()> {
         let Some(path) = &self.path else { return Ok(()) };
+        let settings = self.settings.read().iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         let file = CatalogFile {
+            settings,
             version: 1,
             streams: streams
                 .iter()

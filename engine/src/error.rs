@@ -106,6 +106,14 @@ pub enum Error {
     /// Committing a batch to storage failed.
     #[error("commit failed: {0}")]
     Commit(String),
+    /// A stream setting is not acceptable.
+    #[error("stream `{stream}`: {message}")]
+    InvalidSetting {
+        /// The stream.
+        stream: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
 }
 
 /// Printable name of a field type, used in error messages.
@@ -121,7 +129,8 @@ impl Error {
             | Error::TypeConflict { .. }
             | Error::InvalidFieldName { .. }
             | Error::TooManyFields { .. }
-            | Error::TooManyStreams { .. } => ErrorClass::User,
+            | Error::TooManyStreams { .. }
+            | Error::InvalidSetting { .. } => ErrorClass::User,
             Error::CatalogIo { .. } | Error::Commit(_) | Error::ShuttingDown => ErrorClass::External,
             Error::CatalogCorrupt { .. } | Error::Arrow(_) => ErrorClass::Internal,
         }

@@ -184,6 +184,36 @@ pub trait DeviceQuery: Send + Sync {
     fn device_ids<'a>(&'a self, tenant: &'a str, sql: &'a str) -> PluginFuture<'a, Result<Vec<String>, String>>;
 }
 
+/// What erasing one device's data did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PurgeReport {
+    /// The device.
+    pub device_id: String,
+    /// Streams that held rows of it.
+    pub streams: Vec<String>,
+    /// Rows deleted.
+    pub rows_deleted: u64,
+    /// Archive files rewritten without the rows (or dropped when nothing else was in them).
+    pub files_rewritten: u64,
+}
+
+/// Erases a device's data (every stream of its tenant but `audit`): the archive files that
+/// hold it are rewritten without it, atomically.
+pub trait DeviceData: Send + Sync {
+    /// Deletes every row of `device` in `tenant`'s streams, received before the call.
+    fn purge_device<'a>(&'a self, tenant: &'a str, device: &'a str) -> PluginFuture<'a, Result<PurgeReport, String>>;
+}
+
+/// [`DeviceData`] without storage (tools): refuses.
+#[derive(Debug, Default)]
+pub struct NoDeviceData;
+
+impl DeviceData for NoDeviceData {
+    fn purge_device<'a>(&'a self, _: &'a str, _: &'a str) -> PluginFuture<'a, Result<PurgeReport, String>> {
+        Box::pin(async { Err("this process has no storage to purge data from; purge through the server".to_owned()) })
+    }
+}
+
 /// Everything a plugin is given when it starts.
 #[derive(Clone)]
 pub struct PluginContext {
@@ -206,6 +236,8 @@ pub struct PluginContext {
     pub tables: Arc<crate::system::TableSet>,
     /// SQL over a tenant's tables, for plugins that target devices by a query.
     pub queries: Arc<dyn DeviceQuery>,
+    /// Erases a device's data (decommission with purge, data-subject requests).
+    pub data: Arc<dyn DeviceData>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
 }

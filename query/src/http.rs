@@ -8,15 +8,17 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Extension, Json};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use ferrite_engine::ErrorClass;
 use ferrite_engine::auth::{AUDIT_STREAM, Action, Caller, Resource};
+use ferrite_engine::clock::{format_duration, parse_duration};
+use ferrite_engine::{ErrorClass, StreamName};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -42,7 +44,11 @@ fn scope(caller: &Caller) -> Result<Scope, ApiError> {
 /// The query routes, to merge into the server's router behind authentication (they need
 /// the request's [`Caller`]).
 pub fn router(service: Arc<QueryService>) -> Router {
-    Router::new().route("/api/v1/sql", post(post_sql)).route("/api/v1/streams", get(get_streams)).with_state(service)
+    Router::new()
+        .route("/api/v1/sql", post(post_sql))
+        .route("/api/v1/streams", get(get_streams))
+        .route("/api/v1/streams/{stream}/retention", put(put_retention))
+        .with_state(service)
 }
 
 /// `{"error": {"code", "message"}}` with a fitting status.
@@ -190,7 +196,7 @@ async fn get_streams(State(service): State<Arc<QueryService>>, Extension(caller)
         .iter()
         .filter(|s| !scope.hidden.iter().any(|h| h == s.name.local()))
         .map(|s| {
-            let (hot, archived) = stats.get(s.name.as_str()).copied().unwrap_or((0, 0));
+            let st = stats.get(s.name.as_str()).copied().unwrap_or_default();
             let columns: Vec<serde_json::Value> = s
                 .arrow
                 .fields()
@@ -204,8 +210,65 @@ async fn get_streams(State(service): State<Arc<QueryService>>, Extension(caller)
                     json!({"name": f.name(), "type": ty, "nullable": f.is_nullable()})
                 })
                 .collect();
-            json!({"name": s.name.local(), "columns": columns, "rows": {"hot": hot, "archived": archived}})
+            let retention = service.catalog().retention(&s.name).map(format_duration);
+            json!({
+                "name": s.name.local(),
+                "columns": columns,
+                "rows": {"hot": st.hot_rows, "archived": st.archived_rows},
+                "archive": {"files": st.files, "bytes": st.archived_bytes},
+                "retention": retention,
+            })
         })
         .collect();
     Json(json!({ "streams": streams })).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionRequest {
+    /// `"90d"`, or `null` to keep rows for ever.
+    retention: Option<String>,
+}
+
+/// `PUT /api/v1/streams/{stream}/retention` `{"retention": "90d" | null}`: a stream setting,
+/// like a rule file's `stream NAME { retention 90d }`; needs `manage_rules` on the tenant.
+async fn put_retention(
+    State(service): State<Arc<QueryService>>,
+    Extension(caller): Extension<Caller>,
+    Path(stream): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let tenant = caller.tenant();
+    if let Err(e) = caller.check(Action::ManageRules, &Resource::tenant(tenant)) {
+        return ApiError(StatusCode::FORBIDDEN, "forbidden", e.to_string()).into_response();
+    }
+    let name = match StreamName::in_tenant(tenant, &stream) {
+        Ok(n) => n,
+        Err(e) => return ApiError(StatusCode::BAD_REQUEST, "invalid_stream_name", e.to_string()).into_response(),
+    };
+    let request: RetentionRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("expected a JSON body {{\"retention\": \"90d\"}} (or null for ever): {e}");
+            return ApiError(StatusCode::BAD_REQUEST, "bad_request", msg).into_response();
+        }
+    };
+    let retention = match request.retention.as_deref().map(|t| (t, parse_duration(t.trim()))) {
+        None => None,
+        Some((_, Some(d))) => Some(d),
+        Some((t, None)) => {
+            let msg = format!("retention {t:?} is not a duration: write e.g. \"90d\", \"36h\" or \"1h30m\"");
+            return ApiError(StatusCode::BAD_REQUEST, "invalid_retention", msg).into_response();
+        }
+    };
+    if let Err(e) = service.catalog().set_retention(&name, retention) {
+        let status =
+            if e.class() == ErrorClass::User { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
+        return ApiError(status, "invalid_retention", e.to_string()).into_response();
+    }
+    caller.record(
+        "stream_retention_set",
+        &format!("{}: {}", name.local(), retention.map_or("none".into(), format_duration)),
+    );
+    Json(json!({"name": name.local(), "retention": retention.map(format_duration)})).into_response()
 }

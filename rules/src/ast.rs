@@ -49,6 +49,8 @@ pub struct StreamDecl {
     pub lateness: Option<Duration>,
     /// `time processing`: use the arrival time instead of the event time.
     pub processing_time: bool,
+    /// `retention 90d`: how long the stream's rows are kept (by event time).
+    pub retention: Option<Duration>,
 }
 
 /// A static table for enrichment joins.

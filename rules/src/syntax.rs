@@ -46,35 +46,7 @@ pub fn parse(source: &str) -> Result<RuleFile, Vec<Diagnostic>> {
     if errors.is_empty() { Ok(file) } else { Err(errors) }
 }
 
-/// Parses a duration such as `500ms`, `10s`, `5m`, `1h30m` or `2d`.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-        if digits == 0 {
-            return None;
-        }
-        let n: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" | "min" => Duration::from_secs(n.checked_mul(60)?),
-            "h" => Duration::from_secs(n.checked_mul(3600)?),
-            "d" => Duration::from_secs(n.checked_mul(86_400)?),
-            _ => return None,
-        };
-        total = total.checked_add(d)?;
-    }
-    Some(total)
-}
+pub use ferrite_engine::clock::parse_duration;
 
 struct Parser<'a> {
     src: &'a str,
@@ -391,8 +363,8 @@ impl<'a> Parser<'a> {
 
     fn stream_decl(&mut self) -> PResult<StreamDecl> {
         let name = self.ident("a stream name")?;
-        let mut decl = StreamDecl { name, max_delay: None, lateness: None, processing_time: false };
-        self.expect_char('{', "write `stream NAME { max_delay 5s lateness 1m }`")?;
+        let mut decl = StreamDecl { name, max_delay: None, lateness: None, processing_time: false, retention: None };
+        self.expect_char('{', "write `stream NAME { max_delay 5s lateness 1m retention 90d }`")?;
         loop {
             self.skip_trivia();
             if self.eat_char('}') {
@@ -402,6 +374,14 @@ impl<'a> Parser<'a> {
             match self.word().as_deref() {
                 Some("max_delay") => decl.max_delay = Some(self.duration()?.value),
                 Some("lateness") => decl.lateness = Some(self.duration()?.value),
+                Some("retention") => {
+                    let d = self.duration()?;
+                    if d.value < ferrite_engine::catalog::MIN_RETENTION {
+                        return Err(Diagnostic::new(d.span, "a retention shorter than an hour")
+                            .with_hint("the archive drops whole hours: write at least `retention 1h`"));
+                    }
+                    decl.retention = Some(d.value);
+                }
                 Some("time") => match self.word_after_trivia().as_deref() {
                     Some("event") => decl.processing_time = false,
                     Some("processing") => decl.processing_time = true,
@@ -409,9 +389,10 @@ impl<'a> Parser<'a> {
                 },
                 _ => {
                     self.pos = start;
-                    return Err(self
-                        .unexpected("a stream setting")
-                        .with_hint("settings are `max_delay DURATION`, `lateness DURATION`, `time event|processing`"));
+                    return Err(self.unexpected("a stream setting").with_hint(
+                        "settings are `max_delay DURATION`, `lateness DURATION`, `time event|processing`, \
+                         `retention DURATION`",
+                    ));
                 }
             }
         }

@@ -45,7 +45,8 @@ pub struct HourChunk {
     pub batch: RecordBatch,
 }
 
-const NS_PER_HOUR: i64 = 3_600_000_000_000;
+/// Nanoseconds in an hour: the archive's partition size.
+pub const NS_PER_HOUR: i64 = 3_600_000_000_000;
 
 /// Sorts `batch` by (`device_id`, `time`) and splits it by event-time hour.
 pub fn split_by_hour(batch: &RecordBatch) -> Result<Vec<HourChunk>> {

@@ -36,6 +36,10 @@ pub enum Error {
     /// The archive location is not supported.
     #[error("archive url `{0}` is not supported (use a directory, file:///dir or s3://bucket/prefix)")]
     UnsupportedArchive(String),
+    /// Archive files changed under a rewrite (compaction, retention, purge); nothing was
+    /// swapped, the next pass retries.
+    #[error("archive rewrite abandoned: {0}")]
+    Conflict(String),
     /// An engine error (catalog).
     #[error(transparent)]
     Engine(#[from] ferrite_engine::Error),
@@ -45,7 +49,7 @@ impl Error {
     /// Classifies this error for status codes and retries.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Io { .. } | Error::ObjectStore(_) => ErrorClass::External,
+            Error::Io { .. } | Error::ObjectStore(_) | Error::Conflict(_) => ErrorClass::External,
             Error::UnsupportedArchive(_) => ErrorClass::User,
             Error::Engine(e) => e.class(),
             Error::Parquet(_) | Error::Arrow(_) | Error::CorruptCatalog { .. } => ErrorClass::Internal,

@@ -27,6 +27,7 @@
 pub mod archive;
 pub mod error;
 pub mod file_catalog;
+pub mod maintenance;
 pub mod wal;
 
 use std::collections::{BTreeMap, HashMap};
@@ -47,6 +48,7 @@ pub use archive::ArchivedFile;
 use error::io;
 pub use error::{Error, Result};
 use file_catalog::FileCatalog;
+pub use maintenance::{CompactionReport, MaintenanceConfig};
 use wal::WalWriter;
 
 /// Settings of storage.
@@ -66,6 +68,8 @@ pub struct StorageConfig {
     pub archive_url: Option<String>,
     /// Where storage reports failing persists and commits and the overload flag.
     pub health: Arc<Health>,
+    /// Compaction, retention and retired files.
+    pub maintenance: MaintenanceConfig,
 }
 
 /// The hot buffer's hard bound, as a multiple of [`StorageConfig::hot_max_bytes`]: past
@@ -81,6 +85,7 @@ impl Default for StorageConfig {
             shards: 1,
             archive_url: None,
             health: Arc::new(Health::new()),
+            maintenance: MaintenanceConfig::default(),
         }
     }
 }
@@ -91,7 +96,22 @@ struct HotBatch {
     seq: u64,
     /// WAL epoch of the rows (see [`WalWriter::epoch`]); only batches of one epoch merge.
     epoch: u64,
+    /// Oldest `time` of the rows (ns), so that a retention's horizon filters only batches
+    /// that reach past it.
+    min_time: i64,
     batch: RecordBatch,
+}
+
+impl HotBatch {
+    fn new(shard: u32, seq: u64, epoch: u64, batch: RecordBatch) -> Self {
+        let min_time = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::TimestampNanosecondArray>()
+            .and_then(arrow::compute::min)
+            .unwrap_or(i64::MIN);
+        Self { shard, seq, epoch, min_time, batch }
+    }
 }
 
 /// Batches under this many rows are "small": many small ones in a row get merged.
@@ -132,7 +152,8 @@ impl StreamData {
             let batch = concat_batches(&schema, &aligned)?;
             delta += batch.get_array_memory_size() as isize;
             let seq = tail.iter().map(|h| h.seq).max().unwrap_or(0);
-            self.hot.push(HotBatch { shard, seq, epoch, batch });
+            let min_time = tail.iter().map(|h| h.min_time).min().unwrap_or(i64::MIN);
+            self.hot.push(HotBatch { shard, seq, epoch, min_time, batch });
         }
         Ok(delta)
     }
@@ -154,6 +175,19 @@ pub struct StreamSnapshot {
     pub files: Vec<ArchivedFile>,
 }
 
+/// How much of a stream is where.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Rows in the hot buffer.
+    pub hot_rows: usize,
+    /// Rows in archive files (including hours past a retention not yet dropped).
+    pub archived_rows: u64,
+    /// Archive files.
+    pub files: usize,
+    /// Bytes of archive files.
+    pub archived_bytes: u64,
+}
+
 /// The storage service: implements [`ShardStore`] for the engine and serves snapshots to
 /// the query layer.
 pub struct Storage {
@@ -170,7 +204,13 @@ pub struct Storage {
     local_root: Option<PathBuf>,
     hot_bytes: AtomicUsize,
     persist_lock: Mutex<()>,
+    /// One rewrite of archive files (compaction, retention, purge) at a time; taken before
+    /// `persist_lock`.
+    rewrite_lock: Mutex<()>,
+    /// Files moved to `_retired/`, and when.
+    retired: Mutex<Vec<(String, Instant)>>,
     wake: (Mutex<bool>, Condvar),
+    maintenance_stop: (Mutex<bool>, Condvar),
     runtime: tokio::runtime::Handle,
     #[cfg(test)]
     test: TestHooks,
@@ -184,6 +224,8 @@ struct TestHooks {
     fail_stream: Mutex<Option<String>>,
     /// What the persister did, in order: `sync file …`, `sync dir …`, `catalog`.
     events: Mutex<Vec<String>>,
+    /// A rewrite stops here as a crash would (no cleanup).
+    crash_at: Mutex<Option<maintenance::CrashPoint>>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -259,12 +301,12 @@ impl Storage {
                         continue;
                     }
                     replayed += entry.batch.num_rows();
-                    hot_bytes += streams.entry(entry.batch.stream.clone()).or_default().write().push(HotBatch {
+                    hot_bytes += streams.entry(entry.batch.stream.clone()).or_default().write().push(HotBatch::new(
                         shard,
-                        seq: entry.seq,
-                        epoch: 0,
-                        batch: entry.batch.batch,
-                    })?;
+                        entry.seq,
+                        0,
+                        entry.batch.batch,
+                    ))?;
                 }
             }
             wals.push(Mutex::new(WalWriter::open(&dir, last + 1)?));
@@ -287,7 +329,10 @@ impl Storage {
             local_root,
             hot_bytes: AtomicUsize::new(hot_bytes),
             persist_lock: Mutex::new(()),
+            rewrite_lock: Mutex::new(()),
+            retired: Mutex::new(Vec::new()),
             wake: (Mutex::new(false), Condvar::new()),
+            maintenance_stop: (Mutex::new(false), Condvar::new()),
             runtime,
             #[cfg(test)]
             test: TestHooks::default(),
@@ -296,7 +341,14 @@ impl Storage {
         if swept > 0 {
             tracing::warn!(
                 files = swept,
-                "removed archive files that no catalog names (left by a failed or interrupted persist)"
+                "removed archive files that no catalog names (left by a failed or interrupted persist or rewrite)"
+            );
+        }
+        let retired = storage.clear_retired()?;
+        if retired > 0 {
+            tracing::info!(
+                files = retired,
+                "removed files replaced by compaction, retention or purge before the last stop"
             );
         }
         Ok(storage)
@@ -354,9 +406,10 @@ impl Storage {
         }
     }
 
-    /// The object store holding the archive.
+    /// The object store holding the archive, as queries read it: files replaced after a
+    /// query listed them are still found (see [`maintenance::RetiredFallback`]).
     pub fn object_store(&self) -> Arc<dyn ObjectStore> {
-        self.store.clone()
+        Arc::new(maintenance::RetiredFallback::new(self.store.clone()))
     }
 
     /// Where the archive is: a local directory or the URL it was configured with.
@@ -374,11 +427,32 @@ impl Storage {
         self.hot_bytes.load(Ordering::Relaxed)
     }
 
-    /// A consistent view of `stream`: hot rows and archive files, disjoint.
+    /// A consistent view of `stream`: hot rows and archive files, disjoint. With a
+    /// retention, nothing older than its horizon (whole hours) is in it.
     pub fn snapshot(&self, stream: &StreamName) -> StreamSnapshot {
         let Some(data) = self.streams.read().get(stream).cloned() else { return StreamSnapshot::default() };
+        let horizon = self.catalog.retention(stream).map(|r| {
+            let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+            maintenance::horizon(now, r)
+        });
         let d = data.read();
-        StreamSnapshot { hot: d.hot.iter().map(|h| h.batch.clone()).collect(), files: d.files.clone() }
+        let Some(h) = horizon else {
+            return StreamSnapshot { hot: d.hot.iter().map(|h| h.batch.clone()).collect(), files: d.files.clone() };
+        };
+        let mut hot = Vec::with_capacity(d.hot.len());
+        for b in &d.hot {
+            if b.min_time >= h {
+                hot.push(b.batch.clone());
+            } else {
+                match maintenance::rows_from(&b.batch, h) {
+                    Ok(kept) if kept.num_rows() > 0 => hot.push(kept),
+                    Ok(_) => {}
+                    // Cannot happen for a valid batch; answering too much beats losing rows.
+                    Err(_) => hot.push(b.batch.clone()),
+                }
+            }
+        }
+        StreamSnapshot { hot, files: d.files.iter().filter(|f| f.max_time >= h).cloned().collect() }
     }
 
     fn stream_data(&self, stream: &StreamName) -> Arc<RwLock<StreamData>> {
@@ -518,27 +592,27 @@ impl Storage {
         let all = concat_batches(&schema, &aligned)?;
         let mut out = Vec::new();
         for chunk in archive::split_by_hour(&all)? {
-            let (bytes, mut file) = archive::encode(&chunk)?;
-            let unique =
-                format!("{:019}-{:08x}.parquet", chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0), rand_u32());
-            file.path =
-                format!("{}/{}/{}/{}", name.tenant(), name.local(), archive::partition_dir(chunk.hour_start), unique);
-            let size = bytes.len() as u64;
-            // Readers only learn of the file from the catalog, committed after this returns.
-            // An S3 PUT is atomic and durable when it answers; a local file is written under
-            // a temporary name, fsynced, renamed into place, and its directory fsynced.
-            match &self.local_root {
-                Some(root) => self.write_local(root, &file.path, &bytes)?,
-                None => {
-                    let location = ObjectPath::from(file.path.as_str());
-                    self.runtime.block_on(self.store.put(&location, bytes.into()))?;
-                }
-            }
+            let file = self.write_chunk(name, &chunk)?;
             self.metrics.inc("ferrite_persisted_rows_total", &[("stream", name.as_str())], file.rows);
-            self.metrics.inc("ferrite_persisted_bytes_total", &[("stream", name.as_str())], size);
+            self.metrics.inc("ferrite_persisted_bytes_total", &[("stream", name.as_str())], file.size);
             out.push(file);
         }
         Ok(out)
+    }
+
+    /// Puts `bytes` at `path` in the archive durably. Readers only learn of the file from
+    /// the catalog, committed after this returns. An S3 PUT is atomic and durable when it
+    /// answers; a local file is written under a temporary name, fsynced, renamed into place,
+    /// and its directory fsynced.
+    fn put_archived(&self, path: &str, bytes: Vec<u8>) -> Result<()> {
+        match &self.local_root {
+            Some(root) => self.write_local(root, path, &bytes),
+            None => {
+                let location = ObjectPath::from(path);
+                self.runtime.block_on(self.store.put(&location, bytes.into()))?;
+                Ok(())
+            }
+        }
     }
 
     /// Writes `bytes` to `root/rel` durably: temporary file, fsync, rename, then fsync of
@@ -619,14 +693,20 @@ impl Storage {
         v
     }
 
-    /// Row counts per stream (hot, archived), for the API.
-    pub fn stats(&self) -> BTreeMap<String, (usize, u64)> {
+    /// Rows and files per stream, for the API.
+    pub fn stats(&self) -> BTreeMap<String, StreamStats> {
         self.streams
             .read()
             .iter()
             .map(|(k, v)| {
                 let d = v.read();
-                (k.to_string(), (d.hot.iter().map(|h| h.batch.num_rows()).sum(), d.files.iter().map(|f| f.rows).sum()))
+                let stats = StreamStats {
+                    hot_rows: d.hot.iter().map(|h| h.batch.num_rows()).sum(),
+                    archived_rows: d.files.iter().map(|f| f.rows).sum(),
+                    files: d.files.len(),
+                    archived_bytes: d.files.iter().map(|f| f.size).sum(),
+                };
+                (k.to_string(), stats)
             })
             .collect()
     }
@@ -713,7 +793,7 @@ impl ShardStore for Storage {
         let epoch = w.epoch();
         let mut added: isize = 0;
         for (sb, seq) in group.iter().zip(seqs) {
-            let hb = HotBatch { shard: shard as u32, seq, epoch, batch: sb.batch.clone() };
+            let hb = HotBatch::new(shard as u32, seq, epoch, sb.batch.clone());
             added += self.stream_data(&sb.stream).write().push(hb).map_err(|e| e.to_string())?;
         }
         drop(w);
@@ -743,14 +823,14 @@ mod tests {
     use arrow::array::{Float64Array, StringArray, TimestampNanosecondArray};
     use ferrite_engine::FieldType;
 
-    struct Env {
+    pub(crate) struct Env {
         _rt: tokio::runtime::Runtime,
         handle: tokio::runtime::Handle,
-        dir: tempfile::TempDir,
-        catalog: Arc<StreamCatalog>,
+        pub(crate) dir: tempfile::TempDir,
+        pub(crate) catalog: Arc<StreamCatalog>,
     }
 
-    fn env() -> anyhow::Result<Env> {
+    pub(crate) fn env() -> anyhow::Result<Env> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let handle = rt.handle().clone();
         let catalog = Arc::new(StreamCatalog::in_memory());
@@ -759,12 +839,12 @@ mod tests {
     }
 
     impl Env {
-        fn open(&self, shards: usize) -> anyhow::Result<Arc<Storage>> {
+        pub(crate) fn open(&self, shards: usize) -> anyhow::Result<Arc<Storage>> {
             let config = StorageConfig { data_dir: self.dir.path().to_owned(), shards, ..StorageConfig::default() };
             self.open_with(config)
         }
 
-        fn open_with(&self, config: StorageConfig) -> anyhow::Result<Arc<Storage>> {
+        pub(crate) fn open_with(&self, config: StorageConfig) -> anyhow::Result<Arc<Storage>> {
             Ok(Storage::open(config, self.catalog.clone(), Arc::new(Metrics::new()), self.handle.clone())?)
         }
 
@@ -772,7 +852,7 @@ mod tests {
             self.batch_of("t", from, n)
         }
 
-        fn batch_of(&self, stream: &str, from: usize, n: usize) -> anyhow::Result<StreamBatch> {
+        pub(crate) fn batch_of(&self, stream: &str, from: usize, n: usize) -> anyhow::Result<StreamBatch> {
             let s = StreamName::new(stream)?;
             self.catalog.resolve_field(&s, "v", FieldType::Float)?;
             let schema = self.catalog.get(&s).map(|x| x.arrow.clone()).ok_or_else(|| anyhow::anyhow!("schema"))?;
@@ -895,7 +975,7 @@ mod tests {
         Ok(())
     }
 
-    fn commit(s: &Storage, b: StreamBatch) -> anyhow::Result<()> {
+    pub(crate) fn commit(s: &Storage, b: StreamBatch) -> anyhow::Result<()> {
         s.commit(0, &[b]).map_err(anyhow::Error::msg)
     }
 
@@ -1021,7 +1101,7 @@ mod tests {
         Ok(())
     }
 
-    fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    pub(crate) fn parquet_files(dir: &Path) -> Vec<PathBuf> {
         let mut out = Vec::new();
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {

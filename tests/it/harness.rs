@@ -154,6 +154,14 @@ impl Server {
         Ok(self.agent.delete(&self.url(path)).header("Authorization", self.bearer()).call()?.status().as_u16())
     }
 
+    /// `DELETE path` and its answer's status and JSON body (`null` when empty).
+    pub fn delete_json(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let mut resp = self.agent.delete(&self.url(path)).header("Authorization", self.bearer()).call()?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string()?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         let mut resp = self.agent.get(&self.url(path)).header("Authorization", self.bearer()).call()?;
         Ok((resp.status().as_u16(), resp.body_mut().read_to_string()?))

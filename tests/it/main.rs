@@ -3,6 +3,7 @@
 //! the parquet crate, and DuckDB/pyarrow/polars when installed).
 
 mod archive;
+mod archive_lifecycle;
 mod commands;
 mod devices;
 mod durability;

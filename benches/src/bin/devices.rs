@@ -224,6 +224,7 @@ fn lookups(n: usize) -> Result<(f64, f64), String> {
             Arc::new(NoCredentials),
             Arc::new(Nowhere),
             Arc::new(Nowhere),
+            Arc::new(ferrite_engine::plugin::NoDeviceData),
             Arc::new(Metrics::new()),
         )
         .await

@@ -18,6 +18,9 @@ pub enum Error {
     /// The identity service refused or failed to issue, rotate or revoke credentials.
     #[error("credentials: {0}")]
     Credentials(String),
+    /// Erasing a device's data failed (nothing of the failed stream was changed): 500.
+    #[error("purging the device's data: {0}")]
+    Purge(String),
 }
 
 /// The plugin's results.

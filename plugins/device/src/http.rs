@@ -32,6 +32,10 @@ impl From<Error> for ApiError {
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Error::Credentials(_) => (StatusCode::BAD_REQUEST, "credentials"),
+            Error::Purge(_) => {
+                tracing::error!(error = %e, "purging a device's data failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "purge_failed")
+            }
             Error::Store(_) => {
                 tracing::error!(error = %e, "device registry failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
@@ -177,11 +181,41 @@ async fn change(
     Ok(axum::Json(view).into_response())
 }
 
-async fn remove(State(r): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Answer {
+#[derive(Debug, Deserialize)]
+struct RemoveQuery {
+    /// Also delete the device's rows from every stream of the tenant.
+    #[serde(default)]
+    purge: bool,
+}
+
+/// Decommissions a device: its credentials are revoked and its sessions closed; with
+/// `?purge=true` its data goes too (answering the purge report instead of 204).
+async fn remove(
+    State(r): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> Answer {
     allowed(&caller, Action::ManageDevices, Some(&id))?;
     r.remove(caller.tenant(), &id).await?;
     caller.record("device_removed", &id);
-    Ok(StatusCode::NO_CONTENT.into_response())
+    if !q.purge {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let report = r.purge(caller.tenant(), &id).await.map_err(|e| match e {
+        Error::Purge(m) => Error::Purge(format!(
+            "the device was removed, but its data was not purged ({m}); retry with POST /api/v1/devices/{id}/purge"
+        )),
+        other => other,
+    });
+    let report = match report {
+        Ok(report) => report,
+        // Removed, and no data to purge: nothing was left behind.
+        Err(Error::NotFound(_)) => ferrite_engine::plugin::PurgeReport { device_id: id.clone(), ..Default::default() },
+        Err(e) => return Err(e.into()),
+    };
+    caller.record("device_data_purged", &format!("{id}: {} rows", report.rows_deleted));
+    Ok(axum::Json(report).into_response())
 }
 
 async fn act(
@@ -191,6 +225,11 @@ async fn act(
 ) -> Answer {
     allowed(&caller, Action::ManageDevices, Some(&id))?;
     let tenant = caller.tenant();
+    if action == "purge" {
+        let report = r.purge(tenant, &id).await?;
+        caller.record("device_data_purged", &format!("{id}: {} rows", report.rows_deleted));
+        return Ok(axum::Json(report).into_response());
+    }
     let answer = match action.as_str() {
         "disable" => json!(r.set_status(tenant, &id, Status::Disabled).await?),
         "enable" => json!(r.set_status(tenant, &id, Status::Active).await?),
@@ -202,9 +241,10 @@ async fn act(
         }
         "rotate" => json!({"id": id, "credentials": r.rotate(tenant, &id).await?}),
         other => {
-            return Err(
-                Error::NotFound(format!("no device action {other:?}: use disable, enable, approve or rotate")).into()
-            );
+            return Err(Error::NotFound(format!(
+                "no device action {other:?}: use disable, enable, approve, rotate or purge"
+            ))
+            .into());
         }
     };
     caller.record("device_changed", &format!("{action} {id}"));

@@ -114,6 +114,7 @@ impl Plugin for DevicePlugin {
                 context.credentials.clone(),
                 context.publisher.clone(),
                 context.events.clone(),
+                context.data.clone(),
                 context.metrics.clone(),
             )
             .await

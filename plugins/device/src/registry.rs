@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use ferrite_engine::Metrics;
-use ferrite_engine::plugin::{DeviceCredentials, DeviceIdentity, EventWriter, Presence, TopicPublisher};
+use ferrite_engine::plugin::{
+    DeviceCredentials, DeviceData, DeviceIdentity, EventWriter, Presence, PurgeReport, TopicPublisher,
+};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
@@ -113,6 +115,8 @@ pub struct Registry {
     moved: Mutex<std::collections::HashSet<String>>,
     credentials: Arc<dyn DeviceCredentials>,
     publisher: Arc<dyn TopicPublisher>,
+    /// Erases a device's rows from the streams.
+    data: Arc<dyn DeviceData>,
     /// `device_status` and `device_location` (written from the engine's shards too).
     log: ferrite_plugin::EventLog,
     metrics: Arc<Metrics>,
@@ -131,6 +135,7 @@ impl Registry {
         credentials: Arc<dyn DeviceCredentials>,
         publisher: Arc<dyn TopicPublisher>,
         events: Arc<dyn EventWriter>,
+        data: Arc<dyn DeviceData>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>> {
         let devices = store.devices().await?.into_iter().map(|d| (d.id.clone(), Arc::new(d))).collect();
@@ -144,6 +149,7 @@ impl Registry {
             moved: Mutex::new(std::collections::HashSet::new()),
             credentials,
             publisher,
+            data,
             log: ferrite_plugin::EventLog::new(events, metrics.clone()),
             metrics,
         }))
@@ -384,6 +390,18 @@ impl Registry {
         self.devices.write().remove(id);
         self.seen.lock().remove(id);
         Ok(())
+    }
+
+    /// Deletes every row of device `id` from `tenant`'s streams (but the audit trail). The
+    /// device need not be registered (data of a removed device, or of one that was never
+    /// registered); an id with neither a registration nor data is not found.
+    pub async fn purge(&self, tenant: &str, id: &str) -> Result<PurgeReport> {
+        let known = self.get(tenant, id).is_ok();
+        let report = self.data.purge_device(tenant, id).await.map_err(Error::Purge)?;
+        if !known && report.rows_deleted == 0 {
+            return Err(Error::NotFound(format!("no device {id:?} and no data of it in tenant {tenant:?}")));
+        }
+        Ok(report)
     }
 
     /// Adds a provisioning secret for `tenant`: devices that present it register themselves

@@ -25,11 +25,19 @@ fn fixture_with(limits: QueryConfig) -> anyhow::Result<Fixture> {
     let dir = tempfile::tempdir()?;
     let catalog = Arc::new(StreamCatalog::in_memory());
     let stream = StreamName::new("telemetry")?;
-    let (schema, _) = catalog.resolve_field(&stream, "temperature", FieldType::Float)?;
+    catalog.resolve_field(&stream, "temperature", FieldType::Float)?;
     let metrics = Arc::new(Metrics::new());
     let config = StorageConfig { data_dir: dir.path().to_owned(), shards: 1, ..StorageConfig::default() };
     let storage = Storage::open(config, catalog.clone(), metrics.clone(), rt.handle().clone())?;
-    // Three event-time hours, devices a..d, 1,000 rows per hour.
+    commit_hours(&storage, &catalog)?;
+    let service = QueryService::with_config(catalog, storage.clone(), metrics, limits)?;
+    Ok(Fixture { _rt: rt, _dir: dir, storage, service })
+}
+
+/// Three event-time hours, devices a..d, 1,000 rows per hour.
+fn commit_hours(storage: &Storage, catalog: &StreamCatalog) -> anyhow::Result<()> {
+    let stream = StreamName::new("telemetry")?;
+    let schema = catalog.get(&stream).ok_or_else(|| anyhow::anyhow!("no stream"))?;
     for hour in 0..3i64 {
         let t: Vec<i64> = (0..1000).map(|i| hour * HOUR + i * 1_000_000).collect();
         let d: Vec<String> = (0..1000).map(|i| format!("{}", (b'a' + (i % 4) as u8 + hour as u8) as char)).collect();
@@ -44,8 +52,7 @@ fn fixture_with(limits: QueryConfig) -> anyhow::Result<Fixture> {
         )?;
         storage.commit(0, &[StreamBatch::new(stream.clone(), batch)]).map_err(anyhow::Error::msg)?;
     }
-    let service = QueryService::with_config(catalog, storage.clone(), metrics, limits)?;
-    Ok(Fixture { _rt: rt, _dir: dir, storage, service })
+    Ok(())
 }
 
 impl Fixture {
@@ -176,5 +183,41 @@ fn a_query_over_the_memory_pool_fails_cleanly() -> anyhow::Result<()> {
         Err(e @ Error::ResourcesExhausted(_)) => assert!(e.to_string().contains("sql_memory_limit"), "{e}"),
         other => anyhow::bail!("the memory pool did not hold: {:?}", other.map(|r| r.batches.len())),
     }
+    Ok(())
+}
+
+#[test]
+fn a_query_planned_before_a_compaction_and_run_after_it_sees_each_row_once() -> anyhow::Result<()> {
+    use datafusion::prelude::SessionContext;
+    let f = fixture()?;
+    f.storage.persist()?;
+    commit_hours(&f.storage, f.service.catalog())?;
+    f.storage.persist()?;
+    let stream = StreamName::new("telemetry")?;
+    assert_eq!(f.storage.snapshot(&stream).files.len(), 6, "two files per hour");
+    // A session over the same table and store as the service's, so the plan can be held
+    // between planning (the snapshot) and execution.
+    let ctx = SessionContext::new();
+    let url = url::Url::parse(ferrite_query::table::ARCHIVE_URL)?;
+    ctx.register_object_store(&url, f.storage.object_store());
+    let schema = f.service.catalog().get(&stream).ok_or_else(|| anyhow::anyhow!("schema"))?.arrow.clone();
+    ctx.register_table(
+        "telemetry",
+        Arc::new(ferrite_query::table::StreamTable::new(stream.clone(), schema, f.storage.clone())),
+    )?;
+    let plan = f._rt.block_on(async {
+        ctx.sql("SELECT count(*), count(DISTINCT (device_id, time)) FROM telemetry").await?.create_physical_plan().await
+    })?;
+    let report = f.storage.compact(i64::MAX / 2, false)?;
+    assert_eq!((report.files_in, report.files_out), (6, 3));
+    let batches = f._rt.block_on(datafusion::physical_plan::collect(plan, ctx.task_ctx()))?;
+    let counts: Vec<i64> = (0..2)
+        .map(|c| {
+            batches[0].column(c).as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| a.value(0)).unwrap_or(-1)
+        })
+        .collect();
+    assert_eq!(counts, vec![6000, 3000], "the old files, read from where they were retired to");
+    assert_eq!(f.count("SELECT count(*) FROM telemetry")?, 6000, "a new query reads the merged files");
+    assert_eq!(f.storage.snapshot(&stream).files.len(), 3);
     Ok(())
 }

@@ -49,7 +49,25 @@ impl RuleEngine {
             .or_else(|| sandbox.as_ref().map(|s| s.table_dir.clone()));
         let base = base.as_deref();
         let compiled = self.compile_in(tenant, text, base, sandbox.as_ref())?;
-        self.install(compiled, origin)
+        let names = self.install(compiled, origin)?;
+        self.apply_stream_settings(tenant, text)?;
+        Ok(names)
+    }
+
+    /// Applies the file's `stream NAME { retention D }` declarations to the catalog (the
+    /// text has compiled, so it parses). A stream's retention is a setting of the stream:
+    /// it stays when the file goes, until set again here or through the API.
+    fn apply_stream_settings(&self, tenant: &str, text: &str) -> Result<()> {
+        let file = crate::syntax::parse(text).map_err(Error::Invalid)?;
+        for decl in &file.streams {
+            if let Some(retention) = decl.retention {
+                let stream = StreamName::in_tenant(tenant, &decl.name.value)?;
+                if self.catalog.retention(&stream) != Some(retention) {
+                    self.catalog.set_retention(&stream, Some(retention))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Deploys already compiled rules.

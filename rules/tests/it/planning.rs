@@ -135,3 +135,27 @@ fn a_shadow_runs_beside_the_live_rule_and_reports_differences() -> Result<()> {
     assert_eq!(rows_of(&e.process(0, &[b]), "hot")?.len(), 1, "the promoted version runs");
     Ok(())
 }
+
+#[test]
+fn a_stream_declaration_sets_the_streams_retention_when_deployed() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let text = "stream telemetry { max_delay 5s retention 90d }\nrule r { from telemetry insert into r_out }";
+    let (e, _) = engine(&catalog, 1, text)?;
+    let stream = ferrite_engine::StreamName::new("telemetry")?;
+    assert_eq!(catalog.retention(&stream), Some(std::time::Duration::from_secs(90 * 86_400)));
+    // Checking a file changes nothing; deploying another declaration does.
+    e.check("stream telemetry { retention 2h }")?;
+    assert_eq!(catalog.retention(&stream), Some(std::time::Duration::from_secs(90 * 86_400)));
+    e.deploy("stream telemetry { retention 2h }", Some("other.rules"))?;
+    assert_eq!(catalog.retention(&stream), Some(std::time::Duration::from_secs(7200)));
+    Ok(())
+}
+
+#[test]
+fn a_retention_under_an_hour_is_an_error_at_the_duration() -> Result<()> {
+    let msg = check_error("stream telemetry { retention 30m }")?;
+    assert!(msg.contains("shorter than an hour") && msg.contains("retention 1h"), "{msg}");
+    let msg = check_error("stream telemetry { keep 30d }")?;
+    assert!(msg.contains("retention DURATION"), "{msg}");
+    Ok(())
+}
