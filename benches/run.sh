@@ -58,6 +58,14 @@ rows identity_summary scenario threads tokens_per_s_median < /tmp/ferrite-bench-
 echo "== devices: provisioning, disable to disconnect, commands, registry lookups (three runs)"
 ./target/release/devices "${DEVICES:-100000}" 20 3 "${CONNECTED_DEVICES:-10000}" "${HTTP_THREADS:-4}" | tee /tmp/ferrite-bench-devices.txt
 rows devices run scenario devices per_s median_ms max_ms connected lookups_per_s touches_per_s < /tmp/ferrite-bench-devices.txt
+echo "== compaction: files and bytes per value before and after, ingest with compaction running against without"
+./target/release/compaction "${COMPACT_HOURS:-10}" 30 20000 "${HTTP_SECONDS:-15}" 3 | tee /tmp/ferrite-bench-compaction.txt
+rows compaction_files hours files_before files_after rows bytes_per_value_before bytes_per_value_after seconds < /tmp/ferrite-bench-compaction.txt
+rows compaction_ingest run compaction events_per_s files_merged_during_load < /tmp/ferrite-bench-compaction.txt
+rows compaction_summary scenario off_median on_median on/off < /tmp/ferrite-bench-compaction.txt
+echo "== last values of 100,000 devices: the cache against DISTINCT ON (Ferrite, DuckDB)"
+./target/release/last_values "${LAST_DEVICES:-100000}" 10 20 | tee /tmp/ferrite-bench-last.txt
+rows last_values devices rows cache_ms ferrite_distinct_on_ms duckdb_distinct_on_ms cache/duckdb < /tmp/ferrite-bench-last.txt
 echo "== persist and query"
 ./target/release/query "${QUERY_ROWS:-10000000}" "${QUERY_RUNS:-5}" | tee /tmp/ferrite-bench-query.txt
 rows persist rows seconds rows_per_s arrow_MB_per_s parquet_MB files < /tmp/ferrite-bench-query.txt

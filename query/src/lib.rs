@@ -18,6 +18,7 @@
 
 pub mod error;
 pub mod http;
+pub mod last;
 pub mod system;
 pub mod table;
 
@@ -297,6 +298,7 @@ impl QueryService {
             .with_catalog_list(Arc::new(list))
             .build();
         let ctx = SessionContext::new_with_state(state);
+        ctx.register_udtf("last_values", Arc::new(last::LastValuesFunction::new(self.storage.clone(), scope.clone())));
         let mut sessions = self.sessions.lock();
         if sessions.len() >= MAX_SESSIONS {
             sessions.clear();

@@ -27,6 +27,7 @@
 pub mod archive;
 pub mod error;
 pub mod file_catalog;
+mod last_values;
 pub mod maintenance;
 pub mod wal;
 
@@ -124,6 +125,7 @@ impl StreamData {
     /// the same shard and WAL epoch (MQTT sends events one by one). Returns the change in
     /// bytes held.
     fn push(&mut self, hb: HotBatch) -> std::result::Result<isize, arrow::error::ArrowError> {
+        self.last.update(&hb.batch);
         let mut delta = hb.batch.get_array_memory_size() as isize;
         let (shard, epoch) = (hb.shard, hb.epoch);
         self.hot.push(hb);
@@ -163,6 +165,8 @@ impl StreamData {
 struct StreamData {
     hot: Vec<HotBatch>,
     files: Vec<ArchivedFile>,
+    /// The newest row of each device, of the rows in `hot` and `files`.
+    last: last_values::LastValues,
 }
 
 /// What a query sees of a stream at one instant: rows in memory and files in the archive,
@@ -198,6 +202,8 @@ pub struct Storage {
     streams: RwLock<HashMap<StreamName, Arc<RwLock<StreamData>>>>,
     file_catalog: Mutex<FileCatalog>,
     file_catalog_path: PathBuf,
+    /// Snapshots of the last-value caches, one file per stream.
+    last_values_dir: PathBuf,
     archive_root: String,
     store: Arc<dyn ObjectStore>,
     /// The archive's directory when it is local: files are written and fsynced by hand.
@@ -255,6 +261,23 @@ impl Storage {
         for (name, list) in &files.streams {
             let s = StreamName::from_key(name)?;
             streams.entry(s).or_default().write().files = list.clone();
+        }
+        // Last values before the WAL replay adds what came after the last persist's cut.
+        let last_values_dir = data.join("catalog").join("last_values");
+        let mut cached: std::collections::HashSet<StreamName> = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(&last_values_dir).into_iter().flatten().flatten() {
+            let Some(key) = entry.file_name().to_str().and_then(last_values::key_of) else { continue };
+            let Ok(stream) = StreamName::from_key(&key) else { continue };
+            match last_values::LastValues::load(&entry.path()) {
+                Ok(lv) => {
+                    streams.entry(stream.clone()).or_default().write().last = lv;
+                    cached.insert(stream);
+                }
+                Err(e) => tracing::warn!(
+                    file = %entry.path().display(), error = %e,
+                    "cannot read a last-values snapshot; rebuilding that stream's from its files"
+                ),
+            }
         }
 
         // Replay every shard directory on disk, even of shards this run does not have.
@@ -324,6 +347,7 @@ impl Storage {
             streams: RwLock::new(streams),
             file_catalog: Mutex::new(files),
             file_catalog_path,
+            last_values_dir,
             archive_root,
             store,
             local_root,
@@ -344,6 +368,7 @@ impl Storage {
                 "removed archive files that no catalog names (left by a failed or interrupted persist or rewrite)"
             );
         }
+        storage.rebuild_last_values(&cached)?;
         let retired = storage.clear_retired()?;
         if retired > 0 {
             tracing::info!(
@@ -474,6 +499,14 @@ impl Storage {
             self.streams.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         streams.sort_by(|a, b| a.0.cmp(&b.0));
         let below_cut = |h: &HotBatch| cuts.get(h.shard as usize).is_some_and(|c| h.seq <= *c);
+        // The last values now cover every row up to the cuts: on disk before the catalog
+        // moves past them, so that a restart's WAL replay finds what the snapshot lacks.
+        for (name, data) in &streams {
+            if let Err(e) = self.store_last_values(name, data) {
+                self.persist_failed(&[], &e);
+                return Err(e);
+            }
+        }
 
         // 2. Encode and upload, stream by stream; nothing is visible yet.
         let mut new_files: Vec<(StreamName, Vec<ArchivedFile>)> = Vec::new();

@@ -498,6 +498,7 @@ impl Storage {
             report.rows_deleted += rows;
             report.streams.push(stream.local().to_owned());
         }
+        self.forget_last_values(tenant, device)?;
         self.metrics.inc("ferrite_purged_rows_total", &[], report.rows_deleted);
         tracing::info!(
             tenant,
@@ -877,6 +878,50 @@ mod tests {
         let s = e.open_with(config(&e))?;
         assert!(seen(&s, "t")?.iter().all(|(d, _)| d != "d1"), "the WAL does not bring it back");
         assert_eq!(seen(&s, "u")?, expected_u);
+        Ok(())
+    }
+
+    /// `(device, v)` of the last-value cache of `stream`, sorted.
+    fn last(s: &Storage, stream: &str) -> anyhow::Result<Vec<(String, f64)>> {
+        let b = s.last_values(&StreamName::new(stream)?)?.ok_or_else(|| anyhow::anyhow!("no stream"))?;
+        let d = b.column(1).as_any().downcast_ref::<StringArray>().ok_or_else(|| anyhow::anyhow!("device_id"))?;
+        let v = b.column(2).as_any().downcast_ref::<Float64Array>().ok_or_else(|| anyhow::anyhow!("v"))?;
+        let mut out: Vec<(String, f64)> = (0..b.num_rows()).map(|i| (d.value(i).to_owned(), v.value(i))).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    #[test]
+    fn the_last_values_survive_persists_restarts_a_lost_snapshot_and_purges() -> anyhow::Result<()> {
+        let e = env()?;
+        let expected = vec![("d0".to_owned(), 9.0), ("d1".to_owned(), 10.0), ("d2".to_owned(), 11.0)];
+        {
+            let s = e.open_with(config(&e))?;
+            three_files(&e, &s)?;
+            assert_eq!(last(&s, "t")?, expected, "the newest of 12 rows per device");
+            // An older row changes nothing; a newer one, not yet persisted, does.
+            commit(&s, rows(&e, "t", &[(0, "d0", -1.0), (100 * SEC, "d1", 42.0)])?)?;
+        }
+        let newer = vec![("d0".to_owned(), 9.0), ("d1".to_owned(), 42.0), ("d2".to_owned(), 11.0)];
+        let s = e.open_with(config(&e))?;
+        assert_eq!(last(&s, "t")?, newer, "snapshot plus the WAL's tail");
+        drop(s);
+        std::fs::remove_dir_all(e.dir.path().join("catalog").join("last_values"))?;
+        let s = e.open_with(config(&e))?;
+        assert_eq!(last(&s, "t")?, newer, "rebuilt from the files and the WAL");
+        s.compact(now_nanos(), false)?;
+        assert_eq!(last(&s, "t")?, newer, "compaction changes no row");
+        s.purge_device("default", "d1")?;
+        assert_eq!(last(&s, "t")?, vec![("d0".to_owned(), 9.0), ("d2".to_owned(), 11.0)]);
+        drop(s);
+        let s = e.open_with(config(&e))?;
+        assert_eq!(last(&s, "t")?, vec![("d0".to_owned(), 9.0), ("d2".to_owned(), 11.0)], "the purge stays");
+        // A retention hides devices whose newest row is past its horizon.
+        e.catalog.set_retention(&StreamName::new("t")?, Some(Duration::from_secs(3600)))?;
+        assert!(last(&s, "t")?.is_empty(), "every row is from 1970");
+        commit(&s, rows(&e, "t", &[(now_nanos(), "d9", 1.0)])?)?;
+        assert_eq!(last(&s, "t")?, vec![("d9".to_owned(), 1.0)]);
+        assert!(s.last_values(&StreamName::new("nope")?)?.is_none());
         Ok(())
     }
 

@@ -137,6 +137,9 @@ fn decommission_with_purge_erases_the_devices_rows_and_a_data_subject_request_ne
     assert_eq!(s.sql_count("SELECT count(*) FROM power WHERE device_id = 'dev-1'")?, 0);
     assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, 550 - 110);
     assert_eq!(s.get("/api/v1/devices/dev-1")?.0, 404, "decommissioned");
+    let last = "SELECT count(*) FROM last_values('telemetry') WHERE device_id = 'dev-1'";
+    assert_eq!(s.sql_count(last)?, 0, "nor in the last-value cache");
+    assert_eq!(s.sql_count("SELECT count(*) FROM last_values('telemetry')")?, 4);
     assert_eq!(
         s.sql_count("SELECT count(*) FROM audit WHERE event = 'device_data_purged' AND detail LIKE 'dev-1:%'")?,
         1
@@ -155,6 +158,7 @@ fn decommission_with_purge_erases_the_devices_rows_and_a_data_subject_request_ne
     let s = Server::start(dir.path(), &[])?;
     assert_eq!(s.sql_count("SELECT count(*) FROM telemetry WHERE device_id IN ('dev-1', 'dev-2')")?, 0);
     assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, 550 - 220);
+    assert_eq!(s.sql_count("SELECT count(*) FROM last_values('telemetry')")?, 3, "dev-0, dev-3, dev-4");
     let files = parquet_files(&dir.path().join("archive"));
     assert!(files.iter().all(|f| !f.to_string_lossy().contains("_retired")), "{files:?}");
     assert!(s.stop()?.success());

@@ -221,3 +221,27 @@ fn a_query_planned_before_a_compaction_and_run_after_it_sees_each_row_once() -> 
     assert_eq!(f.storage.snapshot(&stream).files.len(), 3);
     Ok(())
 }
+
+#[test]
+fn last_values_are_the_rows_distinct_on_finds_and_bad_calls_say_why() -> anyhow::Result<()> {
+    let f = fixture()?;
+    f.storage.persist()?;
+    commit_hours(&f.storage, f.service.catalog())?;
+    let pretty = |sql: &str| -> anyhow::Result<String> {
+        Ok(arrow::util::pretty::pretty_format_batches(&f.rows(sql)?)?.to_string())
+    };
+    let cached = pretty("SELECT device_id, time, temperature FROM last_values('telemetry') ORDER BY device_id")?;
+    let scanned = pretty(
+        "SELECT DISTINCT ON (device_id) device_id, time, temperature FROM telemetry ORDER BY device_id, time DESC",
+    )?;
+    assert_eq!(cached, scanned);
+    assert_eq!(f.count("SELECT count(*) FROM last_values('telemetry')")?, 6, "devices a..f");
+    for (sql, says) in [
+        ("SELECT * FROM last_values('nope')", "unknown stream `nope`"),
+        ("SELECT * FROM last_values(1)", "the stream's name as a string"),
+    ] {
+        let err = f.rows(sql).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(says), "{sql}: {err}");
+    }
+    Ok(())
+}
