@@ -64,3 +64,17 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 log "cargo test"
 cargo test --workspace
+
+# firmware/ is its own workspace (kept out of the server's dependency graph).
+log "firmware: fmt, clippy, tests"
+(cd firmware && cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings && cargo test --workspace)
+
+log "firmware: the no_std core for a microcontroller (thumbv7em-none-eabihf)"
+if ! rustup target list --installed 2>/dev/null | grep -qx thumbv7em-none-eabihf; then
+    rustup target add thumbv7em-none-eabihf || true
+fi
+if rustup target list --installed 2>/dev/null | grep -qx thumbv7em-none-eabihf; then
+    (cd firmware && cargo build -p ferrite-agent-core --target thumbv7em-none-eabihf --release)
+else
+    echo "SKIPPED: the thumbv7em-none-eabihf target cannot be installed here (rustup has no network); the no_std build was not checked"
+fi
