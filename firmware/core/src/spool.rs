@@ -105,6 +105,11 @@ impl Spool {
         self.dropped
     }
 
+    /// Adds to the dropped count (the count saved before a restart).
+    pub fn add_dropped(&mut self, n: u64) {
+        self.dropped = self.dropped.saturating_add(n);
+    }
+
     /// Returns and resets the dropped count (once reported to the platform).
     pub fn take_dropped(&mut self) -> u64 {
         core::mem::take(&mut self.dropped)
