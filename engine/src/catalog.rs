@@ -48,8 +48,10 @@ impl Default for CatalogLimits {
 pub enum FieldType {
     /// 64-bit float (JSON numbers, line-protocol floats).
     Float,
-    /// 64-bit signed integer (line-protocol `i` and `u` values).
+    /// 64-bit signed integer (line-protocol `i` values).
     Int,
+    /// 64-bit unsigned integer (line-protocol `u` values).
+    UInt,
     /// Boolean.
     Bool,
     /// UTF-8 string (JSON strings, line-protocol strings and tags).
@@ -64,6 +66,7 @@ impl FieldType {
         match self {
             FieldType::Float => DataType::Float64,
             FieldType::Int => DataType::Int64,
+            FieldType::UInt => DataType::UInt64,
             FieldType::Bool => DataType::Boolean,
             FieldType::String => DataType::Utf8,
             FieldType::Timestamp => crate::batch::time_field_type(),
@@ -75,6 +78,7 @@ impl FieldType {
         match self {
             FieldType::Float => "float",
             FieldType::Int => "integer",
+            FieldType::UInt => "unsigned integer",
             FieldType::Bool => "boolean",
             FieldType::String => "string",
             FieldType::Timestamp => "timestamp",

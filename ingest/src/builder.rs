@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ahash::AHashMap;
 use arrow::array::{
-    ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray, TimestampNanosecondArray,
+    ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray, TimestampNanosecondArray, UInt64Array,
 };
 use arrow::buffer::{NullBuffer, OffsetBuffer};
 use ferrite_engine::{FieldType, StreamBatch, StreamCatalog, StreamName, StreamSchema};
@@ -28,6 +28,7 @@ pub struct Rejection {
 enum Data {
     Float(Vec<f64>),
     Int(Vec<i64>),
+    UInt(Vec<u64>),
     Bool(Vec<bool>),
     Str {
         offsets: Vec<i32>,
@@ -49,6 +50,7 @@ impl Column {
         let data = match ty {
             FieldType::Float => Data::Float(Vec::new()),
             FieldType::Int => Data::Int(Vec::new()),
+            FieldType::UInt => Data::UInt(Vec::new()),
             FieldType::Bool => Data::Bool(Vec::new()),
             FieldType::String => Data::Str { offsets: vec![0], bytes: Vec::new() },
             FieldType::Timestamp => Data::Time(Vec::new()),
@@ -66,6 +68,7 @@ impl Column {
             match &mut self.data {
                 Data::Float(v) => v.push(0.0),
                 Data::Int(v) | Data::Time(v) => v.push(0),
+                Data::UInt(v) => v.push(0),
                 Data::Bool(v) => v.push(false),
                 Data::Str { offsets, bytes } => offsets.push(bytes.len() as i32),
             }
@@ -80,6 +83,7 @@ impl Column {
         match &mut self.data {
             Data::Float(v) => v.truncate(rows),
             Data::Int(v) | Data::Time(v) => v.truncate(rows),
+            Data::UInt(v) => v.truncate(rows),
             Data::Bool(v) => v.truncate(rows),
             Data::Str { offsets, bytes } => {
                 offsets.truncate(rows + 1);
@@ -95,6 +99,7 @@ impl Column {
         match s.data {
             Data::Float(v) => Arc::new(Float64Array::new(v.into(), nulls)),
             Data::Int(v) => Arc::new(Int64Array::new(v.into(), nulls)),
+            Data::UInt(v) => Arc::new(UInt64Array::new(v.into(), nulls)),
             Data::Time(v) => Arc::new(TimestampNanosecondArray::new(v.into(), nulls).with_timezone("UTC")),
             Data::Bool(v) => Arc::new(BooleanArray::new(v.into(), nulls)),
             Data::Str { offsets, bytes } => Arc::new(string_array(offsets, bytes, nulls)),
@@ -236,7 +241,13 @@ impl BatchBuilder {
             }
         };
         let col = &mut self.columns[idx];
-        if col.ty != proposed && !(col.ty == FieldType::Float && proposed == FieldType::Int) {
+        // An integer fits a float column; an unsigned one a signed column too (checked by
+        // `set_uint`).
+        let fits = matches!(
+            (col.ty, proposed),
+            (FieldType::Float, FieldType::Int | FieldType::UInt) | (FieldType::Int, FieldType::UInt)
+        );
+        if col.ty != proposed && !fits {
             return Err(ferrite_engine::Error::TypeConflict {
                 stream: self.schema.name.to_string(),
                 field: name.to_owned(),
@@ -280,11 +291,38 @@ impl BatchBuilder {
         Ok(())
     }
 
+    /// Sets an unsigned integer field (line protocol `u`); into a float column it is stored
+    /// as a float, into a signed integer column (a field first written with `i`) when it fits.
+    pub fn set_uint(&mut self, name: &str, v: u64) -> Result<(), ValueError> {
+        let i = self.column(name, FieldType::UInt)?;
+        let c = &mut self.columns[i];
+        match &mut c.data {
+            Data::UInt(d) => d.push(v),
+            Data::Float(d) => d.push(v as f64),
+            Data::Int(d) => match i64::try_from(v) {
+                Ok(x) => d.push(x),
+                Err(_) => {
+                    return Err(ValueError {
+                        reason: "type_conflict",
+                        message: format!(
+                            "stream `{}`: field `{name}` is a signed integer and {v} is past its range",
+                            self.schema.name
+                        ),
+                    });
+                }
+            },
+            _ => return Err(conflict(&self.schema.name, name, c.ty, FieldType::UInt)),
+        }
+        c.valid.push(true);
+        Ok(())
+    }
+
     /// Sets a number that may be either kind (JSON): into an existing integer column only
     /// if it is integral; a new field becomes a float column.
     pub fn set_number(&mut self, name: &str, v: f64, integral: Option<i64>) -> Result<(), ValueError> {
         match (self.index.get(name).map(|i| self.columns[*i].ty), integral) {
             (Some(FieldType::Int), Some(i)) => self.set_int(name, i),
+            (Some(FieldType::UInt), Some(i)) if i >= 0 => self.set_uint(name, i as u64),
             _ => self.set_float(name, v),
         }
     }

@@ -156,6 +156,7 @@ fn write_row(b: &mut BatchBuilder, p: &Line<'_>, precision: Precision) -> Result
         match v {
             FieldValue::Float(f) => b.set_float(k, *f)?,
             FieldValue::Int(i) => b.set_int(k, *i)?,
+            FieldValue::UInt(u) => b.set_uint(k, *u)?,
             FieldValue::Bool(x) => b.set_bool(k, *x)?,
             FieldValue::Str(s) => b.set_str(k, s)?,
         }
@@ -179,8 +180,10 @@ fn write_row(b: &mut BatchBuilder, p: &Line<'_>, precision: Precision) -> Result
 pub enum FieldValue<'a> {
     /// `1.5`, `1`, `-3e2`
     Float(f64),
-    /// `1i`, `1u`
+    /// `1i`
     Int(i64),
+    /// `1u`
+    UInt(u64),
     /// `t`, `true`, `F`, `false`...
     Bool(bool),
     /// `"text"`
@@ -313,10 +316,10 @@ fn parse_value<'a>(key: &str, raw: &str) -> Result<FieldValue<'a>, String> {
         return i.parse::<i64>().map(FieldValue::Int).map_err(|_| format!("field `{key}`: invalid integer `{raw}`"));
     }
     if let Some(u) = raw.strip_suffix('u') {
-        let v = u.parse::<u64>().map_err(|_| format!("field `{key}`: invalid unsigned integer `{raw}`"))?;
-        return i64::try_from(v)
-            .map(FieldValue::Int)
-            .map_err(|_| format!("field `{key}`: unsigned {v} exceeds the 64-bit signed range"));
+        return u
+            .parse::<u64>()
+            .map(FieldValue::UInt)
+            .map_err(|_| format!("field `{key}`: invalid unsigned integer `{raw}`"));
     }
     match raw {
         "t" | "T" | "true" | "True" | "TRUE" => return Ok(FieldValue::Bool(true)),
@@ -360,6 +363,33 @@ mod tests {
         let b = &out.batches[0];
         let t = b.batch.column(0).as_any().downcast_ref::<arrow::array::TimestampNanosecondArray>();
         assert_eq!(t.map(|t| t.value(0)), Some(1_000_000_000_000));
+        Ok(())
+    }
+
+    #[test]
+    fn unsigned_values_make_unsigned_columns_and_fit_others_only_when_they_can() -> anyhow::Result<()> {
+        assert_eq!(parse_value("x", "18446744073709551615u"), Ok(FieldValue::UInt(u64::MAX)));
+        assert!(parse_value("x", "-1u").is_err());
+        let catalog = Arc::new(StreamCatalog::in_memory());
+        let payload = "m,host=a u=18446744073709551615u,i=-3i,f=1.5
+                       m,host=b u=7u,i=8u,f=9u
+                       m,host=c u=-1i
+                       m,host=d i=18446744073709551615u
+";
+        let out = decode(&catalog, "default", payload, Precision::Seconds, 0);
+        assert_eq!(out.accepted, 2);
+        let lines: Vec<_> = out.rejections.iter().map(|r| (r.index + 1, r.reason)).collect();
+        assert_eq!(lines, vec![(3, "type_conflict"), (4, "type_conflict")]);
+        assert!(out.rejections[1].message.contains("past its range"), "{}", out.rejections[1].message);
+        let b = &out.batches[0].batch;
+        let u = b.column_by_name("u").and_then(|c| c.as_any().downcast_ref::<arrow::array::UInt64Array>().cloned());
+        assert_eq!(u.map(|u| (u.value(0), u.value(1))), Some((u64::MAX, 7)));
+        let i = b.column_by_name("i").and_then(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>().cloned());
+        assert_eq!(i.map(|i| (i.value(0), i.value(1))), Some((-3, 8)), "a `u` value into an `i` field that fits");
+        let f = b.column_by_name("f").and_then(|c| c.as_any().downcast_ref::<arrow::array::Float64Array>().cloned());
+        assert_eq!(f.map(|f| f.value(1)), Some(9.0));
+        let schema = catalog.get(&StreamName::new("m")?).map(|s| s.field_type("u"));
+        assert_eq!(schema, Some(Some(ferrite_engine::FieldType::UInt)));
         Ok(())
     }
 }

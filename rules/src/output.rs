@@ -254,8 +254,8 @@ pub fn field_type_of(dt: &DataType) -> Option<FieldType> {
         | DataType::Int64
         | DataType::UInt8
         | DataType::UInt16
-        | DataType::UInt32
-        | DataType::UInt64 => FieldType::Int,
+        | DataType::UInt32 => FieldType::Int,
+        DataType::UInt64 => FieldType::UInt,
         DataType::Boolean => FieldType::Bool,
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => FieldType::String,
         DataType::Timestamp(..) | DataType::Date32 | DataType::Date64 => FieldType::Timestamp,

@@ -25,7 +25,8 @@ fn every_http_format_lands_in_sql() -> anyhow::Result<()> {
     let (status, body) = s.post("/api/v1/streams/telemetry/events", "application/x-ndjson", ndjson.as_bytes())?;
     assert_eq!((status, body["accepted"].as_u64()), (200, Some(2)), "{body}");
 
-    let lp = "telemetry,device_id=f temperature=3.5,door=\"closed\" 1767225600000000000\ncpu,host=server1 usage=0.5,cores=8i\n";
+    let lp = "telemetry,device_id=f temperature=3.5,door=\"closed\" 1767225600000000000\n\
+              cpu,host=server1 usage=0.5,cores=8i,bytes_in=18446744073709551615u\n";
     let (status, _) = s.post("/api/v2/write?bucket=x&precision=ns", "text/plain", lp.as_bytes())?;
     assert_eq!(status, 204);
 
@@ -36,6 +37,12 @@ fn every_http_format_lands_in_sql() -> anyhow::Result<()> {
     assert_eq!(rows[1]["temperature"], 22.0);
     assert_eq!(s.sql("SELECT time FROM telemetry WHERE device_id = 'c'")?[0]["time"], "2026-01-01T00:00:00Z");
     assert_eq!(s.sql_count("SELECT cores FROM cpu WHERE device_id = 'server1'")?, 8);
+    let types =
+        s.sql("SELECT arrow_typeof(cores) AS i, arrow_typeof(bytes_in) AS u, CAST(bytes_in AS VARCHAR) AS v FROM cpu")?;
+    assert_eq!(
+        (&types[0]["i"], &types[0]["u"], &types[0]["v"]),
+        (&json!("Int64"), &json!("UInt64"), &json!("18446744073709551615"))
+    );
 
     // The DESIGN's example query, with a time predicate relative to now().
     let recent = s.sql(

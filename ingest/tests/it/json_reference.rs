@@ -148,8 +148,9 @@ fn cell(col: &dyn Array, ty: FieldType, row: usize) -> Cell {
         FieldType::Int => any.downcast_ref::<Int64Array>().map(|a| Cell::I(a.value(row))),
         FieldType::Bool => any.downcast_ref::<BooleanArray>().map(|a| Cell::B(a.value(row))),
         FieldType::String => any.downcast_ref::<StringArray>().map(|a| Cell::S(a.value(row).to_owned())),
-        // Decoders never produce timestamp fields (only rules' derived streams have them).
-        FieldType::Timestamp => None,
+        // JSON never makes unsigned or timestamp fields (line protocol's `u` and rules'
+        // derived streams do).
+        FieldType::UInt | FieldType::Timestamp => None,
     }
     .unwrap_or(Cell::Null)
 }
