@@ -61,11 +61,51 @@ pub fn align_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<Record
     Ok(RecordBatch::try_new_with_options(schema.clone(), columns, &options)?)
 }
 
+/// The schema that holds every batch of `schemas` (versions of one stream's schema): every
+/// column of any of them, in order of first appearance, an integer column that is float in
+/// another as float (a widened field).
+pub fn widest_schema<'a>(schemas: impl IntoIterator<Item = &'a SchemaRef>) -> Option<SchemaRef> {
+    let schemas: Vec<&SchemaRef> = schemas.into_iter().collect();
+    let first = *schemas.first()?;
+    if schemas.iter().all(|s| Arc::ptr_eq(s, first) || s.fields() == first.fields()) {
+        return Some(first.clone());
+    }
+    let mut fields: Vec<arrow::datatypes::FieldRef> = Vec::new();
+    for s in &schemas {
+        for f in s.fields() {
+            match fields.iter_mut().find(|x| x.name() == f.name()) {
+                None => fields.push(f.clone()),
+                Some(x) => {
+                    if matches!(x.data_type(), DataType::Int64 | DataType::UInt64)
+                        && f.data_type() == &DataType::Float64
+                    {
+                        *x = f.clone();
+                    }
+                }
+            }
+        }
+    }
+    Some(Arc::new(arrow::datatypes::Schema::new(fields)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use arrow::array::{Array, Float64Array, StringArray, TimestampNanosecondArray};
     use arrow::datatypes::{Field, Schema};
+
+    #[test]
+    fn the_widest_schema_holds_every_column_and_widens_integers() {
+        let f = |n: &str, t: DataType| Field::new(n, t, true);
+        let a: SchemaRef = Arc::new(Schema::new(vec![f("x", DataType::Int64), f("y", DataType::Utf8)]));
+        let b: SchemaRef =
+            Arc::new(Schema::new(vec![f("x", DataType::Float64), f("y", DataType::Utf8), f("z", DataType::Boolean)]));
+        let w = widest_schema([&a, &b, &a])
+            .map(|s| s.fields().iter().map(|f| format!("{}:{}", f.name(), f.data_type())).collect::<Vec<_>>());
+        assert_eq!(w, Some(vec!["x:Float64".to_owned(), "y:Utf8".to_owned(), "z:Boolean".to_owned()]));
+        assert!(widest_schema([&a, &a.clone()]).is_some_and(|s| Arc::ptr_eq(&s, &a)), "one schema: no new one");
+        assert!(widest_schema(std::iter::empty::<&SchemaRef>()).is_none());
+    }
 
     #[test]
     fn align_adds_null_columns() -> Result<()> {

@@ -2,7 +2,9 @@
 //! directory so that it survives restarts.
 //!
 //! Invariants every other component may assume:
-//! - a stream's columns are only ever added, never removed, renamed or retyped;
+//! - a stream's columns are only ever added, never removed or renamed; the one change of
+//!   type is widening an integer column to float ([`StreamCatalog::widen_field`]), so a
+//!   reader of older data casts integers to floats, never the other way;
 //! - every stream starts with `time` (UTC nanoseconds, non-null) and `device_id` (string,
 //!   non-null), and every other column is nullable;
 //! - the first writer of a field decides its type; later values of another type are
@@ -155,6 +157,8 @@ pub struct StreamCatalog {
     streams: RwLock<BTreeMap<StreamName, Arc<StreamSchema>>>,
     /// Lock order: `streams` before `settings`.
     settings: RwLock<BTreeMap<StreamName, StreamSettings>>,
+    /// Fields widened so far (see [`StreamCatalog::widenings`]).
+    widened: std::sync::atomic::AtomicU64,
     limits: RwLock<CatalogLimits>,
 }
 
@@ -171,6 +175,7 @@ impl StreamCatalog {
             path: None,
             streams: RwLock::new(BTreeMap::new()),
             settings: RwLock::default(),
+            widened: std::sync::atomic::AtomicU64::new(0),
             limits: RwLock::default(),
         }
     }
@@ -206,6 +211,7 @@ impl StreamCatalog {
             path: Some(path.to_owned()),
             streams: RwLock::new(streams),
             settings: RwLock::new(settings),
+            widened: std::sync::atomic::AtomicU64::new(0),
             limits: RwLock::default(),
         })
     }
@@ -355,6 +361,55 @@ impl StreamCatalog {
         }
         tracing::info!(stream = %stream, retention = ?retention, "stream retention set");
         Ok(())
+    }
+
+    /// Widens integer field `field` of `stream` to float (a JSON field first seen as an
+    /// integer that later receives a fraction). Data written before stays as it is; readers
+    /// cast it. Returns the schema after the call; a field already float is left alone, any
+    /// other type is a [`Error::TypeConflict`].
+    pub fn widen_field(&self, stream: &StreamName, field: &str) -> Result<Arc<StreamSchema>> {
+        let mut streams = self.streams.write();
+        let Some(current) = streams.get(stream).cloned() else {
+            return Err(Error::InvalidSetting { stream: stream.to_string(), message: format!("no field `{field}`") });
+        };
+        match current.field_type(field) {
+            Some(FieldType::Float) => return Ok(current),
+            Some(FieldType::Int | FieldType::UInt) => {}
+            Some(other) => {
+                return Err(Error::TypeConflict {
+                    stream: stream.to_string(),
+                    field: field.to_owned(),
+                    expected: other.name(),
+                    found: FieldType::Float.name(),
+                });
+            }
+            None => {
+                return Err(Error::InvalidSetting {
+                    stream: stream.to_string(),
+                    message: format!("no field `{field}`"),
+                });
+            }
+        }
+        let fields = current
+            .fields
+            .iter()
+            .map(|(n, t)| (n.clone(), if n.as_ref() == field { FieldType::Float } else { *t }))
+            .collect();
+        let next = Arc::new(StreamSchema::new(stream.clone(), fields, current.version + 1));
+        streams.insert(stream.clone(), next.clone());
+        if let Err(e) = self.persist(&streams) {
+            streams.insert(stream.clone(), current);
+            return Err(e);
+        }
+        self.widened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(stream = %stream, field, "field widened from integer to float");
+        Ok(next)
+    }
+
+    /// Bumped by every [`StreamCatalog::widen_field`]: whoever planned against a schema
+    /// (rules) checks it to re-plan.
+    pub fn widenings(&self) -> u64 {
+        self.widened.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn persist(&self, streams: &BTreeMap<StreamName, Arc<StreamSchema>>) -> Result<()> {

@@ -29,7 +29,7 @@ pub mod system;
 
 pub use ack::{Ack, AckPart};
 pub use auth::{AccessControl, Action, AllowAll, Caller, Principal, RequestContext, Resource, Transport};
-pub use batch::{DEVICE_COLUMN, StreamBatch, TIME_COLUMN, align_to_schema, time_field_type};
+pub use batch::{DEVICE_COLUMN, StreamBatch, TIME_COLUMN, align_to_schema, time_field_type, widest_schema};
 pub use catalog::{CatalogLimits, FieldType, StreamCatalog, StreamSchema};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, ErrorClass, Result};

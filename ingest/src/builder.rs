@@ -62,6 +62,17 @@ impl Column {
         self.valid.len()
     }
 
+    /// Turns an integer column into a float one, keeping its values (the field was widened).
+    fn widen_to_float(&mut self) {
+        let data = match &self.data {
+            Data::Int(v) => v.iter().map(|&x| x as f64).collect(),
+            Data::UInt(v) => v.iter().map(|&x| x as f64).collect(),
+            _ => return,
+        };
+        self.data = Data::Float(data);
+        self.ty = FieldType::Float;
+    }
+
     fn pad_to(&mut self, rows: usize) {
         while self.valid.len() < rows {
             self.valid.push(false);
@@ -158,6 +169,11 @@ pub struct BatchBuilder {
 }
 
 impl BatchBuilder {
+    /// The catalog the builder resolves fields in.
+    pub fn catalog(&self) -> &Arc<StreamCatalog> {
+        &self.catalog
+    }
+
     /// A builder for `stream`; registers the stream in the catalog if it is new.
     pub fn new(catalog: Arc<StreamCatalog>, stream: &StreamName) -> ferrite_engine::Result<Self> {
         let schema = catalog.ensure_stream(stream)?;
@@ -188,6 +204,12 @@ impl BatchBuilder {
     }
 
     fn adopt(&mut self, schema: Arc<StreamSchema>) {
+        // A field widened since this builder last looked: its column becomes float too.
+        for (c, (_, ty)) in self.columns.iter_mut().zip(schema.fields.iter()) {
+            if c.ty != *ty && *ty == FieldType::Float {
+                c.widen_to_float();
+            }
+        }
         for (i, (name, ty)) in schema.fields.iter().enumerate().skip(self.columns.len()) {
             self.index.insert(name.clone(), i);
             self.columns.push(Column::new(*ty));
@@ -268,6 +290,16 @@ impl BatchBuilder {
 
     /// Sets a float field.
     pub fn set_float(&mut self, name: &str, v: f64) -> Result<(), ValueError> {
+        // A float into an integer field widens the field to float, for good (the catalog
+        // records it; data written before reads as float).
+        let current = match self.index.get(name) {
+            Some(i) => Some(self.columns[*i].ty),
+            None => self.catalog.get(&self.schema.name).and_then(|s| s.field_type(name)),
+        };
+        if matches!(current, Some(FieldType::Int | FieldType::UInt)) {
+            let schema = self.catalog.widen_field(&self.schema.name, name)?;
+            self.adopt(schema);
+        }
         let i = self.column(name, FieldType::Float)?;
         let c = &mut self.columns[i];
         match &mut c.data {
@@ -317,11 +349,12 @@ impl BatchBuilder {
         Ok(())
     }
 
-    /// Sets a number that may be either kind (JSON): into an existing integer column only
-    /// if it is integral; a new field becomes a float column.
+    /// Sets a JSON number: a new field written with an integer (no fraction, no exponent)
+    /// becomes an integer column; a fraction into an integer column widens it to float
+    /// (for good: the catalog records it, and older data reads as float).
     pub fn set_number(&mut self, name: &str, v: f64, integral: Option<i64>) -> Result<(), ValueError> {
         match (self.index.get(name).map(|i| self.columns[*i].ty), integral) {
-            (Some(FieldType::Int), Some(i)) => self.set_int(name, i),
+            (None | Some(FieldType::Int), Some(i)) => self.set_int(name, i),
             (Some(FieldType::UInt), Some(i)) if i >= 0 => self.set_uint(name, i as u64),
             _ => self.set_float(name, v),
         }

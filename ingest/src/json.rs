@@ -415,11 +415,15 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
 mod tests {
     use super::*;
     use arrow::array::{Array, Float64Array, StringArray, TimestampNanosecondArray};
-    use ferrite_engine::{StreamCatalog, StreamName};
+    use ferrite_engine::{FieldType, StreamCatalog, StreamName};
     use std::sync::Arc;
 
     fn builder() -> anyhow::Result<BatchBuilder> {
-        Ok(BatchBuilder::new(Arc::new(StreamCatalog::in_memory()), &StreamName::new("telemetry")?)?)
+        builder_on(Arc::new(StreamCatalog::in_memory()))
+    }
+
+    fn builder_on(catalog: Arc<StreamCatalog>) -> anyhow::Result<BatchBuilder> {
+        Ok(BatchBuilder::new(catalog, &StreamName::new("telemetry")?)?)
     }
 
     #[test]
@@ -464,10 +468,44 @@ mod tests {
                 (5, "nested_value")
             ]
         );
-        assert!(rej[0].message.contains("stream `telemetry`: field `t` is float, got string"), "{}", rej[0].message);
+        assert!(rej[0].message.contains("stream `telemetry`: field `t` is integer, got string"), "{}", rej[0].message);
         let out = b.finish().ok_or_else(|| anyhow::anyhow!("empty"))?;
         let d = out.batch.column(1).as_any().downcast_ref::<StringArray>().ok_or_else(|| anyhow::anyhow!("d"))?;
         assert_eq!(d.iter().flatten().collect::<Vec<_>>(), vec!["a", "e"]);
+        Ok(())
+    }
+
+    #[test]
+    fn integers_stay_integers_until_a_fraction_widens_the_field() -> anyhow::Result<()> {
+        let mut b = builder()?;
+        let rej = JsonDecoder::new(&mut b, DeviceSource::PerEvent, 0)
+            .decode(br#"[{"device_id":"a","n":1,"f":1.0},{"device_id":"b","n":2,"big":18446744073709551615}]"#)?;
+        assert!(rej.is_empty(), "{rej:?}");
+        let out = b.finish().ok_or_else(|| anyhow::anyhow!("empty"))?;
+        let types: Vec<String> =
+            out.batch.schema().fields().iter().skip(2).map(|f| format!("{}:{}", f.name(), f.data_type())).collect();
+        assert_eq!(types, vec!["n:Int64", "f:Float64", "big:Float64"], "1.0 is written as a float, so it is one");
+        // A fraction widens `n` for good, in the same batch as its integers.
+        let catalog = Arc::new(StreamCatalog::in_memory());
+        let mut b = builder_on(catalog.clone())?;
+        let rej = JsonDecoder::new(&mut b, DeviceSource::PerEvent, 0)
+            .decode(br#"[{"device_id":"a","n":3},{"device_id":"b","n":3.5},{"device_id":"c","n":4}]"#)?;
+        assert!(rej.is_empty(), "{rej:?}");
+        let out = b.finish().ok_or_else(|| anyhow::anyhow!("empty"))?;
+        let n = out
+            .batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<arrow::array::Float64Array>()
+            .ok_or_else(|| anyhow::anyhow!("n"))?;
+        assert_eq!(n.values().to_vec(), vec![3.0, 3.5, 4.0]);
+        let stream = StreamName::new("telemetry")?;
+        assert_eq!(catalog.get(&stream).and_then(|s| s.field_type("n")), Some(FieldType::Float));
+        assert!(catalog.widenings() >= 1);
+        // A string into it is still a type conflict, now against float.
+        let mut b = builder_on(catalog)?;
+        let rej = JsonDecoder::new(&mut b, DeviceSource::PerEvent, 0).decode(br#"{"device_id":"a","n":"x"}"#)?;
+        assert!(rej[0].message.contains("field `n` is float, got string"), "{}", rej[0].message);
         Ok(())
     }
 

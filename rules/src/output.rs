@@ -224,7 +224,7 @@ pub fn register_derived(catalog: &StreamCatalog, stream: &StreamName, output: &S
 }
 
 /// Adds (or finds) column `name` of type `ft` in `stream`; a column of another type is an
-/// error naming both.
+/// error naming both, but integers go into a float column, and floats widen an integer one.
 fn resolve(
     catalog: &StreamCatalog,
     stream: &StreamName,
@@ -232,6 +232,13 @@ fn resolve(
     ft: FieldType,
 ) -> Result<Arc<ferrite_engine::StreamSchema>> {
     let (schema, actual) = catalog.resolve_field(stream, name, ft)?;
+    let integer = |t: FieldType| matches!(t, FieldType::Int | FieldType::UInt);
+    if actual == FieldType::Float && integer(ft) {
+        return Ok(schema);
+    }
+    if integer(actual) && ft == FieldType::Float {
+        return Ok(catalog.widen_field(stream, name)?);
+    }
     if actual != ft {
         return Err(ferrite_engine::Error::TypeConflict {
             stream: stream.to_string(),

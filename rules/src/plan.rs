@@ -317,6 +317,20 @@ pub struct CompiledRule {
     pub output_rate: Option<ast::OutputRate>,
     /// Most open windows or partial matches per shard.
     pub state_limit: usize,
+    /// The file it was compiled from, to compile it again when an input's field widens
+    /// (`None` until a rule engine compiled it).
+    pub source: Option<Arc<RuleSource>>,
+}
+
+/// The text a rule was compiled from, and where.
+#[derive(Debug, Clone)]
+pub struct RuleSource {
+    /// The tenant it was deployed in.
+    pub tenant: String,
+    /// The whole rule file (stream declarations and tables included).
+    pub text: String,
+    /// The directory its relative table paths start from.
+    pub base: Option<std::path::PathBuf>,
 }
 
 /// Where a joined table's rows come from.
@@ -727,6 +741,7 @@ fn compile_stream(
             actions: Vec::new(),
             output_rate: None,
             state_limit: DEFAULT_STATE_LIMIT,
+            source: None,
         });
     };
 
@@ -831,6 +846,7 @@ fn compile_stream(
         actions: Vec::new(),
         output_rate: None,
         state_limit: DEFAULT_STATE_LIMIT,
+        source: None,
     })
 }
 
@@ -1075,6 +1091,7 @@ fn compile_stream_join(
         actions: Vec::new(),
         output_rate: None,
         state_limit: DEFAULT_STATE_LIMIT,
+        source: None,
     })
 }
 
@@ -1228,6 +1245,7 @@ fn compile_pattern(
         actions: Vec::new(),
         output_rate: None,
         state_limit: DEFAULT_STATE_LIMIT,
+        source: None,
     })
 }
 

@@ -254,6 +254,10 @@ pub struct RuleEngine {
     generation: AtomicU64,
     /// What deployed rules may read and call; `None`: anything (local tools).
     sandbox: RwLock<Option<crate::sandbox::Sandbox>>,
+    /// The catalog's widening count the rules are planned for.
+    widenings_seen: AtomicU64,
+    /// One re-planning at a time.
+    replanning: Mutex<()>,
 }
 
 impl std::fmt::Debug for RuleEngine {
@@ -283,6 +287,7 @@ impl RuleEngine {
         actions: Arc<dyn ActionSink>,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        let catalog_widenings = catalog.widenings();
         Self {
             catalog,
             metrics,
@@ -297,6 +302,8 @@ impl RuleEngine {
             global: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             sandbox: RwLock::new(None),
+            widenings_seen: AtomicU64::new(catalog_widenings),
+            replanning: Mutex::new(()),
         }
     }
 

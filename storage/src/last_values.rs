@@ -71,6 +71,17 @@ impl Column {
         }
     }
 
+    /// Turns an integer column into a float one (its field was widened).
+    fn widen_to_float(&mut self) {
+        let values = match &self.values {
+            Values::Int(v) => v.iter().map(|&x| x as f64).collect(),
+            Values::UInt(v) => v.iter().map(|&x| x as f64).collect(),
+            _ => return,
+        };
+        self.values = Values::Float(values);
+        self.data_type = DataType::Float64;
+    }
+
     /// Sets `slot` from `row` of `array` (of this column's type), or to null.
     fn set(&mut self, slot: usize, array: Option<&dyn Array>, row: usize) {
         let Some(a) = array.filter(|a| a.is_valid(row)) else {
@@ -179,20 +190,28 @@ impl LastValues {
         // Pass 2: copy the winning rows, column by column; a column the batch lacks is null.
         let schema = batch.schema();
         for f in schema.fields().iter().skip(2) {
-            if !self.columns.iter().any(|c| c.name.as_ref() == f.name().as_str())
-                && let Some(c) = Column::new(f.name(), f.data_type(), self.devices.len())
-            {
-                self.columns.push(c);
+            match self.columns.iter_mut().find(|c| c.name.as_ref() == f.name().as_str()) {
+                None => {
+                    if let Some(c) = Column::new(f.name(), f.data_type(), self.devices.len()) {
+                        self.columns.push(c);
+                    }
+                }
+                // A field widened from integer to float: the column follows.
+                Some(c) if f.data_type() == &DataType::Float64 => c.widen_to_float(),
+                Some(_) => {}
             }
         }
         for c in &mut self.columns {
-            let array = schema
-                .index_of(&c.name)
-                .ok()
-                .map(|i| batch.column(i).as_ref())
-                .filter(|a| a.data_type() == &c.data_type);
+            let array = schema.index_of(&c.name).ok().map(|i| batch.column(i)).and_then(|a| {
+                if a.data_type() == &c.data_type {
+                    Some(a.clone())
+                } else {
+                    // An integer batch written before its field was widened.
+                    arrow::compute::cast(a, &c.data_type).ok()
+                }
+            });
             for &slot in &self.touched {
-                c.set(slot as usize, array, self.pending[slot as usize] as usize);
+                c.set(slot as usize, array.as_deref(), self.pending[slot as usize] as usize);
             }
         }
         for &slot in &self.touched {
@@ -266,8 +285,10 @@ impl LastValues {
                 DEVICE_COLUMN => {
                     Arc::new(StringArray::from_iter_values((0..n).map(|i| self.devices[pick(i)].as_ref())))
                 }
-                name => match self.columns.iter().find(|c| c.name.as_ref() == name && &c.data_type == f.data_type()) {
-                    Some(c) => c.array(keep),
+                name => match self.columns.iter().find(|c| c.name.as_ref() == name) {
+                    Some(c) if &c.data_type == f.data_type() => c.array(keep),
+                    Some(c) => arrow::compute::cast(&c.array(keep), f.data_type())
+                        .unwrap_or_else(|_| arrow::array::new_null_array(f.data_type(), n)),
                     None => arrow::array::new_null_array(f.data_type(), n),
                 },
             };

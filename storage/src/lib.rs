@@ -138,11 +138,8 @@ impl StreamData {
         if run >= MERGE_RUN {
             let start = self.hot.len() - run;
             let tail: Vec<HotBatch> = self.hot.drain(start..).collect();
-            let schema = tail
-                .iter()
-                .map(|h| h.batch.schema())
-                .max_by_key(|s| s.fields().len())
-                .unwrap_or_else(|| tail[0].batch.schema());
+            let schemas: Vec<_> = tail.iter().map(|h| h.batch.schema()).collect();
+            let schema = ferrite_engine::widest_schema(&schemas).unwrap_or_else(|| tail[0].batch.schema());
             let mut aligned = Vec::with_capacity(tail.len());
             for h in &tail {
                 delta -= h.batch.get_array_memory_size() as isize;
@@ -614,11 +611,10 @@ impl Storage {
         }
         let schema = match self.catalog.get(name) {
             Some(s) => s.arrow.clone(),
-            None => batches
-                .iter()
-                .map(|b| b.schema())
-                .max_by_key(|s| s.fields().len())
-                .unwrap_or_else(|| batches[0].schema()),
+            None => {
+                let schemas: Vec<_> = batches.iter().map(|b| b.schema()).collect();
+                ferrite_engine::widest_schema(&schemas).unwrap_or_else(|| batches[0].schema())
+            }
         };
         let aligned =
             batches.iter().map(|b| align_to_schema(b, &schema)).collect::<ferrite_engine::Result<Vec<_>>>()?;

@@ -263,11 +263,11 @@ impl Storage {
         }
         let schema = match self.catalog.get(stream) {
             Some(s) => s.arrow.clone(),
-            None => batches
-                .iter()
-                .map(|b| b.schema())
-                .max_by_key(|s| s.fields().len())
-                .ok_or_else(|| Error::Arrow(arrow::error::ArrowError::SchemaError("no rows to merge".into())))?,
+            None => {
+                let schemas: Vec<_> = batches.iter().map(|b| b.schema()).collect();
+                ferrite_engine::widest_schema(&schemas)
+                    .ok_or_else(|| Error::Arrow(arrow::error::ArrowError::SchemaError("no rows to merge".into())))?
+            }
         };
         let aligned =
             batches.iter().map(|b| align_to_schema(b, &schema)).collect::<ferrite_engine::Result<Vec<_>>>()?;

@@ -164,3 +164,51 @@ fn decommission_with_purge_erases_the_devices_rows_and_a_data_subject_request_ne
     assert!(s.stop()?.success());
     Ok(())
 }
+
+#[test]
+fn json_integers_stay_integers_until_a_fraction_widens_the_field_for_every_reader() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &["--persist-interval", "100ms"])?;
+    let post = |body: Value| s.post_json("/api/v1/streams/counts/events", &body);
+    let (status, body) = post(json!([{"device_id": "a", "n": 1, "m": 7}, {"device_id": "b", "n": 2, "m": 8}]))?;
+    assert_eq!(status, 200, "{body}");
+    let types = "SELECT arrow_typeof(n) AS n, arrow_typeof(m) AS m FROM counts LIMIT 1";
+    assert_eq!(s.sql(types)?[0], json!({"n": "Int64", "m": "Int64"}));
+    s.wait_for("an Int64 file", |s| Ok(s.rows("counts")?.1 == 2))?;
+    // A fraction over JSON, and a float over line protocol, widen their fields.
+    let (status, body) = post(json!({"device_id": "c", "n": 0.5}))?;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = s.post("/api/v2/write", "text/plain", b"counts,device_id=d m=1.5")?;
+    assert_eq!(status, 204);
+    assert_eq!(s.sql(types)?[0], json!({"n": "Float64", "m": "Float64"}));
+    let sums = "SELECT sum(n) AS n, sum(m) AS m FROM counts";
+    assert_eq!(s.sql(sums)?[0], json!({"n": 3.5, "m": 16.5}));
+    s.wait_for("a Float64 file", |s| Ok(s.rows("counts")?.1 == 4))?;
+    assert_eq!(s.sql(sums)?[0], json!({"n": 3.5, "m": 16.5}), "an Int64 file and a Float64 file");
+    let info = stream_info(&s, "counts")?;
+    let n_type =
+        info["columns"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "n")).map(|c| c["type"].clone());
+    assert_eq!(n_type, Some(json!("float")));
+    // A string is still refused, now against float.
+    let (status, body) = post(json!({"device_id": "e", "n": "many"}))?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("field `n` is float, got string"), "{body}");
+    assert!(s.stop()?.success());
+
+    let s = Server::start(dir.path(), &[])?;
+    assert_eq!(s.sql(types)?[0], json!({"n": "Float64", "m": "Float64"}), "after a restart");
+    assert_eq!(s.sql(sums)?[0], json!({"n": 3.5, "m": 16.5}));
+    assert!(s.stop()?.success());
+    let root = dir.path().join("archive").join("default").join("counts");
+    let probe = std::process::Command::new("python3").args(["-c", "import duckdb"]).output();
+    if probe.map(|o| o.status.success()).unwrap_or(false) {
+        let script = "import sys, duckdb\nprint(*duckdb.connect().execute(f\"SELECT sum(n), typeof(sum(n)) FROM \
+                      read_parquet('{sys.argv[1]}/**/*.parquet', union_by_name=true)\").fetchone())";
+        let out = std::process::Command::new("python3").arg("-c").arg(script).arg(&root).output()?;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8(out.stdout)?.trim(), "3.5 DOUBLE");
+    } else {
+        anyhow::ensure!(std::env::var_os("CI").is_none(), "duckdb must be installed in CI");
+    }
+    Ok(())
+}

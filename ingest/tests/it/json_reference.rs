@@ -29,7 +29,7 @@ struct Expected {
 
 fn reference(events: &[Value], now: i64) -> Expected {
     let mut types: BTreeMap<String, FieldType> = BTreeMap::new();
-    let mut rows = Vec::new();
+    let mut rows: Vec<(i64, String, BTreeMap<String, Cell>)> = Vec::new();
     let mut rejected = Vec::new();
     for (i, ev) in events.iter().enumerate() {
         let Some(obj) = ev.as_object() else {
@@ -60,8 +60,20 @@ fn reference(events: &[Value], now: i64) -> Expected {
                     let (ty, cell) = match v {
                         Value::Bool(b) => (FieldType::Bool, Cell::B(*b)),
                         Value::String(s) => (FieldType::String, Cell::S(s.clone())),
+                        // An integer makes a new field an integer one; a fraction widens an
+                        // integer field to float for good, earlier rows included.
                         Value::Number(n) => match (types.get(k), n.as_i64()) {
-                            (Some(FieldType::Int), Some(i)) => (FieldType::Int, Cell::I(i)),
+                            (None | Some(FieldType::Int), Some(i)) => (FieldType::Int, Cell::I(i)),
+                            (Some(FieldType::Int), None) => {
+                                types.insert(k.to_owned(), FieldType::Float);
+                                for (_, _, row) in rows.iter_mut() {
+                                    if let Some(Cell::I(i)) = row.get(k) {
+                                        let f = *i as f64;
+                                        row.insert(k.to_owned(), Cell::F(f));
+                                    }
+                                }
+                                (FieldType::Float, Cell::F(n.as_f64().unwrap_or(0.0)))
+                            }
                             _ => (FieldType::Float, Cell::F(n.as_f64().unwrap_or(0.0))),
                         },
                         _ => {

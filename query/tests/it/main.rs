@@ -245,3 +245,53 @@ fn last_values_are_the_rows_distinct_on_finds_and_bad_calls_say_why() -> anyhow:
     }
     Ok(())
 }
+
+#[test]
+fn a_field_widened_from_integer_to_float_reads_as_float_in_old_files_and_memory() -> anyhow::Result<()> {
+    let f = fixture()?;
+    let catalog = f.service.catalog().clone();
+    let stream = StreamName::new("counts")?;
+    catalog.resolve_field(&stream, "n", FieldType::Int)?;
+    let int_schema = catalog.get(&stream).ok_or_else(|| anyhow::anyhow!("schema"))?.arrow.clone();
+    let int_batch = |t: i64, d: &str, n: i64| -> anyhow::Result<StreamBatch> {
+        let b = RecordBatch::try_new(
+            int_schema.clone(),
+            vec![
+                Arc::new(TimestampNanosecondArray::from(vec![t]).with_timezone("UTC")),
+                Arc::new(StringArray::from(vec![d])),
+                Arc::new(arrow::array::Int64Array::from(vec![n])),
+            ],
+        )?;
+        Ok(StreamBatch::new(stream.clone(), b))
+    };
+    f.storage.commit(0, &[int_batch(1, "a", 1)?, int_batch(2, "b", 2)?]).map_err(anyhow::Error::msg)?;
+    f.storage.persist()?;
+    let float_schema = catalog.widen_field(&stream, "n")?.arrow.clone();
+    let b = RecordBatch::try_new(
+        float_schema,
+        vec![
+            Arc::new(TimestampNanosecondArray::from(vec![3]).with_timezone("UTC")),
+            Arc::new(StringArray::from(vec!["a"])),
+            Arc::new(Float64Array::from(vec![2.5])),
+        ],
+    )?;
+    f.storage.commit(0, &[StreamBatch::new(stream.clone(), b)]).map_err(anyhow::Error::msg)?;
+    // A decoder that had not seen the widening yet still sends an integer.
+    f.storage.commit(0, &[int_batch(4, "c", 4)?]).map_err(anyhow::Error::msg)?;
+    let check = |when: &str| -> anyhow::Result<()> {
+        let rows = f.rows("SELECT sum(n) AS s, arrow_typeof(n) AS t FROM counts GROUP BY 2")?;
+        let text = arrow::util::pretty::pretty_format_batches(&rows)?.to_string();
+        assert!(text.contains("9.5") && text.contains("Float64"), "{when}: {text}");
+        let last = f.rows("SELECT device_id, n FROM last_values('counts') ORDER BY device_id")?;
+        let text = arrow::util::pretty::pretty_format_batches(&last)?.to_string();
+        assert!(text.contains("| a         | 2.5 |") && text.contains("| c         | 4.0 |"), "{when}: {text}");
+        Ok(())
+    };
+    check("an Int64 file, a float and an integer batch in memory")?;
+    f.storage.persist()?;
+    check("an Int64 file and a Float64 file")?;
+    let report = f.storage.compact(i64::MAX / 2, false)?;
+    assert!(report.files_in >= 2, "{report:?}");
+    check("compacted into one Float64 file")?;
+    Ok(())
+}

@@ -7,6 +7,9 @@ use super::*;
 impl RuleEngine {
     /// Runs every rule over `batches` committed on `shard`; returns derived batches.
     pub fn process(&self, shard: usize, batches: &[StreamBatch]) -> Vec<StreamBatch> {
+        if self.catalog.widenings() != self.widenings_seen.load(Ordering::Relaxed) {
+            self.replan_widened();
+        }
         let rules = self.rules();
         let shadows = self.shadows.read().clone();
         let Some(states) = self.shards.get(shard) else { return Vec::new() };

@@ -26,7 +26,97 @@ impl RuleEngine {
     ) -> Result<Vec<CompiledRule>> {
         let schemas = CatalogSchemas { catalog: &self.catalog, tenant };
         let compiled = compile_text_sandboxed(text, &schemas, base, sandbox)?;
-        compiled.into_iter().map(|r| r.in_tenant(tenant).map_err(Error::from)).collect()
+        let source = Arc::new(crate::plan::RuleSource {
+            tenant: tenant.to_owned(),
+            text: text.to_owned(),
+            base: base.map(std::path::Path::to_owned),
+        });
+        compiled
+            .into_iter()
+            .map(|mut r| {
+                r.source = Some(source.clone());
+                r.in_tenant(tenant).map_err(Error::from)
+            })
+            .collect()
+    }
+
+    /// Compiles again the rules planned against a field that has since been widened from
+    /// integer to float (see `StreamCatalog::widen_field`), before they see a float batch:
+    /// otherwise aligning the batch to the old plan would truncate the values. Called by
+    /// the shards when the catalog's widening count moves. The recompiled rules start with
+    /// fresh state (their accumulators change type); the log says which.
+    pub(super) fn replan_widened(&self) {
+        let _one = self.replanning.lock();
+        let seen = self.catalog.widenings();
+        if self.widenings_seen.load(Ordering::SeqCst) == seen {
+            return;
+        }
+        let stale = |r: &LiveRule| {
+            r.plan.inputs.iter().zip(&r.plan.input_schemas).any(|(input, planned)| {
+                let Some(now) = StreamName::from_key(input).ok().and_then(|s| self.catalog.get(&s)) else {
+                    return false;
+                };
+                planned
+                    .fields()
+                    .iter()
+                    .any(|f| now.arrow.field_with_name(f.name()).is_ok_and(|n| n.data_type() != f.data_type()))
+            })
+        };
+        let sandbox = self.sandbox.read().clone();
+        let mut guard = self.rules.write();
+        let mut next: Vec<Arc<LiveRule>> = Vec::with_capacity(guard.len());
+        for rule in guard.iter() {
+            if !stale(rule) {
+                next.push(rule.clone());
+                continue;
+            }
+            let Some(src) = rule.plan.source.clone() else {
+                next.push(rule.clone());
+                continue;
+            };
+            let fresh = self
+                .compile_in(&src.tenant, &src.text, src.base.as_deref(), sandbox.as_ref())
+                .ok()
+                .and_then(|all| all.into_iter().find(|r| r.name == rule.plan.name))
+                .filter(|plan| match &plan.insert_into {
+                    Some(target) => StreamName::from_key(target)
+                        .map_err(Error::from)
+                        .and_then(|t| crate::output::register_derived(&self.catalog, &t, &plan.output))
+                        .is_ok(),
+                    None => true,
+                });
+            match fresh {
+                Some(plan) => {
+                    let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        rule = %plan.name,
+                        "an input field was widened from integer to float: the rule is compiled again and its \
+                         windows and partial matches start afresh"
+                    );
+                    next.push(Arc::new(LiveRule {
+                        label: rule.label.clone(),
+                        plan,
+                        generation,
+                        origin: rule.origin.clone(),
+                        stats: RuleStats::default(),
+                        last_error: Mutex::new(None),
+                        shadow: false,
+                        failed: AtomicBool::new(false),
+                    }));
+                }
+                None => {
+                    tracing::error!(rule = %rule.plan.name, "an input field was widened and the rule no longer compiles; it is stopped");
+                    rule.failed.store(true, Ordering::Relaxed);
+                    *rule.last_error.lock() =
+                        Some("an input field was widened from integer to float and the rule no longer compiles: deploy it again".to_owned());
+                    next.push(rule.clone());
+                }
+            }
+        }
+        *guard = Arc::new(next);
+        drop(guard);
+        self.widenings_seen.store(seen, Ordering::SeqCst);
+        self.free_stale_state();
     }
 
     /// Deploys every rule of `text` (replacing rules of the same names). When `origin` is a

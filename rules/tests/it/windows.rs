@@ -320,3 +320,26 @@ fn editing_one_rule_of_a_file_keeps_the_others_state() -> Result<()> {
     assert_eq!(e.state_rows()?.len(), 0);
     Ok(())
 }
+
+#[test]
+fn a_rule_is_compiled_again_when_an_input_field_widens_to_float() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let stream = ferrite_engine::StreamName::new("telemetry")?;
+    catalog.resolve_field(&stream, "count", ferrite_engine::FieldType::Int)?;
+    let rules = "rule c { from telemetry window tumbling 1m by device_id select device_id, sum(count) as total insert into totals }";
+    let (e, _) = engine(&catalog, 1, rules)?;
+    let ints = batch(&catalog, "telemetry", &[json!({"t": 1, "count": 1})])?;
+    let mut out = e.process(0, &[ints]);
+    // A decoder widens the field (a JSON fraction arrived), then commits floats.
+    catalog.widen_field(&stream, "count")?;
+    let floats = batch(&catalog, "telemetry", &[json!({"t": 2, "count": 2.5}), json!({"t": 3, "count": 0.25})])?;
+    out.extend(e.process(0, &[floats]));
+    out.extend(e.finish(0));
+    let totals = rows_of(&out, "totals")?;
+    // The window restarted with the new plan: no truncation to 2 and 0.
+    assert_eq!(totals, vec![json!({"time": 60.0, "device_id": "d1", "total": 2.75})]);
+    let totals_schema = catalog.get(&ferrite_engine::StreamName::new("totals")?).map(|s| s.field_type("total"));
+    assert_eq!(totals_schema, Some(Some(ferrite_engine::FieldType::Float)), "the derived field widened too");
+    assert_eq!(e.list().len(), 1);
+    Ok(())
+}
