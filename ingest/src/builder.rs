@@ -262,6 +262,13 @@ impl BatchBuilder {
                 }
             }
         };
+        // A float into an integer field widens the field to float, for good (the catalog
+        // records it; data written before reads as float). Off the hot path: only on the
+        // first float for such a field.
+        if proposed == FieldType::Float && matches!(self.columns[idx].ty, FieldType::Int | FieldType::UInt) {
+            let schema = self.catalog.widen_field(&self.schema.name, name)?;
+            self.adopt(schema);
+        }
         let col = &mut self.columns[idx];
         // An integer fits a float column; an unsigned one a signed column too (checked by
         // `set_uint`).
@@ -290,16 +297,6 @@ impl BatchBuilder {
 
     /// Sets a float field.
     pub fn set_float(&mut self, name: &str, v: f64) -> Result<(), ValueError> {
-        // A float into an integer field widens the field to float, for good (the catalog
-        // records it; data written before reads as float).
-        let current = match self.index.get(name) {
-            Some(i) => Some(self.columns[*i].ty),
-            None => self.catalog.get(&self.schema.name).and_then(|s| s.field_type(name)),
-        };
-        if matches!(current, Some(FieldType::Int | FieldType::UInt)) {
-            let schema = self.catalog.widen_field(&self.schema.name, name)?;
-            self.adopt(schema);
-        }
         let i = self.column(name, FieldType::Float)?;
         let c = &mut self.columns[i];
         match &mut c.data {
