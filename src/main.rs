@@ -7,6 +7,7 @@ mod config;
 mod device_cmd;
 mod identity;
 mod identity_cmd;
+mod ota_cmd;
 mod rules_cmd;
 mod serve;
 mod sql;
@@ -43,6 +44,8 @@ enum Command {
     Policy(identity_cmd::PolicyArgs),
     /// Manage the device registry of a running server.
     Device(device_cmd::DeviceArgs),
+    /// Sign software updates: make a key pair, sign an artifact.
+    Ota(ota_cmd::OtaArgs),
 }
 
 /// Flags of `ferrite serve`; each overrides `ferrite.toml` and has a `FERRITE_*` variable.
@@ -317,6 +320,7 @@ fn main() -> ExitCode {
         Command::User(args) => identity_cmd::user(args),
         Command::Client(args) => identity_cmd::client(args),
         Command::Device(args) => device_cmd::device(args),
+        Command::Ota(args) => ota_cmd::ota(args),
         Command::Policy(args) => match identity_cmd::policy(args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(2),

@@ -13,5 +13,6 @@ mod http;
 mod identity;
 mod mqtt;
 mod oidc;
+mod ota;
 mod rules;
 mod tenants;

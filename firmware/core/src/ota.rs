@@ -88,6 +88,32 @@ mod tests {
         assert_eq!(v.finish(&digest, &sig, &key), Ok(()));
     }
 
+    fn unhex<const N: usize>(s: &str) -> [u8; N] {
+        let mut out = [0u8; N];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap_or(0);
+        }
+        out
+    }
+
+    /// A manifest made by the server's `ferrite ota keygen` and `ferrite ota sign` (ring's
+    /// Ed25519), verified here by ed25519-dalek: the two halves agree on the format.
+    #[test]
+    fn a_manifest_signed_by_the_server_cli_verifies() {
+        let artifact = b"ferrite firmware 2.4.0 for thermostats\n";
+        let digest: [u8; 32] = unhex("f12c35f1e31db8dcb8d9958d3df97cfdd489f522e23cde17337c7884559222b5");
+        let signature: [u8; 64] = unhex(
+            "05e40607ea8cd7ed1dc9a1582e60231800f90da258b911f8a3596aaad1f993621720eab56bcc04c69e6ab7275423f2bd28ad58b3d2d623c5bbf8a4af88b2d30d",
+        );
+        let key: [u8; 32] = unhex("6231b177d026347e72af29f6b134c01ed48c5bdde1b34d1b26f9a124f758d554");
+        let mut v = Verifier::new();
+        v.update(artifact);
+        assert_eq!(v.finish(&digest, &signature, &key), Ok(()));
+        let mut v = Verifier::new();
+        v.update(b"ferrite firmware 2.4.1 for thermostats\n");
+        assert_eq!(v.finish(&digest, &signature, &key), Err(OtaError::Digest));
+    }
+
     #[test]
     fn tampering_a_wrong_key_or_a_bad_signature_is_refused() {
         let artifact = [7u8; 1000];
