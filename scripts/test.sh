@@ -74,7 +74,9 @@ if ! rustup target list --installed 2>/dev/null | grep -qx thumbv7em-none-eabihf
     rustup target add thumbv7em-none-eabihf || true
 fi
 if rustup target list --installed 2>/dev/null | grep -qx thumbv7em-none-eabihf; then
-    (cd firmware && cargo build -p ferrite-agent-core --target thumbv7em-none-eabihf --release)
+    # The core alone, and linked into a bare image (allocator, panic handler, every path kept).
+    (cd firmware && cargo build -p ferrite-agent-core --target thumbv7em-none-eabihf --release \
+        && cargo build -p ferrite-agent-size-probe --target thumbv7em-none-eabihf --release)
 else
     echo "SKIPPED: the thumbv7em-none-eabihf target cannot be installed here (rustup has no network); the no_std build was not checked"
 fi
