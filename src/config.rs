@@ -115,6 +115,8 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
+        // Compaction's defaults are storage's own.
+        let m = ferrite_storage::MaintenanceConfig::default();
         Self {
             data_dir: PathBuf::from("./ferrite-data"),
             rules_dir: PathBuf::from("./rules"),
@@ -123,13 +125,13 @@ impl Default for Config {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             persist_interval: Duration::from_secs(60),
             hot_buffer_max: 512 * 1024 * 1024,
-            compaction: true,
-            compaction_interval: Duration::from_secs(60),
-            compact_after: Duration::from_secs(600),
-            compaction_target_size: 128 * 1024 * 1024,
-            compaction_max_merge: 256 * 1024 * 1024,
-            compaction_cpu: 0.5,
-            retired_grace: Duration::from_secs(600),
+            compaction: m.compaction,
+            compaction_interval: m.interval,
+            compact_after: m.compact_after,
+            compaction_target_size: m.target_file_bytes as usize,
+            compaction_max_merge: m.max_merge_bytes as usize,
+            compaction_cpu: m.duty,
+            retired_grace: m.retired_grace,
             max_payload: 1024 * 1024,
             shards: 0,
             commit_max_rows: 262_144,

@@ -51,6 +51,23 @@ impl Admin {
     }
 }
 
+/// Checks `cond` every 20 ms until it holds (a state the server reports, polled: there is
+/// no event to wait on over HTTP); an error naming `what` after `limit`.
+pub fn poll_until(
+    what: &str,
+    limit: std::time::Duration,
+    mut cond: impl FnMut() -> Result<bool, String>,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond()? {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("timed out after {limit:?} waiting for {what}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Path of the `ferrite` binary next to the running benchmark binary (same profile).
 pub fn ferrite_binary() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();

@@ -103,10 +103,8 @@ impl Column {
         self.valid[slot] = ok.is_some();
     }
 
-    /// The column as an Arrow array of the slots `keep` selects (all when `None`).
-    fn array(&self, keep: Option<&[usize]>) -> ArrayRef {
-        let pick = |n: usize| -> Vec<usize> { keep.map(<[usize]>::to_vec).unwrap_or_else(|| (0..n).collect()) };
-        let idx = pick(self.valid.len());
+    /// The column as an Arrow array of slots `idx`, in that order.
+    fn array(&self, idx: &[usize]) -> ArrayRef {
         let nulls = NullBuffer::new(BooleanBuffer::from_iter(idx.iter().map(|&i| self.valid[i])));
         let nulls = (nulls.null_count() > 0).then_some(nulls);
         match &self.values {
@@ -270,24 +268,23 @@ impl LastValues {
     /// The rows as a batch of `schema` (`time`, `device_id`, then fields; a field the cache
     /// has not seen is null), without devices whose row is older than `horizon`.
     pub(crate) fn to_batch(&self, schema: &SchemaRef, horizon: Option<i64>) -> Result<RecordBatch> {
-        let keep: Option<Vec<usize>> =
-            horizon.map(|h| (0..self.devices.len()).filter(|&i| self.times[i] >= h).collect());
-        let keep = keep.as_deref();
-        let n = keep.map_or(self.devices.len(), <[usize]>::len);
-        let pick = |i: usize| keep.map_or(i, |k| k[i]);
+        // The slots to show, once for every column.
+        let idx: Vec<usize> = match horizon {
+            Some(h) => (0..self.devices.len()).filter(|&i| self.times[i] >= h).collect(),
+            None => (0..self.devices.len()).collect(),
+        };
+        let n = idx.len();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
         for f in schema.fields() {
             let array: ArrayRef = match f.name().as_str() {
                 TIME_COLUMN => Arc::new(
-                    TimestampNanosecondArray::from_iter_values((0..n).map(|i| self.times[pick(i)]))
+                    TimestampNanosecondArray::from_iter_values(idx.iter().map(|&i| self.times[i]))
                         .with_data_type(f.data_type().clone()),
                 ),
-                DEVICE_COLUMN => {
-                    Arc::new(StringArray::from_iter_values((0..n).map(|i| self.devices[pick(i)].as_ref())))
-                }
+                DEVICE_COLUMN => Arc::new(StringArray::from_iter_values(idx.iter().map(|&i| self.devices[i].as_ref()))),
                 name => match self.columns.iter().find(|c| c.name.as_ref() == name) {
-                    Some(c) if &c.data_type == f.data_type() => c.array(keep),
-                    Some(c) => arrow::compute::cast(&c.array(keep), f.data_type())
+                    Some(c) if &c.data_type == f.data_type() => c.array(&idx),
+                    Some(c) => arrow::compute::cast(&c.array(&idx), f.data_type())
                         .unwrap_or_else(|_| arrow::array::new_null_array(f.data_type(), n)),
                     None => arrow::array::new_null_array(f.data_type(), n),
                 },
@@ -394,10 +391,7 @@ impl Storage {
     /// sees them (rows past a retention's horizon excepted); `None` for an unknown stream.
     pub fn last_values(&self, stream: &StreamName) -> Result<Option<RecordBatch>> {
         let Some(schema) = self.catalog.get(stream).map(|s| s.arrow.clone()) else { return Ok(None) };
-        let horizon = self
-            .catalog
-            .retention(stream)
-            .map(|r| crate::maintenance::horizon(chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX), r));
+        let horizon = self.horizon_of(stream);
         let Some(data) = self.streams.read().get(stream).cloned() else {
             return Ok(Some(RecordBatch::new_empty(schema)));
         };

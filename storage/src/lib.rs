@@ -453,10 +453,7 @@ impl Storage {
     /// retention, nothing older than its horizon (whole hours) is in it.
     pub fn snapshot(&self, stream: &StreamName) -> StreamSnapshot {
         let Some(data) = self.streams.read().get(stream).cloned() else { return StreamSnapshot::default() };
-        let horizon = self.catalog.retention(stream).map(|r| {
-            let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
-            maintenance::horizon(now, r)
-        });
+        let horizon = self.horizon_of(stream);
         let d = data.read();
         let Some(h) = horizon else {
             return StreamSnapshot { hot: d.hot.iter().map(|h| h.batch.clone()).collect(), files: d.files.clone() };

@@ -140,6 +140,11 @@ fn now_nanos() -> i64 {
 }
 
 impl Storage {
+    /// The oldest event time `stream` answers now, when it has a retention.
+    pub(crate) fn horizon_of(&self, stream: &StreamName) -> Option<i64> {
+        self.catalog.retention(stream).map(|r| horizon(now_nanos(), r))
+    }
+
     /// Runs compaction, retention and the removal of retired files on the calling thread
     /// until [`Storage::stop_maintenance`].
     pub fn run_maintenance(&self) {
@@ -311,11 +316,7 @@ impl Storage {
         #[cfg(test)]
         self.crash_point(CrashPoint::AfterWrite)?;
         if let Err(e) = self.swap_files(stream, inputs, &outputs) {
-            for f in &outputs {
-                if let Err(e) = self.delete_archived(&f.path) {
-                    tracing::warn!(file = %f.path, error = %e, "cannot remove an uncatalogued file; the next start removes it");
-                }
-            }
+            self.discard(&outputs);
             return Err(e);
         }
         #[cfg(test)]

@@ -191,13 +191,8 @@ fn a_rules_commands_pass_the_same_limits() -> anyhow::Result<()> {
     let secret = d["credentials"]["client_secret"].as_str().unwrap_or("").to_owned();
     let rule = "rule open_valve { from telemetry[pressure > 5] select device_id, pressure \
                 then command device_id 'open' {\"percent\": \"{pressure}\"} }";
-    let mut resp = s
-        .agent()
-        .post(&s.url("/api/v1/rules"))
-        .header("Authorization", &s.bearer())
-        .header("Content-Type", "text/plain")
-        .send(rule)?;
-    assert_eq!(resp.status().as_u16(), 201, "{}", resp.body_mut().read_to_string()?);
+    let (status, body) = s.post("/api/v1/rules", "text/plain", rule.as_bytes())?;
+    assert_eq!(status, 201, "{body}");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let (c, mut ev, code) = connect(&s, "v-1", "v-1", &secret).await?;

@@ -327,13 +327,8 @@ fn a_device_that_stays_offline_raises_an_alert() -> anyhow::Result<()> {
         select a.device_id, a.reason
         then alert severity 'warning' message '{device_id} is offline ({reason})'
     }";
-    let mut resp = s
-        .agent()
-        .post(&s.url("/api/v1/rules"))
-        .header("Authorization", &s.bearer())
-        .header("Content-Type", "text/plain")
-        .send(rule)?;
-    assert_eq!(resp.status().as_u16(), 201, "{}", resp.body_mut().read_to_string()?);
+    let (status, body) = s.post("/api/v1/rules", "text/plain", rule.as_bytes())?;
+    assert_eq!(status, 201, "{body}");
     // The device drops off without a DISCONNECT.
     drop((client, ev));
     drop(rt);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrite_benches::load::{accepted, http_load};
-use ferrite_benches::server::Ferrite;
+use ferrite_benches::server::{Ferrite, poll_until};
 use ferrite_benches::{line_protocol, readings};
 
 const NUMERIC_FIELDS: u64 = 7;
@@ -45,18 +45,9 @@ fn archive(server: &Ferrite) -> Result<(u64, u64, u64), String> {
     }))
 }
 
-/// Polls until `cond` holds on the archive, or fails after `limit`.
+/// Waits until `cond` holds on the archive, or fails after `limit`.
 fn wait(server: &Ferrite, what: &str, limit: Duration, cond: impl Fn((u64, u64, u64)) -> bool) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond(archive(server)?) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("timed out waiting for {what}: {:?}", archive(server)?));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until(what, limit, || Ok(cond(archive(server)?)))
 }
 
 /// Line protocol of `rows` readings spread over part `k` of `files` of the hour starting at `start_ms`.

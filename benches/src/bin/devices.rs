@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrite_benches::load::mqtt_options;
-use ferrite_benches::server::Ferrite;
+use ferrite_benches::server::{Ferrite, poll_until};
 use ferrite_device::model::DeviceInput;
 use ferrite_device::registry::Registry;
 use ferrite_engine::Metrics;
@@ -176,13 +176,9 @@ fn commands(server: &Ferrite, n: usize, threads: usize) -> Result<f64, String> {
             });
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while server.metric("ferrite_commands_total{status=\"succeeded\"}") < before + n as u64 {
-        if Instant::now() > deadline {
-            return Err("not every command was answered within 5 minutes".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until("every command to be answered", Duration::from_secs(300), || {
+        Ok(server.metric("ferrite_commands_total{status=\"succeeded\"}") >= before + n as u64)
+    })?;
     let rate = n as f64 / started.elapsed().as_secs_f64();
     for t in tasks {
         t.abort();
