@@ -17,8 +17,12 @@
 //!
 //! It also routes messages between clients (commands to devices, status, shadows): every
 //! PUBLISH is delivered at QoS 0 to the sessions subscribed to a matching filter.
-//! Not yet: persistent sessions, retained messages, QoS 1/2 delivery to subscribers,
-//! MQTT 5 and authentication (the identity plugin adds it).
+//! A client that connects with `clean_session = 0` keeps its session across connections:
+//! the QoS 2 packet ids it sent that were taken but not yet released (so that a PUBLISH
+//! retransmitted after a lost PUBREC is acknowledged, not ingested twice: exactly once
+//! across a cut connection) and its subscriptions, restored with `session present = 1`.
+//! Kept sessions live in memory (a restart of the server ends them) and are bounded.
+//! Not yet: retained messages, QoS 1/2 delivery to subscribers, MQTT 5.
 //!
 //! When a commit fails (or the node is overloaded) the acknowledgement is withheld and the
 //! session is closed: an MQTT 3.1.1 client retransmits unacknowledged messages only when it
@@ -138,6 +142,25 @@ pub struct Broker {
     internal: RwLock<Vec<(String, InternalSubscriber)>>,
     /// Whether there is any (the publish path skips the lock otherwise).
     has_internal: std::sync::atomic::AtomicBool,
+    /// Sessions of clients that connected with `clean_session = 0`, between connections,
+    /// by principal and client id.
+    kept: parking_lot::Mutex<HashMap<(String, String), Arc<KeptSession>>>,
+}
+
+/// Most sessions kept between connections; past it, a new persistent session is treated
+/// as a clean one (and counted), so that clients cannot grow the server's memory without
+/// bound.
+pub const MAX_KEPT_SESSIONS: usize = 200_000;
+
+/// What a persistent session keeps between connections, shared by its connections (a
+/// client that reconnects before the server noticed its old connection drop sees the same
+/// state).
+#[derive(Debug, Default)]
+struct KeptSession {
+    /// QoS 2 packet ids taken and not yet released.
+    taken: parking_lot::Mutex<HashSet<u16>>,
+    /// Its subscriptions, written through on every SUBSCRIBE and UNSUBSCRIBE.
+    filters: parking_lot::Mutex<HashSet<String>>,
 }
 
 /// A subscriber inside the server: called with each matching message's topic and payload
@@ -344,6 +367,26 @@ impl Broker {
     }
 
     /// Forgets an ended session and tells the observers why it ended.
+    /// The session state of a connecting client and whether it existed before: a clean
+    /// session drops what was kept and keeps nothing; a persistent one resumes or starts
+    /// its kept state (`None` when the store is full).
+    fn session_state(&self, key: (String, String), clean_session: bool) -> (Option<Arc<KeptSession>>, bool) {
+        let mut kept = self.kept.lock();
+        if clean_session {
+            kept.remove(&key);
+            return (None, false);
+        }
+        if let Some(k) = kept.get(&key) {
+            return (Some(k.clone()), true);
+        }
+        if kept.len() >= MAX_KEPT_SESSIONS {
+            return (None, false);
+        }
+        let k = Arc::new(KeptSession::default());
+        kept.insert(key, k.clone());
+        (Some(k), false)
+    }
+
     fn session_ended(&self, session: u64, presence: &Presence, reason: &'static str) {
         self.sessions.lock().remove(&session);
         for o in self.observers.read().iter() {
@@ -411,6 +454,7 @@ pub async fn serve(
                         context: RequestContext::new(AuthTransport::Mqtt, Some(peer.ip())),
                         principal: std::sync::OnceLock::new(),
                         decisions: parking_lot::Mutex::new(DecisionCache::default()),
+                        kept: std::sync::OnceLock::new(),
                     };
                     let shutdown = shutdown.clone();
                     sessions.spawn(async move {
@@ -481,10 +525,11 @@ fn gather(
     }
 }
 
-/// QoS 2 packet ids: taken (committed, awaiting PUBREL) and in flight (commit pending).
+/// QoS 2 packet ids: taken (committed, awaiting PUBREL; kept with a persistent session)
+/// and in flight (commit pending).
 #[derive(Default)]
 struct Qos2State {
-    taken: HashSet<u16>,
+    taken: Arc<KeptSession>,
     in_flight: HashSet<u16>,
 }
 
@@ -505,6 +550,8 @@ struct Session {
     principal: std::sync::OnceLock<Principal>,
     /// Publish and subscribe decisions, once per topic until policies or tokens change.
     decisions: parking_lot::Mutex<DecisionCache>,
+    /// The state kept across connections, when the client asked for a persistent session.
+    kept: std::sync::OnceLock<Arc<KeptSession>>,
 }
 
 /// What the session may do with a topic.
@@ -600,8 +647,17 @@ impl Session {
             },
             None => false,
         };
-        write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
-        tracing::debug!(session = self.id, client_id = %connect.client_id, "mqtt connected");
+        let session_key = (
+            self.principal.get().map(|p| format!("{}/{}", p.tenant, p.id)).unwrap_or_default(),
+            connect.client_id.clone(),
+        );
+        let (kept, session_present) = self.broker.session_state(session_key, connect.clean_session);
+        if kept.is_none() && !connect.clean_session {
+            self.metrics.inc("ferrite_mqtt_sessions_not_kept_total", &[], 1);
+            tracing::warn!(client_id = %connect.client_id, limit = MAX_KEPT_SESSIONS, "mqtt session not kept: too many kept sessions");
+        }
+        write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present))).await?;
+        tracing::debug!(session = self.id, client_id = %connect.client_id, session_present, "mqtt connected");
         let presence = Presence {
             principal: self.principal.get().cloned().unwrap_or_else(Principal::anonymous),
             client_id: connect.client_id.clone(),
@@ -637,6 +693,12 @@ impl Session {
         };
         let mut pending: FuturesOrdered<AckFuture> = FuturesOrdered::new();
         let mut qos2 = Qos2State::default();
+        if let Some(kept) = kept {
+            let filters: Vec<String> = kept.filters.lock().iter().cloned().collect();
+            qos2.taken = kept.clone();
+            let _ = self.kept.set(kept);
+            self.restore_subscriptions(filters, &out_tx);
+        }
         let mut clean = false;
         // One registration for the session's life, not one per loop turn.
         let kick = live.kick.clone();
@@ -775,7 +837,7 @@ impl Session {
                     QoS::ExactlyOnce => AckOutcome::Qos2Taken(pkid),
                 };
                 if p.qos == QoS::ExactlyOnce {
-                    if qos2.taken.contains(&pkid) {
+                    if qos2.taken.taken.lock().contains(&pkid) {
                         // A retransmission of a message already taken: acknowledge, don't ingest twice.
                         pending.push_back(Box::pin(async move { AckOutcome::Send(Packet::PubRec(PubRec::new(pkid))) }));
                         return Ok(false);
@@ -902,6 +964,9 @@ impl Session {
                         codes.push(SubscribeReasonCode::Failure);
                     } else {
                         self.broker.subscribe(self.id, &f.path, out.clone());
+                        if let Some(k) = self.kept.get() {
+                            k.filters.lock().insert(f.path.clone());
+                        }
                         mine.insert(f.path);
                         codes.push(SubscribeReasonCode::Success(QoS::AtMostOnce));
                     }
@@ -914,6 +979,9 @@ impl Session {
                 let mut mine = self.subscriptions.lock();
                 for t in &u.topics {
                     self.broker.unsubscribe(self.id, t);
+                    if let Some(k) = self.kept.get() {
+                        k.filters.lock().remove(t);
+                    }
                     mine.remove(t);
                 }
                 drop(mine);
@@ -931,6 +999,28 @@ impl Session {
             other => return Err(SessionError::Protocol(format!("unexpected packet from client: {other:?}"))),
         }
         Ok(false)
+    }
+
+    /// Subscribes a resumed session to its kept filters again, each checked as a new
+    /// SUBSCRIBE would be (a policy changed meanwhile drops the filter).
+    fn restore_subscriptions(&self, filters: Vec<String>, out: &mpsc::Sender<Packet>) {
+        let mut mine = self.subscriptions.lock();
+        for f in filters {
+            if mine.len() >= self.max_subscriptions {
+                break;
+            }
+            if topic::validate_filter(&f).is_ok()
+                && matches!(self.permission(Action::Subscribe, &f), Permission::Allowed)
+            {
+                self.broker.subscribe(self.id, &f, out.clone());
+                mine.insert(f);
+            } else {
+                tracing::info!(session = self.id, filter = %f, "kept subscription not restored: refused now");
+                if let Some(k) = self.kept.get() {
+                    k.filters.lock().remove(&f);
+                }
+            }
+        }
     }
 
     /// Whether the session's principal may `action` on `topic`: asked once per topic, then
@@ -1006,18 +1096,18 @@ fn settle(outcome: AckOutcome, qos2: &mut Qos2State) -> Result<Vec<Packet>, Stri
     match outcome {
         AckOutcome::Nothing => Ok(Vec::new()),
         AckOutcome::Send(Packet::PubComp(c)) => {
-            qos2.taken.remove(&c.pkid);
+            qos2.taken.taken.lock().remove(&c.pkid);
             Ok(vec![Packet::PubComp(c)])
         }
         AckOutcome::Send(p) => Ok(vec![p]),
         AckOutcome::SendMany(packets) => Ok(packets),
         AckOutcome::Qos2Taken(pkid) => {
             qos2.in_flight.remove(&pkid);
-            qos2.taken.insert(pkid);
+            qos2.taken.taken.lock().insert(pkid);
             Ok(vec![Packet::PubRec(PubRec::new(pkid))])
         }
         AckOutcome::Qos2Duplicate(pkid) => {
-            Ok(qos2.taken.contains(&pkid).then(|| Packet::PubRec(PubRec::new(pkid))).into_iter().collect())
+            Ok(qos2.taken.taken.lock().contains(&pkid).then(|| Packet::PubRec(PubRec::new(pkid))).into_iter().collect())
         }
         AckOutcome::Withhold(reason) => Err(reason),
     }

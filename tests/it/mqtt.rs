@@ -260,3 +260,125 @@ fn a_wildcard_publish_topic_closes_only_that_session() -> anyhow::Result<()> {
     assert_eq!(status, 200);
     Ok(())
 }
+
+/// A raw MQTT 3.1.1 connection on rumqttc's codec, so a test can lose a PUBREC on purpose.
+struct Raw {
+    stream: std::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl Raw {
+    fn connect(s: &Server, client_id: &str, clean_session: bool) -> anyhow::Result<(Self, bool)> {
+        use rumqttc::mqttbytes::v4::{Connect, Login};
+        let stream = std::net::TcpStream::connect(s.mqtt)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        let mut raw = Self { stream, buf: bytes::BytesMut::new() };
+        let mut connect = Connect::new(client_id);
+        connect.clean_session = clean_session;
+        connect.login = Some(Login::new("admin", s.token.clone()));
+        raw.send(rumqttc::mqttbytes::v4::Packet::Connect(connect))?;
+        match raw.read()? {
+            rumqttc::mqttbytes::v4::Packet::ConnAck(a) => {
+                anyhow::ensure!(a.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success, "refused: {a:?}");
+                Ok((raw, a.session_present))
+            }
+            other => bail!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    fn send(&mut self, p: rumqttc::mqttbytes::v4::Packet) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut b = bytes::BytesMut::new();
+        p.write(&mut b, 1 << 20)?;
+        self.stream.write_all(&b)?;
+        Ok(())
+    }
+
+    fn read(&mut self) -> anyhow::Result<rumqttc::mqttbytes::v4::Packet> {
+        use std::io::Read;
+        loop {
+            match rumqttc::mqttbytes::v4::Packet::read(&mut self.buf, 1 << 20) {
+                Ok(p) => return Ok(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => bail!("bad packet from the server: {e}"),
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk)?;
+            anyhow::ensure!(n > 0, "the server closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn publish_qos2(&mut self, topic: &str, pkid: u16, dup: bool, payload: &str) -> anyhow::Result<()> {
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(topic, rumqttc::mqttbytes::QoS::ExactlyOnce, payload);
+        p.pkid = pkid;
+        p.dup = dup;
+        self.send(rumqttc::mqttbytes::v4::Packet::Publish(p))?;
+        match self.read()? {
+            rumqttc::mqttbytes::v4::Packet::PubRec(r) if r.pkid == pkid => Ok(()),
+            other => bail!("expected PUBREC {pkid}, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_kept_session_takes_a_qos2_retransmission_once_after_a_cut() -> anyhow::Result<()> {
+    use rumqttc::mqttbytes::v4::{Packet as P, PubRel};
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let count = |s: &Server| s.sql_count("SELECT count(*) FROM telemetry WHERE device_id = 'q2'");
+
+    // First connection of a persistent session: nothing kept yet.
+    let (mut a, present) = Raw::connect(&s, "q2-client", false)?;
+    assert!(!present, "a first connection has no session to resume");
+    a.send(P::Subscribe(rumqttc::mqttbytes::v4::Subscribe::new(
+        "devices/q2/commands",
+        rumqttc::mqttbytes::QoS::AtMostOnce,
+    )))?;
+    assert!(matches!(a.read()?, P::SubAck(_)));
+    a.publish_qos2("devices/q2/telemetry", 7, false, r#"{"v": 1}"#)?;
+    assert_eq!(count(&s)?, 1);
+    // The PUBREC is "lost": the connection is cut before the PUBREL.
+    drop(a);
+
+    // The client cannot know the message was taken: it resumes and retransmits.
+    let mut b = s_wait_resumed(&s, "q2-client")?;
+    b.publish_qos2("devices/q2/telemetry", 7, true, r#"{"v": 1}"#)?;
+    b.send(P::PubRel(PubRel::new(7)))?;
+    assert!(matches!(b.read()?, P::PubComp(c) if c.pkid == 7));
+    assert_eq!(count(&s)?, 1, "the retransmission of a taken QoS 2 message is not ingested again");
+    // The kept subscription was restored: a command reaches the resumed session.
+    let (status, _) = s.post("/api/v1/devices", "application/json", br#"{"id": "q2-other"}"#)?;
+    assert_eq!(status, 201);
+    let (c, mut ev) = client(&s, "q2-publisher");
+    runtime()?.block_on(async {
+        until(&mut ev, |p| matches!(p, Packet::ConnAck(_))).await?;
+        c.publish("devices/q2/commands", QoS::AtLeastOnce, false, r#"{"id":"c1","name":"x","params":{}}"#).await?;
+        until(&mut ev, |p| matches!(p, Packet::PubAck(_))).await?;
+        anyhow::Ok(())
+    })?;
+    assert!(matches!(b.read()?, P::Publish(p) if p.topic == "devices/q2/commands"));
+    drop(b);
+
+    // A clean session drops what was kept: the same packet id is a new message then.
+    let (mut c, present) = Raw::connect(&s, "q2-client", true)?;
+    assert!(!present);
+    c.publish_qos2("devices/q2/telemetry", 7, false, r#"{"v": 2}"#)?;
+    assert_eq!(count(&s)?, 2);
+    Ok(())
+}
+
+/// Connects `client_id` again with `clean_session = 0` until the server has kept the
+/// previous connection's session (its end is noticed asynchronously).
+fn s_wait_resumed(s: &Server, client_id: &str) -> anyhow::Result<Raw> {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let (raw, present) = Raw::connect(s, client_id, false)?;
+        if present {
+            return Ok(raw);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the session was never kept");
+        drop(raw);
+        std::thread::yield_now();
+    }
+}
