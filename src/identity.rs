@@ -173,7 +173,9 @@ pub async fn start(
         metrics: core.metrics.clone(),
     };
     let devices = DevicePlugin::new(&config.registry_store_url);
-    let actuation = ActuationPlugin::new(&config.registry_store_url, devices.shared_registry());
+    // OTA artifacts live beside the archive (`_artifacts/` in its object store).
+    let actuation = ActuationPlugin::new(&config.registry_store_url, devices.shared_registry())
+        .with_artifacts(core.query.storage().object_store());
     *core.actuation = Some(actuation.handle());
     plugins.push(Box::new(devices));
     plugins.push(Box::new(actuation));

@@ -78,6 +78,11 @@ pub fn shadow_reported(device: &str) -> String {
     format!("devices/{device}/shadow/reported")
 }
 
+/// `devices/{id}/ota/status`: a software update's progress (`{"campaign", "state", "detail"?}`).
+pub fn ota_status(device: &str) -> String {
+    format!("devices/{device}/ota/status")
+}
+
 /// `devices/{id}/status`: `online`, and `offline` as the will.
 pub fn status(device: &str) -> String {
     format!("devices/{device}/status")

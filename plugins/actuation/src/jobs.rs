@@ -215,7 +215,7 @@ async fn run(
                 }
                 let (job, threshold, min) = (job.clone(), request.max_failure_rate, request.min_samples);
                 waits.spawn(async move {
-                    let status = done.await.unwrap_or(Status::Expired);
+                    let status = done.await.map_or(Status::Expired, |(s, _)| s);
                     drop(permit);
                     settle(&job, Some(status), threshold, min);
                 });

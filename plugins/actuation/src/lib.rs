@@ -9,6 +9,7 @@ pub mod command;
 pub mod error;
 pub mod http;
 pub mod jobs;
+pub mod ota;
 pub mod service;
 pub mod store;
 pub mod twin;
@@ -32,6 +33,7 @@ const EXPIRY_TICK: Duration = Duration::from_secs(1);
 /// The actuation plugin.
 pub struct ActuationPlugin {
     store_url: String,
+    artifacts: Option<Arc<dyn object_store::ObjectStore>>,
     registry: Arc<OnceLock<Arc<Registry>>>,
     actuation: Arc<OnceLock<Arc<Actuation>>>,
     routes: OnceLock<http::Services>,
@@ -44,11 +46,19 @@ impl ActuationPlugin {
     pub fn new(store_url: &str, registry: Arc<OnceLock<Arc<Registry>>>) -> Self {
         Self {
             store_url: store_url.to_owned(),
+            artifacts: None,
             registry,
             actuation: Arc::new(OnceLock::new()),
             routes: OnceLock::new(),
             expiry: Mutex::new(None),
         }
+    }
+
+    /// Stores OTA artifacts in `store` (the archive's object store); without it they go
+    /// under the plugin's own directory.
+    pub fn with_artifacts(mut self, store: Arc<dyn object_store::ObjectStore>) -> Self {
+        self.artifacts = Some(store);
+        self
     }
 
     /// The service, once started (for the rules' command path).
@@ -121,6 +131,32 @@ impl Plugin for ActuationPlugin {
                 "devices/+/commands/result",
                 Arc::new(move |topic: &str, payload: &[u8]| answers.answer(topic, payload)),
             );
+            let objects: Arc<dyn object_store::ObjectStore> = match &self.artifacts {
+                Some(s) => s.clone(),
+                None => {
+                    let dir = context.data_dir.join("actuation");
+                    std::fs::create_dir_all(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+                    Arc::new(
+                        object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                            .map_err(|e| failed(e.to_string()))?,
+                    )
+                }
+            };
+            let ota = ota::Ota::open(
+                a.store().pool().clone(),
+                objects,
+                a.clone(),
+                registry.clone(),
+                ferrite_plugin::EventLog::new(context.events.clone(), context.metrics.clone()),
+                context.metrics.clone(),
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+            let progress = ota.clone();
+            context.publisher.subscribe_internal(
+                "devices/+/ota/status",
+                Arc::new(move |topic: &str, payload: &[u8]| progress.reported(topic, payload)),
+            );
             let expiring = a.clone();
             *self.expiry.lock() = Some(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(EXPIRY_TICK);
@@ -133,6 +169,7 @@ impl Plugin for ActuationPlugin {
                 actuation: a.clone(),
                 twins,
                 jobs: Arc::new(jobs::Jobs::default()),
+                ota,
                 registry,
                 queries: context.queries.clone(),
             });

@@ -99,7 +99,7 @@ pub struct Actuation {
     /// Per device: when its recent commands were accepted (the rate limit's window).
     recent: Mutex<HashMap<String, VecDeque<i64>>>,
     /// Who waits for a command to end (bulk jobs), by command id.
-    waiters: Mutex<HashMap<String, tokio::sync::oneshot::Sender<Status>>>,
+    waiters: Mutex<HashMap<String, tokio::sync::oneshot::Sender<(Status, Value)>>>,
 }
 
 impl std::fmt::Debug for Actuation {
@@ -196,7 +196,30 @@ impl Actuation {
                  /api/v1/devices/{device}/credentials/rotate"
             )));
         }
+        if request.name == crate::ota::INSTALL {
+            return Err(Error::Invalid(format!(
+                "`{}` installs a signed artifact the platform holds: start a campaign with POST \
+                 /api/v1/ota/campaigns",
+                crate::ota::INSTALL
+            )));
+        }
         self.submit_inner(sender, label, context, tenant, device, request, None, None).await
+    }
+
+    /// Queues an `install` command of a campaign (its parameters come from a verified
+    /// artifact), and a receiver of its final status and result.
+    pub(crate) async fn submit_install(
+        self: &Arc<Self>,
+        sender: &Principal,
+        label: &str,
+        context: &RequestContext,
+        tenant: &str,
+        device: &str,
+        request: CommandRequest,
+    ) -> Result<(Command, tokio::sync::oneshot::Receiver<(Status, Value)>)> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let c = self.submit_inner(sender, Some(label), context, tenant, device, request, Some(tx), None).await?;
+        Ok((c, rx))
     }
 
     /// Rotates device `device`'s credentials over the command channel: a new secret is
@@ -226,7 +249,7 @@ impl Actuation {
         self.submit_inner(sender, Some(&label), context, tenant, device, request, None, Some(secret)).await
     }
 
-    /// [`Actuation::submit`], and a receiver of the command's final status.
+    /// [`Actuation::submit`], and a receiver of the command's final status and result.
     pub async fn submit_watched(
         self: &Arc<Self>,
         sender: &Principal,
@@ -235,9 +258,12 @@ impl Actuation {
         tenant: &str,
         device: &str,
         request: CommandRequest,
-    ) -> Result<(Command, tokio::sync::oneshot::Receiver<Status>)> {
-        if request.name == ROTATE {
-            return Err(Error::Invalid(format!("`{ROTATE}` is not a bulk command: rotate each device")));
+    ) -> Result<(Command, tokio::sync::oneshot::Receiver<(Status, Value)>)> {
+        if request.name == ROTATE || request.name == crate::ota::INSTALL {
+            return Err(Error::Invalid(format!(
+                "`{}` is not a bulk command: rotate each device, or start an OTA campaign",
+                request.name
+            )));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let c = self.submit_inner(sender, label, context, tenant, device, request, Some(tx), None).await?;
@@ -253,7 +279,7 @@ impl Actuation {
         tenant: &str,
         device: &str,
         mut request: CommandRequest,
-        waiter: Option<tokio::sync::oneshot::Sender<Status>>,
+        waiter: Option<tokio::sync::oneshot::Sender<(Status, Value)>>,
         secret: Option<String>,
     ) -> Result<Command> {
         match self.check(sender, context, tenant, device, &mut request, true) {
@@ -443,7 +469,7 @@ impl Actuation {
         if status.is_final()
             && let Some(w) = self.waiters.lock().remove(id)
         {
-            let _ = w.send(status);
+            let _ = w.send((status, changed.result.clone().unwrap_or(Value::Null)));
         }
         // A rotation ends the old secret when the device confirms, or at its deadline.
         if changed.name == ROTATE && matches!(status, Status::Succeeded | Status::Expired) {

@@ -14,6 +14,7 @@ use crate::types::DeviceType;
 const MIGRATIONS: &[ferrite_plugin::sql::MigrationSource] = &[
     (2001, "actuation", include_str!("../migrations/2001_actuation.sql")),
     (2002, "twins", include_str!("../migrations/2002_twins.sql")),
+    (2003, "ota", include_str!("../migrations/2003_ota.sql")),
 ];
 
 /// The actuation store.
@@ -58,6 +59,11 @@ impl Store {
                 .await
                 .map_err(Error::Store)?;
         Ok(Self { pool: s.pool, backend: s.backend })
+    }
+
+    /// The connection pool (the OTA service's tables live in the same store).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     /// `sqlite` or `postgres`.

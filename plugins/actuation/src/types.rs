@@ -142,6 +142,20 @@ pub fn standard_commands() -> BTreeMap<String, CommandSpec> {
         ("locate".to_owned(), spec(Kind::Management, vec![])),
         ("rotate_credentials".to_owned(), spec(Kind::Management, vec![("deadline_secs", deadline)])),
         ("wipe".to_owned(), spec(Kind::Software, vec![("message", message)])),
+        ("install".to_owned(), {
+            let mut text = param(ParamType::String, true);
+            text.max_length = Some(512);
+            let mut size = param(ParamType::Integer, true);
+            (size.min, size.max) = (Some(0.0), Some(u32::MAX as f64 * 16.0));
+            spec(
+                Kind::Software,
+                ["campaign", "artifact", "version", "url", "sha256", "signature"]
+                    .into_iter()
+                    .map(|n| (n, text.clone()))
+                    .chain([("size", size)])
+                    .collect(),
+            )
+        }),
     ])
 }
 

@@ -1,0 +1,190 @@
+//! The agent against the real server: cut connections, restarts while offline, a full
+//! buffer, a damaged buffer, tokens that expire, and wipe.
+
+mod common;
+
+use common::{Agent, Proxy, Result, Server, fail, seqs};
+use serde_json::json;
+
+fn id_args<'a>(id: &'a str, secret: &'a str) -> Vec<&'a str> {
+    vec!["--device-id", id, "--client-secret", secret]
+}
+
+/// Every seq from 1 to `n` exactly once, event times rising with seq.
+fn exactly_once(rows: &[(i64, i64)], n: i64) -> Result<()> {
+    let got: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    let want: Vec<i64> = (1..=n).collect();
+    if got != want {
+        let dupes = got.windows(2).filter(|w| w[0] == w[1]).count();
+        return fail(format!("{} rows, {dupes} repeated seqs; want each of 1..={n} once: {got:?}", got.len()));
+    }
+    if rows.windows(2).any(|w| w[1].1 < w[0].1) {
+        return fail("event times do not rise with seq: the original times were not kept");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_cut_connection_delivers_every_reading_in_order_exactly_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("server"), &[])?;
+    let proxy = Proxy::start(server.mqtt)?;
+    let secret = server.device("cut-1", json!({}))?;
+    let mut args = id_args("cut-1", &secret);
+    args.extend(["--interval", "20ms", "--qos", "2", "--readings", "150", "--batch", "5", "--backfill-rate", "50"]);
+    let mut agent = Agent::start(&server, proxy.addr, &dir.path().join("agent"), &args)?;
+    agent.wait("20 readings acknowledged", |s| s["counters"]["acknowledged"].as_u64() >= Some(20))?;
+    proxy.cut();
+    agent.wait("30 readings buffered offline", |s| s["connected"] == false && s["buffered"].as_u64() >= Some(30))?;
+    proxy.restore();
+    // It stops once its 150 readings are all acknowledged.
+    assert_eq!(agent.exit()?, 0);
+    let status = agent.status();
+    assert!(status["counters"]["backfilled"].as_u64() >= Some(30), "{status}");
+    assert!(status["counters"]["connects"].as_u64() >= Some(2), "{status}");
+    exactly_once(&seqs(&server, "telemetry", "cut-1")?, 150)
+}
+
+#[test]
+fn an_agent_restarted_while_offline_loses_nothing_from_its_buffer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("server"), &[])?;
+    let proxy = Proxy::start(server.mqtt)?;
+    proxy.cut();
+    let secret = server.device("restart-1", json!({}))?;
+    let state = dir.path().join("agent");
+    let mut args = id_args("restart-1", &secret);
+    args.extend(["--interval", "10ms"]);
+    let mut agent = Agent::start(&server, proxy.addr, &state, &args)?;
+    agent.wait("40 readings buffered", |s| s["buffered"].as_u64() >= Some(40))?;
+    agent.kill();
+    let taken: i64 = std::fs::read_to_string(state.join("seq"))?.trim().parse()?;
+    proxy.restore();
+    // Started again with no new readings: it back-fills its buffer, then stops.
+    let mut agent = Agent::start(&server, proxy.addr, &state, &["--readings", "0", "--backfill-rate", "100"])?;
+    assert_eq!(agent.exit()?, 0);
+    let rows = seqs(&server, "telemetry", "restart-1")?;
+    let last = rows.last().map_or(0, |r| r.0);
+    assert!(last >= 40 && last < taken, "the buffered readings arrived (last seq {last})");
+    exactly_once(&rows, last)
+}
+
+#[test]
+fn a_full_buffer_drops_the_oldest_and_reports_how_many() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("server"), &[])?;
+    let proxy = Proxy::start(server.mqtt)?;
+    proxy.cut();
+    let secret = server.device("full-1", json!({}))?;
+    let mut args = id_args("full-1", &secret);
+    args.extend(["--interval", "5ms", "--spool-bytes", "16384", "--readings", "400", "--backfill-rate", "200"]);
+    let mut agent = Agent::start(&server, proxy.addr, &dir.path().join("agent"), &args)?;
+    let s = agent.wait("400 readings taken", |s| s["counters"]["readings"].as_u64() == Some(400))?;
+    let dropped = s["dropped_pending_report"].as_u64().unwrap_or(0) as i64;
+    assert!(dropped > 0, "a 16 KiB buffer cannot hold 400 readings: {s}");
+    proxy.restore();
+    assert_eq!(agent.exit()?, 0);
+    let reported = server.count("SELECT CAST(sum(buffer_dropped) AS BIGINT) FROM telemetry WHERE device_id = 'full-1'")?;
+    assert_eq!(reported, dropped, "the drop count is reported on reconnect");
+    let rows: Vec<(i64, i64)> =
+        seqs(&server, "telemetry", "full-1")?.into_iter().filter(|r| r.0 <= 400).collect();
+    // The oldest went: what arrived is the newest readings, each once, up to the last.
+    assert_eq!(rows.len() as i64 + dropped, 400);
+    let first = rows.first().map_or(0, |r| r.0);
+    assert_eq!(first, dropped + 1, "the oldest readings were the ones dropped");
+    let want: Vec<i64> = (first..=400).collect();
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), want);
+    Ok(())
+}
+
+#[test]
+fn a_damaged_buffer_record_is_skipped_and_the_rest_delivered() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("server"), &[])?;
+    let proxy = Proxy::start(server.mqtt)?;
+    proxy.cut();
+    let secret = server.device("torn-1", json!({}))?;
+    let state = dir.path().join("agent");
+    let mut args = id_args("torn-1", &secret);
+    args.extend(["--interval", "5ms", "--readings", "50"]);
+    let mut agent = Agent::start(&server, proxy.addr, &state, &args)?;
+    agent.wait("50 readings buffered", |s| s["buffered"].as_u64() == Some(50))?;
+    agent.kill();
+    // A flipped byte in the 10th record's payload, and half a record torn off the end.
+    let seg = std::fs::read_dir(state.join("spool"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .ok_or("no spool segment")?;
+    let mut bytes = std::fs::read(&seg)?;
+    let starts: Vec<usize> = bytes.windows(4).enumerate().filter(|(_, w)| *w == b"FRR1").map(|(i, _)| i).collect();
+    assert_eq!(starts.len(), 50);
+    bytes[starts[9] + 20 + 3] ^= 0x55;
+    bytes.extend_from_slice(&bytes[starts[0]..starts[0] + 17].to_vec());
+    std::fs::write(&seg, &bytes)?;
+    proxy.restore();
+    let mut agent = Agent::start(&server, proxy.addr, &state, &["--readings", "0", "--backfill-rate", "100"])?;
+    assert_eq!(agent.exit()?, 0);
+    let got: Vec<i64> = seqs(&server, "telemetry", "torn-1")?.iter().map(|r| r.0).collect();
+    let want: Vec<i64> = (1..=50).filter(|s| *s != 10).collect();
+    assert_eq!(got, want, "only the damaged record is missing");
+    Ok(())
+}
+
+#[test]
+fn an_agent_stays_connected_across_several_token_lifetimes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Tokens of 12 s are refreshed 10 s before they expire: every 2 s.
+    let server = Server::start(&dir.path().join("server"), &["--access-token-ttl", "12s"])?;
+    let secret = server.device("tok-1", json!({}))?;
+    let mut args = id_args("tok-1", &secret);
+    args.extend(["--interval", "25ms", "--readings", "320"]);
+    let mut agent = Agent::start(&server, server.mqtt, &dir.path().join("agent"), &args)?;
+    assert_eq!(agent.exit()?, 0);
+    let s = agent.status();
+    assert!(s["counters"]["token_refreshes"].as_u64() >= Some(3), "{s}");
+    assert!(s["counters"]["connects"].as_u64() >= Some(4), "reconnected with each new token: {s}");
+    exactly_once(&seqs(&server, "telemetry", "tok-1")?, 320)
+}
+
+#[test]
+fn wipe_erases_every_credential_and_stops_the_agent() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("server"), &[])?;
+    let secret = server.device("wipe-1", json!({}))?;
+    let state = dir.path().join("agent");
+    let mut args = id_args("wipe-1", &secret);
+    args.extend(["--interval", "50ms"]);
+    let mut agent = Agent::start(&server, server.mqtt, &state, &args)?;
+    agent.wait("connected", |s| s["connected"] == true && s["counters"]["acknowledged"].as_u64() >= Some(1))?;
+    let (status, c) = server.call("POST", "/api/v1/devices/wipe-1/commands", Some(&json!({"name": "wipe"})))?;
+    assert_eq!(status, 202, "{c}");
+    assert_eq!(agent.exit()?, 0);
+    let command = c["id"].as_str().ok_or("no command id")?.to_owned();
+    server.wait_for("the wipe answered", |s| {
+        let (_, v) = s.call("GET", &format!("/api/v1/devices/wipe-1/commands/{command}"), None)?;
+        Ok(v["status"] == "succeeded")
+    })?;
+    assert!(!state.join("credentials.json").exists());
+    assert!(!state.join("spool").exists());
+    // No file left holds the secret or a token.
+    for entry in walk(&state) {
+        let text = String::from_utf8_lossy(&std::fs::read(&entry)?).into_owned();
+        assert!(!text.contains(&secret), "{} still holds the secret", entry.display());
+        assert!(!text.contains("eyJ"), "{} still holds a token", entry.display());
+    }
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
