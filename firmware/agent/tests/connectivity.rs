@@ -84,10 +84,10 @@ fn a_full_buffer_drops_the_oldest_and_reports_how_many() -> Result<()> {
     assert!(dropped > 0, "a 16 KiB buffer cannot hold 400 readings: {s}");
     proxy.restore();
     assert_eq!(agent.exit()?, 0);
-    let reported = server.count("SELECT CAST(sum(buffer_dropped) AS BIGINT) FROM telemetry WHERE device_id = 'full-1'")?;
+    let reported =
+        server.count("SELECT CAST(sum(buffer_dropped) AS BIGINT) FROM telemetry WHERE device_id = 'full-1'")?;
     assert_eq!(reported, dropped, "the drop count is reported on reconnect");
-    let rows: Vec<(i64, i64)> =
-        seqs(&server, "telemetry", "full-1")?.into_iter().filter(|r| r.0 <= 400).collect();
+    let rows: Vec<(i64, i64)> = seqs(&server, "telemetry", "full-1")?.into_iter().filter(|r| r.0 <= 400).collect();
     // The oldest went: what arrived is the newest readings, each once, up to the last.
     assert_eq!(rows.len() as i64 + dropped, 400);
     let first = rows.first().map_or(0, |r| r.0);

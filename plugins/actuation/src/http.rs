@@ -285,7 +285,9 @@ async fn upload(
     })?;
     let outcome = s.ota.upload(caller.tenant(), &caller.principal.to_string(), meta, body).await;
     match &outcome {
-        Ok(a) => caller.record("ota_artifact_uploaded", &format!("{} version {} for {}", a.id, a.version, a.device_type)),
+        Ok(a) => {
+            caller.record("ota_artifact_uploaded", &format!("{} version {} for {}", a.id, a.version, a.device_type))
+        }
         Err(e) => caller.record("ota_artifact_refused", &e.to_string()),
     }
     Ok((StatusCode::CREATED, axum::Json(outcome?)).into_response())
@@ -302,13 +304,21 @@ fn may_read_artifact(s: &Services, caller: &Caller, id: &str) -> Result<(), ApiE
         if s.ota.may_download(&caller.principal.id, id) {
             return Ok(());
         }
-        return Err(Error::Denied(format!("device {} is in no running campaign of artifact {id}", caller.principal.id)).into());
+        return Err(Error::Denied(format!(
+            "device {} is in no running campaign of artifact {id}",
+            caller.principal.id
+        ))
+        .into());
     }
     caller.check(Action::Query, &Resource::tenant(caller.tenant()))?;
     Ok(())
 }
 
-async fn show_artifact(State(s): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Answer {
+async fn show_artifact(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Answer {
     may_read_artifact(&s, &caller, &id)?;
     Ok(axum::Json(s.ota.artifact(caller.tenant(), &id).await?).into_response())
 }
@@ -362,15 +372,16 @@ async fn start_campaign(
     caller.check(Action::ManageDevices, &Resource::tenant(caller.tenant()))?;
     let request: crate::ota::CampaignRequest = parse(&body)?;
     let devices = resolve(&s, &caller, &request.target).await?;
-    let view = s
-        .ota
-        .start(caller.principal.clone(), caller.context.clone(), caller.tenant(), request, devices)
-        .await?;
+    let view = s.ota.start(caller.principal.clone(), caller.context.clone(), caller.tenant(), request, devices).await?;
     caller.record("ota_campaign_started", &format!("{} version {} to {} devices", view.id, view.version, view.total));
     Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
 }
 
-async fn show_campaign(State(s): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Answer {
+async fn show_campaign(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Answer {
     caller.check(Action::Query, &Resource::tenant(caller.tenant()))?;
     Ok(axum::Json(s.ota.campaign(caller.tenant(), &id)?).into_response())
 }
@@ -384,7 +395,11 @@ async fn campaign_devices(
     Ok(axum::Json(s.ota.campaign_devices(caller.tenant(), &id)?).into_response())
 }
 
-async fn stop_campaign(State(s): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Answer {
+async fn stop_campaign(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Answer {
     caller.check(Action::Actuate, &Resource::tenant(caller.tenant()))?;
     let view = s.ota.stop(caller.tenant(), &id).await?;
     caller.record("ota_campaign_stopped", &id);

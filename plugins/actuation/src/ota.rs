@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use ferrite_engine::Metrics;
 use ferrite_engine::auth::{Principal, RequestContext};
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -347,8 +347,11 @@ impl Ota {
             .await
             .map_err(db("load campaigns"))?;
         for r in rows {
-            let (id, tenant, text): (String, String, String) =
-                (r.try_get(0).map_err(db("campaign"))?, r.try_get(1).map_err(db("campaign"))?, r.try_get(2).map_err(db("campaign"))?);
+            let (id, tenant, text): (String, String, String) = (
+                r.try_get(0).map_err(db("campaign"))?,
+                r.try_get(1).map_err(db("campaign"))?,
+                r.try_get(2).map_err(db("campaign"))?,
+            );
             let Ok(mut view) = serde_json::from_str::<CampaignView>(&text) else {
                 tracing::warn!(campaign = %id, "a stored campaign that does not parse is skipped");
                 continue;
@@ -716,7 +719,13 @@ impl Ota {
         Ok(view)
     }
 
-    async fn run(self: Arc<Self>, campaign: Arc<Campaign>, sender: Principal, context: RequestContext, timeout: Duration) {
+    async fn run(
+        self: Arc<Self>,
+        campaign: Arc<Campaign>,
+        sender: Principal,
+        context: RequestContext,
+        timeout: Duration,
+    ) {
         let waves = campaign.view.lock().waves.len();
         let label = format!("ota campaign {}", campaign.view.lock().id);
         for wave in 0..waves {
@@ -741,10 +750,7 @@ impl Ota {
                     timeout: Some(timeout.as_secs()),
                 };
                 self.active.lock().insert(device.clone(), campaign.clone());
-                match self
-                    .actuation
-                    .submit_install(&sender, &label, &context, &campaign.tenant, &device, request)
-                    .await
+                match self.actuation.submit_install(&sender, &label, &context, &campaign.tenant, &device, request).await
                 {
                     Ok((_, done)) => {
                         self.advance(&campaign, &device, DeviceState::Sent, None);
@@ -795,8 +801,11 @@ impl Ota {
         {
             let mut v = campaign.view.lock();
             if v.status == CampaignStatus::Running {
-                v.status =
-                    if campaign.stop.load(Ordering::Relaxed) { CampaignStatus::Stopped } else { CampaignStatus::Completed };
+                v.status = if campaign.stop.load(Ordering::Relaxed) {
+                    CampaignStatus::Stopped
+                } else {
+                    CampaignStatus::Completed
+                };
             }
         }
         self.active.lock().retain(|_, c| !Arc::ptr_eq(c, &campaign));
@@ -819,12 +828,8 @@ impl Ota {
         };
         self.advance(campaign, device, state, detail);
         if state == DeviceState::Succeeded {
-            let (registry, tenant, device, version) = (
-                self.registry.clone(),
-                campaign.tenant.clone(),
-                device.to_owned(),
-                campaign.artifact.version.clone(),
-            );
+            let (registry, tenant, device, version) =
+                (self.registry.clone(), campaign.tenant.clone(), device.to_owned(), campaign.artifact.version.clone());
             self.log.runtime().spawn(async move {
                 let input = ferrite_device::model::DeviceInput { firmware: Some(version), ..Default::default() };
                 if let Err(e) = registry.update(&tenant, &device, &input).await {
@@ -871,7 +876,10 @@ impl Ota {
             return refuse("malformed", "not JSON");
         };
         let Some(state) = v.get("state").and_then(Value::as_str).and_then(DeviceState::parse) else {
-            return refuse("malformed", "`state` is not downloading, verifying, installing, succeeded, failed or rolled_back");
+            return refuse(
+                "malformed",
+                "`state` is not downloading, verifying, installing, succeeded, failed or rolled_back",
+            );
         };
         let Some(campaign) = self.active.lock().get(device).cloned() else {
             return refuse("unknown_campaign", "the device is in no running campaign");

@@ -252,6 +252,8 @@ mod tests {
         let topic = |t: &str| Resource::topic(t);
         assert!(ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d1/telemetry")));
         assert!(ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d1/telemetry/power")));
+        assert!(ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d1/ota/status")));
+        assert!(!ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d2/ota/status")));
         assert!(!ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d2/telemetry")));
         assert!(!ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d1/commands")));
         assert!(ask(&pdp, &pol, &d1, Action::Subscribe, topic("devices/d1/commands")));

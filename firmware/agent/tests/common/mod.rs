@@ -120,7 +120,10 @@ impl Server {
         };
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string()?;
-        Ok((status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) }))
+        Ok((
+            status,
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) },
+        ))
     }
 
     /// POSTs raw bytes.
@@ -146,7 +149,12 @@ impl Server {
 
     pub fn count(&self, q: &str) -> Result<i64> {
         let rows = self.sql(q)?;
-        Ok(rows.first().and_then(|r| r.as_object()).and_then(|o| o.values().next()).and_then(Value::as_i64).unwrap_or(0))
+        Ok(rows
+            .first()
+            .and_then(|r| r.as_object())
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_i64)
+            .unwrap_or(0))
     }
 
     /// Registers a device; its client secret.
