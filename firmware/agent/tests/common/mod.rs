@@ -264,7 +264,9 @@ impl Drop for Agent {
 impl Agent {
     /// Starts `ferrite-agent` against `server` (MQTT at `mqtt`) with `args`.
     pub fn start(server: &Server, mqtt: SocketAddr, state: &Path, args: &[&str]) -> Result<Self> {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferrite-agent"))
+        // (this module is shared with the simulator's tests, which have no agent binary)
+        let bin = option_env!("CARGO_BIN_EXE_ferrite-agent").ok_or("the agent binary is not built here")?;
+        let child = Command::new(bin)
             .arg("--state-dir")
             .arg(state)
             .args(["--http", &format!("http://{}", server.http), "--mqtt", &mqtt.to_string(), "--no-sync"])
