@@ -150,6 +150,12 @@ pub trait DeviceCredentials: Send + Sync {
     fn set_disabled<'a>(&'a self, id: &'a str, disabled: bool) -> PluginFuture<'a, Result<(), String>>;
     /// Forgets the device's credentials.
     fn remove<'a>(&'a self, id: &'a str) -> PluginFuture<'a, Result<(), String>>;
+    /// Sets the devices gateway `gateway` may act for (its children in the registry). A
+    /// gateway's sessions see the change when they next authenticate.
+    fn set_children<'a>(&'a self, gateway: &'a str, children: Vec<String>) -> PluginFuture<'a, Result<(), String>> {
+        let _ = (gateway, children);
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// [`DeviceCredentials`] with identity off: nothing to issue or revoke.

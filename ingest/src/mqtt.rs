@@ -281,7 +281,8 @@ impl Broker {
         Ok(delivered)
     }
 
-    /// Sends `payload` at QoS 1 on `topic` to one session of `device` subscribed to it; the
+    /// Sends `payload` at QoS 1 on `topic` to one session of `device` subscribed to it (or,
+    /// for a gateway's child, to a session of the gateway subscribed to it); the
     /// receiver resolves when the device acknowledges (PUBACK), and fails if the session
     /// ends first.
     pub fn deliver(
@@ -291,14 +292,17 @@ impl Broker {
         payload: bytes::Bytes,
     ) -> Result<tokio::sync::oneshot::Receiver<()>, DeliveryError> {
         topic::validate_topic(topic).map_err(|e| DeliveryError::Topic(e.to_string()))?;
-        let session = self
-            .sessions
-            .lock()
-            .values()
-            .filter(|s| s.presence.device() == device)
-            .find(|s| s.filters.lock().iter().any(|f| topic::matches(topic, f)))
+        // The device's own session first; else a session of its gateway that subscribed for it.
+        let session = {
+            let sessions = self.sessions.lock();
+            let subscribed = |s: &&Arc<LiveSession>| s.filters.lock().iter().any(|f| topic::matches(topic, f));
+            let own = sessions.values().filter(|s| s.presence.device() == device).find(subscribed);
+            own.or_else(|| {
+                sessions.values().filter(|s| s.presence.principal.children.iter().any(|c| c == device)).find(subscribed)
+            })
             .cloned()
-            .ok_or_else(|| DeliveryError::NotSubscribed(device.to_owned(), topic.to_owned()))?;
+            .ok_or_else(|| DeliveryError::NotSubscribed(device.to_owned(), topic.to_owned()))?
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut unacked = session.unacked.lock();
         let pkid = (0..u16::MAX)

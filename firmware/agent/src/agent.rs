@@ -131,6 +131,12 @@ pub struct Agent {
     counters: Counters,
     installing: bool,
     status_dirty: bool,
+    /// Gateway mode: where children connect.
+    gateway_addr: Option<String>,
+    /// Gateway mode: connected children and where their lines go.
+    children: HashMap<String, mpsc::Sender<String>>,
+    child_rx: mpsc::Receiver<crate::gateway::ChildEvent>,
+    child_tx: mpsc::Sender<crate::gateway::ChildEvent>,
 }
 
 /// What the agent did, in `status.json` for operators and tests.
@@ -208,6 +214,7 @@ impl Agent {
             .then_some(TokenTimes { issued_ms: creds.token_issued_ms, expires_ms: creds.token_expires_ms });
         let (net_tx, net_rx) = mpsc::channel(1024);
         let (work_tx, work_rx) = mpsc::channel(256);
+        let (child_tx, child_rx) = mpsc::channel(1024);
         let mut agent = Self {
             state,
             creds,
@@ -242,6 +249,10 @@ impl Agent {
             counters: Counters::default(),
             installing: false,
             status_dirty: true,
+            gateway_addr: None,
+            children: HashMap::new(),
+            child_rx,
+            child_tx,
             cfg,
         };
         agent.apply_config();
@@ -282,6 +293,21 @@ impl Agent {
     /// Runs until a signal, `wipe`, `reboot`, or `--readings`.
     pub async fn run(mut self) -> Exit {
         eprintln!("ferrite-agent: device {} (state in {})", self.creds.device_id, self.cfg.state_dir.display());
+        let mut gateway = None;
+        if let Some(addr) = self.cfg.gateway_listen.clone() {
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(l) => {
+                    let bound = l.local_addr().map_or(addr, |a| a.to_string());
+                    eprintln!("ferrite-agent: gateway: children connect to {bound}");
+                    self.gateway_addr = Some(bound);
+                    gateway = Some(tokio::spawn(crate::gateway::serve(l, self.child_tx.clone())));
+                }
+                Err(e) => {
+                    eprintln!("ferrite-agent: gateway: cannot listen on {addr}: {e}");
+                    return Exit::Done;
+                }
+            }
+        }
         self.request_token(false);
         let mut sample = tokio::time::interval(self.cfg.interval);
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -311,6 +337,7 @@ impl Agent {
                     }
                 }
                 Some(n) = self.net_rx.recv() => self.on_net(n),
+                Some(c) = self.child_rx.recv() => self.on_child(c),
                 Some(w) = self.work_rx.recv() => {
                     if let Some(exit) = self.on_work(w).await {
                         break exit;
@@ -324,6 +351,9 @@ impl Agent {
             self.pump();
         };
         self.write_status_now();
+        if let Some(g) = gateway {
+            g.abort();
+        }
         if let Some(c) = self.conn.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), c.client.disconnect()).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -356,13 +386,23 @@ impl Agent {
         self.record(now, fields)
     }
 
-    /// Appends a reading to the spool, and to the live queue when connected.
+    /// Appends a reading of the device to the spool, and to the live queue when connected.
     fn record(&mut self, ts_ms: i64, fields: Vec<(String, FieldValue)>) -> std::io::Result<()> {
+        self.record_for(None, ts_ms, fields)
+    }
+
+    /// Appends a reading of the device or of a gateway's child.
+    fn record_for(
+        &mut self,
+        child: Option<&str>,
+        ts_ms: i64,
+        fields: Vec<(String, FieldValue)>,
+    ) -> std::io::Result<()> {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.reserve_seq()?;
         let reading = Reading { ts_ms, seq, fields };
-        let bytes = serde_json::to_vec(&reading.to_json()).map_err(std::io::Error::other)?;
+        let bytes = tag(child, serde_json::to_vec(&reading.to_json()).map_err(std::io::Error::other)?);
         let before = self.spool.dropped();
         self.spool.push(seq, &bytes)?;
         if self.spool.dropped() > before {
@@ -433,15 +473,14 @@ impl Agent {
             }
             Net::Event(_, Event::Incoming(Packet::Publish(p))) => self.on_message(&p.topic, &p.payload),
             Net::Event(_, Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if pkid != 0 && !self.in_flight.contains_key(&pkid) {
-                    // Telemetry batches are queued in order; other messages (answers,
-                    // twin reports) are sent at QoS 1 too but carry no batch.
-                    if let Some(b) = self.unassigned.pop_front() {
-                        if b.seqs.is_empty() {
-                            return;
-                        }
-                        self.in_flight.insert(pkid, b);
-                    }
+                // Only telemetry goes at QoS 1 or 2 (answers, reports and progress go at QoS
+                // 0: the platform asks again for what it misses), so packet ids map to
+                // batches in the order they were queued. A retransmission keeps its id.
+                if pkid != 0
+                    && !self.in_flight.contains_key(&pkid)
+                    && let Some(b) = self.unassigned.pop_front()
+                {
+                    self.in_flight.insert(pkid, b);
                 }
             }
             Net::Event(_, Event::Incoming(Packet::PubAck(a))) => self.acknowledged(a.pkid),
@@ -516,6 +555,9 @@ impl Agent {
             let _ = c.client.try_subscribe(t, QoS::AtLeastOnce);
         }
         let _ = c.client.try_publish(topics::status(&id), QoS::AtMostOnce, false, "online");
+        for child in self.children.keys() {
+            self.subscribe_child(child);
+        }
         self.report_twin(None);
         // Readings dropped while offline are reported as a reading of their own.
         let dropped = self.spool.dropped();
@@ -549,12 +591,14 @@ impl Agent {
         }
         let Some(c) = &self.conn else { return };
         let client = c.client.clone();
-        let topic = topics::telemetry(&self.creds.device_id, Some(&self.cfg.stream));
         while !self.live.is_empty() && self.in_flight.len() + self.unassigned.len() < MAX_IN_FLIGHT {
-            let n = self.live.len().min(self.cfg.batch);
+            // One message carries readings of one device (the gateway's own, or a child's).
+            let device = self.live.front().map(|(_, b)| untag(b).0.map(str::to_owned)).unwrap_or_default();
+            let n = self.live.iter().take(self.cfg.batch).take_while(|(_, b)| untag(b).0 == device.as_deref()).count();
             let items: Vec<(u64, Vec<u8>)> = self.live.drain(..n).collect();
-            let payload = join(items.iter().map(|(_, b)| b.as_slice()));
-            if client.try_publish(topic.clone(), qos(self.cfg.qos), false, payload).is_err() {
+            let payload = join(items.iter().map(|(_, b)| untag(b).1));
+            let topic = self.topic_for(device.as_deref());
+            if client.try_publish(topic, qos(self.cfg.qos), false, payload).is_err() {
                 // The client's queue is full: try again on the next turn.
                 for item in items.into_iter().rev() {
                     self.live.push_front(item);
@@ -571,10 +615,9 @@ impl Agent {
             return;
         }
         let Ok(batch) = self.backfill_batch() else { return };
-        if batch.is_empty() {
-            return;
-        }
-        let payload = join(batch.iter().map(|(_, b)| b.as_slice()));
+        let Some((_, first)) = batch.first() else { return };
+        let topic = self.topic_for(untag(first).0);
+        let payload = join(batch.iter().map(|(_, b)| untag(b).1));
         if client.try_publish(topic, qos(self.cfg.qos), false, payload).is_ok() {
             let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
             self.sending.extend(seqs.iter().copied());
@@ -589,14 +632,21 @@ impl Agent {
     /// not acknowledged and not in flight.
     fn backfill_batch(&self) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
         let want = self.cfg.batch + self.sending.len() + self.acked.len();
-        Ok(self
+        let ready: Vec<(u64, Vec<u8>)> = self
             .spool
             .peek(want)?
             .into_iter()
             .filter(|p| p.seq < self.split && !self.sending.contains(&p.seq) && !self.acked.contains(&p.seq))
             .take(self.cfg.batch)
             .map(|p| (p.seq, p.payload))
-            .collect())
+            .collect();
+        let device = ready.first().map(|(_, b)| untag(b).0.map(str::to_owned)).unwrap_or_default();
+        Ok(ready.into_iter().take_while(|(_, b)| untag(b).0 == device.as_deref()).collect())
+    }
+
+    /// The telemetry topic of the device or of a child.
+    fn topic_for(&self, child: Option<&str>) -> String {
+        topics::telemetry(child.unwrap_or(&self.creds.device_id), Some(&self.cfg.stream))
     }
 
     /// MQTT has been down a while: the oldest records go over HTTP, one request at a time.
@@ -615,12 +665,13 @@ impl Agent {
         if records.is_empty() {
             return;
         }
-        let prefix = format!("{{\"device_id\":{},", Value::String(self.creds.device_id.clone()));
         let objects: Vec<Vec<u8>> = records
             .iter()
             .map(|(_, b)| {
-                let mut o = prefix.clone().into_bytes();
-                o.extend_from_slice(b.get(1..).unwrap_or_default());
+                let (child, json) = untag(b);
+                let id = Value::String(child.unwrap_or(&self.creds.device_id).to_owned());
+                let mut o = format!("{{\"device_id\":{id},").into_bytes();
+                o.extend_from_slice(json.get(1..).unwrap_or_default());
                 o
             })
             .collect();
@@ -730,7 +781,7 @@ impl Agent {
                 if topic.is_empty() {
                     self.request_token(true);
                 } else if let Some(c) = &self.conn {
-                    let _ = c.client.publish(topic, QoS::AtLeastOnce, false, payload).await;
+                    let _ = c.client.publish(topic, QoS::AtMostOnce, false, payload).await;
                 }
             }
             Work::Answer(result, after) => {
@@ -738,12 +789,7 @@ impl Agent {
                 if let Some(c) = &self.conn {
                     let _ = c
                         .client
-                        .publish(
-                            topics::command_result(&self.creds.device_id),
-                            QoS::AtLeastOnce,
-                            false,
-                            result.encode(),
-                        )
+                        .publish(topics::command_result(&self.creds.device_id), QoS::AtMostOnce, false, result.encode())
                         .await;
                 }
                 match after {
@@ -796,7 +842,56 @@ impl Agent {
         None
     }
 
+    fn on_child(&mut self, e: crate::gateway::ChildEvent) {
+        use crate::gateway::ChildEvent;
+        match e {
+            ChildEvent::Hello(id, tx) => {
+                eprintln!("ferrite-agent: gateway: child {id} connected");
+                self.children.insert(id.clone(), tx);
+                self.status_dirty = true;
+                self.subscribe_child(&id);
+            }
+            ChildEvent::Reading(id, ts, fields) => {
+                if let Err(e) = self.record_for(Some(&id), ts.unwrap_or_else(now_ms), fields) {
+                    eprintln!("ferrite-agent: spool: {e}");
+                }
+            }
+            ChildEvent::Result(id, bytes) => {
+                if let Some(c) = &self.conn {
+                    let _ = c.client.try_publish(topics::command_result(&id), QoS::AtMostOnce, false, bytes);
+                }
+            }
+            ChildEvent::Gone(id) => {
+                self.children.remove(&id);
+                if let Some(c) = &self.conn {
+                    // Commands wait at the platform until the child is back.
+                    let _ = c.client.try_unsubscribe(topics::commands(&id));
+                    let _ = c.client.try_unsubscribe(topics::shadow_desired(&id));
+                }
+            }
+        }
+    }
+
+    fn subscribe_child(&self, id: &str) {
+        if let Some(c) = &self.conn {
+            let _ = c.client.try_subscribe(topics::commands(id), QoS::AtLeastOnce);
+            let _ = c.client.try_subscribe(topics::shadow_desired(id), QoS::AtLeastOnce);
+        }
+    }
+
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
+        let child = match topics::parse_inbound(topic) {
+            Some(topics::Inbound::Command(d) | topics::Inbound::Desired(d)) if d != self.creds.device_id => {
+                self.children.get(d).cloned()
+            }
+            _ => None,
+        };
+        if let Some(tx) = child {
+            let key = if topic.ends_with("/commands") { "command" } else { "desired" };
+            let body: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+            let _ = tx.try_send(json!({ key: body }).to_string());
+            return;
+        }
         match topics::parse_inbound(topic) {
             Some(topics::Inbound::Command(d)) if d == self.creds.device_id => self.on_command(payload),
             Some(topics::Inbound::Desired(d)) if d == self.creds.device_id => self.on_desired(payload),
@@ -824,7 +919,7 @@ impl Agent {
                 if let Some(c) = &self.conn {
                     let _ = c.client.try_publish(
                         topics::command_result(&self.creds.device_id),
-                        QoS::AtLeastOnce,
+                        QoS::AtMostOnce,
                         false,
                         r.encode(),
                     );
@@ -1049,7 +1144,7 @@ impl Agent {
         let body = json!({"state": state});
         let _ = c.client.try_publish(
             topics::shadow_reported(&self.creds.device_id),
-            QoS::AtLeastOnce,
+            QoS::AtMostOnce,
             false,
             body.to_string(),
         );
@@ -1071,12 +1166,40 @@ impl Agent {
             "counters": self.counters,
             "firmware": self.installer.slots.version(),
             "locked": self.settings.locked,
+            "gateway": self.gateway_addr,
+            "children": self.children.keys().collect::<Vec<_>>(),
         });
         let tmp = self.state.path("status.json.tmp");
         if std::fs::write(&tmp, status.to_string()).is_ok() {
             let _ = std::fs::rename(&tmp, self.state.path("status.json"));
         }
     }
+}
+
+/// A spool record of a child carries its id before the reading: `0x01 id 0x00 json`.
+fn tag(child: Option<&str>, json: Vec<u8>) -> Vec<u8> {
+    match child {
+        None => json,
+        Some(id) => {
+            let mut out = Vec::with_capacity(json.len() + id.len() + 2);
+            out.push(1);
+            out.extend_from_slice(id.as_bytes());
+            out.push(0);
+            out.extend_from_slice(&json);
+            out
+        }
+    }
+}
+
+/// The child a record belongs to (none: the device itself) and its reading's JSON.
+fn untag(record: &[u8]) -> (Option<&str>, &[u8]) {
+    if record.first() == Some(&1)
+        && let Some(end) = record.iter().position(|b| *b == 0)
+        && let Ok(id) = std::str::from_utf8(&record[1..end])
+    {
+        return (Some(id), &record[end + 1..]);
+    }
+    (None, record)
 }
 
 fn join<'a>(items: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {

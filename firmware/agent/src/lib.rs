@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod gateway;
 pub mod http;
 pub mod ota;
 pub mod sensor;

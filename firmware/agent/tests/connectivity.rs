@@ -120,7 +120,7 @@ fn a_damaged_buffer_record_is_skipped_and_the_rest_delivered() -> Result<()> {
     let starts: Vec<usize> = bytes.windows(4).enumerate().filter(|(_, w)| *w == b"FRR1").map(|(i, _)| i).collect();
     assert_eq!(starts.len(), 50);
     bytes[starts[9] + 20 + 3] ^= 0x55;
-    bytes.extend_from_slice(&bytes[starts[0]..starts[0] + 17].to_vec());
+    bytes.extend_from_within(starts[0]..starts[0] + 17);
     std::fs::write(&seg, &bytes)?;
     proxy.restore();
     let mut agent = Agent::start(&server, proxy.addr, &state, &["--readings", "0", "--backfill-rate", "100"])?;
@@ -187,4 +187,53 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn a_gateway_forwards_telemetry_and_commands_for_its_children() -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("server"), &[])?;
+    let secret = server.device("gw-1", json!({"type": "gateway"}))?;
+    server.device("child-1", json!({"parent": "gw-1"}))?;
+    server.device("stranger", json!({}))?;
+    let mut args = id_args("gw-1", &secret);
+    args.extend(["--interval", "100ms", "--gateway-listen", "127.0.0.1:0"]);
+    let agent = Agent::start(&server, server.mqtt, &dir.path().join("agent"), &args)?;
+    let s = agent.wait("the gateway listening", |s| s["connected"] == true && s["gateway"].is_string())?;
+    let addr = s["gateway"].as_str().ok_or("no gateway address")?.to_owned();
+
+    let mut child = std::net::TcpStream::connect(&addr)?;
+    child.set_read_timeout(Some(common::TIMEOUT))?;
+    writeln!(child, r#"{{"hello": "child-1"}}"#)?;
+    for i in 0..5 {
+        writeln!(child, r#"{{"ts": {}, "level": {i}, "pump": "on"}}"#, 1_764_000_000_000i64 + i)?;
+    }
+    server.wait_for("the child's readings under its own id", |s| {
+        Ok(s.count_or_zero("SELECT count(*) FROM telemetry WHERE device_id = 'child-1'") == 5)
+    })?;
+    agent.wait("the child subscribed", |s| s["children"].as_array().is_some_and(|c| !c.is_empty()))?;
+    // A command to the child reaches its socket; its answer ends the command.
+    let (status, c) = server.call("POST", "/api/v1/devices/child-1/commands", Some(&json!({"name": "locate"})))?;
+    assert_eq!(status, 202, "{c}");
+    let command = c["id"].as_str().ok_or("no command id")?.to_owned();
+    let mut line = String::new();
+    BufReader::new(child.try_clone()?).read_line(&mut line)?;
+    let got: serde_json::Value = serde_json::from_str(&line)?;
+    assert_eq!(got["command"]["id"], command.as_str(), "{line}");
+    writeln!(child, r#"{{"result": {{"id": "{command}", "status": "succeeded", "result": {{"lat": 1.5}}}}}}"#)?;
+    server.wait_for("the child's answer", |s| {
+        let (_, v) = s.call("GET", &format!("/api/v1/devices/child-1/commands/{command}"), None)?;
+        Ok(v["status"] == "succeeded" && v["result"]["lat"] == 1.5)
+    })?;
+    // A device that is not its child: the platform refuses what the gateway publishes for it.
+    let mut other = std::net::TcpStream::connect(&addr)?;
+    writeln!(other, r#"{{"hello": "stranger"}}"#)?;
+    writeln!(other, r#"{{"level": 1}}"#)?;
+    writeln!(child, r#"{{"level": 99}}"#)?;
+    server.wait_for("the child's later reading", |s| {
+        Ok(s.count("SELECT count(*) FROM telemetry WHERE device_id = 'child-1' AND level = 99")? == 1)
+    })?;
+    assert_eq!(server.count("SELECT count(*) FROM telemetry WHERE device_id = 'stranger'")?, 0);
+    Ok(())
 }

@@ -317,8 +317,8 @@ impl Device {
                         status: ferrite_agent_core::payload::CommandStatus::Succeeded,
                         result: json!({"simulated": true}),
                     };
-                    let _ = c.try_publish(topics::command_result(&self.ident.id), QoS::AtLeastOnce, false, r.encode());
-                    self.unassigned.push_back(InFlight { readings: 0, payload: Vec::new() });
+                    // At QoS 0: only telemetry takes packet ids, so they map to messages in order.
+                    let _ = c.try_publish(topics::command_result(&self.ident.id), QoS::AtMostOnce, false, r.encode());
                 }
             }
             Net::Event(_) => {}

@@ -39,7 +39,14 @@ fn the_simulators_acknowledged_count_equals_the_rows_in_sql() -> Result<()> {
     assert_eq!(server.count("SELECT count(*) FROM trucks")?, acked);
     assert!(s["malformed"].as_i64() > Some(0), "{s}");
     let (_, metrics) = server.call("GET", "/metrics", None)?;
-    assert!(metrics.to_string().contains("rejected"), "malformed messages are counted by the server");
+    let rejected: i64 = metrics
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("ferrite_rejected_events_total") && l.contains("transport=\"mqtt\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+        .sum();
+    assert_eq!(Some(rejected), s["malformed"].as_i64(), "the server rejected and counted each malformed message");
     Ok(())
 }
 

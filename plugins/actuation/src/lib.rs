@@ -75,12 +75,15 @@ impl PresenceObserver for Flusher {
     fn connected(&self, _: &Presence) {}
 
     fn subscribed(&self, session: &Presence, filter: &str) {
-        let device = session.device();
-        if topic_matches(&format!("devices/{device}/commands"), filter) {
-            self.0.flush(device);
-        }
-        if topic_matches(&format!("devices/{device}/shadow/desired"), filter) {
-            self.1.subscribed(device);
+        // The session's own device, and the gateway's children it subscribes for.
+        let children = session.principal.children.iter().map(String::as_str);
+        for device in std::iter::once(session.device()).chain(children) {
+            if topic_matches(&format!("devices/{device}/commands"), filter) {
+                self.0.flush(device);
+            }
+            if topic_matches(&format!("devices/{device}/shadow/desired"), filter) {
+                self.1.subscribed(device);
+            }
         }
     }
 

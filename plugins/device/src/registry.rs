@@ -328,11 +328,16 @@ impl Registry {
             return Err(e);
         }
         report.created = stored.len();
-        let mut devices = self.devices.write();
-        for d in stored {
-            devices.insert(d.id.clone(), Arc::new(d));
+        // Gateways of the new devices, and new devices that are gateways of earlier ones.
+        let mut gateways: Vec<String> = stored.iter().filter_map(|d| d.parent.clone()).collect();
+        gateways.extend(stored.iter().map(|d| d.id.clone()));
+        {
+            let mut devices = self.devices.write();
+            for d in stored {
+                devices.insert(d.id.clone(), Arc::new(d));
+            }
         }
-        drop(devices);
+        self.sync_children(gateways).await;
         self.metrics.inc("ferrite_devices_registered_total", &[], report.created as u64);
         Ok(report)
     }
@@ -343,8 +348,38 @@ impl Registry {
             return Err(Error::Invalid("a device's id cannot change; register a new device instead".into()));
         }
         let mut d = (*self.get(tenant, id)?).clone();
+        let before = d.parent.clone();
         input.apply(&mut d)?;
-        self.save(d).await
+        let after = d.parent.clone();
+        let view = self.save(d).await?;
+        if before != after {
+            self.sync_children(before.into_iter().chain(after)).await;
+        }
+        Ok(view)
+    }
+
+    /// Tells identity which devices each of `gateways` may act for: the registered devices
+    /// whose parent it is. A failure is logged; the next change of the gateway's children
+    /// sets the whole list again.
+    async fn sync_children(&self, gateways: impl IntoIterator<Item = String>) {
+        let mut gateways: Vec<String> = gateways.into_iter().collect();
+        gateways.sort();
+        gateways.dedup();
+        for gw in gateways {
+            let children: Vec<String> = {
+                let devices = self.devices.read();
+                if !devices.contains_key(&gw) {
+                    continue;
+                }
+                devices.values().filter(|d| d.parent.as_deref() == Some(gw.as_str())).map(|d| d.id.clone()).collect()
+            };
+            let is_gateway = !children.is_empty();
+            if let Err(e) = self.credentials.set_children(&gw, children).await {
+                tracing::warn!(gateway = %gw, error = %e, "the gateway's children were not updated in identity");
+            } else if is_gateway {
+                tracing::debug!(gateway = %gw, "gateway children updated");
+            }
+        }
     }
 
     async fn save(&self, mut d: Device) -> Result<DeviceView> {
@@ -383,12 +418,13 @@ impl Registry {
     /// Decommissions device `id` of `tenant`: its credentials are revoked, its sessions end
     /// and it leaves the registry (its data stays in the streams).
     pub async fn remove(&self, tenant: &str, id: &str) -> Result<()> {
-        self.get(tenant, id)?;
+        let parent = self.get(tenant, id)?.parent.clone();
         self.credentials.remove(id).await.map_err(Error::Credentials)?;
         self.publisher.disconnect(id);
         self.store.remove(id).await?;
         self.devices.write().remove(id);
         self.seen.lock().remove(id);
+        self.sync_children(parent).await;
         Ok(())
     }
 

@@ -1633,4 +1633,21 @@ impl ferrite_engine::plugin::DeviceCredentials for Identity {
     fn remove<'a>(&'a self, id: &'a str) -> ferrite_engine::plugin::PluginFuture<'a, std::result::Result<(), String>> {
         Box::pin(async move { self.remove_client_as(id, None).await.map(|_| ()).map_err(|e| e.to_string()) })
     }
+
+    fn set_children<'a>(
+        &'a self,
+        gateway: &'a str,
+        mut children: Vec<String>,
+    ) -> ferrite_engine::plugin::PluginFuture<'a, std::result::Result<(), String>> {
+        Box::pin(async move {
+            children.sort();
+            if self.state.read().clients.get(gateway).is_some_and(|c| c.children == children) {
+                return Ok(());
+            }
+            self.change_client(gateway, "gateway_children_changed", |c| c.children = children)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
 }

@@ -147,6 +147,11 @@ impl Server {
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
+    /// A count, or zero while the stream does not exist yet.
+    pub fn count_or_zero(&self, q: &str) -> i64 {
+        self.count(q).unwrap_or(0)
+    }
+
     pub fn count(&self, q: &str) -> Result<i64> {
         let rows = self.sql(q)?;
         Ok(rows
