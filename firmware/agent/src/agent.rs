@@ -79,6 +79,8 @@ enum Work {
     Answer(CommandResult, Option<After>),
     Publish(String, Vec<u8>),
     HttpSent(Result<Vec<u64>, String>),
+    /// A rotated secret that works: kept from now on.
+    Secret(String),
 }
 
 /// What to do once a command's answer is out.
@@ -170,8 +172,10 @@ impl Agent {
             creds.device_id = uuid::Uuid::new_v4().to_string();
         }
         topics::validate_id(&creds.device_id).map_err(|e| format!("device id {:?}: {e:?}", creds.device_id))?;
+        // The command line's secret is for the first start: afterwards the stored one wins
+        // (a rotation replaces it there; a `reboot` re-executes with the first arguments).
         if let Some(s) = &cfg.client_secret
-            && *s != creds.client_secret
+            && creds.client_secret.is_empty()
         {
             creds.client_secret = s.clone();
             creds.access_token.clear();
@@ -810,14 +814,18 @@ impl Agent {
                         tokio::time::sleep(Duration::from_secs(delay) + Duration::from_millis(300)).await;
                         return Some(Exit::Reboot);
                     }
-                    Some(After::Reconnect) => {
-                        self.request_token(true);
-                    }
+                    Some(After::Reconnect) => self.request_token(true),
                     Some(After::Installed) => {
                         self.installing = false;
                         self.report_twin(None);
                     }
                     None => {}
+                }
+            }
+            Work::Secret(secret) => {
+                self.creds.client_secret = secret;
+                if let Err(e) = self.state.save_credentials(&self.creds) {
+                    eprintln!("ferrite-agent: credentials.json: {e}");
                 }
             }
             Work::HttpSent(r) => {
@@ -999,13 +1007,15 @@ impl Agent {
                     self.state.clone(),
                     self.creds.clone(),
                 );
-                self.creds.client_secret = secret.clone();
                 let cmd_id = cmd.id.clone();
                 tokio::task::spawn_blocking(move || {
                     let outcome = http.token(&id, &secret).map_err(|e| e.to_string()).and_then(|_| {
-                        creds.client_secret = secret;
+                        creds.client_secret = secret.clone();
                         state.save_credentials(&creds).map_err(|e| e.to_string())
                     });
+                    if outcome.is_ok() {
+                        let _ = tx.blocking_send(Work::Secret(secret));
+                    }
                     let (status, result, after) = match outcome {
                         Ok(()) => (CommandStatus::Succeeded, json!({"rotated": true}), Some(After::Reconnect)),
                         Err(e) => (

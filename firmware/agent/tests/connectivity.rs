@@ -237,3 +237,109 @@ fn a_gateway_forwards_telemetry_and_commands_for_its_children() -> Result<()> {
     assert_eq!(server.count("SELECT count(*) FROM telemetry WHERE device_id = 'stranger'")?, 0);
     Ok(())
 }
+
+/// Sends command `name` to `device` and waits for its answer; the command's final view.
+fn command(server: &Server, device: &str, name: &str, params: serde_json::Value) -> Result<serde_json::Value> {
+    let (status, c) = server.call(
+        "POST",
+        &format!("/api/v1/devices/{device}/commands"),
+        Some(&json!({"name": name, "params": params})),
+    )?;
+    if status != 202 {
+        return fail(format!("{name}: {status} {c}"));
+    }
+    let id = c["id"].as_str().ok_or("no command id")?.to_owned();
+    let mut last = serde_json::Value::Null;
+    server.wait_for(&format!("the answer to {name}"), |s| {
+        let (_, v) = s.call("GET", &format!("/api/v1/devices/{device}/commands/{id}"), None)?;
+        let done = v["status"] == "succeeded" || v["status"] == "failed";
+        last = v;
+        Ok(done)
+    })?;
+    Ok(last)
+}
+
+#[test]
+fn management_commands_and_the_twin_are_applied_and_answered() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("server"), &[])?;
+    let (s, t) = server.call("PUT", "/api/v1/device-types/sensor", Some(&json!({"commands": {"pump": {}}})))?;
+    assert_eq!(s, 200, "{t}");
+    let secret = server.device("mgmt-1", json!({}))?;
+    let state = dir.path().join("agent");
+    let mut args = id_args("mgmt-1", &secret);
+    args.extend(["--interval", "50ms", "--location", "48.1,11.5", "--actuator", "pump:echo pumped"]);
+    let agent = Agent::start(&server, server.mqtt, &state, &args)?;
+    agent.wait("connected", |s| s["connected"] == true)?;
+
+    // lock: telemetry stops (and the lock survives in settings.json); unlock: it resumes.
+    assert_eq!(command(&server, "mgmt-1", "lock", json!({"message": "maintenance"}))?["status"], "succeeded");
+    let locked_at = agent.wait("locked", |s| s["locked"] == true)?["counters"]["readings"].as_u64().unwrap_or(0);
+    let refused = command(&server, "mgmt-1", "pump", json!({}))?;
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert!(refused["result"]["error"].as_str().is_some_and(|e| e.contains("locked")), "{refused}");
+    assert_eq!(agent.status()["counters"]["readings"].as_u64(), Some(locked_at), "no readings while locked");
+    assert!(std::fs::read_to_string(state.join("settings.json"))?.contains("\"locked\": true"));
+    assert_eq!(command(&server, "mgmt-1", "unlock", json!({}))?["status"], "succeeded");
+    agent.wait("readings again", |s| s["counters"]["readings"].as_u64() > Some(locked_at + 3))?;
+    let pumped = command(&server, "mgmt-1", "pump", json!({}))?;
+    assert_eq!(pumped["result"]["output"], "pumped", "the actuator ran: {pumped}");
+
+    // set_config: stored, applied, and reported in the twin.
+    let c = command(&server, "mgmt-1", "set_config", json!({"config": {"interval_ms": 20, "site": "b7"}}))?;
+    assert_eq!(c["result"]["applied"], json!(["interval_ms"]), "{c}");
+    assert_eq!(c["result"]["stored"], json!(["site"]), "{c}");
+    assert!(std::fs::read_to_string(state.join("settings.json"))?.contains("\"site\": \"b7\""));
+    assert_eq!(command(&server, "mgmt-1", "enable_feature", json!({"feature": "eco"}))?["status"], "succeeded");
+    server.wait_for("the reported twin", |s| {
+        let (_, t) = s.call("GET", "/api/v1/devices/mgmt-1/twin", None)?;
+        Ok(t["reported"]["config"]["site"] == "b7" && t["reported"]["features"] == json!(["eco"]))
+    })?;
+    // Desired state: what the agent knows is applied, the rest reported as rejected.
+    let (s, t) = server.call(
+        "PATCH",
+        "/api/v1/devices/mgmt-1/twin",
+        Some(&json!({"desired": {"batch": 10, "colour": "red"}})),
+    )?;
+    assert_eq!(s, 200, "{t}");
+    server.wait_for("the desired state handled", |s| {
+        let (_, t) = s.call("GET", "/api/v1/devices/mgmt-1/twin", None)?;
+        Ok(t["reported"]["config"]["batch"] == 10 && t["reported"]["rejected"]["colour"].is_string())
+    })?;
+    // locate: answered with the position, which reaches the registry.
+    let l = command(&server, "mgmt-1", "locate", json!({}))?;
+    assert_eq!(l["result"]["lat"], 48.1, "{l}");
+    server.wait_for("the location in the registry", |s| {
+        let (_, d) = s.call("GET", "/api/v1/devices/mgmt-1", None)?;
+        Ok(d["location"]["lat"] == 48.1)
+    })?;
+
+    // Credential rotation: the agent takes the new secret, the old one stops working.
+    let (status, c) =
+        server.call("POST", "/api/v1/devices/mgmt-1/credentials/rotate", Some(&json!({"deadline_secs": 600})))?;
+    assert_eq!(status, 202, "{c}");
+    let id = c["id"].as_str().ok_or("no id")?.to_owned();
+    server.wait_for("the rotation confirmed", |s| {
+        let (_, v) = s.call("GET", &format!("/api/v1/devices/mgmt-1/commands/{id}"), None)?;
+        Ok(v["status"] == "succeeded")
+    })?;
+    let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("credentials.json"))?)?;
+    assert_ne!(stored["client_secret"], secret.as_str(), "the new secret is stored");
+    let old = ureq::post(&server.url("/oauth2/token")).config().http_status_as_error(false).build().send_form([
+        ("grant_type", "client_credentials"),
+        ("client_id", "mgmt-1"),
+        ("client_secret", secret.as_str()),
+    ])?;
+    assert_eq!(old.status().as_u16(), 401, "the old secret no longer works");
+    let before = agent.status()["counters"]["acknowledged"].as_u64().unwrap_or(0);
+    agent
+        .wait("still delivering after the rotation", |s| s["counters"]["acknowledged"].as_u64() > Some(before + 20))?;
+
+    // reboot: the agent re-executes itself (its counters start again) and reconnects.
+    let high = agent.status()["counters"]["readings"].as_u64().unwrap_or(0);
+    assert_eq!(command(&server, "mgmt-1", "reboot", json!({"delay_secs": 0}))?["status"], "succeeded");
+    agent.wait("restarted and connected", |s| {
+        s["counters"]["readings"].as_u64().is_some_and(|r| r > 0 && r < high) && s["connected"] == true
+    })?;
+    Ok(())
+}
