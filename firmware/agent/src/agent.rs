@@ -600,7 +600,7 @@ impl Agent {
             let device = self.live.front().map(|(_, b)| untag(b).0.map(str::to_owned)).unwrap_or_default();
             let n = self.live.iter().take(self.cfg.batch).take_while(|(_, b)| untag(b).0 == device.as_deref()).count();
             let items: Vec<(u64, Vec<u8>)> = self.live.drain(..n).collect();
-            let payload = join(items.iter().map(|(_, b)| untag(b).1));
+            let payload = ferrite_agent_core::payload::join_objects(items.iter().map(|(_, b)| untag(b).1));
             let topic = self.topic_for(device.as_deref());
             if client.try_publish(topic, qos(self.cfg.qos), false, payload).is_err() {
                 // The client's queue is full: try again on the next turn.
@@ -621,7 +621,7 @@ impl Agent {
         let Ok(batch) = self.backfill_batch() else { return };
         let Some((_, first)) = batch.first() else { return };
         let topic = self.topic_for(untag(first).0);
-        let payload = join(batch.iter().map(|(_, b)| untag(b).1));
+        let payload = ferrite_agent_core::payload::join_objects(batch.iter().map(|(_, b)| untag(b).1));
         if client.try_publish(topic, qos(self.cfg.qos), false, payload).is_ok() {
             let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
             self.sending.extend(seqs.iter().copied());
@@ -679,7 +679,7 @@ impl Agent {
                 o
             })
             .collect();
-        let body = join(objects.iter().map(Vec::as_slice));
+        let body = ferrite_agent_core::payload::join_objects(objects.iter().map(Vec::as_slice));
         let seqs: Vec<u64> = records.iter().map(|(s, _)| *s).collect();
         self.backfill_busy = true;
         let (http, token, stream, tx) =
@@ -1210,19 +1210,6 @@ fn untag(record: &[u8]) -> (Option<&str>, &[u8]) {
         return (Some(id), &record[end + 1..]);
     }
     (None, record)
-}
-
-fn join<'a>(items: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    out.push(b'[');
-    for (i, b) in items.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b);
-    }
-    out.push(b']');
-    out
 }
 
 /// Polls the MQTT event loop, reconnecting with back-off and jitter after a failure.

@@ -236,3 +236,29 @@ fn a_semi_managed_device_gets_no_update() -> Result<()> {
     })?;
     Ok(())
 }
+
+#[test]
+fn a_campaign_a_restart_interrupted_keeps_its_record_as_stopped() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("server");
+    let server = Server::start(&data, &[])?;
+    let (key, file, manifest) = signed_artifact(dir.path(), "2.0", b"firmware")?;
+    let artifact = upload(&server, &key, &file, &manifest, "2.0")?;
+    // The device is offline: its install waits, and the campaign runs on.
+    server.device("offline-1", json!({}))?;
+    let id = campaign(&server, json!({"artifact": artifact, "target": {"devices": ["offline-1"]}}))?;
+    server.wait_for("the install queued", |s| {
+        let (_, v) = s.call("GET", &format!("/api/v1/ota/campaigns/{id}"), None)?;
+        Ok(v["states"]["sent"] == 1)
+    })?;
+    drop(server);
+    let server = Server::start(&data, &[])?;
+    let (status, v) = server.call("GET", &format!("/api/v1/ota/campaigns/{id}"), None)?;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "stopped", "{v}");
+    assert!(v["reason"].as_str().is_some_and(|r| r.contains("restart")), "{v}");
+    // The artifact is still there, bytes and all.
+    let (status, list) = server.call("GET", "/api/v1/ota/artifacts", None)?;
+    assert_eq!((status, list[0]["id"].as_str()), (200, Some(artifact.as_str())));
+    Ok(())
+}

@@ -11,6 +11,7 @@
 //!   cursor) over storage the caller owns;
 //! - [`backoff`]: exponential reconnect back-off with full jitter;
 //! - [`token`]: when to refresh an access token;
+//! - [`duration`]: durations as written on a command line;
 //! - [`ota`]: verifying a software artifact (SHA-256 and an Ed25519 signature over it).
 //!
 //! Nothing here does I/O or reads a clock: callers pass bytes and times in.
@@ -21,6 +22,7 @@ extern crate alloc;
 
 pub mod backoff;
 pub mod command;
+pub mod duration;
 pub mod ota;
 pub mod payload;
 pub mod record;

@@ -90,6 +90,21 @@ pub fn encode_batch<'a>(readings: impl IntoIterator<Item = &'a Reading>) -> Vec<
     serde_json::to_vec(&array).unwrap_or_default()
 }
 
+/// JSON objects already encoded, joined into one array (a telemetry batch of stored
+/// readings, without decoding them again).
+pub fn join_objects<'a>(items: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.push(b'[');
+    for (i, b) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b);
+    }
+    out.push(b']');
+    out
+}
+
 /// Why a payload from the platform cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PayloadError(pub String);

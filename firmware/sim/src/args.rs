@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use ferrite_agent_core::duration::parse as duration;
+
 /// Which kind of fleet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
@@ -84,6 +86,9 @@ pub struct Args {
     pub drain: Duration,
     /// Live counters every this long on stderr (zero: none).
     pub progress: Duration,
+    /// Register nothing: devices connect without a password (a server with `--auth off`,
+    /// or another broker, as a load generator).
+    pub no_provision: bool,
 }
 
 impl Default for Args {
@@ -108,6 +113,7 @@ impl Default for Args {
             malformed: 0.0,
             drain: Duration::from_secs(30),
             progress: Duration::from_secs(1),
+            no_provision: false,
         }
     }
 }
@@ -132,6 +138,7 @@ USAGE: ferrite-sim [OPTIONS]
   --buffer N               readings each device keeps while offline [1000]
   --drain DURATION         wait this long for acknowledgements at the end [30s]
   --progress DURATION      live counters on stderr this often; 0 for none [1s]
+  --no-provision           register nothing; connect without passwords (--auth off, other brokers)
 faults:
   --disconnect-every D     each device drops its connection at random, on average every D
   --partition S@START+LEN  a share of the fleet offline, e.g. 20%@10s+15s
@@ -139,24 +146,6 @@ faults:
   --burst N@EVERY          every EVERY, each device sends N extra readings at once, e.g. 20@10s
   --malformed S            a share of messages sent as malformed JSON, e.g. 1%
 ";
-
-/// Parses `5s`, `250ms`, `2m`, `1h` or seconds.
-pub fn duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (5s, 250ms, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unit {unit:?} is not ms, s, m or h")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
 
 /// Parses `20%` or `0.2`.
 fn share(s: &str) -> Result<f64, String> {
@@ -224,6 +213,7 @@ impl Args {
                 "--stream" => a.stream = Some(value()?),
                 "--prefix" => a.prefix = Some(value()?),
                 "--summary-json" => a.summary_json = true,
+                "--no-provision" => a.no_provision = true,
                 "--connect-rate" => {
                     a.connect_rate = value()?.parse().map_err(|_| "--connect-rate needs a number".to_owned())?;
                 }

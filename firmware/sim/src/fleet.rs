@@ -89,6 +89,12 @@ fn http_agent() -> ureq::Agent {
 
 /// Registers the fleet's devices (or takes new secrets for those that exist already).
 pub fn provision(args: &Args) -> Result<Vec<Identity>, String> {
+    if args.no_provision {
+        let prefix = args.prefix();
+        return Ok((1..=args.devices)
+            .map(|n| Identity { n: n as u64 - 1, id: format!("{prefix}-{n:05}"), secret: String::new() })
+            .collect());
+    }
     let token = match std::fs::read_to_string(&args.token_file) {
         Ok(t) => t.trim().to_owned(),
         Err(e) => {
@@ -216,7 +222,9 @@ impl Device {
         self.disconnect(false);
         let mut opts = MqttOptions::new(self.ident.id.clone(), self.host.clone(), self.port);
         opts.set_keep_alive(Duration::from_secs(60));
-        opts.set_credentials(self.ident.id.clone(), self.ident.secret.clone());
+        if !self.ident.secret.is_empty() {
+            opts.set_credentials(self.ident.id.clone(), self.ident.secret.clone());
+        }
         opts.set_inflight(64);
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         self.generation += 1;
@@ -378,18 +386,6 @@ impl Device {
     }
 }
 
-fn join(items: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = vec![b'['];
-    for (i, b) in items.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b);
-    }
-    out.push(b']');
-    out
-}
-
 /// Runs one device until the run ends and its buffer drained (or the drain time is up).
 async fn run_device(mut d: Device, start: Instant, end: Instant) {
     let a = d.args.clone();
@@ -436,14 +432,14 @@ async fn run_device(mut d: Device, start: Instant, end: Instant) {
                     d.push(0, b"{\"temperature\": ".to_vec());
                 } else {
                     let r = d.reading();
-                    d.push(1, join(&[r]));
+                    d.push(1, ferrite_agent_core::payload::join_objects([r.as_slice()]));
                 }
                 d.flush(4);
             }
             _ = async { if let Some(b) = burst.as_mut() { b.tick().await; } }, if producing && burst.is_some() => {
                 let n = a.burst.map_or(0, |b| b.readings);
                 let items: Vec<Vec<u8>> = (0..n).map(|_| d.reading()).collect();
-                d.push(u64::from(n), join(&items));
+                d.push(u64::from(n), ferrite_agent_core::payload::join_objects(items.iter().map(Vec::as_slice)));
             }
             Some((g, n)) = d.net_rx.recv() => {
                 if g == d.generation {
