@@ -146,7 +146,22 @@ async fn post_events(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.contains("ndjson") || ct.contains("jsonlines") || ct.contains("json-seq"));
-    let payload = if ndjson { Payload::Ndjson { stream } } else { Payload::Json { stream, device: None } };
+    // A device posts only its own events: each is bound to it (a `device_id` naming another
+    // device is rejected, as on its MQTT topic).
+    let own =
+        (caller.principal.kind == ferrite_engine::auth::PrincipalKind::Device).then(|| caller.principal.id.to_string());
+    let payload = match (ndjson, own) {
+        (true, Some(_)) => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "a device posts its events as a JSON object or array (its MQTT payload), not NDJSON",
+            ));
+        }
+        (false, Some(device)) => Payload::Json { stream, device: Some(device) },
+        (true, None) => Payload::Ndjson { stream },
+        (false, None) => Payload::Json { stream, device: None },
+    };
     let report = ingestor.ingest(Transport::Http, payload, bytes, Durability::Committed).await?;
     if report.accepted == 0 && report.rejected > 0 {
         let mut e = ApiError::new(

@@ -133,6 +133,8 @@ pub struct Agent {
     counters: Counters,
     installing: bool,
     status_dirty: bool,
+    /// Back-off of token requests the platform refuses.
+    refused: Backoff,
     /// Gateway mode: where children connect.
     gateway_addr: Option<String>,
     /// Gateway mode: connected children and where their lines go.
@@ -180,9 +182,16 @@ impl Agent {
             creds.client_secret = s.clone();
             creds.access_token.clear();
         }
+        if creds.client_secret.is_empty()
+            && let Some(p) = &cfg.provisioning_secret
+        {
+            creds.client_secret = self_register(&cfg, p, &creds.device_id)?;
+            eprintln!("ferrite-agent: registered itself as {}; waiting for approval", creds.device_id);
+        }
         if creds.client_secret.is_empty() {
             return Err(format!(
-                "device {} has no client secret: register it (POST /api/v1/devices) and pass --client-secret once",
+                "device {} has no client secret: register it (POST /api/v1/devices) and pass --client-secret once, \
+                 or give a --provisioning-secret",
                 creds.device_id
             ));
         }
@@ -253,6 +262,7 @@ impl Agent {
             counters: Counters::default(),
             installing: false,
             status_dirty: true,
+            refused: Backoff::new(1_000, 30_000),
             gateway_addr: None,
             children: HashMap::new(),
             child_rx,
@@ -348,12 +358,15 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => self.maintain(),
-                _ = status_tick.tick() => self.write_status(),
+                _ = status_tick.tick() => self.checkpoint(),
                 _ = tokio::signal::ctrl_c() => break Exit::Done,
                 _ = term.recv() => break Exit::Done,
             }
             self.pump();
         };
+        if let Err(e) = self.spool.flush() {
+            eprintln!("ferrite-agent: spool cursor: {e}");
+        }
         self.write_status_now();
         if let Some(g) = gateway {
             g.abort();
@@ -664,22 +677,18 @@ impl Agent {
             return;
         }
         let Ok(head) = self.spool.peek(self.cfg.batch) else { return };
-        let records: Vec<(u64, Vec<u8>)> =
-            head.into_iter().filter(|p| !self.acked.contains(&p.seq)).map(|p| (p.seq, p.payload)).collect();
+        // Over HTTP a device posts its own readings only: a child's wait for MQTT.
+        let records: Vec<(u64, Vec<u8>)> = head
+            .into_iter()
+            .filter(|p| !self.acked.contains(&p.seq))
+            .take_while(|p| untag(&p.payload).0.is_none())
+            .map(|p| (p.seq, p.payload))
+            .collect();
         if records.is_empty() {
             return;
         }
-        let objects: Vec<Vec<u8>> = records
-            .iter()
-            .map(|(_, b)| {
-                let (child, json) = untag(b);
-                let id = Value::String(child.unwrap_or(&self.creds.device_id).to_owned());
-                let mut o = format!("{{\"device_id\":{id},").into_bytes();
-                o.extend_from_slice(json.get(1..).unwrap_or_default());
-                o
-            })
-            .collect();
-        let body = ferrite_agent_core::payload::join_objects(objects.iter().map(Vec::as_slice));
+        // The server binds a device's posted events to it: the readings go as they are.
+        let body = ferrite_agent_core::payload::join_objects(records.iter().map(|(_, b)| b.as_slice()));
         let seqs: Vec<u64> = records.iter().map(|(s, _)| *s).collect();
         self.backfill_busy = true;
         let (http, token, stream, tx) =
@@ -719,6 +728,14 @@ impl Agent {
         }
     }
 
+    /// Writes what is due every few hundred milliseconds: the spool's cursor, the status.
+    fn checkpoint(&mut self) {
+        if let Err(e) = self.spool.flush() {
+            eprintln!("ferrite-agent: spool cursor: {e}");
+        }
+        self.write_status();
+    }
+
     fn request_token(&mut self, force: bool) {
         if self.refreshing {
             return;
@@ -755,6 +772,7 @@ impl Agent {
         match w {
             Work::Token(Ok(t), first) => {
                 self.refreshing = false;
+                self.refused.reset();
                 let times = TokenTimes::new(now_ms(), t.expires_in);
                 self.creds.access_token = t.access_token;
                 self.creds.token_issued_ms = times.issued_ms;
@@ -773,10 +791,13 @@ impl Agent {
             }
             Work::Token(Err(e), _) => {
                 self.refreshing = false;
-                eprintln!("ferrite-agent: the platform refused the device's credentials: {e}; retrying in 30 s");
+                // Refused (not approved yet, disabled, a wrong secret): ask again, less and
+                // less often, up to every 30 s.
+                let delay = self.refused.next_delay(fastrand::u32(..)).max(500);
+                eprintln!("ferrite-agent: the platform refused the device's credentials: {e}; retrying in {delay} ms");
                 let tx = self.work_tx.clone();
                 tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
                     let _ = tx.send(Work::Publish(String::new(), Vec::new())).await;
                 });
                 self.token = None;
@@ -1210,6 +1231,26 @@ fn untag(record: &[u8]) -> (Option<&str>, &[u8]) {
         return (Some(id), &record[end + 1..]);
     }
     (None, record)
+}
+
+/// Registers the device with a provisioning secret, retrying while the server is
+/// unreachable (a device may boot before its network is up); its client secret.
+fn self_register(cfg: &Config, provisioning_secret: &str, id: &str) -> Result<String, StartError> {
+    let http = Http::new(&cfg.http);
+    let mut backoff = Backoff::new(1_000, 30_000);
+    loop {
+        match http.register(provisioning_secret, id, cfg.device_type.as_deref()) {
+            Ok(secret) => return Ok(secret),
+            Err(crate::http::HttpError::Status(s, body)) => {
+                return Err(format!("self-registration refused (HTTP {s}): {body}"));
+            }
+            Err(e) => {
+                let delay = backoff.next_delay(fastrand::u32(..)).max(200);
+                eprintln!("ferrite-agent: self-registration: {e}; retrying in {delay} ms");
+                std::thread::sleep(Duration::from_millis(u64::from(delay)));
+            }
+        }
+    }
 }
 
 /// Polls the MQTT event loop, reconnecting with back-off and jitter after a failure.

@@ -19,6 +19,10 @@ pub struct Config {
     pub device_id: Option<String>,
     /// The client secret (first start; stored after).
     pub client_secret: Option<String>,
+    /// A provisioning secret: a device without credentials registers itself with it.
+    pub provisioning_secret: Option<String>,
+    /// The device type it registers itself with.
+    pub device_type: Option<String>,
     /// Management level.
     pub level: Level,
     /// The stream telemetry goes to.
@@ -65,6 +69,8 @@ impl Default for Config {
             mqtt: "127.0.0.1:1883".into(),
             device_id: None,
             client_secret: None,
+            provisioning_secret: None,
+            device_type: None,
             level: Level::Full,
             stream: "telemetry".into(),
             sensors: Vec::new(),
@@ -98,6 +104,8 @@ USAGE: ferrite-agent [OPTIONS]
   --mqtt HOST:PORT          the server's MQTT listener [127.0.0.1:1883]
   --device-id ID            the device id (first start; a UUID when absent)
   --client-secret SECRET    its client secret (first start; or --client-secret-file F)
+  --provisioning-secret S   without credentials, register itself with this (pending until approved)
+  --type TYPE               the device type it registers itself with
   --level full|semi|none    management level [full]
   --stream NAME             the stream telemetry goes to [telemetry]
   --sensor KIND:FIELD[:ARG] sim:temperature[:BASE[:AMPL]] | file:FIELD:PATH | cmd:FIELD:COMMAND (repeat)
@@ -135,6 +143,8 @@ impl Config {
                     let s = std::fs::read_to_string(&f).map_err(|e| format!("--client-secret-file {f}: {e}"))?;
                     c.client_secret = Some(s.trim().to_owned());
                 }
+                "--provisioning-secret" => c.provisioning_secret = Some(value()?),
+                "--type" => c.device_type = Some(value()?),
                 "--level" => {
                     c.level = match value()?.as_str() {
                         "full" => Level::Full,

@@ -90,6 +90,37 @@ impl Http {
         serde_json::from_str(&body).map_err(|e| HttpError::Protocol(format!("{e}: {body}")))
     }
 
+    /// Registers the device itself with a provisioning secret (`POST
+    /// /api/v1/devices/register`); its client secret. The platform keeps it `pending`
+    /// (tokens refused) until someone approves it.
+    pub fn register(
+        &self,
+        provisioning_secret: &str,
+        id: &str,
+        device_type: Option<&str>,
+    ) -> Result<String, HttpError> {
+        let mut body = serde_json::json!({"provisioning_secret": provisioning_secret, "id": id});
+        if let Some(t) = device_type {
+            body["type"] = serde_json::Value::String(t.to_owned());
+        }
+        let mut resp = self
+            .agent
+            .post(&self.url("/api/v1/devices/register"))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .map_err(net)?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().map_err(net)?;
+        if status != 201 {
+            return Err(HttpError::Status(status, text));
+        }
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| HttpError::Protocol(e.to_string()))?;
+        v["credentials"]["client_secret"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| HttpError::Protocol(format!("no credentials in {text}")))
+    }
+
     /// Sends a telemetry batch (a JSON array whose objects carry `device_id`).
     pub fn events(&self, token: &str, stream: &str, body: Vec<u8>) -> Result<(), HttpError> {
         let mut resp = self

@@ -9,10 +9,13 @@
 //!   cut off the file) without touching the records before it.
 //! - When the spool is full the oldest segment goes; its unsent records are counted, and the
 //!   count survives restarts until [`FileSpool::take_dropped`] (report it on reconnect).
-//! - The cursor is written atomically (temporary file, fsync, rename) after acknowledgements,
-//!   so a restart resumes where the platform's acknowledgements stopped. A record sent but
-//!   not yet acknowledged when the agent stops is sent again: delivery is at least once, and
-//!   each reading carries its `seq` to tell a repeat.
+//! - The cursor is written atomically (temporary file, rename) after acknowledgements, so a
+//!   restart resumes where the platform's acknowledgements stopped. A record sent but not
+//!   yet acknowledged when the agent stops is sent again: delivery is at least once, and
+//!   each reading carries its `seq` to tell a repeat. The cursor is not fsynced after each
+//!   acknowledgement (three fsyncs per message would cost more than the message): a power
+//!   cut can move it back a little, and those records are sent again. Dropping records
+//!   (a full spool) fsyncs it, so that the count of dropped records survives.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -43,6 +46,16 @@ pub struct FileSpool {
     pub damaged_on_open: u64,
     /// Torn bytes cut off the last segment when opening.
     pub torn_on_open: u64,
+    /// The segment appends go to, kept open.
+    appending: Option<(u64, File)>,
+    /// Acknowledgements not yet written to the cursor file ([`FileSpool::flush`]).
+    cursor_dirty: bool,
+}
+
+impl Drop for FileSpool {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
 }
 
 const CURSOR: &str = "cursor";
@@ -113,7 +126,15 @@ impl FileSpool {
         let mut spool = Spool::restore(capacity, segment_bytes, segments, cursor);
         // The dropped count carried over from before the restart.
         spool.add_dropped(dropped);
-        Ok(Self { dir: dir.to_owned(), spool, sync, damaged_on_open: damaged, torn_on_open: torn })
+        Ok(Self {
+            dir: dir.to_owned(),
+            spool,
+            sync,
+            damaged_on_open: damaged,
+            torn_on_open: torn,
+            appending: None,
+            cursor_dirty: false,
+        })
     }
 
     /// Records waiting to be sent.
@@ -156,14 +177,21 @@ impl FileSpool {
                     }
                 }
                 Action::Delete(id) => {
+                    if self.appending.as_ref().is_some_and(|(a, _)| *a == id) {
+                        self.appending = None;
+                    }
                     remove(&seg_path(&self.dir, id))?;
                     cursor_moved = true;
                 }
                 Action::Append(id) => {
-                    let mut f = OpenOptions::new().append(true).open(seg_path(&self.dir, id))?;
-                    f.write_all(&rec)?;
-                    if self.sync {
-                        f.sync_data()?;
+                    if self.appending.as_ref().is_none_or(|(a, _)| *a != id) {
+                        self.appending = Some((id, OpenOptions::new().append(true).open(seg_path(&self.dir, id))?));
+                    }
+                    if let Some((_, f)) = self.appending.as_mut() {
+                        f.write_all(&rec)?;
+                        if self.sync {
+                            f.sync_data()?;
+                        }
                     }
                 }
             }
@@ -209,30 +237,52 @@ impl FileSpool {
     }
 
     /// The platform acknowledged these records (the first ones [`FileSpool::peek`] gave, in
-    /// order): the cursor moves past them, fully sent segments go.
+    /// order): the cursor moves past them, fully sent segments go. The cursor file is
+    /// written when a segment goes, else by [`FileSpool::flush`] (the agent calls it a few
+    /// times a second, and on the way out).
     pub fn ack(&mut self, sent: &[Pending]) -> std::io::Result<()> {
+        let mut deleted = false;
         for p in sent {
             for a in self.spool.ack(p.advance) {
                 if let Action::Delete(id) = a {
+                    if self.appending.as_ref().is_some_and(|(a, _)| *a == id) {
+                        self.appending = None;
+                    }
                     remove(&seg_path(&self.dir, id))?;
+                    deleted = true;
                 }
             }
         }
-        self.write_cursor()
+        self.cursor_dirty = true;
+        if deleted { self.flush() } else { Ok(()) }
     }
 
-    fn write_cursor(&self) -> std::io::Result<()> {
+    /// Writes the cursor if acknowledgements moved it since the last write.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        if self.cursor_dirty {
+            self.write_cursor_with(false)?;
+            self.cursor_dirty = false;
+        }
+        Ok(())
+    }
+
+    fn write_cursor(&mut self) -> std::io::Result<()> {
+        self.cursor_dirty = false;
+        self.write_cursor_with(self.sync)
+    }
+
+    fn write_cursor_with(&self, sync: bool) -> std::io::Result<()> {
         let bytes = cursor_bytes(self.spool.cursor(), self.spool.dropped());
         let tmp = self.dir.join("cursor.tmp");
         {
             let mut f = File::create(&tmp)?;
             f.write_all(&bytes)?;
-            if self.sync {
+            if sync {
                 f.sync_all()?;
             }
         }
         std::fs::rename(&tmp, self.dir.join(CURSOR))?;
-        if self.sync {
+        if sync {
             File::open(&self.dir)?.sync_all()?;
         }
         Ok(())

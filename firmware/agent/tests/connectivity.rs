@@ -343,3 +343,48 @@ fn management_commands_and_the_twin_are_applied_and_answered() -> Result<()> {
     })?;
     Ok(())
 }
+
+#[test]
+fn a_device_registers_itself_under_a_uuid_it_keeps_and_waits_for_approval() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("server"), &[])?;
+    let (status, p) = server.call("POST", "/api/v1/provisioning-secrets", Some(&json!({"type": "kiosk"})))?;
+    assert_eq!(status, 201, "{p}");
+    let provisioning = p["secret"].as_str().ok_or("no secret")?.to_owned();
+    let state = dir.path().join("agent");
+    let args = ["--provisioning-secret", provisioning.as_str(), "--interval", "50ms"];
+    let mut agent = Agent::start(&server, server.mqtt, &state, &args)?;
+    let s = agent.wait("registered", |s| s["device_id"].is_string())?;
+    let id = s["device_id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    let (_, d) = server.call("GET", &format!("/api/v1/devices/{id}"), None)?;
+    assert_eq!(d["status"], "pending", "{d}");
+    // Restarted before approval: the same id, no second registration.
+    agent.kill();
+    let agent = Agent::start(&server, server.mqtt, &state, &args)?;
+    agent.wait("the same id", |s| s["device_id"] == id.as_str())?;
+    let (status, v) = server.call("POST", &format!("/api/v1/devices/{id}/approve"), None)?;
+    assert_eq!(status, 200, "{v}");
+    agent.wait("approved, connected and delivering", |s| {
+        s["connected"] == true && s["counters"]["acknowledged"].as_u64() >= Some(5)
+    })?;
+    let (_, list) = server.call("GET", "/api/v1/devices", None)?;
+    assert_eq!(list["devices"].as_array().map(Vec::len), Some(1), "registered once: {list}");
+    Ok(())
+}
+
+#[test]
+fn when_mqtt_stays_down_the_backlog_goes_over_http() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("server"), &[])?;
+    let proxy = Proxy::start(server.mqtt)?;
+    proxy.cut();
+    let secret = server.device("http-1", json!({}))?;
+    let mut args = id_args("http-1", &secret);
+    args.extend(["--interval", "10ms", "--readings", "100", "--http-fallback", "500ms"]);
+    let mut agent = Agent::start(&server, proxy.addr, &dir.path().join("agent"), &args)?;
+    assert_eq!(agent.exit()?, 0, "it delivered everything without MQTT");
+    let s = agent.status();
+    assert_eq!(s["counters"]["http_sent"], 100, "{s}");
+    exactly_once(&seqs(&server, "telemetry", "http-1")?, 100)
+}

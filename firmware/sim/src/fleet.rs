@@ -393,7 +393,6 @@ async fn run_device(mut d: Device, start: Instant, end: Instant) {
     let first = tokio::time::Instant::from_std(start) + period.mul_f64(fastrand::f64());
     let mut tick = tokio::time::interval_at(first, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut flush = tokio::time::interval(Duration::from_millis(50));
     let mut burst = a.burst.map(|b| tokio::time::interval_at(tokio::time::Instant::from_std(start) + b.every, b.every));
     let next_disconnect = |now: Instant| {
         a.disconnect_every.map(|m| now + Duration::from_secs_f64(-m.as_secs_f64() * (1.0 - fastrand::f64()).ln()))
@@ -426,7 +425,21 @@ async fn run_device(mut d: Device, start: Instant, end: Instant) {
             }
             disconnect_at = next_disconnect(now);
         }
+        // The next moment something is due without a message: a partition's edge, a random
+        // disconnect, the end of the run or of the drain.
+        let mut due = if producing { end } else { deadline };
+        if let Some((from, to)) = partition {
+            for t in [from, to] {
+                if t > now {
+                    due = due.min(t);
+                }
+            }
+        }
+        if let Some(at) = disconnect_at {
+            due = due.min(at.max(now));
+        }
         tokio::select! {
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(due)) => {}
             _ = tick.tick(), if producing => {
                 if a.malformed > 0.0 && fastrand::f64() < a.malformed {
                     d.push(0, b"{\"temperature\": ".to_vec());
@@ -440,13 +453,18 @@ async fn run_device(mut d: Device, start: Instant, end: Instant) {
                 let n = a.burst.map_or(0, |b| b.readings);
                 let items: Vec<Vec<u8>> = (0..n).map(|_| d.reading()).collect();
                 d.push(u64::from(n), ferrite_agent_core::payload::join_objects(items.iter().map(Vec::as_slice)));
+                d.flush(8);
             }
             Some((g, n)) = d.net_rx.recv() => {
                 if g == d.generation {
                     d.on_net(n);
+                    // A connection or a freed slot of the window: send what waits (no timer
+                    // per device: ten thousand of them would cost more than the sending).
+                    if !d.buffer.is_empty() {
+                        d.flush(8);
+                    }
                 }
             }
-            _ = flush.tick() => d.flush(8),
         }
     }
     // Readings never delivered stay counted as buffered in the summary.
@@ -461,7 +479,10 @@ pub async fn run(args: Args, identities: Vec<Identity>, counters: Arc<Counters>)
         None => (args.mqtt.clone(), 1883),
     };
     let stream = args.stream();
-    let start = Instant::now();
+    // Devices connect at `--connect-rate` first; every device sends from `start` to `end`.
+    let began = Instant::now();
+    let ramp = Duration::from_secs_f64(identities.len() as f64 / f64::from(args.connect_rate));
+    let start = began + ramp;
     let end = start + args.duration;
     let partitioned = args.partition.map_or(0, |p| (p.share * identities.len() as f64).round() as u64);
     let progress = {
@@ -477,7 +498,7 @@ pub async fn run(args: Args, identities: Vec<Identity>, counters: Arc<Counters>)
                 let c = counters.json();
                 eprintln!(
                     "ferrite-sim: t={:>4.0}s connected={} sent={} acknowledged={} buffered={} dropped={}",
-                    start.elapsed().as_secs_f64(),
+                    began.elapsed().as_secs_f64(),
                     c["connected"],
                     c["sent"],
                     c["acknowledged"],
@@ -488,8 +509,15 @@ pub async fn run(args: Args, identities: Vec<Identity>, counters: Arc<Counters>)
         })
     };
     let mut tasks = tokio::task::JoinSet::new();
-    let gap = Duration::from_secs(1) / args.connect_rate;
-    for ident in identities {
+    // Spawned in slices every 10 ms (a timer per device would be coarser than the rate).
+    let per_slice = (args.connect_rate as usize / 100).max(1);
+    for (i, ident) in identities.into_iter().enumerate() {
+        if i > 0 && i % per_slice == 0 {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(
+                began + Duration::from_millis(10 * (i / per_slice) as u64),
+            ))
+            .await;
+        }
         let (net_tx, net_rx) = mpsc::channel(256);
         let skew_ms = args.clock_skew.map_or(0, |s| {
             let ms = s.as_millis() as i64;
@@ -517,7 +545,6 @@ pub async fn run(args: Args, identities: Vec<Identity>, counters: Arc<Counters>)
             seq: 0,
         };
         tasks.spawn(run_device(d, start, end));
-        tokio::time::sleep(gap).await;
     }
     while tasks.join_next().await.is_some() {}
     progress.abort();
@@ -529,7 +556,8 @@ pub async fn run(args: Args, identities: Vec<Identity>, counters: Arc<Counters>)
     summary["stream"] = json!(stream);
     summary["prefix"] = json!(args.prefix());
     summary["duration_secs"] = json!(args.duration.as_secs_f64());
-    summary["elapsed_secs"] = json!((start.elapsed().as_secs_f64() * 10.0).round() / 10.0);
+    summary["elapsed_secs"] = json!((began.elapsed().as_secs_f64() * 10.0).round() / 10.0);
+    summary["connect_secs"] = json!((ramp.as_secs_f64() * 10.0).round() / 10.0);
     summary["acknowledged_per_sec"] = json!((acked as f64 / sending).round());
     summary
 }

@@ -253,6 +253,9 @@ mod tests {
         assert!(ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d1/telemetry")));
         assert!(ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d1/telemetry/power")));
         assert!(ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d1/ota/status")));
+        assert!(ask(&pdp, &pol, &d1, Action::Ingest, Resource::stream("default", "telemetry")));
+        assert!(!ask(&pdp, &pol, &d1, Action::Ingest, Resource::stream("other", "telemetry")));
+        assert!(!ask(&pdp, &pol, &d1, Action::Ingest, Resource::tenant("default")), "no line protocol for devices");
         assert!(!ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d2/ota/status")));
         assert!(!ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d2/telemetry")));
         assert!(!ask(&pdp, &pol, &d1, Action::Publish, topic("devices/d1/commands")));
