@@ -8,6 +8,8 @@ FEATURES="${FERRITE_BENCH_FEATURES:-}"   # "polars" adds the polars Rust-crate p
 
 # One invocation for every binary, so features unify the same way each time (no rebuilds).
 cargo build --release -p ferrite -p ferrite-benches --bins --benches ${FEATURES:+--features ferrite-benches/$FEATURES}
+# The device side (its own workspace): the agent and the fleet simulator.
+(cd firmware && cargo build --release -p ferrite-agent -p ferrite-sim)
 
 # key=value lines of the scenario binaries, as markdown rows of the named keys.
 rows() { # prefix key...
@@ -79,3 +81,7 @@ HALF=$(( ${MAX%.*} / 2 ))
 for _ in 1 2 3; do ./target/release/rules_latency "$HALF" "${LATENCY_SECONDS:-10}" 4; done | tee /tmp/ferrite-bench-latency.txt
 echo "$MAX_LINE" | rows rules_latency target_events_per_s achieved_events_per_s measured p50_ms p99_ms max_ms load_windows_emitted
 rows rules_latency target_events_per_s achieved_events_per_s measured p50_ms p99_ms max_ms load_windows_emitted < /tmp/ferrite-bench-latency.txt
+echo "== the fleet simulator against the benches' MQTT load generator, on mosquitto"
+bash benches/sim_capacity.sh "${SIM_DEVICES:-10000}" 1 "${SIM_SECONDS:-30}"
+echo "== the device agent: CPU and memory per reading, back-fill"
+bash benches/agent.sh "${AGENT_READINGS:-10000}"
