@@ -227,8 +227,18 @@ fn a_semi_managed_device_gets_no_update() -> Result<()> {
     let (key, file, manifest) = signed_artifact(dir.path(), "2.0", b"firmware")?;
     let artifact = upload(&server, &key, &file, &manifest, "2.0")?;
     server.device("semi-1", json!({"level": "semi"}))?;
-    let id = campaign(&server, json!({"artifact": artifact, "target": {"devices": ["semi-1"]}}))?;
+    server.device("pump-1", json!({"type": "pump"}))?;
+    // Only devices of the artifact's type take part; the others are counted as skipped.
+    let (status, v) = server.call(
+        "POST",
+        "/api/v1/ota/campaigns",
+        Some(&json!({"artifact": artifact, "target": {"devices": ["pump-1"]}})),
+    )?;
+    assert_eq!(status, 400, "{v}");
+    let id = campaign(&server, json!({"artifact": artifact, "target": {"devices": ["semi-1", "pump-1", "ghost"]}}))?;
     let view = wait_campaign(&server, &id)?;
+    assert_eq!(view["total"], 1, "{view}");
+    assert_eq!(view["skipped"], json!({"other_type": 1, "unknown": 1}), "{view}");
     assert_eq!(view["states"]["failed"], 1, "{view}");
     server.wait_for("the refusal in the ota stream", |s| {
         let rows = s.sql("SELECT * FROM ota WHERE device_id = 'semi-1' AND state = 'failed'")?;
@@ -246,7 +256,11 @@ fn a_campaign_a_restart_interrupted_keeps_its_record_as_stopped() -> Result<()> 
     let artifact = upload(&server, &key, &file, &manifest, "2.0")?;
     // The device is offline: its install waits, and the campaign runs on.
     server.device("offline-1", json!({}))?;
-    let id = campaign(&server, json!({"artifact": artifact, "target": {"devices": ["offline-1"]}}))?;
+    // (targeted by a query over the registry's table)
+    let id = campaign(
+        &server,
+        json!({"artifact": artifact, "target": {"sql": "SELECT device_id FROM devices WHERE firmware <> '2.0'"}}),
+    )?;
     server.wait_for("the install queued", |s| {
         let (_, v) = s.call("GET", &format!("/api/v1/ota/campaigns/{id}"), None)?;
         Ok(v["states"]["sent"] == 1)

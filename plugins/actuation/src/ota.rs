@@ -247,6 +247,9 @@ pub struct CampaignView {
     pub created_at: i64,
     /// Who started it.
     pub created_by: String,
+    /// Targeted devices left out: of another type than the artifact's, or not registered.
+    #[serde(default)]
+    pub skipped: std::collections::BTreeMap<String, usize>,
 }
 
 struct Campaign {
@@ -598,6 +601,28 @@ impl Ota {
         if devices.is_empty() {
             return Err(Error::Invalid("the target holds no device".into()));
         }
+        // An artifact is for one device type: devices of another type are left out (a
+        // group may mix types), unknown devices too; both are counted in the view.
+        let targeted = devices.len();
+        let mut other_type = 0;
+        let mut unknown = 0;
+        devices.retain(|d| match self.registry.get(tenant, d) {
+            Ok(dev) if dev.device_type == artifact.device_type => true,
+            Ok(_) => {
+                other_type += 1;
+                false
+            }
+            Err(_) => {
+                unknown += 1;
+                false
+            }
+        });
+        if devices.is_empty() {
+            return Err(Error::Invalid(format!(
+                "none of the {targeted} targeted devices is a registered device of type {:?}, the artifact's",
+                artifact.device_type
+            )));
+        }
         if devices.len() > MAX_CAMPAIGN_DEVICES {
             return Err(Error::Invalid(format!(
                 "{} devices, over the limit of {MAX_CAMPAIGN_DEVICES} per campaign",
@@ -668,6 +693,10 @@ impl Ota {
             waves: wave_views,
             created_at: now_ms(),
             created_by: sender.to_string(),
+            skipped: [("other_type".to_owned(), other_type), ("unknown".to_owned(), unknown)]
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .collect(),
         };
         let index = list.iter().enumerate().map(|(i, (d, _, _))| (d.clone(), i)).collect();
         let campaign = Arc::new(Campaign {
