@@ -126,6 +126,11 @@ pub struct Agent {
     acked: BTreeSet<u64>,
     split: u64,
     backfill_busy: bool,
+    /// A fallback request is out (one at a time; its records are not sent again meanwhile,
+    /// whatever the MQTT side does).
+    http_busy: bool,
+    /// The records of that request (MQTT's back-fill leaves them alone meanwhile).
+    http_sending: HashSet<u64>,
     last_backfill: Instant,
     refreshing: bool,
     reconnect_when_drained: bool,
@@ -255,6 +260,8 @@ impl Agent {
             acked: BTreeSet::new(),
             split: 0,
             backfill_busy: false,
+            http_busy: false,
+            http_sending: HashSet::new(),
             last_backfill: Instant::now(),
             refreshing: false,
             reconnect_when_drained: false,
@@ -648,12 +655,17 @@ impl Agent {
     /// The next back-fill records: the oldest in the spool that came before this connection,
     /// not acknowledged and not in flight.
     fn backfill_batch(&self) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
-        let want = self.cfg.batch + self.sending.len() + self.acked.len();
+        let want = self.cfg.batch + self.sending.len() + self.acked.len() + self.http_sending.len();
         let ready: Vec<(u64, Vec<u8>)> = self
             .spool
             .peek(want)?
             .into_iter()
-            .filter(|p| p.seq < self.split && !self.sending.contains(&p.seq) && !self.acked.contains(&p.seq))
+            .filter(|p| {
+                p.seq < self.split
+                    && !self.sending.contains(&p.seq)
+                    && !self.acked.contains(&p.seq)
+                    && !self.http_sending.contains(&p.seq)
+            })
             .take(self.cfg.batch)
             .map(|p| (p.seq, p.payload))
             .collect();
@@ -669,7 +681,7 @@ impl Agent {
     /// MQTT has been down a while: the oldest records go over HTTP, one request at a time.
     fn http_fallback(&mut self) {
         let Some(after) = self.cfg.http_fallback_after else { return };
-        if self.backfill_busy || self.down_since.elapsed() < after || self.spool.pending() == 0 {
+        if self.http_busy || self.down_since.elapsed() < after || self.spool.pending() == 0 {
             return;
         }
         let Some(t) = self.token else { return };
@@ -690,7 +702,8 @@ impl Agent {
         // The server binds a device's posted events to it: the readings go as they are.
         let body = ferrite_agent_core::payload::join_objects(records.iter().map(|(_, b)| b.as_slice()));
         let seqs: Vec<u64> = records.iter().map(|(s, _)| *s).collect();
-        self.backfill_busy = true;
+        self.http_busy = true;
+        self.http_sending = seqs.iter().copied().collect();
         let (http, token, stream, tx) =
             (self.http.clone(), self.creds.access_token.clone(), self.cfg.stream.clone(), self.work_tx.clone());
         tokio::task::spawn_blocking(move || {
@@ -838,6 +851,7 @@ impl Agent {
                     Some(After::Reconnect) => self.request_token(true),
                     Some(After::Installed) => {
                         self.installing = false;
+                        self.status_dirty = true;
                         self.report_twin(None);
                     }
                     None => {}
@@ -850,7 +864,8 @@ impl Agent {
                 }
             }
             Work::HttpSent(r) => {
-                self.backfill_busy = false;
+                self.http_busy = false;
+                self.http_sending.clear();
                 match r {
                     Ok(seqs) => {
                         self.counters.http_sent += seqs.len() as u64;

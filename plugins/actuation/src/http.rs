@@ -336,7 +336,7 @@ async fn download(
         None => None,
         Some(h) => match crate::ota::parse_range(h, artifact.size) {
             Ok(r) => r,
-            Err(()) => {
+            Err(crate::ota::Unsatisfiable) => {
                 return Ok((
                     StatusCode::RANGE_NOT_SATISFIABLE,
                     [(header::CONTENT_RANGE, format!("bytes */{}", artifact.size))],

@@ -957,29 +957,37 @@ fn install_params(campaign: &Campaign) -> Map<String, Value> {
     p
 }
 
-/// Parses an HTTP `Range: bytes=a-b` header against a length: the inclusive range, or an
-/// error for a range past the end (416).
-pub fn parse_range(header: &str, len: u64) -> std::result::Result<Option<(u64, u64)>, ()> {
+/// A `Range` header no byte of the artifact satisfies (HTTP 416).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+/// Parses an HTTP `Range: bytes=a-b` header against a length: the inclusive range (`None`:
+/// send it whole), or [`Unsatisfiable`].
+pub fn parse_range(header: &str, len: u64) -> std::result::Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(spec) = header.trim().strip_prefix("bytes=") else { return Ok(None) };
     if spec.contains(',') {
         // Several ranges: answered whole (allowed by RFC 9110).
         return Ok(None);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
     let (a, b) = (a.trim(), b.trim());
     let range = if a.is_empty() {
-        let n: u64 = b.parse().map_err(|_| ())?;
+        let n: u64 = b.parse().map_err(|_| Unsatisfiable)?;
         if n == 0 {
-            return Err(());
+            return Err(Unsatisfiable);
         }
         (len.saturating_sub(n), len.saturating_sub(1))
     } else {
-        let start: u64 = a.parse().map_err(|_| ())?;
-        let end = if b.is_empty() { len.saturating_sub(1) } else { b.parse::<u64>().map_err(|_| ())?.min(len - 1) };
+        let start: u64 = a.parse().map_err(|_| Unsatisfiable)?;
+        let end = if b.is_empty() {
+            len.saturating_sub(1)
+        } else {
+            b.parse::<u64>().map_err(|_| Unsatisfiable)?.min(len - 1)
+        };
         (start, end)
     };
     if len == 0 || range.0 >= len || range.0 > range.1 {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some(range))
 }
@@ -994,8 +1002,8 @@ mod tests {
         assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 99))));
         assert_eq!(parse_range("bytes=-10", 100), Ok(Some((90, 99))));
         assert_eq!(parse_range("bytes=50-500", 100), Ok(Some((50, 99))));
-        assert_eq!(parse_range("bytes=100-", 100), Err(()));
-        assert_eq!(parse_range("bytes=9-3", 100), Err(()));
+        assert_eq!(parse_range("bytes=100-", 100), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=9-3", 100), Err(Unsatisfiable));
         assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
         assert_eq!(parse_range("items=0-1", 100), Ok(None));
     }
