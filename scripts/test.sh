@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n==> %s\n' "$*"; }
 
-# Real peers the tests talk to: the mosquitto CLI clients, and DuckDB, pyarrow and polars
-# for the archive interop check.
+# Real peers the tests talk to: the mosquitto CLI clients; DuckDB, pyarrow and polars for the
+# archive interop check; psql (with PostgreSQL below) and psycopg for the PostgreSQL wire.
 if ! command -v mosquitto_pub >/dev/null 2>&1; then
     log "installing mosquitto-clients"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -17,6 +17,11 @@ fi
 if ! python3 -c 'import duckdb, pyarrow, polars' >/dev/null 2>&1; then
     log "installing duckdb, pyarrow and polars (Python) for the interop check"
     python3 -m pip install --quiet --disable-pip-version-check duckdb pyarrow polars
+fi
+
+if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
+    log "installing psycopg (Python) for the PostgreSQL wire protocol test"
+    python3 -m pip install --quiet --disable-pip-version-check 'psycopg[binary]'
 fi
 
 if ! python3 -c 'import moto.server' >/dev/null 2>&1; then

@@ -22,6 +22,8 @@ pub struct Config {
     pub mqtt_listen: SocketAddr,
     /// HTTP listener address.
     pub http_listen: SocketAddr,
+    /// PostgreSQL wire listener address, or `off`.
+    pub pg_listen: String,
     /// How often the hot buffer is written to Parquet.
     #[serde(with = "humantime_serde_compat")]
     pub persist_interval: Duration,
@@ -123,6 +125,7 @@ impl Default for Config {
             archive_url: String::new(),
             mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            pg_listen: "0.0.0.0:5433".to_owned(),
             persist_interval: Duration::from_secs(60),
             hot_buffer_max: 512 * 1024 * 1024,
             compaction: m.compaction,
@@ -259,6 +262,7 @@ mod tests {
             "rules_dir",
             "mqtt_listen",
             "http_listen",
+            "pg_listen",
             "persist_interval",
             "hot_buffer_max",
             "compaction",

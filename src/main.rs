@@ -8,6 +8,7 @@ mod device_cmd;
 mod identity;
 mod identity_cmd;
 mod ota_cmd;
+mod pg;
 mod rules_cmd;
 mod serve;
 mod sql;
@@ -69,6 +70,9 @@ pub struct ServeArgs {
     /// HTTP listen address (port 0: any free port).
     #[arg(long, env = "FERRITE_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
+    /// PostgreSQL wire protocol listen address (port 0: any free port), or `off`.
+    #[arg(long, env = "FERRITE_PG_LISTEN")]
+    pg_listen: Option<String>,
     /// Hot buffer to Parquet interval (e.g. 60s, 5m).
     #[arg(long, env = "FERRITE_PERSIST_INTERVAL")]
     persist_interval: Option<String>,
@@ -196,6 +200,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.mqtt_listen {
             c.mqtt_listen = v;
+        }
+        if let Some(v) = self.pg_listen {
+            c.pg_listen = v;
         }
         if let Some(v) = self.http_listen {
             c.http_listen = v;

@@ -132,6 +132,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for HTTP on {} (set --http-listen)", config.http_listen))?;
     let mqtt_addr = mqtt_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
+    let pg_listener = match config.pg_listen.trim() {
+        "off" | "" => None,
+        addr => {
+            let addr: std::net::SocketAddr =
+                addr.parse().with_context(|| format!("pg_listen {addr:?} is not an address (or `off`)"))?;
+            Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen for the PostgreSQL wire protocol on {addr} (set --pg-listen, or `off`)")
+            })?)
+        }
+    };
+    let pg_addr = pg_listener.as_ref().map(TcpListener::local_addr).transpose()?;
 
     // Identity: the decision point every door asks, and the plugins' context.
     let mut actuation = None;
@@ -169,7 +180,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics_for_route = metrics.clone();
     let mut protected = Router::new()
         .merge(ferrite_ingest::http::router(ingestor.clone()))
-        .merge(ferrite_query::http::router(query))
+        .merge(ferrite_query::http::router(query.clone()))
         .merge(ferrite_rules::http::router(ferrite_rules::http::RulesApi { engine: rules, files: Some(rule_files) }))
         .route(
             "/metrics",
@@ -213,12 +224,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shards,
         "ferrite is running"
     );
+    let pg_task = pg_listener.map(|l| tokio::spawn(crate::pg::serve(l, query.clone(), access.clone())));
     // A stable line on stdout for scripts and tests that start the server on port 0.
-    println!("ferrite listening: mqtt={mqtt_addr} http={http_addr}");
+    match pg_addr {
+        Some(pg) => println!("ferrite listening: mqtt={mqtt_addr} http={http_addr} pg={pg}"),
+        None => println!("ferrite listening: mqtt={mqtt_addr} http={http_addr}"),
+    }
 
     wait_for_signal().await;
     tracing::info!("shutting down: stopping ingest");
     let _ = stop_tx.send(true);
+    if let Some(t) = pg_task {
+        t.abort();
+    }
     let _ = mqtt_task.await;
     match tokio::time::timeout(Duration::from_secs(30), http_task).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server error during shutdown"),

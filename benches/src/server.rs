@@ -82,7 +82,16 @@ impl Ferrite {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--log", "warn"])
+            .args([
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--pg-listen",
+                "127.0.0.1:0",
+                "--log",
+                "warn",
+            ])
             // The load scenarios measure ingest and queries without identity unless a
             // scenario asks for it (`--auth on`).
             .args(if extra.contains(&"--auth") { &[][..] } else { &["--auth", "off"][..] })

@@ -244,6 +244,8 @@ pub enum Transport {
     Local,
     /// The server's own services acting for a tenant (a rule's actions).
     Internal,
+    /// The PostgreSQL wire protocol listener.
+    Postgres,
 }
 
 impl Transport {
@@ -254,6 +256,7 @@ impl Transport {
             Self::Mqtt => "mqtt",
             Self::Local => "local",
             Self::Internal => "internal",
+            Self::Postgres => "pgwire",
         }
     }
 }

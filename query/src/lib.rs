@@ -281,6 +281,19 @@ impl QueryService {
         if let Some(ctx) = self.sessions.lock().get(scope) {
             return Ok(ctx.clone());
         }
+        let ctx = self.new_session(scope)?;
+        let mut sessions = self.sessions.lock();
+        if sessions.len() >= MAX_SESSIONS {
+            sessions.clear();
+        }
+        sessions.insert(scope.clone(), ctx.clone());
+        Ok(ctx)
+    }
+
+    /// A session of `scope` of its own (not the one `sql_in` shares), for a front end that
+    /// adds to it (the PostgreSQL wire protocol adds `pg_catalog` and its functions). The
+    /// same tables, runtime and limits; nothing registered on it reaches other sessions.
+    pub fn new_session(&self, scope: &Scope) -> Result<SessionContext> {
         let ferrite = MemoryCatalogProvider::new();
         let provider = Arc::new(StreamSchemaProvider {
             catalog: self.catalog.clone(),
@@ -299,12 +312,12 @@ impl QueryService {
             .build();
         let ctx = SessionContext::new_with_state(state);
         ctx.register_udtf("last_values", Arc::new(last::LastValuesFunction::new(self.storage.clone(), scope.clone())));
-        let mut sessions = self.sessions.lock();
-        if sessions.len() >= MAX_SESSIONS {
-            sessions.clear();
-        }
-        sessions.insert(scope.clone(), ctx.clone());
         Ok(ctx)
+    }
+
+    /// The query timeout (`sql_timeout`).
+    pub fn timeout(&self) -> std::time::Duration {
+        self.config.timeout
     }
 
     async fn run(&self, ctx: SessionContext, sql: &str) -> Result<QueryResult> {

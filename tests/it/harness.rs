@@ -17,6 +17,8 @@ pub struct Server {
     child: Option<Child>,
     pub mqtt: SocketAddr,
     pub http: SocketAddr,
+    /// The PostgreSQL wire listener (absent with `--pg-listen off`).
+    pub pg: Option<SocketAddr>,
     /// The admin bearer token (also the MQTT password of user `admin`); empty with `--auth off`.
     pub token: String,
     agent: ureq::Agent,
@@ -34,7 +36,16 @@ impl Server {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--log", "warn"])
+            .args([
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--pg-listen",
+                "127.0.0.1:0",
+                "--log",
+                "warn",
+            ])
             .args(extra)
             .env_remove("RUST_LOG")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -56,11 +67,14 @@ impl Server {
             line.strip_prefix("ferrite listening: ").with_context(|| format!("unexpected first line {line:?}"))?;
         let mut mqtt = None;
         let mut http = None;
+        let mut pg = None;
         for part in rest.split_whitespace() {
             if let Some(a) = part.strip_prefix("mqtt=") {
                 mqtt = Some(a.parse()?);
             } else if let Some(a) = part.strip_prefix("http=") {
                 http = Some(a.parse()?);
+            } else if let Some(a) = part.strip_prefix("pg=") {
+                pg = Some(a.parse()?);
             }
         }
         let agent =
@@ -71,6 +85,7 @@ impl Server {
             child: Some(child),
             mqtt: mqtt.context("no mqtt address")?,
             http: http.context("no http address")?,
+            pg,
             token,
             agent,
         })

@@ -14,5 +14,6 @@ mod identity;
 mod mqtt;
 mod oidc;
 mod ota;
+mod pgwire;
 mod rules;
 mod tenants;
