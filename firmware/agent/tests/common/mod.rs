@@ -60,7 +60,16 @@ impl Server {
         let mut child = Command::new(server_bin()?)
             .args(["serve", "--data-dir"])
             .arg(data)
-            .args(["--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--pg-listen", "127.0.0.1:0", "--log", "warn"])
+            .args([
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--pg-listen",
+                "127.0.0.1:0",
+                "--log",
+                "warn",
+            ])
             .args(extra)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
