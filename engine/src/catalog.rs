@@ -137,6 +137,29 @@ pub struct StreamSettings {
     /// How long rows are kept, by event time, in seconds; `None` keeps them for ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_secs: Option<u64>,
+    /// Fields the stream declares (`field NAME TYPE` in its declaration): their type is
+    /// fixed (a value of another type is refused, an integer field is never widened), and
+    /// they carry a unit and a tag flag.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, DeclaredField>,
+}
+
+/// A schema's fields, in order.
+type Fields = Vec<(Arc<str>, FieldType)>;
+
+/// A declared field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclaredField {
+    /// Its type.
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    /// Its unit (`celsius`, `kWh`), for readers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// Whether it is a tag: a string that names what a reading is about (a site, a line),
+    /// grouped and filtered on rather than measured.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tag: bool,
 }
 
 /// The shortest retention: the archive is partitioned by hour, and a retention drops whole
@@ -363,6 +386,120 @@ impl StreamCatalog {
         Ok(())
     }
 
+    /// Declares fields of `stream` (creating it, and its fields, when missing): each takes
+    /// its declared type, unit and tag flag. A field the stream already holds with another
+    /// type is refused, saying which (its files were written with that type); an integer
+    /// field declared `float` is widened, as a fraction would. The declarations replace the
+    /// stream's earlier ones.
+    pub fn declare(&self, stream: &StreamName, declared: BTreeMap<String, DeclaredField>) -> Result<Arc<StreamSchema>> {
+        let mut streams = self.streams.write();
+        let existed = streams.contains_key(stream);
+        let current = match streams.get(stream) {
+            Some(s) => s.clone(),
+            None => {
+                self.check_new_stream(&streams, stream)?;
+                Arc::new(StreamSchema::new(stream.clone(), Vec::new(), 0))
+            }
+        };
+        let (fields, grew) = self.plan_declaration(stream, &current, &declared)?;
+        let changed = grew || !existed;
+        let next = if changed {
+            Arc::new(StreamSchema::new(stream.clone(), fields, current.version + 1))
+        } else {
+            current.clone()
+        };
+        let before = self.settings.read().get(stream).cloned();
+        {
+            let mut settings = self.settings.write();
+            let entry = settings.entry(stream.clone()).or_default();
+            entry.fields = declared;
+            if *entry == StreamSettings::default() {
+                settings.remove(stream);
+            }
+        }
+        let widened = next.fields.iter().zip(current.fields.iter()).any(|(a, b)| a.1 != b.1);
+        streams.insert(stream.clone(), next.clone());
+        if let Err(e) = self.persist(&streams) {
+            if existed {
+                streams.insert(stream.clone(), current);
+            } else {
+                streams.remove(stream);
+            }
+            let mut settings = self.settings.write();
+            match before {
+                Some(b) => settings.insert(stream.clone(), b),
+                None => settings.remove(stream),
+            };
+            return Err(e);
+        }
+        if widened {
+            self.widened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        tracing::info!(stream = %stream, fields = next.fields.len(), "stream fields declared");
+        Ok(next)
+    }
+
+    /// Checks that `declared` fits `stream` as it is (the check [`StreamCatalog::declare`]
+    /// makes), changing nothing: a rule file is checked whole before any of it applies.
+    pub fn check_declaration(&self, stream: &StreamName, declared: &BTreeMap<String, DeclaredField>) -> Result<()> {
+        let current = self.get(stream).unwrap_or_else(|| Arc::new(StreamSchema::new(stream.clone(), Vec::new(), 0)));
+        self.plan_declaration(stream, &current, declared).map(|_| ())
+    }
+
+    /// The fields of `current` once `declared` applies, and whether they changed; or why
+    /// the declaration does not fit.
+    fn plan_declaration(
+        &self,
+        stream: &StreamName,
+        current: &StreamSchema,
+        declared: &BTreeMap<String, DeclaredField>,
+    ) -> Result<(Fields, bool)> {
+        let mut fields = current.fields.clone();
+        let mut changed = false;
+        for (name, d) in declared {
+            validate_field_name(stream, name)?;
+            if d.tag && d.ty != FieldType::String {
+                return Err(Error::InvalidSetting {
+                    stream: stream.to_string(),
+                    message: format!("field `{name}` is a tag, so it must be a string (declared {})", d.ty.name()),
+                });
+            }
+            match fields.iter_mut().find(|(n, _)| n.as_ref() == name.as_str()) {
+                Some((_, t)) if *t == d.ty => {}
+                Some((_, t)) if matches!(*t, FieldType::Int | FieldType::UInt) && d.ty == FieldType::Float => {
+                    *t = FieldType::Float;
+                    changed = true;
+                }
+                Some((_, t)) => {
+                    return Err(Error::InvalidSetting {
+                        stream: stream.to_string(),
+                        message: format!(
+                            "field `{name}` is declared {}, but the stream already holds it as {} (its files \
+                             were written so): declare it {}, or give the new meaning a new field name",
+                            d.ty.name(),
+                            t.name(),
+                            t.name()
+                        ),
+                    });
+                }
+                None => {
+                    let limit = self.limits.read().max_fields_per_stream;
+                    if fields.len() >= limit {
+                        return Err(Error::TooManyFields { stream: stream.to_string(), field: name.clone(), limit });
+                    }
+                    fields.push((Arc::from(name.as_str()), d.ty));
+                    changed = true;
+                }
+            }
+        }
+        Ok((fields, changed))
+    }
+
+    /// The declared field `field` of `stream`, if it is declared.
+    pub fn declared(&self, stream: &StreamName, field: &str) -> Option<DeclaredField> {
+        self.settings.read().get(stream).and_then(|s| s.fields.get(field).cloned())
+    }
+
     /// Widens integer field `field` of `stream` to float (a JSON field first seen as an
     /// integer that later receives a fraction). Data written before stays as it is; readers
     /// cast it. Returns the schema after the call; a field already float is left alone, any
@@ -374,6 +511,15 @@ impl StreamCatalog {
         };
         match current.field_type(field) {
             Some(FieldType::Float) => return Ok(current),
+            // A declared integer stays one: the value is refused, not the field changed.
+            Some(t @ (FieldType::Int | FieldType::UInt)) if self.declared(stream, field).is_some() => {
+                return Err(Error::TypeConflict {
+                    stream: stream.to_string(),
+                    field: field.to_owned(),
+                    expected: t.name(),
+                    found: FieldType::Float.name(),
+                });
+            }
             Some(FieldType::Int | FieldType::UInt) => {}
             Some(other) => {
                 return Err(Error::TypeConflict {

@@ -34,8 +34,8 @@ enum Data {
         offsets: Vec<i32>,
         bytes: Vec<u8>,
     },
-    /// Timestamp columns exist only in derived streams; decoders never fill them, so a
-    /// value sent for one is a type conflict and the column stays null.
+    /// Timestamps (nanoseconds): columns of derived streams, and fields a stream declares
+    /// `timestamp`, which take RFC 3339 strings and epoch milliseconds.
     Time(Vec<i64>),
 }
 
@@ -274,7 +274,9 @@ impl BatchBuilder {
         // `set_uint`).
         let fits = matches!(
             (col.ty, proposed),
-            (FieldType::Float, FieldType::Int | FieldType::UInt) | (FieldType::Int, FieldType::UInt)
+            (FieldType::Float, FieldType::Int | FieldType::UInt)
+                | (FieldType::Int, FieldType::UInt)
+                | (FieldType::Timestamp, FieldType::String | FieldType::Int)
         );
         if col.ty != proposed && !fits {
             return Err(ferrite_engine::Error::TypeConflict {
@@ -314,6 +316,11 @@ impl BatchBuilder {
         match &mut c.data {
             Data::Int(d) => d.push(v),
             Data::Float(d) => d.push(v as f64),
+            // A timestamp field takes epoch milliseconds, as `ts` does.
+            Data::Time(d) => match v.checked_mul(1_000_000) {
+                Some(ns) => d.push(ns),
+                None => return Err(bad_time(&self.schema.name, name, &v.to_string())),
+            },
             _ => return Err(conflict(&self.schema.name, name, c.ty, FieldType::Int)),
         }
         c.valid.push(true);
@@ -351,7 +358,7 @@ impl BatchBuilder {
     /// (for good: the catalog records it, and older data reads as float).
     pub fn set_number(&mut self, name: &str, v: f64, integral: Option<i64>) -> Result<(), ValueError> {
         match (self.index.get(name).map(|i| self.columns[*i].ty), integral) {
-            (None | Some(FieldType::Int), Some(i)) => self.set_int(name, i),
+            (None | Some(FieldType::Int | FieldType::Timestamp), Some(i)) => self.set_int(name, i),
             (Some(FieldType::UInt), Some(i)) if i >= 0 => self.set_uint(name, i as u64),
             _ => self.set_float(name, v),
         }
@@ -378,6 +385,11 @@ impl BatchBuilder {
                 bytes.extend_from_slice(v.as_bytes());
                 offsets.push(bytes.len() as i32);
             }
+            // A timestamp field takes RFC 3339 text.
+            Data::Time(d) => match crate::json::parse_rfc3339(v) {
+                Some(ns) => d.push(ns),
+                None => return Err(bad_time(&self.schema.name, name, v)),
+            },
             _ => return Err(conflict(&self.schema.name, name, c.ty, FieldType::String)),
         }
         c.valid.push(true);
@@ -444,6 +456,17 @@ fn conflict(stream: &StreamName, field: &str, expected: FieldType, found: FieldT
         found: found.name(),
     }
     .into()
+}
+
+/// A value that is not a time, for a timestamp field.
+fn bad_time(stream: &ferrite_engine::StreamName, field: &str, v: &str) -> ValueError {
+    ValueError {
+        reason: "bad_timestamp",
+        message: format!(
+            "stream `{stream}`: field `{field}` is a timestamp; {v:?} is neither RFC 3339 \
+             (2026-11-30T10:00:00Z) nor epoch milliseconds"
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -207,7 +207,17 @@ async fn get_streams(State(service): State<Arc<QueryService>>, Extension(caller)
                         "device_id" => "string",
                         name => s.field_type(name).map(|t| t.name()).unwrap_or("unknown"),
                     };
-                    json!({"name": f.name(), "type": ty, "nullable": f.is_nullable()})
+                    let mut c = json!({"name": f.name(), "type": ty, "nullable": f.is_nullable()});
+                    if let Some(d) = service.catalog().declared(&s.name, f.name()) {
+                        c["declared"] = json!(true);
+                        if let Some(u) = d.unit {
+                            c["unit"] = json!(u);
+                        }
+                        if d.tag {
+                            c["tag"] = json!(true);
+                        }
+                    }
+                    c
                 })
                 .collect();
             let retention = service.catalog().retention(&s.name).map(format_duration);

@@ -51,6 +51,21 @@ pub struct StreamDecl {
     pub processing_time: bool,
     /// `retention 90d`: how long the stream's rows are kept (by event time).
     pub retention: Option<Duration>,
+    /// `field NAME TYPE [unit 'U'] [tag]`: the stream's declared fields.
+    pub fields: Vec<FieldDecl>,
+}
+
+/// A declared field of a stream.
+#[derive(Debug, Clone)]
+pub struct FieldDecl {
+    /// Its name.
+    pub name: Spanned<String>,
+    /// Its type.
+    pub ty: ferrite_engine::FieldType,
+    /// Its unit.
+    pub unit: Option<String>,
+    /// Whether it is a tag.
+    pub tag: bool,
 }
 
 /// A static table for enrichment joins.

@@ -361,9 +361,62 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// `field NAME TYPE [unit 'U'] [tag]` (after `field`).
+    fn field_decl(&mut self) -> PResult<crate::ast::FieldDecl> {
+        use ferrite_engine::FieldType;
+        let name = self.ident("a field name")?;
+        if matches!(name.value.as_str(), "time" | "device_id" | "ts") {
+            return Err(Diagnostic::new(name.span, "`time` and `device_id` are every stream's own columns")
+                .with_hint("declare the other fields"));
+        }
+        self.skip_trivia();
+        let start = self.pos;
+        let ty = match self.word().as_deref() {
+            Some("float" | "double") => FieldType::Float,
+            Some("int" | "integer" | "bigint") => FieldType::Int,
+            Some("uint") => FieldType::UInt,
+            Some("bool" | "boolean") => FieldType::Bool,
+            Some("string" | "text") => FieldType::String,
+            Some("timestamp") => FieldType::Timestamp,
+            _ => {
+                self.pos = start;
+                return Err(self
+                    .unexpected("a field type")
+                    .with_hint("types are float, int, uint, bool, string and timestamp"));
+            }
+        };
+        let mut field = crate::ast::FieldDecl { name, ty, unit: None, tag: false };
+        loop {
+            self.skip_trivia();
+            match self.peek_word().as_deref() {
+                Some("unit") => {
+                    self.word();
+                    field.unit = Some(self.string("a unit in quotes ('celsius')")?.value);
+                }
+                Some("tag") => {
+                    let at = self.pos;
+                    self.word();
+                    if ty != FieldType::String {
+                        return Err(Diagnostic::new(self.span_from(at), "only a string field can be a tag")
+                            .with_hint("declare it `string tag`"));
+                    }
+                    field.tag = true;
+                }
+                _ => return Ok(field),
+            }
+        }
+    }
+
     fn stream_decl(&mut self) -> PResult<StreamDecl> {
         let name = self.ident("a stream name")?;
-        let mut decl = StreamDecl { name, max_delay: None, lateness: None, processing_time: false, retention: None };
+        let mut decl = StreamDecl {
+            name,
+            max_delay: None,
+            lateness: None,
+            processing_time: false,
+            retention: None,
+            fields: Vec::new(),
+        };
         self.expect_char('{', "write `stream NAME { max_delay 5s lateness 1m retention 90d }`")?;
         loop {
             self.skip_trivia();
@@ -387,11 +440,19 @@ impl<'a> Parser<'a> {
                     Some("processing") => decl.processing_time = true,
                     _ => return Err(self.unexpected("`event` or `processing`")),
                 },
+                Some("field") => {
+                    let field = self.field_decl()?;
+                    if decl.fields.iter().any(|f| f.name.value == field.name.value) {
+                        return Err(Diagnostic::new(field.name.span, "this field is declared twice")
+                            .with_hint("declare each field once"));
+                    }
+                    decl.fields.push(field);
+                }
                 _ => {
                     self.pos = start;
                     return Err(self.unexpected("a stream setting").with_hint(
                         "settings are `max_delay DURATION`, `lateness DURATION`, `time event|processing`, \
-                         `retention DURATION`",
+                         `retention DURATION`, `field NAME TYPE [unit 'U'] [tag]`",
                     ));
                 }
             }

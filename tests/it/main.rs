@@ -16,4 +16,5 @@ mod oidc;
 mod ota;
 mod pgwire;
 mod rules;
+mod schemas;
 mod tenants;

@@ -139,9 +139,43 @@ impl RuleEngine {
             .or_else(|| sandbox.as_ref().map(|s| s.table_dir.clone()));
         let base = base.as_deref();
         let compiled = self.compile_in(tenant, text, base, sandbox.as_ref())?;
+        // Declared fields are checked against the streams before anything changes.
+        let declarations = self.stream_declarations(tenant, text)?;
+        for (stream, fields) in &declarations {
+            self.catalog.check_declaration(stream, fields)?;
+        }
         let names = self.install(compiled, origin)?;
+        for (stream, fields) in declarations {
+            self.catalog.declare(&stream, fields)?;
+        }
         self.apply_stream_settings(tenant, text)?;
         Ok(names)
+    }
+
+    /// The file's `field` declarations, per stream that has any.
+    fn stream_declarations(
+        &self,
+        tenant: &str,
+        text: &str,
+    ) -> Result<Vec<(StreamName, std::collections::BTreeMap<String, ferrite_engine::catalog::DeclaredField>)>> {
+        let file = crate::syntax::parse(text).map_err(Error::Invalid)?;
+        let mut out = Vec::new();
+        for decl in &file.streams {
+            if decl.fields.is_empty() {
+                continue;
+            }
+            let stream = StreamName::in_tenant(tenant, &decl.name.value)?;
+            let fields = decl
+                .fields
+                .iter()
+                .map(|f| {
+                    let d = ferrite_engine::catalog::DeclaredField { ty: f.ty, unit: f.unit.clone(), tag: f.tag };
+                    (f.name.value.clone(), d)
+                })
+                .collect();
+            out.push((stream, fields));
+        }
+        Ok(out)
     }
 
     /// Applies the file's `stream NAME { retention D }` declarations to the catalog (the
