@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 log() { printf '\n==> %s\n' "$*"; }
 
 # Real peers the tests talk to: the mosquitto CLI clients; DuckDB, pyarrow and polars for the
-# archive interop check; psql (with PostgreSQL below) and psycopg for the PostgreSQL wire.
+# archive interop check; psql (with PostgreSQL below) and psycopg for the PostgreSQL wire;
+# ADBC's Flight SQL driver for Flight SQL.
 if ! command -v mosquitto_pub >/dev/null 2>&1; then
     log "installing mosquitto-clients"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -22,6 +23,11 @@ fi
 if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
     log "installing psycopg (Python) for the PostgreSQL wire protocol test"
     python3 -m pip install --quiet --disable-pip-version-check 'psycopg[binary]'
+fi
+
+if ! python3 -c 'import adbc_driver_flightsql.dbapi' >/dev/null 2>&1; then
+    log "installing the ADBC Flight SQL driver (Python) for the Flight SQL test"
+    python3 -m pip install --quiet --disable-pip-version-check adbc-driver-flightsql adbc-driver-manager
 fi
 
 if ! python3 -c 'import moto.server' >/dev/null 2>&1; then

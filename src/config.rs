@@ -24,6 +24,8 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// PostgreSQL wire listener address, or `off`.
     pub pg_listen: String,
+    /// Arrow Flight SQL listener address, or `off`.
+    pub flight_listen: String,
     /// How often the hot buffer is written to Parquet.
     #[serde(with = "humantime_serde_compat")]
     pub persist_interval: Duration,
@@ -126,6 +128,7 @@ impl Default for Config {
             mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             pg_listen: "0.0.0.0:5433".to_owned(),
+            flight_listen: "0.0.0.0:8815".to_owned(),
             persist_interval: Duration::from_secs(60),
             hot_buffer_max: 512 * 1024 * 1024,
             compaction: m.compaction,
@@ -263,6 +266,7 @@ mod tests {
             "mqtt_listen",
             "http_listen",
             "pg_listen",
+            "flight_listen",
             "persist_interval",
             "hot_buffer_max",
             "compaction",

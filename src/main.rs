@@ -5,6 +5,7 @@ mod actions;
 mod client;
 mod config;
 mod device_cmd;
+mod flight;
 mod identity;
 mod identity_cmd;
 mod ota_cmd;
@@ -73,6 +74,9 @@ pub struct ServeArgs {
     /// PostgreSQL wire protocol listen address (port 0: any free port), or `off`.
     #[arg(long, env = "FERRITE_PG_LISTEN")]
     pg_listen: Option<String>,
+    /// Arrow Flight SQL listen address (port 0: any free port), or `off`.
+    #[arg(long, env = "FERRITE_FLIGHT_LISTEN")]
+    flight_listen: Option<String>,
     /// Hot buffer to Parquet interval (e.g. 60s, 5m).
     #[arg(long, env = "FERRITE_PERSIST_INTERVAL")]
     persist_interval: Option<String>,
@@ -203,6 +207,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.pg_listen {
             c.pg_listen = v;
+        }
+        if let Some(v) = self.flight_listen {
+            c.flight_listen = v;
         }
         if let Some(v) = self.http_listen {
             c.http_listen = v;

@@ -143,6 +143,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     let pg_addr = pg_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let flight_listener = match config.flight_listen.trim() {
+        "off" | "" => None,
+        addr => {
+            let addr: std::net::SocketAddr =
+                addr.parse().with_context(|| format!("flight_listen {addr:?} is not an address (or `off`)"))?;
+            Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen for Arrow Flight SQL on {addr} (set --flight-listen, or `off`)")
+            })?)
+        }
+    };
+    let flight_addr = flight_listener.as_ref().map(TcpListener::local_addr).transpose()?;
 
     // Identity: the decision point every door asks, and the plugins' context.
     let mut actuation = None;
@@ -226,15 +237,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     );
     let pg_task = pg_listener.map(|l| tokio::spawn(crate::pg::serve(l, query.clone(), access.clone())));
     // A stable line on stdout for scripts and tests that start the server on port 0.
-    match pg_addr {
-        Some(pg) => println!("ferrite listening: mqtt={mqtt_addr} http={http_addr} pg={pg}"),
-        None => println!("ferrite listening: mqtt={mqtt_addr} http={http_addr}"),
+    let flight_task = flight_listener.map(|l| tokio::spawn(crate::flight::serve(l, query.clone(), access.clone())));
+    let mut listening = format!("ferrite listening: mqtt={mqtt_addr} http={http_addr}");
+    if let Some(pg) = pg_addr {
+        listening.push_str(&format!(" pg={pg}"));
     }
+    if let Some(flight) = flight_addr {
+        listening.push_str(&format!(" flight={flight}"));
+    }
+    println!("{listening}");
 
     wait_for_signal().await;
     tracing::info!("shutting down: stopping ingest");
     let _ = stop_tx.send(true);
-    if let Some(t) = pg_task {
+    for t in [pg_task, flight_task].into_iter().flatten() {
         t.abort();
     }
     let _ = mqtt_task.await;

@@ -89,6 +89,8 @@ impl Ferrite {
                 "127.0.0.1:0",
                 "--pg-listen",
                 "127.0.0.1:0",
+                "--flight-listen",
+                "127.0.0.1:0",
                 "--log",
                 "warn",
             ])

@@ -246,6 +246,8 @@ pub enum Transport {
     Internal,
     /// The PostgreSQL wire protocol listener.
     Postgres,
+    /// The Arrow Flight SQL listener.
+    Flight,
 }
 
 impl Transport {
@@ -257,6 +259,7 @@ impl Transport {
             Self::Local => "local",
             Self::Internal => "internal",
             Self::Postgres => "pgwire",
+            Self::Flight => "flight",
         }
     }
 }

@@ -19,6 +19,8 @@ pub struct Server {
     pub http: SocketAddr,
     /// The PostgreSQL wire listener (absent with `--pg-listen off`).
     pub pg: Option<SocketAddr>,
+    /// The Arrow Flight SQL listener (absent with `--flight-listen off`).
+    pub flight: Option<SocketAddr>,
     /// The admin bearer token (also the MQTT password of user `admin`); empty with `--auth off`.
     pub token: String,
     agent: ureq::Agent,
@@ -42,6 +44,8 @@ impl Server {
                 "--http-listen",
                 "127.0.0.1:0",
                 "--pg-listen",
+                "127.0.0.1:0",
+                "--flight-listen",
                 "127.0.0.1:0",
                 "--log",
                 "warn",
@@ -68,6 +72,7 @@ impl Server {
         let mut mqtt = None;
         let mut http = None;
         let mut pg = None;
+        let mut flight = None;
         for part in rest.split_whitespace() {
             if let Some(a) = part.strip_prefix("mqtt=") {
                 mqtt = Some(a.parse()?);
@@ -75,6 +80,8 @@ impl Server {
                 http = Some(a.parse()?);
             } else if let Some(a) = part.strip_prefix("pg=") {
                 pg = Some(a.parse()?);
+            } else if let Some(a) = part.strip_prefix("flight=") {
+                flight = Some(a.parse()?);
             }
         }
         let agent =
@@ -86,6 +93,7 @@ impl Server {
             mqtt: mqtt.context("no mqtt address")?,
             http: http.context("no http address")?,
             pg,
+            flight,
             token,
             agent,
         })

@@ -8,6 +8,7 @@ mod commands;
 mod devices;
 mod durability;
 mod faults;
+mod flight;
 mod harness;
 mod http;
 mod identity;

@@ -67,6 +67,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--pg-listen",
                 "127.0.0.1:0",
+                "--flight-listen",
+                "127.0.0.1:0",
                 "--log",
                 "warn",
             ])

@@ -1,0 +1,119 @@
+//! Arrow Flight SQL with a real client: ADBC's Flight SQL driver (Python).
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::harness::{Server, events};
+
+const SCRIPT: &str = r#"
+import json, sys
+import adbc_driver_flightsql.dbapi as flight
+uri, token = sys.argv[1], sys.argv[2]
+tenant = sys.argv[3] if len(sys.argv) > 3 else None
+kwargs = {"adbc.flight.sql.authorization_header": "Bearer " + token}
+if tenant:
+    kwargs["adbc.flight.sql.rpc.call_header.x-ferrite-tenant"] = tenant
+out = {}
+with flight.connect(uri, db_kwargs=kwargs, autocommit=True) as conn:
+    with conn.cursor() as cur:
+        for name, sql in json.loads(sys.argv[4] if len(sys.argv) > 4 else "[]"):
+            try:
+                cur.execute(sql)
+                table = cur.fetch_arrow_table()
+                out[name] = {"rows": table.num_rows, "columns": table.column_names,
+                             "types": [str(t) for t in table.schema.types],
+                             "first": table.slice(0, 1).to_pylist()}
+            except Exception as e:
+                out[name] = {"error": str(e)}
+    objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
+    out["tables"] = sorted(t["table_name"] for c in objects for s in (c["catalog_db_schemas"] or [])
+                           for t in (s["db_schema_tables"] or []) if s["db_schema_name"] == "public")
+print(json.dumps(out, default=str))
+"#;
+
+fn adbc(s: &Server, token: &str, tenant: Option<&str>, queries: &[(&str, &str)]) -> anyhow::Result<Value> {
+    if Command::new("python3")
+        .args(["-c", "import adbc_driver_flightsql"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        bail!("adbc-driver-flightsql is not installed (scripts/test.sh installs it)");
+    }
+    let addr = s.flight.context("the server has no Flight SQL listener")?;
+    let queries = serde_json::to_string(&queries.iter().map(|(n, q)| [*n, *q]).collect::<Vec<_>>())?;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(format!("grpc://{addr}"))
+        .arg(token)
+        .arg(tenant.unwrap_or(""))
+        .arg(queries)
+        .output()?;
+    if !out.status.success() {
+        bail!("adbc failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn adbc_reads_arrow_and_lists_the_tables() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let (status, _) = s.post_json("/api/v1/streams/telemetry/events", &Value::Array(events(0, 5000, 10)))?;
+    assert_eq!(status, 200);
+    let v = adbc(
+        &s,
+        &s.token,
+        None,
+        &[
+            ("all", "SELECT device_id, temperature, time FROM telemetry"),
+            ("agg", "SELECT device_id, count(*) AS n FROM telemetry GROUP BY device_id ORDER BY device_id"),
+            ("write", "DROP TABLE telemetry"),
+            ("bad", "SELECT nope FROM telemetry"),
+        ],
+    )?;
+    assert_eq!(v["all"]["rows"], 5000, "{v}");
+    assert_eq!(v["all"]["types"], json!(["string", "double", "timestamp[ns, tz=UTC]"]), "{v}");
+    assert_eq!(v["agg"]["rows"], 10);
+    assert_eq!(v["agg"]["first"], json!([{"device_id": "dev-0", "n": 500}]));
+    assert!(v["write"]["error"].as_str().is_some_and(|e| e.contains("not supported") || e.contains("DDL")), "{v}");
+    assert!(v["bad"]["error"].as_str().is_some_and(|e| e.contains("nope")), "{v}");
+    assert!(v["tables"].as_array().is_some_and(|t| t.iter().any(|x| x == "telemetry")), "{v}");
+    Ok(())
+}
+
+#[test]
+fn a_token_reads_its_own_tenant_only_and_a_bad_one_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    s.post_json("/api/v1/streams/telemetry/events", &json!([{"device_id": "d1", "temperature": 1.5}]))?;
+    let (status, v) = s.post_json("/api/v1/tenants", &json!({"id": "acme"}))?;
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = s.post_json("/api/v1/clients", &json!({"tenant": "acme", "roles": ["viewer"]}))?;
+    assert_eq!(status, 201, "{v}");
+    let (id, secret) = (v["client_id"].as_str().unwrap_or_default(), v["client_secret"].as_str().unwrap_or_default());
+    let mut resp = s.agent().post(&s.url("/oauth2/token")).send_form([
+        ("grant_type", "client_credentials"),
+        ("client_id", id),
+        ("client_secret", secret),
+    ])?;
+    let token: Value = serde_json::from_str(&resp.body_mut().read_to_string()?)?;
+    let acme = token["access_token"].as_str().context("no token")?.to_owned();
+
+    // Another tenant's table does not exist for acme's token, and acme may not name the
+    // default tenant.
+    let v = adbc(&s, &acme, None, &[("other", "SELECT count(*) FROM telemetry")])?;
+    assert!(v["other"]["error"].as_str().is_some_and(|e| e.contains("telemetry")), "{v}");
+    let refused = adbc(&s, &acme, Some("default"), &[]);
+    assert!(refused.is_err_and(|e| e.to_string().contains("may not query")), "the tenant header is checked");
+    // The admin picks a tenant with the header.
+    let v = adbc(&s, &s.token, Some("default"), &[("mine", "SELECT count(*) AS n FROM telemetry")])?;
+    assert_eq!(v["mine"]["first"], json!([{"n": 1}]), "{v}");
+    // A bad token is refused.
+    let bad = adbc(&s, "not-a-token", None, &[]);
+    assert!(bad.is_err_and(|e| e.to_string().to_lowercase().contains("unauthenticated")), "a bad token is refused");
+    Ok(())
+}
