@@ -85,3 +85,5 @@ echo "== the fleet simulator against the benches' MQTT load generator, on mosqui
 bash benches/sim_capacity.sh "${SIM_DEVICES:-10000}" 1 "${SIM_SECONDS:-30}"
 echo "== the device agent: CPU and memory per reading, back-fill"
 bash benches/agent.sh "${AGENT_READINGS:-10000}"
+echo "== reading 10 M rows: Flight SQL, PostgreSQL wire and HTTP"
+bash benches/sql_clients.sh "${SQL_ROWS:-10000000}" 3

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Reading ROWS rows (default 10 M) out of Ferrite: the PostgreSQL wire protocol (psql, text
-# rows) against the HTTP endpoint (CSV and Arrow IPC), the same query on the same server in
-# the same run. Each client writes what it receives to /dev/null; the figure is rows/s from
-# the request to the last byte, median of RUNS runs.
+# Reading ROWS rows (default 10 M) out of Ferrite through each door analysts use: Arrow
+# Flight SQL (ADBC, Arrow batches), the PostgreSQL wire protocol (psql, text rows) and the
+# HTTP endpoint (CSV and Arrow IPC), the same query on the same server in the same run. The
+# figure is rows/s from the request to the last byte, median of RUNS runs.
 #
-# Not the same work: psql holds the whole result in memory before printing it (as it does
-# without FETCH_COUNT), the HTTP endpoint buffers the result on the server (up to
-# sql_max_result) before the first byte; psql's text rows and CSV are text, Arrow IPC binary.
+# Not the same work: psql holds the whole result in memory before printing it to /dev/null
+# (as it does without FETCH_COUNT); ADBC builds a pyarrow Table in memory; curl writes to
+# /dev/null; the HTTP endpoint buffers the result on the server (up to sql_max_result)
+# before the first byte, Flight SQL and pgwire stream it. psql's rows and CSV are text,
+# Flight and Arrow IPC binary.
 #
-#   bash benches/pgwire.sh [ROWS] [RUNS]
-# Needs target/release/ferrite (cargo build --release -p ferrite), psql and curl.
+#   bash benches/sql_clients.sh [ROWS] [RUNS]
+# Needs target/release/ferrite (cargo build --release -p ferrite), psql, curl, and Python's
+# adbc-driver-flightsql.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${1:-10000000}"
@@ -19,7 +22,7 @@ BIN=target/release/ferrite
 PSQL="$(command -v psql || ls /usr/lib/postgresql/*/bin/psql | tail -1)"
 
 WORK="$(mktemp -d)"
-"$BIN" serve --data-dir "$WORK/data" --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --pg-listen 127.0.0.1:0 --flight-listen off \
+"$BIN" serve --data-dir "$WORK/data" --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --pg-listen 127.0.0.1:0 --flight-listen 127.0.0.1:0 \
     --sql-max-result 8GiB --sql-timeout 600s --log warn > "$WORK/server.out" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -27,6 +30,7 @@ for _ in $(seq 1 100); do grep -q "ferrite listening" "$WORK/server.out" 2>/dev/
 LINE="$(grep "ferrite listening" "$WORK/server.out")"
 HTTP="$(echo "$LINE" | sed -E 's/.*http=([^ ]+).*/\1/')"
 PG="$(echo "$LINE" | sed -E 's/.*pg=([^ ]+).*/\1/')"
+FLIGHT="$(echo "$LINE" | sed -E 's/.*flight=([^ ]+).*/\1/')"
 TOKEN="$(cat "$WORK/data/admin.token")"
 
 echo "loading $ROWS rows (4 columns: time, device_id, temperature, seq) over line protocol"
@@ -61,6 +65,16 @@ run() { # label command...
 }
 echo "| client | rows | median s | rows/s | runs (s) |"
 echo "|---|---|---|---|---|"
+cat > "$WORK/adbc.py" <<'PY'
+import sys
+import adbc_driver_flightsql.dbapi as flight
+with flight.connect("grpc://" + sys.argv[1], db_kwargs={"adbc.flight.sql.authorization_header": "Bearer " + sys.argv[2]}, autocommit=True) as conn:
+    cur = conn.cursor()
+    cur.execute(sys.argv[3])
+    t = cur.fetch_arrow_table()
+    assert t.num_rows == int(sys.argv[4]), t.num_rows
+PY
+run "ADBC, Arrow Flight SQL (Arrow batches)" python3 "$WORK/adbc.py" "$FLIGHT" "$TOKEN" "$Q" "$ROWS"
 run "psql, PostgreSQL wire (text rows)" env PGPASSWORD="$TOKEN" "$PSQL" "host=${PG%:*} port=${PG##*:} user=bench dbname=ferrite" -At -X -c "$Q"
 run "curl, HTTP /api/v1/sql (CSV)" curl -s -f -H "Authorization: Bearer $TOKEN" -H 'Accept: text/csv' -d "{\"sql\": \"$Q\"}" "http://$HTTP/api/v1/sql"
 run "curl, HTTP /api/v1/sql (Arrow IPC)" curl -s -f -H "Authorization: Bearer $TOKEN" -H 'Accept: application/vnd.apache.arrow.stream' -d "{\"sql\": \"$Q\"}" "http://$HTTP/api/v1/sql"
