@@ -132,27 +132,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for HTTP on {} (set --http-listen)", config.http_listen))?;
     let mqtt_addr = mqtt_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
-    let pg_listener = match config.pg_listen.trim() {
-        "off" | "" => None,
-        addr => {
-            let addr: std::net::SocketAddr =
-                addr.parse().with_context(|| format!("pg_listen {addr:?} is not an address (or `off`)"))?;
-            Some(TcpListener::bind(addr).await.with_context(|| {
-                format!("cannot listen for the PostgreSQL wire protocol on {addr} (set --pg-listen, or `off`)")
-            })?)
-        }
-    };
+    let pg_listener = optional_listener(&config.pg_listen, "pg_listen", "the PostgreSQL wire protocol").await?;
     let pg_addr = pg_listener.as_ref().map(TcpListener::local_addr).transpose()?;
-    let flight_listener = match config.flight_listen.trim() {
-        "off" | "" => None,
-        addr => {
-            let addr: std::net::SocketAddr =
-                addr.parse().with_context(|| format!("flight_listen {addr:?} is not an address (or `off`)"))?;
-            Some(TcpListener::bind(addr).await.with_context(|| {
-                format!("cannot listen for Arrow Flight SQL on {addr} (set --flight-listen, or `off`)")
-            })?)
-        }
-    };
+    let flight_listener = optional_listener(&config.flight_listen, "flight_listen", "Arrow Flight SQL").await?;
     let flight_addr = flight_listener.as_ref().map(TcpListener::local_addr).transpose()?;
 
     // Identity: the decision point every door asks, and the plugins' context.
@@ -349,4 +331,19 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// The listener a setting names (`off` or empty: none).
+async fn optional_listener(setting: &str, key: &str, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    let addr = match setting.trim() {
+        "off" | "" => return Ok(None),
+        a => a,
+    };
+    let addr: std::net::SocketAddr =
+        addr.parse().with_context(|| format!("{key} {addr:?} is not an address (or `off`)"))?;
+    let flag = key.replace('_', "-");
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr} (set --{flag}, or `off`)"))?;
+    Ok(Some(listener))
 }

@@ -113,6 +113,24 @@ impl Server {
         &self.agent
     }
 
+    /// Creates tenant `tenant` and a service client of it with `roles`; an access token of
+    /// that client.
+    pub fn tenant_token(&self, tenant: &str, roles: &[&str]) -> anyhow::Result<String> {
+        let (status, v) = self.post_json("/api/v1/tenants", &serde_json::json!({"id": tenant}))?;
+        anyhow::ensure!(status == 201, "tenant {tenant}: {v}");
+        let (status, v) = self.post_json("/api/v1/clients", &serde_json::json!({"tenant": tenant, "roles": roles}))?;
+        anyhow::ensure!(status == 201, "client of {tenant}: {v}");
+        let (id, secret) =
+            (v["client_id"].as_str().unwrap_or_default(), v["client_secret"].as_str().unwrap_or_default());
+        let mut resp = self.agent.post(&self.url("/oauth2/token")).send_form([
+            ("grant_type", "client_credentials"),
+            ("client_id", id),
+            ("client_secret", secret),
+        ])?;
+        let token: Value = serde_json::from_str(&resp.body_mut().read_to_string()?)?;
+        Ok(token["access_token"].as_str().context("no access token")?.to_owned())
+    }
+
     /// POSTs `body` with `content_type`; returns the status and the body parsed as JSON
     /// (`Value::Null` when empty).
     pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, Value)> {

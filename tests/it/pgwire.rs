@@ -106,18 +106,7 @@ fn a_connection_sees_one_tenant_only() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let s = Server::start(dir.path(), &[])?;
     s.post_json("/api/v1/streams/telemetry/events", &json!([{"device_id": "d1", "temperature": 1.5}]))?;
-    let (status, v) = s.post_json("/api/v1/tenants", &json!({"id": "acme"}))?;
-    assert_eq!(status, 201, "{v}");
-    let (status, v) = s.post_json("/api/v1/clients", &json!({"tenant": "acme", "roles": ["viewer", "ingest"]}))?;
-    assert_eq!(status, 201, "{v}");
-    let (id, secret) = (v["client_id"].as_str().unwrap_or_default(), v["client_secret"].as_str().unwrap_or_default());
-    let mut resp = s.agent().post(&s.url("/oauth2/token")).send_form([
-        ("grant_type", "client_credentials"),
-        ("client_id", id),
-        ("client_secret", secret),
-    ])?;
-    let token: Value = serde_json::from_str(&resp.body_mut().read_to_string()?)?;
-    let acme = token["access_token"].as_str().context("no token")?.to_owned();
+    let acme = s.tenant_token("acme", &["viewer", "ingest"])?;
     // acme writes its own stream.
     let mut resp = s
         .agent()
