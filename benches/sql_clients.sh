@@ -42,7 +42,7 @@ out = sys.stdout
 for i in range(n):
     out.write(f"telemetry,device_id=dev-{i % 1000} temperature={20 + (i % 100) / 10},seq={i}i {base + i * 1000}\n")
 PY
-split -l 500000 "$WORK/load.lp" "$WORK/part."
+split -l 10000 "$WORK/load.lp" "$WORK/part."
 for f in "$WORK"/part.*; do
     curl -s -f -H "Authorization: Bearer $TOKEN" --data-binary @"$f" "http://$HTTP/api/v2/write?precision=ns" > /dev/null
 done
