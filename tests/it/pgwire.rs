@@ -158,10 +158,12 @@ with conn.cursor() as cur:
     out["types"] = [type(v).__name__ for v in row]
     cur.execute("SELECT count(*) FROM telemetry WHERE temperature > %s", (20,))
     out["warm"] = cur.fetchone()[0]
-# A long statement, cancelled from another thread.
+# A long statement, cancelled from another thread: a cancel that arrives before the statement
+# runs cancels nothing, so it is sent again until the statement has ended.
+done = threading.Event()
 def cancel():
-    time.sleep(1.0)
-    conn.cancel()
+    while not done.wait(0.2):
+        conn.cancel()
 threading.Thread(target=cancel).start()
 started = time.time()
 try:
@@ -171,6 +173,7 @@ try:
 except psycopg.errors.QueryCanceled as e:
     out["cancel"] = "cancelled"
 out["cancel_seconds"] = round(time.time() - started, 1)
+done.set()
 with conn.cursor() as cur:
     cur.execute("SELECT 1")
     out["after"] = cur.fetchone()[0]

@@ -97,6 +97,17 @@ struct Connection {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl Connection {
+    /// Sends DISCONNECT after whatever is queued and waits until the connection task has
+    /// written it (the task ends then); a task that does not within 2 s is aborted.
+    async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.disconnect()).await;
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.task).await.is_err() {
+            self.task.abort();
+        }
+    }
+}
+
 /// The running agent.
 pub struct Agent {
     cfg: Config,
@@ -379,9 +390,7 @@ impl Agent {
             g.abort();
         }
         if let Some(c) = self.conn.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), c.client.disconnect()).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            c.task.abort();
+            c.close().await;
         }
         exit
     }
@@ -726,12 +735,7 @@ impl Agent {
         if self.reconnect_when_drained && (self.in_flight.is_empty() && self.unassigned.is_empty() || !self.connected) {
             self.reconnect_when_drained = false;
             if let Some(c) = self.conn.take() {
-                let client = c.client.clone();
-                tokio::spawn(async move {
-                    let _ = client.disconnect().await;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    c.task.abort();
-                });
+                tokio::spawn(c.close());
             }
             self.connected = false;
             self.connect();
@@ -832,11 +836,10 @@ impl Agent {
                 }
                 match after {
                     Some(After::Wipe) => {
-                        // Give the answer a moment to leave, then erase everything.
-                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        // The answer is queued before the DISCONNECT: once that is written,
+                        // so is the answer. Then everything is erased.
                         if let Some(c) = self.conn.take() {
-                            let _ = c.client.disconnect().await;
-                            c.task.abort();
+                            c.close().await;
                         }
                         if let Err(e) = self.state.wipe() {
                             eprintln!("ferrite-agent: wipe: {e}");
@@ -845,7 +848,11 @@ impl Agent {
                         return Some(Exit::Wiped);
                     }
                     Some(After::Reboot(delay)) => {
-                        tokio::time::sleep(Duration::from_secs(delay) + Duration::from_millis(300)).await;
+                        // The command's own delay, then a clean DISCONNECT (after the answer).
+                        tokio::time::sleep(Duration::from_secs(delay)).await;
+                        if let Some(c) = self.conn.take() {
+                            c.close().await;
+                        }
                         return Some(Exit::Reboot);
                     }
                     Some(After::Reconnect) => self.request_token(true),
@@ -1277,7 +1284,9 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::Sender<Net>, generation: u64) 
                 if matches!(e, Event::Incoming(Packet::ConnAck(_))) {
                     backoff.reset();
                 }
-                if tx.send(Net::Event(generation, e)).await.is_err() {
+                // Our DISCONNECT is written: the connection is over (no reconnect).
+                let closing = matches!(e, Event::Outgoing(Outgoing::Disconnect));
+                if tx.send(Net::Event(generation, e)).await.is_err() || closing {
                     return;
                 }
             }

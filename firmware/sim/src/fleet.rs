@@ -237,7 +237,9 @@ impl Device {
                         if matches!(e, Event::Incoming(Packet::ConnAck(_))) {
                             backoff.reset();
                         }
-                        if tx.send((generation, Net::Event(e))).await.is_err() {
+                        // Our DISCONNECT is written: the connection is over.
+                        let closing = matches!(e, Event::Outgoing(Outgoing::Disconnect));
+                        if tx.send((generation, Net::Event(e))).await.is_err() || closing {
                             return;
                         }
                     }
@@ -260,10 +262,14 @@ impl Device {
         if let Some(p) = self.poller.take() {
             if graceful && let Some(c) = &self.client {
                 let c = c.clone();
+                // The poller ends once it has written the DISCONNECT; aborted if it has not
+                // within 2 s.
                 tokio::spawn(async move {
-                    let _ = c.disconnect().await;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    p.abort();
+                    let mut p = p;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), c.disconnect()).await;
+                    if tokio::time::timeout(Duration::from_secs(2), &mut p).await.is_err() {
+                        p.abort();
+                    }
                 });
             } else {
                 p.abort();
