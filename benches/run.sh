@@ -73,6 +73,11 @@ echo "== persist and query"
 rows persist rows seconds rows_per_s arrow_MB_per_s parquet_MB files < /tmp/ferrite-bench-query.txt
 awk '$1 == "query" { name = $2; for (i = 3; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
      printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", name, v["ferrite_ms"], v["duckdb_ms"], v["polars_rust_ms"], v["polars_py_ms"], v["ferrite/duckdb"], v["ferrite/polars_rust"], v["ferrite/polars_py"] }' /tmp/ferrite-bench-query.txt
+echo "== TSBS IoT: load through line protocol, compaction, the twelve queries (Ferrite, DuckDB, polars)"
+./target/release/tsbs_iot "${TSBS_TRUCKS:-100}" "${TSBS_HOURS:-72}" "${TSBS_RUNS:-5}" 30 | tee /tmp/ferrite-bench-tsbs.txt
+rows tsbs_load trucks hours lines accepted refused_no_name decode_commit_lines_per_s < /tmp/ferrite-bench-tsbs.txt
+rows tsbs_archive stream rows files_before files_after bytes_per_value_before bytes_per_value_after < /tmp/ferrite-bench-tsbs.txt
+rows tsbs_query query rows ferrite_ms duckdb_ms polars_ms ferrite/duckdb ferrite/polars < /tmp/ferrite-bench-tsbs.txt
 echo "== rules latency: maximum load, then half of it (three runs)"
 MAX_LINE=$(./target/release/rules_latency 3000000 "${LATENCY_SECONDS:-10}" 4)
 echo "$MAX_LINE"

@@ -15,6 +15,12 @@ if ! command -v mosquitto_pub >/dev/null 2>&1; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto-clients >/dev/null
 fi
+if ! command -v openssl >/dev/null 2>&1; then
+    log "installing openssl (certificates for the TLS tests)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssl >/dev/null
+fi
 if ! python3 -c 'import duckdb, pyarrow, polars' >/dev/null 2>&1; then
     log "installing duckdb, pyarrow and polars (Python) for the interop check"
     python3 -m pip install --quiet --disable-pip-version-check duckdb pyarrow polars

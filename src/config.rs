@@ -26,6 +26,10 @@ pub struct Config {
     pub pg_listen: String,
     /// Arrow Flight SQL listener address, or `off`.
     pub flight_listen: String,
+    /// PEM certificate chain of the server's TLS listeners (with `tls_key`); empty: no TLS.
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: PathBuf,
     /// How often the hot buffer is written to Parquet.
     #[serde(with = "humantime_serde_compat")]
     pub persist_interval: Duration,
@@ -69,6 +73,8 @@ pub struct Config {
     pub max_fields_per_stream: usize,
     /// Most distinct event-time hours one ingest request may span.
     pub max_hours_per_request: usize,
+    /// Line-protocol tags that name the device after `device_id` and `host`, in order.
+    pub device_tags: Vec<String>,
     /// Most open MQTT connections in all.
     pub mqtt_max_connections: usize,
     /// Most open MQTT connections from one IP address.
@@ -129,6 +135,8 @@ impl Default for Config {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             pg_listen: "0.0.0.0:5433".to_owned(),
             flight_listen: "0.0.0.0:8815".to_owned(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
             persist_interval: Duration::from_secs(60),
             hot_buffer_max: 512 * 1024 * 1024,
             compaction: m.compaction,
@@ -146,6 +154,7 @@ impl Default for Config {
             max_streams: 1000,
             max_fields_per_stream: 1024,
             max_hours_per_request: 168,
+            device_tags: Vec::new(),
             mqtt_max_connections: 100_000,
             mqtt_max_connections_per_ip: 10_000,
             mqtt_max_subscriptions: 1000,
@@ -267,6 +276,8 @@ mod tests {
             "http_listen",
             "pg_listen",
             "flight_listen",
+            "tls_cert",
+            "tls_key",
             "persist_interval",
             "hot_buffer_max",
             "compaction",
@@ -282,6 +293,7 @@ mod tests {
             "max_streams",
             "max_fields_per_stream",
             "max_hours_per_request",
+            "device_tags",
             "mqtt_max_connections",
             "mqtt_max_connections_per_ip",
             "mqtt_max_subscriptions",

@@ -10,6 +10,10 @@
 //! - **Read-only** statements (`CommandStatementQuery`); the catalog commands (catalogs,
 //!   schemas, tables with their Arrow schemas, table types, SQL info) that ADBC's
 //!   `get_objects` and the JDBC driver's metadata calls use.
+//! - **Prepared statements** (what JDBC sends for every query, and ADBC for parameters):
+//!   `?` or `$1` placeholders, parameters bound by `DoPut` as a one-row record batch. The
+//!   server keeps no state: a handle carries the statement and its bound values, and
+//!   binding answers a new handle (Flight SQL's `DoPutPreparedStatementResult`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,11 +23,16 @@ use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::server::PeekableFlightDataStream;
 use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
     CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
-    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+    CommandPreparedStatementQuery, CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
+    TicketStatementQuery,
 };
 use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, Ticket};
+use arrow_flight::{IpcMessage, SchemaAsIpc};
+use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::SessionContext;
 use ferrite_engine::auth::{AccessControl, Action, Credentials, RequestContext, Resource, Transport};
@@ -70,6 +79,112 @@ struct FerriteFlight {
 }
 
 type FlightStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send>>;
+
+/// A prepared statement's handle: the statement, and the values bound to it (Arrow IPC).
+struct Handle {
+    sql: String,
+    params: Vec<ScalarValue>,
+}
+
+/// Leads a handle: a version, so that a handle of another build is refused clearly.
+const HANDLE_MAGIC: &[u8; 4] = b"FPS1";
+
+impl Handle {
+    fn encode(&self) -> Result<bytes::Bytes, Status> {
+        let mut out = HANDLE_MAGIC.to_vec();
+        out.extend_from_slice(&(self.sql.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.sql.as_bytes());
+        if !self.params.is_empty() {
+            let arrays = self
+                .params
+                .iter()
+                .map(|v| v.to_array_of_size(1))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let fields: Vec<_> = arrays
+                .iter()
+                .enumerate()
+                .map(|(i, a)| arrow::datatypes::Field::new(format!("${}", i + 1), a.data_type().clone(), true))
+                .collect();
+            let batch = arrow::array::RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), arrays)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &batch.schema())
+                .map_err(|e| Status::internal(e.to_string()))?;
+            w.write(&batch).and_then(|_| w.finish()).map_err(|e| Status::internal(e.to_string()))?;
+        }
+        Ok(out.into())
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Status> {
+        let bad =
+            || Status::invalid_argument("not a prepared statement handle of this server (prepare the statement again)");
+        let rest = bytes.strip_prefix(HANDLE_MAGIC).ok_or_else(bad)?;
+        let len = rest.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).ok_or_else(bad)? as usize;
+        let sql = rest.get(4..4 + len).and_then(|b| std::str::from_utf8(b).ok()).ok_or_else(bad)?.to_owned();
+        let ipc = &rest[4 + len..];
+        let mut params = Vec::new();
+        if !ipc.is_empty() {
+            let reader = arrow::ipc::reader::StreamReader::try_new(ipc, None).map_err(|_| bad())?;
+            for batch in reader {
+                let batch = batch.map_err(|_| bad())?;
+                params = first_row(&batch)?;
+            }
+        }
+        Ok(Self { sql, params })
+    }
+}
+
+/// The values of a parameter batch's one row.
+fn first_row(batch: &arrow::array::RecordBatch) -> Result<Vec<ScalarValue>, Status> {
+    if batch.num_rows() != 1 {
+        return Err(Status::invalid_argument(format!(
+            "bind one row of parameters to a query (got {}); run the statement once per row",
+            batch.num_rows()
+        )));
+    }
+    batch
+        .columns()
+        .iter()
+        .map(|c| ScalarValue::try_from_array(c, 0))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Status::invalid_argument(format!("a parameter cannot be read: {e}")))
+}
+
+/// `?` placeholders (JDBC's and ADBC's) numbered as DataFusion's `$1`, `$2`...; quoted
+/// text, quoted identifiers and comments are left alone.
+fn number_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' => {
+                out.push(c);
+                for d in chars.by_ref() {
+                    out.push(d);
+                    if d == c {
+                        break;
+                    }
+                }
+            }
+            '-' if chars.peek() == Some(&'-') => {
+                out.push(c);
+                for d in chars.by_ref() {
+                    out.push(d);
+                    if d == '\n' {
+                        break;
+                    }
+                }
+            }
+            '?' => {
+                n += 1;
+                out.push_str(&format!("${n}"));
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
 
 fn read_only() -> SQLOptions {
     SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
@@ -126,6 +241,26 @@ impl FerriteFlight {
             return Ok(scope.hiding(ferrite_engine::auth::AUDIT_STREAM));
         }
         Ok(scope)
+    }
+
+    /// The statement of `handle`, planned with its bound values (when it has placeholders).
+    async fn prepared(&self, scope: &Scope, handle: &Handle) -> Result<datafusion::dataframe::DataFrame, Status> {
+        let ctx = self.session(scope)?;
+        let df = ctx.sql_with_options(&handle.sql, read_only()).await.map_err(df_status)?;
+        let wanted = df.logical_plan().get_parameter_types().map_err(df_status)?.len();
+        if wanted == 0 {
+            return ferrite_query::with_plain_strings(df).map_err(df_status);
+        }
+        if handle.params.len() != wanted {
+            return Err(Status::invalid_argument(format!(
+                "the statement has {wanted} parameter(s), {} are bound",
+                handle.params.len()
+            )));
+        }
+        let df = df
+            .with_param_values(ParamValues::List(handle.params.iter().cloned().map(Into::into).collect()))
+            .map_err(df_status)?;
+        ferrite_query::with_plain_strings(df).map_err(df_status)
     }
 
     fn session(&self, scope: &Scope) -> Result<SessionContext, Status> {
@@ -222,6 +357,7 @@ impl FlightSqlService for FerriteFlight {
         let scope = self.scope(&request)?;
         let ctx = self.session(&scope)?;
         let df = ctx.sql_with_options(&query.query, read_only()).await.map_err(df_status)?;
+        let df = ferrite_query::with_plain_strings(df).map_err(df_status)?;
         let schema = df.schema().as_arrow().clone();
         let ticket = TicketStatementQuery { statement_handle: query.query.clone().into_bytes().into() };
         Self::info_for(ticket.as_any(), &schema, request.into_inner())
@@ -237,6 +373,7 @@ impl FlightSqlService for FerriteFlight {
             .map_err(|_| Status::invalid_argument("the ticket is not a statement of this server"))?;
         let ctx = self.session(&scope)?;
         let df = ctx.sql_with_options(&sql, read_only()).await.map_err(df_status)?;
+        let df = ferrite_query::with_plain_strings(df).map_err(df_status)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df
             .execute_stream()
@@ -245,6 +382,99 @@ impl FlightSqlService for FerriteFlight {
             .map_err(|e| FlightError::from(arrow::error::ArrowError::ExternalError(Box::new(e))));
         let stream = FlightDataEncoderBuilder::new().with_schema(schema).build(batches).map_err(Status::from);
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let scope = self.scope(&request)?;
+        let sql = number_placeholders(&query.query);
+        let ctx = self.session(&scope)?;
+        let df = ctx.sql_with_options(&sql, read_only()).await.map_err(df_status)?;
+        let types = df.logical_plan().get_parameter_types().map_err(df_status)?;
+        let mut params: Vec<(String, Option<arrow::datatypes::DataType>)> = types.into_iter().collect();
+        params.sort_by_key(|(name, _)| name.trim_start_matches('$').parse::<usize>().unwrap_or(usize::MAX));
+        let parameter_fields: Vec<_> = params
+            .into_iter()
+            .map(|(name, t)| arrow::datatypes::Field::new(name, t.unwrap_or(arrow::datatypes::DataType::Null), true))
+            .collect();
+        let ipc = |schema: &arrow::datatypes::Schema| -> Result<bytes::Bytes, Status> {
+            let IpcMessage(bytes) = SchemaAsIpc::new(schema, &arrow::ipc::writer::IpcWriteOptions::default())
+                .try_into()
+                .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
+            Ok(bytes)
+        };
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: Handle { sql, params: Vec::new() }.encode()?,
+            dataset_schema: ipc(ferrite_query::with_plain_strings(df).map_err(df_status)?.schema().as_arrow())?,
+            parameter_schema: ipc(&arrow::datatypes::Schema::new(parameter_fields))?,
+        })
+    }
+
+    async fn do_put_prepared_statement_query(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        self.scope(&request)?;
+        let mut handle = Handle::decode(&query.prepared_statement_handle)?;
+        let stream = request.into_inner().map_err(FlightError::from);
+        let mut batches = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(stream);
+        let mut bound = false;
+        while let Some(batch) = batches.try_next().await.map_err(|e| Status::invalid_argument(e.to_string()))? {
+            if bound || batch.num_rows() > 1 {
+                return Err(Status::invalid_argument(
+                    "bind one row of parameters to a query; run the statement once per row",
+                ));
+            }
+            if batch.num_rows() == 1 {
+                handle.params = first_row(&batch)?;
+                bound = true;
+            }
+        }
+        Ok(DoPutPreparedStatementResult { prepared_statement_handle: Some(handle.encode()?) })
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let scope = self.scope(&request)?;
+        let handle = Handle::decode(&query.prepared_statement_handle)?;
+        let df = self.prepared(&scope, &handle).await?;
+        let schema = df.schema().as_arrow().clone();
+        Self::info_for(query.as_any(), &schema, request.into_inner())
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let scope = self.scope(&request)?;
+        let handle = Handle::decode(&query.prepared_statement_handle)?;
+        let df = self.prepared(&scope, &handle).await?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let batches = df
+            .execute_stream()
+            .await
+            .map_err(df_status)?
+            .map_err(|e| FlightError::from(arrow::error::ArrowError::ExternalError(Box::new(e))));
+        let stream = FlightDataEncoderBuilder::new().with_schema(schema).build(batches).map_err(Status::from);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        query: ActionClosePreparedStatementRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<(), Status> {
+        // Nothing is held on the server; the handle is checked so that garbage is refused.
+        self.scope(&request)?;
+        Handle::decode(&query.prepared_statement_handle).map(|_| ())
     }
 
     async fn get_flight_info_catalogs(
@@ -371,6 +601,31 @@ impl FlightSqlService for FerriteFlight {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn question_marks_become_numbered_placeholders_outside_quotes_and_comments() {
+        assert_eq!(
+            number_placeholders("SELECT '?', \"a?\" FROM t WHERE x = ? AND y > ? -- why?\nAND z = ?"),
+            "SELECT '?', \"a?\" FROM t WHERE x = $1 AND y > $2 -- why?\nAND z = $3"
+        );
+        assert_eq!(number_placeholders("SELECT $1"), "SELECT $1");
+    }
+
+    #[test]
+    fn a_handle_carries_its_statement_and_bound_values() -> Result<(), Status> {
+        let h = Handle {
+            sql: "SELECT $1, $2".into(),
+            params: vec![ScalarValue::from("dev-1"), ScalarValue::Int64(Some(3))],
+        };
+        let back = Handle::decode(&h.encode()?)?;
+        assert_eq!((back.sql.as_str(), back.params.len()), ("SELECT $1, $2", 2));
+        assert_eq!(back.params[1], ScalarValue::Int64(Some(3)));
+        assert!(Handle::decode(b"junk").is_err());
+        assert!(Handle::decode(b"FPS1\xff\xff\xff\xffx").is_err());
+        Ok(())
+    }
+
     #[test]
     fn basic_credentials_decode() {
         assert_eq!(super::base64_decode("dXNlcjpzZWNyZXQ="), Some(b"user:secret".to_vec()));

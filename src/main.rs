@@ -13,6 +13,7 @@ mod pg;
 mod rules_cmd;
 mod serve;
 mod sql;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -77,6 +78,12 @@ pub struct ServeArgs {
     /// Arrow Flight SQL listen address (port 0: any free port), or `off`.
     #[arg(long, env = "FERRITE_FLIGHT_LISTEN")]
     flight_listen: Option<String>,
+    /// PEM certificate chain for TLS (the PostgreSQL wire listener today); needs --tls-key.
+    #[arg(long, env = "FERRITE_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FERRITE_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
     /// Hot buffer to Parquet interval (e.g. 60s, 5m).
     #[arg(long, env = "FERRITE_PERSIST_INTERVAL")]
     persist_interval: Option<String>,
@@ -128,6 +135,10 @@ pub struct ServeArgs {
     /// Most distinct event-time hours one ingest request may span.
     #[arg(long, env = "FERRITE_MAX_HOURS_PER_REQUEST")]
     max_hours_per_request: Option<usize>,
+    /// Line-protocol tags that name the device after `device_id` and `host`, in order
+    /// (comma-separated; `name` for TSBS data).
+    #[arg(long, env = "FERRITE_DEVICE_TAGS", value_delimiter = ',')]
+    device_tags: Option<Vec<String>>,
     /// Most open MQTT connections in all.
     #[arg(long, env = "FERRITE_MQTT_MAX_CONNECTIONS")]
     mqtt_max_connections: Option<usize>,
@@ -211,6 +222,12 @@ impl ServeArgs {
         if let Some(v) = self.flight_listen {
             c.flight_listen = v;
         }
+        if let Some(v) = self.tls_cert {
+            c.tls_cert = v;
+        }
+        if let Some(v) = self.tls_key {
+            c.tls_key = v;
+        }
         if let Some(v) = self.http_listen {
             c.http_listen = v;
         }
@@ -264,6 +281,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.max_hours_per_request {
             c.max_hours_per_request = v;
+        }
+        if let Some(v) = self.device_tags {
+            c.device_tags = v;
         }
         if let Some(v) = self.mqtt_max_connections {
             c.mqtt_max_connections = v;

@@ -11,6 +11,9 @@
 //! - **Read-only**: SELECT, EXPLAIN, SHOW, SET, BEGIN/COMMIT/ROLLBACK; anything else is
 //!   refused with SQLSTATE 25006. `statement_timeout` starts at `sql_timeout`.
 //! - **Cancel requests** (psql's Ctrl-C, `conn.cancel()`) stop the running statement.
+//! - **TLS** with `tls_cert`/`tls_key`: then TLS is required (`sslmode=require` or
+//!   stricter); a session that starts in clear text is refused before its password is sent
+//!   (cancel requests, which carry no secret, stay allowed in clear, as libpq sends them).
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -50,12 +53,66 @@ const HIDE_AUDIT_KEY: &str = "ferrite.hide_audit";
 /// Most tenants with a pgwire session kept at once (each holds its `pg_catalog`).
 const MAX_SESSIONS: usize = 256;
 
+/// The request codes a client may send before TLS: SSLRequest, GSSENCRequest (answered `N`,
+/// after which libpq asks for TLS) and CancelRequest.
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+const CANCEL_REQUEST: u32 = 80_877_102;
+
+/// With TLS required: peeks at the connection's first message; when it starts a session in
+/// clear text, answers a FATAL error saying how to connect and returns `true` (closed).
+async fn refuse_clear_text(socket: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut head = [0u8; 8];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let n = tokio::time::timeout_at(deadline, socket.peek(&mut head))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if n >= head.len() {
+            break;
+        }
+        // Fewer than 8 bytes arrived yet: wait for the rest of the header.
+        socket.readable().await?;
+    }
+    let code = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+    if matches!(code, SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST) {
+        return Ok(false);
+    }
+    let mut body = Vec::new();
+    for (field, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', "28000"),
+        (b'M', "this server requires TLS: connect with sslmode=require (or verify-full with the server's CA)"),
+    ] {
+        body.push(field);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut message = vec![b'E'];
+    message.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    message.extend_from_slice(&body);
+    // One small message on a fresh connection: it fits the socket buffer.
+    socket.writable().await?;
+    let _ = socket.try_write(&message);
+    Ok(true)
+}
+
 fn user_error(code: &str, message: String) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".to_owned(), code.to_owned(), message)))
 }
 
 /// Serves the PostgreSQL wire protocol on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, query: Arc<QueryService>, access: Arc<dyn AccessControl>) {
+pub async fn serve(
+    listener: TcpListener,
+    query: Arc<QueryService>,
+    access: Arc<dyn AccessControl>,
+    tls: Option<Arc<crate::tls::TlsFiles>>,
+) {
     let handlers = Arc::new(Handlers::new(query, access));
     loop {
         let (socket, peer) = match listener.accept().await {
@@ -66,8 +123,20 @@ pub async fn serve(listener: TcpListener, query: Arc<QueryService>, access: Arc<
             }
         };
         let handlers = handlers.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+            let acceptor = match &tls {
+                None => None,
+                Some(files) => match refuse_clear_text(&socket).await {
+                    Ok(true) => return,
+                    Ok(false) => Some(files.acceptor()),
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "pgwire connection ended before its first message");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = pgwire::tokio::process_socket(socket, acceptor, handlers).await {
                 tracing::debug!(%peer, error = %e, "pgwire connection ended with an error");
             }
         });

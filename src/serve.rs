@@ -96,6 +96,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         max_payload_bytes: config.max_payload,
         health: health.clone(),
         max_hours_per_request: config.max_hours_per_request,
+        device_tags: config.device_tags.clone(),
         ..IngestConfig::default()
     };
     let ingestor =
@@ -132,6 +133,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for HTTP on {} (set --http-listen)", config.http_listen))?;
     let mqtt_addr = mqtt_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
+    let tls = match (config.tls_cert.as_os_str().is_empty(), config.tls_key.as_os_str().is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(crate::tls::TlsFiles::load(&config.tls_cert, &config.tls_key)?),
+        _ => anyhow::bail!("set both tls_cert and tls_key (PEM files), or neither"),
+    };
     let pg_listener = optional_listener(&config.pg_listen, "pg_listen", "the PostgreSQL wire protocol").await?;
     let pg_addr = pg_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let flight_listener = optional_listener(&config.flight_listen, "flight_listen", "Arrow Flight SQL").await?;
@@ -217,7 +223,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shards,
         "ferrite is running"
     );
-    let pg_task = pg_listener.map(|l| tokio::spawn(crate::pg::serve(l, query.clone(), access.clone())));
+    let pg_task = pg_listener.map(|l| tokio::spawn(crate::pg::serve(l, query.clone(), access.clone(), tls.clone())));
     // A stable line on stdout for scripts and tests that start the server on port 0.
     let flight_task = flight_listener.map(|l| tokio::spawn(crate::flight::serve(l, query.clone(), access.clone())));
     let mut listening = format!("ferrite listening: mqtt={mqtt_addr} http={http_addr}");

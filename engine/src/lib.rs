@@ -20,6 +20,7 @@ pub mod batch;
 pub mod catalog;
 pub mod clock;
 pub mod error;
+pub mod failpoint;
 pub mod health;
 pub mod ids;
 pub mod metrics;

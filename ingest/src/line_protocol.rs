@@ -4,8 +4,8 @@
 //! measurement[,tag=value...] field=value[,field=value...] [timestamp]
 //! ```
 //!
-//! The measurement is the stream; the `device_id` tag (or, failing that, `host`) is the
-//! device; other tags become string columns; fields are floats, integers (`1i`, `1u`),
+//! The measurement is the stream; the `device_id` tag (or, failing that, `host`, then the
+//! configured `device_tags` in their order, e.g. `name` for TSBS data) is the device; other tags become string columns; fields are floats, integers (`1i`, `1u`),
 //! booleans (`t`, `true`, `F`...) or double-quoted strings. The timestamp is in the
 //! request's precision (ns by default); missing, the receive time is used. An invalid line
 //! is rejected alone with its line number; the other lines are kept.
@@ -69,6 +69,7 @@ pub fn decode(
     tenant: &str,
     payload: &str,
     precision: Precision,
+    device_tags: &[String],
     now: i64,
 ) -> LineProtocolOutput {
     let mut builders: AHashMap<String, BatchBuilder> = AHashMap::new();
@@ -112,7 +113,7 @@ pub fn decode(
                 builders.entry(parsed.measurement.to_string()).or_insert(b)
             }
         };
-        match write_row(builder, &parsed, precision) {
+        match write_row(builder, &parsed, precision, device_tags) {
             Ok(()) => builder.end_row(now),
             Err(e) => {
                 builder.abort_row();
@@ -131,18 +132,29 @@ pub fn decode(
     LineProtocolOutput { batches, accepted, rejections }
 }
 
-fn write_row(b: &mut BatchBuilder, p: &Line<'_>, precision: Precision) -> Result<(), ValueError> {
+/// The value of the tag that names the device: `device_id`, then `host`, then `device_tags`.
+fn device_of<'a>(p: &'a Line<'_>, device_tags: &[String]) -> Option<&'a str> {
+    let tag = |name: &str| p.tags.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_ref());
+    tag("device_id").or_else(|| tag("host")).or_else(|| device_tags.iter().find_map(|t| tag(t)))
+}
+
+fn write_row(
+    b: &mut BatchBuilder,
+    p: &Line<'_>,
+    precision: Precision,
+    device_tags: &[String],
+) -> Result<(), ValueError> {
     b.begin_row();
-    let device = p
-        .tags
-        .iter()
-        .find(|(k, _)| k == "device_id")
-        .or_else(|| p.tags.iter().find(|(k, _)| k == "host"))
-        .map(|(_, v)| v.as_ref());
-    let Some(device) = device else {
+    let Some(device) = device_of(p, device_tags) else {
+        let mut names = String::from("`device_id` tag (nor `host`");
+        for t in device_tags {
+            names.push_str(&format!(", `{t}`"));
+        }
         return Err(ValueError {
             reason: "missing_device_id",
-            message: "no `device_id` tag (nor `host`) to name the device".to_owned(),
+            message: format!(
+                "no {names}) to name the device: add one, or name the tag that identifies devices in `device_tags`"
+            ),
         });
     };
     ferrite_engine::ids::validate_device_id(device)?;
@@ -356,7 +368,7 @@ mod tests {
     fn rejects_bad_lines_alone() -> anyhow::Result<()> {
         let catalog = Arc::new(StreamCatalog::in_memory());
         let payload = "cpu,host=a usage=1.5 1000\ncpu,host=b usage=\ncpu usage=2\n# comment\ncpu,host=c usage=3 1000\nbad-name,host=d x=1\n";
-        let out = decode(&catalog, "default", payload, Precision::Seconds, 0);
+        let out = decode(&catalog, "default", payload, Precision::Seconds, &[], 0);
         assert_eq!(out.accepted, 2);
         let lines: Vec<_> = out.rejections.iter().map(|r| (r.index + 1, r.reason)).collect();
         assert_eq!(lines, vec![(2, "invalid_line_protocol"), (3, "missing_device_id"), (6, "invalid_stream_name")]);
@@ -376,7 +388,7 @@ mod tests {
                        m,host=c u=-1i
                        m,host=d i=18446744073709551615u
 ";
-        let out = decode(&catalog, "default", payload, Precision::Seconds, 0);
+        let out = decode(&catalog, "default", payload, Precision::Seconds, &[], 0);
         assert_eq!(out.accepted, 2);
         let lines: Vec<_> = out.rejections.iter().map(|r| (r.index + 1, r.reason)).collect();
         assert_eq!(lines, vec![(3, "type_conflict"), (4, "type_conflict")]);
@@ -390,6 +402,36 @@ mod tests {
         assert_eq!(f.map(|f| f.value(1)), Some(9.0));
         let schema = catalog.get(&StreamName::new("m")?).map(|s| s.field_type("u"));
         assert_eq!(schema, Some(Some(ferrite_engine::FieldType::UInt)));
+        Ok(())
+    }
+
+    #[test]
+    fn the_device_is_named_by_device_id_then_host_then_the_configured_tags_in_order() -> anyhow::Result<()> {
+        let catalog = Arc::new(StreamCatalog::in_memory());
+        let tags = ["name".to_owned(), "truck".to_owned()];
+        let payload = "readings,name=truck_1,fleet=South velocity=3 1
+readings,truck=t2,name=truck_2 velocity=4 2
+readings,host=h3,name=truck_3 velocity=5 3
+readings,device_id=d4,host=h4 velocity=6 4
+readings,fleet=North velocity=7 5
+";
+        let out = decode(&catalog, "default", payload, Precision::Seconds, &tags, 0);
+        assert_eq!(out.accepted, 4);
+        let devices = out.batches[0].batch.column_by_name("device_id").and_then(|c| {
+            c.as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .map(|a| a.iter().flatten().map(str::to_owned).collect::<Vec<_>>())
+        });
+        assert_eq!(devices, Some(vec!["truck_1".into(), "truck_2".into(), "h3".into(), "d4".into()]));
+        let name = out.batches[0].batch.column_by_name("name").map(|c| c.null_count());
+        assert_eq!(name, Some(1), "the naming tag stays a column of its own (null on the device_id line)");
+        assert_eq!(out.rejections.len(), 1);
+        assert_eq!((out.rejections[0].index, out.rejections[0].reason), (4, "missing_device_id"));
+        let msg = &out.rejections[0].message;
+        assert!(msg.contains("`name`, `truck`") && msg.contains("device_tags"), "{msg}");
+        // Without the setting, TSBS's `name` names nothing.
+        let out = decode(&catalog, "default", "readings,name=truck_1 velocity=3 1", Precision::Seconds, &[], 0);
+        assert_eq!(out.accepted, 0);
         Ok(())
     }
 }

@@ -46,6 +46,9 @@ pub struct IngestConfig {
     pub overload_wait: std::time::Duration,
     /// Most distinct event-time hours one payload may span.
     pub max_hours_per_request: usize,
+    /// Line-protocol tags that name the device when neither `device_id` nor `host` is there,
+    /// tried in order (e.g. `name` for TSBS data).
+    pub device_tags: Vec<String>,
 }
 
 impl Default for IngestConfig {
@@ -57,6 +60,7 @@ impl Default for IngestConfig {
             health: Arc::new(Health::new()),
             overload_wait: std::time::Duration::from_secs(2),
             max_hours_per_request: 168,
+            device_tags: Vec::new(),
         }
     }
 }
@@ -175,6 +179,7 @@ impl Ingestor {
         let in_flight = config.max_in_flight.max(1);
         // Sized to the number of permits, so a send never blocks the async caller.
         let (tx, rx) = bounded::<Job>(in_flight);
+        let device_tags: Arc<[String]> = config.device_tags.clone().into();
         for i in 0..config.decoder_threads.max(1) {
             let worker = Decoder {
                 rx: rx.clone(),
@@ -182,6 +187,7 @@ impl Ingestor {
                 sink: sink.clone(),
                 metrics: metrics.clone(),
                 max_hours: config.max_hours_per_request.max(1),
+                device_tags: device_tags.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("ferrite-decode-{i}"))
@@ -255,6 +261,7 @@ struct Decoder {
     sink: Arc<dyn BatchSink>,
     metrics: Arc<Metrics>,
     max_hours: usize,
+    device_tags: Arc<[String]>,
 }
 
 /// Distinct event-time hours of `batches` when they are more than `limit` (counting no
@@ -335,7 +342,7 @@ impl Decoder {
             }
             Payload::LineProtocol { precision, tenant } => {
                 let text = std::str::from_utf8(bytes).map_err(|e| Error::NotUtf8(e.valid_up_to()))?;
-                let out = line_protocol::decode(&self.catalog, &tenant, text, precision, now);
+                let out = line_protocol::decode(&self.catalog, &tenant, text, precision, &self.device_tags, now);
                 Ok((out.batches, out.rejections))
             }
         }

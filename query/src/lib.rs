@@ -338,10 +338,34 @@ impl QueryService {
     }
 }
 
+/// `df` with its `Utf8View` columns as `Utf8`: tables scan strings as views (faster), but
+/// what clients receive keeps the plain string type they know (`string`, not `string_view`).
+pub fn with_plain_strings(df: datafusion::dataframe::DataFrame) -> DfResult<datafusion::dataframe::DataFrame> {
+    use datafusion::arrow::datatypes::DataType;
+    use datafusion::common::Column;
+    use datafusion::logical_expr::{Expr, cast};
+    if !df.schema().fields().iter().any(|f| f.data_type() == &DataType::Utf8View) {
+        return Ok(df);
+    }
+    let exprs: Vec<Expr> = df
+        .schema()
+        .iter()
+        .map(|(qualifier, field)| {
+            let column = Expr::Column(Column::from((qualifier, field)));
+            match field.data_type() {
+                DataType::Utf8View => cast(column, DataType::Utf8).alias_qualified(qualifier.cloned(), field.name()),
+                _ => column,
+            }
+        })
+        .collect();
+    df.select(exprs)
+}
+
 /// Plans `sql` read-only and collects its result, up to `max_result_bytes`.
 async fn run_query(ctx: SessionContext, sql: String, max_result_bytes: usize) -> Result<QueryResult> {
     let read_only = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
     let df = ctx.sql_with_options(&sql, read_only).await.map_err(Error::from_datafusion)?;
+    let df = with_plain_strings(df).map_err(Error::from_datafusion)?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let mut stream = df.execute_stream().await.map_err(Error::from_datafusion)?;
     let mut batches = Vec::new();

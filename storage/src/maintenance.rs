@@ -96,8 +96,9 @@ pub struct CompactionReport {
     pub bytes_out: u64,
 }
 
-/// A step of a rewrite at which the crate's tests stop as a crash would.
-#[cfg(test)]
+/// A step of a rewrite (compaction, retention's partial hours, a purge) at which a crash
+/// test stops: the crate's tests by an injected error, a real server by the kill point
+/// `rewrite.{step}` (see [`ferrite_engine::failpoint`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CrashPoint {
     /// The inputs were read, nothing written.
@@ -108,6 +109,18 @@ pub(crate) enum CrashPoint {
     AfterCatalog,
     /// Half of the inputs were retired.
     MidRetire,
+}
+
+impl CrashPoint {
+    /// The kill point's name.
+    fn name(self) -> &'static str {
+        match self {
+            Self::AfterRead => "rewrite.after_read",
+            Self::AfterWrite => "rewrite.after_write",
+            Self::AfterCatalog => "rewrite.after_catalog",
+            Self::MidRetire => "rewrite.mid_retire",
+        }
+    }
 }
 
 /// The start of the event-time hour of `ns`.
@@ -279,7 +292,6 @@ impl Storage {
         drop(batches);
         let all = concat_batches(&schema, &aligned)?;
         drop(aligned);
-        #[cfg(test)]
         self.crash_point(CrashPoint::AfterRead)?;
         let mut chunks = archive::split_by_hour(&all)?;
         if chunks.len() != 1 || chunks[0].hour_start != hour {
@@ -313,20 +325,16 @@ impl Storage {
     /// Swaps `inputs` of `stream` for `outputs` (durable already) and retires the inputs;
     /// removes the outputs again when the swap does not happen.
     fn replace(&self, stream: &StreamName, inputs: &[ArchivedFile], outputs: Vec<ArchivedFile>) -> Result<()> {
-        #[cfg(test)]
         self.crash_point(CrashPoint::AfterWrite)?;
         if let Err(e) = self.swap_files(stream, inputs, &outputs) {
             self.discard(&outputs);
             return Err(e);
         }
-        #[cfg(test)]
         self.crash_point(CrashPoint::AfterCatalog)?;
         for (i, f) in inputs.iter().enumerate() {
-            #[cfg(test)]
             if i == inputs.len() / 2 {
                 self.crash_point(CrashPoint::MidRetire)?;
             }
-            let _ = i;
             self.retire(&f.path);
         }
         Ok(())
@@ -525,8 +533,9 @@ impl Storage {
         self.streams.read().get(stream).map(|d| d.read().files.clone()).unwrap_or_default()
     }
 
-    #[cfg(test)]
     fn crash_point(&self, at: CrashPoint) -> Result<()> {
+        ferrite_engine::failpoint::kill_point(at.name());
+        #[cfg(test)]
         if *self.test.crash_at.lock() == Some(at) {
             return Err(Error::Conflict(format!("injected crash at {at:?}")));
         }

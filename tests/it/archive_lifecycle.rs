@@ -66,6 +66,39 @@ fn a_running_server_compacts_an_hours_files_into_one_and_every_reader_sees_each_
 }
 
 #[test]
+fn a_compaction_killed_at_any_step_leaves_every_row_once_after_a_restart() -> anyhow::Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+    for point in ["rewrite.after_read", "rewrite.after_write", "rewrite.after_catalog", "rewrite.mid_retire"] {
+        let dir = tempfile::tempdir()?;
+        let s = Server::start(dir.path(), &["--persist-interval", "100ms", "--compaction", "false"])?;
+        for i in 0..4 {
+            s.post_json("/api/v1/streams/telemetry/events", &json!(events(i * 250, 250, 7)))?;
+            let want = (i as u64 + 1) * 250;
+            s.wait_for("the batch to be archived", |s| Ok(s.rows("telemetry")?.1 == want))?;
+        }
+        assert!(s.stop()?.success());
+
+        // The compactor reaches the step and the process dies there, SIGKILLed.
+        let s = Server::start_with_env(dir.path(), &FAST, &[("FERRITE_KILL_AT", point.to_owned())])?;
+        let status = s.exited()?;
+        assert_eq!(status.signal(), Some(9), "{point}: {status:?}");
+
+        // Whatever the step, a restart serves every row once, then the next pass finishes.
+        let s = Server::start(dir.path(), &FAST)?;
+        assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, 1000, "{point}");
+        assert_eq!(s.sql_count("SELECT count(DISTINCT seq) FROM telemetry")?, 1000, "{point}");
+        s.wait_for("one file", |s| Ok(stream_info(s, "telemetry")?["archive"]["files"] == 1))?;
+        assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, 1000, "{point}");
+        let root = dir.path().join("archive");
+        s.wait_for("replaced files to go", |_| Ok(parquet_files(&root.join("_retired")).is_empty()))?;
+        let on_disk = parquet_files(&root.join("default").join("telemetry"));
+        assert_eq!(on_disk.len(), 1, "{point}: no orphan left beside the catalogued file: {on_disk:?}");
+        assert!(s.stop()?.success());
+    }
+    Ok(())
+}
+
+#[test]
 fn retention_hides_and_drops_old_hours_and_is_set_by_the_api_or_a_rule_file() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let s = Server::start(dir.path(), &FAST)?;

@@ -18,9 +18,13 @@ if tenant:
 out = {}
 with flight.connect(uri, db_kwargs=kwargs, autocommit=True) as conn:
     with conn.cursor() as cur:
-        for name, sql in json.loads(sys.argv[4] if len(sys.argv) > 4 else "[]"):
+        for item in json.loads(sys.argv[4] if len(sys.argv) > 4 else "[]"):
+            name, sql, params = item[0], item[1], (item[2] if len(item) > 2 else None)
             try:
-                cur.execute(sql)
+                if params is None:
+                    cur.execute(sql)
+                else:
+                    cur.execute(sql, params)
                 table = cur.fetch_arrow_table()
                 out[name] = {"rows": table.num_rows, "columns": table.column_names,
                              "types": [str(t) for t in table.schema.types],
@@ -34,6 +38,11 @@ print(json.dumps(out, default=str))
 "#;
 
 fn adbc(s: &Server, token: &str, tenant: Option<&str>, queries: &[(&str, &str)]) -> anyhow::Result<Value> {
+    adbc_with(s, token, tenant, queries.iter().map(|(n, q)| json!([n, q])).collect())
+}
+
+/// `queries` as `[name, sql]` or `[name, sql, [parameters...]]` (a prepared statement).
+fn adbc_with(s: &Server, token: &str, tenant: Option<&str>, queries: Vec<Value>) -> anyhow::Result<Value> {
     if Command::new("python3")
         .args(["-c", "import adbc_driver_flightsql"])
         .output()
@@ -43,7 +52,7 @@ fn adbc(s: &Server, token: &str, tenant: Option<&str>, queries: &[(&str, &str)])
         bail!("adbc-driver-flightsql is not installed (scripts/test.sh installs it)");
     }
     let addr = s.flight.context("the server has no Flight SQL listener")?;
-    let queries = serde_json::to_string(&queries.iter().map(|(n, q)| [*n, *q]).collect::<Vec<_>>())?;
+    let queries = serde_json::to_string(&queries)?;
     let out = Command::new("python3")
         .arg("-c")
         .arg(SCRIPT)
@@ -82,6 +91,37 @@ fn adbc_reads_arrow_and_lists_the_tables() -> anyhow::Result<()> {
     assert!(v["write"]["error"].as_str().is_some_and(|e| e.contains("not supported") || e.contains("DDL")), "{v}");
     assert!(v["bad"]["error"].as_str().is_some_and(|e| e.contains("nope")), "{v}");
     assert!(v["tables"].as_array().is_some_and(|t| t.iter().any(|x| x == "telemetry")), "{v}");
+    Ok(())
+}
+
+#[test]
+fn prepared_statements_bind_parameters_as_jdbc_and_adbc_send_them() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let (status, _) = s.post_json("/api/v1/streams/telemetry/events", &Value::Array(events(0, 1000, 10)))?;
+    assert_eq!(status, 200);
+    let v = adbc_with(
+        &s,
+        &s.token,
+        None,
+        vec![
+            json!(["one", "SELECT count(*) AS n FROM telemetry WHERE device_id = ?", ["dev-3"]]),
+            json!(["two", "SELECT count(*) AS n FROM telemetry WHERE device_id = ? AND seq < ?", ["dev-3", 500]]),
+            json!(["dollar", "SELECT count(*) AS n FROM telemetry WHERE seq >= $1", [900]]),
+            json!(["quoted", "SELECT '?' AS q, count(*) AS n FROM telemetry WHERE device_id = ?", ["dev-1"]]),
+            json!(["strings", "SELECT device_id FROM telemetry WHERE seq = ?", [7]]),
+            json!(["too_few", "SELECT count(*) FROM telemetry WHERE device_id = ? AND seq < ?", ["dev-3"]]),
+            json!(["write", "DELETE FROM telemetry WHERE device_id = ?", ["dev-3"]]),
+        ],
+    )?;
+    assert_eq!(v["one"]["first"], json!([{"n": 100}]), "{v}");
+    assert_eq!(v["two"]["first"], json!([{"n": 50}]), "{v}");
+    assert_eq!(v["dollar"]["first"], json!([{"n": 100}]), "{v}");
+    assert_eq!(v["quoted"]["first"], json!([{"q": "?", "n": 100}]), "{v}");
+    assert_eq!(v["strings"]["types"], json!(["string"]), "results keep the plain string type: {v}");
+    assert_eq!(v["strings"]["first"], json!([{"device_id": "dev-7"}]), "{v}");
+    assert!(v["too_few"]["error"].as_str().is_some_and(|e| e.contains("parameter")), "{v}");
+    assert!(v["write"]["error"].is_string(), "a prepared statement is read-only too: {v}");
     Ok(())
 }
 

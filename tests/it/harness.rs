@@ -264,6 +264,12 @@ impl Server {
         wait(&mut child)
     }
 
+    /// Waits for the server to end by itself (a kill point, a fatal error).
+    pub fn exited(mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        wait(&mut child)
+    }
+
     /// SIGKILL: no chance to persist or flush anything.
     pub fn kill(mut self) -> anyhow::Result<()> {
         let mut child = self.child.take().context("already stopped")?;
@@ -289,7 +295,7 @@ fn wait(child: &mut Child) -> anyhow::Result<ExitStatus> {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("server did not exit within {TIMEOUT:?} after SIGTERM");
+            bail!("server did not exit within {TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -233,3 +233,25 @@ fn configuration_precedence_file_env_flag() -> anyhow::Result<()> {
     assert!(err.contains("ferrite.toml") && err.contains("max_paylod"), "{err}");
     Ok(())
 }
+
+#[test]
+fn device_tags_name_the_device_of_lines_without_device_id_or_host() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &["--device-tags", "name,vin"])?;
+    // What TSBS's IoT generator writes: trucks named by `name`, numeric tags, an `i` status.
+    let lp = "readings,name=truck_0,fleet=South,driver=Trish,model=H-2,load_capacity=1500 latitude=52.31854,velocity=12 1451606400000000000\n\
+              diagnostics,name=truck_0,fleet=South fuel_state=0.9,current_load=1200,status=0i 1451606400000000000\n\
+              readings,vin=WVW1,fleet=East velocity=3 1451606410000000000\n\
+              readings,fleet=East velocity=4 1451606420000000000\n";
+    let (status, body) = s.post("/api/v2/write", "text/plain", lp.as_bytes())?;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["details"]["accepted"], 3, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default().to_owned() + &body.to_string();
+    assert!(msg.contains("line 4") && msg.contains("`name`, `vin`"), "{body}");
+    let rows = s.sql("SELECT device_id, name, fleet, velocity FROM readings ORDER BY time")?;
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0]["device_id"].as_str(), rows[0]["name"].as_str()), (Some("truck_0"), Some("truck_0")));
+    assert_eq!(rows[1]["device_id"], "WVW1");
+    assert_eq!(s.sql_count("SELECT status FROM diagnostics WHERE device_id = 'truck_0'")?, 0);
+    Ok(())
+}

@@ -224,3 +224,90 @@ fn every_sql_panel_of_the_grafana_dashboard_runs() -> anyhow::Result<()> {
     assert_eq!(ran, 6, "every SQL panel ran");
     Ok(())
 }
+
+/// A self-signed certificate for 127.0.0.1 (its own CA), by the `openssl` CLI.
+fn self_signed(dir: &std::path::Path, name: &str) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .context("openssl is not installed (scripts/test.sh installs it)")?;
+    if !out.status.success() {
+        bail!("openssl failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((cert, key))
+}
+
+/// `psql -At -c sql` with libpq's TLS settings `ssl`; (success, stdout, stderr).
+fn psql_tls(s: &Server, ssl: &str, sql: &str) -> anyhow::Result<(bool, String, String)> {
+    let pg = s.pg.context("the server has no pg listener")?;
+    let out = Command::new(psql_bin()?)
+        .arg(format!("host={} port={} user=analyst dbname=ferrite {ssl}", pg.ip(), pg.port()))
+        .args(["-At", "-X", "-c", sql])
+        .env("PGPASSWORD", &s.token)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn with_a_certificate_tls_is_required_and_a_renewed_certificate_is_used_without_a_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = tempfile::tempdir()?;
+    let (first, first_key) = self_signed(pki.path(), "first")?;
+    let (cert, key) = (pki.path().join("server.crt"), pki.path().join("server.key"));
+    std::fs::copy(&first, &cert)?;
+    std::fs::copy(&first_key, &key)?;
+    let tls = ["--tls-cert".to_owned(), cert.display().to_string(), "--tls-key".to_owned(), key.display().to_string()];
+    let s = Server::start(dir.path(), &tls.iter().map(String::as_str).collect::<Vec<_>>())?;
+    s.post_json("/api/v1/streams/telemetry/events", &Value::Array(events(0, 30, 3)))?;
+
+    let verify = |root: &std::path::Path| format!("sslmode=verify-full sslrootcert={}", root.display());
+    let (ok, out, err) = psql_tls(&s, &verify(&first), "SELECT count(*) FROM telemetry")?;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "30");
+    // A session in clear text is refused before it sends its password, and told how to connect.
+    let (ok, _, err) = psql_tls(&s, "sslmode=disable", "SELECT 1")?;
+    assert!(!ok);
+    assert!(err.contains("requires TLS") && err.contains("sslmode=require"), "{err}");
+
+    // The certificate is renewed on disk (a new key): the next connection gets the new one.
+    let (second, second_key) = self_signed(pki.path(), "second")?;
+    std::fs::copy(&second, &cert)?;
+    std::fs::copy(&second_key, &key)?;
+    let (ok, out, err) = psql_tls(&s, &verify(&second), "SELECT count(*) FROM telemetry")?;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "30");
+    let (ok, _, err) = psql_tls(&s, &verify(&first), "SELECT 1")?;
+    assert!(!ok, "the old certificate is no longer served: {err}");
+    drop(s);
+
+    // Half a TLS configuration, or a key that is not PEM, stops the start with the reason.
+    let run = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+            .args(["serve", "--data-dir"])
+            .arg(dir.path())
+            .args(["--http-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--pg-listen", "127.0.0.1:0"])
+            .args(["--flight-listen", "off"])
+            .args(args)
+            .output()?;
+        assert!(!out.status.success());
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let err = run(&["--tls-cert", &tls[1]])?;
+    assert!(err.contains("tls_cert and tls_key"), "{err}");
+    let not_pem = pki.path().join("junk.key");
+    std::fs::write(&not_pem, "not a key")?;
+    let err = run(&["--tls-cert", &tls[1], "--tls-key", &not_pem.display().to_string()])?;
+    assert!(err.contains("junk.key"), "{err}");
+    Ok(())
+}
