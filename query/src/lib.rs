@@ -17,6 +17,7 @@
 //! store); never on ingest or rules.
 
 pub mod error;
+pub mod functions;
 pub mod http;
 pub mod last;
 pub mod system;
@@ -221,6 +222,7 @@ impl QueryService {
             .build_arc()
             .map_err(Error::from_datafusion)?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
+        ctx.register_udf(functions::UtcDateTrunc::udf());
         let url = url::Url::parse(ARCHIVE_URL).map_err(|e| Error::Execution(e.to_string()))?;
         ctx.register_object_store(&url, storage.object_store());
         Ok(Self {

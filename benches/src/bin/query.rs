@@ -110,6 +110,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             out_rows = r.batches.iter().map(|b| b.num_rows()).sum::<usize>();
         }
         let f = median(times).as_secs_f64() * 1e3;
+        // QUERY_EXPLAIN=name prints that query's EXPLAIN ANALYZE (where its time goes).
+        if std::env::var("QUERY_EXPLAIN").is_ok_and(|q| q == name) {
+            let r = rt.block_on(service.sql(&format!("EXPLAIN ANALYZE {sql}")))?;
+            println!("{}", arrow::util::pretty::pretty_format_batches(&r.batches)?);
+        }
         let d = duck.as_ref().ok().and_then(|m| m.get(&format!("duckdb:{name}")).copied());
         let py = duck.as_ref().ok().and_then(|m| m.get(&format!("polars_py:{name}")).copied());
         #[cfg(feature = "polars")]

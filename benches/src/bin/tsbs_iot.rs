@@ -15,6 +15,9 @@
 //!    rows. The three latest-row queries also run on Ferrite's last-value cache.
 //!
 //! `cargo run --release -p ferrite-benches --bin tsbs_iot -- [trucks] [hours] [runs] [files]`
+//!
+//! `TSBS_ONLY=avg-load,last-loc` runs only those queries (for a profile); `TSBS_KEEP=1`
+//! keeps the archive.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -526,7 +529,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let end = T0 + ticks * INTERVAL_NS;
     let service = QueryService::new(catalog, storage.clone(), metrics)?;
     let root = dir.join("archive").join("default");
-    let peers = peer_timings(&root, runs, end);
+    let peers =
+        if std::env::var_os("TSBS_ONLY").is_some() { Ok(HashMap::new()) } else { peer_timings(&root, runs, end) };
     let peers = match peers {
         Ok(p) => p,
         Err(e) => {
@@ -547,8 +551,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let fmt = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "n/a".into());
     let ratio = |a: f64, b: Option<f64>| b.map(|b| format!("{:.2}", a / b)).unwrap_or_else(|| "n/a".into());
+    let only: Option<Vec<String>> =
+        std::env::var("TSBS_ONLY").ok().map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let mut mismatches = Vec::new();
-    for (name, template) in QUERIES {
+    for (name, template) in QUERIES.into_iter().filter(|(n, _)| wanted(n)) {
         let (f, rows) = run_ferrite(&sql_for(template, false, end))?;
         let d = peers.get(&format!("duckdb:{name}")).copied();
         let p = peers.get(&format!("polars:{name}")).copied();
@@ -566,7 +573,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ratio(f, p)
         );
     }
-    for (name, template) in CACHED {
+    for (name, template) in CACHED.into_iter().filter(|(n, _)| wanted(n)) {
         let (f, rows) = run_ferrite(&sql_for(template, false, end))?;
         let d = peers.get(&format!("duckdb:{name}")).copied();
         let p = peers.get(&format!("polars:{name}")).copied();
