@@ -243,7 +243,8 @@ impl FerriteFlight {
         Ok(scope)
     }
 
-    /// The statement of `handle`, planned with its bound values (when it has placeholders).
+    /// The statement of `handle` (a prepared one, or a plain statement with no values),
+    /// planned read-only with its bound values, its strings as plain `Utf8`.
     async fn prepared(&self, scope: &Scope, handle: &Handle) -> Result<datafusion::dataframe::DataFrame, Status> {
         let ctx = self.session(scope)?;
         let df = ctx.sql_with_options(&handle.sql, read_only()).await.map_err(df_status)?;
@@ -261,6 +262,18 @@ impl FerriteFlight {
             .with_param_values(ParamValues::List(handle.params.iter().cloned().map(Into::into).collect()))
             .map_err(df_status)?;
         ferrite_query::with_plain_strings(df).map_err(df_status)
+    }
+
+    /// The rows of `df`, streamed as Flight data while they are produced.
+    async fn results(df: datafusion::dataframe::DataFrame) -> Result<Response<FlightStream>, Status> {
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let batches = df
+            .execute_stream()
+            .await
+            .map_err(df_status)?
+            .map_err(|e| FlightError::from(arrow::error::ArrowError::ExternalError(Box::new(e))));
+        let stream = FlightDataEncoderBuilder::new().with_schema(schema).build(batches).map_err(Status::from);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     fn session(&self, scope: &Scope) -> Result<SessionContext, Status> {
@@ -355,9 +368,7 @@ impl FlightSqlService for FerriteFlight {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let scope = self.scope(&request)?;
-        let ctx = self.session(&scope)?;
-        let df = ctx.sql_with_options(&query.query, read_only()).await.map_err(df_status)?;
-        let df = ferrite_query::with_plain_strings(df).map_err(df_status)?;
+        let df = self.prepared(&scope, &Handle { sql: query.query.clone(), params: Vec::new() }).await?;
         let schema = df.schema().as_arrow().clone();
         let ticket = TicketStatementQuery { statement_handle: query.query.clone().into_bytes().into() };
         Self::info_for(ticket.as_any(), &schema, request.into_inner())
@@ -371,17 +382,8 @@ impl FlightSqlService for FerriteFlight {
         let scope = self.scope(&request)?;
         let sql = String::from_utf8(ticket.statement_handle.to_vec())
             .map_err(|_| Status::invalid_argument("the ticket is not a statement of this server"))?;
-        let ctx = self.session(&scope)?;
-        let df = ctx.sql_with_options(&sql, read_only()).await.map_err(df_status)?;
-        let df = ferrite_query::with_plain_strings(df).map_err(df_status)?;
-        let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = df
-            .execute_stream()
-            .await
-            .map_err(df_status)?
-            .map_err(|e| FlightError::from(arrow::error::ArrowError::ExternalError(Box::new(e))));
-        let stream = FlightDataEncoderBuilder::new().with_schema(schema).build(batches).map_err(Status::from);
-        Ok(Response::new(Box::pin(stream)))
+        let df = self.prepared(&scope, &Handle { sql, params: Vec::new() }).await?;
+        Self::results(df).await
     }
 
     async fn do_action_create_prepared_statement(
@@ -457,14 +459,7 @@ impl FlightSqlService for FerriteFlight {
         let scope = self.scope(&request)?;
         let handle = Handle::decode(&query.prepared_statement_handle)?;
         let df = self.prepared(&scope, &handle).await?;
-        let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = df
-            .execute_stream()
-            .await
-            .map_err(df_status)?
-            .map_err(|e| FlightError::from(arrow::error::ArrowError::ExternalError(Box::new(e))));
-        let stream = FlightDataEncoderBuilder::new().with_schema(schema).build(batches).map_err(Status::from);
-        Ok(Response::new(Box::pin(stream)))
+        Self::results(df).await
     }
 
     async fn do_action_close_prepared_statement(

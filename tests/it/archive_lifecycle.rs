@@ -46,7 +46,10 @@ fn a_running_server_compacts_an_hours_files_into_one_and_every_reader_sees_each_
         let want = (i as u64 + 1) * 200;
         s.wait_for("the batch to be archived", |s| Ok(s.rows("telemetry")?.1 == want))?;
     }
-    assert_eq!(stream_info(&s, "telemetry")?["archive"]["files"], 5);
+    // At least one file per batch: a persist that runs between the two shards' commits of
+    // one request writes that request in two files.
+    let files = stream_info(&s, "telemetry")?["archive"]["files"].as_u64().unwrap_or(0);
+    assert!(files >= 5, "{files} files");
     assert!(s.stop()?.success());
 
     let s = Server::start(dir.path(), &FAST)?;
