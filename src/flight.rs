@@ -33,10 +33,9 @@ use arrow_flight::sql::{
 use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, Ticket};
 use arrow_flight::{IpcMessage, SchemaAsIpc};
 use datafusion::common::{ParamValues, ScalarValue};
-use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::SessionContext;
-use ferrite_engine::auth::{AccessControl, Action, Credentials, RequestContext, Resource, Transport};
-use ferrite_query::{QueryService, Scope};
+use ferrite_engine::auth::{AccessControl, Credentials, RequestContext, Transport};
+use ferrite_query::{QueryService, Scope, plan_read_only};
 use futures::{Stream, TryStreamExt};
 use prost::Message;
 use tokio::net::TcpListener;
@@ -186,10 +185,6 @@ fn number_placeholders(sql: &str) -> String {
     out
 }
 
-fn read_only() -> SQLOptions {
-    SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
-}
-
 fn df_status(e: datafusion::error::DataFusionError) -> Status {
     let text = e.to_string();
     if text.contains("not found") || text.contains("Error during planning") || text.contains("not supported") {
@@ -232,25 +227,16 @@ impl FerriteFlight {
             Some(t) if !t.is_empty() => t.to_owned(),
             _ => principal.tenant.to_string(),
         };
-        let resource = Resource::tenant(&tenant);
-        if !self.access.authorize(&principal, Action::Query, &resource, &context).allowed {
-            return Err(Status::permission_denied(format!("{principal} may not query tenant {tenant:?}")));
-        }
-        let scope = Scope::tenant(&tenant);
-        if self.access.enabled() && !self.access.authorize(&principal, Action::ReadAudit, &resource, &context).allowed {
-            return Ok(scope.hiding(ferrite_engine::auth::AUDIT_STREAM));
-        }
-        Ok(scope)
+        Scope::of(self.access.as_ref(), &principal, &tenant, &context).map_err(Status::permission_denied)
     }
 
     /// The statement of `handle` (a prepared one, or a plain statement with no values),
     /// planned read-only with its bound values, its strings as plain `Utf8`.
     async fn prepared(&self, scope: &Scope, handle: &Handle) -> Result<datafusion::dataframe::DataFrame, Status> {
-        let ctx = self.session(scope)?;
-        let df = ctx.sql_with_options(&handle.sql, read_only()).await.map_err(df_status)?;
+        let df = plan_read_only(&self.session(scope)?, &handle.sql).await.map_err(df_status)?;
         let wanted = df.logical_plan().get_parameter_types().map_err(df_status)?.len();
         if wanted == 0 {
-            return ferrite_query::with_plain_strings(df).map_err(df_status);
+            return Ok(df);
         }
         if handle.params.len() != wanted {
             return Err(Status::invalid_argument(format!(
@@ -258,10 +244,8 @@ impl FerriteFlight {
                 handle.params.len()
             )));
         }
-        let df = df
-            .with_param_values(ParamValues::List(handle.params.iter().cloned().map(Into::into).collect()))
-            .map_err(df_status)?;
-        ferrite_query::with_plain_strings(df).map_err(df_status)
+        df.with_param_values(ParamValues::List(handle.params.iter().cloned().map(Into::into).collect()))
+            .map_err(df_status)
     }
 
     /// The rows of `df`, streamed as Flight data while they are produced.
@@ -325,21 +309,19 @@ impl FerriteFlight {
     }
 }
 
+/// The one column of `CommandGetTableTypes`' answer.
+fn table_types_schema() -> arrow::datatypes::Schema {
+    arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
+        "table_type",
+        arrow::datatypes::DataType::Utf8,
+        false,
+    )])
+}
+
+/// Standard base64 (HTTP Basic credentials).
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in s.bytes().filter(|c| *c != b'=') {
-        let v = ALPHABET.iter().position(|a| *a == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).ok()
 }
 
 #[tonic::async_trait]
@@ -393,8 +375,7 @@ impl FlightSqlService for FerriteFlight {
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let scope = self.scope(&request)?;
         let sql = number_placeholders(&query.query);
-        let ctx = self.session(&scope)?;
-        let df = ctx.sql_with_options(&sql, read_only()).await.map_err(df_status)?;
+        let df = plan_read_only(&self.session(&scope)?, &sql).await.map_err(df_status)?;
         let types = df.logical_plan().get_parameter_types().map_err(df_status)?;
         let mut params: Vec<(String, Option<arrow::datatypes::DataType>)> = types.into_iter().collect();
         params.sort_by_key(|(name, _)| name.trim_start_matches('$').parse::<usize>().unwrap_or(usize::MAX));
@@ -410,7 +391,7 @@ impl FlightSqlService for FerriteFlight {
         };
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: Handle { sql, params: Vec::new() }.encode()?,
-            dataset_schema: ipc(ferrite_query::with_plain_strings(df).map_err(df_status)?.schema().as_arrow())?,
+            dataset_schema: ipc(df.schema().as_arrow())?,
             parameter_schema: ipc(&arrow::datatypes::Schema::new(parameter_fields))?,
         })
     }
@@ -547,12 +528,7 @@ impl FlightSqlService for FerriteFlight {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.scope(&request)?;
-        let schema = arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
-            "table_type",
-            arrow::datatypes::DataType::Utf8,
-            false,
-        )]);
-        Self::info_for(query.as_any(), &schema, request.into_inner())
+        Self::info_for(query.as_any(), &table_types_schema(), request.into_inner())
     }
 
     async fn do_get_table_types(
@@ -561,11 +537,7 @@ impl FlightSqlService for FerriteFlight {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         self.scope(&request)?;
-        let schema = Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
-            "table_type",
-            arrow::datatypes::DataType::Utf8,
-            false,
-        )]));
+        let schema = Arc::new(table_types_schema());
         let column = Arc::new(arrow::array::StringArray::from(vec!["SYSTEM TABLE", "TABLE"])) as arrow::array::ArrayRef;
         let batch = arrow::array::RecordBatch::try_new(schema.clone(), vec![column]);
         Ok(Self::batches(schema, batch))

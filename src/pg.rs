@@ -24,7 +24,7 @@ use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContex
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog;
 use datafusion_postgres::pgwire;
 use datafusion_postgres::{DfSessionService, QueryHook};
-use ferrite_engine::auth::{AccessControl, Action, Credentials, Principal, RequestContext, Resource, Transport};
+use ferrite_engine::auth::{AccessControl, Credentials, Principal, RequestContext, Transport};
 use ferrite_query::{QueryService, Scope};
 use futures::{Sink, SinkExt};
 use parking_lot::Mutex;
@@ -249,13 +249,8 @@ impl TokenStartup {
             Some(d) if Some(d) == user => own,
             Some(d) => d.to_owned(),
         };
-        let resource = Resource::tenant(&tenant);
-        if !self.access.authorize(principal, Action::Query, &resource, context).allowed {
-            return Err(format!("{principal} may not query tenant {tenant:?}"));
-        }
-        let hide_audit =
-            self.access.enabled() && !self.access.authorize(principal, Action::ReadAudit, &resource, context).allowed;
-        Ok((tenant, hide_audit))
+        let scope = Scope::of(self.access.as_ref(), principal, &tenant, context)?;
+        Ok((scope.tenant, !scope.hidden.is_empty()))
     }
 }
 

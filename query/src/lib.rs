@@ -35,6 +35,7 @@ use datafusion::execution::context::{SQLOptions, SessionContext};
 use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::SessionConfig;
+use ferrite_engine::auth::{AccessControl, Action, Principal, RequestContext, Resource};
 use ferrite_engine::system::TableSet;
 use ferrite_engine::{Metrics, StreamCatalog};
 use ferrite_storage::Storage;
@@ -63,6 +64,25 @@ impl Scope {
     pub fn hiding(mut self, name: &str) -> Self {
         self.hidden.push(name.to_owned());
         self
+    }
+
+    /// What `principal` sees querying `tenant`: its streams, less `audit` without
+    /// `read_audit`; or why it may not query the tenant at all.
+    pub fn of(
+        access: &dyn AccessControl,
+        principal: &Principal,
+        tenant: &str,
+        context: &RequestContext,
+    ) -> std::result::Result<Self, String> {
+        let resource = Resource::tenant(tenant);
+        if !access.authorize(principal, Action::Query, &resource, context).allowed {
+            return Err(format!("{principal} may not query tenant {tenant:?}"));
+        }
+        let scope = Self::tenant(tenant);
+        if access.enabled() && !access.authorize(principal, Action::ReadAudit, &resource, context).allowed {
+            return Ok(scope.hiding(ferrite_engine::auth::AUDIT_STREAM));
+        }
+        Ok(scope)
     }
 }
 
@@ -363,11 +383,20 @@ pub fn with_plain_strings(df: datafusion::dataframe::DataFrame) -> DfResult<data
     df.select(exprs)
 }
 
+/// What every SQL door allows: queries, no DDL, DML or statements.
+pub fn read_only() -> SQLOptions {
+    SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
+}
+
+/// `sql` planned read-only on `ctx`, its results with plain strings (the planning every
+/// SQL door but the PostgreSQL wire shares; that one plans through datafusion-postgres).
+pub async fn plan_read_only(ctx: &SessionContext, sql: &str) -> DfResult<datafusion::dataframe::DataFrame> {
+    with_plain_strings(ctx.sql_with_options(sql, read_only()).await?)
+}
+
 /// Plans `sql` read-only and collects its result, up to `max_result_bytes`.
 async fn run_query(ctx: SessionContext, sql: String, max_result_bytes: usize) -> Result<QueryResult> {
-    let read_only = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
-    let df = ctx.sql_with_options(&sql, read_only).await.map_err(Error::from_datafusion)?;
-    let df = with_plain_strings(df).map_err(Error::from_datafusion)?;
+    let df = plan_read_only(&ctx, &sql).await.map_err(Error::from_datafusion)?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let mut stream = df.execute_stream().await.map_err(Error::from_datafusion)?;
     let mut batches = Vec::new();
