@@ -15,6 +15,12 @@ if ! command -v mosquitto_pub >/dev/null 2>&1; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto-clients >/dev/null
 fi
+if ! command -v curl >/dev/null 2>&1; then
+    log "installing curl (the HTTPS test's client)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl >/dev/null
+fi
 if ! command -v openssl >/dev/null 2>&1; then
     log "installing openssl (certificates for the TLS tests)"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -34,6 +40,11 @@ fi
 if ! python3 -c 'import adbc_driver_flightsql.dbapi' >/dev/null 2>&1; then
     log "installing the ADBC Flight SQL driver (Python) for the Flight SQL test"
     python3 -m pip install --quiet --disable-pip-version-check adbc-driver-flightsql adbc-driver-manager
+fi
+
+if ! python3 -c 'import paho.mqtt.client' >/dev/null 2>&1; then
+    log "installing paho-mqtt (Python) for the MQTT over WebSocket test"
+    python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2'
 fi
 
 if ! python3 -c 'import moto.server' >/dev/null 2>&1; then

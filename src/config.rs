@@ -30,6 +30,12 @@ pub struct Config {
     pub tls_cert: PathBuf,
     /// PEM private key of `tls_cert`.
     pub tls_key: PathBuf,
+    /// PEM CA certificates whose client certificates authenticate devices (mutual TLS).
+    pub tls_client_ca: PathBuf,
+    /// MQTT over TLS listener address (used once a certificate is set), or `off`.
+    pub mqtts_listen: String,
+    /// HTTPS listener address (used once a certificate is set), or `off`.
+    pub https_listen: String,
     /// How often the hot buffer is written to Parquet.
     #[serde(with = "humantime_serde_compat")]
     pub persist_interval: Duration,
@@ -137,6 +143,9 @@ impl Default for Config {
             flight_listen: "0.0.0.0:8815".to_owned(),
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
+            tls_client_ca: PathBuf::new(),
+            mqtts_listen: "0.0.0.0:8883".to_owned(),
+            https_listen: "0.0.0.0:8443".to_owned(),
             persist_interval: Duration::from_secs(60),
             hot_buffer_max: 512 * 1024 * 1024,
             compaction: m.compaction,
@@ -278,6 +287,9 @@ mod tests {
             "flight_listen",
             "tls_cert",
             "tls_key",
+            "tls_client_ca",
+            "mqtts_listen",
+            "https_listen",
             "persist_interval",
             "hot_buffer_max",
             "compaction",

@@ -2,6 +2,7 @@
 //! own lives here; see the crates' docs for what each part does.
 
 mod actions;
+mod certs_cmd;
 mod client;
 mod config;
 mod device_cmd;
@@ -49,6 +50,8 @@ enum Command {
     Device(device_cmd::DeviceArgs),
     /// Sign software updates: make a key pair, sign an artifact.
     Ota(ota_cmd::OtaArgs),
+    /// Make certificates: `certs dev` writes a local CA, a server and device certificates.
+    Certs(certs_cmd::CertsArgs),
 }
 
 /// Flags of `ferrite serve`; each overrides `ferrite.toml` and has a `FERRITE_*` variable.
@@ -78,12 +81,21 @@ pub struct ServeArgs {
     /// Arrow Flight SQL listen address (port 0: any free port), or `off`.
     #[arg(long, env = "FERRITE_FLIGHT_LISTEN")]
     flight_listen: Option<String>,
-    /// PEM certificate chain for TLS (the PostgreSQL wire listener today); needs --tls-key.
+    /// PEM certificate chain for TLS (MQTT over TLS, HTTPS, the PostgreSQL wire); needs --tls-key.
     #[arg(long, env = "FERRITE_TLS_CERT")]
     tls_cert: Option<std::path::PathBuf>,
     /// PEM private key of --tls-cert.
     #[arg(long, env = "FERRITE_TLS_KEY")]
     tls_key: Option<std::path::PathBuf>,
+    /// PEM CA certificates whose client certificates authenticate devices (mutual TLS).
+    #[arg(long, env = "FERRITE_TLS_CLIENT_CA")]
+    tls_client_ca: Option<std::path::PathBuf>,
+    /// MQTT over TLS listen address, used once --tls-cert is set (port 0: any free port), or `off`.
+    #[arg(long, env = "FERRITE_MQTTS_LISTEN")]
+    mqtts_listen: Option<String>,
+    /// HTTPS listen address, used once --tls-cert is set (port 0: any free port), or `off`.
+    #[arg(long, env = "FERRITE_HTTPS_LISTEN")]
+    https_listen: Option<String>,
     /// Hot buffer to Parquet interval (e.g. 60s, 5m).
     #[arg(long, env = "FERRITE_PERSIST_INTERVAL")]
     persist_interval: Option<String>,
@@ -228,6 +240,15 @@ impl ServeArgs {
         if let Some(v) = self.tls_key {
             c.tls_key = v;
         }
+        if let Some(v) = self.tls_client_ca {
+            c.tls_client_ca = v;
+        }
+        if let Some(v) = self.mqtts_listen {
+            c.mqtts_listen = v;
+        }
+        if let Some(v) = self.https_listen {
+            c.https_listen = v;
+        }
         if let Some(v) = self.http_listen {
             c.http_listen = v;
         }
@@ -355,6 +376,7 @@ fn main() -> ExitCode {
         Command::Client(args) => identity_cmd::client(args),
         Command::Device(args) => device_cmd::device(args),
         Command::Ota(args) => ota_cmd::ota(args),
+        Command::Certs(args) => certs_cmd::certs(args),
         Command::Policy(args) => match identity_cmd::policy(args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(2),

@@ -133,11 +133,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for HTTP on {} (set --http-listen)", config.http_listen))?;
     let mqtt_addr = mqtt_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
+    let client_ca = Some(config.tls_client_ca.as_path()).filter(|p| !p.as_os_str().is_empty());
     let tls = match (config.tls_cert.as_os_str().is_empty(), config.tls_key.as_os_str().is_empty()) {
+        (true, true) if client_ca.is_some() => {
+            anyhow::bail!("tls_client_ca needs the server's own certificate: set tls_cert and tls_key too")
+        }
         (true, true) => None,
-        (false, false) => Some(crate::tls::TlsFiles::load(&config.tls_cert, &config.tls_key)?),
+        (false, false) => Some(crate::tls::TlsFiles::load(&config.tls_cert, &config.tls_key, client_ca)?),
         _ => anyhow::bail!("set both tls_cert and tls_key (PEM files), or neither"),
     };
+    // MQTT over TLS and HTTPS listen once there is a certificate.
+    let (mqtts_listener, https_listener) = match &tls {
+        Some(_) => (
+            optional_listener(&config.mqtts_listen, "mqtts_listen", "MQTT over TLS").await?,
+            optional_listener(&config.https_listen, "https_listen", "HTTPS").await?,
+        ),
+        None => (None, None),
+    };
+    let mqtts_addr = mqtts_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let https_addr = https_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let pg_listener = optional_listener(&config.pg_listen, "pg_listen", "the PostgreSQL wire protocol").await?;
     let pg_addr = pg_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let flight_listener = optional_listener(&config.flight_listen, "flight_listen", "Arrow Flight SQL").await?;
@@ -162,8 +176,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     actions.set_access(access.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mqtt_task = tokio::spawn(mqtt::serve(
-        mqtt_listener,
+    // One front for MQTT on TCP, TLS and WebSocket: the same limits, sessions and drain.
+    let front = mqtt::MqttFront::new(
         ingestor.clone(),
         broker,
         metrics.clone(),
@@ -174,7 +188,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             max_subscriptions_per_session: config.mqtt_max_subscriptions,
         },
         stop_rx.clone(),
-    ));
+    );
+    let mqtt_task = tokio::spawn(mqtt::serve(mqtt_listener, front.clone()));
+    let mqtts_task = match (mqtts_listener, &tls) {
+        (Some(l), Some(files)) => Some(tokio::spawn(crate::tls::serve_mqtts(
+            l,
+            files.clone(),
+            front.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ))),
+        _ => None,
+    };
+    if let Some(files) = &tls {
+        spawn_reload_on_hangup(files.clone());
+    }
 
     let metrics_for_route = metrics.clone();
     let mut protected = Router::new()
@@ -205,6 +233,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let app = ferrite_plugin::protect(protected, access.clone())
         .merge(public)
         .layer(axum::middleware::from_fn(ferrite_plugin::close_after_error));
+    let https_task = match (https_listener, &tls) {
+        (Some(l), Some(files)) => {
+            use axum::serve::ListenerExt;
+            let listener = crate::tls::HttpsListener::start(l, files.clone(), metrics.clone())?.tap_io(|_| {});
+            let app = app.clone().merge(ferrite_ingest::mqtt_ws::router(front.clone(), true));
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.changed().await;
+                    })
+                    .await
+            }))
+        }
+        _ => None,
+    };
+    let app = app.merge(ferrite_ingest::mqtt_ws::router(front.clone(), false));
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(http_listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
@@ -221,12 +266,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         rules_dir = %config.rules_dir.display(),
         archive = storage_location,
         shards,
+        tls = tls.is_some(),
+        mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()),
         "ferrite is running"
     );
     let pg_task = pg_listener.map(|l| tokio::spawn(crate::pg::serve(l, query.clone(), access.clone(), tls.clone())));
     // A stable line on stdout for scripts and tests that start the server on port 0.
     let flight_task = flight_listener.map(|l| tokio::spawn(crate::flight::serve(l, query.clone(), access.clone())));
     let mut listening = format!("ferrite listening: mqtt={mqtt_addr} http={http_addr}");
+    if let Some(a) = mqtts_addr {
+        listening.push_str(&format!(" mqtts={a}"));
+    }
+    if let Some(a) = https_addr {
+        listening.push_str(&format!(" https={a}"));
+    }
     if let Some(pg) = pg_addr {
         listening.push_str(&format!(" pg={pg}"));
     }
@@ -241,11 +294,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     for t in [pg_task, flight_task].into_iter().flatten() {
         t.abort();
     }
+    if let Some(t) = mqtts_task {
+        let _ = t.await;
+    }
+    // Drains every MQTT session, the TLS and WebSocket ones too.
     let _ = mqtt_task.await;
-    match tokio::time::timeout(Duration::from_secs(30), http_task).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server error during shutdown"),
-        Err(_) => tracing::warn!("http requests still running after 30s; closing anyway"),
-        _ => {}
+    for (t, name) in [(Some(http_task), "http"), (https_task, "https")] {
+        let Some(t) = t else { continue };
+        match tokio::time::timeout(Duration::from_secs(30), t).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, listener = name, "server error during shutdown"),
+            Err(_) => tracing::warn!(listener = name, "requests still running after 30s; closing anyway"),
+            _ => {}
+        }
     }
     for plugin in plugins.iter().rev() {
         plugin.stop().await;
@@ -315,6 +375,29 @@ impl ferrite_rules::runtime::TableLoader for SqlTables {
             .map(|r| r.batches)
             .map_err(|e| format!("cannot read stream `{stream}`: {e}"))
     }
+}
+
+/// Reads the TLS files again on every SIGHUP (they are also read when they change).
+fn spawn_reload_on_hangup(files: std::sync::Arc<crate::tls::TlsFiles>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reading the TLS files again");
+                        files.reload();
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGHUP; TLS files are still read again when they change")
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = files;
 }
 
 async fn wait_for_signal() {

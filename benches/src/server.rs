@@ -12,6 +12,8 @@ pub struct Ferrite {
     pub mqtt: SocketAddr,
     /// HTTP address.
     pub http: SocketAddr,
+    /// MQTT over TLS address (with `--tls-cert`).
+    pub mqtts: Option<SocketAddr>,
     /// The admin bearer token, when identity is on.
     pub token: Option<String>,
 }
@@ -91,6 +93,10 @@ impl Ferrite {
                 "127.0.0.1:0",
                 "--flight-listen",
                 "127.0.0.1:0",
+                "--mqtts-listen",
+                "127.0.0.1:0",
+                "--https-listen",
+                "127.0.0.1:0",
                 "--log",
                 "warn",
             ])
@@ -107,8 +113,11 @@ impl Ferrite {
         let rest = line.trim().strip_prefix("ferrite listening: ").ok_or_else(|| format!("unexpected {line:?}"))?;
         let mut mqtt = None;
         let mut http = None;
+        let mut mqtts = None;
         for part in rest.split_whitespace() {
-            if let Some(a) = part.strip_prefix("mqtt=") {
+            if let Some(a) = part.strip_prefix("mqtts=") {
+                mqtts = a.parse().ok();
+            } else if let Some(a) = part.strip_prefix("mqtt=") {
                 mqtt = a.parse().ok();
             } else if let Some(a) = part.strip_prefix("http=") {
                 http = a.parse().ok();
@@ -116,7 +125,12 @@ impl Ferrite {
         }
         // Identity writes the admin token before the listeners start.
         let token = std::fs::read_to_string(data_dir.join("admin.token")).ok().map(|t| t.trim().to_owned());
-        Ok(Self { child, mqtt: mqtt.ok_or("no mqtt address")?, http: http.ok_or("no http address")?, token })
+        Ok(Self { child, mqtt: mqtt.ok_or("no mqtt address")?, http: http.ok_or("no http address")?, mqtts, token })
+    }
+
+    /// The server's process id (to read its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// POSTs `body` (of `content_type`) with the admin token; the answer's JSON.

@@ -297,6 +297,17 @@ pub enum Credentials<'a> {
         /// The CONNECT's password.
         password: Option<&'a [u8]>,
     },
+    /// A client certificate the TLS handshake verified against the configured device CA
+    /// (mutual TLS): it names the device (`subject`); an MQTT username beside it must be
+    /// the same id, and a password is not needed.
+    Certificate {
+        /// The device id the certificate names (subject CN, or a `urn:ferrite:device:` URI).
+        subject: &'a str,
+        /// The CONNECT's client identifier.
+        client_id: &'a str,
+        /// The CONNECT's username, if any.
+        username: Option<&'a str>,
+    },
 }
 
 /// Why authentication failed: always answered as HTTP 401 or CONNACK "not authorized".

@@ -11,6 +11,7 @@ pub mod http;
 pub mod json;
 pub mod line_protocol;
 pub mod mqtt;
+pub mod mqtt_ws;
 pub mod pipeline;
 pub mod topic;
 

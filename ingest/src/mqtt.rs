@@ -50,8 +50,8 @@ use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{self, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::pipeline::{Durability, Ingestor, Payload, Transport};
@@ -426,48 +426,117 @@ pub fn parse_telemetry_topic(topic: &str) -> Option<TelemetryTopic<'_>> {
     Some(TelemetryTopic { device, stream })
 }
 
-/// Runs the listener until `shutdown` turns true; then stops accepting, lets every session
-/// send the acknowledgements it already earned, and returns once they are closed.
-pub async fn serve(
-    listener: TcpListener,
+/// What the transport proved about a client before its CONNECT: set for TLS connections
+/// (`tls`), with the device id of a client certificate the handshake verified against the
+/// configured device CA (`certificate_subject`).
+#[derive(Debug, Clone, Default)]
+pub struct TransportIdentity {
+    /// Whether the connection is TLS (MQTT over TLS, or MQTT over WebSocket on HTTPS).
+    pub tls: bool,
+    /// The device id a verified client certificate names (mutual TLS).
+    pub certificate_subject: Option<String>,
+}
+
+/// Everything a session needs, shared by the listeners that carry MQTT: plain TCP
+/// ([`serve`]), TLS and WebSocket (which hand their connections to
+/// [`MqttFront::spawn_session`]). It counts connections against [`MqttLimits`] across all of
+/// them and keeps the sessions, so that a shutdown drains every one.
+pub struct MqttFront {
     ingestor: Arc<Ingestor>,
     broker: Arc<Broker>,
     metrics: Arc<Metrics>,
     access: Arc<dyn AccessControl>,
     limits: MqttLimits,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let next_session = AtomicU64::new(1);
-    let counts = Arc::new(parking_lot::Mutex::new(ConnectionCounts::default()));
-    let mut sessions = tokio::task::JoinSet::new();
+    counts: Arc<parking_lot::Mutex<ConnectionCounts>>,
+    next_session: AtomicU64,
+    sessions: parking_lot::Mutex<tokio::task::JoinSet<()>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl MqttFront {
+    /// The front of `broker` and `ingestor`; sessions end when `shutdown` turns true.
+    pub fn new(
+        ingestor: Arc<Ingestor>,
+        broker: Arc<Broker>,
+        metrics: Arc<Metrics>,
+        access: Arc<dyn AccessControl>,
+        limits: MqttLimits,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            ingestor,
+            broker,
+            metrics,
+            access,
+            limits,
+            counts: Arc::default(),
+            next_session: AtomicU64::new(1),
+            sessions: parking_lot::Mutex::new(tokio::task::JoinSet::new()),
+            shutdown,
+        })
+    }
+
+    /// Runs an MQTT session on a connection the caller accepted (and, for TLS, completed
+    /// the handshake of): `rd` and `wr` are its two halves, `peer` where it comes from.
+    pub fn spawn_session<R, W>(&self, rd: R, wr: W, peer: std::net::SocketAddr, transport: TransportIdentity)
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        self.metrics.inc("ferrite_mqtt_connections_total", &[], 1);
+        let mut context = RequestContext::new(AuthTransport::Mqtt, Some(peer.ip()));
+        context.tls = transport.tls;
+        let session = Session {
+            id: self.next_session.fetch_add(1, Ordering::Relaxed),
+            ingestor: self.ingestor.clone(),
+            broker: self.broker.clone(),
+            metrics: self.metrics.clone(),
+            slot: ConnectionSlot::take(&self.counts, peer.ip(), &self.limits),
+            max_subscriptions: self.limits.max_subscriptions_per_session,
+            subscriptions: parking_lot::Mutex::new(HashSet::new()),
+            access: self.access.clone(),
+            context,
+            certificate_subject: transport.certificate_subject,
+            principal: std::sync::OnceLock::new(),
+            decisions: parking_lot::Mutex::new(DecisionCache::default()),
+            kept: std::sync::OnceLock::new(),
+        };
+        let shutdown = self.shutdown.clone();
+        let mut sessions = self.sessions.lock();
+        sessions.spawn(async move {
+            if let Err(e) = session.run(rd, wr, shutdown).await {
+                tracing::debug!(%peer, error = %e, "mqtt session ended");
+            }
+        });
+        // Reap finished sessions so the set does not grow with every connection.
+        while sessions.try_join_next().is_some() {}
+    }
+
+    /// Waits (up to 10 seconds) for every session to deliver the acknowledgements it
+    /// already earned and close; called after `shutdown` turned true.
+    pub async fn drain(&self) {
+        let mut sessions = std::mem::take(&mut *self.sessions.lock());
+        let drained =
+            tokio::time::timeout(Duration::from_secs(10), async { while sessions.join_next().await.is_some() {} });
+        if drained.await.is_err() {
+            tracing::warn!(open = sessions.len(), "mqtt sessions still closing after 10s; dropping them");
+            sessions.abort_all();
+        }
+    }
+}
+
+/// Accepts plain MQTT connections on `listener` until the front's shutdown turns true;
+/// then stops accepting, lets every session send the acknowledgements it already earned,
+/// and returns once they are closed.
+pub async fn serve(listener: TcpListener, front: Arc<MqttFront>) {
+    let mut shutdown = front.shutdown.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    metrics.inc("ferrite_mqtt_connections_total", &[], 1);
-                    let session = Session {
-                        id: next_session.fetch_add(1, Ordering::Relaxed),
-                        ingestor: ingestor.clone(),
-                        broker: broker.clone(),
-                        metrics: metrics.clone(),
-                        slot: ConnectionSlot::take(&counts, peer.ip(), &limits),
-                        max_subscriptions: limits.max_subscriptions_per_session,
-                        subscriptions: parking_lot::Mutex::new(HashSet::new()),
-                        access: access.clone(),
-                        context: RequestContext::new(AuthTransport::Mqtt, Some(peer.ip())),
-                        principal: std::sync::OnceLock::new(),
-                        decisions: parking_lot::Mutex::new(DecisionCache::default()),
-                        kept: std::sync::OnceLock::new(),
-                    };
-                    let shutdown = shutdown.clone();
-                    sessions.spawn(async move {
-                        if let Err(e) = session.run(stream, shutdown).await {
-                            tracing::debug!(%peer, error = %e, "mqtt session ended");
-                        }
-                    });
-                    // Reap finished sessions so the set does not grow with every connection.
-                    while sessions.try_join_next().is_some() {}
+                    let (rd, wr) = stream.into_split();
+                    front.spawn_session(rd, wr, peer, TransportIdentity::default());
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "mqtt accept failed");
@@ -477,13 +546,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         }
     }
-    // Sessions deliver the acknowledgements they already earned, then close.
-    let drained =
-        tokio::time::timeout(Duration::from_secs(10), async { while sessions.join_next().await.is_some() {} });
-    if drained.await.is_err() {
-        tracing::warn!(open = sessions.len(), "mqtt sessions still closing after 10s; dropping them");
-        sessions.abort_all();
-    }
+    front.drain().await;
 }
 
 /// What a queued acknowledgement turned into, settled in arrival order.
@@ -550,6 +613,8 @@ struct Session {
     access: Arc<dyn AccessControl>,
     /// Where the session comes from.
     context: RequestContext,
+    /// The device a verified client certificate names (mutual TLS).
+    certificate_subject: Option<String>,
     /// Who the CONNECT authenticated.
     principal: std::sync::OnceLock<Principal>,
     /// Publish and subscribe decisions, once per topic until policies or tokens change.
@@ -581,8 +646,11 @@ enum SessionError {
 }
 
 impl Session {
-    async fn run(self, stream: TcpStream, mut shutdown: watch::Receiver<bool>) -> Result<(), SessionError> {
-        let (mut rd, mut wr) = stream.into_split();
+    async fn run<R, W>(self, mut rd: R, mut wr: W, mut shutdown: watch::Receiver<bool>) -> Result<(), SessionError>
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
         let mut buf = BytesMut::with_capacity(8 * 1024);
 
         // CONNECT must come first, within 10 seconds.
@@ -619,10 +687,18 @@ impl Session {
             write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))).await?;
             return Err(SessionError::Protocol(format!("over the limit of {reason}")));
         }
-        let credentials = Credentials::Mqtt {
-            client_id: &connect.client_id,
-            username: connect.login.as_ref().map(|l| l.username.as_str()),
-            password: connect.login.as_ref().map(|l| l.password.as_bytes()),
+        // A verified client certificate is the identity; a username beside it must agree.
+        let credentials = match &self.certificate_subject {
+            Some(subject) => Credentials::Certificate {
+                subject,
+                client_id: &connect.client_id,
+                username: connect.login.as_ref().map(|l| l.username.as_str()),
+            },
+            None => Credentials::Mqtt {
+                client_id: &connect.client_id,
+                username: connect.login.as_ref().map(|l| l.username.as_str()),
+                password: connect.login.as_ref().map(|l| l.password.as_bytes()),
+            },
         };
         match self.access.authenticate(&credentials, &self.context) {
             Ok(p) => {
@@ -1117,7 +1193,7 @@ fn settle(outcome: AckOutcome, qos2: &mut Qos2State) -> Result<Vec<Packet>, Stri
     }
 }
 
-async fn write_packet(wr: &mut tokio::net::tcp::OwnedWriteHalf, p: &Packet) -> std::io::Result<()> {
+async fn write_packet<W: AsyncWrite + Unpin>(wr: &mut W, p: &Packet) -> std::io::Result<()> {
     let mut b = BytesMut::new();
     p.write(&mut b, MAX_PACKET_BYTES).map_err(std::io::Error::other)?;
     wr.write_all(&b).await

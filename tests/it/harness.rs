@@ -21,6 +21,10 @@ pub struct Server {
     pub pg: Option<SocketAddr>,
     /// The Arrow Flight SQL listener (absent with `--flight-listen off`).
     pub flight: Option<SocketAddr>,
+    /// The MQTT over TLS listener (present with `--tls-cert`).
+    pub mqtts: Option<SocketAddr>,
+    /// The HTTPS listener (present with `--tls-cert`).
+    pub https: Option<SocketAddr>,
     /// The admin bearer token (also the MQTT password of user `admin`); empty with `--auth off`.
     pub token: String,
     agent: ureq::Agent,
@@ -46,6 +50,10 @@ impl Server {
                 "--pg-listen",
                 "127.0.0.1:0",
                 "--flight-listen",
+                "127.0.0.1:0",
+                "--mqtts-listen",
+                "127.0.0.1:0",
+                "--https-listen",
                 "127.0.0.1:0",
                 "--log",
                 "warn",
@@ -73,6 +81,8 @@ impl Server {
         let mut http = None;
         let mut pg = None;
         let mut flight = None;
+        let mut mqtts = None;
+        let mut https = None;
         for part in rest.split_whitespace() {
             if let Some(a) = part.strip_prefix("mqtt=") {
                 mqtt = Some(a.parse()?);
@@ -82,6 +92,10 @@ impl Server {
                 pg = Some(a.parse()?);
             } else if let Some(a) = part.strip_prefix("flight=") {
                 flight = Some(a.parse()?);
+            } else if let Some(a) = part.strip_prefix("mqtts=") {
+                mqtts = Some(a.parse()?);
+            } else if let Some(a) = part.strip_prefix("https=") {
+                https = Some(a.parse()?);
             }
         }
         let agent =
@@ -94,6 +108,8 @@ impl Server {
             http: http.context("no http address")?,
             pg,
             flight,
+            mqtts,
+            https,
             token,
             agent,
         })
@@ -255,6 +271,11 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
         bail!("timed out waiting for {what}")
+    }
+
+    /// Sends the server a signal (`HUP`, `USR1`...).
+    pub fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        signal(self.child.as_ref().context("stopped")?, sig)
     }
 
     /// SIGTERM, then waits for the exit.

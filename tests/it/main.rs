@@ -19,3 +19,4 @@ mod pgwire;
 mod rules;
 mod schemas;
 mod tenants;
+mod tls;

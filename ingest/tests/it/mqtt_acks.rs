@@ -64,7 +64,8 @@ async fn server() -> anyhow::Result<Server> {
     let limits = mqtt::MqttLimits::default();
     // Identity is not what these tests are about: every decision allows.
     let access = Arc::new(ferrite_engine::auth::AllowAll);
-    tokio::spawn(mqtt::serve(listener, ingestor, Arc::new(Broker::default()), metrics.clone(), access, limits, rx));
+    let front = mqtt::MqttFront::new(ingestor, Arc::new(Broker::default()), metrics.clone(), access, limits, rx);
+    tokio::spawn(mqtt::serve(listener, front));
     Ok(Server { addr, store, health, metrics, catalog, _stop: stop })
 }
 

@@ -1401,12 +1401,16 @@ impl AccessControl for Identity {
         let (result, recorded) = match credentials {
             Credentials::Bearer(token) => (self.principal_from_token(token, None), false),
             Credentials::Mqtt { username, password, .. } => self.authenticate_mqtt(*username, *password, context),
+            Credentials::Certificate { subject, username, .. } => {
+                (self.authenticate_certificate(subject, *username), false)
+            }
         };
         if let Err(e) = &result
             && !recorded
         {
             let who = match credentials {
                 Credentials::Mqtt { username, .. } => username.unwrap_or(""),
+                Credentials::Certificate { subject, .. } => subject,
                 Credentials::Bearer(_) => "",
             };
             self.metrics.inc("ferrite_auth_failures_total", &[], 1);
@@ -1503,6 +1507,28 @@ impl Identity {
             }
             Err(e) => (Err(AuthError::InvalidCredentials(e.description)), true),
         }
+    }
+
+    /// The device a verified client certificate names: it must exist, be a device and be
+    /// enabled; an MQTT username beside the certificate must name the same device.
+    fn authenticate_certificate(
+        &self,
+        subject: &str,
+        username: Option<&str>,
+    ) -> std::result::Result<Principal, AuthError> {
+        if let Some(user) = username
+            && !user.is_empty()
+            && user != subject
+        {
+            return Err(AuthError::InvalidCredentials(format!(
+                "the MQTT username {user:?} is not the device {subject:?} that the client certificate names"
+            )));
+        }
+        self.principal_of(subject, PrincipalKind::Device.as_str()).map_err(|e| {
+            AuthError::InvalidCredentials(format!(
+                "client certificate for {subject:?}: {e} (register the device, or enable it)"
+            ))
+        })
     }
 
     fn principal_from_token(&self, token: &str, mqtt_user: Option<&str>) -> std::result::Result<Principal, AuthError> {

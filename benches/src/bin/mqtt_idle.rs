@@ -1,0 +1,122 @@
+//! Memory per idle MQTT connection: `connections` clients CONNECT (MQTT 3.1.1, keep-alive
+//! 600 s), subscribe to their own commands topic, and stay idle; the server's resident
+//! memory (VmRSS from /proc) is read before the first connection and once every client has
+//! its SUBACK. Ferrite (release `ferrite serve`, identity off) and mosquitto, the same
+//! clients for both.
+//!
+//! `cargo run --release -p ferrite-benches --bin mqtt_idle -- [connections]` (the shell
+//! needs `ulimit -n` above the count: each side holds one descriptor per connection).
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use ferrite_benches::server::Ferrite;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{Connect, Packet, Subscribe};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Resident memory of `pid`, in KiB.
+fn rss_kib(pid: u32) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "no VmRSS".to_owned())
+}
+
+/// One client: CONNECT, SUBSCRIBE `devices/{id}/commands`, wait for the SUBACK; the open
+/// stream (kept by the caller, idle).
+async fn connect(addr: SocketAddr, id: usize) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut out = BytesMut::new();
+    let mut c = Connect::new(format!("idle-{id}"));
+    c.keep_alive = 600;
+    Packet::Connect(c).write(&mut out, 1 << 16).map_err(|e| e.to_string())?;
+    let sub = Subscribe::new(format!("devices/idle-{id}/commands"), QoS::AtLeastOnce);
+    let mut sub = sub;
+    sub.pkid = 1;
+    Packet::Subscribe(sub).write(&mut out, 1 << 16).map_err(|e| e.to_string())?;
+    s.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(64);
+    loop {
+        match Packet::read(&mut buf, 1 << 16) {
+            Ok(Packet::SubAck(_)) => return Ok(s),
+            Ok(Packet::ConnAck(a)) if a.code != rumqttc::mqttbytes::v4::ConnectReturnCode::Success => {
+                return Err(format!("refused: {:?}", a.code));
+            }
+            Ok(_) | Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        if s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err(format!("client {id}: closed before SUBACK"));
+        }
+    }
+}
+
+/// Opens `n` idle clients against `addr` (100 handshakes at a time) and returns the server's
+/// RSS growth per connection, in bytes, with the clients still open.
+async fn measure(addr: SocketAddr, pid: u32, n: usize) -> Result<(u64, u64, f64), String> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid)?;
+    let mut open = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let handshakes = chunk.iter().map(|&id| tokio::spawn(connect(addr, id)));
+        for h in handshakes {
+            open.push(h.await.map_err(|e| e.to_string())??);
+        }
+    }
+    // Let the allocator settle, then read.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid)?;
+    let per = (after.saturating_sub(before) * 1024) as f64 / n as f64;
+    drop(open);
+    Ok((before, after, per))
+}
+
+fn main() -> Result<(), String> {
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("ferrite-bench-idle-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let limit = (n * 2).to_string();
+    let server = Ferrite::start(&dir, &["--mqtt-max-connections-per-ip", &limit, "--mqtt-max-connections", &limit])?;
+    let (f_before, f_after, f_per) = runtime.block_on(measure(server.mqtt, server.pid(), n))?;
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| e.to_string())?
+        .local_addr()
+        .map_err(|e| e.to_string())?
+        .port();
+    let conf = std::env::temp_dir().join(format!("ferrite-bench-idle-mosquitto-{port}.conf"));
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n")).map_err(|e| e.to_string())?;
+    let mut broker = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start mosquitto (apt-get install mosquitto): {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err("mosquitto did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let m = runtime.block_on(measure(SocketAddr::from(([127, 0, 0, 1], port)), broker.id(), n));
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let (m_before, m_after, m_per) = m?;
+    println!(
+        "mqtt_idle connections={n} ferrite_rss_before_kib={f_before} ferrite_rss_after_kib={f_after} \
+         ferrite_bytes_per_connection={f_per:.0} mosquitto_rss_before_kib={m_before} mosquitto_rss_after_kib={m_after} \
+         mosquitto_bytes_per_connection={m_per:.0}"
+    );
+    Ok(())
+}
