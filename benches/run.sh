@@ -50,6 +50,15 @@ rows http_ingest format events_per_s MB_per_s < /tmp/ferrite-bench-http.txt
 echo "== mqtt ingest (three runs)"
 for _ in 1 2 3; do ./target/release/ingest_mqtt "${MQTT_PUBLISHERS:-100}" "${MQTT_MESSAGES:-2000}"; done | tee /tmp/ferrite-bench-mqtt.txt
 rows mqtt_ingest scenario ferrite_msgs_per_s ferrite_dropped mosquitto_msgs_per_s mosquitto_dropped ratio < /tmp/ferrite-bench-mqtt.txt
+echo "== mqtt over TLS against plaintext, Ferrite and mosquitto (three runs)"
+for _ in 1 2 3; do ./target/release/mqtt_tls "${TLS_PUBLISHERS:-50}" "${MQTT_MESSAGES:-2000}"; done | tee /tmp/ferrite-bench-tls.txt
+rows mqtt_tls ferrite_plain ferrite_tls ferrite_plain_again ferrite_tls_ratio mosquitto_plain mosquitto_tls mosquitto_plain_again mosquitto_tls_ratio < /tmp/ferrite-bench-tls.txt
+echo "== memory per idle MQTT connection, Ferrite and mosquitto"
+./target/release/mqtt_idle "${IDLE_CONNECTIONS:-10000}" | tee /tmp/ferrite-bench-idle.txt
+rows mqtt_idle connections ferrite_rss_before_kib ferrite_rss_after_kib ferrite_bytes_per_connection mosquitto_rss_before_kib mosquitto_rss_after_kib mosquitto_bytes_per_connection < /tmp/ferrite-bench-idle.txt
+echo "== the rate limiter's cost on MQTT QoS 1 ingest (limits on but never reached, against none)"
+./target/release/mqtt_throttle "${TLS_PUBLISHERS:-50}" "${MQTT_MESSAGES:-2000}" 5 | tee /tmp/ferrite-bench-throttle.txt
+rows mqtt_throttle rounds no_limits_median limits_on_median cost_percent < /tmp/ferrite-bench-throttle.txt
 echo "== policy decisions (criterion)"
 "$(ls -t target/release/deps/policy-* | grep -v '\.d$' | head -1)" --bench --warm-up-time 1 --measurement-time 4 --noplot | tee /tmp/ferrite-bench-policy.txt
 criterion_times < /tmp/ferrite-bench-policy.txt

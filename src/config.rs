@@ -127,6 +127,28 @@ pub struct Config {
     pub oidc_roles_claim: String,
     /// The tenant of its tokens without a tenant claim.
     pub oidc_default_tenant: String,
+    /// Per principal: HTTP ingest requests (`N/s`, `N/min`, `N/h`, or `off`).
+    pub limit_ingest: String,
+    /// Per principal: SQL requests over HTTP (`N/s`, `N/min`, `N/h`, or `off`).
+    pub limit_query: String,
+    /// Per principal: other API requests (`N/s`, `N/min`, `N/h`, or `off`).
+    pub limit_management: String,
+    /// Per principal: MQTT PUBLISH packets (`N/s`, `N/min`, `N/h`, or `off`).
+    pub limit_mqtt_publish: String,
+    /// Per tenant, all its principals together: HTTP ingest requests (or `off`).
+    pub tenant_limit_ingest: String,
+    /// Per tenant, all its principals together: SQL requests over HTTP (or `off`).
+    pub tenant_limit_query: String,
+    /// Per tenant, all its principals together: other API requests (or `off`).
+    pub tenant_limit_management: String,
+    /// Per tenant, all its principals together: MQTT PUBLISH packets (or `off`).
+    pub tenant_limit_mqtt_publish: String,
+    /// Server-wide MQTT CONNECTs (a reconnect storm is admitted at this pace), or `off`.
+    pub limit_mqtt_connect: String,
+    /// Open MQTT connections of one tenant (0: no bound).
+    pub mqtt_max_connections_per_tenant: usize,
+    /// Tenants' own limits, replacing the ones above for them (`[tenant_limits.NAME]`).
+    pub tenant_limits: std::collections::BTreeMap<String, TenantLimits>,
 }
 
 impl Default for Config {
@@ -184,7 +206,117 @@ impl Default for Config {
             oidc_tenant_claim: "tenant".to_owned(),
             oidc_roles_claim: "roles".to_owned(),
             oidc_default_tenant: "default".to_owned(),
+            limit_ingest: "off".to_owned(),
+            limit_query: "off".to_owned(),
+            limit_management: "off".to_owned(),
+            limit_mqtt_publish: "off".to_owned(),
+            tenant_limit_ingest: "off".to_owned(),
+            tenant_limit_query: "off".to_owned(),
+            tenant_limit_management: "off".to_owned(),
+            tenant_limit_mqtt_publish: "off".to_owned(),
+            limit_mqtt_connect: "off".to_owned(),
+            mqtt_max_connections_per_tenant: 0,
+            tenant_limits: std::collections::BTreeMap::new(),
         }
+    }
+}
+
+/// A tenant's own limits: each key, when set, replaces the server's for that tenant.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantLimits {
+    /// Per principal of the tenant: HTTP ingest requests.
+    pub limit_ingest: Option<String>,
+    /// The tenant's principals together: HTTP ingest requests.
+    pub tenant_limit_ingest: Option<String>,
+    /// Per principal of the tenant: SQL requests over HTTP.
+    pub limit_query: Option<String>,
+    /// The tenant's principals together: SQL requests over HTTP.
+    pub tenant_limit_query: Option<String>,
+    /// Per principal of the tenant: other API requests.
+    pub limit_management: Option<String>,
+    /// The tenant's principals together: other API requests.
+    pub tenant_limit_management: Option<String>,
+    /// Per principal of the tenant: MQTT PUBLISH packets.
+    pub limit_mqtt_publish: Option<String>,
+    /// The tenant's principals together: MQTT PUBLISH packets.
+    pub tenant_limit_mqtt_publish: Option<String>,
+}
+
+impl Config {
+    /// The rate limits these settings describe; an invalid rate names its key.
+    pub fn limits(&self) -> anyhow::Result<ferrite_engine::limits::LimitsConfig> {
+        use ferrite_engine::limits::{Class, Limits, LimitsConfig, Rate};
+        fn rate(
+            into: &mut std::collections::HashMap<Class, Rate>,
+            class: Class,
+            text: &str,
+            key: &str,
+        ) -> anyhow::Result<()> {
+            match Rate::parse(text) {
+                Ok(Some(r)) => {
+                    into.insert(class, r);
+                }
+                // `off` in a tenant's own table is an explicit "no limit" for it.
+                Ok(None) => {
+                    into.remove(&class);
+                }
+                Err(e) => anyhow::bail!("{key}: {e}"),
+            }
+            Ok(())
+        }
+        let mut limits = Limits::default();
+        rate(&mut limits.per_principal, Class::Ingest, &self.limit_ingest, "limit_ingest")?;
+        rate(&mut limits.per_tenant, Class::Ingest, &self.tenant_limit_ingest, "tenant_limit_ingest")?;
+        rate(&mut limits.per_principal, Class::Query, &self.limit_query, "limit_query")?;
+        rate(&mut limits.per_tenant, Class::Query, &self.tenant_limit_query, "tenant_limit_query")?;
+        rate(&mut limits.per_principal, Class::Management, &self.limit_management, "limit_management")?;
+        rate(&mut limits.per_tenant, Class::Management, &self.tenant_limit_management, "tenant_limit_management")?;
+        rate(&mut limits.per_principal, Class::MqttPublish, &self.limit_mqtt_publish, "limit_mqtt_publish")?;
+        rate(&mut limits.per_tenant, Class::MqttPublish, &self.tenant_limit_mqtt_publish, "tenant_limit_mqtt_publish")?;
+        let mut config = LimitsConfig { defaults: limits.clone(), ..LimitsConfig::default() };
+        config.mqtt_connect =
+            Rate::parse(&self.limit_mqtt_connect).map_err(|e| anyhow::anyhow!("limit_mqtt_connect: {e}"))?;
+        for (name, own) in &self.tenant_limits {
+            ferrite_engine::validate_tenant(name).map_err(|e| anyhow::anyhow!("tenant_limits.{name}: {e}"))?;
+            let mut l = limits.clone();
+            if let Some(v) = &own.limit_ingest {
+                rate(&mut l.per_principal, Class::Ingest, v, &format!("tenant_limits.{name}.limit_ingest"))?;
+            }
+            if let Some(v) = &own.tenant_limit_ingest {
+                rate(&mut l.per_tenant, Class::Ingest, v, &format!("tenant_limits.{name}.tenant_limit_ingest"))?;
+            }
+            if let Some(v) = &own.limit_query {
+                rate(&mut l.per_principal, Class::Query, v, &format!("tenant_limits.{name}.limit_query"))?;
+            }
+            if let Some(v) = &own.tenant_limit_query {
+                rate(&mut l.per_tenant, Class::Query, v, &format!("tenant_limits.{name}.tenant_limit_query"))?;
+            }
+            if let Some(v) = &own.limit_management {
+                rate(&mut l.per_principal, Class::Management, v, &format!("tenant_limits.{name}.limit_management"))?;
+            }
+            if let Some(v) = &own.tenant_limit_management {
+                rate(
+                    &mut l.per_tenant,
+                    Class::Management,
+                    v,
+                    &format!("tenant_limits.{name}.tenant_limit_management"),
+                )?;
+            }
+            if let Some(v) = &own.limit_mqtt_publish {
+                rate(&mut l.per_principal, Class::MqttPublish, v, &format!("tenant_limits.{name}.limit_mqtt_publish"))?;
+            }
+            if let Some(v) = &own.tenant_limit_mqtt_publish {
+                rate(
+                    &mut l.per_tenant,
+                    Class::MqttPublish,
+                    v,
+                    &format!("tenant_limits.{name}.tenant_limit_mqtt_publish"),
+                )?;
+            }
+            config.tenants.insert(name.clone(), l);
+        }
+        Ok(config)
     }
 }
 
@@ -314,6 +446,16 @@ mod tests {
             "sql_max_result",
             "rules_table_dir",
             "webhook_allow_hosts",
+            "limit_ingest",
+            "tenant_limit_ingest",
+            "limit_query",
+            "tenant_limit_query",
+            "limit_management",
+            "tenant_limit_management",
+            "limit_mqtt_publish",
+            "tenant_limit_mqtt_publish",
+            "limit_mqtt_connect",
+            "mqtt_max_connections_per_tenant",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} ="))),
@@ -331,6 +473,30 @@ mod tests {
         assert!(parse_size("12 parsecs").is_err());
         assert_eq!(parse_duration("60s")?, Duration::from_secs(60));
         assert!(parse_duration("0s").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn limits_are_read_with_tenants_of_their_own_and_errors_name_the_key() -> anyhow::Result<()> {
+        use ferrite_engine::limits::Class;
+        let c: Config = toml::from_str(
+            "limit_ingest = \"100/s\"\ntenant_limit_query = \"10/min\"\nlimit_mqtt_connect = \"500/s\"\n\
+             [tenant_limits.acme]\nlimit_ingest = \"off\"\nlimit_mqtt_publish = \"5/s\"\n",
+        )?;
+        let l = c.limits()?;
+        assert_eq!(l.defaults.per_principal.get(&Class::Ingest).map(|r| r.amount), Some(100.0));
+        assert_eq!(l.defaults.per_tenant.get(&Class::Query).map(|r| r.period.as_secs()), Some(60));
+        assert_eq!(l.mqtt_connect.map(|r| r.amount), Some(500.0));
+        let acme = l.tenants.get("acme").context("acme")?;
+        assert_eq!(acme.per_principal.get(&Class::Ingest), None, "`off` lifts the default for acme");
+        assert_eq!(acme.per_principal.get(&Class::MqttPublish).map(|r| r.amount), Some(5.0));
+        assert_eq!(acme.per_tenant.get(&Class::Query).map(|r| r.amount), Some(10.0), "the rest stays the server's");
+
+        let bad: Config = toml::from_str("[tenant_limits.acme]\nlimit_query = \"lots\"\n")?;
+        let e = format!("{:#}", bad.limits().err().context("accepted")?);
+        assert!(e.contains("tenant_limits.acme.limit_query") && e.contains("N/s"), "{e}");
+        let unknown: Result<Config, _> = toml::from_str("[tenant_limits.acme]\nlimit_everything = \"1/s\"\n");
+        assert!(unknown.is_err());
         Ok(())
     }
 

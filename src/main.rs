@@ -211,6 +211,36 @@ pub struct ServeArgs {
     /// The tenant of external tokens without the tenant claim (default `default`).
     #[arg(long, env = "FERRITE_OIDC_DEFAULT_TENANT")]
     oidc_default_tenant: Option<String>,
+    /// Per principal: HTTP ingest requests (N/s, N/min, N/h, or off).
+    #[arg(long, env = "FERRITE_LIMIT_INGEST")]
+    limit_ingest: Option<String>,
+    /// Per tenant: HTTP ingest requests (N/s, N/min, N/h, or off).
+    #[arg(long, env = "FERRITE_TENANT_LIMIT_INGEST")]
+    tenant_limit_ingest: Option<String>,
+    /// Per principal: SQL requests over HTTP (N/s, N/min, N/h, or off).
+    #[arg(long, env = "FERRITE_LIMIT_QUERY")]
+    limit_query: Option<String>,
+    /// Per tenant: SQL requests over HTTP (N/s, N/min, N/h, or off).
+    #[arg(long, env = "FERRITE_TENANT_LIMIT_QUERY")]
+    tenant_limit_query: Option<String>,
+    /// Per principal: other API requests (N/s, N/min, N/h, or off).
+    #[arg(long, env = "FERRITE_LIMIT_MANAGEMENT")]
+    limit_management: Option<String>,
+    /// Per tenant: other API requests (N/s, N/min, N/h, or off).
+    #[arg(long, env = "FERRITE_TENANT_LIMIT_MANAGEMENT")]
+    tenant_limit_management: Option<String>,
+    /// Per principal: MQTT PUBLISH packets (N/s, N/min, N/h, or off).
+    #[arg(long, env = "FERRITE_LIMIT_MQTT_PUBLISH")]
+    limit_mqtt_publish: Option<String>,
+    /// Per tenant: MQTT PUBLISH packets (N/s, N/min, N/h, or off).
+    #[arg(long, env = "FERRITE_TENANT_LIMIT_MQTT_PUBLISH")]
+    tenant_limit_mqtt_publish: Option<String>,
+    /// Server-wide MQTT CONNECTs (N/s...), or off: a reconnect storm is admitted at this pace.
+    #[arg(long, env = "FERRITE_LIMIT_MQTT_CONNECT")]
+    limit_mqtt_connect: Option<String>,
+    /// Open MQTT connections of one tenant (0: no bound).
+    #[arg(long, env = "FERRITE_MQTT_MAX_CONNECTIONS_PER_TENANT")]
+    mqtt_max_connections_per_tenant: Option<usize>,
 }
 
 impl ServeArgs {
@@ -357,6 +387,25 @@ impl ServeArgs {
             if let Some(v) = flag {
                 *setting = v;
             }
+        }
+        let limits = [
+            (self.limit_ingest, &mut c.limit_ingest),
+            (self.tenant_limit_ingest, &mut c.tenant_limit_ingest),
+            (self.limit_query, &mut c.limit_query),
+            (self.tenant_limit_query, &mut c.tenant_limit_query),
+            (self.limit_management, &mut c.limit_management),
+            (self.tenant_limit_management, &mut c.tenant_limit_management),
+            (self.limit_mqtt_publish, &mut c.limit_mqtt_publish),
+            (self.tenant_limit_mqtt_publish, &mut c.tenant_limit_mqtt_publish),
+            (self.limit_mqtt_connect, &mut c.limit_mqtt_connect),
+        ];
+        for (flag, setting) in limits {
+            if let Some(v) = flag {
+                *setting = v;
+            }
+        }
+        if let Some(v) = self.mqtt_max_connections_per_tenant {
+            c.mqtt_max_connections_per_tenant = v;
         }
         if let Some(v) = self.webhook_allow_hosts {
             c.webhook_allow_hosts = v.into_iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();

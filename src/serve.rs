@@ -34,6 +34,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
     };
+    // Rate limits first: a malformed one stops the start before anything opens.
+    let limiter = Arc::new(ferrite_engine::limits::RateLimiter::new(config.limits()?));
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
@@ -186,7 +188,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             max_connections: config.mqtt_max_connections,
             max_connections_per_ip: config.mqtt_max_connections_per_ip,
             max_subscriptions_per_session: config.mqtt_max_subscriptions,
+            max_connections_per_tenant: config.mqtt_max_connections_per_tenant,
         },
+        limiter.clone(),
         stop_rx.clone(),
     );
     let mqtt_task = tokio::spawn(mqtt::serve(mqtt_listener, front.clone()));
@@ -230,6 +234,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         protected = protected.merge(routes.protected);
         public = public.merge(routes.public);
     }
+    // Limits run after authentication (they are per principal and tenant).
+    let protected = ferrite_plugin::throttle::throttle(protected, limiter.clone(), metrics.clone());
     let app = ferrite_plugin::protect(protected, access.clone())
         .merge(public)
         .layer(axum::middleware::from_fn(ferrite_plugin::close_after_error));

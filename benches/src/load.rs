@@ -1,10 +1,16 @@
 //! The load generators the end-to-end scenarios share: MQTT publishers and HTTP posters.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{Connect, Packet as RawPacket, Publish};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::rustls;
 
 /// The client options every benchmark publisher uses.
 pub fn mqtt_options(id: String, port: u16) -> MqttOptions {
@@ -162,4 +168,111 @@ pub fn accepted(status: u16, body: &str) -> Option<u64> {
         }
         _ => None,
     }
+}
+
+/// Messages a publisher may have without a PUBACK.
+const WINDOW: usize = 100;
+
+/// One raw MQTT 3.1.1 publisher: CONNECT, then `messages` QoS 1 PUBLISHes with at most 100 unacknowledged,
+/// written in batches of whatever the window allows; returns at the last PUBACK.
+pub async fn publish_qos1<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    id: usize,
+    messages: usize,
+) -> Result<(), String> {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut connect = Connect::new(format!("tls-bench-{id}"));
+    connect.keep_alive = 60;
+    RawPacket::Connect(connect).write(&mut out, 1 << 20).map_err(|e| e.to_string())?;
+    wr.write_all(&out).await.map_err(|e| e.to_string())?;
+    wr.flush().await.map_err(|e| e.to_string())?;
+    let mut inbuf = BytesMut::with_capacity(64 * 1024);
+    let connack = loop {
+        match RawPacket::read(&mut inbuf, 1 << 20) {
+            Ok(p) => break p,
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        if rd.read_buf(&mut inbuf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed before CONNACK".into());
+        }
+    };
+    if !matches!(connack, RawPacket::ConnAck(ref c) if c.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success) {
+        return Err(format!("refused: {connack:?}"));
+    }
+    let topic = format!("devices/tls-{id}/telemetry");
+    let (mut sent, mut acked) = (0usize, 0usize);
+    while acked < messages {
+        if sent < messages && sent - acked < WINDOW {
+            out.clear();
+            while sent < messages && sent - acked < WINDOW {
+                let mut p = Publish::new(&topic, rumqttc::mqttbytes::QoS::AtLeastOnce, mqtt_payload(sent));
+                p.pkid = (sent % 65_000 + 1) as u16;
+                RawPacket::Publish(p).write(&mut out, 1 << 20).map_err(|e| e.to_string())?;
+                sent += 1;
+            }
+            wr.write_all(&out).await.map_err(|e| e.to_string())?;
+            wr.flush().await.map_err(|e| e.to_string())?;
+        }
+        if rd.read_buf(&mut inbuf).await.map_err(|e| e.to_string())? == 0 {
+            return Err(format!("closed after {acked} PUBACKs"));
+        }
+        loop {
+            match RawPacket::read(&mut inbuf, 1 << 20) {
+                Ok(RawPacket::PubAck(_)) => acked += 1,
+                Ok(_) => {}
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+    Ok(())
+}
+
+/// QoS 1 publishers (the raw client of `mqtt_tls`) against `addr`, over TLS when `tls` is given; messages per second.
+pub async fn run_qos1_publishers(
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    publishers: usize,
+    messages: usize,
+) -> Result<f64, String> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for id in 0..publishers {
+        let tls = tls.clone();
+        tasks.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            match tls {
+                Some(config) => {
+                    let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+                    let s =
+                        tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| e.to_string())?;
+                    publish_qos1(s, id, messages).await
+                }
+                None => publish_qos1(tcp, id, messages).await,
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    Ok((publishers * messages) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A TLS 1.3 client (ring) trusting the CA certificates in `ca` (PEM).
+pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let pem = std::fs::read(ca).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }

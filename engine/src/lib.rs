@@ -23,6 +23,7 @@ pub mod error;
 pub mod failpoint;
 pub mod health;
 pub mod ids;
+pub mod limits;
 pub mod metrics;
 pub mod plugin;
 pub mod shard;

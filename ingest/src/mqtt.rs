@@ -41,6 +41,7 @@ use bytes::BytesMut;
 use ferrite_engine::auth::{
     AccessControl, Action, Credentials, DecisionCache, Principal, RequestContext, Transport as AuthTransport,
 };
+use ferrite_engine::limits::{Class, RateLimiter};
 use ferrite_engine::plugin::{Presence, PresenceObserver};
 use ferrite_engine::{Metrics, StreamName};
 use futures_util::StreamExt;
@@ -60,6 +61,8 @@ use crate::topic::{self, TopicError, TopicTrie};
 /// Largest MQTT packet accepted at all; bigger ones close the connection. Payloads over
 /// the ingest limit but under this are rejected and counted, and the session lives on.
 pub const MAX_PACKET_BYTES: usize = 16 * 1024 * 1024;
+/// What a busy session reads at once (its read buffer grows to this on demand).
+const READ_CHUNK: usize = 8 * 1024;
 /// Acknowledgements a session may owe before the listener stops reading from it.
 pub const MAX_PENDING_ACKS: usize = 1024;
 /// Messages queued towards one subscriber; when full, further deliveries to it are dropped
@@ -76,11 +79,18 @@ pub struct MqttLimits {
     pub max_connections_per_ip: usize,
     /// Subscriptions one session may hold (past it: SUBACK failure for the extra filters).
     pub max_subscriptions_per_session: usize,
+    /// Open connections of one tenant (0: no bound; past it: CONNACK "server unavailable").
+    pub max_connections_per_tenant: usize,
 }
 
 impl Default for MqttLimits {
     fn default() -> Self {
-        Self { max_connections: 100_000, max_connections_per_ip: 10_000, max_subscriptions_per_session: 1_000 }
+        Self {
+            max_connections: 100_000,
+            max_connections_per_ip: 10_000,
+            max_subscriptions_per_session: 1_000,
+            max_connections_per_tenant: 0,
+        }
     }
 }
 
@@ -124,6 +134,44 @@ impl Drop for ConnectionSlot {
             *n -= 1;
             if *n == 0 {
                 c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Longest a CONNECT is held to keep to the server's CONNECT rate; a client that would
+/// wait longer gets CONNACK "server unavailable" and retries later.
+pub const MAX_CONNECT_WAIT: Duration = Duration::from_secs(10);
+/// Longest a session's reads are paused to keep to its publish rate; a client further
+/// behind than this is disconnected (after the acknowledgements it earned).
+pub const MAX_PUBLISH_DEBT: Duration = Duration::from_secs(30);
+
+/// A tenant's place among its open connections, given back on drop.
+struct TenantSlot {
+    counts: Arc<parking_lot::Mutex<HashMap<Arc<str>, usize>>>,
+    tenant: Arc<str>,
+}
+
+impl TenantSlot {
+    /// Takes a place for `tenant`, or `None` when it holds `max` already (0: no bound).
+    fn take(counts: &Arc<parking_lot::Mutex<HashMap<Arc<str>, usize>>>, tenant: &Arc<str>, max: usize) -> Option<Self> {
+        let mut c = counts.lock();
+        let n = c.entry(tenant.clone()).or_default();
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self { counts: counts.clone(), tenant: tenant.clone() })
+    }
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock();
+        if let Some(n) = c.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.tenant);
             }
         }
     }
@@ -174,7 +222,7 @@ struct LiveSession {
     /// Ends it ([`Broker::disconnect`]).
     kick: Arc<tokio::sync::Notify>,
     /// Its writer.
-    out: mpsc::Sender<Packet>,
+    out: mpsc::Sender<Out>,
     /// Its subscriptions' filters.
     filters: parking_lot::Mutex<HashSet<String>>,
     /// QoS 1 messages sent to it and not yet acknowledged, by packet id.
@@ -204,7 +252,33 @@ pub enum DeliveryError {
 /// One session's subscription to one filter.
 struct Subscriber {
     session: u64,
-    tx: mpsc::Sender<Packet>,
+    tx: mpsc::Sender<Out>,
+}
+
+/// What a session's writer sends: PUBACKs inline (the hot path allocates nothing), any
+/// other packet boxed, so that a queue slot is 16 bytes rather than a packet's 144 (an idle
+/// connection's queue costs half a KiB instead of several).
+enum Out {
+    PubAck(u16),
+    Other(Box<Packet>),
+}
+
+impl From<Packet> for Out {
+    fn from(p: Packet) -> Self {
+        match p {
+            Packet::PubAck(a) => Self::PubAck(a.pkid),
+            other => Self::Other(Box::new(other)),
+        }
+    }
+}
+
+impl Out {
+    fn write(&self, buf: &mut BytesMut) -> Result<usize, mqttbytes::Error> {
+        match self {
+            Self::PubAck(pkid) => PubAck::new(*pkid).write(buf),
+            Self::Other(p) => p.write(buf, MAX_PACKET_BYTES),
+        }
+    }
 }
 
 impl std::fmt::Debug for Broker {
@@ -263,7 +337,7 @@ impl Broker {
             }
             seen.push(s.session);
             let p = Publish::from_bytes(topic, QoS::AtMostOnce, payload.clone());
-            if s.tx.try_send(Packet::Publish(p)).is_ok() {
+            if s.tx.try_send(Packet::Publish(p).into()).is_ok() {
                 delivered += 1;
             } else {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -312,7 +386,7 @@ impl Broker {
         unacked.next = pkid;
         let mut p = Publish::from_bytes(topic, QoS::AtLeastOnce, payload);
         p.pkid = pkid;
-        session.out.try_send(Packet::Publish(p)).map_err(|_| DeliveryError::Busy(device.to_owned()))?;
+        session.out.try_send(Packet::Publish(p).into()).map_err(|_| DeliveryError::Busy(device.to_owned()))?;
         unacked.waiting.insert(pkid, tx);
         Ok(rx)
     }
@@ -327,7 +401,7 @@ impl Broker {
 
     /// Subscribes `session` to `filter` (a valid filter); a repeated filter is kept once.
     /// The observers learn of it (a device subscribing to its commands gets what waits).
-    fn subscribe(&self, session: u64, filter: &str, tx: mpsc::Sender<Packet>) {
+    fn subscribe(&self, session: u64, filter: &str, tx: mpsc::Sender<Out>) {
         {
             let mut subs = self.subs.write();
             if !subs.contains(filter, |s| s.session == session) {
@@ -355,7 +429,7 @@ impl Broker {
     }
 
     /// Records an accepted session and tells the observers; the signal that kicks it.
-    fn session_started(&self, session: u64, presence: &Presence, out: mpsc::Sender<Packet>) -> Arc<LiveSession> {
+    fn session_started(&self, session: u64, presence: &Presence, out: mpsc::Sender<Out>) -> Arc<LiveSession> {
         let live = Arc::new(LiveSession {
             presence: presence.clone(),
             kick: Arc::new(tokio::sync::Notify::new()),
@@ -448,6 +522,8 @@ pub struct MqttFront {
     access: Arc<dyn AccessControl>,
     limits: MqttLimits,
     counts: Arc<parking_lot::Mutex<ConnectionCounts>>,
+    tenant_counts: Arc<parking_lot::Mutex<HashMap<Arc<str>, usize>>>,
+    limiter: Arc<RateLimiter>,
     next_session: AtomicU64,
     sessions: parking_lot::Mutex<tokio::task::JoinSet<()>>,
     shutdown: watch::Receiver<bool>,
@@ -461,6 +537,7 @@ impl MqttFront {
         metrics: Arc<Metrics>,
         access: Arc<dyn AccessControl>,
         limits: MqttLimits,
+        limiter: Arc<RateLimiter>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -470,6 +547,8 @@ impl MqttFront {
             access,
             limits,
             counts: Arc::default(),
+            tenant_counts: Arc::default(),
+            limiter,
             next_session: AtomicU64::new(1),
             sessions: parking_lot::Mutex::new(tokio::task::JoinSet::new()),
             shutdown,
@@ -492,6 +571,9 @@ impl MqttFront {
             broker: self.broker.clone(),
             metrics: self.metrics.clone(),
             slot: ConnectionSlot::take(&self.counts, peer.ip(), &self.limits),
+            tenant_counts: self.tenant_counts.clone(),
+            max_connections_per_tenant: self.limits.max_connections_per_tenant,
+            limiter: self.limiter.clone(),
             max_subscriptions: self.limits.max_subscriptions_per_session,
             subscriptions: parking_lot::Mutex::new(HashSet::new()),
             access: self.access.clone(),
@@ -606,6 +688,10 @@ struct Session {
     broker: Arc<Broker>,
     metrics: Arc<Metrics>,
     slot: ConnectionSlot,
+    tenant_counts: Arc<parking_lot::Mutex<HashMap<Arc<str>, usize>>>,
+    max_connections_per_tenant: usize,
+    /// Rate limits: CONNECT pacing and the principal's and tenant's publish rates.
+    limiter: Arc<RateLimiter>,
     max_subscriptions: usize,
     /// This session's filters (for its subscription limit).
     subscriptions: parking_lot::Mutex<HashSet<String>>,
@@ -651,7 +737,9 @@ impl Session {
         R: AsyncRead + Send + Unpin + 'static,
         W: AsyncWrite + Send + Unpin + 'static,
     {
-        let mut buf = BytesMut::with_capacity(8 * 1024);
+        // Small until the client sends more than a CONNECT and a few SUBSCRIBEs: an idle
+        // device holds a few hundred bytes here, a busy publisher grows it to READ_CHUNK.
+        let mut buf = BytesMut::with_capacity(256);
 
         // CONNECT must come first, within 10 seconds.
         let connect = loop {
@@ -668,6 +756,10 @@ impl Session {
                     return Err(SessionError::Protocol("unsupported protocol version".into()));
                 }
                 Err(e) => return Err(SessionError::Protocol(e.to_string())),
+            }
+            if buf.capacity() - buf.len() < 64 {
+                // A CONNECT with a token for a password is larger than the first buffer.
+                buf.reserve(1024);
             }
             let n = tokio::time::timeout(Duration::from_secs(10), rd.read_buf(&mut buf))
                 .await
@@ -686,6 +778,20 @@ impl Session {
             tracing::warn!(client_id = %connect.client_id, reason, "mqtt connection refused: over the connection limit");
             write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))).await?;
             return Err(SessionError::Protocol(format!("over the limit of {reason}")));
+        }
+        // A reconnect storm is admitted at the server's CONNECT rate: each CONNECT waits its
+        // turn (up to MAX_CONNECT_WAIT), the rest are told to come back later.
+        let wait = self.limiter.debit(Class::MqttConnect, "", "", 1.0);
+        if wait > MAX_CONNECT_WAIT {
+            self.limiter.refund(Class::MqttConnect, "", "", 1.0);
+            self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "connect_rate")], 1);
+            tracing::warn!(client_id = %connect.client_id, "mqtt connection refused: over the server's CONNECT rate");
+            write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))).await?;
+            return Err(SessionError::Protocol("over the CONNECT rate".into()));
+        }
+        if !wait.is_zero() {
+            self.metrics.inc("ferrite_mqtt_connects_paced_total", &[], 1);
+            tokio::time::sleep(wait).await;
         }
         // A verified client certificate is the identity; a username beside it must agree.
         let credentials = match &self.certificate_subject {
@@ -716,6 +822,15 @@ impl Session {
                 return Err(SessionError::Protocol(format!("not authorized: {e}")));
             }
         }
+        let tenant: Arc<str> =
+            self.principal.get().map_or_else(|| Arc::from(ferrite_engine::ids::DEFAULT_TENANT), |p| p.tenant.clone());
+        let Some(_tenant_slot) = TenantSlot::take(&self.tenant_counts, &tenant, self.max_connections_per_tenant) else {
+            self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "tenant_connections")], 1);
+            tracing::warn!(client_id = %connect.client_id, %tenant, limit = self.max_connections_per_tenant, "mqtt connection refused: the tenant is at its connection limit");
+            write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))).await?;
+            return Err(SessionError::Protocol("over the tenant's connection limit".into()));
+        };
+        let principal_id: Arc<str> = self.principal.get().map_or_else(|| Arc::from(""), |p| p.id.clone());
         // A last will the principal may not publish is dropped now, not at the disconnect.
         let will_allowed = match &connect.last_will {
             Some(w) => match self.permission(Action::Publish, &w.topic) {
@@ -744,18 +859,19 @@ impl Session {
             source: self.context.source,
         };
         // Writer task: acknowledgements and deliveries, in the order they are queued.
-        let (out_tx, mut out_rx) = mpsc::channel::<Packet>(SUBSCRIBER_QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel::<Out>(SUBSCRIBER_QUEUE);
         let live = self.broker.session_started(self.id, &presence, out_tx.clone());
         let writer = tokio::spawn(async move {
-            let mut wbuf = BytesMut::with_capacity(4096);
+            // Grows to what the session sends at once, and keeps that.
+            let mut wbuf = BytesMut::new();
             while let Some(p) = out_rx.recv().await {
                 wbuf.clear();
-                if p.write(&mut wbuf, MAX_PACKET_BYTES).is_err() {
+                if p.write(&mut wbuf).is_err() {
                     continue;
                 }
                 // Batch whatever else is ready into the same write.
                 while let Ok(more) = out_rx.try_recv() {
-                    let _ = more.write(&mut wbuf, MAX_PACKET_BYTES);
+                    let _ = more.write(&mut wbuf);
                     if wbuf.len() > 64 * 1024 {
                         break;
                     }
@@ -784,15 +900,20 @@ impl Session {
         let kick = live.kick.clone();
         let kicked = kick.notified();
         tokio::pin!(kicked);
+        // Set while reads pause to keep to the publish rate (MQTT 3.1.1 cannot refuse).
+        let mut throttle: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut streaming = false;
         let result: Result<(), SessionError> = async {
             loop {
                 // Handle every complete packet already buffered; QoS 0 telemetry from this
                 // read is gathered per device and stream and decoded as one batch each.
                 let mut gathered = Gathered::default();
                 let mut disconnected = false;
+                let mut publishes = 0usize;
                 loop {
                     match Packet::read(&mut buf, MAX_PACKET_BYTES) {
                         Ok(p) => {
+                            publishes += usize::from(matches!(p, Packet::Publish(_)));
                             if self.handle(p, &out_tx, &mut pending, &mut qos2, &mut clean, &mut gathered).await? {
                                 disconnected = true;
                                 break;
@@ -821,13 +942,32 @@ impl Session {
                 if disconnected {
                     return Ok(());
                 }
-                let reading = pending.len() < MAX_PENDING_ACKS;
+                if publishes > 0 {
+                    let wait = self.limiter.debit(Class::MqttPublish, &principal_id, &tenant, publishes as f64);
+                    if wait > MAX_PUBLISH_DEBT {
+                        self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "publish_rate")], 1);
+                        tracing::warn!(session = self.id, principal = %principal_id, "mqtt session closed: too far over its publish rate");
+                        return Err(SessionError::Protocol("too far over the publish rate".into()));
+                    }
+                    if !wait.is_zero() {
+                        self.metrics.inc("ferrite_mqtt_throttled_reads_total", &[], 1);
+                        throttle = Some(Box::pin(tokio::time::sleep(wait)));
+                    }
+                }
+                let reading = pending.len() < MAX_PENDING_ACKS && throttle.is_none();
+                // A client whose last read filled half the space offered is streaming: read
+                // it in READ_CHUNKs; an idle one keeps a small buffer.
+                let want = if streaming { READ_CHUNK } else { 256 };
+                if buf.capacity() - buf.len() < want / 4 {
+                    buf.reserve(want);
+                }
+                let space = buf.capacity() - buf.len();
                 tokio::select! {
                     n = tokio::time::timeout(keep_alive, rd.read_buf(&mut buf)), if reading => {
                         match n {
                             Err(_) => return Err(SessionError::KeepAlive),
                             Ok(Ok(0)) => return Ok(()),
-                            Ok(Ok(_)) => {}
+                            Ok(Ok(n)) => streaming = n * 2 >= space,
                             Ok(Err(e)) => return Err(e.into()),
                         }
                     }
@@ -835,7 +975,7 @@ impl Session {
                         match settle(outcome, &mut qos2) {
                             Ok(packets) => {
                                 for p in packets {
-                                    if out_tx.send(p).await.is_err() {
+                                    if out_tx.send(p.into()).await.is_err() {
                                         return Ok(());
                                     }
                                 }
@@ -846,6 +986,7 @@ impl Session {
                             }
                         }
                     }
+                    () = async { if let Some(t) = throttle.as_mut() { t.await } }, if throttle.is_some() => throttle = None,
                     _ = shutdown.changed() => return Ok(()),
                     () = &mut kicked => return Err(SessionError::Kicked),
                 }
@@ -856,7 +997,7 @@ impl Session {
         // Deliver the acknowledgements already earned before closing.
         while let Some(outcome) = pending.next().await {
             for p in settle(outcome, &mut qos2).unwrap_or_default() {
-                let _ = out_tx.send(p).await;
+                let _ = out_tx.send(p.into()).await;
             }
         }
         self.broker.remove_session(self.id);
@@ -888,7 +1029,7 @@ impl Session {
     async fn handle(
         &self,
         packet: Packet,
-        out: &mpsc::Sender<Packet>,
+        out: &mpsc::Sender<Out>,
         pending: &mut FuturesOrdered<AckFuture>,
         qos2: &mut Qos2State,
         clean: &mut bool,
@@ -1083,7 +1224,7 @@ impl Session {
 
     /// Subscribes a resumed session to its kept filters again, each checked as a new
     /// SUBSCRIBE would be (a policy changed meanwhile drops the filter).
-    fn restore_subscriptions(&self, filters: Vec<String>, out: &mpsc::Sender<Packet>) {
+    fn restore_subscriptions(&self, filters: Vec<String>, out: &mpsc::Sender<Out>) {
         let mut mine = self.subscriptions.lock();
         for f in filters {
             if mine.len() >= self.max_subscriptions {

@@ -12,6 +12,7 @@ mod flight;
 mod harness;
 mod http;
 mod identity;
+mod limits;
 mod mqtt;
 mod oidc;
 mod ota;

@@ -43,13 +43,17 @@ async fn connect(addr: SocketAddr, id: usize) -> Result<TcpStream, String> {
     s.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(64);
     loop {
-        match Packet::read(&mut buf, 1 << 16) {
-            Ok(Packet::SubAck(_)) => return Ok(s),
-            Ok(Packet::ConnAck(a)) if a.code != rumqttc::mqttbytes::v4::ConnectReturnCode::Success => {
-                return Err(format!("refused: {:?}", a.code));
+        // Every packet already buffered (CONNACK and SUBACK often come in one read).
+        loop {
+            match Packet::read(&mut buf, 1 << 16) {
+                Ok(Packet::SubAck(_)) => return Ok(s),
+                Ok(Packet::ConnAck(a)) if a.code != rumqttc::mqttbytes::v4::ConnectReturnCode::Success => {
+                    return Err(format!("refused: {:?}", a.code));
+                }
+                Ok(_) => {}
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(e) => return Err(e.to_string()),
             }
-            Ok(_) | Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(e.to_string()),
         }
         if s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
             return Err(format!("client {id}: closed before SUBACK"));
@@ -64,7 +68,7 @@ async fn measure(addr: SocketAddr, pid: u32, n: usize) -> Result<(u64, u64, f64)
     let before = rss_kib(pid)?;
     let mut open = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
-        let handshakes = chunk.iter().map(|&id| tokio::spawn(connect(addr, id)));
+        let handshakes: Vec<_> = chunk.iter().map(|&id| tokio::spawn(connect(addr, id))).collect();
         for h in handshakes {
             open.push(h.await.map_err(|e| e.to_string())??);
         }

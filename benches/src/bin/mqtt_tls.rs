@@ -14,118 +14,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use ferrite_benches::load::mqtt_payload;
+use ferrite_benches::load::{client_config, run_qos1_publishers as run};
 use ferrite_benches::server::{Ferrite, ferrite_binary};
-use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{Connect, Packet, Publish};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_rustls::rustls;
-
-/// Messages a publisher may have without a PUBACK.
-const WINDOW: usize = 100;
-
-/// One publisher: CONNECT, then `messages` QoS 1 PUBLISHes with at most [`WINDOW`] unacknowledged,
-/// written in batches of whatever the window allows; returns at the last PUBACK.
-async fn publish<S: AsyncRead + AsyncWrite + Unpin>(stream: S, id: usize, messages: usize) -> Result<(), String> {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut out = BytesMut::with_capacity(64 * 1024);
-    let mut connect = Connect::new(format!("tls-bench-{id}"));
-    connect.keep_alive = 60;
-    Packet::Connect(connect).write(&mut out, 1 << 20).map_err(|e| e.to_string())?;
-    wr.write_all(&out).await.map_err(|e| e.to_string())?;
-    wr.flush().await.map_err(|e| e.to_string())?;
-    let mut inbuf = BytesMut::with_capacity(64 * 1024);
-    let connack = loop {
-        match Packet::read(&mut inbuf, 1 << 20) {
-            Ok(p) => break p,
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-        if rd.read_buf(&mut inbuf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("closed before CONNACK".into());
-        }
-    };
-    if !matches!(connack, Packet::ConnAck(ref c) if c.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success) {
-        return Err(format!("refused: {connack:?}"));
-    }
-    let topic = format!("devices/tls-{id}/telemetry");
-    let (mut sent, mut acked) = (0usize, 0usize);
-    while acked < messages {
-        if sent < messages && sent - acked < WINDOW {
-            out.clear();
-            while sent < messages && sent - acked < WINDOW {
-                let mut p = Publish::new(&topic, QoS::AtLeastOnce, mqtt_payload(sent));
-                p.pkid = (sent % 65_000 + 1) as u16;
-                Packet::Publish(p).write(&mut out, 1 << 20).map_err(|e| e.to_string())?;
-                sent += 1;
-            }
-            wr.write_all(&out).await.map_err(|e| e.to_string())?;
-            wr.flush().await.map_err(|e| e.to_string())?;
-        }
-        if rd.read_buf(&mut inbuf).await.map_err(|e| e.to_string())? == 0 {
-            return Err(format!("closed after {acked} PUBACKs"));
-        }
-        loop {
-            match Packet::read(&mut inbuf, 1 << 20) {
-                Ok(Packet::PubAck(_)) => acked += 1,
-                Ok(_) => {}
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    }
-    let _ = wr.shutdown().await;
-    Ok(())
-}
-
-/// Runs the load against `addr`, over TLS when `tls` is given; messages per second.
-async fn run(
-    addr: SocketAddr,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    publishers: usize,
-    messages: usize,
-) -> Result<f64, String> {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for id in 0..publishers {
-        let tls = tls.clone();
-        tasks.push(tokio::spawn(async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-            let _ = tcp.set_nodelay(true);
-            match tls {
-                Some(config) => {
-                    let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-                    let s =
-                        tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| e.to_string())?;
-                    publish(s, id, messages).await
-                }
-                None => publish(tcp, id, messages).await,
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.map_err(|e| e.to_string())??;
-    }
-    Ok((publishers * messages) as f64 / started.elapsed().as_secs_f64())
-}
-
-fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
-    let pem = std::fs::read(ca).map_err(|e| e.to_string())?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
 
 fn free_port() -> Result<u16, String> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")
@@ -146,11 +38,21 @@ impl Drop for Mosquitto {
 }
 
 fn mosquitto(pki: &Path, plain: u16, tls: u16) -> Result<Mosquitto, String> {
+    // mosquitto started as root drops to its own user: give it a readable copy of the
+    // throwaway key.
+    let key = pki.join("mosquitto-server.key");
+    std::fs::copy(pki.join("server.key"), &key).map_err(|e| e.to_string())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(pki, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    }
     let conf = pki.join("mosquitto.conf");
     let text = format!(
         "per_listener_settings false\nallow_anonymous true\nmax_inflight_messages 0\n\
          listener {plain} 127.0.0.1\n\
-         listener {tls} 127.0.0.1\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
+         listener {tls} 127.0.0.1\ncertfile {d}/server.pem\nkeyfile {d}/mosquitto-server.key\n",
         d = pki.display()
     );
     std::fs::write(&conf, text).map_err(|e| e.to_string())?;

@@ -64,7 +64,9 @@ async fn server() -> anyhow::Result<Server> {
     let limits = mqtt::MqttLimits::default();
     // Identity is not what these tests are about: every decision allows.
     let access = Arc::new(ferrite_engine::auth::AllowAll);
-    let front = mqtt::MqttFront::new(ingestor, Arc::new(Broker::default()), metrics.clone(), access, limits, rx);
+    let limiter = Arc::new(ferrite_engine::limits::RateLimiter::default());
+    let front =
+        mqtt::MqttFront::new(ingestor, Arc::new(Broker::default()), metrics.clone(), access, limits, limiter, rx);
     tokio::spawn(mqtt::serve(listener, front));
     Ok(Server { addr, store, health, metrics, catalog, _stop: stop })
 }

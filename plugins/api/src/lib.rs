@@ -7,6 +7,7 @@
 pub mod events;
 pub mod secret;
 pub mod sql;
+pub mod throttle;
 
 pub use events::EventLog;
 
