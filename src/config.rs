@@ -147,6 +147,8 @@ pub struct Config {
     pub limit_mqtt_connect: String,
     /// Open MQTT connections of one tenant (0: no bound).
     pub mqtt_max_connections_per_tenant: usize,
+    /// Whether every API call and MQTT session becomes a row of the `api_usage` stream.
+    pub api_usage: bool,
     /// Tenants' own limits, replacing the ones above for them (`[tenant_limits.NAME]`).
     pub tenant_limits: std::collections::BTreeMap<String, TenantLimits>,
 }
@@ -216,6 +218,7 @@ impl Default for Config {
             tenant_limit_mqtt_publish: "off".to_owned(),
             limit_mqtt_connect: "off".to_owned(),
             mqtt_max_connections_per_tenant: 0,
+            api_usage: true,
             tenant_limits: std::collections::BTreeMap::new(),
         }
     }
@@ -456,6 +459,7 @@ mod tests {
             "tenant_limit_mqtt_publish",
             "limit_mqtt_connect",
             "mqtt_max_connections_per_tenant",
+            "api_usage",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} ="))),

@@ -21,8 +21,9 @@ use ferrite_plugin::Plugin;
 
 use crate::config::Config;
 
-/// Writes plugin events (the audit trail) through the ingest pipeline, as if ingested.
-struct IngestWriter(Arc<Ingestor>);
+/// Writes the platform's own events (the audit trail, plugins' streams, `api_usage`)
+/// through the ingest pipeline, as if ingested (counted as transport `internal`).
+pub(crate) struct IngestWriter(pub(crate) Arc<Ingestor>);
 
 impl EventWriter for IngestWriter {
     fn write(&self, tenant: &str, stream: &str, ndjson: Vec<u8>) -> WriteFuture {
@@ -31,7 +32,7 @@ impl EventWriter for IngestWriter {
         Box::pin(async move {
             let payload = Payload::Ndjson { stream: stream? };
             let report = ingestor
-                .ingest(Transport::Http, payload, bytes::Bytes::from(ndjson), Durability::Committed)
+                .ingest(Transport::Internal, payload, bytes::Bytes::from(ndjson), Durability::Committed)
                 .await
                 .map_err(|e| e.to_string())?;
             match report.rejections.first() {

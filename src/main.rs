@@ -241,6 +241,9 @@ pub struct ServeArgs {
     /// Open MQTT connections of one tenant (0: no bound).
     #[arg(long, env = "FERRITE_MQTT_MAX_CONNECTIONS_PER_TENANT")]
     mqtt_max_connections_per_tenant: Option<usize>,
+    /// Every API call and MQTT session as a row of the `api_usage` stream (true or false).
+    #[arg(long, env = "FERRITE_API_USAGE")]
+    api_usage: Option<bool>,
 }
 
 impl ServeArgs {
@@ -406,6 +409,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.mqtt_max_connections_per_tenant {
             c.mqtt_max_connections_per_tenant = v;
+        }
+        if let Some(v) = self.api_usage {
+            c.api_usage = v;
         }
         if let Some(v) = self.webhook_allow_hosts {
             c.webhook_allow_hosts = v.into_iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();

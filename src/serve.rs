@@ -178,6 +178,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     actions.set_access(access.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // API usage as data: every call and session a row of its tenant's `api_usage` stream.
+    let (usage, usage_writer) = if config.api_usage {
+        let writer = Arc::new(crate::identity::IngestWriter(ingestor.clone()));
+        let (log, w) = ferrite_engine::usage::UsageLog::start(writer, metrics.clone());
+        (log, Some(w))
+    } else {
+        (ferrite_engine::usage::UsageLog::off(metrics.clone()), None)
+    };
     // One front for MQTT on TCP, TLS and WebSocket: the same limits, sessions and drain.
     let front = mqtt::MqttFront::new(
         ingestor.clone(),
@@ -190,7 +198,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             max_subscriptions_per_session: config.mqtt_max_subscriptions,
             max_connections_per_tenant: config.mqtt_max_connections_per_tenant,
         },
-        limiter.clone(),
+        mqtt::Accounting { limiter: limiter.clone(), usage: usage.clone() },
         stop_rx.clone(),
     );
     let mqtt_task = tokio::spawn(mqtt::serve(mqtt_listener, front.clone()));
@@ -236,6 +244,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     // Limits run after authentication (they are per principal and tenant).
     let protected = ferrite_plugin::throttle::throttle(protected, limiter.clone(), metrics.clone());
+    // Outside the throttle, so that 429s are recorded too.
+    let protected = ferrite_plugin::usage::record_usage(protected, usage.clone());
     let app = ferrite_plugin::protect(protected, access.clone())
         .merge(public)
         .layer(axum::middleware::from_fn(ferrite_plugin::close_after_error));
@@ -243,7 +253,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         (Some(l), Some(files)) => {
             use axum::serve::ListenerExt;
             let listener = crate::tls::HttpsListener::start(l, files.clone(), metrics.clone())?.tap_io(|_| {});
-            let app = app.clone().merge(ferrite_ingest::mqtt_ws::router(front.clone(), true));
+            let app = app
+                .clone()
+                .merge(ferrite_ingest::mqtt_ws::router(front.clone(), true))
+                .layer(axum::Extension(ferrite_plugin::usage::OverTls));
             let mut stop = stop_rx.clone();
             Some(tokio::spawn(async move {
                 axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
@@ -312,6 +325,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             Err(_) => tracing::warn!(listener = name, "requests still running after 30s; closing anyway"),
             _ => {}
         }
+    }
+    drop((usage, front));
+    if let Some(w) = usage_writer {
+        w.finish().await;
     }
     for plugin in plugins.iter().rev() {
         plugin.stop().await;

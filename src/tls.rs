@@ -186,7 +186,7 @@ fn san_uris(value: &[u8]) -> Vec<String> {
 /// What a completed handshake tells about the client.
 pub fn identity_of(stream: &TlsStream<tokio::net::TcpStream>) -> TransportIdentity {
     let subject = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| certificate_subject(c));
-    TransportIdentity { tls: true, certificate_subject: subject }
+    TransportIdentity { tls: true, certificate_subject: subject, door: "mqtts" }
 }
 
 /// Completes a TLS handshake within [`HANDSHAKE_TIMEOUT`]; a client that speaks plain MQTT

@@ -22,6 +22,10 @@ use crate::batch::{DEVICE_COLUMN, TIME_COLUMN, time_field_type};
 use crate::error::{Error, Result};
 use crate::ids::StreamName;
 
+/// Streams the platform writes itself (the audit trail, API usage): they do not count
+/// against `max_streams`, so that users keep every place the limit gives them.
+pub const PLATFORM_STREAMS: &[&str] = &[crate::auth::AUDIT_STREAM, crate::usage::USAGE_STREAM];
+
 /// Most columns a stream may have by default, so that a buggy device cannot create
 /// unbounded schemas.
 pub const MAX_FIELDS_PER_STREAM: usize = 1024;
@@ -239,14 +243,20 @@ impl StreamCatalog {
         })
     }
 
-    /// Sets the bounds on streams and fields (existing ones over them stay).
+    /// Sets the bounds on streams and fields (existing ones over them stay). The platform's
+    /// own streams ([`PLATFORM_STREAMS`]) are not counted against `max_streams`.
     pub fn set_limits(&self, limits: CatalogLimits) {
         *self.limits.write() = limits;
     }
 
     fn check_new_stream(&self, streams: &BTreeMap<StreamName, Arc<StreamSchema>>, stream: &StreamName) -> Result<()> {
+        // The platform's own streams are never refused, and do not take users' places.
+        if PLATFORM_STREAMS.contains(&stream.local()) {
+            return Ok(());
+        }
         let limit = self.limits.read().max_streams;
-        if streams.len() >= limit {
+        let users = streams.keys().filter(|s| !PLATFORM_STREAMS.contains(&s.local())).count();
+        if users >= limit {
             return Err(Error::TooManyStreams { stream: stream.to_string(), limit });
         }
         Ok(())
@@ -636,6 +646,18 @@ mod tests {
         assert_eq!(schema.fields.len(), 2);
         assert_eq!(schema.field_type("door"), Some(FieldType::String));
         assert_eq!(schema.arrow.field(0).name(), "time");
+        Ok(())
+    }
+
+    #[test]
+    fn the_platforms_streams_take_no_place_under_max_streams() -> Result<()> {
+        let c = StreamCatalog::in_memory();
+        c.set_limits(CatalogLimits { max_streams: 1, max_fields_per_stream: 8 });
+        c.ensure_stream(&StreamName::new("api_usage")?)?;
+        c.ensure_stream(&StreamName::new("audit")?)?;
+        c.ensure_stream(&StreamName::new("telemetry")?)?;
+        let refused = c.ensure_stream(&StreamName::new("power")?);
+        assert!(matches!(refused, Err(Error::TooManyStreams { limit: 1, .. })), "{refused:?}");
         Ok(())
     }
 

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod shard;
 pub mod system;
+pub mod usage;
 
 pub use ack::{Ack, AckPart};
 pub use auth::{AccessControl, Action, AllowAll, Caller, Principal, RequestContext, Resource, Transport};

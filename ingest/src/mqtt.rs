@@ -43,6 +43,7 @@ use ferrite_engine::auth::{
 };
 use ferrite_engine::limits::{Class, RateLimiter};
 use ferrite_engine::plugin::{Presence, PresenceObserver};
+use ferrite_engine::usage::{UsageLog, UsageRecord};
 use ferrite_engine::{Metrics, StreamName};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -509,6 +510,17 @@ pub struct TransportIdentity {
     pub tls: bool,
     /// The device id a verified client certificate names (mutual TLS).
     pub certificate_subject: Option<String>,
+    /// The door's name in `api_usage` (`mqtts`, `ws`, `wss`; empty: `mqtt`).
+    pub door: &'static str,
+}
+
+/// What the front charges sessions against and reports them to.
+#[derive(Debug, Clone)]
+pub struct Accounting {
+    /// Rate limits: CONNECT pacing, publish rates.
+    pub limiter: Arc<RateLimiter>,
+    /// Each session's `api_usage` row.
+    pub usage: UsageLog,
 }
 
 /// Everything a session needs, shared by the listeners that carry MQTT: plain TCP
@@ -524,6 +536,7 @@ pub struct MqttFront {
     counts: Arc<parking_lot::Mutex<ConnectionCounts>>,
     tenant_counts: Arc<parking_lot::Mutex<HashMap<Arc<str>, usize>>>,
     limiter: Arc<RateLimiter>,
+    usage: UsageLog,
     next_session: AtomicU64,
     sessions: parking_lot::Mutex<tokio::task::JoinSet<()>>,
     shutdown: watch::Receiver<bool>,
@@ -537,9 +550,10 @@ impl MqttFront {
         metrics: Arc<Metrics>,
         access: Arc<dyn AccessControl>,
         limits: MqttLimits,
-        limiter: Arc<RateLimiter>,
+        accounting: Accounting,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
+        let Accounting { limiter, usage } = accounting;
         Arc::new(Self {
             ingestor,
             broker,
@@ -549,6 +563,7 @@ impl MqttFront {
             counts: Arc::default(),
             tenant_counts: Arc::default(),
             limiter,
+            usage,
             next_session: AtomicU64::new(1),
             sessions: parking_lot::Mutex::new(tokio::task::JoinSet::new()),
             shutdown,
@@ -574,6 +589,8 @@ impl MqttFront {
             tenant_counts: self.tenant_counts.clone(),
             max_connections_per_tenant: self.limits.max_connections_per_tenant,
             limiter: self.limiter.clone(),
+            usage: self.usage.clone(),
+            door: if transport.door.is_empty() { "mqtt" } else { transport.door },
             max_subscriptions: self.limits.max_subscriptions_per_session,
             subscriptions: parking_lot::Mutex::new(HashSet::new()),
             access: self.access.clone(),
@@ -692,6 +709,10 @@ struct Session {
     max_connections_per_tenant: usize,
     /// Rate limits: CONNECT pacing and the principal's and tenant's publish rates.
     limiter: Arc<RateLimiter>,
+    /// Where the session's `api_usage` row goes when it ends.
+    usage: UsageLog,
+    /// `mqtt`, `mqtts`, `ws` or `wss`.
+    door: &'static str,
     max_subscriptions: usize,
     /// This session's filters (for its subscription limit).
     subscriptions: parking_lot::Mutex<HashSet<String>>,
@@ -861,7 +882,10 @@ impl Session {
         // Writer task: acknowledgements and deliveries, in the order they are queued.
         let (out_tx, mut out_rx) = mpsc::channel::<Out>(SUBSCRIBER_QUEUE);
         let live = self.broker.session_started(self.id, &presence, out_tx.clone());
+        let (started_at, started) = (std::time::SystemTime::now(), std::time::Instant::now());
+        let (mut bytes_in, mut messages) = (0u64, 0u64);
         let writer = tokio::spawn(async move {
+            let mut written = 0u64;
             // Grows to what the session sends at once, and keeps that.
             let mut wbuf = BytesMut::new();
             while let Some(p) = out_rx.recv().await {
@@ -879,8 +903,10 @@ impl Session {
                 if wr.write_all(&wbuf).await.is_err() {
                     break;
                 }
+                written += wbuf.len() as u64;
             }
             let _ = wr.shutdown().await;
+            written
         });
 
         let keep_alive = match connect.keep_alive {
@@ -942,6 +968,7 @@ impl Session {
                 if disconnected {
                     return Ok(());
                 }
+                messages += publishes as u64;
                 if publishes > 0 {
                     let wait = self.limiter.debit(Class::MqttPublish, &principal_id, &tenant, publishes as f64);
                     if wait > MAX_PUBLISH_DEBT {
@@ -967,7 +994,10 @@ impl Session {
                         match n {
                             Err(_) => return Err(SessionError::KeepAlive),
                             Ok(Ok(0)) => return Ok(()),
-                            Ok(Ok(n)) => streaming = n * 2 >= space,
+                            Ok(Ok(n)) => {
+                                streaming = n * 2 >= space;
+                                bytes_in += n as u64;
+                            }
                             Ok(Err(e)) => return Err(e.into()),
                         }
                     }
@@ -1021,7 +1051,30 @@ impl Session {
             tracing::warn!(client_id = %connect.client_id, error = %e, "mqtt last will not delivered");
         }
         drop(out_tx);
-        let _ = writer.await;
+        let bytes_out = writer.await.unwrap_or(0);
+        if self.usage.is_on() {
+            let status = match reason {
+                "disconnect" | "shutdown" => 200,
+                "kicked" => 403,
+                "lost" | "keep_alive" => 499,
+                _ => 500,
+            };
+            self.usage.record(UsageRecord {
+                at: started_at,
+                tenant: tenant.clone(),
+                principal: principal_id.clone(),
+                transport: self.door,
+                class: "session",
+                route: connect.client_id.clone(),
+                method: "CONNECT",
+                status,
+                reason,
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                bytes_in,
+                bytes_out,
+                messages,
+            });
+        }
         result
     }
 

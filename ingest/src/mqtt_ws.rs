@@ -60,7 +60,13 @@ async fn upgrade(
 async fn bridge(socket: WebSocket, state: WsState, peer: SocketAddr) {
     let (client, server) = tokio::io::duplex(BRIDGE_BYTES);
     let (session_rd, session_wr) = tokio::io::split(server);
-    state.front.spawn_session(session_rd, session_wr, peer, TransportIdentity { tls: state.tls, ..Default::default() });
+    let door = if state.tls { "wss" } else { "ws" };
+    state.front.spawn_session(
+        session_rd,
+        session_wr,
+        peer,
+        TransportIdentity { tls: state.tls, door, ..Default::default() },
+    );
     let (mut from_session, mut to_session) = tokio::io::split(client);
     let (mut sink, mut stream) = socket.split();
     let inbound = async move {

@@ -74,6 +74,8 @@ pub enum Transport {
     LineProtocol,
     /// MQTT PUBLISH.
     Mqtt,
+    /// The platform's own streams (`audit`, `api_usage`, plugins' events).
+    Internal,
 }
 
 impl Transport {
@@ -83,6 +85,7 @@ impl Transport {
             Transport::Http => "http",
             Transport::LineProtocol => "influx",
             Transport::Mqtt => "mqtt",
+            Transport::Internal => "internal",
         }
     }
 }

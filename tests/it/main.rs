@@ -21,3 +21,4 @@ mod rules;
 mod schemas;
 mod tenants;
 mod tls;
+mod usage;

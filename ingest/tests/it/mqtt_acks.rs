@@ -65,8 +65,16 @@ async fn server() -> anyhow::Result<Server> {
     // Identity is not what these tests are about: every decision allows.
     let access = Arc::new(ferrite_engine::auth::AllowAll);
     let limiter = Arc::new(ferrite_engine::limits::RateLimiter::default());
-    let front =
-        mqtt::MqttFront::new(ingestor, Arc::new(Broker::default()), metrics.clone(), access, limits, limiter, rx);
+    let usage = ferrite_engine::usage::UsageLog::off(metrics.clone());
+    let front = mqtt::MqttFront::new(
+        ingestor,
+        Arc::new(Broker::default()),
+        metrics.clone(),
+        access,
+        limits,
+        mqtt::Accounting { limiter, usage },
+        rx,
+    );
     tokio::spawn(mqtt::serve(listener, front));
     Ok(Server { addr, store, health, metrics, catalog, _stop: stop })
 }

@@ -8,6 +8,7 @@ pub mod events;
 pub mod secret;
 pub mod sql;
 pub mod throttle;
+pub mod usage;
 
 pub use events::EventLog;
 
