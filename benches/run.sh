@@ -59,6 +59,9 @@ rows mqtt_idle connections ferrite_rss_before_kib ferrite_rss_after_kib ferrite_
 echo "== the rate limiter's cost on MQTT QoS 1 ingest (limits on but never reached, against none)"
 ./target/release/mqtt_throttle "${TLS_PUBLISHERS:-50}" "${MQTT_MESSAGES:-2000}" 5 | tee /tmp/ferrite-bench-throttle.txt
 rows mqtt_throttle rounds no_limits_median limits_on_median cost_percent < /tmp/ferrite-bench-throttle.txt
+echo "== api_usage's cost on one-event HTTP requests (on against off, alternating)"
+./target/release/http_usage "${HTTP_THREADS:-4}" 5 3 | tee /tmp/ferrite-bench-usage.txt
+rows http_usage threads rounds off_median on_median cost_percent < /tmp/ferrite-bench-usage.txt
 echo "== policy decisions (criterion)"
 "$(ls -t target/release/deps/policy-* | grep -v '\.d$' | head -1)" --bench --warm-up-time 1 --measurement-time 4 --noplot | tee /tmp/ferrite-bench-policy.txt
 criterion_times < /tmp/ferrite-bench-policy.txt

@@ -4,7 +4,8 @@
 //! the engine like any other telemetry.
 //!
 //! Recording never waits: records go to a bounded queue, and a background task writes them
-//! in batches, one NDJSON write per tenant; when the queue is full a record is dropped and
+//! in batches (every [`LINGER`], or sooner when 4,096 are waiting), one NDJSON
+//! write per tenant; when the queue is full a record is dropped and
 //! counted in `ferrite_api_usage_dropped_total`.
 
 use std::collections::BTreeMap;
@@ -20,6 +21,10 @@ pub const USAGE_STREAM: &str = "api_usage";
 
 /// Records queued for the writer at most; past it records are dropped (and counted).
 pub const USAGE_QUEUE: usize = 65_536;
+
+/// How long the writer gathers records before writing them: usage costs the write path a
+/// few commits a second however busy the API is; a crash loses at most this much of it.
+pub const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One API call or MQTT session.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,10 +150,23 @@ async fn run(
         };
         let Some(first) = next else { return };
         batch.push(first);
-        while batch.len() < BATCH
-            && let Ok(r) = rx.try_recv()
-        {
-            batch.push(r);
+        // Gather for up to LINGER: a few commits a second for usage, however busy the API.
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => batch.push(r),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(deadline) => break,
+                _ = stop.changed() => {
+                    rx.close();
+                    while batch.len() < BATCH && let Ok(r) = rx.try_recv() {
+                        batch.push(r);
+                    }
+                    break;
+                }
+            }
         }
         let mut by_tenant: BTreeMap<Arc<str>, Vec<u8>> = BTreeMap::new();
         for r in batch.drain(..) {
