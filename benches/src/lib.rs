@@ -7,6 +7,13 @@
 pub mod load;
 pub mod server;
 
+/// The median of `v` (the upper one of an even count; 0 for none): what the scenarios
+/// report, so that one slow run on a shared machine does not move the figure.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 use serde::{Deserialize, Serialize};
 
 /// One reading of the TSBS "IoT" use case (a truck's diagnostics), as a typed struct: the

@@ -156,3 +156,50 @@ impl Ferrite {
             .unwrap_or(0)
     }
 }
+
+/// A free TCP port on 127.0.0.1 (for a peer that cannot pick its own).
+pub fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// mosquitto, the peer of the MQTT scenarios; killed on drop.
+pub struct Mosquitto {
+    child: Child,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto with the configuration `conf` (written to `dir`) and waits until
+    /// every one of `ports` accepts connections.
+    pub fn start(dir: &Path, conf: &str, ports: &[u16]) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let path = dir.join(format!("mosquitto-{}.conf", ports.first().copied().unwrap_or(0)));
+        std::fs::write(&path, conf).map_err(|e| e.to_string())?;
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start mosquitto (apt-get install mosquitto): {e}"))?;
+        let broker = Self { child };
+        for &port in ports {
+            poll_until("mosquitto to listen", std::time::Duration::from_secs(10), || {
+                Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+            })?;
+        }
+        Ok(broker)
+    }
+
+    /// Its process id (to read its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -26,17 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrite_benches::load::mqtt_options;
+use ferrite_benches::median;
 use ferrite_benches::server::{Ferrite, poll_until};
 use ferrite_device::model::DeviceInput;
 use ferrite_device::registry::Registry;
 use ferrite_engine::Metrics;
 use ferrite_engine::plugin::{EventWriter, NoCredentials, PresenceObserver, TopicPublisher, WriteFuture};
 use rumqttc::{AsyncClient, Event, Packet};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
 
 /// Registers `n` devices in requests of 10,000; seconds taken.
 fn provision(server: &Ferrite, prefix: &str, n: usize) -> Result<f64, String> {

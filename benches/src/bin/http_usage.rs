@@ -9,12 +9,8 @@
 use std::sync::Arc;
 
 use ferrite_benches::load::{accepted, http_load};
+use ferrite_benches::median;
 use ferrite_benches::server::Ferrite;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();

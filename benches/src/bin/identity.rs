@@ -19,6 +19,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use ferrite_benches::load::{accepted, http_load, publish_all};
+use ferrite_benches::median;
 use ferrite_benches::server::Ferrite;
 use ferrite_benches::{json_array, readings};
 use rumqttc::QoS;
@@ -100,11 +101,6 @@ fn token_endpoint(threads: usize, seconds: u64) -> Result<f64, String> {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(tokens as f64 / secs)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn main() -> Result<(), String> {

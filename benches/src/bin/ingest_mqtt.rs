@@ -12,13 +12,12 @@
 //!
 //! `cargo run --release -p ferrite-benches --bin ingest_mqtt -- [publishers] [messages]`
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ferrite_benches::load::{mqtt_options, publish_all};
-use ferrite_benches::server::Ferrite;
+use ferrite_benches::server::{Ferrite, Mosquitto, free_port};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 
 /// What one run measured.
@@ -105,35 +104,14 @@ async fn run_ferrite(publishers: usize, messages: usize, fanout: bool) -> Result
 }
 
 async fn run_mosquitto(publishers: usize, messages: usize, fanout: bool) -> Result<Outcome, String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| e.to_string())?
-        .local_addr()
-        .map_err(|e| e.to_string())?
-        .port();
+    let port = free_port()?;
     // Queues large enough that mosquitto drops nothing for the one subscriber.
-    let conf = std::env::temp_dir().join(format!("ferrite-bench-mosquitto-{port}.conf"));
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\n"),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut broker = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start mosquitto (apt-get install mosquitto): {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            return Err("mosquitto did not start".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let conf = format!(
+        "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\n"
+    );
+    let broker = Mosquitto::start(&std::env::temp_dir(), &conf, &[port])?;
     let outcome = run(port, publishers, messages, fanout).await;
-    let _ = broker.kill();
-    let _ = broker.wait();
+    drop(broker);
     outcome
 }
 

@@ -8,11 +8,10 @@
 //! needs `ulimit -n` above the count: each side holds one descriptor per connection).
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
-use ferrite_benches::server::Ferrite;
+use ferrite_benches::server::{Ferrite, Mosquitto, free_port};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Connect, Packet, Subscribe};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -92,30 +91,11 @@ fn main() -> Result<(), String> {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| e.to_string())?
-        .local_addr()
-        .map_err(|e| e.to_string())?
-        .port();
-    let conf = std::env::temp_dir().join(format!("ferrite-bench-idle-mosquitto-{port}.conf"));
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n")).map_err(|e| e.to_string())?;
-    let mut broker = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start mosquitto (apt-get install mosquitto): {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            return Err("mosquitto did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let m = runtime.block_on(measure(SocketAddr::from(([127, 0, 0, 1], port)), broker.id(), n));
-    let _ = broker.kill();
-    let _ = broker.wait();
+    let port = free_port()?;
+    let conf = format!("listener {port} 127.0.0.1\nallow_anonymous true\n");
+    let broker = Mosquitto::start(&std::env::temp_dir(), &conf, &[port])?;
+    let m = runtime.block_on(measure(SocketAddr::from(([127, 0, 0, 1], port)), broker.pid(), n));
+    drop(broker);
     let (m_before, m_after, m_per) = m?;
     println!(
         "mqtt_idle connections={n} ferrite_rss_before_kib={f_before} ferrite_rss_after_kib={f_after} \

@@ -7,12 +7,8 @@
 //! `cargo run --release -p ferrite-benches --bin mqtt_throttle -- [publishers] [messages] [rounds]`
 
 use ferrite_benches::load::run_qos1_publishers;
+use ferrite_benches::median;
 use ferrite_benches::server::Ferrite;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();

@@ -13,30 +13,12 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use ferrite_benches::load::{client_config, run_qos1_publishers as run};
-use ferrite_benches::server::{Ferrite, ferrite_binary};
+use ferrite_benches::server::{Ferrite, Mosquitto, ferrite_binary, free_port};
 
-fn free_port() -> Result<u16, String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| e.to_string())?
-        .local_addr()
-        .map_err(|e| e.to_string())?
-        .port())
-}
-
-/// mosquitto with a plain and a TLS listener on the same certificate; killed on drop.
-struct Mosquitto(std::process::Child);
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// mosquitto with a plain and a TLS listener on the same certificate.
 fn mosquitto(pki: &Path, plain: u16, tls: u16) -> Result<Mosquitto, String> {
     // mosquitto started as root drops to its own user: give it a readable copy of the
     // throwaway key.
@@ -48,32 +30,13 @@ fn mosquitto(pki: &Path, plain: u16, tls: u16) -> Result<Mosquitto, String> {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).map_err(|e| e.to_string())?;
         std::fs::set_permissions(pki, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
     }
-    let conf = pki.join("mosquitto.conf");
-    let text = format!(
+    let conf = format!(
         "per_listener_settings false\nallow_anonymous true\nmax_inflight_messages 0\n\
          listener {plain} 127.0.0.1\n\
          listener {tls} 127.0.0.1\ncertfile {d}/server.pem\nkeyfile {d}/mosquitto-server.key\n",
         d = pki.display()
     );
-    std::fs::write(&conf, text).map_err(|e| e.to_string())?;
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start mosquitto (apt-get install mosquitto): {e}"))?;
-    let broker = Mosquitto(child);
-    for port in [plain, tls] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                return Err("mosquitto did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    Ok(broker)
+    Mosquitto::start(pki, &conf, &[plain, tls])
 }
 
 fn main() -> Result<(), String> {
