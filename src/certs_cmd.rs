@@ -153,13 +153,10 @@ fn ca_params(days: u32) -> anyhow::Result<CertificateParams> {
 
 /// The CA already in the directory, if `certs dev` made it.
 fn existing_ca(pem: &Path, key: &Path) -> anyhow::Result<Issuer<'static, KeyPair>> {
-    let text = std::fs::read_to_string(pem).with_context(|| format!("cannot read {}", pem.display()))?;
-    let der = rustls_pemfile::certs(&mut text.as_bytes())
-        .next()
-        .with_context(|| format!("{} holds no CERTIFICATE block", pem.display()))?
-        .with_context(|| format!("{} is not PEM", pem.display()))?;
-    let name = x509_certificate::X509Certificate::from_der(der.as_ref())
-        .ok()
+    let certs = crate::tls::read_certs(pem, "the CA certificate")?;
+    let name = certs
+        .first()
+        .and_then(|der| x509_certificate::X509Certificate::from_der(der.as_ref()).ok())
         .and_then(|c| c.subject_common_name())
         .unwrap_or_default();
     if name != CA_NAME {
@@ -191,18 +188,11 @@ fn host_name() -> Option<String> {
         .filter(|s| !s.is_empty() && rcgen::string::Ia5String::try_from(s.as_str()).is_ok())
 }
 
-/// Writes `bytes` to `path`; private keys readable by the owner only.
+/// Writes a certificate (readable by all) or a private key (by the owner only).
 fn write(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
     if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+        ferrite_identity::service::write_private(path, bytes).map_err(anyhow::Error::msg)
+    } else {
+        std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
     }
-    #[cfg(not(unix))]
-    let _ = private;
-    use std::io::Write;
-    let mut f = options.open(path).with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -246,77 +246,65 @@ pub struct TenantLimits {
     pub tenant_limit_mqtt_publish: Option<String>,
 }
 
+impl TenantLimits {
+    /// Each class's settings: (class, per principal, per tenant).
+    fn by_class(&self) -> [(ferrite_engine::limits::Class, Option<&str>, Option<&str>); 4] {
+        use ferrite_engine::limits::Class;
+        [
+            (Class::Ingest, self.limit_ingest.as_deref(), self.tenant_limit_ingest.as_deref()),
+            (Class::Query, self.limit_query.as_deref(), self.tenant_limit_query.as_deref()),
+            (Class::Management, self.limit_management.as_deref(), self.tenant_limit_management.as_deref()),
+            (Class::MqttPublish, self.limit_mqtt_publish.as_deref(), self.tenant_limit_mqtt_publish.as_deref()),
+        ]
+    }
+}
+
 impl Config {
     /// The rate limits these settings describe; an invalid rate names its key.
     pub fn limits(&self) -> anyhow::Result<ferrite_engine::limits::LimitsConfig> {
         use ferrite_engine::limits::{Class, Limits, LimitsConfig, Rate};
-        fn rate(
-            into: &mut std::collections::HashMap<Class, Rate>,
-            class: Class,
-            text: &str,
-            key: &str,
+        /// Sets (or, for `off`, lifts) each class's limits that `settings` name; the keys
+        /// are `{prefix}limit_{class}` and `{prefix}tenant_limit_{class}`.
+        fn apply(
+            limits: &mut Limits,
+            prefix: &str,
+            settings: [(Class, Option<&str>, Option<&str>); 4],
         ) -> anyhow::Result<()> {
-            match Rate::parse(text) {
-                Ok(Some(r)) => {
-                    into.insert(class, r);
+            for (class, principal, tenant) in settings {
+                for (text, into, key) in [
+                    (principal, &mut limits.per_principal, "limit_"),
+                    (tenant, &mut limits.per_tenant, "tenant_limit_"),
+                ] {
+                    let Some(text) = text else { continue };
+                    match Rate::parse(text) {
+                        Ok(Some(r)) => {
+                            into.insert(class, r);
+                        }
+                        // `off` in a tenant's own table is an explicit "no limit" for it.
+                        Ok(None) => {
+                            into.remove(&class);
+                        }
+                        Err(e) => anyhow::bail!("{prefix}{key}{}: {e}", class.as_str()),
+                    }
                 }
-                // `off` in a tenant's own table is an explicit "no limit" for it.
-                Ok(None) => {
-                    into.remove(&class);
-                }
-                Err(e) => anyhow::bail!("{key}: {e}"),
             }
             Ok(())
         }
         let mut limits = Limits::default();
-        rate(&mut limits.per_principal, Class::Ingest, &self.limit_ingest, "limit_ingest")?;
-        rate(&mut limits.per_tenant, Class::Ingest, &self.tenant_limit_ingest, "tenant_limit_ingest")?;
-        rate(&mut limits.per_principal, Class::Query, &self.limit_query, "limit_query")?;
-        rate(&mut limits.per_tenant, Class::Query, &self.tenant_limit_query, "tenant_limit_query")?;
-        rate(&mut limits.per_principal, Class::Management, &self.limit_management, "limit_management")?;
-        rate(&mut limits.per_tenant, Class::Management, &self.tenant_limit_management, "tenant_limit_management")?;
-        rate(&mut limits.per_principal, Class::MqttPublish, &self.limit_mqtt_publish, "limit_mqtt_publish")?;
-        rate(&mut limits.per_tenant, Class::MqttPublish, &self.tenant_limit_mqtt_publish, "tenant_limit_mqtt_publish")?;
+        let defaults = [
+            (Class::Ingest, Some(&*self.limit_ingest), Some(&*self.tenant_limit_ingest)),
+            (Class::Query, Some(&*self.limit_query), Some(&*self.tenant_limit_query)),
+            (Class::Management, Some(&*self.limit_management), Some(&*self.tenant_limit_management)),
+            (Class::MqttPublish, Some(&*self.limit_mqtt_publish), Some(&*self.tenant_limit_mqtt_publish)),
+        ];
+        apply(&mut limits, "", defaults)?;
         let mut config = LimitsConfig { defaults: limits.clone(), ..LimitsConfig::default() };
         config.mqtt_connect =
             Rate::parse(&self.limit_mqtt_connect).map_err(|e| anyhow::anyhow!("limit_mqtt_connect: {e}"))?;
         for (name, own) in &self.tenant_limits {
             ferrite_engine::validate_tenant(name).map_err(|e| anyhow::anyhow!("tenant_limits.{name}: {e}"))?;
             let mut l = limits.clone();
-            if let Some(v) = &own.limit_ingest {
-                rate(&mut l.per_principal, Class::Ingest, v, &format!("tenant_limits.{name}.limit_ingest"))?;
-            }
-            if let Some(v) = &own.tenant_limit_ingest {
-                rate(&mut l.per_tenant, Class::Ingest, v, &format!("tenant_limits.{name}.tenant_limit_ingest"))?;
-            }
-            if let Some(v) = &own.limit_query {
-                rate(&mut l.per_principal, Class::Query, v, &format!("tenant_limits.{name}.limit_query"))?;
-            }
-            if let Some(v) = &own.tenant_limit_query {
-                rate(&mut l.per_tenant, Class::Query, v, &format!("tenant_limits.{name}.tenant_limit_query"))?;
-            }
-            if let Some(v) = &own.limit_management {
-                rate(&mut l.per_principal, Class::Management, v, &format!("tenant_limits.{name}.limit_management"))?;
-            }
-            if let Some(v) = &own.tenant_limit_management {
-                rate(
-                    &mut l.per_tenant,
-                    Class::Management,
-                    v,
-                    &format!("tenant_limits.{name}.tenant_limit_management"),
-                )?;
-            }
-            if let Some(v) = &own.limit_mqtt_publish {
-                rate(&mut l.per_principal, Class::MqttPublish, v, &format!("tenant_limits.{name}.limit_mqtt_publish"))?;
-            }
-            if let Some(v) = &own.tenant_limit_mqtt_publish {
-                rate(
-                    &mut l.per_tenant,
-                    Class::MqttPublish,
-                    v,
-                    &format!("tenant_limits.{name}.tenant_limit_mqtt_publish"),
-                )?;
-            }
+            apply(&mut l, &format!("tenant_limits.{name}."), own.by_class())?;
             config.tenants.insert(name.clone(), l);
         }
         Ok(config)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use ferrite_ingest::mqtt::{MqttFront, TransportIdentity};
+use ferrite_ingest::mqtt::{Door, MqttFront, TransportIdentity};
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -39,7 +39,8 @@ fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-fn read_certs(path: &Path, what: &str) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+/// The CERTIFICATE blocks of the PEM file `path` (`what` names it in errors).
+pub(crate) fn read_certs(path: &Path, what: &str) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     let pem = std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
@@ -186,7 +187,7 @@ fn san_uris(value: &[u8]) -> Vec<String> {
 /// What a completed handshake tells about the client.
 pub fn identity_of(stream: &TlsStream<tokio::net::TcpStream>) -> TransportIdentity {
     let subject = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| certificate_subject(c));
-    TransportIdentity { tls: true, certificate_subject: subject, door: "mqtts" }
+    TransportIdentity { door: Door::Mqtts, certificate_subject: subject }
 }
 
 /// Completes a TLS handshake within [`HANDSHAKE_TIMEOUT`]; a client that speaks plain MQTT
@@ -415,7 +416,7 @@ mod tests {
 
         let valid = devices.sign(&[], "dev-7", (2020, 2090))?;
         let who = handshake_with(&files, &devices.ca_pem, Some(&valid)).await.context("a valid certificate")?;
-        assert_eq!((who.tls, who.certificate_subject.as_deref()), (true, Some("dev-7")));
+        assert_eq!((who.tls(), who.certificate_subject.as_deref()), (true, Some("dev-7")));
         let anonymous = handshake_with(&files, &devices.ca_pem, None).await.context("no certificate")?;
         assert_eq!(anonymous.certificate_subject, None, "no certificate: the CONNECT authenticates");
 

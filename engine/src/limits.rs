@@ -9,7 +9,6 @@
 //! replace the server's defaults for that tenant.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -148,7 +147,38 @@ impl Bucket {
     }
 }
 
-type Key = (Class, bool, Arc<str>);
+/// A bucket's owner: a principal within its tenant, or a whole tenant.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Key {
+    class: Class,
+    whole_tenant: bool,
+    tenant: Box<str>,
+    principal: Box<str>,
+}
+
+/// A [`Key`] to look up without allocating: hashes and compares as the `Key` it names.
+#[derive(Hash)]
+struct KeyRef<'a> {
+    class: Class,
+    whole_tenant: bool,
+    tenant: &'a str,
+    principal: &'a str,
+}
+
+impl hashbrown::Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, k: &Key) -> bool {
+        self.class == k.class
+            && self.whole_tenant == k.whole_tenant
+            && self.tenant == &*k.tenant
+            && self.principal == &*k.principal
+    }
+}
+
+impl From<&KeyRef<'_>> for Key {
+    fn from(k: &KeyRef<'_>) -> Self {
+        Self { class: k.class, whole_tenant: k.whole_tenant, tenant: k.tenant.into(), principal: k.principal.into() }
+    }
+}
 
 /// Most buckets kept; past it, full ones (idle principals) are forgotten.
 const MAX_BUCKETS: usize = 200_000;
@@ -157,13 +187,16 @@ const MAX_BUCKETS: usize = 200_000;
 #[derive(Debug, Default)]
 pub struct RateLimiter {
     config: LimitsConfig,
-    buckets: Mutex<HashMap<Key, Bucket>>,
+    buckets: Mutex<hashbrown::HashMap<Key, Bucket>>,
 }
+
+/// Where the server-wide CONNECT bucket lives among the tenants' (no tenant is named `*`).
+const SERVER: &str = "*";
 
 impl RateLimiter {
     /// A limiter of `config`.
     pub fn new(config: LimitsConfig) -> Self {
-        Self { config, buckets: Mutex::new(HashMap::new()) }
+        Self { config, buckets: Mutex::default() }
     }
 
     /// Whether any limit is set at all (no: every check is free).
@@ -174,47 +207,55 @@ impl RateLimiter {
             || !self.config.tenants.is_empty()
     }
 
-    fn rates(&self, class: Class, tenant: &str) -> (Option<Rate>, Option<Rate>) {
+    /// The buckets a request of `class` takes from: (rate, key, scope) for its principal
+    /// and for its tenant, where a limit is set.
+    fn scopes<'a>(
+        &self,
+        class: Class,
+        principal: &'a str,
+        tenant: &'a str,
+    ) -> [Option<(Rate, KeyRef<'a>, &'static str)>; 2] {
+        if class == Class::MqttConnect {
+            let server = KeyRef { class, whole_tenant: true, tenant: SERVER, principal: "" };
+            return [None, self.config.mqtt_connect.map(|r| (r, server, "server"))];
+        }
         let own = self.config.tenants.get(tenant);
         let pick = |f: fn(&Limits) -> &HashMap<Class, Rate>| {
             own.and_then(|l| f(l).get(&class)).or_else(|| f(&self.config.defaults).get(&class)).copied()
         };
-        (pick(|l| &l.per_principal), pick(|l| &l.per_tenant))
+        [
+            pick(|l| &l.per_principal)
+                .map(|r| (r, KeyRef { class, whole_tenant: false, tenant, principal }, "principal")),
+            pick(|l| &l.per_tenant).map(|r| (r, KeyRef { class, whole_tenant: true, tenant, principal: "" }, "tenant")),
+        ]
     }
 
     /// Takes `cost` from the principal's and the tenant's buckets, or neither: refused
     /// with the limit that was short and when to retry.
     pub fn check(&self, class: Class, principal: &str, tenant: &str, cost: f64) -> Result<(), Throttled> {
-        let (p_rate, t_rate) = self.rates(class, tenant);
-        if p_rate.is_none() && t_rate.is_none() {
+        let scopes = self.scopes(class, principal, tenant);
+        if scopes.iter().all(Option::is_none) {
             return Ok(());
         }
         let now = Instant::now();
         let mut buckets = self.buckets.lock();
         let mut short: Option<Throttled> = None;
-        let principal_key = principal_key(tenant, principal);
-        let scopes =
-            [(p_rate, false, principal, "principal", &*principal_key), (t_rate, true, tenant, "tenant", tenant)];
-        for (rate, tenant_scope, who, scope, key) in scopes {
-            let Some(rate) = rate else { continue };
-            let b = bucket(&mut buckets, (class, tenant_scope, key.into()), rate, now);
-            let have = b.refill(rate, now);
-            if have < cost.min(rate.amount) {
-                let wait = Duration::from_secs_f64((cost.min(rate.amount) - have) / rate.per_second());
+        for (rate, key, scope) in scopes.iter().flatten() {
+            let have = with_bucket(&mut buckets, key, *rate, now, |b| b.refill(*rate, now));
+            let need = cost.min(rate.amount);
+            if have < need {
+                let wait = Duration::from_secs_f64((need - have) / rate.per_second());
                 if short.as_ref().is_none_or(|s| s.retry_after < wait) {
-                    short = Some(Throttled { class, scope, who: who.to_owned(), limit: rate, retry_after: wait });
+                    let who = if *scope == "principal" { principal } else { tenant };
+                    short = Some(Throttled { class, scope, who: who.to_owned(), limit: *rate, retry_after: wait });
                 }
             }
         }
         if let Some(s) = short {
             return Err(s);
         }
-        for (rate, tenant_scope, _, _, key) in scopes {
-            if rate.is_some()
-                && let Some(b) = buckets.get_mut(&(class, tenant_scope, Arc::from(key)))
-            {
-                b.tokens -= cost;
-            }
+        for (rate, key, _) in scopes.iter().flatten() {
+            with_bucket(&mut buckets, key, *rate, now, |b| b.tokens -= cost);
         }
         Ok(())
     }
@@ -223,25 +264,20 @@ impl RateLimiter {
     /// should wait before sending more so that it keeps to its limits (zero when within).
     /// For protocols that cannot refuse: the wait becomes back-pressure.
     pub fn debit(&self, class: Class, principal: &str, tenant: &str, cost: f64) -> Duration {
-        let (p_rate, t_rate) = match class {
-            Class::MqttConnect => (None, self.config.mqtt_connect),
-            _ => self.rates(class, tenant),
-        };
-        if p_rate.is_none() && t_rate.is_none() {
+        let scopes = self.scopes(class, principal, tenant);
+        if scopes.iter().all(Option::is_none) {
             return Duration::ZERO;
         }
         let now = Instant::now();
         let mut buckets = self.buckets.lock();
         let mut wait = Duration::ZERO;
-        let who_tenant = if class == Class::MqttConnect { "*" } else { tenant };
-        let principal_key = principal_key(tenant, principal);
-        for (rate, tenant_scope, who) in [(p_rate, false, &*principal_key), (t_rate, true, who_tenant)] {
-            let Some(rate) = rate else { continue };
-            let b = bucket(&mut buckets, (class, tenant_scope, who.into()), rate, now);
-            b.refill(rate, now);
-            b.tokens -= cost;
-            if b.tokens < 0.0 {
-                wait = wait.max(Duration::from_secs_f64(-b.tokens / rate.per_second()));
+        for (rate, key, _) in scopes.iter().flatten() {
+            let left = with_bucket(&mut buckets, key, *rate, now, |b| {
+                b.tokens = b.refill(*rate, now) - cost;
+                b.tokens
+            });
+            if left < 0.0 {
+                wait = wait.max(Duration::from_secs_f64(-left / rate.per_second()));
             }
         }
         wait
@@ -249,33 +285,36 @@ impl RateLimiter {
 
     /// Gives back what [`RateLimiter::debit`] took for a request that was then refused.
     pub fn refund(&self, class: Class, principal: &str, tenant: &str, cost: f64) {
-        let who_tenant = if class == Class::MqttConnect { "*" } else { tenant };
-        let principal_key = principal_key(tenant, principal);
+        let scopes = self.scopes(class, principal, tenant);
         let mut buckets = self.buckets.lock();
-        for (tenant_scope, who) in [(false, &*principal_key), (true, who_tenant)] {
-            if let Some(b) = buckets.get_mut(&(class, tenant_scope, Arc::from(who))) {
+        for (_, key, _) in scopes.iter().flatten() {
+            if let Some(b) = buckets.get_mut(key) {
                 b.tokens += cost;
             }
         }
     }
 }
 
-/// A principal's bucket key: principals are named within their tenant.
-fn principal_key(tenant: &str, principal: &str) -> String {
-    let mut k = String::with_capacity(tenant.len() + principal.len() + 1);
-    k.push_str(tenant);
-    k.push('/');
-    k.push_str(principal);
-    k
-}
-
-/// The bucket of `key`, made full on first use; idle full buckets are dropped past
+/// Runs `f` on the bucket of `key`, made full on first use (only then is anything
+/// allocated: a lookup borrows the names); idle full buckets are dropped past
 /// [`MAX_BUCKETS`].
-fn bucket(buckets: &mut HashMap<Key, Bucket>, key: Key, rate: Rate, now: Instant) -> &mut Bucket {
-    if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&key) {
+fn with_bucket<R>(
+    buckets: &mut hashbrown::HashMap<Key, Bucket>,
+    key: &KeyRef<'_>,
+    rate: Rate,
+    now: Instant,
+    f: impl FnOnce(&mut Bucket) -> R,
+) -> R {
+    if let Some(b) = buckets.get_mut(key) {
+        return f(b);
+    }
+    if buckets.len() >= MAX_BUCKETS {
         buckets.retain(|_, b| b.tokens < 0.0 || now.saturating_duration_since(b.at) < Duration::from_secs(3600));
     }
-    buckets.entry(key).or_insert(Bucket { tokens: rate.amount, at: now })
+    let mut b = Bucket { tokens: rate.amount, at: now };
+    let out = f(&mut b);
+    buckets.insert(Key::from(key), b);
+    out
 }
 
 #[cfg(test)]

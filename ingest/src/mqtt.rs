@@ -501,17 +501,48 @@ pub fn parse_telemetry_topic(topic: &str) -> Option<TelemetryTopic<'_>> {
     Some(TelemetryTopic { device, stream })
 }
 
-/// What the transport proved about a client before its CONNECT: set for TLS connections
-/// (`tls`), with the device id of a client certificate the handshake verified against the
+/// The door a session came through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Door {
+    /// MQTT on TCP.
+    #[default]
+    Mqtt,
+    /// MQTT over TLS.
+    Mqtts,
+    /// MQTT over WebSocket on the HTTP port.
+    Ws,
+    /// MQTT over WebSocket on the HTTPS port.
+    Wss,
+}
+
+impl Door {
+    /// Its name in `api_usage`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mqtt => "mqtt",
+            Self::Mqtts => "mqtts",
+            Self::Ws => "ws",
+            Self::Wss => "wss",
+        }
+    }
+}
+
+/// What the transport proved about a client before its CONNECT: the door it came through,
+/// and the device id of a client certificate the handshake verified against the
 /// configured device CA (`certificate_subject`).
 #[derive(Debug, Clone, Default)]
 pub struct TransportIdentity {
-    /// Whether the connection is TLS (MQTT over TLS, or MQTT over WebSocket on HTTPS).
-    pub tls: bool,
+    /// The door.
+    pub door: Door,
     /// The device id a verified client certificate names (mutual TLS).
     pub certificate_subject: Option<String>,
-    /// The door's name in `api_usage` (`mqtts`, `ws`, `wss`; empty: `mqtt`).
-    pub door: &'static str,
+}
+
+impl TransportIdentity {
+    /// Whether the connection is TLS (MQTT over TLS, or MQTT over WebSocket on HTTPS).
+    pub fn tls(&self) -> bool {
+        matches!(self.door, Door::Mqtts | Door::Wss)
+    }
 }
 
 /// What the front charges sessions against and reports them to.
@@ -579,7 +610,7 @@ impl MqttFront {
     {
         self.metrics.inc("ferrite_mqtt_connections_total", &[], 1);
         let mut context = RequestContext::new(AuthTransport::Mqtt, Some(peer.ip()));
-        context.tls = transport.tls;
+        context.tls = transport.tls();
         let session = Session {
             id: self.next_session.fetch_add(1, Ordering::Relaxed),
             ingestor: self.ingestor.clone(),
@@ -590,7 +621,7 @@ impl MqttFront {
             max_connections_per_tenant: self.limits.max_connections_per_tenant,
             limiter: self.limiter.clone(),
             usage: self.usage.clone(),
-            door: if transport.door.is_empty() { "mqtt" } else { transport.door },
+            door: transport.door,
             max_subscriptions: self.limits.max_subscriptions_per_session,
             subscriptions: parking_lot::Mutex::new(HashSet::new()),
             access: self.access.clone(),
@@ -711,8 +742,8 @@ struct Session {
     limiter: Arc<RateLimiter>,
     /// Where the session's `api_usage` row goes when it ends.
     usage: UsageLog,
-    /// `mqtt`, `mqtts`, `ws` or `wss`.
-    door: &'static str,
+    /// The door it came through.
+    door: Door,
     max_subscriptions: usize,
     /// This session's filters (for its subscription limit).
     subscriptions: parking_lot::Mutex<HashSet<String>>,
@@ -845,7 +876,7 @@ impl Session {
         }
         let tenant: Arc<str> =
             self.principal.get().map_or_else(|| Arc::from(ferrite_engine::ids::DEFAULT_TENANT), |p| p.tenant.clone());
-        let Some(_tenant_slot) = TenantSlot::take(&self.tenant_counts, &tenant, self.max_connections_per_tenant) else {
+        let Some(tenant_slot) = TenantSlot::take(&self.tenant_counts, &tenant, self.max_connections_per_tenant) else {
             self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "tenant_connections")], 1);
             tracing::warn!(client_id = %connect.client_id, %tenant, limit = self.max_connections_per_tenant, "mqtt connection refused: the tenant is at its connection limit");
             write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))).await?;
@@ -1040,6 +1071,8 @@ impl Session {
             Err(_) => "error",
         };
         self.broker.session_ended(self.id, &presence, reason);
+        // The tenant's place is free before the client sees its connection close.
+        drop(tenant_slot);
         // The live entry holds a sender of the writer's queue: the writer ends (and closes
         // the socket) only once every sender is gone.
         drop(live);
@@ -1063,7 +1096,7 @@ impl Session {
                 at: started_at,
                 tenant: tenant.clone(),
                 principal: principal_id.clone(),
-                transport: self.door,
+                transport: self.door.as_str(),
                 class: "session",
                 route: connect.client_id.clone(),
                 method: "CONNECT",

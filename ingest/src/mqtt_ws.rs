@@ -19,7 +19,7 @@ use axum::routing::get;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::mqtt::{MAX_PACKET_BYTES, MqttFront, TransportIdentity};
+use crate::mqtt::{Door, MAX_PACKET_BYTES, MqttFront, TransportIdentity};
 
 /// The WebSocket subprotocol MQTT clients ask for (MQTT 3.1.1 §6, MQTT 5 §6).
 pub const SUBPROTOCOL: &str = "mqtt";
@@ -30,13 +30,14 @@ const BRIDGE_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 struct WsState {
     front: Arc<MqttFront>,
-    tls: bool,
+    door: Door,
 }
 
 /// The `/mqtt` route; `tls` says whether the listener serving it is HTTPS. It needs no
 /// bearer token: the session authenticates in its CONNECT, as on the TCP listener.
 pub fn router(front: Arc<MqttFront>, tls: bool) -> Router {
-    Router::new().route("/mqtt", get(upgrade)).with_state(WsState { front, tls })
+    let door = if tls { Door::Wss } else { Door::Ws };
+    Router::new().route("/mqtt", get(upgrade)).with_state(WsState { front, door })
 }
 
 async fn upgrade(
@@ -60,12 +61,11 @@ async fn upgrade(
 async fn bridge(socket: WebSocket, state: WsState, peer: SocketAddr) {
     let (client, server) = tokio::io::duplex(BRIDGE_BYTES);
     let (session_rd, session_wr) = tokio::io::split(server);
-    let door = if state.tls { "wss" } else { "ws" };
     state.front.spawn_session(
         session_rd,
         session_wr,
         peer,
-        TransportIdentity { tls: state.tls, door, ..Default::default() },
+        TransportIdentity { door: state.door, certificate_subject: None },
     );
     let (mut from_session, mut to_session) = tokio::io::split(client);
     let (mut sink, mut stream) = socket.split();

@@ -33,17 +33,19 @@ fn certs_dev(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn tls_flags(pki: &Path, mutual: bool) -> Vec<String> {
-    let mut f = vec![
-        "--tls-cert".to_owned(),
-        pki.join("server.pem").display().to_string(),
-        "--tls-key".to_owned(),
-        pki.join("server.key").display().to_string(),
-    ];
+/// `ferrite serve` on `dir` with the server certificate of `pki` and, when `mutual`, its CA
+/// as the device CA.
+fn serve_tls(dir: &Path, pki: &Path, mutual: bool) -> anyhow::Result<Server> {
+    let (cert, key, ca) = (pki.join("server.pem"), pki.join("server.key"), pki.join("ca.pem"));
+    let mut flags = vec!["--tls-cert", path_str(&cert)?, "--tls-key", path_str(&key)?];
     if mutual {
-        f.extend(["--tls-client-ca".to_owned(), pki.join("ca.pem").display().to_string()]);
+        flags.extend(["--tls-client-ca", path_str(&ca)?]);
     }
-    f
+    Server::start(dir, &flags)
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
 /// mosquitto_pub over TLS to the server's 8883 listener: (success, stderr).
@@ -83,8 +85,7 @@ fn a_device_certificate_is_the_device_identity_and_strangers_are_refused() -> an
     // Another CA, with a certificate naming the same device.
     certs_dev(other.path(), &["--device", "dev-1"])?;
 
-    let flags = tls_flags(pki.path(), true);
-    let s = Server::start(dir.path(), &flags.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let s = serve_tls(dir.path(), pki.path(), true)?;
     for id in ["dev-1", "dev-2"] {
         let (st, body) = s.post_json("/api/v1/devices", &json!({"id": id}))?;
         assert_eq!(st, 201, "{body}");
@@ -185,8 +186,7 @@ fn https_serves_the_api_and_a_renewed_certificate_keeps_live_sessions() -> anyho
     }
     let (dir, pki) = (tempfile::tempdir()?, tempfile::tempdir()?);
     certs_dev(pki.path(), &[])?;
-    let flags = tls_flags(pki.path(), false);
-    let s = Server::start(dir.path(), &flags.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let s = serve_tls(dir.path(), pki.path(), false)?;
     let https = s.https.context("no https listener")?;
     let ca = pki.path().join("ca.pem");
     let curl = |path: &str, extra: &[&str]| -> anyhow::Result<(bool, String)> {
@@ -297,8 +297,7 @@ fn mqtt_over_websocket_on_http_and_https() -> anyhow::Result<()> {
     }
     let (dir, pki) = (tempfile::tempdir()?, tempfile::tempdir()?);
     certs_dev(pki.path(), &[])?;
-    let flags = tls_flags(pki.path(), false);
-    let s = Server::start(dir.path(), &flags.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let s = serve_tls(dir.path(), pki.path(), false)?;
     let https = s.https.context("no https")?;
     let ca = pki.path().join("ca.pem").display().to_string();
     for (host, port, ca) in [("127.0.0.1", s.http.port(), ""), ("localhost", https.port(), ca.as_str())] {
