@@ -61,6 +61,10 @@ fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     for d in &args.devices {
         ferrite_engine::ids::validate_device_id(d).with_context(|| format!("--device {d:?}"))?;
+        // Its files would replace the CA's or the server's.
+        if ["ca", "server"].contains(&d.as_str()) {
+            bail!("--device {d:?}: a device cannot be named `ca` or `server` here (its files would replace those)");
+        }
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let dir = &args.out;

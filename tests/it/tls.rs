@@ -82,6 +82,10 @@ fn a_device_certificate_is_the_device_identity_and_strangers_are_refused() -> an
     assert!(printed.contains("--tls-client-ca"), "certs dev says how to use what it wrote: {printed}");
     // Running it again reuses the CA: a device added later chains to the same root.
     certs_dev(pki.path(), &["--device", "dev-2"])?;
+    // A device named like the CA's or the server's files is refused, and they stay.
+    let ca_before = std::fs::read(pki.path().join("ca.key"))?;
+    assert!(certs_dev(pki.path(), &["--device", "ca"]).is_err());
+    assert_eq!(std::fs::read(pki.path().join("ca.key"))?, ca_before);
     // Another CA, with a certificate naming the same device.
     certs_dev(other.path(), &["--device", "dev-1"])?;
 
