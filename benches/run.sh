@@ -56,6 +56,9 @@ rows mqtt_tls ferrite_plain ferrite_tls ferrite_plain_again ferrite_tls_ratio mo
 echo "== memory per idle MQTT connection, Ferrite and mosquitto"
 ./target/release/mqtt_idle "${IDLE_CONNECTIONS:-10000}" | tee /tmp/ferrite-bench-idle.txt
 rows mqtt_idle connections ferrite_rss_before_kib ferrite_rss_after_kib ferrite_bytes_per_connection mosquitto_rss_before_kib mosquitto_rss_after_kib mosquitto_bytes_per_connection < /tmp/ferrite-bench-idle.txt
+echo "== fan-out: one publisher to 1,000 subscribers, Ferrite and mosquitto (burst and paced, QoS 0 and 1)"
+./target/release/mqtt_fanout "${FANOUT_SUBSCRIBERS:-1000}" "${FANOUT_MESSAGES:-500}" | tee /tmp/ferrite-bench-fanout.txt
+rows mqtt_fanout mode qos ferrite_deliveries_per_s mosquitto_deliveries_per_s rate_ratio ferrite_cpu_us_per_1k mosquitto_cpu_us_per_1k cpu_ratio < /tmp/ferrite-bench-fanout.txt
 echo "== the rate limiter's cost on MQTT QoS 1 ingest (limits on but never reached, against none)"
 ./target/release/mqtt_throttle "${TLS_PUBLISHERS:-50}" "${MQTT_MESSAGES:-2000}" 5 | tee /tmp/ferrite-bench-throttle.txt
 rows mqtt_throttle rounds no_limits_median limits_on_median cost_percent < /tmp/ferrite-bench-throttle.txt

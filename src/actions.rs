@@ -126,7 +126,9 @@ impl ActionSink for ServerActions {
             );
             return;
         }
-        if let Err(e) = self.broker.publish(topic, bytes::Bytes::from(payload)) {
+        if let Err(e) =
+            self.broker.publish(topic, bytes::Bytes::from(payload), ferrite_ingest::broker::QoS::AtLeastOnce, false)
+        {
             self.metrics.inc("ferrite_rule_publish_failures_total", &[("reason", "invalid_topic")], 1);
             tracing::warn!(topic, error = %e, "rule action: publish topic is not valid MQTT; message dropped");
         }

@@ -147,6 +147,12 @@ pub struct Config {
     pub limit_mqtt_connect: String,
     /// Open MQTT connections of one tenant (0: no bound).
     pub mqtt_max_connections_per_tenant: usize,
+    /// Each tenant's events a UTC day (a count, or `off`).
+    pub tenant_daily_events: String,
+    /// Each tenant's ingested payload bytes a UTC day (a size such as `10GiB`, or `off`).
+    pub tenant_daily_bytes: String,
+    /// Each tenant's SQL statements a UTC day (a count, or `off`).
+    pub tenant_daily_queries: String,
     /// Whether every API call and MQTT session becomes a row of the `api_usage` stream.
     pub api_usage: bool,
     /// Tenants' own limits, replacing the ones above for them (`[tenant_limits.NAME]`).
@@ -218,6 +224,9 @@ impl Default for Config {
             tenant_limit_mqtt_publish: "off".to_owned(),
             limit_mqtt_connect: "off".to_owned(),
             mqtt_max_connections_per_tenant: 0,
+            tenant_daily_events: "off".to_owned(),
+            tenant_daily_bytes: "off".to_owned(),
+            tenant_daily_queries: "off".to_owned(),
             api_usage: true,
             tenant_limits: std::collections::BTreeMap::new(),
         }
@@ -244,6 +253,12 @@ pub struct TenantLimits {
     pub limit_mqtt_publish: Option<String>,
     /// The tenant's principals together: MQTT PUBLISH packets.
     pub tenant_limit_mqtt_publish: Option<String>,
+    /// The tenant's events a UTC day.
+    pub tenant_daily_events: Option<String>,
+    /// The tenant's ingested payload bytes a UTC day.
+    pub tenant_daily_bytes: Option<String>,
+    /// The tenant's SQL statements a UTC day.
+    pub tenant_daily_queries: Option<String>,
 }
 
 impl TenantLimits {
@@ -260,6 +275,56 @@ impl TenantLimits {
 }
 
 impl Config {
+    /// The daily quotas these settings describe; an invalid amount names its key.
+    pub fn quotas(&self) -> anyhow::Result<ferrite_engine::quota::QuotaConfig> {
+        use ferrite_engine::quota::{DailyQuotas, QuotaConfig};
+        /// `off` (or 0): none; a count, or for bytes a size.
+        fn amount(key: &str, text: &str, size: bool) -> anyhow::Result<Option<u64>> {
+            let t = text.trim();
+            if t.is_empty() || t.eq_ignore_ascii_case("off") || t == "0" {
+                return Ok(None);
+            }
+            let n = if size {
+                parse_size(t).map(|n| n as u64)
+            } else {
+                t.replace('_', "")
+                    .parse::<u64>()
+                    .map_err(|_| anyhow::anyhow!("expected a count, such as 1000000, or off"))
+            };
+            n.map(Some).map_err(|e| anyhow::anyhow!("{key}: {e:#}"))
+        }
+        /// Applies the keys `settings` set over `q`.
+        fn apply(q: &mut DailyQuotas, prefix: &str, settings: [Option<&str>; 3]) -> anyhow::Result<()> {
+            let [events, bytes, queries] = settings;
+            for (text, into, key, size) in [
+                (events, &mut q.events, "tenant_daily_events", false),
+                (bytes, &mut q.bytes, "tenant_daily_bytes", true),
+                (queries, &mut q.queries, "tenant_daily_queries", false),
+            ] {
+                if let Some(t) = text {
+                    *into = amount(&format!("{prefix}{key}"), t, size)?;
+                }
+            }
+            Ok(())
+        }
+        let mut defaults = DailyQuotas::default();
+        let own =
+            [Some(&*self.tenant_daily_events), Some(&*self.tenant_daily_bytes), Some(&*self.tenant_daily_queries)];
+        apply(&mut defaults, "", own)?;
+        let mut config = QuotaConfig { defaults, ..QuotaConfig::default() };
+        for (name, own) in &self.tenant_limits {
+            let mut q = defaults;
+            let settings = [
+                own.tenant_daily_events.as_deref(),
+                own.tenant_daily_bytes.as_deref(),
+                own.tenant_daily_queries.as_deref(),
+            ];
+            apply(&mut q, &format!("tenant_limits.{name}."), settings)?;
+            config.tenants.insert(name.clone(), q);
+        }
+        Ok(config)
+    }
+
     /// The rate limits these settings describe; an invalid rate names its key.
     pub fn limits(&self) -> anyhow::Result<ferrite_engine::limits::LimitsConfig> {
         use ferrite_engine::limits::{Class, Limits, LimitsConfig, Rate};
@@ -447,6 +512,9 @@ mod tests {
             "tenant_limit_mqtt_publish",
             "limit_mqtt_connect",
             "mqtt_max_connections_per_tenant",
+            "tenant_daily_events",
+            "tenant_daily_bytes",
+            "tenant_daily_queries",
             "api_usage",
         ] {
             assert!(
@@ -489,6 +557,22 @@ mod tests {
         assert!(e.contains("tenant_limits.acme.limit_query") && e.contains("N/s"), "{e}");
         let unknown: Result<Config, _> = toml::from_str("[tenant_limits.acme]\nlimit_everything = \"1/s\"\n");
         assert!(unknown.is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn daily_quotas_are_read_with_tenants_of_their_own() -> anyhow::Result<()> {
+        let c: Config = toml::from_str(
+            "tenant_daily_events = \"1_000_000\"\ntenant_daily_bytes = \"1GiB\"\n\
+             [tenant_limits.acme]\ntenant_daily_events = \"off\"\ntenant_daily_queries = \"500\"\n",
+        )?;
+        let q = c.quotas()?;
+        assert_eq!((q.defaults.events, q.defaults.bytes, q.defaults.queries), (Some(1_000_000), Some(1 << 30), None));
+        let acme = q.tenants.get("acme").context("acme")?;
+        assert_eq!((acme.events, acme.bytes, acme.queries), (None, Some(1 << 30), Some(500)));
+        let bad: Config = toml::from_str("[tenant_limits.acme]\ntenant_daily_queries = \"many\"\n")?;
+        let e = format!("{:#}", bad.quotas().err().context("accepted")?);
+        assert!(e.contains("tenant_limits.acme.tenant_daily_queries") && e.contains("a count"), "{e}");
         Ok(())
     }
 

@@ -260,6 +260,11 @@ impl FerriteFlight {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    /// Charges a statement run to the tenant's daily query quota (`RESOURCE_EXHAUSTED` past it).
+    fn charge(&self, scope: &Scope) -> Result<(), Status> {
+        self.query.take_query(&scope.tenant).map_err(|e| Status::resource_exhausted(e.to_string()))
+    }
+
     fn session(&self, scope: &Scope) -> Result<SessionContext, Status> {
         self.query.new_session(scope).map_err(|e| Status::internal(e.to_string()))
     }
@@ -364,6 +369,7 @@ impl FlightSqlService for FerriteFlight {
         let scope = self.scope(&request)?;
         let sql = String::from_utf8(ticket.statement_handle.to_vec())
             .map_err(|_| Status::invalid_argument("the ticket is not a statement of this server"))?;
+        self.charge(&scope)?;
         let df = self.prepared(&scope, &Handle { sql, params: Vec::new() }).await?;
         Self::results(df).await
     }
@@ -439,6 +445,7 @@ impl FlightSqlService for FerriteFlight {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let scope = self.scope(&request)?;
         let handle = Handle::decode(&query.prepared_statement_handle)?;
+        self.charge(&scope)?;
         let df = self.prepared(&scope, &handle).await?;
         Self::results(df).await
     }

@@ -241,6 +241,15 @@ pub struct ServeArgs {
     /// Open MQTT connections of one tenant (0: no bound).
     #[arg(long, env = "FERRITE_MQTT_MAX_CONNECTIONS_PER_TENANT")]
     mqtt_max_connections_per_tenant: Option<usize>,
+    /// Each tenant's events a UTC day (a count, or off).
+    #[arg(long, env = "FERRITE_TENANT_DAILY_EVENTS")]
+    tenant_daily_events: Option<String>,
+    /// Each tenant's ingested payload bytes a UTC day (a size such as 10GiB, or off).
+    #[arg(long, env = "FERRITE_TENANT_DAILY_BYTES")]
+    tenant_daily_bytes: Option<String>,
+    /// Each tenant's SQL statements a UTC day (a count, or off).
+    #[arg(long, env = "FERRITE_TENANT_DAILY_QUERIES")]
+    tenant_daily_queries: Option<String>,
     /// Every API call and MQTT session as a row of the `api_usage` stream (true or false).
     #[arg(long, env = "FERRITE_API_USAGE")]
     api_usage: Option<bool>,
@@ -401,6 +410,9 @@ impl ServeArgs {
             (self.limit_mqtt_publish, &mut c.limit_mqtt_publish),
             (self.tenant_limit_mqtt_publish, &mut c.tenant_limit_mqtt_publish),
             (self.limit_mqtt_connect, &mut c.limit_mqtt_connect),
+            (self.tenant_daily_events, &mut c.tenant_daily_events),
+            (self.tenant_daily_bytes, &mut c.tenant_daily_bytes),
+            (self.tenant_daily_queries, &mut c.tenant_daily_queries),
         ];
         for (flag, setting) in limits {
             if let Some(v) = flag {

@@ -397,6 +397,13 @@ impl TenantSessions {
     fn service<C: ClientInfo + ?Sized>(&self, client: &C) -> PgWireResult<Arc<DfSessionService>> {
         self.inner.service(client)
     }
+
+    /// Charges a statement to the tenant's daily query quota ("configuration limit
+    /// exceeded", 53400, past it).
+    fn charge<C: ClientInfo + ?Sized>(&self, client: &C) -> PgWireResult<()> {
+        let Some(tenant) = client.metadata().get(TENANT_KEY) else { return Ok(()) };
+        self.inner.query.take_query(tenant).map_err(|e| user_error("53400", e.to_string()))
+    }
 }
 
 /// The sessions by scope.
@@ -453,6 +460,7 @@ impl SimpleQueryHandler for TenantSessions {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let service = self.service(client)?;
+        self.charge(client)?;
         let cancel = cancel_watch(client);
         let responses = SimpleQueryHandler::do_query(service.as_ref(), client, query).await?;
         Ok(responses.into_iter().map(|r| cancellable(r, cancel.clone())).collect())
@@ -513,6 +521,7 @@ impl ExtendedQueryHandler for TenantSessions {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let service = self.service(client)?;
+        self.charge(client)?;
         let cancel = cancel_watch(client);
         let response = ExtendedQueryHandler::do_query(service.as_ref(), client, portal, max_rows).await?;
         Ok(cancellable(response, cancel))

@@ -36,8 +36,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     // Rate limits first: a malformed one stops the start before anything opens.
     let limiter = Arc::new(ferrite_engine::limits::RateLimiter::new(config.limits()?));
+    let quota_config = config.quotas()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+    // Today's counts survive a restart (saved every few seconds and at shutdown).
+    let quotas = Arc::new(ferrite_engine::quota::Quotas::new(
+        quota_config,
+        Some(config.data_dir.join("quota-usage.json")),
+        Arc::new(SystemClock),
+    )?);
+    let quota_saver = quotas.is_active().then(|| {
+        let quotas = quotas.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                if let Err(e) = quotas.save() {
+                    tracing::warn!(error = %e, "cannot save the day's quota counts; retrying");
+                }
+            }
+        })
+    });
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
     let catalog = Arc::new(StreamCatalog::open(&config.data_dir.join("catalog").join("streams.json"))?);
@@ -82,7 +101,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let engine = Engine::start(engine_config, storage.clone(), metrics.clone())?;
     // Rules run on the shard threads, after each commit; their actions go through the
     // embedded broker and the webhook client.
-    let broker = Arc::new(Broker::default());
+    let broker = Arc::new(Broker::new(metrics.clone()));
     let actions = Arc::new(crate::actions::ServerActions::start(broker.clone(), metrics.clone())?);
     let rules =
         Arc::new(RuleEngine::new(shards, catalog.clone(), metrics.clone(), actions.clone(), Arc::new(SystemClock)));
@@ -99,6 +118,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         health: health.clone(),
         max_hours_per_request: config.max_hours_per_request,
         device_tags: config.device_tags.clone(),
+        quotas: quotas.clone(),
         ..IngestConfig::default()
     };
     let ingestor =
@@ -109,6 +129,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         max_result_bytes: config.sql_max_result,
     };
     let query = Arc::new(QueryService::with_config(catalog.clone(), storage.clone(), metrics.clone(), query_limits)?);
+    if quotas.is_active() {
+        query.set_quotas(quotas.clone());
+    }
     query.add_system_table(Arc::new(ferrite_rules::inspect::RuleStateTable(rules.clone())));
     query.add_system_table(Arc::new(ferrite_rules::inspect::WatermarksTable(rules.clone())));
     // Streams joined as tables (`join rule_params on ...`) start from their rows so far.
@@ -251,15 +274,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .layer(axum::middleware::from_fn(ferrite_plugin::close_after_error));
     let https_task = match (https_listener, &tls) {
         (Some(l), Some(files)) => {
-            use axum::serve::ListenerExt;
-            let listener = crate::tls::HttpsListener::start(l, files.clone(), metrics.clone())?.tap_io(|_| {});
+            let listener = crate::tls::HttpsListener::start(l, files.clone(), metrics.clone())?;
             let app = app
                 .clone()
                 .merge(ferrite_ingest::mqtt_ws::router(front.clone(), true))
-                .layer(axum::Extension(ferrite_plugin::usage::OverTls));
+                .layer(axum::Extension(ferrite_plugin::usage::OverTls))
+                .layer(axum::middleware::from_fn(crate::tls::https_peer));
             let mut stop = stop_rx.clone();
             Some(tokio::spawn(async move {
-                axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+                axum::serve(listener, app.into_make_service_with_connect_info::<crate::tls::HttpsPeer>())
                     .with_graceful_shutdown(async move {
                         let _ = stop.changed().await;
                     })
@@ -327,6 +350,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     drop((usage, front));
+    if let Some(saver) = quota_saver {
+        saver.abort();
+        if let Err(e) = quotas.save() {
+            tracing::warn!(error = %e, "cannot save the day's quota counts");
+        }
+    }
     if let Some(w) = usage_writer {
         w.finish().await;
     }

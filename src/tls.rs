@@ -186,8 +186,41 @@ fn san_uris(value: &[u8]) -> Vec<String> {
 
 /// What a completed handshake tells about the client.
 pub fn identity_of(stream: &TlsStream<tokio::net::TcpStream>) -> TransportIdentity {
-    let subject = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| certificate_subject(c));
-    TransportIdentity { door: Door::Mqtts, certificate_subject: subject }
+    TransportIdentity { door: Door::Mqtts, certificate_subject: verified_subject(stream) }
+}
+
+/// The device the client's verified certificate names, if it presented one.
+fn verified_subject(stream: &TlsStream<tokio::net::TcpStream>) -> Option<String> {
+    stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| certificate_subject(c))
+}
+
+/// Who connected to the HTTPS listener: its address, and the device its verified client
+/// certificate names (mutual TLS). [`https_peer`] turns it into the request extensions the
+/// routes read.
+#[derive(Debug, Clone)]
+pub struct HttpsPeer {
+    addr: SocketAddr,
+    certificate_subject: Option<Arc<str>>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, HttpsListener>> for HttpsPeer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, HttpsListener>) -> Self {
+        Self { addr: *stream.remote_addr(), certificate_subject: verified_subject(stream.io()).map(Arc::from) }
+    }
+}
+
+/// Middleware of the HTTPS routes: the peer's address as every route reads it
+/// (`ConnectInfo<SocketAddr>`), and its certificate's device as a [`ferrite_engine::auth::ClientCertificate`].
+pub async fn https_peer(mut request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    if let Some(axum::extract::ConnectInfo(peer)) =
+        request.extensions().get::<axum::extract::ConnectInfo<HttpsPeer>>().cloned()
+    {
+        request.extensions_mut().insert(axum::extract::ConnectInfo(peer.addr));
+        if let Some(subject) = peer.certificate_subject {
+            request.extensions_mut().insert(ferrite_engine::auth::ClientCertificate(subject));
+        }
+    }
+    next.run(request).await
 }
 
 /// Completes a TLS handshake within [`HANDSHAKE_TIMEOUT`]; a client that speaks plain MQTT

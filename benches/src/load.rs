@@ -170,6 +170,44 @@ pub fn accepted(status: u16, body: &str) -> Option<u64> {
     }
 }
 
+/// One raw MQTT 3.1.1 client: CONNECT (keep-alive 600 s), SUBSCRIBE `filter` at `qos`,
+/// wait for the SUBACK; the open stream (the caller keeps it idle or reads from it).
+pub async fn subscribed_client(
+    addr: SocketAddr,
+    client_id: String,
+    filter: String,
+    qos: rumqttc::mqttbytes::QoS,
+) -> Result<tokio::net::TcpStream, String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let _ = s.set_nodelay(true);
+    let mut out = BytesMut::new();
+    let mut c = Connect::new(client_id.clone());
+    c.keep_alive = 600;
+    RawPacket::Connect(c).write(&mut out, 1 << 16).map_err(|e| e.to_string())?;
+    let mut sub = rumqttc::mqttbytes::v4::Subscribe::new(filter, qos);
+    sub.pkid = 1;
+    RawPacket::Subscribe(sub).write(&mut out, 1 << 16).map_err(|e| e.to_string())?;
+    s.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(64);
+    loop {
+        // Every packet already buffered (CONNACK and SUBACK often come in one read).
+        loop {
+            match RawPacket::read(&mut buf, 1 << 16) {
+                Ok(RawPacket::SubAck(_)) => return Ok(s),
+                Ok(RawPacket::ConnAck(a)) if a.code != rumqttc::mqttbytes::v4::ConnectReturnCode::Success => {
+                    return Err(format!("refused: {:?}", a.code));
+                }
+                Ok(_) => {}
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err(format!("client {client_id}: closed before SUBACK"));
+        }
+    }
+}
+
 /// Messages a publisher may have without a PUBACK.
 const WINDOW: usize = 100;
 

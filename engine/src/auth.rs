@@ -282,6 +282,11 @@ impl RequestContext {
     }
 }
 
+/// The device a verified TLS client certificate names, as an HTTPS request's extension
+/// (set by the HTTPS listener when the handshake verified one against the device CA).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate(pub std::sync::Arc<str>);
+
 /// What a request presents to prove who it is.
 #[derive(Debug, Clone, Copy)]
 pub enum Credentials<'a> {

@@ -26,6 +26,7 @@ pub mod ids;
 pub mod limits;
 pub mod metrics;
 pub mod plugin;
+pub mod quota;
 pub mod shard;
 pub mod system;
 pub mod usage;

@@ -47,6 +47,9 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// The tenant used one of its daily quotas; retry after the next 00:00 UTC.
+    #[error("{0}")]
+    QuotaExceeded(#[from] ferrite_engine::quota::QuotaExceeded),
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
@@ -69,7 +72,11 @@ impl Error {
             | Error::BadRequest(_)
             | Error::TooManyHours { .. } => ErrorClass::User,
             Error::Engine(e) => e.class(),
-            Error::Commit(_) | Error::ShuttingDown | Error::Overloaded { .. } => ErrorClass::External,
+            // Not the payload's fault: over MQTT the acknowledgement is withheld, and the
+            // client sends the messages again once the quota resets.
+            Error::Commit(_) | Error::ShuttingDown | Error::Overloaded { .. } | Error::QuotaExceeded(_) => {
+                ErrorClass::External
+            }
         }
     }
 
@@ -95,6 +102,7 @@ impl Error {
             Error::Engine(_) => "engine_error",
             Error::Commit(_) => "commit_failed",
             Error::Overloaded { .. } => "overloaded",
+            Error::QuotaExceeded(_) => "quota_exceeded",
         }
     }
 }

@@ -45,10 +45,12 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let retry_after = match &e {
             Error::Overloaded { retry_after } => Some(*retry_after),
+            Error::QuotaExceeded(q) => Some(ferrite_engine::limits::retry_after_secs(q.retry_after)),
             _ => None,
         };
         let status = match (&e, e.class()) {
             (Error::PayloadTooLarge { .. }, _) => StatusCode::PAYLOAD_TOO_LARGE,
+            (Error::QuotaExceeded(_), _) => StatusCode::TOO_MANY_REQUESTS,
             (
                 Error::ShuttingDown | Error::Overloaded { .. } | Error::Engine(ferrite_engine::Error::ShuttingDown),
                 _,

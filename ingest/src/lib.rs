@@ -5,6 +5,7 @@
 //! [`ferrite_engine::BatchSink`]. This crate depends on `ferrite-engine` only; it never
 //! reaches into storage, query or rules.
 
+pub mod broker;
 pub mod builder;
 pub mod error;
 pub mod http;

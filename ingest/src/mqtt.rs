@@ -11,18 +11,21 @@
 //! ```text
 //! socket ─▶ read loop ─▶ PUBLISH devices/{id}/telemetry[/{stream}] ─▶ Ingestor (decode, WAL)
 //!                │                                                         │ committed
-//!                │ other PUBLISH / SUBSCRIBE ─▶ Broker (fan-out, QoS 0)      ▼
+//!                │ other PUBLISH / SUBSCRIBE ─▶ Broker (fan-out, QoS 0 and 1) ▼
 //! socket ◀─ writer task ◀──────────── PUBACK / PUBREC in arrival order ◀── pending acks
 //! ```
 //!
-//! It also routes messages between clients (commands to devices, status, shadows): every
-//! PUBLISH is delivered at QoS 0 to the sessions subscribed to a matching filter.
+//! It also routes messages between clients through the embedded [`Broker`] (commands to
+//! devices, status, alerts to services): QoS 0 and 1 deliveries with a bounded window per
+//! subscriber, retained messages and last wills (see the broker's module for the rules).
 //! A client that connects with `clean_session = 0` keeps its session across connections:
 //! the QoS 2 packet ids it sent that were taken but not yet released (so that a PUBLISH
 //! retransmitted after a lost PUBREC is acknowledged, not ingested twice: exactly once
-//! across a cut connection) and its subscriptions, restored with `session present = 1`.
+//! across a cut connection), its subscriptions, restored with `session present = 1`, and
+//! the QoS 1 messages sent to it while it was away or not yet acknowledged.
 //! Kept sessions live in memory (a restart of the server ends them) and are bounded.
-//! Not yet: retained messages, QoS 1/2 delivery to subscribers, MQTT 5.
+//! A second connection of the same client (principal and client id) ends the first.
+//! Not yet: MQTT 5.
 //!
 //! When a commit fails (or the node is overloaded) the acknowledgement is withheld and the
 //! session is closed: an MQTT 3.1.1 client retransmits unacknowledged messages only when it
@@ -42,34 +45,33 @@ use ferrite_engine::auth::{
     AccessControl, Action, Credentials, DecisionCache, Principal, RequestContext, Transport as AuthTransport,
 };
 use ferrite_engine::limits::{Class, RateLimiter};
-use ferrite_engine::plugin::{Presence, PresenceObserver};
+use ferrite_engine::plugin::Presence;
 use ferrite_engine::usage::{UsageLog, UsageRecord};
 use ferrite_engine::{Metrics, StreamName};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
-use parking_lot::RwLock;
 use rumqttc::mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{self, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+pub use crate::broker::{
+    Broker, DeliveryError, InternalSubscriber, MAX_KEPT_SESSIONS, MAX_PACKET_BYTES, SUBSCRIBER_QUEUE,
+};
+use crate::broker::{KeptSession, LiveSession, Out};
 use crate::pipeline::{Durability, Ingestor, Payload, Transport};
-use crate::topic::{self, TopicError, TopicTrie};
+use crate::topic;
 
-/// Largest MQTT packet accepted at all; bigger ones close the connection. Payloads over
-/// the ingest limit but under this are rejected and counted, and the session lives on.
-pub const MAX_PACKET_BYTES: usize = 16 * 1024 * 1024;
+/// Longest an ended session's writer may take to deliver what is queued before its
+/// connection is closed anyway.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// What a busy session reads at once (its read buffer grows to this on demand).
 const READ_CHUNK: usize = 8 * 1024;
 /// Acknowledgements a session may owe before the listener stops reading from it.
 pub const MAX_PENDING_ACKS: usize = 1024;
-/// Messages queued towards one subscriber; when full, further deliveries to it are dropped
-/// and counted (QoS 0 semantics), so one slow subscriber never stalls the publishers.
-pub const SUBSCRIBER_QUEUE: usize = 1024;
-
 /// What any one client can grow on the listener. Each refusal is counted in
 /// `ferrite_mqtt_refused_total{reason}` and logged.
 #[derive(Debug, Clone)]
@@ -174,302 +176,6 @@ impl Drop for TenantSlot {
             if *n == 0 {
                 c.remove(&self.tenant);
             }
-        }
-    }
-}
-
-/// Subscriptions of all sessions, for routing messages between clients.
-#[derive(Default)]
-pub struct Broker {
-    subs: RwLock<TopicTrie<Subscriber>>,
-    dropped: AtomicU64,
-    /// Live sessions, for [`Broker::disconnect`] and QoS 1 delivery to one device.
-    sessions: parking_lot::Mutex<HashMap<u64, Arc<LiveSession>>>,
-    /// Told of every session's start and end.
-    observers: RwLock<Vec<Arc<dyn PresenceObserver>>>,
-    /// The server's own subscribers (command results, reported state), by filter.
-    internal: RwLock<Vec<(String, InternalSubscriber)>>,
-    /// Whether there is any (the publish path skips the lock otherwise).
-    has_internal: std::sync::atomic::AtomicBool,
-    /// Sessions of clients that connected with `clean_session = 0`, between connections,
-    /// by principal and client id.
-    kept: parking_lot::Mutex<HashMap<(String, String), Arc<KeptSession>>>,
-}
-
-/// Most sessions kept between connections; past it, a new persistent session is treated
-/// as a clean one (and counted), so that clients cannot grow the server's memory without
-/// bound.
-pub const MAX_KEPT_SESSIONS: usize = 200_000;
-
-/// What a persistent session keeps between connections, shared by its connections (a
-/// client that reconnects before the server noticed its old connection drop sees the same
-/// state).
-#[derive(Debug, Default)]
-struct KeptSession {
-    /// QoS 2 packet ids taken and not yet released.
-    taken: parking_lot::Mutex<HashSet<u16>>,
-    /// Its subscriptions, written through on every SUBSCRIBE and UNSUBSCRIBE.
-    filters: parking_lot::Mutex<HashSet<String>>,
-}
-
-/// A subscriber inside the server: called with each matching message's topic and payload
-/// on the publishing session's task (it must not block).
-pub type InternalSubscriber = ferrite_engine::plugin::MessageHandler;
-
-/// A live session as the broker knows it.
-struct LiveSession {
-    /// Who it is.
-    presence: Presence,
-    /// Ends it ([`Broker::disconnect`]).
-    kick: Arc<tokio::sync::Notify>,
-    /// Its writer.
-    out: mpsc::Sender<Out>,
-    /// Its subscriptions' filters.
-    filters: parking_lot::Mutex<HashSet<String>>,
-    /// QoS 1 messages sent to it and not yet acknowledged, by packet id.
-    unacked: parking_lot::Mutex<Unacked>,
-}
-
-#[derive(Default)]
-struct Unacked {
-    next: u16,
-    waiting: HashMap<u16, tokio::sync::oneshot::Sender<()>>,
-}
-
-/// Why a message could not be handed to a device.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DeliveryError {
-    /// No session of the device is subscribed to the topic.
-    #[error("device {0:?} is not connected and subscribed to {1:?}")]
-    NotSubscribed(String, String),
-    /// The session's outgoing queue is full, or every packet id is in use.
-    #[error("the session of device {0:?} is busy; retry later")]
-    Busy(String),
-    /// The topic is not a valid publish topic.
-    #[error("{0}")]
-    Topic(String),
-}
-
-/// One session's subscription to one filter.
-struct Subscriber {
-    session: u64,
-    tx: mpsc::Sender<Out>,
-}
-
-/// What a session's writer sends: PUBACKs inline (the hot path allocates nothing), any
-/// other packet boxed, so that a queue slot is 16 bytes rather than a packet's 144 (an idle
-/// connection's queue costs half a KiB instead of several).
-enum Out {
-    PubAck(u16),
-    Other(Box<Packet>),
-}
-
-impl From<Packet> for Out {
-    fn from(p: Packet) -> Self {
-        match p {
-            Packet::PubAck(a) => Self::PubAck(a.pkid),
-            other => Self::Other(Box::new(other)),
-        }
-    }
-}
-
-impl Out {
-    fn write(&self, buf: &mut BytesMut) -> Result<usize, mqttbytes::Error> {
-        match self {
-            Self::PubAck(pkid) => PubAck::new(*pkid).write(buf),
-            Self::Other(p) => p.write(buf, MAX_PACKET_BYTES),
-        }
-    }
-}
-
-impl std::fmt::Debug for Broker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("subscriptions", &self.subs.read().len()).finish()
-    }
-}
-
-impl ferrite_engine::plugin::TopicPublisher for Broker {
-    fn publish(&self, topic: &str, payload: &[u8], _retain: bool) -> Result<usize, String> {
-        Broker::publish(self, topic, bytes::Bytes::copy_from_slice(payload)).map_err(|e| e.to_string())
-    }
-
-    fn disconnect(&self, id: &str) -> usize {
-        let sessions = self.sessions.lock();
-        let mut n = 0;
-        for s in sessions.values() {
-            if s.presence.device() == id {
-                s.kick.notify_one();
-                n += 1;
-            }
-        }
-        n
-    }
-
-    fn observe_presence(&self, observer: Arc<dyn PresenceObserver>) {
-        self.observers.write().push(observer);
-    }
-
-    fn deliver(&self, device: &str, topic: &str, payload: &[u8]) -> Result<ferrite_engine::plugin::Delivery, String> {
-        let acked =
-            Broker::deliver(self, device, topic, bytes::Bytes::copy_from_slice(payload)).map_err(|e| e.to_string())?;
-        Ok(Box::pin(
-            async move { acked.await.map_err(|_| "the session ended before the device acknowledged".to_owned()) },
-        ))
-    }
-
-    fn subscribe_internal(&self, filter: &str, handler: InternalSubscriber) {
-        self.internal.write().push((filter.to_owned(), handler));
-        self.has_internal.store(true, Ordering::Relaxed);
-    }
-}
-
-impl Broker {
-    /// Delivers a message at QoS 0 to every session with a matching subscription (once per
-    /// session, however many of its filters match); returns how many got it. A topic that
-    /// is not a valid publish topic reaches nobody and is an error.
-    pub fn publish(&self, topic: &str, payload: bytes::Bytes) -> Result<usize, TopicError> {
-        topic::validate_topic(topic)?;
-        let subs = self.subs.read();
-        let mut delivered = 0;
-        let mut seen: Vec<u64> = Vec::new();
-        subs.for_each_match(topic, |s| {
-            if seen.contains(&s.session) {
-                return;
-            }
-            seen.push(s.session);
-            let p = Publish::from_bytes(topic, QoS::AtMostOnce, payload.clone());
-            if s.tx.try_send(Packet::Publish(p).into()).is_ok() {
-                delivered += 1;
-            } else {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        drop(subs);
-        if self.has_internal.load(Ordering::Relaxed) {
-            for (filter, handler) in self.internal.read().iter() {
-                if topic::matches(topic, filter) {
-                    handler(topic, &payload);
-                    delivered += 1;
-                }
-            }
-        }
-        Ok(delivered)
-    }
-
-    /// Sends `payload` at QoS 1 on `topic` to one session of `device` subscribed to it (or,
-    /// for a gateway's child, to a session of the gateway subscribed to it); the
-    /// receiver resolves when the device acknowledges (PUBACK), and fails if the session
-    /// ends first.
-    pub fn deliver(
-        &self,
-        device: &str,
-        topic: &str,
-        payload: bytes::Bytes,
-    ) -> Result<tokio::sync::oneshot::Receiver<()>, DeliveryError> {
-        topic::validate_topic(topic).map_err(|e| DeliveryError::Topic(e.to_string()))?;
-        // The device's own session first; else a session of its gateway that subscribed for it.
-        let session = {
-            let sessions = self.sessions.lock();
-            let subscribed = |s: &&Arc<LiveSession>| s.filters.lock().iter().any(|f| topic::matches(topic, f));
-            let own = sessions.values().filter(|s| s.presence.device() == device).find(subscribed);
-            own.or_else(|| {
-                sessions.values().filter(|s| s.presence.principal.children.iter().any(|c| c == device)).find(subscribed)
-            })
-            .cloned()
-            .ok_or_else(|| DeliveryError::NotSubscribed(device.to_owned(), topic.to_owned()))?
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut unacked = session.unacked.lock();
-        let pkid = (0..u16::MAX)
-            .map(|i| (unacked.next.wrapping_add(i) % u16::MAX) + 1)
-            .find(|id| !unacked.waiting.contains_key(id))
-            .ok_or_else(|| DeliveryError::Busy(device.to_owned()))?;
-        unacked.next = pkid;
-        let mut p = Publish::from_bytes(topic, QoS::AtLeastOnce, payload);
-        p.pkid = pkid;
-        session.out.try_send(Packet::Publish(p).into()).map_err(|_| DeliveryError::Busy(device.to_owned()))?;
-        unacked.waiting.insert(pkid, tx);
-        Ok(rx)
-    }
-
-    /// A PUBACK from `session` for a message the server sent it.
-    fn acked(&self, session: u64, pkid: u16) {
-        let live = self.sessions.lock().get(&session).cloned();
-        if let Some(tx) = live.and_then(|s| s.unacked.lock().waiting.remove(&pkid)) {
-            let _ = tx.send(());
-        }
-    }
-
-    /// Subscribes `session` to `filter` (a valid filter); a repeated filter is kept once.
-    /// The observers learn of it (a device subscribing to its commands gets what waits).
-    fn subscribe(&self, session: u64, filter: &str, tx: mpsc::Sender<Out>) {
-        {
-            let mut subs = self.subs.write();
-            if !subs.contains(filter, |s| s.session == session) {
-                subs.insert(filter, Subscriber { session, tx });
-            }
-        }
-        let live = self.sessions.lock().get(&session).cloned();
-        if let Some(live) = live {
-            live.filters.lock().insert(filter.to_owned());
-            for o in self.observers.read().iter() {
-                o.subscribed(&live.presence, filter);
-            }
-        }
-    }
-
-    fn unsubscribe(&self, session: u64, filter: &str) {
-        self.subs.write().remove(filter, |s| s.session == session);
-        if let Some(live) = self.sessions.lock().get(&session) {
-            live.filters.lock().remove(filter);
-        }
-    }
-
-    fn remove_session(&self, session: u64) {
-        self.subs.write().retain(|s| s.session == session);
-    }
-
-    /// Records an accepted session and tells the observers; the signal that kicks it.
-    fn session_started(&self, session: u64, presence: &Presence, out: mpsc::Sender<Out>) -> Arc<LiveSession> {
-        let live = Arc::new(LiveSession {
-            presence: presence.clone(),
-            kick: Arc::new(tokio::sync::Notify::new()),
-            out,
-            filters: parking_lot::Mutex::new(HashSet::new()),
-            unacked: parking_lot::Mutex::new(Unacked::default()),
-        });
-        self.sessions.lock().insert(session, live.clone());
-        for o in self.observers.read().iter() {
-            o.connected(presence);
-        }
-        live
-    }
-
-    /// Forgets an ended session and tells the observers why it ended.
-    /// The session state of a connecting client and whether it existed before: a clean
-    /// session drops what was kept and keeps nothing; a persistent one resumes or starts
-    /// its kept state (`None` when the store is full).
-    fn session_state(&self, key: (String, String), clean_session: bool) -> (Option<Arc<KeptSession>>, bool) {
-        let mut kept = self.kept.lock();
-        if clean_session {
-            kept.remove(&key);
-            return (None, false);
-        }
-        if let Some(k) = kept.get(&key) {
-            return (Some(k.clone()), true);
-        }
-        if kept.len() >= MAX_KEPT_SESSIONS {
-            return (None, false);
-        }
-        let k = Arc::new(KeptSession::default());
-        kept.insert(key, k.clone());
-        (Some(k), false)
-    }
-
-    fn session_ended(&self, session: u64, presence: &Presence, reason: &'static str) {
-        self.sessions.lock().remove(&session);
-        for o in self.observers.read().iter() {
-            o.disconnected(presence, reason);
         }
     }
 }
@@ -629,7 +335,6 @@ impl MqttFront {
             certificate_subject: transport.certificate_subject,
             principal: std::sync::OnceLock::new(),
             decisions: parking_lot::Mutex::new(DecisionCache::default()),
-            kept: std::sync::OnceLock::new(),
         };
         let shutdown = self.shutdown.clone();
         let mut sessions = self.sessions.lock();
@@ -687,6 +392,8 @@ enum AckOutcome {
     Send(Packet),
     /// Send these packets, in order (the PUBACKs of QoS 1 messages committed together).
     SendMany(Vec<Packet>),
+    /// Send this SUBACK, then the retained messages its subscriptions matched.
+    SubAck(Packet, Vec<(Arc<crate::broker::Message>, QoS)>),
     /// A QoS 2 message was taken: record its packet id, then send PUBREC.
     Qos2Taken(u16),
     /// A retransmission of a QoS 2 message that was in flight: PUBREC if the first copy
@@ -757,8 +464,6 @@ struct Session {
     principal: std::sync::OnceLock<Principal>,
     /// Publish and subscribe decisions, once per topic until policies or tokens change.
     decisions: parking_lot::Mutex<DecisionCache>,
-    /// The state kept across connections, when the client asked for a persistent session.
-    kept: std::sync::OnceLock<Arc<KeptSession>>,
 }
 
 /// What the session may do with a topic.
@@ -894,10 +599,18 @@ impl Session {
             },
             None => false,
         };
+        // An empty client id names no session to keep (MQTT 3.1.1 §3.1.3-8) nor to take over:
+        // each such connection is a client of its own.
+        if connect.client_id.is_empty() && !connect.clean_session {
+            self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "identifier_rejected")], 1);
+            write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))).await?;
+            return Err(SessionError::Protocol("a persistent session needs a client id".into()));
+        }
         let session_key = (
             self.principal.get().map(|p| format!("{}/{}", p.tenant, p.id)).unwrap_or_default(),
             connect.client_id.clone(),
         );
+        let client_key = (!connect.client_id.is_empty()).then(|| session_key.clone());
         let (kept, session_present) = self.broker.session_state(session_key, connect.clean_session);
         if kept.is_none() && !connect.clean_session {
             self.metrics.inc("ferrite_mqtt_sessions_not_kept_total", &[], 1);
@@ -912,11 +625,11 @@ impl Session {
         };
         // Writer task: acknowledgements and deliveries, in the order they are queued.
         let (out_tx, mut out_rx) = mpsc::channel::<Out>(SUBSCRIBER_QUEUE);
-        let live = self.broker.session_started(self.id, &presence, out_tx.clone());
         let (started_at, started) = (std::time::SystemTime::now(), std::time::Instant::now());
         let (mut bytes_in, mut messages) = (0u64, 0u64);
-        let writer = tokio::spawn(async move {
-            let mut written = 0u64;
+        let written = Arc::new(AtomicU64::new(0));
+        let written_by_writer = written.clone();
+        let mut writer = tokio::spawn(async move {
             // Grows to what the session sends at once, and keeps that.
             let mut wbuf = BytesMut::new();
             while let Some(p) = out_rx.recv().await {
@@ -934,10 +647,9 @@ impl Session {
                 if wr.write_all(&wbuf).await.is_err() {
                     break;
                 }
-                written += wbuf.len() as u64;
+                written_by_writer.fetch_add(wbuf.len() as u64, Ordering::Relaxed);
             }
             let _ = wr.shutdown().await;
-            written
         });
 
         let keep_alive = match connect.keep_alive {
@@ -946,11 +658,13 @@ impl Session {
         };
         let mut pending: FuturesOrdered<AckFuture> = FuturesOrdered::new();
         let mut qos2 = Qos2State::default();
+        // Its kept subscriptions back, the client's older connection ended, and what waited
+        // for the client while it was away (or was not acknowledged) on its way.
+        let live = self.broker.attach(self.id, client_key, &presence, out_tx.clone(), kept.clone(), |filters| {
+            self.restore_subscriptions(filters)
+        });
         if let Some(kept) = kept {
-            let filters: Vec<String> = kept.filters.lock().iter().cloned().collect();
-            qos2.taken = kept.clone();
-            let _ = self.kept.set(kept);
-            self.restore_subscriptions(filters, &out_tx);
+            qos2.taken = kept;
         }
         let mut clean = false;
         // One registration for the session's life, not one per loop turn.
@@ -971,7 +685,7 @@ impl Session {
                     match Packet::read(&mut buf, MAX_PACKET_BYTES) {
                         Ok(p) => {
                             publishes += usize::from(matches!(p, Packet::Publish(_)));
-                            if self.handle(p, &out_tx, &mut pending, &mut qos2, &mut clean, &mut gathered).await? {
+                            if self.handle(p, &mut pending, &mut qos2, &mut clean, &mut gathered).await? {
                                 disconnected = true;
                                 break;
                             }
@@ -1033,10 +747,10 @@ impl Session {
                         }
                     }
                     Some(outcome) = pending.next(), if !pending.is_empty() => {
-                        match settle(outcome, &mut qos2) {
-                            Ok(packets) => {
-                                for p in packets {
-                                    if out_tx.send(p.into()).await.is_err() {
+                        match settle(outcome, &mut qos2, &self.broker, &live) {
+                            Ok(outs) => {
+                                for o in outs {
+                                    if out_tx.send(o).await.is_err() {
                                         return Ok(());
                                     }
                                 }
@@ -1057,15 +771,16 @@ impl Session {
 
         // Deliver the acknowledgements already earned before closing.
         while let Some(outcome) = pending.next().await {
-            for p in settle(outcome, &mut qos2).unwrap_or_default() {
-                let _ = out_tx.send(p.into()).await;
+            for o in settle(outcome, &mut qos2, &self.broker, &live).unwrap_or_default() {
+                let _ = out_tx.send(o).await;
             }
         }
-        self.broker.remove_session(self.id);
         let reason = match &result {
             Ok(()) if clean => "disconnect",
             Ok(()) if *shutdown.borrow() => "shutdown",
             Err(SessionError::KeepAlive) => "keep_alive",
+            Err(SessionError::Kicked) if live.slow.load(Ordering::Acquire) => "slow_subscriber",
+            Err(SessionError::Kicked) if live.taken_over.load(Ordering::Acquire) => "taken_over",
             Err(SessionError::Kicked) => "kicked",
             Ok(()) => "lost",
             Err(_) => "error",
@@ -1076,19 +791,29 @@ impl Session {
         // The live entry holds a sender of the writer's queue: the writer ends (and closes
         // the socket) only once every sender is gone.
         drop(live);
+        // No will when the client itself reconnected: its newer session speaks for it.
         if !clean
+            && reason != "taken_over"
             && will_allowed
             && let Some(will) = &connect.last_will
-            && let Err(e) = self.broker.publish(&will.topic, will.message.clone())
+            && let Err(e) = self.broker.publish(&will.topic, will.message.clone(), will.qos, will.retain)
         {
             tracing::warn!(client_id = %connect.client_id, error = %e, "mqtt last will not delivered");
         }
         drop(out_tx);
-        let bytes_out = writer.await.unwrap_or(0);
+        // A client that stopped reading cannot hold the session's task: its writer gets
+        // FLUSH_WAIT to deliver what is queued (none when it was disconnected as too slow).
+        let flush = if reason == "slow_subscriber" { Duration::ZERO } else { FLUSH_WAIT };
+        if tokio::time::timeout(flush, &mut writer).await.is_err() {
+            writer.abort();
+        }
+        let bytes_out = written.load(Ordering::Relaxed);
         if self.usage.is_on() {
             let status = match reason {
                 "disconnect" | "shutdown" => 200,
                 "kicked" => 403,
+                "slow_subscriber" => 429,
+                "taken_over" => 409,
                 "lost" | "keep_alive" => 499,
                 _ => 500,
             };
@@ -1115,7 +840,6 @@ impl Session {
     async fn handle(
         &self,
         packet: Packet,
-        out: &mpsc::Sender<Out>,
         pending: &mut FuturesOrdered<AckFuture>,
         qos2: &mut Qos2State,
         clean: &mut bool,
@@ -1166,7 +890,7 @@ impl Session {
                         return Ok(false);
                     }
                 }
-                if let Err(e) = self.broker.publish(&p.topic, p.payload.clone()) {
+                if let Err(e) = self.broker.publish(&p.topic, p.payload.clone(), p.qos, p.retain) {
                     // A wildcard or NUL in a publish topic is a protocol violation: close.
                     self.reject(&p.topic, "invalid_topic", &e.to_string());
                     return Err(SessionError::Protocol(e.to_string()));
@@ -1252,6 +976,7 @@ impl Session {
             }
             Packet::Subscribe(s) => {
                 let mut codes = Vec::with_capacity(s.filters.len());
+                let mut retained = Vec::new();
                 let mut mine = self.subscriptions.lock();
                 for f in s.filters {
                     if let Err(e) = topic::validate_filter(&f.path) {
@@ -1270,25 +995,23 @@ impl Session {
                         );
                         codes.push(SubscribeReasonCode::Failure);
                     } else {
-                        self.broker.subscribe(self.id, &f.path, out.clone());
-                        if let Some(k) = self.kept.get() {
-                            k.filters.lock().insert(f.path.clone());
-                        }
+                        // QoS 1 at most: a QoS 2 request is granted QoS 1.
+                        let granted = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                        self.broker.subscribe(self.id, &f.path, granted);
+                        retained.extend(self.broker.retained_for(&f.path, granted));
                         mine.insert(f.path);
-                        codes.push(SubscribeReasonCode::Success(QoS::AtMostOnce));
+                        codes.push(SubscribeReasonCode::Success(granted));
                     }
                 }
                 drop(mine);
                 let ack = Packet::SubAck(SubAck::new(s.pkid, codes));
-                pending.push_back(Box::pin(async move { AckOutcome::Send(ack) }));
+                // The retained messages the new subscriptions match follow the SUBACK.
+                pending.push_back(Box::pin(async move { AckOutcome::SubAck(ack, retained) }));
             }
             Packet::Unsubscribe(u) => {
                 let mut mine = self.subscriptions.lock();
                 for t in &u.topics {
                     self.broker.unsubscribe(self.id, t);
-                    if let Some(k) = self.kept.get() {
-                        k.filters.lock().remove(t);
-                    }
                     mine.remove(t);
                 }
                 drop(mine);
@@ -1310,22 +1033,18 @@ impl Session {
 
     /// Subscribes a resumed session to its kept filters again, each checked as a new
     /// SUBSCRIBE would be (a policy changed meanwhile drops the filter).
-    fn restore_subscriptions(&self, filters: Vec<String>, out: &mpsc::Sender<Out>) {
+    fn restore_subscriptions(&self, filters: Vec<(String, QoS)>) {
         let mut mine = self.subscriptions.lock();
-        for f in filters {
-            if mine.len() >= self.max_subscriptions {
-                break;
-            }
-            if topic::validate_filter(&f).is_ok()
+        for (f, qos) in filters {
+            if mine.len() < self.max_subscriptions
+                && topic::validate_filter(&f).is_ok()
                 && matches!(self.permission(Action::Subscribe, &f), Permission::Allowed)
             {
-                self.broker.subscribe(self.id, &f, out.clone());
+                self.broker.subscribe(self.id, &f, qos);
                 mine.insert(f);
             } else {
                 tracing::info!(session = self.id, filter = %f, "kept subscription not restored: refused now");
-                if let Some(k) = self.kept.get() {
-                    k.filters.lock().remove(&f);
-                }
+                self.broker.unsubscribe(self.id, &f);
             }
         }
     }
@@ -1399,23 +1118,33 @@ impl Session {
 
 /// Applies an acknowledgement's outcome to the QoS 2 state; the packet to send, if any, or
 /// the reason the acknowledgement is withheld.
-fn settle(outcome: AckOutcome, qos2: &mut Qos2State) -> Result<Vec<Packet>, String> {
+fn settle(outcome: AckOutcome, qos2: &mut Qos2State, broker: &Broker, live: &LiveSession) -> Result<Vec<Out>, String> {
     match outcome {
         AckOutcome::Nothing => Ok(Vec::new()),
         AckOutcome::Send(Packet::PubComp(c)) => {
             qos2.taken.taken.lock().remove(&c.pkid);
-            Ok(vec![Packet::PubComp(c)])
+            Ok(vec![Packet::PubComp(c).into()])
         }
-        AckOutcome::Send(p) => Ok(vec![p]),
-        AckOutcome::SendMany(packets) => Ok(packets),
+        AckOutcome::Send(p) => Ok(vec![p.into()]),
+        AckOutcome::SendMany(packets) => Ok(packets.into_iter().map(Out::from).collect()),
+        AckOutcome::SubAck(ack, retained) => {
+            let mut outs = vec![Out::from(ack)];
+            outs.extend(broker.retained_outs(live, retained));
+            Ok(outs)
+        }
         AckOutcome::Qos2Taken(pkid) => {
             qos2.in_flight.remove(&pkid);
             qos2.taken.taken.lock().insert(pkid);
-            Ok(vec![Packet::PubRec(PubRec::new(pkid))])
+            Ok(vec![Packet::PubRec(PubRec::new(pkid)).into()])
         }
-        AckOutcome::Qos2Duplicate(pkid) => {
-            Ok(qos2.taken.taken.lock().contains(&pkid).then(|| Packet::PubRec(PubRec::new(pkid))).into_iter().collect())
-        }
+        AckOutcome::Qos2Duplicate(pkid) => Ok(qos2
+            .taken
+            .taken
+            .lock()
+            .contains(&pkid)
+            .then(|| Out::from(Packet::PubRec(PubRec::new(pkid))))
+            .into_iter()
+            .collect()),
         AckOutcome::Withhold(reason) => Err(reason),
     }
 }

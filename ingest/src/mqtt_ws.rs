@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
@@ -18,6 +19,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use ferrite_engine::auth::ClientCertificate;
 
 use crate::mqtt::{Door, MAX_PACKET_BYTES, MqttFront, TransportIdentity};
 
@@ -43,6 +46,7 @@ pub fn router(front: Arc<MqttFront>, tls: bool) -> Router {
 async fn upgrade(
     State(state): State<WsState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    certificate: Option<Extension<ClientCertificate>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let ws = ws.protocols([SUBPROTOCOL]).max_message_size(MAX_PACKET_BYTES + 16);
@@ -54,18 +58,20 @@ async fn upgrade(
         }}));
         return (StatusCode::BAD_REQUEST, body).into_response();
     }
-    ws.on_upgrade(move |socket| bridge(socket, state, peer))
+    // On HTTPS with mutual TLS, the handshake's verified device is the session's identity.
+    let subject = certificate.map(|Extension(ClientCertificate(s))| s.to_string());
+    ws.on_upgrade(move |socket| bridge(socket, state, peer, subject))
 }
 
 /// Carries bytes between the WebSocket and an MQTT session until either side ends.
-async fn bridge(socket: WebSocket, state: WsState, peer: SocketAddr) {
+async fn bridge(socket: WebSocket, state: WsState, peer: SocketAddr, certificate_subject: Option<String>) {
     let (client, server) = tokio::io::duplex(BRIDGE_BYTES);
     let (session_rd, session_wr) = tokio::io::split(server);
     state.front.spawn_session(
         session_rd,
         session_wr,
         peer,
-        TransportIdentity { door: state.door, certificate_subject: None },
+        TransportIdentity { door: state.door, certificate_subject },
     );
     let (mut from_session, mut to_session) = tokio::io::split(client);
     let (mut sink, mut stream) = socket.split();

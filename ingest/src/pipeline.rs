@@ -16,6 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, bounded};
 use ferrite_engine::ack::AckWaiter;
+use ferrite_engine::quota::Quotas;
 use ferrite_engine::{Ack, BatchSink, Clock, Health, Metrics, StreamBatch, StreamCatalog, StreamName};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
@@ -49,6 +50,8 @@ pub struct IngestConfig {
     /// Line-protocol tags that name the device when neither `device_id` nor `host` is there,
     /// tried in order (e.g. `name` for TSBS data).
     pub device_tags: Vec<String>,
+    /// Tenants' daily quotas of events and bytes (checked before a payload, counted after).
+    pub quotas: Arc<Quotas>,
 }
 
 impl Default for IngestConfig {
@@ -61,6 +64,7 @@ impl Default for IngestConfig {
             overload_wait: std::time::Duration::from_secs(2),
             max_hours_per_request: 168,
             device_tags: Vec::new(),
+            quotas: Arc::new(Quotas::off(Arc::new(ferrite_engine::SystemClock))),
         }
     }
 }
@@ -123,6 +127,18 @@ pub enum Payload {
         /// The tenant whose streams the measurements name.
         tenant: Arc<str>,
     },
+}
+
+impl Payload {
+    /// The tenant whose streams the payload writes to.
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Self::Json { stream, .. } | Self::JsonMany { stream, .. } | Self::Ndjson { stream } => {
+                Some(stream.tenant())
+            }
+            Self::LineProtocol { tenant, .. } => Some(tenant),
+        }
+    }
 }
 
 /// What happened to a payload.
@@ -226,6 +242,26 @@ impl Ingestor {
             );
             return Err(Error::PayloadTooLarge { size: bytes.len(), limit: self.config.max_payload_bytes });
         }
+        // The platform's own streams (usage, audit) are not charged to a tenant's quota.
+        let charged = match transport {
+            Transport::Internal => None,
+            _ => payload.tenant().filter(|_| self.config.quotas.is_active()).map(str::to_owned),
+        };
+        if let Some(tenant) = &charged
+            && let Err(e) = self.config.quotas.check_ingest(tenant)
+        {
+            self.metrics.inc("ferrite_quota_refused_total", &[("quota", e.quota.as_str())], 1);
+            self.metrics.inc(
+                "ferrite_rejected_events_total",
+                &[("transport", transport.as_str()), ("reason", "quota_exceeded")],
+                1,
+            );
+            return Err(Error::QuotaExceeded(e));
+        }
+        let size = match &payload {
+            Payload::JsonMany { payloads, .. } => payloads.iter().map(Bytes::len).sum(),
+            _ => bytes.len(),
+        };
         if !self.config.health.wait_admitted(self.config.overload_wait).await {
             self.metrics.inc(
                 "ferrite_rejected_events_total",
@@ -253,6 +289,9 @@ impl Ingestor {
                 Ok(Err(e)) => return Err(Error::Commit(e)),
                 Err(_) => return Err(Error::Commit("the engine stopped before committing".to_owned())),
             }
+        }
+        if let Some(tenant) = &charged {
+            self.config.quotas.add_ingest(tenant, report.accepted as u64, size as u64);
         }
         Ok(report)
     }

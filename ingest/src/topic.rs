@@ -177,7 +177,7 @@ impl<V> TopicTrie<V> {
 
     /// Calls `visit` with every value whose filter matches `topic`. Allocates nothing:
     /// the topic's levels are walked with a cloned iterator per branch.
-    pub fn for_each_match(&self, topic: &str, mut visit: impl FnMut(&V)) {
+    pub fn for_each_match<'a>(&'a self, topic: &str, mut visit: impl FnMut(&'a V)) {
         if self.len == 0 {
             return;
         }
@@ -187,11 +187,11 @@ impl<V> TopicTrie<V> {
     }
 }
 
-fn match_in<'t, V>(
-    node: &Node<V>,
+fn match_in<'a, 't, V>(
+    node: &'a Node<V>,
     mut levels: std::str::Split<'t, char>,
     first_is_system: bool,
-    visit: &mut impl FnMut(&V),
+    visit: &mut impl FnMut(&'a V),
 ) {
     if !first_is_system {
         node.hash.iter().for_each(&mut *visit);

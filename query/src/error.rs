@@ -29,6 +29,9 @@ pub enum Error {
     /// Encoding the result failed.
     #[error("cannot encode the result: {0}")]
     Encode(String),
+    /// The tenant used its daily query quota; retry after the next 00:00 UTC.
+    #[error("{0}")]
+    QuotaExceeded(#[from] ferrite_engine::quota::QuotaExceeded),
 }
 
 impl Error {
@@ -40,7 +43,8 @@ impl Error {
             | Error::Plan(_)
             | Error::ReadOnly(_)
             | Error::Timeout(_)
-            | Error::ResourcesExhausted(_) => ErrorClass::User,
+            | Error::ResourcesExhausted(_)
+            | Error::QuotaExceeded(_) => ErrorClass::User,
             Error::Execution(_) | Error::Encode(_) => ErrorClass::Internal,
         }
     }
@@ -56,6 +60,7 @@ impl Error {
             Error::ResourcesExhausted(_) => "resources_exhausted",
             Error::Execution(_) => "query_failed",
             Error::Encode(_) => "encode_failed",
+            Error::QuotaExceeded(_) => "quota_exceeded",
         }
     }
 

@@ -32,7 +32,7 @@ pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 fn scope(caller: &Caller) -> Result<Scope, ApiError> {
     let tenant = caller.tenant();
     if let Err(e) = caller.check(Action::Query, &Resource::tenant(tenant)) {
-        return Err(ApiError(StatusCode::FORBIDDEN, "forbidden", e.to_string()));
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()));
     }
     let scope = Scope::tenant(tenant);
     if caller.access.enabled() && !caller.allowed(Action::ReadAudit, &Resource::tenant(tenant)) {
@@ -53,15 +53,30 @@ pub fn router(service: Arc<QueryService>) -> Router {
 
 /// `{"error": {"code", "message"}}` with a fitting status.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, &'static str, String);
+pub struct ApiError(StatusCode, &'static str, String, Option<u64>);
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: String) -> Self {
+        Self(status, code, message, None)
+    }
+}
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
+        if let Error::QuotaExceeded(q) = &e {
+            let retry = ferrite_engine::limits::retry_after_secs(q.retry_after);
+            return ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                e.code(),
+                format!("{e} (HTTP 429: retry after {retry} s)"),
+                Some(retry),
+            );
+        }
         match e.class() {
-            ErrorClass::User => ApiError(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
+            ErrorClass::User => ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
             _ => {
                 tracing::error!(error = %e, "query failed");
-                ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.code(), e.to_string())
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.code(), e.to_string())
             }
         }
     }
@@ -69,7 +84,11 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": {"code": self.1, "message": self.2}}))).into_response()
+        let mut response = (self.0, Json(json!({"error": {"code": self.1, "message": self.2}}))).into_response();
+        if let Some(secs) = self.3 {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        response
     }
 }
 
@@ -165,7 +184,7 @@ async fn post_sql(
     let request: SqlRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
-            return ApiError(
+            return ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 format!("expected a JSON body {{\"sql\": \"...\"}}: {e}"),
@@ -174,6 +193,9 @@ async fn post_sql(
         }
     };
     let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    if let Err(e) = service.take_query(&scope.tenant) {
+        return ApiError::from(e).into_response();
+    }
     let result = match service.sql_in(&scope, &request.sql).await {
         Ok(r) => r,
         Err(e) => return ApiError::from(e).into_response(),
@@ -250,17 +272,17 @@ async fn put_retention(
 ) -> Response {
     let tenant = caller.tenant();
     if let Err(e) = caller.check(Action::ManageRules, &Resource::tenant(tenant)) {
-        return ApiError(StatusCode::FORBIDDEN, "forbidden", e.to_string()).into_response();
+        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()).into_response();
     }
     let name = match StreamName::in_tenant(tenant, &stream) {
         Ok(n) => n,
-        Err(e) => return ApiError(StatusCode::BAD_REQUEST, "invalid_stream_name", e.to_string()).into_response(),
+        Err(e) => return ApiError::new(StatusCode::BAD_REQUEST, "invalid_stream_name", e.to_string()).into_response(),
     };
     let request: RetentionRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
             let msg = format!("expected a JSON body {{\"retention\": \"90d\"}} (or null for ever): {e}");
-            return ApiError(StatusCode::BAD_REQUEST, "bad_request", msg).into_response();
+            return ApiError::new(StatusCode::BAD_REQUEST, "bad_request", msg).into_response();
         }
     };
     let retention = match request.retention.as_deref().map(|t| (t, parse_duration(t.trim()))) {
@@ -268,13 +290,13 @@ async fn put_retention(
         Some((_, Some(d))) => Some(d),
         Some((t, None)) => {
             let msg = format!("retention {t:?} is not a duration: write e.g. \"90d\", \"36h\" or \"1h30m\"");
-            return ApiError(StatusCode::BAD_REQUEST, "invalid_retention", msg).into_response();
+            return ApiError::new(StatusCode::BAD_REQUEST, "invalid_retention", msg).into_response();
         }
     };
     if let Err(e) = service.catalog().set_retention(&name, retention) {
         let status =
             if e.class() == ErrorClass::User { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
-        return ApiError(status, "invalid_retention", e.to_string()).into_response();
+        return ApiError::new(status, "invalid_retention", e.to_string()).into_response();
     }
     caller.record(
         "stream_retention_set",

@@ -210,6 +210,8 @@ pub struct QueryService {
     /// One session per scope seen, sharing the runtime and limits (their schema providers
     /// read the catalog when planning, so a cached session is never stale).
     sessions: parking_lot::Mutex<std::collections::HashMap<Scope, SessionContext>>,
+    /// Tenants' daily query quotas, charged by the doors users query through.
+    quotas: std::sync::OnceLock<Arc<ferrite_engine::quota::Quotas>>,
 }
 
 /// Sessions kept for reuse; past this many scopes the cache starts over.
@@ -254,6 +256,23 @@ impl QueryService {
             system: Arc::new(TableSet::default()),
             tables: Arc::new(TableSet::default()),
             sessions: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            quotas: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Sets the tenants' daily query quotas (once).
+    pub fn set_quotas(&self, quotas: Arc<ferrite_engine::quota::Quotas>) {
+        let _ = self.quotas.set(quotas);
+    }
+
+    /// Charges one statement to `tenant`'s daily query quota, or refuses it past the quota
+    /// (HTTP, the PostgreSQL wire and Flight SQL call this; the server's own queries do not).
+    pub fn take_query(&self, tenant: &str) -> Result<()> {
+        let Some(quotas) = self.quotas.get() else { return Ok(()) };
+        quotas.take_query(tenant).map_err(|e| {
+            self.metrics.inc("ferrite_quota_refused_total", &[("quota", e.quota.as_str())], 1);
+            tracing::info!(tenant, "query refused: {e}");
+            Error::QuotaExceeded(e)
         })
     }
 

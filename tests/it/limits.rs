@@ -154,3 +154,46 @@ fn a_tenant_holds_at_most_its_connections() -> anyhow::Result<()> {
     assert!(s.metric("ferrite_mqtt_refused_total{reason=\"tenant_connections\"}")? >= 1);
     Ok(())
 }
+
+#[test]
+fn a_tenant_past_its_daily_quotas_is_refused_on_every_door_and_a_restart_keeps_the_count() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let quotas = ["--tenant-daily-events", "5", "--tenant-daily-queries", "3"];
+    let s = Server::start(dir.path(), &quotas)?;
+    let events = |n: u32| json!((0..n).map(|i| json!({"device_id": "q-1", "seq": i})).collect::<Vec<_>>());
+    assert_eq!(s.post_json("/api/v1/streams/telemetry/events", &events(3))?.0, 200);
+    // Checked before, counted after: 3 of 5 used, so 3 more pass, and take the tenant past it.
+    assert_eq!(s.post_json("/api/v1/streams/telemetry/events", &events(3))?.0, 200);
+    let (status, retry, body) = s.post_json_raw("/api/v1/streams/telemetry/events", &events(1))?;
+    assert_eq!(status, 429, "{body}");
+    let retry: u64 = retry.context("429 without Retry-After")?.parse()?;
+    assert!((1..=86_400).contains(&retry), "Retry-After is the time to 00:00 UTC: {retry}");
+    let body: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("daily quota of 5 events") && message.contains("00:00 UTC"), "{message}");
+
+    // MQTT: a QoS 1 message past the quota is not acknowledged; the session is closed, so
+    // the client keeps it and sends it again later.
+    let (mut raw, _) = crate::mqtt::Raw::connect(&s, "quota-dev", true)?;
+    let e = raw.publish("devices/q-1/telemetry", QoS::AtLeastOnce, 1, false, r#"{"seq": 99}"#);
+    assert!(e.is_err_and(|e| e.to_string().contains("closed")), "a PUBACK past the quota");
+
+    // Queries: three a day; each statement counts (this count is the first).
+    assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, 6, "nothing past the quota was stored");
+    s.sql("SELECT 1")?;
+    s.sql("SELECT 2")?;
+    let (status, body) = s.post_json("/api/v1/sql", &json!({"sql": "SELECT 3"}))?;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("quota_exceeded")), "{body}");
+    // The rest of the API carries on.
+    assert_eq!(s.get("/api/v1/streams")?.0, 200);
+    assert_eq!(s.metric("ferrite_quota_refused_total{quota=\"events\"}")?, 2);
+    assert_eq!(s.metric("ferrite_quota_refused_total{quota=\"queries\"}")?, 1);
+
+    // The day's counts survive a restart.
+    s.stop()?;
+    let s = Server::start(dir.path(), &quotas)?;
+    assert_eq!(s.post_json("/api/v1/streams/telemetry/events", &events(1))?.0, 429);
+    assert_eq!(s.post_json("/api/v1/sql", &json!({"sql": "SELECT 1"}))?.0, 429);
+    Ok(())
+}

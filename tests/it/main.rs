@@ -4,6 +4,7 @@
 
 mod archive;
 mod archive_lifecycle;
+mod broker;
 mod commands;
 mod devices;
 mod durability;

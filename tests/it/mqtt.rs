@@ -261,20 +261,32 @@ fn a_wildcard_publish_topic_closes_only_that_session() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A raw MQTT 3.1.1 connection on rumqttc's codec, so a test can lose a PUBREC on purpose.
-struct Raw {
-    stream: std::net::TcpStream,
+/// A raw MQTT 3.1.1 connection on rumqttc's codec, so a test can lose a PUBREC on purpose,
+/// or never acknowledge, or never read.
+pub(crate) struct Raw {
+    pub(crate) stream: std::net::TcpStream,
     buf: bytes::BytesMut,
 }
 
 impl Raw {
-    fn connect(s: &Server, client_id: &str, clean_session: bool) -> anyhow::Result<(Self, bool)> {
+    pub(crate) fn connect(s: &Server, client_id: &str, clean_session: bool) -> anyhow::Result<(Self, bool)> {
+        Self::connect_with_will(s, client_id, clean_session, None)
+    }
+
+    /// Connects as the admin, with `will` as the last will.
+    pub(crate) fn connect_with_will(
+        s: &Server,
+        client_id: &str,
+        clean_session: bool,
+        will: Option<rumqttc::mqttbytes::v4::LastWill>,
+    ) -> anyhow::Result<(Self, bool)> {
         use rumqttc::mqttbytes::v4::{Connect, Login};
         let stream = std::net::TcpStream::connect(s.mqtt)?;
         stream.set_read_timeout(Some(TIMEOUT))?;
         let mut raw = Self { stream, buf: bytes::BytesMut::new() };
         let mut connect = Connect::new(client_id);
         connect.clean_session = clean_session;
+        connect.last_will = will;
         connect.login = Some(Login::new("admin", s.token.clone()));
         raw.send(rumqttc::mqttbytes::v4::Packet::Connect(connect))?;
         match raw.read()? {
@@ -286,7 +298,7 @@ impl Raw {
         }
     }
 
-    fn send(&mut self, p: rumqttc::mqttbytes::v4::Packet) -> anyhow::Result<()> {
+    pub(crate) fn send(&mut self, p: rumqttc::mqttbytes::v4::Packet) -> anyhow::Result<()> {
         use std::io::Write;
         let mut b = bytes::BytesMut::new();
         p.write(&mut b, 1 << 20)?;
@@ -294,7 +306,7 @@ impl Raw {
         Ok(())
     }
 
-    fn read(&mut self) -> anyhow::Result<rumqttc::mqttbytes::v4::Packet> {
+    pub(crate) fn read(&mut self) -> anyhow::Result<rumqttc::mqttbytes::v4::Packet> {
         use std::io::Read;
         loop {
             match rumqttc::mqttbytes::v4::Packet::read(&mut self.buf, 1 << 20) {
@@ -306,6 +318,72 @@ impl Raw {
             let n = self.stream.read(&mut chunk)?;
             anyhow::ensure!(n > 0, "the server closed the connection");
             self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Subscribes to one filter; the QoS the server granted.
+    pub(crate) fn subscribe(&mut self, filter: &str, qos: QoS) -> anyhow::Result<QoS> {
+        use rumqttc::mqttbytes::v4::{Packet as P, Subscribe, SubscribeReasonCode};
+        let mut sub = Subscribe::new(filter, qos);
+        sub.pkid = 1;
+        self.send(P::Subscribe(sub))?;
+        match self.read()? {
+            P::SubAck(a) => match a.return_codes.first() {
+                Some(SubscribeReasonCode::Success(q)) => Ok(*q),
+                other => bail!("subscription to {filter} refused: {other:?}"),
+            },
+            other => bail!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// Publishes; at QoS 1, waits for the PUBACK (skipping deliveries to this client).
+    pub(crate) fn publish(
+        &mut self,
+        topic: &str,
+        qos: QoS,
+        pkid: u16,
+        retain: bool,
+        payload: &str,
+    ) -> anyhow::Result<()> {
+        use rumqttc::mqttbytes::v4::{Packet as P, Publish};
+        let mut p = Publish::new(topic, qos, payload);
+        p.pkid = pkid;
+        p.retain = retain;
+        self.send(P::Publish(p))?;
+        if qos == QoS::AtMostOnce {
+            return Ok(());
+        }
+        loop {
+            match self.read()? {
+                P::PubAck(a) if a.pkid == pkid => return Ok(()),
+                P::Publish(_) => {}
+                other => bail!("expected PUBACK {pkid}, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next message delivered to this client.
+    pub(crate) fn next_publish(&mut self) -> anyhow::Result<rumqttc::mqttbytes::v4::Publish> {
+        match self.read()? {
+            rumqttc::mqttbytes::v4::Packet::Publish(p) => Ok(p),
+            other => bail!("expected a PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// Acknowledges a QoS 1 delivery.
+    pub(crate) fn ack(&mut self, pkid: u16) -> anyhow::Result<()> {
+        self.send(rumqttc::mqttbytes::v4::Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(pkid)))
+    }
+
+    /// A round trip: once the PINGRESP is back, the server has handled everything sent before.
+    pub(crate) fn ping(&mut self) -> anyhow::Result<()> {
+        self.send(rumqttc::mqttbytes::v4::Packet::PingReq)?;
+        loop {
+            match self.read()? {
+                rumqttc::mqttbytes::v4::Packet::PingResp => return Ok(()),
+                rumqttc::mqttbytes::v4::Packet::Publish(_) => {}
+                other => bail!("expected PINGRESP, got {other:?}"),
+            }
         }
     }
 
@@ -370,7 +448,7 @@ fn a_kept_session_takes_a_qos2_retransmission_once_after_a_cut() -> anyhow::Resu
 
 /// Connects `client_id` again with `clean_session = 0` until the server has kept the
 /// previous connection's session (its end is noticed asynchronously).
-fn s_wait_resumed(s: &Server, client_id: &str) -> anyhow::Result<Raw> {
+pub(crate) fn s_wait_resumed(s: &Server, client_id: &str) -> anyhow::Result<Raw> {
     let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
         let (raw, present) = Raw::connect(s, client_id, false)?;

@@ -311,3 +311,16 @@ fn with_a_certificate_tls_is_required_and_a_renewed_certificate_is_used_without_
     assert!(err.contains("junk.key"), "{err}");
     Ok(())
 }
+
+#[test]
+fn a_statement_past_the_daily_query_quota_is_refused_with_53400() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &["--tenant-daily-queries", "2"])?;
+    let (ok, out, err) = psql(&s, &s.token, "ferrite", &["SELECT 1", "SELECT 2", "SELECT 3"])?;
+    assert!(!ok, "the third statement passed: {out}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["1", "2"]);
+    assert!(err.contains("daily quota of 2 queries"), "{err}");
+    // The same count on every door: HTTP is refused too.
+    assert_eq!(s.post_json("/api/v1/sql", &json!({"sql": "SELECT 1"}))?.0, 429);
+    Ok(())
+}

@@ -167,6 +167,45 @@ fn a_device_certificate_is_the_device_identity_and_strangers_are_refused() -> an
     Ok(())
 }
 
+#[test]
+fn a_device_certificate_authenticates_https_requests_like_a_token() -> anyhow::Result<()> {
+    if !have("curl", &["--version"])? {
+        return Ok(());
+    }
+    let (dir, pki) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    certs_dev(pki.path(), &["--device", "dev-1", "--device", "ghost"])?;
+    let s = serve_tls(dir.path(), pki.path(), true)?;
+    let (st, body) = s.post_json("/api/v1/devices", &json!({"id": "dev-1"}))?;
+    assert_eq!(st, 201, "{body}");
+    let https = s.https.context("no https listener")?;
+    let post = |cert: Option<&str>, event: serde_json::Value| -> anyhow::Result<u16> {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--cacert"])
+            .arg(pki.path().join("ca.pem"));
+        if let Some(name) = cert {
+            cmd.args(client_cert(pki.path(), name));
+        }
+        let out = cmd
+            .args(["-H", "Content-Type: application/json", "-d", &event.to_string()])
+            .arg(format!("https://localhost:{}/api/v1/streams/telemetry/events", https.port()))
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    };
+    // The certificate is the credential: no token, the device's own events accepted.
+    assert_eq!(post(Some("dev-1"), json!({"device_id": "dev-1", "seq": 1}))?, 200);
+    // Bound to its device as with its token: another device's event is rejected (400).
+    assert_eq!(post(Some("dev-1"), json!({"device_id": "dev-2", "seq": 2}))?, 400);
+    // A certificate of a device that is not registered, and no credential at all: 401.
+    assert_eq!(post(Some("ghost"), json!({"device_id": "ghost", "seq": 3}))?, 401);
+    assert_eq!(post(None, json!({"device_id": "dev-1", "seq": 4}))?, 401);
+    s.wait_for("the accepted event", |s| Ok(s.sql_count("SELECT count(*) FROM telemetry")? >= 1))?;
+    assert_eq!(
+        serde_json::Value::Array(s.sql("SELECT device_id, seq FROM telemetry")?),
+        json!([{"device_id": "dev-1", "seq": 1}])
+    );
+    Ok(())
+}
+
 /// The certificate a TLS listener serves, as base64 DER (via `openssl s_client`).
 fn served_certificate(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     let out = Command::new("openssl")

@@ -10,12 +10,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use ferrite_benches::load::subscribed_client;
 use ferrite_benches::server::{Ferrite, Mosquitto, free_port};
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{Connect, Packet, Subscribe};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Resident memory of `pid`, in KiB.
 fn rss_kib(pid: u32) -> Result<u64, String> {
@@ -27,39 +24,6 @@ fn rss_kib(pid: u32) -> Result<u64, String> {
         .ok_or_else(|| "no VmRSS".to_owned())
 }
 
-/// One client: CONNECT, SUBSCRIBE `devices/{id}/commands`, wait for the SUBACK; the open
-/// stream (kept by the caller, idle).
-async fn connect(addr: SocketAddr, id: usize) -> Result<TcpStream, String> {
-    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let mut out = BytesMut::new();
-    let mut c = Connect::new(format!("idle-{id}"));
-    c.keep_alive = 600;
-    Packet::Connect(c).write(&mut out, 1 << 16).map_err(|e| e.to_string())?;
-    let sub = Subscribe::new(format!("devices/idle-{id}/commands"), QoS::AtLeastOnce);
-    let mut sub = sub;
-    sub.pkid = 1;
-    Packet::Subscribe(sub).write(&mut out, 1 << 16).map_err(|e| e.to_string())?;
-    s.write_all(&out).await.map_err(|e| e.to_string())?;
-    let mut buf = BytesMut::with_capacity(64);
-    loop {
-        // Every packet already buffered (CONNACK and SUBACK often come in one read).
-        loop {
-            match Packet::read(&mut buf, 1 << 16) {
-                Ok(Packet::SubAck(_)) => return Ok(s),
-                Ok(Packet::ConnAck(a)) if a.code != rumqttc::mqttbytes::v4::ConnectReturnCode::Success => {
-                    return Err(format!("refused: {:?}", a.code));
-                }
-                Ok(_) => {}
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        if s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err(format!("client {id}: closed before SUBACK"));
-        }
-    }
-}
-
 /// Opens `n` idle clients against `addr` (100 handshakes at a time) and returns the server's
 /// RSS growth per connection, in bytes, with the clients still open.
 async fn measure(addr: SocketAddr, pid: u32, n: usize) -> Result<(u64, u64, f64), String> {
@@ -67,7 +31,17 @@ async fn measure(addr: SocketAddr, pid: u32, n: usize) -> Result<(u64, u64, f64)
     let before = rss_kib(pid)?;
     let mut open = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
-        let handshakes: Vec<_> = chunk.iter().map(|&id| tokio::spawn(connect(addr, id))).collect();
+        let handshakes: Vec<_> = chunk
+            .iter()
+            .map(|&id| {
+                tokio::spawn(subscribed_client(
+                    addr,
+                    format!("idle-{id}"),
+                    format!("devices/idle-{id}/commands"),
+                    QoS::AtLeastOnce,
+                ))
+            })
+            .collect();
         for h in handshakes {
             open.push(h.await.map_err(|e| e.to_string())??);
         }

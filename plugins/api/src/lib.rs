@@ -23,7 +23,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ferrite_engine::auth::{
-    AccessControl, AuthError, Caller, Credentials, Denied, Principal, RequestContext, TENANT_HEADER, Transport,
+    AccessControl, AuthError, Caller, ClientCertificate, Credentials, Denied, Principal, RequestContext, TENANT_HEADER,
+    Transport,
 };
 use ferrite_engine::plugin::PluginContext;
 
@@ -140,7 +141,8 @@ pub fn protect(router: Router, access: Arc<dyn AccessControl>) -> Router {
 
 async fn authenticate(State(access): State<Arc<dyn AccessControl>>, mut request: Request, next: Next) -> Response {
     let source = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let context = RequestContext::new(Transport::Http, source);
+    let mut context = RequestContext::new(Transport::Http, source);
+    context.tls = request.extensions().get::<usage::OverTls>().is_some();
     let tenant = match acting_tenant(request.headers(), access.as_ref()) {
         Ok(t) => t,
         Err(response) => return *response,
@@ -155,7 +157,17 @@ async fn authenticate(State(access): State<Arc<dyn AccessControl>>, mut request:
     }
     let principal = match bearer(request.headers()) {
         Err(e) => return unauthorized(&e),
-        Ok(None) => return unauthorized(&AuthError::Missing),
+        // No token: a verified client certificate is the device's credential (mutual TLS).
+        Ok(None) => match request.extensions().get::<ClientCertificate>() {
+            None => return unauthorized(&AuthError::Missing),
+            Some(ClientCertificate(subject)) => {
+                let credentials = Credentials::Certificate { subject, client_id: subject, username: None };
+                match access.authenticate(&credentials, &context) {
+                    Ok(p) => p,
+                    Err(e) => return unauthorized(&e),
+                }
+            }
+        },
         Ok(Some(token)) => match access.authenticate(&Credentials::Bearer(token), &context) {
             Ok(p) => p,
             Err(e) => return unauthorized(&e),
