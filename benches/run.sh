@@ -56,6 +56,9 @@ rows mqtt_tls ferrite_plain ferrite_tls ferrite_plain_again ferrite_tls_ratio mo
 echo "== memory per idle MQTT connection, Ferrite and mosquitto"
 ./target/release/mqtt_idle "${IDLE_CONNECTIONS:-10000}" | tee /tmp/ferrite-bench-idle.txt
 rows mqtt_idle connections ferrite_rss_before_kib ferrite_rss_after_kib ferrite_bytes_per_connection mosquitto_rss_before_kib mosquitto_rss_after_kib mosquitto_bytes_per_connection < /tmp/ferrite-bench-idle.txt
+echo "== MQTT 5 against MQTT 3.1.1, Ferrite and mosquitto"
+./target/release/mqtt5 "${TLS_PUBLISHERS:-50}" "${MQTT_MESSAGES:-2000}" 3 | tee /tmp/ferrite-bench-mqtt5.txt
+rows mqtt5 ferrite_v311 ferrite_v5 ferrite_v5_ratio mosquitto_v311 mosquitto_v5 mosquitto_v5_ratio < /tmp/ferrite-bench-mqtt5.txt
 echo "== fan-out: one publisher to 1,000 subscribers, Ferrite and mosquitto (burst and paced, QoS 0 and 1)"
 ./target/release/mqtt_fanout "${FANOUT_SUBSCRIBERS:-1000}" "${FANOUT_MESSAGES:-500}" | tee /tmp/ferrite-bench-fanout.txt
 rows mqtt_fanout mode qos ferrite_deliveries_per_s mosquitto_deliveries_per_s rate_ratio ferrite_cpu_us_per_1k mosquitto_cpu_us_per_1k cpu_ratio < /tmp/ferrite-bench-fanout.txt

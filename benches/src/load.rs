@@ -217,27 +217,42 @@ pub async fn publish_qos1<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     id: usize,
     messages: usize,
+    v5: bool,
 ) -> Result<(), String> {
+    use rumqttc::v5::mqttbytes::v5 as m5;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut out = BytesMut::with_capacity(64 * 1024);
-    let mut connect = Connect::new(format!("tls-bench-{id}"));
-    connect.keep_alive = 60;
-    RawPacket::Connect(connect).write(&mut out, 1 << 20).map_err(|e| e.to_string())?;
+    if v5 {
+        let connect =
+            m5::Connect { keep_alive: 60, client_id: format!("tls-bench-{id}"), clean_start: true, properties: None };
+        m5::Packet::Connect(connect, None, None).write(&mut out, None).map_err(|e| e.to_string())?;
+    } else {
+        let mut connect = Connect::new(format!("tls-bench-{id}"));
+        connect.keep_alive = 60;
+        RawPacket::Connect(connect).write(&mut out, 1 << 20).map_err(|e| e.to_string())?;
+    }
     wr.write_all(&out).await.map_err(|e| e.to_string())?;
     wr.flush().await.map_err(|e| e.to_string())?;
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
-    let connack = loop {
-        match RawPacket::read(&mut inbuf, 1 << 20) {
-            Ok(p) => break p,
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(e.to_string()),
+    loop {
+        if v5 {
+            match m5::Packet::read(&mut inbuf, None) {
+                Ok(m5::Packet::ConnAck(c)) if c.code == m5::ConnectReturnCode::Success => break,
+                Ok(p) => return Err(format!("refused: {p:?}")),
+                Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        } else {
+            match RawPacket::read(&mut inbuf, 1 << 20) {
+                Ok(RawPacket::ConnAck(c)) if c.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success => break,
+                Ok(p) => return Err(format!("refused: {p:?}")),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
         }
         if rd.read_buf(&mut inbuf).await.map_err(|e| e.to_string())? == 0 {
             return Err("closed before CONNACK".into());
         }
-    };
-    if !matches!(connack, RawPacket::ConnAck(ref c) if c.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success) {
-        return Err(format!("refused: {connack:?}"));
     }
     let topic = format!("devices/tls-{id}/telemetry");
     let (mut sent, mut acked) = (0usize, 0usize);
@@ -245,9 +260,17 @@ pub async fn publish_qos1<S: AsyncRead + AsyncWrite + Unpin>(
         if sent < messages && sent - acked < WINDOW {
             out.clear();
             while sent < messages && sent - acked < WINDOW {
-                let mut p = Publish::new(&topic, rumqttc::mqttbytes::QoS::AtLeastOnce, mqtt_payload(sent));
-                p.pkid = (sent % 65_000 + 1) as u16;
-                RawPacket::Publish(p).write(&mut out, 1 << 20).map_err(|e| e.to_string())?;
+                let pkid = (sent % 65_000 + 1) as u16;
+                if v5 {
+                    let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+                    let mut p = m5::Publish::new(topic.as_str(), qos, mqtt_payload(sent), None);
+                    p.pkid = pkid;
+                    p.write(&mut out).map_err(|e| e.to_string())?;
+                } else {
+                    let mut p = Publish::new(&topic, rumqttc::mqttbytes::QoS::AtLeastOnce, mqtt_payload(sent));
+                    p.pkid = pkid;
+                    RawPacket::Publish(p).write(&mut out, 1 << 20).map_err(|e| e.to_string())?;
+                }
                 sent += 1;
             }
             wr.write_all(&out).await.map_err(|e| e.to_string())?;
@@ -257,11 +280,25 @@ pub async fn publish_qos1<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(format!("closed after {acked} PUBACKs"));
         }
         loop {
-            match RawPacket::read(&mut inbuf, 1 << 20) {
-                Ok(RawPacket::PubAck(_)) => acked += 1,
-                Ok(_) => {}
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
-                Err(e) => return Err(e.to_string()),
+            if v5 {
+                match m5::Packet::read(&mut inbuf, None) {
+                    // mosquitto answers "no matching subscribers" (0x10), a success too.
+                    Ok(m5::Packet::PubAck(a))
+                        if matches!(a.reason, m5::PubAckReason::Success | m5::PubAckReason::NoMatchingSubscribers) =>
+                    {
+                        acked += 1
+                    }
+                    Ok(p) => return Err(format!("unexpected: {p:?}")),
+                    Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => break,
+                    Err(e) => return Err(e.to_string()),
+                }
+            } else {
+                match RawPacket::read(&mut inbuf, 1 << 20) {
+                    Ok(RawPacket::PubAck(_)) => acked += 1,
+                    Ok(_) => {}
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                    Err(e) => return Err(e.to_string()),
+                }
             }
         }
     }
@@ -269,12 +306,14 @@ pub async fn publish_qos1<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// QoS 1 publishers (the raw client of `mqtt_tls`) against `addr`, over TLS when `tls` is given; messages per second.
+/// QoS 1 publishers (the raw client of `mqtt_tls`) against `addr`, over TLS when `tls` is
+/// given, in MQTT 5 when `v5`; messages per second.
 pub async fn run_qos1_publishers(
     addr: SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
     publishers: usize,
     messages: usize,
+    v5: bool,
 ) -> Result<f64, String> {
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -288,9 +327,9 @@ pub async fn run_qos1_publishers(
                     let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
                     let s =
                         tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| e.to_string())?;
-                    publish_qos1(s, id, messages).await
+                    publish_qos1(s, id, messages, v5).await
                 }
-                None => publish_qos1(tcp, id, messages).await,
+                None => publish_qos1(tcp, id, messages, v5).await,
             }
         }));
     }

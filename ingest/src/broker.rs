@@ -21,6 +21,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ferrite_engine::Metrics;
@@ -32,6 +33,7 @@ pub use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Packet, PubAck};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::mqtt5::{self, MessageProps};
 use crate::topic::{self, TopicError, TopicTrie};
 
 /// Largest MQTT packet accepted or sent at all.
@@ -60,14 +62,37 @@ pub const MAX_RETAINED_BYTES: usize = 64 * 1024 * 1024;
 pub(crate) struct Message {
     pub(crate) topic: Box<str>,
     pub(crate) payload: Bytes,
+    /// Its retain flag as published (for subscriptions that ask to see it).
+    pub(crate) retain: bool,
+    /// An MQTT 5 publisher's properties, carried to MQTT 5 subscribers.
+    pub(crate) props: Option<Box<MessageProps>>,
+}
+
+impl Message {
+    fn new(topic: &str, payload: Bytes) -> Self {
+        Self { topic: topic.into(), payload, retain: false, props: None }
+    }
+
+    /// Whether its message expiry passed (it is then no longer delivered).
+    fn expired(&self) -> bool {
+        self.props.as_ref().is_some_and(|p| p.expired())
+    }
 }
 
 /// What a session's writer sends. Acknowledgements and deliveries are inline (16 bytes a
 /// slot: an idle connection's queue costs half a KiB), any other packet boxed.
 pub(crate) enum Out {
     PubAck(u16),
-    Deliver { msg: Arc<Message>, pkid: u16, qos: QoS, retain: bool, dup: bool },
+    Deliver {
+        msg: Arc<Message>,
+        pkid: u16,
+        qos: QoS,
+        retain: bool,
+        dup: bool,
+    },
     Other(Box<Packet>),
+    /// An MQTT 5 packet (a reason code, a DISCONNECT), for MQTT 5 sessions only.
+    V5(Box<rumqttc::v5::mqttbytes::v5::Packet>),
 }
 
 const _: () = assert!(std::mem::size_of::<Out>() <= 16);
@@ -82,11 +107,22 @@ impl From<Packet> for Out {
 }
 
 impl Out {
-    pub(crate) fn write(&self, buf: &mut BytesMut) -> Result<usize, mqttbytes::Error> {
+    /// Encodes the packet for a session of MQTT 3.1.1, or of MQTT 5 (`v5`).
+    pub(crate) fn write(&self, buf: &mut BytesMut, v5: bool) -> Result<usize, mqttbytes::Error> {
         match self {
+            // A successful PUBACK is the same two bytes in both versions.
             Self::PubAck(pkid) => PubAck::new(*pkid).write(buf),
+            Self::Deliver { msg, pkid, qos, retain, dup } if v5 => {
+                mqtt5::write_publish(buf, &msg.topic, &msg.payload, (*pkid, *qos, *retain, *dup), msg.props.as_deref())
+            }
             Self::Deliver { msg, pkid, qos, retain, dup } => write_publish(buf, msg, *pkid, *qos, *retain, *dup),
+            Self::Other(p) if v5 => match mqtt5::reply(p) {
+                Some(p5) => p5.write(buf, None).map_err(|e| mqttbytes::Error::Io(std::io::Error::other(e.to_string()))),
+                // PUBREC, PUBCOMP, PINGRESP: the same bytes in both versions.
+                None => p.write(buf, MAX_PACKET_BYTES),
+            },
             Self::Other(p) => p.write(buf, MAX_PACKET_BYTES),
+            Self::V5(p) => p.write(buf, None).map_err(|e| mqttbytes::Error::Io(std::io::Error::other(e.to_string()))),
         }
     }
 }
@@ -107,15 +143,7 @@ fn write_publish(
     }
     let start = buf.len();
     buf.put_u8(0x30 | u8::from(dup) << 3 | (qos as u8) << 1 | u8::from(retain));
-    let mut rest = len;
-    loop {
-        let byte = (rest % 128) as u8;
-        rest /= 128;
-        buf.put_u8(if rest > 0 { byte | 0x80 } else { byte });
-        if rest == 0 {
-            break;
-        }
-    }
+    mqtt5::put_varint(buf, len);
     buf.put_u16(msg.topic.len() as u16);
     buf.extend_from_slice(msg.topic.as_bytes());
     if with_id {
@@ -123,6 +151,28 @@ fn write_publish(
     }
     buf.extend_from_slice(&msg.payload);
     Ok(buf.len() - start)
+}
+
+/// What a subscription was granted: its QoS (0 or 1) and MQTT 5 options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Grant {
+    pub(crate) qos: QoS,
+    /// Not to receive the session's own messages.
+    pub(crate) no_local: bool,
+    /// To see the retain flag as published.
+    pub(crate) retain_as_published: bool,
+}
+
+/// A shared subscription's parts: `$share/{group}/{filter}` as (group, filter).
+pub(crate) fn shared(filter: &str) -> Option<(&str, &str)> {
+    let rest = filter.strip_prefix("$share/")?;
+    let (group, inner) = rest.split_once('/')?;
+    (!group.is_empty() && !group.contains(['+', '#']) && !inner.is_empty()).then_some((group, inner))
+}
+
+/// The filter a subscription key (a filter, or a shared subscription) routes by.
+fn routing_filter(key: &str) -> &str {
+    shared(key).map_or(key, |(_, f)| f)
 }
 
 /// A subscriber inside the server: called with each matching message's topic and payload
@@ -159,15 +209,18 @@ struct Queued {
 pub(crate) struct KeptSession {
     /// QoS 2 packet ids taken and not yet released.
     pub(crate) taken: Mutex<HashSet<u16>>,
-    /// Its subscriptions and their granted QoS, written through on every SUBSCRIBE and
+    /// Its subscriptions and their grants, written through on every SUBSCRIBE and
     /// UNSUBSCRIBE.
-    pub(crate) filters: Mutex<HashMap<String, QoS>>,
+    pub(crate) filters: Mutex<HashMap<String, Grant>>,
     /// QoS 1 messages waiting for the client, oldest first.
     queue: Mutex<VecDeque<Queued>>,
     /// The live session it is attached to (0: none).
     owner: AtomicU64,
     /// A clean session of the same client replaced it: nothing is parked on it any more.
     discarded: AtomicBool,
+    /// When it expires while no connection is attached (MQTT 5 session expiry; `None`:
+    /// never).
+    expires: Mutex<Option<Instant>>,
     /// Held while a connection attaches to it (registers, restores its subscriptions, takes
     /// over the older connection) and while a connection of it ends, so that the two never
     /// interleave and no message falls between them.
@@ -183,6 +236,10 @@ impl KeptSession {
         }
         q.push_back(Queued { msg, retain, dup });
         true
+    }
+
+    fn expired(&self) -> bool {
+        self.owner.load(Ordering::Acquire) == 0 && self.expires.lock().is_some_and(|t| Instant::now() >= t)
     }
 
     fn same(&self, other: &Arc<KeptSession>) -> bool {
@@ -222,8 +279,8 @@ pub(crate) struct LiveSession {
     key: Option<(String, String)>,
     /// Its writer.
     out: mpsc::Sender<Out>,
-    /// Its subscriptions and their granted QoS.
-    filters: Mutex<HashMap<String, QoS>>,
+    /// Its subscriptions and their grants.
+    filters: Mutex<HashMap<String, Grant>>,
     /// QoS 1 messages sent to it and not yet acknowledged, by packet id.
     unacked: Mutex<Unacked>,
     /// QoS 1 messages waiting for room in its window (at most [`MAX_QUEUED`]), oldest first.
@@ -279,9 +336,9 @@ impl LiveSession {
 
     /// Sends `msg` at QoS 1 behind what waits for the window; `Full` when its backlog is
     /// full too (the subscriber is too slow).
-    fn offer_qos1(&self, msg: Arc<Message>) -> Result<(), SendError> {
+    fn offer_qos1(&self, msg: Arc<Message>, retain: bool) -> Result<(), SendError> {
         let mut backlog = self.backlog.lock();
-        backlog.push_back(Queued { msg, retain: false, dup: false });
+        backlog.push_back(Queued { msg, retain, dup: false });
         self.drain(&mut backlog);
         if backlog.len() > MAX_QUEUED {
             backlog.pop_back();
@@ -309,7 +366,10 @@ impl LiveSession {
 struct Subscriber {
     /// The live session it was made by (of a parked subscription: the last one).
     session: u64,
-    qos: QoS,
+    grant: Grant,
+    /// A shared subscription's key (`$share/{group}/{filter}`): one member of the group
+    /// gets each message.
+    share: Option<Arc<str>>,
     to: Target,
 }
 
@@ -357,6 +417,8 @@ pub struct Broker {
     /// by principal and client id.
     kept: Mutex<HashMap<(String, String), Arc<KeptSession>>>,
     retained: RwLock<Retained>,
+    /// Whose turn it is in shared subscription groups.
+    turn: AtomicU64,
 }
 
 impl Default for Broker {
@@ -420,6 +482,7 @@ impl Broker {
             has_internal: AtomicBool::new(false),
             kept: Mutex::default(),
             retained: RwLock::default(),
+            turn: AtomicU64::new(0),
         }
     }
 
@@ -429,10 +492,28 @@ impl Broker {
     /// is also kept for future subscribers (an empty payload clears the topic). A topic that
     /// is not a valid publish topic reaches nobody and is an error.
     pub fn publish(&self, topic: &str, payload: Bytes, qos: QoS, retain: bool) -> Result<usize, TopicError> {
+        self.publish_from(None, topic, payload, (qos, retain), None)
+    }
+
+    /// [`Broker::publish`] of a message a session sent (`from`: not delivered back to it
+    /// where its subscription says no local), with an MQTT 5 publisher's properties.
+    pub(crate) fn publish_from(
+        &self,
+        from: Option<u64>,
+        topic: &str,
+        payload: Bytes,
+        (qos, retain): (QoS, bool),
+        props: Option<Box<MessageProps>>,
+    ) -> Result<usize, TopicError> {
         topic::validate_topic(topic)?;
+        let mut props = props;
         let mut msg: Option<Arc<Message>> = None;
-        let mut message =
-            || msg.get_or_insert_with(|| Arc::new(Message { topic: topic.into(), payload: payload.clone() })).clone();
+        let mut message = || {
+            msg.get_or_insert_with(|| {
+                Arc::new(Message { topic: topic.into(), payload: payload.clone(), retain, props: props.take() })
+            })
+            .clone()
+        };
         if retain {
             self.retain(message(), qos);
         }
@@ -440,17 +521,28 @@ impl Broker {
         {
             let subs = self.subs.read();
             let mut targets: Vec<&Subscriber> = Vec::new();
-            subs.for_each_match(topic, |s| targets.push(s));
+            let mut shared: Vec<&Subscriber> = Vec::new();
+            subs.for_each_match(topic, |s| {
+                if s.share.is_some() {
+                    shared.push(s);
+                } else if !(s.grant.no_local && from == Some(s.session)) {
+                    targets.push(s);
+                }
+            });
             if targets.len() > 1 {
                 // Once per session, at the highest QoS among its matching filters.
-                targets.sort_unstable_by(|a, b| a.session.cmp(&b.session).then((b.qos as u8).cmp(&(a.qos as u8))));
+                targets.sort_unstable_by(|a, b| {
+                    a.session.cmp(&b.session).then((b.grant.qos as u8).cmp(&(a.grant.qos as u8)))
+                });
                 targets.dedup_by_key(|s| s.session);
             }
             for s in targets {
-                let qos = if (s.qos as u8) < (qos as u8) { s.qos } else { qos };
-                if self.send(&s.to, message(), qos) {
+                if self.send_to(s, message(), qos) {
                     delivered += 1;
                 }
+            }
+            if !shared.is_empty() {
+                delivered += self.send_shared(shared, &mut message, qos);
             }
         }
         if self.has_internal.load(Ordering::Relaxed) {
@@ -464,22 +556,57 @@ impl Broker {
         Ok(delivered)
     }
 
+    /// Sends one message to one subscription, at the lower of `qos` and its grant.
+    fn send_to(&self, s: &Subscriber, msg: Arc<Message>, qos: QoS) -> bool {
+        let qos = if (s.grant.qos as u8) < (qos as u8) { s.grant.qos } else { qos };
+        let retain = s.grant.retain_as_published && msg.retain;
+        self.send(&s.to, msg, qos, retain)
+    }
+
+    /// One member of each shared subscription group gets the message: the next one in turn
+    /// that is connected (a parked member only when none is); how many groups got it.
+    fn send_shared(
+        &self,
+        mut members: Vec<&Subscriber>,
+        message: &mut impl FnMut() -> Arc<Message>,
+        qos: QoS,
+    ) -> usize {
+        members.sort_unstable_by(|a, b| a.share.cmp(&b.share).then(a.session.cmp(&b.session)));
+        let mut delivered = 0;
+        for group in members.chunk_by(|a, b| a.share == b.share) {
+            let start = self.turn.fetch_add(1, Ordering::Relaxed) as usize;
+            let live = (0..group.len()).map(|i| group[(start + i) % group.len()]);
+            let mut order = live
+                .clone()
+                .filter(|s| matches!(s.to, Target::Live(_)))
+                .chain(live.filter(|s| matches!(s.to, Target::Parked(_))));
+            if order.any(|s| self.send_to(s, message(), qos)) {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
     /// Sends one message to one subscription's target; whether it was sent or kept.
-    fn send(&self, to: &Target, msg: Arc<Message>, qos: QoS) -> bool {
+    fn send(&self, to: &Target, msg: Arc<Message>, qos: QoS, retain: bool) -> bool {
+        if msg.expired() {
+            self.metrics.inc("ferrite_mqtt_dropped_total", &[("reason", "expired")], 1);
+            return false;
+        }
         match (to, qos) {
             (Target::Live(s), QoS::AtMostOnce) => {
-                let sent = s.out.try_send(Out::Deliver { msg, pkid: 0, qos, retain: false, dup: false }).is_ok();
+                let sent = s.out.try_send(Out::Deliver { msg, pkid: 0, qos, retain, dup: false }).is_ok();
                 if !sent {
                     self.dropped.add(1);
                 }
                 sent
             }
-            (Target::Live(s), _) => match s.offer_qos1(msg.clone()) {
+            (Target::Live(s), _) => match s.offer_qos1(msg.clone(), retain) {
                 Ok(()) => true,
                 Err(_) => {
                     self.too_slow(s);
                     // Kept for its next connection when it has a persistent session.
-                    let kept = s.kept.as_ref().is_some_and(|k| k.enqueue(msg, false, false));
+                    let kept = s.kept.as_ref().is_some_and(|k| k.enqueue(msg, retain, false));
                     if !kept {
                         self.dropped.add(1);
                     }
@@ -488,7 +615,7 @@ impl Broker {
             },
             (Target::Parked(_), QoS::AtMostOnce) => false,
             (Target::Parked(k), _) => {
-                let kept = k.enqueue(msg, false, false);
+                let kept = k.enqueue(msg, retain, false);
                 if !kept {
                     self.metrics.inc("ferrite_mqtt_dropped_total", &[("reason", "session_queue_full")], 1);
                 }
@@ -558,7 +685,8 @@ impl Broker {
         // The device's own session first; else a session of its gateway that subscribed for it.
         let session = {
             let sessions = self.sessions.lock();
-            let subscribed = |s: &&Arc<LiveSession>| s.filters.lock().keys().any(|f| topic::matches(topic, f));
+            let subscribed =
+                |s: &&Arc<LiveSession>| s.filters.lock().keys().any(|f| topic::matches(topic, routing_filter(f)));
             let own = sessions.values().filter(|s| s.presence.device() == device).find(subscribed);
             own.or_else(|| {
                 sessions.values().filter(|s| s.presence.principal.children.iter().any(|c| c == device)).find(subscribed)
@@ -567,7 +695,7 @@ impl Broker {
             .ok_or_else(|| DeliveryError::NotSubscribed(device.to_owned(), topic.to_owned()))?
         };
         let (tx, rx) = oneshot::channel();
-        let msg = Arc::new(Message { topic: topic.into(), payload });
+        let msg = Arc::new(Message::new(topic, payload));
         session.send_qos1(msg, false, false, Some(tx)).map_err(|_| DeliveryError::Busy(device.to_owned()))?;
         Ok(rx)
     }
@@ -586,16 +714,18 @@ impl Broker {
     /// filter replaces the earlier grant, and a parked subscription of the session's kept
     /// state is taken over. The observers learn of it (a device subscribing to its commands
     /// gets what waits).
-    pub(crate) fn subscribe(&self, session: u64, filter: &str, qos: QoS) {
+    pub(crate) fn subscribe(&self, session: u64, filter: &str, grant: Grant) {
         let Some(live) = self.sessions.lock().get(&session).cloned() else { return };
+        let share: Option<Arc<str>> = shared(filter).map(|_| Arc::from(filter));
         {
             let mut subs = self.subs.write();
-            subs.remove(filter, |s| s.is_of(session, live.kept.as_ref()));
-            subs.insert(filter, Subscriber { session, qos, to: Target::Live(live.clone()) });
-            live.filters.lock().insert(filter.to_owned(), qos);
+            let route = routing_filter(filter);
+            subs.remove(route, |s| s.is_of(session, live.kept.as_ref()) && s.share == share);
+            subs.insert(route, Subscriber { session, grant, share, to: Target::Live(live.clone()) });
+            live.filters.lock().insert(filter.to_owned(), grant);
         }
         if let Some(k) = &live.kept {
-            k.filters.lock().insert(filter.to_owned(), qos);
+            k.filters.lock().insert(filter.to_owned(), grant);
         }
         for o in self.observers.read().iter() {
             o.subscribed(&live.presence, filter);
@@ -606,7 +736,8 @@ impl Broker {
     pub(crate) fn unsubscribe(&self, session: u64, filter: &str) {
         let live = self.sessions.lock().get(&session).cloned();
         let kept = live.as_ref().and_then(|l| l.kept.clone());
-        self.subs.write().remove(filter, |s| s.is_of(session, kept.as_ref()));
+        let share: Option<Arc<str>> = shared(filter).map(|_| Arc::from(filter));
+        self.subs.write().remove(routing_filter(filter), |s| s.is_of(session, kept.as_ref()) && s.share == share);
         if let Some(live) = live {
             live.filters.lock().remove(filter);
         }
@@ -618,20 +749,38 @@ impl Broker {
     /// The session state of a connecting client and whether it existed before: a clean
     /// session drops what was kept and keeps nothing; a persistent one resumes or starts
     /// its kept state (`None` when the store is full).
-    pub(crate) fn session_state(&self, key: (String, String), clean_session: bool) -> (Option<Arc<KeptSession>>, bool) {
+    pub(crate) fn session_state(
+        &self,
+        key: (String, String),
+        clean_start: bool,
+        keep: bool,
+    ) -> (Option<Arc<KeptSession>>, bool) {
         let mut kept = self.kept.lock();
-        if clean_session {
-            if let Some(old) = kept.remove(&key) {
-                drop(kept);
-                self.discard(&old);
-            }
-            return (None, false);
+        let expired = kept.get(&key).is_some_and(|k| k.expired());
+        if (clean_start || expired)
+            && let Some(old) = kept.remove(&key)
+        {
+            drop(kept);
+            self.discard(&old);
+            kept = self.kept.lock();
         }
         if let Some(k) = kept.get(&key) {
+            // Resumed; with `keep` false (MQTT 5, expiry 0) it ends with this connection.
             return (Some(k.clone()), true);
         }
-        if kept.len() >= MAX_KEPT_SESSIONS {
+        if !keep {
             return (None, false);
+        }
+        if kept.len() >= MAX_KEPT_SESSIONS {
+            // Expired sessions make room first.
+            let gone: Vec<_> = kept.iter().filter(|(_, k)| k.expired()).map(|(key, _)| key.clone()).collect();
+            let old: Vec<_> = gone.iter().filter_map(|key| kept.remove(key)).collect();
+            drop(kept);
+            old.iter().for_each(|k| self.discard(k));
+            kept = self.kept.lock();
+            if kept.len() >= MAX_KEPT_SESSIONS {
+                return (None, false);
+            }
         }
         let k = Arc::new(KeptSession::default());
         kept.insert(key, k.clone());
@@ -644,7 +793,7 @@ impl Broker {
         let filters: Vec<String> = old.filters.lock().keys().cloned().collect();
         let mut subs = self.subs.write();
         for f in filters {
-            subs.remove(&f, |s| matches!(&s.to, Target::Parked(k) if k.same(old)));
+            subs.remove(routing_filter(&f), |s| matches!(&s.to, Target::Parked(k) if k.same(old)));
         }
         old.queue.lock().clear();
     }
@@ -661,29 +810,9 @@ impl Broker {
         presence: &Presence,
         out: mpsc::Sender<Out>,
         kept: Option<Arc<KeptSession>>,
-        restore: impl FnOnce(Vec<(String, QoS)>),
+        restore: impl FnOnce(Vec<(String, Grant)>),
     ) -> Arc<LiveSession> {
         let _attach = kept.as_ref().map(|k| k.attach.lock());
-        let (live, previous) = self.session_started(session, key, presence, out, kept.clone());
-        if let Some(k) = &kept {
-            let filters = k.filters.lock().iter().map(|(f, q)| (f.clone(), *q)).collect();
-            restore(filters);
-        }
-        self.resume(&live, previous);
-        live
-    }
-
-    /// Records an accepted session and tells the observers; the live session of the same
-    /// client it replaces, if any, for [`Broker::resume`] to end once the new one has its
-    /// subscriptions (so that no message falls between the two).
-    fn session_started(
-        &self,
-        session: u64,
-        key: Option<(String, String)>,
-        presence: &Presence,
-        out: mpsc::Sender<Out>,
-        kept: Option<Arc<KeptSession>>,
-    ) -> (Arc<LiveSession>, Option<Arc<LiveSession>>) {
         if let Some(k) = &kept {
             k.owner.store(session, Ordering::Release);
         }
@@ -698,7 +827,7 @@ impl Broker {
             filters: Mutex::default(),
             unacked: Mutex::default(),
             backlog: Mutex::default(),
-            kept,
+            kept: kept.clone(),
         });
         let previous = {
             let mut sessions = self.sessions.lock();
@@ -709,7 +838,14 @@ impl Broker {
         for o in self.observers.read().iter() {
             o.connected(presence);
         }
-        (live, previous)
+        // The client's older connection ends once this one has its subscriptions (so that no
+        // message falls between the two).
+        if let Some(k) = &kept {
+            let filters = k.filters.lock().iter().map(|(f, g)| (f.clone(), *g)).collect();
+            restore(filters);
+        }
+        self.resume(&live, previous);
+        live
     }
 
     /// Ends `previous` for a newer connection of its client: it gets no more messages, and
@@ -722,7 +858,7 @@ impl Broker {
             let mut subs = self.subs.write();
             let filters = std::mem::take(&mut *previous.filters.lock());
             for f in filters.keys() {
-                subs.remove(f, |s| s.session == previous.id && matches!(s.to, Target::Live(_)));
+                subs.remove(routing_filter(f), |s| s.session == previous.id && matches!(s.to, Target::Live(_)));
             }
         }
         let unacked = previous.unacked.lock().waiting.drain().map(|(_, i)| i).collect();
@@ -776,7 +912,15 @@ impl Broker {
     /// Forgets an ended session and tells the observers why it ended. A persistent
     /// session's subscriptions are parked (its QoS 1 messages wait for the client), with
     /// what it had not acknowledged first in its queue.
-    pub(crate) fn session_ended(&self, session: u64, presence: &Presence, reason: &'static str) {
+    /// `expiry`: how long the kept state outlives the connection (`None`: forever; zero: it
+    /// ends now).
+    pub(crate) fn session_ended(
+        &self,
+        session: u64,
+        presence: &Presence,
+        reason: &'static str,
+        expiry: Option<std::time::Duration>,
+    ) {
         let live = self.sessions.lock().remove(&session);
         if let Some(live) = live {
             let _attach = live.kept.as_ref().map(|k| k.attach.lock());
@@ -793,10 +937,12 @@ impl Broker {
                 !k.discarded.load(Ordering::Acquire)
                     && k.owner.compare_exchange(session, 0, Ordering::AcqRel, Ordering::Acquire).is_ok()
             });
-            for (f, qos) in filters {
-                subs.remove(&f, |s| s.session == session && matches!(s.to, Target::Live(_)));
+            for (f, grant) in filters {
+                let route = routing_filter(&f);
+                subs.remove(route, |s| s.session == session && matches!(s.to, Target::Live(_)));
                 if let Some(k) = park {
-                    subs.insert(&f, Subscriber { session, qos, to: Target::Parked(k.clone()) });
+                    let share = shared(&f).map(|_| Arc::from(f.as_str()));
+                    subs.insert(route, Subscriber { session, grant, share, to: Target::Parked(k.clone()) });
                 }
             }
             drop(subs);
@@ -807,6 +953,24 @@ impl Broker {
             // kept for the next one, or handed to a newer one already resumed.
             if let Some(k) = live.kept.as_ref().filter(|k| !k.discarded.load(Ordering::Acquire)) {
                 self.requeue(k, unacked, backlog);
+                if park.is_some() {
+                    *k.expires.lock() = expiry.map(|d| Instant::now() + d);
+                    if expiry == Some(std::time::Duration::ZERO)
+                        && let Some(key) = &live.key
+                    {
+                        let mut kept = self.kept.lock();
+                        if kept.get(key).is_some_and(|mine| Arc::ptr_eq(mine, k)) {
+                            kept.remove(key);
+                        }
+                        drop(kept);
+                        drop(_attach);
+                        self.discard(k);
+                        for o in self.observers.read().iter() {
+                            o.disconnected(presence, reason);
+                        }
+                        return;
+                    }
+                }
                 if park.is_none() {
                     let owner = k.owner.load(Ordering::Acquire);
                     let newer = self.sessions.lock().get(&owner).cloned();
@@ -855,7 +1019,7 @@ mod tests {
     #[test]
     fn shared_messages_encode_as_the_codec_reads_them() -> Result<(), mqttbytes::Error> {
         for (qos, payload_len) in [(QoS::AtMostOnce, 0), (QoS::AtLeastOnce, 5), (QoS::AtLeastOnce, 200_000)] {
-            let msg = Message { topic: "devices/d1/commands".into(), payload: Bytes::from(vec![7u8; payload_len]) };
+            let msg = Message::new("devices/d1/commands", Bytes::from(vec![7u8; payload_len]));
             let mut buf = BytesMut::new();
             let n = write_publish(&mut buf, &msg, 513, qos, true, qos != QoS::AtMostOnce)?;
             assert_eq!(n, buf.len());
@@ -873,7 +1037,7 @@ mod tests {
     #[test]
     fn retained_messages_are_bounded_and_cleared_by_an_empty_payload() {
         let broker = Broker::default();
-        let m = |t: &str, p: &'static [u8]| Arc::new(Message { topic: t.into(), payload: Bytes::from_static(p) });
+        let m = |t: &str, p: &'static [u8]| Arc::new(Message::new(t, Bytes::from_static(p)));
         broker.retain(m("a/1", b"on"), QoS::AtLeastOnce);
         broker.retain(m("a/2", b"off"), QoS::AtMostOnce);
         broker.retain(m("a/1", b"again"), QoS::AtLeastOnce);

@@ -12,6 +12,7 @@ pub mod http;
 pub mod json;
 pub mod line_protocol;
 pub mod mqtt;
+pub mod mqtt5;
 pub mod mqtt_ws;
 pub mod pipeline;
 pub mod topic;

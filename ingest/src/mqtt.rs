@@ -1,4 +1,4 @@
-//! Ferrite's MQTT 3.1.1 listener, on rumqttc's `mqttbytes` codec (see
+//! Ferrite's MQTT listener (3.1.1 and 5), on rumqttc's `mqttbytes` codecs (see
 //! `docs/adr/0001-mqtt-front.md` for why not rumqttd).
 //!
 //! The point of owning the listener: a QoS 1 PUBLISH on a telemetry topic is acknowledged
@@ -25,7 +25,7 @@
 //! the QoS 1 messages sent to it while it was away or not yet acknowledged.
 //! Kept sessions live in memory (a restart of the server ends them) and are bounded.
 //! A second connection of the same client (principal and client id) ends the first.
-//! Not yet: MQTT 5.
+//! MQTT 5 clients are served by the same session, through [`crate::mqtt5`]'s translation.
 //!
 //! When a commit fails (or the node is overloaded) the acknowledgement is withheld and the
 //! session is closed: an MQTT 3.1.1 client retransmits unacknowledged messages only when it
@@ -61,7 +61,13 @@ use tokio::sync::{mpsc, watch};
 pub use crate::broker::{
     Broker, DeliveryError, InternalSubscriber, MAX_KEPT_SESSIONS, MAX_PACKET_BYTES, SUBSCRIBER_QUEUE,
 };
-use crate::broker::{KeptSession, LiveSession, Out};
+use rumqttc::v5::mqttbytes::v5::{
+    self as v5, ConnectReturnCode as V5Code, DisconnectReasonCode as V5Disconnect, Packet as V5Packet,
+    PubAckReason as V5PubAck,
+};
+
+use crate::broker::{Grant, KeptSession, LiveSession, Out};
+use crate::mqtt5::{self, Extra, MessageProps};
 use crate::pipeline::{Durability, Ingestor, Payload, Transport};
 use crate::topic;
 
@@ -335,6 +341,11 @@ impl MqttFront {
             certificate_subject: transport.certificate_subject,
             principal: std::sync::OnceLock::new(),
             decisions: parking_lot::Mutex::new(DecisionCache::default()),
+            v5: std::sync::OnceLock::new(),
+            will_props: parking_lot::Mutex::new(None),
+            assigned_id: parking_lot::Mutex::new(None),
+            aliases: parking_lot::Mutex::new(mqtt5::TopicAliases::default()),
+            v5_disconnect: parking_lot::Mutex::new(None),
         };
         let shutdown = self.shutdown.clone();
         let mut sessions = self.sessions.lock();
@@ -391,9 +402,12 @@ enum AckOutcome {
     /// Send this packet.
     Send(Packet),
     /// Send these packets, in order (the PUBACKs of QoS 1 messages committed together).
-    SendMany(Vec<Packet>),
+    SendMany(Vec<Out>),
     /// Send this SUBACK, then the retained messages its subscriptions matched.
-    SubAck(Packet, Vec<(Arc<crate::broker::Message>, QoS)>),
+    SubAck(Out, Vec<(Arc<crate::broker::Message>, QoS)>),
+    /// Send this (an MQTT 5 refusal with its reason code, an UNSUBACK); a refused QoS 2
+    /// packet id is no longer in flight.
+    Refused(Out, Option<u16>),
     /// A QoS 2 message was taken: record its packet id, then send PUBREC.
     Qos2Taken(u16),
     /// A retransmission of a QoS 2 message that was in flight: PUBREC if the first copy
@@ -464,6 +478,16 @@ struct Session {
     principal: std::sync::OnceLock<Principal>,
     /// Publish and subscribe decisions, once per topic until policies or tokens change.
     decisions: parking_lot::Mutex<DecisionCache>,
+    /// Set when the client speaks MQTT 5: what its CONNECT asked for.
+    v5: std::sync::OnceLock<mqtt5::ConnectOptions>,
+    /// The MQTT 5 properties of its last will.
+    will_props: parking_lot::Mutex<Option<Box<MessageProps>>>,
+    /// The client id the server assigned (MQTT 5, an empty one in the CONNECT).
+    assigned_id: parking_lot::Mutex<Option<String>>,
+    /// The topic aliases an MQTT 5 client set.
+    aliases: parking_lot::Mutex<mqtt5::TopicAliases>,
+    /// An MQTT 5 DISCONNECT's asks: publish the will anyway, a new session expiry.
+    v5_disconnect: parking_lot::Mutex<Option<(bool, Option<u32>)>>,
 }
 
 /// What the session may do with a topic.
@@ -486,6 +510,8 @@ enum SessionError {
     Kicked,
     #[error("acknowledgement withheld: {0}")]
     Withheld(String),
+    #[error("MQTT 5 protocol violation: {}", .0.message)]
+    Violation(mqtt5::Violation),
 }
 
 impl Session {
@@ -500,19 +526,44 @@ impl Session {
 
         // CONNECT must come first, within 10 seconds.
         let connect = loop {
-            match Packet::read(&mut buf, MAX_PACKET_BYTES) {
-                Ok(Packet::Connect(c)) => break c,
-                Ok(other) => return Err(SessionError::Protocol(format!("expected CONNECT, got {other:?}"))),
-                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
-                Err(mqttbytes::Error::InvalidProtocolLevel(_) | mqttbytes::Error::InvalidProtocol) => {
-                    write_packet(
-                        &mut wr,
-                        &Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false)),
-                    )
-                    .await?;
-                    return Err(SessionError::Protocol("unsupported protocol version".into()));
+            if mqtt5::protocol_level(&buf) == Some(5) {
+                match V5Packet::read(&mut buf, Some(MAX_PACKET_BYTES as u32)) {
+                    Ok(V5Packet::Connect(c, will, login)) => match mqtt5::connect_from_v5(c, will, login) {
+                        Ok((connect, options, will_props)) => {
+                            let _ = self.v5.set(options);
+                            *self.will_props.lock() = will_props;
+                            break connect;
+                        }
+                        Err(e) => {
+                            self.connack(&mut wr, ConnectReturnCode::BadClientId, V5Code::MalformedPacket, false)
+                                .await?;
+                            return Err(SessionError::Protocol(e));
+                        }
+                    },
+                    Ok(other) => return Err(SessionError::Protocol(format!("expected CONNECT, got {other:?}"))),
+                    Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => {
+                        // A malformed CONNECT (a bad property among them): say so, then close.
+                        let _ = self.v5.set(mqtt5::ConnectOptions::default());
+                        self.connack(&mut wr, ConnectReturnCode::BadClientId, V5Code::MalformedPacket, false).await?;
+                        return Err(SessionError::Protocol(format!("malformed MQTT 5 CONNECT: {e}")));
+                    }
                 }
-                Err(e) => return Err(SessionError::Protocol(e.to_string())),
+            } else {
+                match Packet::read(&mut buf, MAX_PACKET_BYTES) {
+                    Ok(Packet::Connect(c)) => break c,
+                    Ok(other) => return Err(SessionError::Protocol(format!("expected CONNECT, got {other:?}"))),
+                    Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(mqttbytes::Error::InvalidProtocolLevel(_) | mqttbytes::Error::InvalidProtocol) => {
+                        write_packet(
+                            &mut wr,
+                            &Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false)),
+                        )
+                        .await?;
+                        return Err(SessionError::Protocol("unsupported protocol version".into()));
+                    }
+                    Err(e) => return Err(SessionError::Protocol(e.to_string())),
+                }
             }
             if buf.capacity() - buf.len() < 64 {
                 // A CONNECT with a token for a password is larger than the first buffer.
@@ -526,14 +577,20 @@ impl Session {
             }
         };
         if connect.protocol != mqttbytes::Protocol::V4 {
-            write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false)))
+            self.connack(&mut wr, ConnectReturnCode::RefusedProtocolVersion, V5Code::UnsupportedProtocolVersion, false)
                 .await?;
-            return Err(SessionError::Protocol("MQTT 5 is not supported yet; connect with MQTT 3.1.1".into()));
+            return Err(SessionError::Protocol("unsupported protocol version: connect with MQTT 3.1.1 or 5".into()));
+        }
+        let mut connect = connect;
+        if connect.client_id.is_empty() && self.v5.get().is_some() {
+            // MQTT 5 §3.1.3-6: the server assigns one (and says so in the CONNACK).
+            connect.client_id = format!("auto-{}", self.id);
+            *self.assigned_id.lock() = Some(connect.client_id.clone());
         }
         if let Some(reason) = self.slot.refused {
             self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", reason)], 1);
             tracing::warn!(client_id = %connect.client_id, reason, "mqtt connection refused: over the connection limit");
-            write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))).await?;
+            self.connack(&mut wr, ConnectReturnCode::ServiceUnavailable, V5Code::ServerBusy, false).await?;
             return Err(SessionError::Protocol(format!("over the limit of {reason}")));
         }
         // A reconnect storm is admitted at the server's CONNECT rate: each CONNECT waits its
@@ -543,7 +600,7 @@ impl Session {
             self.limiter.refund(Class::MqttConnect, "", "", 1.0);
             self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "connect_rate")], 1);
             tracing::warn!(client_id = %connect.client_id, "mqtt connection refused: over the server's CONNECT rate");
-            write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))).await?;
+            self.connack(&mut wr, ConnectReturnCode::ServiceUnavailable, V5Code::ConnectionRateExceeded, false).await?;
             return Err(SessionError::Protocol("over the CONNECT rate".into()));
         }
         if !wait.is_zero() {
@@ -570,12 +627,12 @@ impl Session {
             Err(e) => {
                 self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "not_authorized")], 1);
                 tracing::warn!(client_id = %connect.client_id, error = %e, "mqtt connection refused: not authorized");
-                let code = if connect.login.is_some() {
-                    ConnectReturnCode::BadUserNamePassword
+                let (code, v5code) = if connect.login.is_some() {
+                    (ConnectReturnCode::BadUserNamePassword, V5Code::BadUserNamePassword)
                 } else {
-                    ConnectReturnCode::NotAuthorized
+                    (ConnectReturnCode::NotAuthorized, V5Code::NotAuthorized)
                 };
-                write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(code, false))).await?;
+                self.connack(&mut wr, code, v5code, false).await?;
                 return Err(SessionError::Protocol(format!("not authorized: {e}")));
             }
         }
@@ -584,7 +641,7 @@ impl Session {
         let Some(tenant_slot) = TenantSlot::take(&self.tenant_counts, &tenant, self.max_connections_per_tenant) else {
             self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "tenant_connections")], 1);
             tracing::warn!(client_id = %connect.client_id, %tenant, limit = self.max_connections_per_tenant, "mqtt connection refused: the tenant is at its connection limit");
-            write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::ServiceUnavailable, false))).await?;
+            self.connack(&mut wr, ConnectReturnCode::ServiceUnavailable, V5Code::QuotaExceeded, false).await?;
             return Err(SessionError::Protocol("over the tenant's connection limit".into()));
         };
         let principal_id: Arc<str> = self.principal.get().map_or_else(|| Arc::from(""), |p| p.id.clone());
@@ -603,7 +660,7 @@ impl Session {
         // each such connection is a client of its own.
         if connect.client_id.is_empty() && !connect.clean_session {
             self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "identifier_rejected")], 1);
-            write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))).await?;
+            self.connack(&mut wr, ConnectReturnCode::BadClientId, V5Code::ClientIdentifierNotValid, false).await?;
             return Err(SessionError::Protocol("a persistent session needs a client id".into()));
         }
         let session_key = (
@@ -611,12 +668,18 @@ impl Session {
             connect.client_id.clone(),
         );
         let client_key = (!connect.client_id.is_empty()).then(|| session_key.clone());
-        let (kept, session_present) = self.broker.session_state(session_key, connect.clean_session);
-        if kept.is_none() && !connect.clean_session {
+        // MQTT 3.1.1 keeps a session unless it is clean; MQTT 5 when its expiry is not zero,
+        // and starts afresh on clean start.
+        let keep = match self.v5.get() {
+            Some(o) => o.session_expiry > 0,
+            None => !connect.clean_session,
+        };
+        let (kept, session_present) = self.broker.session_state(session_key, connect.clean_session, keep);
+        if kept.is_none() && keep {
             self.metrics.inc("ferrite_mqtt_sessions_not_kept_total", &[], 1);
             tracing::warn!(client_id = %connect.client_id, limit = MAX_KEPT_SESSIONS, "mqtt session not kept: too many kept sessions");
         }
-        write_packet(&mut wr, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present))).await?;
+        self.connack(&mut wr, ConnectReturnCode::Success, V5Code::Success, session_present).await?;
         tracing::debug!(session = self.id, client_id = %connect.client_id, session_present, "mqtt connected");
         let presence = Presence {
             principal: self.principal.get().cloned().unwrap_or_else(Principal::anonymous),
@@ -629,17 +692,18 @@ impl Session {
         let (mut bytes_in, mut messages) = (0u64, 0u64);
         let written = Arc::new(AtomicU64::new(0));
         let written_by_writer = written.clone();
+        let v5 = self.v5.get().is_some();
         let mut writer = tokio::spawn(async move {
             // Grows to what the session sends at once, and keeps that.
             let mut wbuf = BytesMut::new();
             while let Some(p) = out_rx.recv().await {
                 wbuf.clear();
-                if p.write(&mut wbuf).is_err() {
+                if p.write(&mut wbuf, v5).is_err() {
                     continue;
                 }
                 // Batch whatever else is ready into the same write.
                 while let Ok(more) = out_rx.try_recv() {
-                    let _ = more.write(&mut wbuf);
+                    let _ = more.write(&mut wbuf, v5);
                     if wbuf.len() > 64 * 1024 {
                         break;
                     }
@@ -681,17 +745,11 @@ impl Session {
                 let mut gathered = Gathered::default();
                 let mut disconnected = false;
                 let mut publishes = 0usize;
-                loop {
-                    match Packet::read(&mut buf, MAX_PACKET_BYTES) {
-                        Ok(p) => {
-                            publishes += usize::from(matches!(p, Packet::Publish(_)));
-                            if self.handle(p, &mut pending, &mut qos2, &mut clean, &mut gathered).await? {
-                                disconnected = true;
-                                break;
-                            }
-                        }
-                        Err(mqttbytes::Error::InsufficientBytes(_)) => break,
-                        Err(e) => return Err(SessionError::Protocol(e.to_string())),
+                while let Some((p, extra)) = self.read_packet(&mut buf)? {
+                    publishes += usize::from(matches!(p, Packet::Publish(_)));
+                    if self.handle(p, extra, &mut pending, &mut qos2, &mut clean, &mut gathered).await? {
+                        disconnected = true;
+                        break;
                     }
                 }
                 self.hand_over_qos1(&mut gathered, &mut pending);
@@ -785,18 +843,37 @@ impl Session {
             Ok(()) => "lost",
             Err(_) => "error",
         };
-        self.broker.session_ended(self.id, &presence, reason);
+        // MQTT 5: the client learns why the server ends its session.
+        if v5 && let Some(code) = disconnect_reason(reason, &result) {
+            let properties = result.as_ref().err().map(|e| v5::DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(e.to_string()),
+                user_properties: Vec::new(),
+                server_reference: None,
+            });
+            let _ = out_tx
+                .try_send(Out::V5(Box::new(V5Packet::Disconnect(v5::Disconnect { reason_code: code, properties }))));
+        }
+        let (with_will, new_expiry) = self.v5_disconnect.lock().take().unwrap_or((false, None));
+        let expiry = self
+            .v5
+            .get()
+            .map(|o| new_expiry.unwrap_or(o.session_expiry))
+            .and_then(|s| (s != u32::MAX).then(|| Duration::from_secs(u64::from(s))));
+        self.broker.session_ended(self.id, &presence, reason, expiry);
         // The tenant's place is free before the client sees its connection close.
         drop(tenant_slot);
         // The live entry holds a sender of the writer's queue: the writer ends (and closes
         // the socket) only once every sender is gone.
         drop(live);
         // No will when the client itself reconnected: its newer session speaks for it.
-        if !clean
+        let will_props = self.will_props.lock().take();
+        if (!clean || with_will)
             && reason != "taken_over"
             && will_allowed
             && let Some(will) = &connect.last_will
-            && let Err(e) = self.broker.publish(&will.topic, will.message.clone(), will.qos, will.retain)
+            && let Err(e) =
+                self.broker.publish_from(None, &will.topic, will.message.clone(), (will.qos, will.retain), will_props)
         {
             tracing::warn!(client_id = %connect.client_id, error = %e, "mqtt last will not delivered");
         }
@@ -840,6 +917,7 @@ impl Session {
     async fn handle(
         &self,
         packet: Packet,
+        extra: Extra,
         pending: &mut FuturesOrdered<AckFuture>,
         qos2: &mut Qos2State,
         clean: &mut bool,
@@ -883,14 +961,22 @@ impl Session {
                     Permission::Allowed => {}
                     Permission::Revoked => return Err(SessionError::Protocol("the credentials were revoked".into())),
                     Permission::Denied => {
-                        // Dropped, still acknowledged in order (MQTT 3.1.1 has no negative
-                        // PUBACK): otherwise the client would resend it forever.
+                        // Dropped; acknowledged in order, MQTT 5 with "not authorized" (MQTT
+                        // 3.1.1 has no negative PUBACK: the client would resend it forever).
                         self.hand_over_qos1(gathered, pending);
-                        pending.push_back(Box::pin(async move { ack() }));
+                        let why = format!("not authorized to publish on {}", p.topic);
+                        let refused = self.refusal(p.qos, pkid, V5PubAck::NotAuthorized, why);
+                        pending.push_back(Box::pin(async move { refused }));
                         return Ok(false);
                     }
                 }
-                if let Err(e) = self.broker.publish(&p.topic, p.payload.clone(), p.qos, p.retain) {
+                let props = match extra {
+                    Extra::Publish(props) => props,
+                    _ => None,
+                };
+                let routed =
+                    self.broker.publish_from(Some(self.id), &p.topic, p.payload.clone(), (p.qos, p.retain), props);
+                if let Err(e) = routed {
                     // A wildcard or NUL in a publish topic is a protocol violation: close.
                     self.reject(&p.topic, "invalid_topic", &e.to_string());
                     return Err(SessionError::Protocol(e.to_string()));
@@ -907,7 +993,8 @@ impl Session {
                             (Err(e), _) | (_, Err(e)) => {
                                 self.reject(&p.topic, "invalid_topic", &e.to_string());
                                 self.hand_over_qos1(gathered, pending);
-                                pending.push_back(Box::pin(async move { ack() }));
+                                let refused = self.refusal(p.qos, pkid, V5PubAck::TopicNameInvalid, e.to_string());
+                                pending.push_back(Box::pin(async move { refused }));
                                 return Ok(false);
                             }
                         };
@@ -926,7 +1013,8 @@ impl Session {
                                 self.reject(&p.topic, "payload_too_large", &msg);
                                 // Acknowledged anyway (or it would come back forever), in order.
                                 self.hand_over_qos1(gathered, pending);
-                                pending.push_back(Box::pin(async move { ack() }));
+                                let refused = self.refusal(p.qos, pkid, V5PubAck::ImplementationSpecificError, msg);
+                                pending.push_back(Box::pin(async move { refused }));
                                 return Ok(false);
                             }
                             gather(&mut gathered.qos1, device, stream, p.payload);
@@ -975,51 +1063,91 @@ impl Session {
                 pending.push_back(Box::pin(async move { AckOutcome::Send(Packet::PubComp(PubComp::new(r.pkid))) }));
             }
             Packet::Subscribe(s) => {
+                let options = match extra {
+                    Extra::Subscribe(o) => o,
+                    _ => Vec::new(),
+                };
                 let mut codes = Vec::with_capacity(s.filters.len());
+                let mut codes5 = Vec::with_capacity(s.filters.len());
                 let mut retained = Vec::new();
                 let mut mine = self.subscriptions.lock();
-                for f in s.filters {
-                    if let Err(e) = topic::validate_filter(&f.path) {
-                        self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "invalid_filter")], 1);
-                        tracing::warn!(session = self.id, filter = %f.path, error = %e, "mqtt subscription refused");
-                        codes.push(SubscribeReasonCode::Failure);
-                    } else if !matches!(self.permission(Action::Subscribe, &f.path), Permission::Allowed) {
-                        codes.push(SubscribeReasonCode::Failure);
+                for (i, f) in s.filters.into_iter().enumerate() {
+                    let o = options.get(i).copied().unwrap_or_default();
+                    // A shared subscription ($share/{group}/{filter}) is checked as its filter.
+                    let share = crate::broker::shared(&f.path);
+                    let inner = share.map_or(f.path.as_str(), |(_, inner)| inner);
+                    let refused = if (f.path.starts_with("$share/") && share.is_none())
+                        || topic::validate_filter(inner).is_err()
+                    {
+                        Some((v5::SubscribeReasonCode::TopicFilterInvalid, "invalid_filter"))
+                    } else if !matches!(self.permission(Action::Subscribe, inner), Permission::Allowed) {
+                        Some((v5::SubscribeReasonCode::NotAuthorized, ""))
                     } else if !mine.contains(&f.path) && mine.len() >= self.max_subscriptions {
-                        self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "subscriptions")], 1);
-                        tracing::warn!(
-                            session = self.id,
-                            filter = %f.path,
-                            limit = self.max_subscriptions,
-                            "mqtt subscription refused: the session is at its subscription limit"
-                        );
-                        codes.push(SubscribeReasonCode::Failure);
+                        Some((v5::SubscribeReasonCode::QuotaExceeded, "subscriptions"))
                     } else {
-                        // QoS 1 at most: a QoS 2 request is granted QoS 1.
-                        let granted = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                        self.broker.subscribe(self.id, &f.path, granted);
-                        retained.extend(self.broker.retained_for(&f.path, granted));
-                        mine.insert(f.path);
-                        codes.push(SubscribeReasonCode::Success(granted));
+                        None
+                    };
+                    if let Some((code5, metric)) = refused {
+                        if !metric.is_empty() {
+                            self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", metric)], 1);
+                        }
+                        tracing::warn!(session = self.id, filter = %f.path, reason = ?code5, limit = self.max_subscriptions, "mqtt subscription refused");
+                        codes.push(SubscribeReasonCode::Failure);
+                        codes5.push(code5);
+                        continue;
                     }
+                    // QoS 1 at most: a QoS 2 request is granted QoS 1.
+                    let granted = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                    let grant =
+                        Grant { qos: granted, no_local: o.no_local, retain_as_published: o.retain_as_published };
+                    let new = !mine.contains(&f.path);
+                    self.broker.subscribe(self.id, &f.path, grant);
+                    // Retained messages: not to a shared subscription; MQTT 5 retain handling
+                    // 1 only to a new subscription, 2 never.
+                    if share.is_none() && (o.retain_handling == 0 || (o.retain_handling == 1 && new)) {
+                        retained.extend(self.broker.retained_for(inner, granted));
+                    }
+                    mine.insert(f.path);
+                    codes.push(SubscribeReasonCode::Success(granted));
+                    codes5.push(v5::SubscribeReasonCode::Success(mqtt5::qos5(granted)));
                 }
                 drop(mine);
-                let ack = Packet::SubAck(SubAck::new(s.pkid, codes));
+                let ack = if self.v5.get().is_some() {
+                    Out::V5(Box::new(V5Packet::SubAck(v5::SubAck {
+                        pkid: s.pkid,
+                        return_codes: codes5,
+                        properties: None,
+                    })))
+                } else {
+                    Out::from(Packet::SubAck(SubAck::new(s.pkid, codes)))
+                };
                 // The retained messages the new subscriptions match follow the SUBACK.
                 pending.push_back(Box::pin(async move { AckOutcome::SubAck(ack, retained) }));
             }
             Packet::Unsubscribe(u) => {
                 let mut mine = self.subscriptions.lock();
+                let mut reasons = Vec::with_capacity(u.topics.len());
                 for t in &u.topics {
                     self.broker.unsubscribe(self.id, t);
-                    mine.remove(t);
+                    reasons.push(if mine.remove(t) {
+                        v5::UnsubAckReason::Success
+                    } else {
+                        v5::UnsubAckReason::NoSubscriptionExisted
+                    });
                 }
                 drop(mine);
-                let ack = Packet::UnsubAck(UnsubAck::new(u.pkid));
-                pending.push_back(Box::pin(async move { AckOutcome::Send(ack) }));
+                let ack = if self.v5.get().is_some() {
+                    Out::V5(Box::new(V5Packet::UnsubAck(v5::UnsubAck { pkid: u.pkid, reasons, properties: None })))
+                } else {
+                    Out::from(Packet::UnsubAck(UnsubAck::new(u.pkid)))
+                };
+                pending.push_back(Box::pin(async move { AckOutcome::Refused(ack, None) }));
             }
             Packet::PingReq => pending.push_back(Box::pin(async { AckOutcome::Send(Packet::PingResp) })),
             Packet::Disconnect => {
+                if let Extra::Disconnect { with_will, session_expiry } = extra {
+                    *self.v5_disconnect.lock() = Some((with_will, session_expiry));
+                }
                 *clean = true;
                 return Ok(true);
             }
@@ -1033,14 +1161,15 @@ impl Session {
 
     /// Subscribes a resumed session to its kept filters again, each checked as a new
     /// SUBSCRIBE would be (a policy changed meanwhile drops the filter).
-    fn restore_subscriptions(&self, filters: Vec<(String, QoS)>) {
+    fn restore_subscriptions(&self, filters: Vec<(String, Grant)>) {
         let mut mine = self.subscriptions.lock();
-        for (f, qos) in filters {
+        for (f, grant) in filters {
+            let inner = crate::broker::shared(&f).map_or(f.as_str(), |(_, inner)| inner);
             if mine.len() < self.max_subscriptions
-                && topic::validate_filter(&f).is_ok()
-                && matches!(self.permission(Action::Subscribe, &f), Permission::Allowed)
+                && topic::validate_filter(inner).is_ok()
+                && matches!(self.permission(Action::Subscribe, inner), Permission::Allowed)
             {
-                self.broker.subscribe(self.id, &f, qos);
+                self.broker.subscribe(self.id, &f, grant);
                 mine.insert(f);
             } else {
                 tracing::info!(session = self.id, filter = %f, "kept subscription not restored: refused now");
@@ -1083,6 +1212,7 @@ impl Session {
         let groups = std::mem::take(&mut gathered.qos1);
         let ids = std::mem::take(&mut gathered.qos1_ids);
         let ingestor = self.ingestor.clone();
+        let v5 = self.v5.get().is_some();
         pending.push_back(Box::pin(async move {
             let ingests = groups.into_iter().map(|(device, stream, payloads)| {
                 let ingestor = ingestor.clone();
@@ -1098,6 +1228,16 @@ impl Session {
                             tracing::warn!(reason = r.reason, "mqtt event rejected: {}", r.message);
                         }
                     }
+                    // MQTT 5 can say it: "quota exceeded" on each PUBACK, and the session lives on.
+                    Err(crate::Error::QuotaExceeded(q)) if v5 => {
+                        let why = q.to_string();
+                        let refuse = |pkid| {
+                            let properties =
+                                Some(v5::PubAckProperties { reason_string: Some(why.clone()), user_properties: Vec::new() });
+                            Out::V5(Box::new(V5Packet::PubAck(v5::PubAck { pkid, reason: V5PubAck::QuotaExceeded, properties })))
+                        };
+                        return AckOutcome::SendMany(ids.into_iter().map(refuse).collect());
+                    }
                     Err(e) if e.is_not_durable() => {
                         tracing::error!(error = %e, "mqtt events not committed; withholding the acknowledgements and closing the session");
                         return AckOutcome::Withhold(e.to_string());
@@ -1106,7 +1246,7 @@ impl Session {
                     Err(e) => tracing::warn!(error = %e, "mqtt payloads rejected"),
                 }
             }
-            AckOutcome::SendMany(ids.into_iter().map(|id| Packet::PubAck(PubAck::new(id))).collect())
+            AckOutcome::SendMany(ids.into_iter().map(Out::PubAck).collect())
         }));
     }
 
@@ -1126,9 +1266,15 @@ fn settle(outcome: AckOutcome, qos2: &mut Qos2State, broker: &Broker, live: &Liv
             Ok(vec![Packet::PubComp(c).into()])
         }
         AckOutcome::Send(p) => Ok(vec![p.into()]),
-        AckOutcome::SendMany(packets) => Ok(packets.into_iter().map(Out::from).collect()),
+        AckOutcome::SendMany(outs) => Ok(outs),
+        AckOutcome::Refused(out, qos2_pkid) => {
+            if let Some(pkid) = qos2_pkid {
+                qos2.in_flight.remove(&pkid);
+            }
+            Ok(vec![out])
+        }
         AckOutcome::SubAck(ack, retained) => {
-            let mut outs = vec![Out::from(ack)];
+            let mut outs = vec![ack];
             outs.extend(broker.retained_outs(live, retained));
             Ok(outs)
         }
@@ -1147,6 +1293,101 @@ fn settle(outcome: AckOutcome, qos2: &mut Qos2State, broker: &Broker, live: &Liv
             .collect()),
         AckOutcome::Withhold(reason) => Err(reason),
     }
+}
+
+impl Session {
+    /// The next complete packet in `buf` in the client's version, as a 3.1.1 packet and
+    /// what only MQTT 5 adds; `None` until one is complete.
+    fn read_packet(&self, buf: &mut BytesMut) -> Result<Option<(Packet, Extra)>, SessionError> {
+        if self.v5.get().is_some() {
+            return mqtt5::read(buf, &mut self.aliases.lock()).map_err(SessionError::Violation);
+        }
+        match Packet::read(buf, MAX_PACKET_BYTES) {
+            Ok(p) => Ok(Some((p, Extra::None))),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(SessionError::Protocol(e.to_string())),
+        }
+    }
+
+    /// Writes the CONNACK in the client's version: `code` for MQTT 3.1.1, `v5code` (and, on
+    /// success, what the server supports) for MQTT 5.
+    async fn connack<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        code: ConnectReturnCode,
+        v5code: V5Code,
+        session_present: bool,
+    ) -> std::io::Result<()> {
+        let Some(options) = self.v5.get() else {
+            return write_packet(wr, &Packet::ConnAck(ConnAck::new(code, session_present))).await;
+        };
+        let properties = (v5code == V5Code::Success).then(|| v5::ConnAckProperties {
+            session_expiry_interval: Some(options.session_expiry),
+            receive_max: Some(MAX_PENDING_ACKS as u16),
+            max_qos: None,
+            retain_available: Some(1),
+            max_packet_size: Some(MAX_PACKET_BYTES as u32),
+            assigned_client_identifier: self.assigned_id.lock().clone(),
+            topic_alias_max: Some(mqtt5::TOPIC_ALIAS_MAX),
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(0),
+            shared_subscription_available: Some(1),
+            server_keep_alive: None,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        });
+        let ack = V5Packet::ConnAck(v5::ConnAck { session_present, code: v5code, properties });
+        let mut b = BytesMut::new();
+        ack.write(&mut b, None).map_err(|e| std::io::Error::other(e.to_string()))?;
+        wr.write_all(&b).await
+    }
+
+    /// A refusal of a PUBLISH: MQTT 5 a PUBACK (QoS 1) or PUBREC (QoS 2) with `reason` and
+    /// `why` as its reason string; MQTT 3.1.1 has none, so the usual acknowledgement (or the
+    /// client would send it forever).
+    fn refusal(&self, qos: QoS, pkid: u16, reason: V5PubAck, why: String) -> AckOutcome {
+        match (self.v5.get().is_some(), qos) {
+            (_, QoS::AtMostOnce) => AckOutcome::Nothing,
+            (true, QoS::AtLeastOnce) => {
+                let properties = Some(v5::PubAckProperties { reason_string: Some(why), user_properties: Vec::new() });
+                AckOutcome::Refused(Out::V5(Box::new(V5Packet::PubAck(v5::PubAck { pkid, reason, properties }))), None)
+            }
+            (true, QoS::ExactlyOnce) => {
+                let reason = match reason {
+                    V5PubAck::NotAuthorized => v5::PubRecReason::NotAuthorized,
+                    V5PubAck::TopicNameInvalid => v5::PubRecReason::TopicNameInvalid,
+                    V5PubAck::QuotaExceeded => v5::PubRecReason::QuotaExceeded,
+                    V5PubAck::PayloadFormatInvalid => v5::PubRecReason::PayloadFormatInvalid,
+                    _ => v5::PubRecReason::ImplementationSpecificError,
+                };
+                let properties = Some(v5::PubRecProperties { reason_string: Some(why), user_properties: Vec::new() });
+                let rec = V5Packet::PubRec(v5::PubRec { pkid, reason, properties });
+                AckOutcome::Refused(Out::V5(Box::new(rec)), Some(pkid))
+            }
+            (false, QoS::AtLeastOnce) => AckOutcome::Send(Packet::PubAck(PubAck::new(pkid))),
+            (false, QoS::ExactlyOnce) => AckOutcome::Qos2Taken(pkid),
+        }
+    }
+}
+
+/// The DISCONNECT reason an MQTT 5 client gets when the server ends its session.
+fn disconnect_reason(reason: &str, result: &Result<(), SessionError>) -> Option<V5Disconnect> {
+    Some(match (reason, result) {
+        (_, Err(SessionError::Violation(v))) => v.reason,
+        ("keep_alive", _) => V5Disconnect::KeepAliveTimeout,
+        ("kicked", _) => V5Disconnect::AdministrativeAction,
+        ("taken_over", _) => V5Disconnect::SessionTakenOver,
+        ("slow_subscriber", _) => V5Disconnect::QuotaExceeded,
+        ("shutdown", _) => V5Disconnect::ServerShuttingDown,
+        (_, Err(SessionError::Withheld(_))) => V5Disconnect::ServerBusy,
+        (_, Err(SessionError::Protocol(m))) if m.contains("publish rate") => V5Disconnect::MessageRateTooHigh,
+        (_, Err(SessionError::Protocol(_))) => V5Disconnect::ProtocolError,
+        _ => return None,
+    })
 }
 
 async fn write_packet<W: AsyncWrite + Unpin>(wr: &mut W, p: &Packet) -> std::io::Result<()> {

@@ -15,6 +15,7 @@ mod http;
 mod identity;
 mod limits;
 mod mqtt;
+mod mqtt5;
 mod oidc;
 mod ota;
 mod pgwire;

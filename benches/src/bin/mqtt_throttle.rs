@@ -25,8 +25,8 @@ fn main() -> Result<(), String> {
     )?;
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        without.push(runtime.block_on(run_qos1_publishers(open.mqtt, None, publishers, messages))?);
-        with.push(runtime.block_on(run_qos1_publishers(limited.mqtt, None, publishers, messages))?);
+        without.push(runtime.block_on(run_qos1_publishers(open.mqtt, None, publishers, messages, false))?);
+        with.push(runtime.block_on(run_qos1_publishers(limited.mqtt, None, publishers, messages, false))?);
     }
     if limited.metric("ferrite_mqtt_throttled_reads_total") != 0 {
         return Err("the limited server paused reads: the limit was reached, not only checked".into());

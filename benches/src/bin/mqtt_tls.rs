@@ -61,16 +61,19 @@ fn main() -> Result<(), String> {
     let server = Ferrite::start(&dir.join("data"), &["--tls-cert", &cert, "--tls-key", &key])?;
     let mqtts = server.mqtts.ok_or("ferrite printed no mqtts address")?;
     // Plain first, then TLS, then plain again: the two plain runs bound the drift of the machine.
-    let f_plain = runtime.block_on(run(server.mqtt, None, publishers, messages))?;
-    let f_tls = runtime.block_on(run(mqtts, Some(tls.clone()), publishers, messages))?;
-    let f_plain2 = runtime.block_on(run(server.mqtt, None, publishers, messages))?;
+    let f_plain = runtime.block_on(run(server.mqtt, None, publishers, messages, false))?;
+    let f_tls = runtime.block_on(run(mqtts, Some(tls.clone()), publishers, messages, false))?;
+    let f_plain2 = runtime.block_on(run(server.mqtt, None, publishers, messages, false))?;
     drop(server);
 
     let (plain, tls_port) = (free_port()?, free_port()?);
     let broker = mosquitto(&pki, plain, tls_port)?;
-    let m_plain = runtime.block_on(run(SocketAddr::from(([127, 0, 0, 1], plain)), None, publishers, messages))?;
-    let m_tls = runtime.block_on(run(SocketAddr::from(([127, 0, 0, 1], tls_port)), Some(tls), publishers, messages))?;
-    let m_plain2 = runtime.block_on(run(SocketAddr::from(([127, 0, 0, 1], plain)), None, publishers, messages))?;
+    let m_plain =
+        runtime.block_on(run(SocketAddr::from(([127, 0, 0, 1], plain)), None, publishers, messages, false))?;
+    let m_tls =
+        runtime.block_on(run(SocketAddr::from(([127, 0, 0, 1], tls_port)), Some(tls), publishers, messages, false))?;
+    let m_plain2 =
+        runtime.block_on(run(SocketAddr::from(([127, 0, 0, 1], plain)), None, publishers, messages, false))?;
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 
