@@ -155,6 +155,8 @@ pub struct Config {
     pub tenant_daily_queries: String,
     /// Whether every API call and MQTT session becomes a row of the `api_usage` stream.
     pub api_usage: bool,
+    /// Whether an MQTT 5 telemetry message's user properties become fields of its events.
+    pub mqtt_user_properties_as_fields: bool,
     /// Tenants' own limits, replacing the ones above for them (`[tenant_limits.NAME]`).
     pub tenant_limits: std::collections::BTreeMap<String, TenantLimits>,
 }
@@ -228,6 +230,7 @@ impl Default for Config {
             tenant_daily_bytes: "off".to_owned(),
             tenant_daily_queries: "off".to_owned(),
             api_usage: true,
+            mqtt_user_properties_as_fields: false,
             tenant_limits: std::collections::BTreeMap::new(),
         }
     }
@@ -516,6 +519,7 @@ mod tests {
             "tenant_daily_bytes",
             "tenant_daily_queries",
             "api_usage",
+            "mqtt_user_properties_as_fields",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} ="))),

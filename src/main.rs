@@ -250,6 +250,9 @@ pub struct ServeArgs {
     /// Each tenant's SQL statements a UTC day (a count, or off).
     #[arg(long, env = "FERRITE_TENANT_DAILY_QUERIES")]
     tenant_daily_queries: Option<String>,
+    /// An MQTT 5 telemetry message's user properties as fields of its events (true or false).
+    #[arg(long, env = "FERRITE_MQTT_USER_PROPERTIES_AS_FIELDS")]
+    mqtt_user_properties_as_fields: Option<bool>,
     /// Every API call and MQTT session as a row of the `api_usage` stream (true or false).
     #[arg(long, env = "FERRITE_API_USAGE")]
     api_usage: Option<bool>,
@@ -421,6 +424,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.mqtt_max_connections_per_tenant {
             c.mqtt_max_connections_per_tenant = v;
+        }
+        if let Some(v) = self.mqtt_user_properties_as_fields {
+            c.mqtt_user_properties_as_fields = v;
         }
         if let Some(v) = self.api_usage {
             c.api_usage = v;

@@ -220,6 +220,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             max_connections_per_ip: config.mqtt_max_connections_per_ip,
             max_subscriptions_per_session: config.mqtt_max_subscriptions,
             max_connections_per_tenant: config.mqtt_max_connections_per_tenant,
+            user_properties_as_fields: config.mqtt_user_properties_as_fields,
         },
         mqtt::Accounting { limiter: limiter.clone(), usage: usage.clone() },
         stop_rx.clone(),

@@ -287,6 +287,8 @@ pub(crate) struct LiveSession {
     backlog: Mutex<VecDeque<Queued>>,
     /// Its state kept across connections, when it asked for a persistent session.
     kept: Option<Arc<KeptSession>>,
+    /// It speaks MQTT 5 (commands to it carry a response topic and correlation data).
+    v5: bool,
 }
 
 /// Why a QoS 1 message could not be sent to a session now.
@@ -695,7 +697,20 @@ impl Broker {
             .ok_or_else(|| DeliveryError::NotSubscribed(device.to_owned(), topic.to_owned()))?
         };
         let (tx, rx) = oneshot::channel();
-        let msg = Arc::new(Message::new(topic, payload));
+        let mut msg = Message::new(topic, payload);
+        // MQTT 5 request/response: the device answers on the response topic, with the
+        // command's id as correlation data.
+        if session.v5
+            && let Ok(serde_json::Value::Object(command)) = serde_json::from_slice(&msg.payload)
+            && let Some(serde_json::Value::String(id)) = command.get("id")
+        {
+            msg.props = Some(Box::new(MessageProps {
+                response_topic: Some(format!("{topic}/result")),
+                correlation_data: Some(Bytes::copy_from_slice(id.as_bytes())),
+                ..MessageProps::default()
+            }));
+        }
+        let msg = Arc::new(msg);
         session.send_qos1(msg, false, false, Some(tx)).map_err(|_| DeliveryError::Busy(device.to_owned()))?;
         Ok(rx)
     }
@@ -809,7 +824,7 @@ impl Broker {
         key: Option<(String, String)>,
         presence: &Presence,
         out: mpsc::Sender<Out>,
-        kept: Option<Arc<KeptSession>>,
+        (kept, v5): (Option<Arc<KeptSession>>, bool),
         restore: impl FnOnce(Vec<(String, Grant)>),
     ) -> Arc<LiveSession> {
         let _attach = kept.as_ref().map(|k| k.attach.lock());
@@ -828,6 +843,7 @@ impl Broker {
             unacked: Mutex::default(),
             backlog: Mutex::default(),
             kept: kept.clone(),
+            v5,
         });
         let previous = {
             let mut sessions = self.sessions.lock();

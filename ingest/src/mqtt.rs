@@ -78,8 +78,8 @@ const FLUSH_WAIT: Duration = Duration::from_secs(5);
 const READ_CHUNK: usize = 8 * 1024;
 /// Acknowledgements a session may owe before the listener stops reading from it.
 pub const MAX_PENDING_ACKS: usize = 1024;
-/// What any one client can grow on the listener. Each refusal is counted in
-/// `ferrite_mqtt_refused_total{reason}` and logged.
+/// What any one client can grow on the listener (each refusal is counted in
+/// `ferrite_mqtt_refused_total{reason}` and logged), and what it may carry into events.
 #[derive(Debug, Clone)]
 pub struct MqttLimits {
     /// Open connections in all (past it: CONNACK "server unavailable").
@@ -90,6 +90,9 @@ pub struct MqttLimits {
     pub max_subscriptions_per_session: usize,
     /// Open connections of one tenant (0: no bound; past it: CONNACK "server unavailable").
     pub max_connections_per_tenant: usize,
+    /// An MQTT 5 telemetry message's user properties become string fields of its events
+    /// (a field the payload has keeps its value).
+    pub user_properties_as_fields: bool,
 }
 
 impl Default for MqttLimits {
@@ -99,6 +102,7 @@ impl Default for MqttLimits {
             max_connections_per_ip: 10_000,
             max_subscriptions_per_session: 1_000,
             max_connections_per_tenant: 0,
+            user_properties_as_fields: false,
         }
     }
 }
@@ -331,6 +335,7 @@ impl MqttFront {
             slot: ConnectionSlot::take(&self.counts, peer.ip(), &self.limits),
             tenant_counts: self.tenant_counts.clone(),
             max_connections_per_tenant: self.limits.max_connections_per_tenant,
+            user_properties_as_fields: self.limits.user_properties_as_fields,
             limiter: self.limiter.clone(),
             usage: self.usage.clone(),
             door: transport.door,
@@ -459,6 +464,8 @@ struct Session {
     slot: ConnectionSlot,
     tenant_counts: Arc<parking_lot::Mutex<HashMap<Arc<str>, usize>>>,
     max_connections_per_tenant: usize,
+    /// MQTT 5 user properties become fields of telemetry events.
+    user_properties_as_fields: bool,
     /// Rate limits: CONNECT pacing and the principal's and tenant's publish rates.
     limiter: Arc<RateLimiter>,
     /// Where the session's `api_usage` row goes when it ends.
@@ -724,7 +731,7 @@ impl Session {
         let mut qos2 = Qos2State::default();
         // Its kept subscriptions back, the client's older connection ended, and what waited
         // for the client while it was away (or was not acknowledged) on its way.
-        let live = self.broker.attach(self.id, client_key, &presence, out_tx.clone(), kept.clone(), |filters| {
+        let live = self.broker.attach(self.id, client_key, &presence, out_tx.clone(), (kept.clone(), v5), |filters| {
             self.restore_subscriptions(filters)
         });
         if let Some(kept) = kept {
@@ -931,7 +938,7 @@ impl Session {
             self.hand_over_qos1(gathered, pending);
         }
         match packet {
-            Packet::Publish(p) => {
+            Packet::Publish(mut p) => {
                 let qos_label = match p.qos {
                     QoS::AtMostOnce => "0",
                     QoS::AtLeastOnce => "1",
@@ -974,8 +981,25 @@ impl Session {
                     Extra::Publish(props) => props,
                     _ => None,
                 };
+                // MQTT 5 request/response: an answer to a command that carries its id as
+                // correlation data gets it in the payload, as the command service reads it.
+                if p.topic.ends_with("/commands/result")
+                    && let Some(correlation) = props.as_ref().and_then(|pr| pr.correlation_data.as_ref())
+                    && let Some(with_id) = mqtt5::with_command_id(&p.payload, correlation)
+                {
+                    p.payload = with_id;
+                }
+                // MQTT 5 user properties as fields of telemetry events, when configured (what
+                // subscribers get is the message as published).
+                let as_fields = (self.user_properties_as_fields && parse_telemetry_topic(&p.topic).is_some())
+                    .then(|| props.as_ref().filter(|pr| !pr.user_properties.is_empty()))
+                    .flatten()
+                    .and_then(|pr| mqtt5::with_fields(&p.payload, &pr.user_properties));
                 let routed =
                     self.broker.publish_from(Some(self.id), &p.topic, p.payload.clone(), (p.qos, p.retain), props);
+                if let Some(with_fields) = as_fields {
+                    p.payload = with_fields;
+                }
                 if let Err(e) = routed {
                     // A wildcard or NUL in a publish topic is a protocol violation: close.
                     self.reject(&p.topic, "invalid_topic", &e.to_string());

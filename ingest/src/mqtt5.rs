@@ -301,6 +301,42 @@ fn publish_from_v5(
     Ok((publish, props))
 }
 
+/// A command answer (a JSON object) with `"id"` set from its correlation data, when it has
+/// none; `None` when it already has one or is not a JSON object.
+pub fn with_command_id(payload: &[u8], correlation: &[u8]) -> Option<Bytes> {
+    let serde_json::Value::Object(mut answer) = serde_json::from_slice(payload).ok()? else { return None };
+    if answer.contains_key("id") {
+        return None;
+    }
+    let id = std::str::from_utf8(correlation).ok()?;
+    answer.insert("id".to_owned(), serde_json::Value::String(id.to_owned()));
+    serde_json::to_vec(&answer).ok().map(Bytes::from)
+}
+
+/// A telemetry payload (a JSON object or array of objects) with `fields` added as string
+/// fields to each event that does not have them; `None` when it is not such JSON (the
+/// decoder then reports it as it is).
+pub fn with_fields(payload: &[u8], fields: &[(String, String)]) -> Option<Bytes> {
+    let add = |event: &mut serde_json::Map<String, serde_json::Value>| {
+        for (k, v) in fields {
+            event.entry(k.clone()).or_insert_with(|| serde_json::Value::String(v.clone()));
+        }
+    };
+    let mut value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    match &mut value {
+        serde_json::Value::Object(event) => add(event),
+        serde_json::Value::Array(events) => {
+            for e in events {
+                if let serde_json::Value::Object(event) = e {
+                    add(event);
+                }
+            }
+        }
+        _ => return None,
+    }
+    serde_json::to_vec(&value).ok().map(Bytes::from)
+}
+
 /// Writes a v5 PUBLISH with `props` (its remaining expiry counted down).
 pub fn write_publish(
     buf: &mut BytesMut,

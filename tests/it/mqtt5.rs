@@ -91,7 +91,7 @@ class V5:
 #[test]
 fn mqtt5_sessions_aliases_properties_and_shared_subscriptions() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let s = Server::start(dir.path(), &[])?;
+    let s = Server::start(dir.path(), &["--mqtt-user-properties-as-fields", "true"])?;
     let script = format!(
         "{PRELUDE}{}",
         r##"
@@ -103,7 +103,7 @@ out["alias_max"] = getattr(pub.connack_props, "TopicAliasMaximum", None)
 out["shared_available"] = getattr(pub.connack_props, "SharedSubscriptionAvailable", None)
 
 # Telemetry with a topic alias: set once, then used with an empty topic.
-p = Properties(PacketTypes.PUBLISH); p.TopicAlias = 1
+p = Properties(PacketTypes.PUBLISH); p.TopicAlias = 1; p.UserProperty = ("firmware", "2.1")
 out["alias_set"] = pub.publish("devices/v5-dev/telemetry", json.dumps({"seq": 1}), props=p)
 p = Properties(PacketTypes.PUBLISH); p.TopicAlias = 1
 out["alias_used"] = pub.publish("", json.dumps({"seq": 2}), props=p)
@@ -173,8 +173,50 @@ print(json.dumps(out))
     assert_eq!((out["kept_present"].as_bool(), out["kept_message"].as_str()), (Some(true), Some("run")));
     assert_eq!(out["brief_present"], false, "a session with expiry 0 ends with its connection");
     assert_eq!((out["bad_alias_closed"].as_bool(), out["bad_alias_reason"].as_i64()), (Some(true), Some(0x94)));
-    // Both aliased messages landed as telemetry of the device the topic names.
+    // Both aliased messages landed as telemetry of the device the topic names, the first
+    // with its user property as a field.
     assert_eq!(s.sql_count("SELECT count(*) FROM telemetry WHERE device_id = 'v5-dev'")?, 2);
+    assert_eq!(s.sql_count("SELECT count(*) FROM telemetry WHERE firmware = '2.1'")?, 1);
+    Ok(())
+}
+
+#[test]
+fn an_mqtt5_device_answers_a_command_by_request_and_response() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let (st, d) = s.post_json("/api/v1/devices", &json!({"id": "v5-th"}))?;
+    assert_eq!(st, 201, "{d}");
+    let secret = d["credentials"]["client_secret"].as_str().unwrap_or("").to_owned();
+    let (st, c) =
+        s.post_json("/api/v1/devices/v5-th/commands", &json!({"name": "lock", "params": {"message": "hi"}}))?;
+    assert_eq!(st, 202, "{c}");
+    let id = c["id"].as_str().context("no command id")?.to_owned();
+    let script = format!(
+        "{PRELUDE}{}",
+        r##"
+SECRET = sys.argv[3]
+out = {}
+d = V5("v5-th", "v5-th", SECRET)
+d.subscribe("devices/v5-th/commands")
+m = d.wait_messages(1)[0]
+out["response_topic"] = getattr(m.properties, "ResponseTopic", None)
+out["correlation"] = getattr(m.properties, "CorrelationData", b"").decode()
+# The answer names no id: the correlation data carries it.
+p = Properties(PacketTypes.PUBLISH); p.CorrelationData = m.properties.CorrelationData
+out["answer"] = d.publish(m.properties.ResponseTopic, json.dumps({"status": "succeeded", "result": {"locked": True}}), props=p)
+d.close()
+print(json.dumps(out))
+"##
+    );
+    let addr = s.mqtt;
+    let out = paho(&script, &[addr.ip().to_string(), addr.port().to_string(), secret])?;
+    assert_eq!(out["response_topic"], "devices/v5-th/commands/result", "{out}");
+    assert_eq!(out["correlation"], id.as_str());
+    assert_eq!(out["answer"], 0);
+    s.wait_for("the command's answer", |s| {
+        let (_, body) = s.get(&format!("/api/v1/devices/v5-th/commands/{id}"))?;
+        Ok(serde_json::from_str::<Value>(&body)?["status"] == "succeeded")
+    })?;
     Ok(())
 }
 
