@@ -259,6 +259,9 @@ struct Inflight {
 
 #[derive(Default)]
 struct Unacked {
+    /// How many may wait for their PUBACK: [`MAX_INFLIGHT`], or an MQTT 5 client's receive
+    /// maximum when lower.
+    window: usize,
     next: u16,
     seq: u64,
     waiting: HashMap<u16, Inflight>,
@@ -289,6 +292,8 @@ pub(crate) struct LiveSession {
     kept: Option<Arc<KeptSession>>,
     /// It speaks MQTT 5 (commands to it carry a response topic and correlation data).
     v5: bool,
+    /// The largest packet it accepts (an MQTT 5 client's maximum packet size).
+    max_packet: usize,
 }
 
 /// Why a QoS 1 message could not be sent to a session now.
@@ -303,7 +308,7 @@ enum SendError {
 impl Unacked {
     /// Takes a packet id for a QoS 1 message about to be sent; `None` when the window is full.
     fn reserve(&mut self, msg: Arc<Message>, retain: bool, done: Option<oneshot::Sender<()>>) -> Option<u16> {
-        if self.waiting.len() >= MAX_INFLIGHT {
+        if self.waiting.len() >= self.window {
             return None;
         }
         let pkid = (0..u16::MAX)
@@ -356,6 +361,10 @@ impl LiveSession {
 
     fn drain(&self, backlog: &mut VecDeque<Queued>) {
         while let Some(m) = backlog.pop_front() {
+            // A message that expired while it waited is not delivered.
+            if m.msg.expired() {
+                continue;
+            }
             if self.send_qos1(m.msg.clone(), m.retain, m.dup, None).is_err() {
                 backlog.push_front(m);
                 break;
@@ -595,6 +604,13 @@ impl Broker {
             self.metrics.inc("ferrite_mqtt_dropped_total", &[("reason", "expired")], 1);
             return false;
         }
+        // Over an MQTT 5 client's maximum packet size (a bound on what it is sent): not sent.
+        if let Target::Live(s) = to
+            && msg.topic.len() + msg.payload.len() + 16 > s.max_packet
+        {
+            self.metrics.inc("ferrite_mqtt_dropped_total", &[("reason", "over_client_max_packet")], 1);
+            return false;
+        }
         match (to, qos) {
             (Target::Live(s), QoS::AtMostOnce) => {
                 let sent = s.out.try_send(Out::Deliver { msg, pkid: 0, qos, retain, dup: false }).is_ok();
@@ -667,10 +683,12 @@ impl Broker {
             return Vec::new();
         }
         let at = |(m, q): &(Arc<Message>, QoS)| (m.clone(), if (*q as u8) < (granted as u8) { *q } else { granted });
+        // An expired retained message is no longer sent.
+        let live = |(m, _): &&(Arc<Message>, QoS)| !m.expired();
         if !filter.contains(['+', '#']) {
-            return r.by_topic.get(filter).map(at).into_iter().collect();
+            return r.by_topic.get(filter).filter(live).map(at).into_iter().collect();
         }
-        r.by_topic.iter().filter(|(t, _)| topic::matches(t, filter)).map(|(_, m)| at(m)).collect()
+        r.by_topic.iter().filter(|(t, m)| topic::matches(t, filter) && live(m)).map(|(_, m)| at(m)).collect()
     }
 
     /// How many topics hold a retained message.
@@ -824,7 +842,7 @@ impl Broker {
         key: Option<(String, String)>,
         presence: &Presence,
         out: mpsc::Sender<Out>,
-        (kept, v5): (Option<Arc<KeptSession>>, bool),
+        (kept, v5): (Option<Arc<KeptSession>>, Option<&mqtt5::ConnectOptions>),
         restore: impl FnOnce(Vec<(String, Grant)>),
     ) -> Arc<LiveSession> {
         let _attach = kept.as_ref().map(|k| k.attach.lock());
@@ -840,10 +858,14 @@ impl Broker {
             key: key.clone(),
             out,
             filters: Mutex::default(),
-            unacked: Mutex::default(),
+            unacked: Mutex::new(Unacked {
+                window: v5.and_then(|o| o.receive_max).map_or(MAX_INFLIGHT, |r| usize::from(r).min(MAX_INFLIGHT)),
+                ..Unacked::default()
+            }),
             backlog: Mutex::default(),
             kept: kept.clone(),
-            v5,
+            v5: v5.is_some(),
+            max_packet: v5.and_then(|o| o.max_packet).map_or(MAX_PACKET_BYTES, |m| m as usize),
         });
         let previous = {
             let mut sessions = self.sessions.lock();

@@ -731,9 +731,14 @@ impl Session {
         let mut qos2 = Qos2State::default();
         // Its kept subscriptions back, the client's older connection ended, and what waited
         // for the client while it was away (or was not acknowledged) on its way.
-        let live = self.broker.attach(self.id, client_key, &presence, out_tx.clone(), (kept.clone(), v5), |filters| {
-            self.restore_subscriptions(filters)
-        });
+        let live = self.broker.attach(
+            self.id,
+            client_key,
+            &presence,
+            out_tx.clone(),
+            (kept.clone(), self.v5.get()),
+            |filters| self.restore_subscriptions(filters),
+        );
         if let Some(kept) = kept {
             qos2.taken = kept;
         }

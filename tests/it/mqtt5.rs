@@ -279,3 +279,81 @@ fn a_malformed_mqtt5_property_is_refused_with_a_reason_and_the_server_lives_on()
     assert_eq!(s.post_json("/api/v1/streams/telemetry/events", &json!({"device_id": "d", "v": 1}))?.0, 200);
     Ok(())
 }
+
+#[test]
+fn an_mqtt5_subscriber_gets_no_more_unacknowledged_messages_than_its_receive_maximum() -> anyhow::Result<()> {
+    use rumqttc::v5::mqttbytes::v5::{self as m5, Packet as P5};
+    use rumqttc::v5::mqttbytes::{Error as E5, QoS as Q5};
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &["--auth", "off"])?;
+    let mut sub = std::net::TcpStream::connect(s.mqtt)?;
+    sub.set_read_timeout(Some(TIMEOUT))?;
+    let mut buf = bytes::BytesMut::new();
+    let send = |conn: &mut std::net::TcpStream, p: P5| -> anyhow::Result<()> {
+        let mut b = bytes::BytesMut::new();
+        p.write(&mut b, None)?;
+        conn.write_all(&b)?;
+        Ok(())
+    };
+    let read = |conn: &mut std::net::TcpStream, buf: &mut bytes::BytesMut| -> anyhow::Result<P5> {
+        loop {
+            match P5::read(buf, None) {
+                Ok(p) => return Ok(p),
+                Err(E5::InsufficientBytes(_)) => {}
+                Err(e) => bail!("bad packet: {e}"),
+            }
+            let mut chunk = [0u8; 4096];
+            let n = conn.read(&mut chunk)?;
+            anyhow::ensure!(n > 0, "closed");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let props = m5::ConnectProperties {
+        session_expiry_interval: None,
+        receive_maximum: Some(2),
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: Vec::new(),
+        authentication_method: None,
+        authentication_data: None,
+    };
+    let connect = m5::Connect { keep_alive: 30, client_id: "rm-2".into(), clean_start: true, properties: Some(props) };
+    send(&mut sub, P5::Connect(connect, None, None))?;
+    assert!(matches!(read(&mut sub, &mut buf)?, P5::ConnAck(_)));
+    send(&mut sub, P5::Subscribe(m5::Subscribe::new(m5::Filter::new("jobs/#", Q5::AtLeastOnce), None)))?;
+    assert!(matches!(read(&mut sub, &mut buf)?, P5::SubAck(_)));
+
+    // Five QoS 1 messages, all routed once the publisher has its PUBACKs.
+    let (mut publisher, _) = crate::mqtt::Raw::connect(&s, "rm-pub", true)?;
+    for i in 1..=5u16 {
+        publisher.publish("jobs/run", rumqttc::QoS::AtLeastOnce, i, false, &i.to_string())?;
+    }
+    // Everything the server queued for the subscriber comes before its PINGRESP: two.
+    send(&mut sub, P5::PingReq(m5::PingReq))?;
+    let mut first = Vec::new();
+    loop {
+        match read(&mut sub, &mut buf)? {
+            P5::Publish(p) => first.push(p.pkid),
+            P5::PingResp(_) => break,
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(first.len(), 2, "the receive maximum holds the rest back");
+    // Each acknowledgement lets one more through, until all five arrived.
+    let mut got = first.len();
+    let mut unacked = first;
+    while got < 5 {
+        let pkid = unacked.pop().context("nothing to acknowledge")?;
+        send(&mut sub, P5::PubAck(m5::PubAck::new(pkid, None)))?;
+        match read(&mut sub, &mut buf)? {
+            P5::Publish(p) => {
+                unacked.push(p.pkid);
+                got += 1;
+            }
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    Ok(())
+}
