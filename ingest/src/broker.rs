@@ -430,6 +430,8 @@ pub struct Broker {
     retained: RwLock<Retained>,
     /// Whose turn it is in shared subscription groups.
     turn: AtomicU64,
+    /// Last wills waiting for their delay (MQTT 5), by client: a reconnect cancels them.
+    pending_wills: Mutex<HashMap<(String, String), (u64, tokio::task::AbortHandle)>>,
 }
 
 impl Default for Broker {
@@ -494,6 +496,7 @@ impl Broker {
             kept: Mutex::default(),
             retained: RwLock::default(),
             turn: AtomicU64::new(0),
+            pending_wills: Mutex::default(),
         }
     }
 
@@ -849,6 +852,11 @@ impl Broker {
         if let Some(k) = &kept {
             k.owner.store(session, Ordering::Release);
         }
+        // The client is back before its will's delay ran out: no will.
+        if let Some((_, will)) = key.as_ref().and_then(|k| self.pending_wills.lock().remove(k)) {
+            will.abort();
+            self.metrics.inc("ferrite_mqtt_wills_cancelled_total", &[], 1);
+        }
         let live = Arc::new(LiveSession {
             id: session,
             presence: presence.clone(),
@@ -884,6 +892,37 @@ impl Broker {
         }
         self.resume(&live, previous);
         live
+    }
+
+    /// Publishes a client's last will after `delay`, unless the client reconnects first.
+    pub(crate) fn publish_will_later(
+        self: &Arc<Self>,
+        key: (String, String),
+        delay: std::time::Duration,
+        (topic, payload, qos, retain): (String, Bytes, QoS, bool),
+        props: Option<Box<MessageProps>>,
+    ) {
+        self.metrics.inc("ferrite_mqtt_wills_delayed_total", &[], 1);
+        let id = self.turn.fetch_add(1, Ordering::Relaxed);
+        let broker = self.clone();
+        let will_key = key.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mine = {
+                let mut pending = broker.pending_wills.lock();
+                let mine = pending.get(&will_key).is_some_and(|(w, _)| *w == id);
+                if mine {
+                    pending.remove(&will_key);
+                }
+                mine
+            };
+            if mine && let Err(e) = broker.publish_from(None, &topic, payload, (qos, retain), props) {
+                tracing::warn!(error = %e, "mqtt last will not delivered");
+            }
+        });
+        if let Some((_, older)) = self.pending_wills.lock().insert(key, (id, task.abort_handle())) {
+            older.abort();
+        }
     }
 
     /// Ends `previous` for a newer connection of its client: it gets no more messages, and

@@ -430,22 +430,37 @@ type AckFuture = Pin<Box<dyn Future<Output = AckOutcome> + Send>>;
 /// any other acknowledgement is queued, so PUBACKs keep the order of the PUBLISHes.
 #[derive(Default)]
 struct Gathered {
-    qos0: Vec<(String, StreamName, Vec<bytes::Bytes>)>,
-    qos1: Vec<(String, StreamName, Vec<bytes::Bytes>)>,
+    qos0: Vec<Group>,
+    qos1: Vec<Group>,
     qos1_ids: Vec<u16>,
 }
 
-/// Adds a payload to the group of its device and stream.
-fn gather(
-    groups: &mut Vec<(String, StreamName, Vec<bytes::Bytes>)>,
+/// The payloads of one device and stream from one read, with their QoS 1 packet ids.
+struct Group {
     device: String,
     stream: StreamName,
-    payload: bytes::Bytes,
-) {
-    match groups.iter_mut().find(|(d, s, _)| *d == device && *s == stream) {
-        Some((_, _, list)) => list.push(payload),
-        None => groups.push((device, stream, vec![payload])),
-    }
+    payloads: Vec<bytes::Bytes>,
+    /// The packet id of each payload (QoS 1; empty for QoS 0).
+    ids: Vec<u16>,
+}
+
+/// Adds a payload (and its QoS 1 packet id) to the group of its device and stream.
+fn gather(groups: &mut Vec<Group>, device: String, stream: StreamName, payload: bytes::Bytes, id: Option<u16>) {
+    let i = match groups.iter().position(|g| g.device == device && g.stream == stream) {
+        Some(i) => i,
+        None => {
+            groups.push(Group { device, stream, payloads: Vec::new(), ids: Vec::new() });
+            groups.len() - 1
+        }
+    };
+    groups[i].payloads.push(payload);
+    groups[i].ids.extend(id);
+}
+
+/// An MQTT 5 PUBACK refusing `pkid` with `reason`, `why` as its reason string.
+fn v5_puback(pkid: u16, reason: V5PubAck, why: String) -> Out {
+    let properties = Some(v5::PubAckProperties { reason_string: Some(why), user_properties: Vec::new() });
+    Out::V5(Box::new(V5Packet::PubAck(v5::PubAck { pkid, reason, properties })))
 }
 
 /// QoS 2 packet ids: taken (committed, awaiting PUBREL; kept with a persistent session)
@@ -675,6 +690,7 @@ impl Session {
             connect.client_id.clone(),
         );
         let client_key = (!connect.client_id.is_empty()).then(|| session_key.clone());
+        let will_key = client_key.clone();
         // MQTT 3.1.1 keeps a session unless it is clean; MQTT 5 when its expiry is not zero,
         // and starts afresh on clean start.
         let keep = match self.v5.get() {
@@ -765,7 +781,7 @@ impl Session {
                     }
                 }
                 self.hand_over_qos1(&mut gathered, &mut pending);
-                for (device, stream, payloads) in gathered.qos0.drain(..) {
+                for Group { device, stream, payloads, .. } in gathered.qos0.drain(..) {
                     let ingestor = self.ingestor.clone();
                     let payload = Payload::JsonMany { stream, device, payloads };
                     pending.push_back(Box::pin(async move {
@@ -880,14 +896,30 @@ impl Session {
         drop(live);
         // No will when the client itself reconnected: its newer session speaks for it.
         let will_props = self.will_props.lock().take();
+        // MQTT 5: a will delay (bounded by the session's expiry) that a reconnect cancels.
+        let will_delay = self.v5.get().map_or(0, |o| o.will_delay.min(o.session_expiry));
         if (!clean || with_will)
             && reason != "taken_over"
             && will_allowed
             && let Some(will) = &connect.last_will
-            && let Err(e) =
-                self.broker.publish_from(None, &will.topic, will.message.clone(), (will.qos, will.retain), will_props)
         {
-            tracing::warn!(client_id = %connect.client_id, error = %e, "mqtt last will not delivered");
+            let published = match will_key {
+                Some(key) if will_delay > 0 => {
+                    let will = (will.topic.clone(), will.message.clone(), will.qos, will.retain);
+                    self.broker.publish_will_later(key, Duration::from_secs(u64::from(will_delay)), will, will_props);
+                    Ok(0)
+                }
+                _ => self.broker.publish_from(
+                    None,
+                    &will.topic,
+                    will.message.clone(),
+                    (will.qos, will.retain),
+                    will_props,
+                ),
+            };
+            if let Err(e) = published {
+                tracing::warn!(client_id = %connect.client_id, error = %e, "mqtt last will not delivered");
+            }
         }
         drop(out_tx);
         // A client that stopped reading cannot hold the session's task: its writer gets
@@ -1033,7 +1065,7 @@ impl Session {
                                 self.reject(&p.topic, "payload_too_large", &msg);
                                 return Ok(false);
                             }
-                            gather(&mut gathered.qos0, device, stream, p.payload);
+                            gather(&mut gathered.qos0, device, stream, p.payload, None);
                             return Ok(false);
                         }
                         if p.qos == QoS::AtLeastOnce {
@@ -1046,7 +1078,7 @@ impl Session {
                                 pending.push_back(Box::pin(async move { refused }));
                                 return Ok(false);
                             }
-                            gather(&mut gathered.qos1, device, stream, p.payload);
+                            gather(&mut gathered.qos1, device, stream, p.payload, Some(pkid));
                             gathered.qos1_ids.push(pkid);
                             return Ok(false);
                         }
@@ -1243,28 +1275,33 @@ impl Session {
         let ingestor = self.ingestor.clone();
         let v5 = self.v5.get().is_some();
         pending.push_back(Box::pin(async move {
-            let ingests = groups.into_iter().map(|(device, stream, payloads)| {
+            let group_ids: Vec<Vec<u16>> = groups.iter().map(|g| g.ids.clone()).collect();
+            let ingests = groups.into_iter().map(|Group { device, stream, payloads, .. }| {
                 let ingestor = ingestor.clone();
                 async move {
                     let payload = Payload::JsonMany { stream, device, payloads };
                     ingestor.ingest(Transport::Mqtt, payload, bytes::Bytes::new(), Durability::Committed).await
                 }
             });
-            for outcome in futures_util::future::join_all(ingests).await {
+            // MQTT 5: a payload the decoder could not read at all gets "payload format invalid".
+            let mut refused: HashMap<u16, String> = HashMap::new();
+            for (outcome, ids_of_group) in futures_util::future::join_all(ingests).await.into_iter().zip(&group_ids) {
                 match outcome {
                     Ok(report) => {
                         for r in &report.rejections {
                             tracing::warn!(reason = r.reason, "mqtt event rejected: {}", r.message);
+                            if v5
+                                && matches!(r.reason, "malformed_json" | "not_utf8")
+                                && let Some(&pkid) = ids_of_group.get(r.index)
+                            {
+                                refused.insert(pkid, r.message.clone());
+                            }
                         }
                     }
                     // MQTT 5 can say it: "quota exceeded" on each PUBACK, and the session lives on.
                     Err(crate::Error::QuotaExceeded(q)) if v5 => {
                         let why = q.to_string();
-                        let refuse = |pkid| {
-                            let properties =
-                                Some(v5::PubAckProperties { reason_string: Some(why.clone()), user_properties: Vec::new() });
-                            Out::V5(Box::new(V5Packet::PubAck(v5::PubAck { pkid, reason: V5PubAck::QuotaExceeded, properties })))
-                        };
+                        let refuse = |pkid| v5_puback(pkid, V5PubAck::QuotaExceeded, why.clone());
                         return AckOutcome::SendMany(ids.into_iter().map(refuse).collect());
                     }
                     Err(e) if e.is_not_durable() => {
@@ -1275,7 +1312,11 @@ impl Session {
                     Err(e) => tracing::warn!(error = %e, "mqtt payloads rejected"),
                 }
             }
-            AckOutcome::SendMany(ids.into_iter().map(Out::PubAck).collect())
+            let ack = |pkid| match refused.remove(&pkid) {
+                Some(why) => v5_puback(pkid, V5PubAck::PayloadFormatInvalid, why),
+                None => Out::PubAck(pkid),
+            };
+            AckOutcome::SendMany(ids.into_iter().map(ack).collect())
         }));
     }
 
@@ -1381,10 +1422,7 @@ impl Session {
     fn refusal(&self, qos: QoS, pkid: u16, reason: V5PubAck, why: String) -> AckOutcome {
         match (self.v5.get().is_some(), qos) {
             (_, QoS::AtMostOnce) => AckOutcome::Nothing,
-            (true, QoS::AtLeastOnce) => {
-                let properties = Some(v5::PubAckProperties { reason_string: Some(why), user_properties: Vec::new() });
-                AckOutcome::Refused(Out::V5(Box::new(V5Packet::PubAck(v5::PubAck { pkid, reason, properties }))), None)
-            }
+            (true, QoS::AtLeastOnce) => AckOutcome::Refused(v5_puback(pkid, reason, why), None),
             (true, QoS::ExactlyOnce) => {
                 let reason = match reason {
                     V5PubAck::NotAuthorized => v5::PubRecReason::NotAuthorized,

@@ -51,6 +51,9 @@ pub struct ConnectOptions {
     pub max_packet: Option<u32>,
     /// Topic aliases the client accepts from the server (the server sets none).
     pub topic_alias_max: u16,
+    /// Seconds the server waits before publishing the will (a reconnect within them
+    /// cancels it).
+    pub will_delay: u32,
 }
 
 /// The [`MessageProps`] of a PUBLISH's or a will's properties (the same fields in both).
@@ -80,11 +83,14 @@ pub fn connect_from_v5(
             receive_max: p.receive_maximum,
             max_packet: p.max_packet_size,
             topic_alias_max: p.topic_alias_max.unwrap_or(0),
+            will_delay: 0,
         },
         None => ConnectOptions::default(),
     };
+    let mut options = options;
     let (last_will, will_props) = match will {
         Some(w) => {
+            options.will_delay = w.properties.as_ref().and_then(|p| p.delay_interval).unwrap_or(0);
             let topic = String::from_utf8(w.topic.to_vec()).map_err(|_| "the will topic is not UTF-8".to_owned())?;
             let props = w.properties.map(|p| props_of!(p));
             (Some(v4::LastWill { topic, message: w.message, qos: qos4(w.qos), retain: w.retain }), props.map(Box::new))

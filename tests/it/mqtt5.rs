@@ -35,9 +35,13 @@ HOST, PORT = sys.argv[1], int(sys.argv[2])
 WAIT = 20
 
 class V5:
-    def __init__(self, cid, user, password, clean=True, expiry=None):
+    def __init__(self, cid, user, password, clean=True, expiry=None, will=None):
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
         self.c.username_pw_set(user, password)
+        if will:
+            topic, payload, delay = will
+            wp = Properties(PacketTypes.WILLMESSAGE); wp.WillDelayInterval = delay
+            self.c.will_set(topic, payload, qos=1, retain=False, properties=wp)
         self.connected, self.subacked, self.gone = threading.Event(), threading.Event(), threading.Event()
         self.lock, self.messages, self.acks = threading.Lock(), [], {}
         self.c.on_connect = self.on_connect
@@ -86,6 +90,10 @@ class V5:
         self.c.disconnect()
         self.gone.wait(WAIT)
         self.c.loop_stop()
+    def cut(self):
+        # The connection ends without DISCONNECT (the will's case).
+        self.c.loop_stop()
+        self.c.socket().close()
 "##;
 
 #[test]
@@ -241,6 +249,7 @@ c.connect(HOST, PORT); c.loop_start(); got.wait(WAIT); c.loop_stop()
 d = V5("d1", "d1", TOKEN)
 out["other_device"] = d.publish("devices/d2/telemetry", json.dumps({"seq": 0}))
 out["subscribe_all"] = d.subscribe("#")
+out["malformed"] = d.publish("devices/d1/telemetry", "{not json")
 out["own"] = [d.publish("devices/d1/telemetry", json.dumps({"seq": i})) for i in range(1, 5)]
 out["still_connected"] = d.c.is_connected()
 d.close()
@@ -252,6 +261,7 @@ print(json.dumps(out))
     assert_eq!(out["bad_login"], 0x86, "{out}");
     assert_eq!(out["other_device"], 0x87, "another device's topic: not authorized");
     assert_eq!(out["subscribe_all"], json!([0x87]));
+    assert_eq!(out["malformed"], 0x99, "a payload the decoder cannot read: payload format invalid");
     // The daily quota of 3 events: the fourth is refused as "quota exceeded", and the
     // session lives on.
     assert_eq!(out["own"], json!([0, 0, 0, 0x97]), "{out}");
@@ -355,5 +365,56 @@ fn an_mqtt5_subscriber_gets_no_more_unacknowledged_messages_than_its_receive_max
             other => bail!("unexpected {other:?}"),
         }
     }
+    Ok(())
+}
+
+#[test]
+fn an_mqtt5_will_waits_for_its_delay_and_a_reconnect_cancels_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let addr = s.mqtt;
+    let args = [addr.ip().to_string(), addr.port().to_string(), s.token.clone()];
+    // A will delayed by a second reaches a watcher once the connection is cut.
+    let script = format!(
+        "{PRELUDE}{}",
+        r##"
+TOKEN = sys.argv[3]
+out = {}
+watcher = V5("watcher", "admin", TOKEN)
+watcher.subscribe("devices/+/status")
+dev = V5("wd-1", "admin", TOKEN, expiry=60, will=("devices/wd-1/status", "offline", 1))
+dev.cut()
+out["will"] = watcher.wait_messages(1)[0].payload.decode()
+watcher.close()
+print(json.dumps(out))
+"##
+    );
+    let out = paho(&script, &args)?;
+    assert_eq!(out["will"], "offline");
+
+    // A will delayed by a minute is cancelled by the client's reconnect.
+    let cut = format!(
+        "{PRELUDE}{}",
+        r##"
+TOKEN = sys.argv[3]
+dev = V5("wd-2", "admin", TOKEN, expiry=60, will=("devices/wd-2/status", "offline", 60))
+dev.cut()
+print(json.dumps({}))
+"##
+    );
+    paho(&cut, &args)?;
+    s.wait_for("the server to hold the will", |s| Ok(s.metric("ferrite_mqtt_wills_delayed_total")? >= 2))?;
+    let back = format!(
+        "{PRELUDE}{}",
+        r##"
+TOKEN = sys.argv[3]
+dev = V5("wd-2", "admin", TOKEN, clean=False, expiry=60)
+out = {"present": dev.present}
+dev.close()
+print(json.dumps(out))
+"##
+    );
+    assert_eq!(paho(&back, &args)?["present"], true);
+    assert_eq!(s.metric("ferrite_mqtt_wills_cancelled_total")?, 1, "the reconnect cancelled the will");
     Ok(())
 }

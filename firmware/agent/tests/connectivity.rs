@@ -325,12 +325,15 @@ fn management_commands_and_the_twin_are_applied_and_answered() -> Result<()> {
     })?;
     let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("credentials.json"))?)?;
     assert_ne!(stored["client_secret"], secret.as_str(), "the new secret is stored");
-    let old = ureq::post(&server.url("/oauth2/token")).config().http_status_as_error(false).build().send_form([
-        ("grant_type", "client_credentials"),
-        ("client_id", "mgmt-1"),
-        ("client_secret", secret.as_str()),
-    ])?;
-    assert_eq!(old.status().as_u16(), 401, "the old secret no longer works");
+    // The server commits the rotation (revokes the old secret) once the answer is in.
+    server.wait_for("the old secret revoked", |s| {
+        let old = ureq::post(&s.url("/oauth2/token")).config().http_status_as_error(false).build().send_form([
+            ("grant_type", "client_credentials"),
+            ("client_id", "mgmt-1"),
+            ("client_secret", secret.as_str()),
+        ])?;
+        Ok(old.status().as_u16() == 401)
+    })?;
     let before = agent.status()["counters"]["acknowledged"].as_u64().unwrap_or(0);
     agent
         .wait("still delivering after the rotation", |s| s["counters"]["acknowledged"].as_u64() > Some(before + 20))?;
