@@ -102,6 +102,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Rules run on the shard threads, after each commit; their actions go through the
     // embedded broker and the webhook client.
     let broker = Arc::new(Broker::new(metrics.clone()));
+    // Retained messages survive a restart (saved every 10 seconds when they changed, and at
+    // shutdown).
+    let retained = broker.load_retained(config.data_dir.join("mqtt-retained.bin"))?;
+    if retained > 0 {
+        tracing::info!(retained, "mqtt retained messages loaded");
+    }
+    let retained_saver = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                if let Err(e) = broker.save_retained() {
+                    tracing::warn!(error = %e, "cannot save the mqtt retained messages; retrying");
+                }
+            }
+        })
+    };
     let actions = Arc::new(crate::actions::ServerActions::start(broker.clone(), metrics.clone())?);
     let rules =
         Arc::new(RuleEngine::new(shards, catalog.clone(), metrics.clone(), actions.clone(), Arc::new(SystemClock)));
@@ -212,7 +230,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // One front for MQTT on TCP, TLS and WebSocket: the same limits, sessions and drain.
     let front = mqtt::MqttFront::new(
         ingestor.clone(),
-        broker,
+        broker.clone(),
         metrics.clone(),
         access.clone(),
         mqtt::MqttLimits {
@@ -351,6 +369,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     drop((usage, front));
+    retained_saver.abort();
+    if let Err(e) = broker.save_retained() {
+        tracing::warn!(error = %e, "cannot save the mqtt retained messages");
+    }
     if let Some(saver) = quota_saver {
         saver.abort();
         if let Err(e) = quotas.save() {

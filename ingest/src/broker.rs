@@ -13,7 +13,8 @@
 //!   again (marked duplicate where they had been sent) when the client resumes.
 //! - Retained messages are kept per topic (bounded by [`MAX_RETAINED`] and
 //!   [`MAX_RETAINED_BYTES`]) and sent to each new subscription that matches them; an
-//!   empty retained payload clears the topic. They live in memory: a restart forgets them.
+//!   empty retained payload clears the topic. They are saved in the data directory
+//!   ([`Broker::save_retained`]) and loaded at start.
 //!
 //! A message is built once per publish and shared by every subscriber it reaches: fan-out
 //! to a thousand sessions costs a thousand queue pushes, not a thousand copies.
@@ -406,6 +407,52 @@ impl Subscriber {
 struct Retained {
     by_topic: HashMap<Box<str>, (Arc<Message>, QoS)>,
     bytes: usize,
+    /// Where they are saved, and whether they changed since.
+    path: Option<std::path::PathBuf>,
+    dirty: bool,
+}
+
+/// The first bytes of a retained messages file.
+const RETAINED_MAGIC: &[u8] = b"FERRITE-RETAINED-1\n";
+
+/// Retained messages as saved: the magic, then per message its topic (u16 length), payload
+/// (u32 length) and QoS (one byte), big-endian.
+fn encode_retained<'a>(messages: impl Iterator<Item = &'a (Arc<Message>, QoS)>) -> Vec<u8> {
+    let mut out = RETAINED_MAGIC.to_vec();
+    for (m, qos) in messages {
+        out.extend_from_slice(&(m.topic.len() as u16).to_be_bytes());
+        out.extend_from_slice(m.topic.as_bytes());
+        out.extend_from_slice(&(m.payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(&m.payload);
+        out.push(*qos as u8);
+    }
+    out
+}
+
+/// The messages of a retained messages file; `None` when it is not one.
+fn decode_retained(bytes: &[u8]) -> Option<Vec<(String, Bytes, QoS)>> {
+    let mut rest = bytes.strip_prefix(RETAINED_MAGIC)?;
+    let mut out = Vec::new();
+    let take = |n: usize, rest: &mut &[u8]| -> Option<Vec<u8>> {
+        let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
+        *rest = tail;
+        Some(head.to_vec())
+    };
+    while !rest.is_empty() {
+        let len = usize::from(u16::from_be_bytes(take(2, &mut rest)?.try_into().ok()?));
+        let topic = String::from_utf8(take(len, &mut rest)?).ok()?;
+        let len = u32::from_be_bytes(take(4, &mut rest)?.try_into().ok()?) as usize;
+        let payload = Bytes::from(take(len, &mut rest)?);
+        let qos = match take(1, &mut rest)?[0] {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            2 => QoS::ExactlyOnce,
+            _ => return None,
+        };
+        topic::validate_topic(&topic).ok()?;
+        out.push((topic, payload, qos));
+    }
+    Some(out)
 }
 
 /// Subscriptions of all sessions, for routing messages between clients.
@@ -664,7 +711,9 @@ impl Broker {
         let mut r = self.retained.write();
         let old = r.by_topic.get(&msg.topic).map_or(0, |(m, _)| m.topic.len() + m.payload.len());
         if msg.payload.is_empty() {
-            r.by_topic.remove(&msg.topic);
+            if r.by_topic.remove(&msg.topic).is_some() {
+                r.dirty = true;
+            }
             r.bytes -= old;
             return;
         }
@@ -675,7 +724,57 @@ impl Broker {
             return;
         }
         r.bytes = r.bytes - old + size;
+        r.dirty = true;
         r.by_topic.insert(msg.topic.clone(), (msg, qos));
+    }
+
+    /// Loads the retained messages saved at `path` (none when it does not exist) and saves
+    /// them there from now on ([`Broker::save_retained`]); how many. A file that is not
+    /// valid is moved aside (`.corrupt`, never deleted) and logged.
+    pub fn load_retained(&self, path: std::path::PathBuf) -> std::io::Result<usize> {
+        let loaded = match std::fs::read(&path) {
+            Ok(bytes) => match decode_retained(&bytes) {
+                Some(messages) => messages,
+                None => {
+                    let aside = path.with_extension("corrupt");
+                    tracing::error!(file = %path.display(), moved_to = %aside.display(), "retained messages file is not valid: moved aside, starting without retained messages");
+                    std::fs::rename(&path, &aside)?;
+                    Vec::new()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let n = loaded.len();
+        for (topic, payload, qos) in loaded {
+            let mut msg = Message::new(&topic, payload);
+            msg.retain = true;
+            self.retain(Arc::new(msg), qos);
+        }
+        let mut r = self.retained.write();
+        r.dirty = false;
+        r.path = Some(path);
+        Ok(n)
+    }
+
+    /// Saves the retained messages when they changed since the last save (write, fsync,
+    /// rename: a crash leaves the previous save or this one). Their MQTT 5 properties are not
+    /// saved.
+    pub fn save_retained(&self) -> std::io::Result<()> {
+        let (path, bytes) = {
+            let mut r = self.retained.write();
+            let Some(path) = r.path.clone().filter(|_| r.dirty) else { return Ok(()) };
+            r.dirty = false;
+            (path, encode_retained(r.by_topic.values()))
+        };
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)
     }
 
     /// The retained messages a new subscription to `filter` receives, with their QoS
@@ -1108,6 +1207,34 @@ mod tests {
                 assert_eq!(p.pkid, 513);
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn retained_messages_are_saved_loaded_and_a_damaged_file_is_moved_aside() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("retained.bin");
+        let broker = Broker::default();
+        assert_eq!(broker.load_retained(path.clone())?, 0);
+        broker.publish("devices/d1/status", Bytes::from_static(b"online"), QoS::AtLeastOnce, true)?;
+        broker.publish("devices/d2/status", Bytes::from_static(&[0, 255, 7]), QoS::AtMostOnce, true)?;
+        broker.save_retained()?;
+        let again = Broker::default();
+        assert_eq!(again.load_retained(path.clone())?, 2);
+        let got = again.retained_for("devices/+/status", QoS::AtLeastOnce);
+        let mut got: Vec<_> = got.iter().map(|(m, q)| (m.topic.to_string(), m.payload.to_vec(), *q)).collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            [
+                ("devices/d1/status".to_owned(), b"online".to_vec(), QoS::AtLeastOnce),
+                ("devices/d2/status".to_owned(), vec![0, 255, 7], QoS::AtMostOnce)
+            ]
+        );
+        std::fs::write(&path, b"FERRITE-RETAINED-1\n\x00\x09trunc")?;
+        assert_eq!(Broker::default().load_retained(path.clone())?, 0);
+        assert!(path.with_extension("corrupt").exists() && !path.exists(), "moved aside, not deleted");
         Ok(())
     }
 

@@ -55,6 +55,22 @@ fn retained_messages_and_last_wills_reach_later_subscribers() -> anyhow::Result<
 }
 
 #[test]
+fn retained_messages_survive_a_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = Server::start(dir.path(), &[])?;
+    let (mut device, _) = Raw::connect(&s, "r-dev", true)?;
+    device.publish("devices/r-dev/status", QoS::AtLeastOnce, 1, true, "online")?;
+    drop(device);
+    s.stop()?;
+    let s = Server::start(dir.path(), &[])?;
+    let (mut watcher, _) = Raw::connect(&s, "r-watch", true)?;
+    watcher.subscribe("devices/+/status", QoS::AtMostOnce)?;
+    let p = watcher.next_publish()?;
+    assert_eq!((p.topic.as_str(), &p.payload[..], p.retain), ("devices/r-dev/status", &b"online"[..], true));
+    Ok(())
+}
+
+#[test]
 fn a_persistent_service_subscriber_gets_every_qos1_message_across_a_cut() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let s = Server::start(dir.path(), &[])?;
