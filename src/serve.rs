@@ -29,6 +29,23 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     runtime.block_on(serve(config))
 }
 
+/// Saves `what` every `period` until aborted; a failed save is logged and tried again.
+fn every<E: std::fmt::Display>(
+    period: Duration,
+    what: &'static str,
+    save: impl Fn() -> Result<(), E> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            if let Err(e) = save() {
+                tracing::warn!(error = %e, "cannot save {what}; retrying");
+            }
+        }
+    })
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let shards = match config.shards {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -47,15 +64,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     )?);
     let quota_saver = quotas.is_active().then(|| {
         let quotas = quotas.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                if let Err(e) = quotas.save() {
-                    tracing::warn!(error = %e, "cannot save the day's quota counts; retrying");
-                }
-            }
-        })
+        every(Duration::from_secs(5), "the day's quota counts", move || quotas.save())
     });
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
@@ -110,15 +119,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let retained_saver = {
         let broker = broker.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
-            loop {
-                tick.tick().await;
-                if let Err(e) = broker.save_retained() {
-                    tracing::warn!(error = %e, "cannot save the mqtt retained messages; retrying");
-                }
-            }
-        })
+        every(Duration::from_secs(10), "the mqtt retained messages", move || broker.save_retained())
     };
     let actions = Arc::new(crate::actions::ServerActions::start(broker.clone(), metrics.clone())?);
     let rules =
