@@ -117,11 +117,8 @@ impl Out {
                 mqtt5::write_publish(buf, &msg.topic, &msg.payload, (*pkid, *qos, *retain, *dup), msg.props.as_deref())
             }
             Self::Deliver { msg, pkid, qos, retain, dup } => write_publish(buf, msg, *pkid, *qos, *retain, *dup),
-            Self::Other(p) if v5 => match mqtt5::reply(p) {
-                Some(p5) => p5.write(buf, None).map_err(|e| mqttbytes::Error::Io(std::io::Error::other(e.to_string()))),
-                // PUBREC, PUBCOMP, PINGRESP: the same bytes in both versions.
-                None => p.write(buf, MAX_PACKET_BYTES),
-            },
+            // A v5 session is only sent packets that are the same bytes in both versions
+            // here (PUBREC, PUBCOMP, PINGRESP); its SUBACKs and refusals are `V5`.
             Self::Other(p) => p.write(buf, MAX_PACKET_BYTES),
             Self::V5(p) => p.write(buf, None).map_err(|e| mqttbytes::Error::Io(std::io::Error::other(e.to_string()))),
         }
@@ -162,6 +159,11 @@ pub(crate) struct Grant {
     pub(crate) no_local: bool,
     /// To see the retain flag as published.
     pub(crate) retain_as_published: bool,
+}
+
+/// The lower of two QoS levels (what a subscription granted, and what a message was sent at).
+fn lower(a: QoS, b: QoS) -> QoS {
+    if (a as u8) < (b as u8) { a } else { b }
 }
 
 /// A shared subscription's parts: `$share/{group}/{filter}` as (group, filter).
@@ -241,10 +243,6 @@ impl KeptSession {
 
     fn expired(&self) -> bool {
         self.owner.load(Ordering::Acquire) == 0 && self.expires.lock().is_some_and(|t| Instant::now() >= t)
-    }
-
-    fn same(&self, other: &Arc<KeptSession>) -> bool {
-        std::ptr::eq(self, Arc::as_ptr(other))
     }
 }
 
@@ -397,7 +395,7 @@ impl Subscriber {
     fn is_of(&self, session: u64, kept: Option<&Arc<KeptSession>>) -> bool {
         match &self.to {
             Target::Live(_) => self.session == session,
-            Target::Parked(k) => kept.is_some_and(|mine| k.same(mine)),
+            Target::Parked(k) => kept.is_some_and(|mine| Arc::ptr_eq(k, mine)),
         }
     }
 }
@@ -455,11 +453,36 @@ fn decode_retained(bytes: &[u8]) -> Option<Vec<(String, Bytes, QoS)>> {
     Some(out)
 }
 
+/// `ferrite_mqtt_dropped_total`, by reason.
+struct Drops {
+    /// A live subscriber's queue or backlog was full.
+    slow: Arc<Counter>,
+    /// An absent client's kept queue was full.
+    queue_full: Arc<Counter>,
+    /// Past the message's expiry.
+    expired: Arc<Counter>,
+    /// Larger than an MQTT 5 client's maximum packet size.
+    too_large: Arc<Counter>,
+}
+
+impl Drops {
+    fn new(metrics: &Metrics) -> Self {
+        let counter = |reason| metrics.counter("ferrite_mqtt_dropped_total", &[("reason", reason)]);
+        Self {
+            slow: counter("slow_subscriber"),
+            queue_full: counter("session_queue_full"),
+            expired: counter("expired"),
+            too_large: counter("over_client_max_packet"),
+        }
+    }
+}
+
 /// Subscriptions of all sessions, for routing messages between clients.
 pub struct Broker {
     metrics: Arc<Metrics>,
-    /// Deliveries dropped because a subscriber's queue was full.
-    dropped: Arc<Counter>,
+    /// Deliveries dropped, by reason (made once: drops come in floods, when a lookup
+    /// per drop would cost most).
+    dropped: Drops,
     subs: RwLock<TopicTrie<Subscriber>>,
     /// Live sessions, for [`Broker::disconnect`] and QoS 1 delivery to one device.
     sessions: Mutex<HashMap<u64, Arc<LiveSession>>>,
@@ -532,7 +555,7 @@ impl Broker {
     /// An empty broker counting into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
-            dropped: metrics.counter("ferrite_mqtt_dropped_total", &[("reason", "slow_subscriber")]),
+            dropped: Drops::new(&metrics),
             metrics,
             subs: RwLock::default(),
             sessions: Mutex::default(),
@@ -619,7 +642,7 @@ impl Broker {
 
     /// Sends one message to one subscription, at the lower of `qos` and its grant.
     fn send_to(&self, s: &Subscriber, msg: Arc<Message>, qos: QoS) -> bool {
-        let qos = if (s.grant.qos as u8) < (qos as u8) { s.grant.qos } else { qos };
+        let qos = lower(s.grant.qos, qos);
         let retain = s.grant.retain_as_published && msg.retain;
         self.send(&s.to, msg, qos, retain)
     }
@@ -651,21 +674,21 @@ impl Broker {
     /// Sends one message to one subscription's target; whether it was sent or kept.
     fn send(&self, to: &Target, msg: Arc<Message>, qos: QoS, retain: bool) -> bool {
         if msg.expired() {
-            self.metrics.inc("ferrite_mqtt_dropped_total", &[("reason", "expired")], 1);
+            self.dropped.expired.add(1);
             return false;
         }
         // Over an MQTT 5 client's maximum packet size (a bound on what it is sent): not sent.
         if let Target::Live(s) = to
             && msg.topic.len() + msg.payload.len() + 16 > s.max_packet
         {
-            self.metrics.inc("ferrite_mqtt_dropped_total", &[("reason", "over_client_max_packet")], 1);
+            self.dropped.too_large.add(1);
             return false;
         }
         match (to, qos) {
             (Target::Live(s), QoS::AtMostOnce) => {
                 let sent = s.out.try_send(Out::Deliver { msg, pkid: 0, qos, retain, dup: false }).is_ok();
                 if !sent {
-                    self.dropped.add(1);
+                    self.dropped.slow.add(1);
                 }
                 sent
             }
@@ -676,7 +699,7 @@ impl Broker {
                     // Kept for its next connection when it has a persistent session.
                     let kept = s.kept.as_ref().is_some_and(|k| k.enqueue(msg, retain, false));
                     if !kept {
-                        self.dropped.add(1);
+                        self.dropped.slow.add(1);
                     }
                     kept
                 }
@@ -685,7 +708,7 @@ impl Broker {
             (Target::Parked(k), _) => {
                 let kept = k.enqueue(msg, retain, false);
                 if !kept {
-                    self.metrics.inc("ferrite_mqtt_dropped_total", &[("reason", "session_queue_full")], 1);
+                    self.dropped.queue_full.add(1);
                 }
                 kept
             }
@@ -784,7 +807,7 @@ impl Broker {
         if r.by_topic.is_empty() {
             return Vec::new();
         }
-        let at = |(m, q): &(Arc<Message>, QoS)| (m.clone(), if (*q as u8) < (granted as u8) { *q } else { granted });
+        let at = |(m, q): &(Arc<Message>, QoS)| (m.clone(), lower(*q, granted));
         // An expired retained message is no longer sent.
         let live = |(m, _): &&(Arc<Message>, QoS)| !m.expired();
         if !filter.contains(['+', '#']) {
@@ -928,7 +951,7 @@ impl Broker {
         let filters: Vec<String> = old.filters.lock().keys().cloned().collect();
         let mut subs = self.subs.write();
         for f in filters {
-            subs.remove(routing_filter(&f), |s| matches!(&s.to, Target::Parked(k) if k.same(old)));
+            subs.remove(routing_filter(&f), |s| matches!(&s.to, Target::Parked(k) if Arc::ptr_eq(k, old)));
         }
         old.queue.lock().clear();
     }
@@ -1059,7 +1082,7 @@ impl Broker {
         let over = q.len().saturating_sub(MAX_QUEUED);
         if over > 0 {
             q.truncate(MAX_QUEUED);
-            self.metrics.inc("ferrite_mqtt_dropped_total", &[("reason", "session_queue_full")], over as u64);
+            self.dropped.queue_full.add(over as u64);
         }
     }
 
@@ -1172,7 +1195,7 @@ impl Broker {
             }
             // Through the session's own window; the SUBACK went out first.
             let Some(pkid) = live.unacked.lock().reserve(msg.clone(), true, None) else {
-                self.dropped.add(1);
+                self.dropped.slow.add(1);
                 continue;
             };
             outs.push(Out::Deliver { msg, pkid, qos: QoS::AtLeastOnce, retain: true, dup: false });

@@ -410,9 +410,9 @@ enum AckOutcome {
     SendMany(Vec<Out>),
     /// Send this SUBACK, then the retained messages its subscriptions matched.
     SubAck(Out, Vec<(Arc<crate::broker::Message>, QoS)>),
-    /// Send this (an MQTT 5 refusal with its reason code, an UNSUBACK); a refused QoS 2
-    /// packet id is no longer in flight.
-    Refused(Out, Option<u16>),
+    /// Send this packet as it is (an MQTT 5 refusal with its reason code, an UNSUBACK); the
+    /// QoS 2 packet id it refuses, if any, is no longer in flight.
+    Reply(Out, Option<u16>),
     /// A QoS 2 message was taken: record its packet id, then send PUBREC.
     Qos2Taken(u16),
     /// A retransmission of a QoS 2 message that was in flight: PUBREC if the first copy
@@ -532,6 +532,8 @@ enum SessionError {
     Kicked,
     #[error("acknowledgement withheld: {0}")]
     Withheld(String),
+    #[error("too far over the publish rate")]
+    PublishRate,
     #[error("MQTT 5 protocol violation: {}", .0.message)]
     Violation(mqtt5::Violation),
 }
@@ -805,7 +807,7 @@ impl Session {
                     if wait > MAX_PUBLISH_DEBT {
                         self.metrics.inc("ferrite_mqtt_refused_total", &[("reason", "publish_rate")], 1);
                         tracing::warn!(session = self.id, principal = %principal_id, "mqtt session closed: too far over its publish rate");
-                        return Err(SessionError::Protocol("too far over the publish rate".into()));
+                        return Err(SessionError::PublishRate);
                     }
                     if !wait.is_zero() {
                         self.metrics.inc("ferrite_mqtt_throttled_reads_total", &[], 1);
@@ -1202,7 +1204,7 @@ impl Session {
                 } else {
                     Out::from(Packet::UnsubAck(UnsubAck::new(u.pkid)))
                 };
-                pending.push_back(Box::pin(async move { AckOutcome::Refused(ack, None) }));
+                pending.push_back(Box::pin(async move { AckOutcome::Reply(ack, None) }));
             }
             Packet::PingReq => pending.push_back(Box::pin(async { AckOutcome::Send(Packet::PingResp) })),
             Packet::Disconnect => {
@@ -1337,7 +1339,7 @@ fn settle(outcome: AckOutcome, qos2: &mut Qos2State, broker: &Broker, live: &Liv
         }
         AckOutcome::Send(p) => Ok(vec![p.into()]),
         AckOutcome::SendMany(outs) => Ok(outs),
-        AckOutcome::Refused(out, qos2_pkid) => {
+        AckOutcome::Reply(out, qos2_pkid) => {
             if let Some(pkid) = qos2_pkid {
                 qos2.in_flight.remove(&pkid);
             }
@@ -1422,7 +1424,7 @@ impl Session {
     fn refusal(&self, qos: QoS, pkid: u16, reason: V5PubAck, why: String) -> AckOutcome {
         match (self.v5.get().is_some(), qos) {
             (_, QoS::AtMostOnce) => AckOutcome::Nothing,
-            (true, QoS::AtLeastOnce) => AckOutcome::Refused(v5_puback(pkid, reason, why), None),
+            (true, QoS::AtLeastOnce) => AckOutcome::Reply(v5_puback(pkid, reason, why), None),
             (true, QoS::ExactlyOnce) => {
                 let reason = match reason {
                     V5PubAck::NotAuthorized => v5::PubRecReason::NotAuthorized,
@@ -1433,7 +1435,7 @@ impl Session {
                 };
                 let properties = Some(v5::PubRecProperties { reason_string: Some(why), user_properties: Vec::new() });
                 let rec = V5Packet::PubRec(v5::PubRec { pkid, reason, properties });
-                AckOutcome::Refused(Out::V5(Box::new(rec)), Some(pkid))
+                AckOutcome::Reply(Out::V5(Box::new(rec)), Some(pkid))
             }
             (false, QoS::AtLeastOnce) => AckOutcome::Send(Packet::PubAck(PubAck::new(pkid))),
             (false, QoS::ExactlyOnce) => AckOutcome::Qos2Taken(pkid),
@@ -1451,7 +1453,7 @@ fn disconnect_reason(reason: &str, result: &Result<(), SessionError>) -> Option<
         ("slow_subscriber", _) => V5Disconnect::QuotaExceeded,
         ("shutdown", _) => V5Disconnect::ServerShuttingDown,
         (_, Err(SessionError::Withheld(_))) => V5Disconnect::ServerBusy,
-        (_, Err(SessionError::Protocol(m))) if m.contains("publish rate") => V5Disconnect::MessageRateTooHigh,
+        (_, Err(SessionError::PublishRate)) => V5Disconnect::MessageRateTooHigh,
         (_, Err(SessionError::Protocol(_))) => V5Disconnect::ProtocolError,
         _ => return None,
     })

@@ -445,29 +445,6 @@ pub fn qos5(q: QoS) -> V5QoS {
     }
 }
 
-/// A 3.1.1 reply as its v5 packet (SUBACK and UNSUBACK differ; the others are the same
-/// bytes in both versions and never come here).
-pub fn reply(p: &v4::Packet) -> Option<v5::Packet> {
-    match p {
-        v4::Packet::SubAck(a) => Some(v5::Packet::SubAck(v5::SubAck {
-            pkid: a.pkid,
-            return_codes: a
-                .return_codes
-                .iter()
-                .map(|c| match c {
-                    v4::SubscribeReasonCode::Success(q) => v5::SubscribeReasonCode::Success(qos5(*q)),
-                    v4::SubscribeReasonCode::Failure => v5::SubscribeReasonCode::Unspecified,
-                })
-                .collect(),
-            properties: None,
-        })),
-        v4::Packet::UnsubAck(a) => {
-            Some(v5::Packet::UnsubAck(v5::UnsubAck { pkid: a.pkid, reasons: Vec::new(), properties: None }))
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

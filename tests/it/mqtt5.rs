@@ -33,6 +33,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
 HOST, PORT = sys.argv[1], int(sys.argv[2])
 WAIT = 20
+# Notified at every message any client receives: waits are on it, never on a clock.
+ARRIVED = threading.Condition()
+
+def wait_until(cond, what):
+    with ARRIVED:
+        assert ARRIVED.wait_for(cond, WAIT), what
 
 class V5:
     def __init__(self, cid, user, password, clean=True, expiry=None, will=None):
@@ -62,8 +68,10 @@ class V5:
         with self.lock:
             self.acks[mid] = int(reason.value)
     def on_message(self, c, u, m):
-        with self.lock:
-            self.messages.append(m)
+        with ARRIVED:
+            with self.lock:
+                self.messages.append(m)
+            ARRIVED.notify_all()
     def on_disconnect(self, c, u, flags, reason, props):
         self.disconnect_reason = int(reason.value)
         self.gone.set()
@@ -79,13 +87,9 @@ class V5:
             with self.lock:
                 return self.acks.get(info.mid)
     def wait_messages(self, n):
-        done = threading.Event()
-        for _ in range(WAIT * 100):
-            with self.lock:
-                if len(self.messages) >= n:
-                    return list(self.messages)
-            done.wait(0.01)
-        raise AssertionError(f"{len(self.messages)} of {n} messages")
+        wait_until(lambda: len(self.messages) >= n, f"{len(self.messages)} of {n} messages")
+        with self.lock:
+            return list(self.messages)
     def close(self):
         self.c.disconnect()
         self.gone.wait(WAIT)
@@ -124,13 +128,7 @@ for i in range(20):
     p.ResponseTopic = "svc/replies"; p.CorrelationData = f"c-{i}".encode(); p.UserProperty = ("site", "north")
     p.MessageExpiryInterval = 300
     pub.publish("alerts/hot", json.dumps({"n": i}), props=p)
-total = 0
-for _ in range(WAIT * 100):
-    with m1.lock, m2.lock:
-        total = len(m1.messages) + len(m2.messages)
-    if total >= 20:
-        break
-    threading.Event().wait(0.01)
+wait_until(lambda: len(m1.messages) + len(m2.messages) >= 20, "20 messages to the group")
 out["shared_split"] = [len(m1.messages), len(m2.messages)]
 first = (m1.messages or m2.messages)[0]
 out["response_topic"] = getattr(first.properties, "ResponseTopic", None)
