@@ -9,6 +9,7 @@ mod device_cmd;
 mod flight;
 mod identity;
 mod identity_cmd;
+mod openapi;
 mod ota_cmd;
 mod pg;
 mod rules_cmd;

@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
-use axum::routing::get;
 use ferrite_engine::{Engine, EngineConfig, Health, Metrics, StreamCatalog, SystemClock};
 use ferrite_ingest::mqtt::{self, Broker};
 use ferrite_ingest::{IngestConfig, Ingestor};
@@ -259,45 +257,58 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         spawn_reload_on_hangup(files.clone());
     }
 
-    let metrics_for_route = metrics.clone();
-    let mut protected = Router::new()
+    let mut protected = utoipa_axum::router::OpenApiRouter::new()
         .merge(ferrite_ingest::http::router(ingestor.clone()))
         .merge(ferrite_query::http::router(query.clone()))
         .merge(ferrite_rules::http::router(ferrite_rules::http::RulesApi { engine: rules, files: Some(rule_files) }))
-        .route(
-            "/metrics",
-            get(move |axum::Extension(caller): axum::Extension<ferrite_engine::Caller>| {
-                let m = metrics_for_route.clone();
-                async move {
-                    use axum::response::IntoResponse;
-                    let tenant = ferrite_engine::Resource::tenant(ferrite_engine::ids::DEFAULT_TENANT);
-                    match caller.check(ferrite_engine::Action::ReadMetrics, &tenant) {
-                        Ok(()) => ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
-                            .into_response(),
-                        Err(e) => ferrite_plugin::forbidden(&e),
-                    }
-                }
-            }),
-        );
-    let mut public = Router::new().route("/healthz", get(move || std::future::ready(healthz(&health))));
+        .merge(operations_routes(metrics.clone()));
+    let document = crate::openapi::Document::default();
+    let mut public = utoipa_axum::router::OpenApiRouter::new()
+        .merge(health_routes(health.clone()))
+        .merge(crate::openapi::routes(document.clone()));
     for plugin in &plugins {
         let routes = plugin.routes();
         protected = protected.merge(routes.protected);
         public = public.merge(routes.public);
     }
+    let (protected, protected_doc) = protected.split_for_parts();
+    let (public, mut doc) = public.split_for_parts();
+    doc.merge(protected_doc);
+    // `/mqtt` authenticates in its CONNECT, and each port serves its own door (ws or wss).
+    let (mqtt_ws, mqtt_doc) = ferrite_ingest::mqtt_ws::router(front.clone(), false).split_for_parts();
+    let (mqtt_wss, _) = ferrite_ingest::mqtt_ws::router(front.clone(), true).split_for_parts();
+    doc.merge(mqtt_doc);
+    let doc = crate::openapi::finish(doc);
     // Limits run after authentication (they are per principal and tenant).
     let protected = ferrite_plugin::throttle::throttle(protected, limiter.clone(), metrics.clone());
     // Outside the throttle, so that 429s are recorded too.
     let protected = ferrite_plugin::usage::record_usage(protected, usage.clone());
     let app = ferrite_plugin::protect(protected, access.clone())
         .merge(public)
+        .fallback(no_route)
         .layer(axum::middleware::from_fn(ferrite_plugin::close_after_error));
+    match crate::openapi::coverage(&app.clone().merge(mqtt_ws.clone()), &doc) {
+        Some(c) if c.complete() => {}
+        Some(c) => {
+            let message = format!(
+                "the HTTP router and its OpenAPI document disagree: served but undocumented {:?}, documented but \
+                 not served {:?}; register each route with utoipa_axum::routes! and a #[utoipa::path] on its handler",
+                c.undocumented, c.unserved
+            );
+            if cfg!(debug_assertions) {
+                anyhow::bail!(message);
+            }
+            tracing::error!("{message}");
+        }
+        None => tracing::warn!("cannot list the router's routes to check the OpenAPI document against them"),
+    }
+    document.set(&doc)?;
     let https_task = match (https_listener, &tls) {
         (Some(l), Some(files)) => {
             let listener = crate::tls::HttpsListener::start(l, files.clone(), metrics.clone())?;
             let app = app
                 .clone()
-                .merge(ferrite_ingest::mqtt_ws::router(front.clone(), true))
+                .merge(mqtt_wss)
                 .layer(axum::Extension(ferrite_plugin::usage::OverTls))
                 .layer(axum::middleware::from_fn(crate::tls::https_peer));
             let mut stop = stop_rx.clone();
@@ -311,7 +322,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let app = app.merge(ferrite_ingest::mqtt_ws::router(front.clone(), false));
+    let app = app.merge(mqtt_ws);
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(http_listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
@@ -408,27 +419,82 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The server's health.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct HealthAnswer {
+    /// `ok` or `degraded`.
+    status: &'static str,
+    /// What is wrong, when degraded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    reasons: Vec<HealthReason>,
+}
+
+/// One thing that is wrong.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct HealthReason {
+    /// `storage`, `wal`, `ingest`, ...
+    component: String,
+    message: String,
+}
+
+fn health_routes(health: Arc<Health>) -> utoipa_axum::router::OpenApiRouter {
+    utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(healthz)).with_state(health)
+}
+
 /// `GET /healthz`: 200 `{"status": "ok"}`, or 503 `{"status": "degraded", "reasons": [...]}`
 /// while persists or WAL commits fail or ingest is held back, so that orchestrators and load
 /// balancers can act.
-fn healthz(health: &Health) -> axum::response::Response {
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses(
+        (status = 200, description = "Healthy", body = HealthAnswer),
+        (status = 503, description = "Degraded: persists or WAL commits fail, or ingest is held back", body = HealthAnswer),
+    ))]
+async fn healthz(axum::extract::State(health): axum::extract::State<Arc<Health>>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let mut reasons: Vec<serde_json::Value> = health
-        .conditions()
-        .into_iter()
-        .map(|(component, message)| serde_json::json!({"component": component, "message": message}))
-        .collect();
+    let mut reasons: Vec<HealthReason> =
+        health.conditions().into_iter().map(|(component, message)| HealthReason { component, message }).collect();
     if health.overloaded() {
-        reasons.push(serde_json::json!({
-            "component": "ingest",
-            "message": "the hot buffer is past its hard bound: new data is refused until a persist succeeds",
-        }));
+        reasons.push(HealthReason {
+            component: "ingest".into(),
+            message: "the hot buffer is past its hard bound: new data is refused until a persist succeeds".into(),
+        });
     }
     if reasons.is_empty() {
-        return axum::Json(serde_json::json!({"status": "ok"})).into_response();
+        return axum::Json(HealthAnswer { status: "ok", reasons }).into_response();
     }
-    let body = serde_json::json!({"status": "degraded", "reasons": reasons});
-    (axum::http::StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    (axum::http::StatusCode::SERVICE_UNAVAILABLE, axum::Json(HealthAnswer { status: "degraded", reasons }))
+        .into_response()
+}
+
+fn operations_routes(metrics: Arc<Metrics>) -> utoipa_axum::router::OpenApiRouter {
+    utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(get_metrics)).with_state(metrics)
+}
+
+/// Prometheus metrics (needs `read_metrics`).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "The metrics in Prometheus' text format", content_type = "text/plain", body = String),
+        (status = 403, description = "The caller may not read metrics", body = ferrite_engine::api_doc::ErrorBody),
+    ))]
+async fn get_metrics(
+    axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
+    axum::Extension(caller): axum::Extension<ferrite_engine::Caller>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let tenant = ferrite_engine::Resource::tenant(ferrite_engine::ids::DEFAULT_TENANT);
+    match caller.check(ferrite_engine::Action::ReadMetrics, &tenant) {
+        Ok(()) => ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render()).into_response(),
+        Err(e) => ferrite_plugin::forbidden(&e),
+    }
+}
+
+/// The answer to a path no route serves: 404 with the error body, pointing at the document.
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> axum::response::Response {
+    ferrite_plugin::error_response(
+        axum::http::StatusCode::NOT_FOUND,
+        "no_route",
+        &format!("no endpoint {method} {}; the API is described at {}", uri.path(), crate::openapi::DOCUMENT_PATH),
+    )
 }
 
 /// Reads a stream for a rule that joins it as a table, through SQL.

@@ -15,6 +15,7 @@
 //! through the traits [`BatchSink`], [`ShardStore`] and [`BatchObserver`].
 
 pub mod ack;
+pub mod api_doc;
 pub mod auth;
 pub mod batch;
 pub mod catalog;

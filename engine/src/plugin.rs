@@ -191,7 +191,7 @@ pub trait DeviceQuery: Send + Sync {
 }
 
 /// What erasing one device's data did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct PurgeReport {
     /// The device.
     pub device_id: String,

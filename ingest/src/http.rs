@@ -8,18 +8,19 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use axum::{Extension, Json};
 use bytes::Bytes;
+use ferrite_engine::api_doc::ErrorBody;
 use ferrite_engine::auth::{Action, Caller, Resource};
 use ferrite_engine::{ErrorClass, StreamName};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::Error;
 use crate::line_protocol::Precision;
@@ -96,11 +97,8 @@ impl From<ferrite_engine::auth::Denied> for ApiError {
 
 /// The ingest routes, to merge into the server's router behind authentication: every
 /// handler needs the request's [`Caller`] and asks it for `ingest` before it decodes.
-pub fn router(ingestor: Arc<Ingestor>) -> Router {
-    Router::new()
-        .route("/api/v1/streams/{stream}/events", post(post_events))
-        .route("/api/v2/write", post(post_line_protocol))
-        .with_state(ingestor)
+pub fn router(ingestor: Arc<Ingestor>) -> OpenApiRouter {
+    OpenApiRouter::new().routes(routes!(post_events)).routes(routes!(post_line_protocol)).with_state(ingestor)
 }
 
 async fn read_body(ingestor: &Ingestor, body: Body) -> Result<Bytes, ApiError> {
@@ -128,10 +126,64 @@ async fn read_body(ingestor: &Ingestor, body: Body) -> Result<Bytes, ApiError> {
     }
 }
 
-fn rejection_details(report: &IngestReport) -> serde_json::Value {
-    report.rejections.iter().map(|r| json!({"index": r.index, "code": r.reason, "message": r.message})).collect()
+/// One rejected event of a batch.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Rejected {
+    /// Its position in the batch (0-based; the line for NDJSON and line protocol).
+    pub index: usize,
+    /// Why, as a stable code.
+    pub code: String,
+    /// Why, and how to fix it.
+    pub message: String,
 }
 
+/// The answer to a batch of events: the accepted ones are committed, the rejected ones are
+/// listed (the rest of the batch is not lost because of them).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct IngestAnswer {
+    /// Events committed to the write-ahead log.
+    pub accepted: usize,
+    /// Events refused.
+    pub rejected: usize,
+    /// Why each refused event was refused.
+    pub errors: Vec<Rejected>,
+}
+
+fn rejections(report: &IngestReport) -> Vec<Rejected> {
+    report
+        .rejections
+        .iter()
+        .map(|r| Rejected { index: r.index, code: r.reason.to_string(), message: r.message.clone() })
+        .collect()
+}
+
+fn rejection_details(report: &IngestReport) -> serde_json::Value {
+    serde_json::to_value(rejections(report)).unwrap_or_default()
+}
+
+/// Writes events to a stream: a JSON object, a JSON array of objects, or NDJSON.
+#[utoipa::path(
+    post,
+    path = "/api/v1/streams/{stream}/events",
+    tag = "ingest",
+    params(("stream" = String, Path, description = "The stream (created on first write)")),
+    request_body(
+        description = "A JSON object, a JSON array of objects, or NDJSON (`Content-Type: application/x-ndjson`); every event carries `device_id` (a device's own id is implied)",
+        content(
+            (Object = "application/json"),
+            (String = "application/x-ndjson"),
+        ),
+    ),
+    responses(
+        (status = 200, description = "Committed to the write-ahead log; refused events listed", body = IngestAnswer),
+        (status = 400, description = "Every event was refused, or the stream name is invalid", body = ErrorBody),
+        (status = 403, description = "The caller may not ingest into this stream", body = ErrorBody),
+        (status = 413, description = "The body is over the payload limit", body = ErrorBody),
+        (status = 415, description = "A device posted NDJSON", body = ErrorBody),
+        (status = 429, description = "Over a rate limit or daily quota (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "Overloaded or shutting down (see Retry-After)", body = ErrorBody),
+    ),
+)]
 async fn post_events(
     State(ingestor): State<Arc<Ingestor>>,
     Extension(caller): Extension<Caller>,
@@ -174,23 +226,40 @@ async fn post_events(
         e.details = Some(rejection_details(&report));
         return Err(e);
     }
-    Ok(Json(json!({
-        "accepted": report.accepted,
-        "rejected": report.rejected,
-        "errors": rejection_details(&report),
-    }))
-    .into_response())
+    Ok(Json(IngestAnswer { accepted: report.accepted, rejected: report.rejected, errors: rejections(&report) })
+        .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// The query parameters of an InfluxDB v2 write.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct WriteParams {
+    /// Accepted for InfluxDB clients; the measurement names the stream.
     #[allow(dead_code)]
     bucket: Option<String>,
+    /// Accepted for InfluxDB clients; the caller's tenant is used.
     #[allow(dead_code)]
     org: Option<String>,
+    /// Timestamp unit: `ns` (default), `us`, `ms` or `s`.
     precision: Option<String>,
 }
 
+/// Writes InfluxDB line protocol; each measurement is a stream.
+#[utoipa::path(
+    post,
+    path = "/api/v2/write",
+    tag = "ingest",
+    params(WriteParams),
+    request_body(description = "InfluxDB line protocol, one point per line", content_type = "text/plain", content = String),
+    responses(
+        (status = 204, description = "Every line committed to the write-ahead log"),
+        (status = 400, description = "Some lines refused (the others were written), or a bad precision", body = ErrorBody),
+        (status = 403, description = "The caller may not ingest into its tenant", body = ErrorBody),
+        (status = 413, description = "The body is over the payload limit", body = ErrorBody),
+        (status = 429, description = "Over a rate limit or daily quota (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "Overloaded or shutting down (see Retry-After)", body = ErrorBody),
+    ),
+)]
 async fn post_line_protocol(
     State(ingestor): State<Arc<Ingestor>>,
     Extension(caller): Extension<Caller>,
@@ -232,6 +301,6 @@ async fn post_line_protocol(
             report.rejections[0].message
         ),
     );
-    e.details = Some(json!({"accepted": report.accepted, "errors": rejection_details(&report)}));
+    e.details = Some(json!({"accepted": report.accepted, "errors": rejections(&report)}));
     Err(e)
 }

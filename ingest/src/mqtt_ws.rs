@@ -11,16 +11,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Extension;
-use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use ferrite_engine::api_doc::ErrorBody;
 use ferrite_engine::auth::ClientCertificate;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::mqtt::{Door, MAX_PACKET_BYTES, MqttFront, TransportIdentity};
 
@@ -38,11 +39,23 @@ struct WsState {
 
 /// The `/mqtt` route; `tls` says whether the listener serving it is HTTPS. It needs no
 /// bearer token: the session authenticates in its CONNECT, as on the TCP listener.
-pub fn router(front: Arc<MqttFront>, tls: bool) -> Router {
+pub fn router(front: Arc<MqttFront>, tls: bool) -> OpenApiRouter {
     let door = if tls { Door::Wss } else { Door::Ws };
-    Router::new().route("/mqtt", get(upgrade)).with_state(WsState { front, door })
+    OpenApiRouter::new().routes(routes!(upgrade)).with_state(WsState { front, door })
 }
 
+/// Opens an MQTT session over WebSocket (subprotocol `mqtt`); it authenticates in its CONNECT.
+#[utoipa::path(
+    get,
+    path = "/mqtt",
+    tag = "mqtt",
+    security(()),
+    params(("Sec-WebSocket-Protocol" = String, Header, description = "Must offer `mqtt`")),
+    responses(
+        (status = 101, description = "Switched to WebSocket; binary messages carry the MQTT byte stream"),
+        (status = 400, description = "Not a WebSocket upgrade, or the `mqtt` subprotocol was not offered", body = ErrorBody),
+    ),
+)]
 async fn upgrade(
     State(state): State<WsState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

@@ -7,20 +7,22 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Extension, Json};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
+use ferrite_engine::api_doc::ErrorBody;
 use ferrite_engine::auth::{AUDIT_STREAM, Action, Caller, Resource};
 use ferrite_engine::clock::{format_duration, parse_duration};
 use ferrite_engine::{ErrorClass, StreamName};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::{Error, QueryService, Scope};
 
@@ -43,11 +45,11 @@ fn scope(caller: &Caller) -> Result<Scope, ApiError> {
 
 /// The query routes, to merge into the server's router behind authentication (they need
 /// the request's [`Caller`]).
-pub fn router(service: Arc<QueryService>) -> Router {
-    Router::new()
-        .route("/api/v1/sql", post(post_sql))
-        .route("/api/v1/streams", get(get_streams))
-        .route("/api/v1/streams/{stream}/retention", put(put_retention))
+pub fn router(service: Arc<QueryService>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(post_sql))
+        .routes(routes!(get_streams))
+        .routes(routes!(put_retention))
         .with_state(service)
 }
 
@@ -92,9 +94,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A SQL request.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SqlRequest {
+    /// One SQL statement (DataFusion's dialect) over the caller's tenant's streams.
     sql: String,
 }
 
@@ -171,6 +175,25 @@ pub fn encode(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Re
     Ok(out)
 }
 
+/// Runs a SQL query over the hot buffer and the archive of the caller's tenant.
+#[utoipa::path(
+    post,
+    path = "/api/v1/sql",
+    tag = "query",
+    request_body = SqlRequest,
+    params(("Accept" = Option<String>, Header, description = "`application/json` (default), `text/csv` or `application/vnd.apache.arrow.stream`")),
+    responses(
+        (status = 200, description = "The rows: a JSON array of row objects, CSV with a header, or an Arrow IPC stream, by `Accept`",
+            content(
+                (Vec<Object> = "application/json"),
+                (String = "text/csv"),
+                (Vec<u8> = "application/vnd.apache.arrow.stream"),
+            )),
+        (status = 400, description = "The body or the SQL is invalid (the message says where)", body = ErrorBody),
+        (status = 403, description = "The caller may not query its tenant", body = ErrorBody),
+        (status = 429, description = "Over the tenant's daily query quota (see Retry-After)", body = ErrorBody),
+    ),
+)]
 async fn post_sql(
     State(service): State<Arc<QueryService>>,
     Extension(caller): Extension<Caller>,
@@ -206,20 +229,81 @@ async fn post_sql(
     }
 }
 
+/// Every stream of the tenant.
+#[derive(Debug, Serialize, ToSchema)]
+struct StreamList {
+    streams: Vec<StreamInfo>,
+}
+
+/// A stream: its columns, row counts, archive and retention.
+#[derive(Debug, Serialize, ToSchema)]
+struct StreamInfo {
+    /// The stream's name in its tenant.
+    name: String,
+    columns: Vec<ColumnInfo>,
+    rows: RowCounts,
+    archive: ArchiveInfo,
+    /// How long rows are kept (`90d`), or null for ever.
+    retention: Option<String>,
+}
+
+/// A column of a stream.
+#[derive(Debug, Serialize, ToSchema)]
+struct ColumnInfo {
+    name: String,
+    /// `timestamp`, `string`, `float`, `integer`, `unsigned`, `boolean`, ...
+    #[serde(rename = "type")]
+    column_type: String,
+    nullable: bool,
+    /// Declared in a `stream` declaration (rather than inferred).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    declared: bool,
+    /// The declared unit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unit: Option<String>,
+    /// Declared as a tag.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    tag: bool,
+}
+
+/// Rows in memory and in Parquet.
+#[derive(Debug, Serialize, ToSchema)]
+struct RowCounts {
+    hot: u64,
+    archived: u64,
+}
+
+/// The stream's Parquet files.
+#[derive(Debug, Serialize, ToSchema)]
+struct ArchiveInfo {
+    files: u64,
+    bytes: u64,
+}
+
+/// Lists the tenant's streams with their columns, row counts and retention.
+#[utoipa::path(
+    get,
+    path = "/api/v1/streams",
+    tag = "query",
+    responses(
+        (status = 200, description = "The streams", body = StreamList),
+        (status = 403, description = "The caller may not query its tenant", body = ErrorBody),
+    ),
+)]
 async fn get_streams(State(service): State<Arc<QueryService>>, Extension(caller): Extension<Caller>) -> Response {
     let scope = match scope(&caller) {
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
     let stats = service.storage().stats();
-    let streams: Vec<serde_json::Value> = service
+    let streams: Vec<StreamInfo> = service
         .catalog()
         .list_in(&scope.tenant)
         .iter()
         .filter(|s| !scope.hidden.iter().any(|h| h == s.name.local()))
         .map(|s| {
             let st = stats.get(s.name.as_str()).copied().unwrap_or_default();
-            let columns: Vec<serde_json::Value> = s
+            let columns = s
                 .arrow
                 .fields()
                 .iter()
@@ -229,33 +313,31 @@ async fn get_streams(State(service): State<Arc<QueryService>>, Extension(caller)
                         "device_id" => "string",
                         name => s.field_type(name).map(|t| t.name()).unwrap_or("unknown"),
                     };
-                    let mut c = json!({"name": f.name(), "type": ty, "nullable": f.is_nullable()});
-                    if let Some(d) = service.catalog().declared(&s.name, f.name()) {
-                        c["declared"] = json!(true);
-                        if let Some(u) = d.unit {
-                            c["unit"] = json!(u);
-                        }
-                        if d.tag {
-                            c["tag"] = json!(true);
-                        }
+                    let declared = service.catalog().declared(&s.name, f.name());
+                    ColumnInfo {
+                        name: f.name().clone(),
+                        column_type: ty.to_owned(),
+                        nullable: f.is_nullable(),
+                        declared: declared.is_some(),
+                        unit: declared.as_ref().and_then(|d| d.unit.clone()),
+                        tag: declared.is_some_and(|d| d.tag),
                     }
-                    c
                 })
                 .collect();
-            let retention = service.catalog().retention(&s.name).map(format_duration);
-            json!({
-                "name": s.name.local(),
-                "columns": columns,
-                "rows": {"hot": st.hot_rows, "archived": st.archived_rows},
-                "archive": {"files": st.files, "bytes": st.archived_bytes},
-                "retention": retention,
-            })
+            StreamInfo {
+                name: s.name.local().to_owned(),
+                columns,
+                rows: RowCounts { hot: st.hot_rows as u64, archived: st.archived_rows },
+                archive: ArchiveInfo { files: st.files as u64, bytes: st.archived_bytes },
+                retention: service.catalog().retention(&s.name).map(format_duration),
+            }
         })
         .collect();
-    Json(json!({ "streams": streams })).into_response()
+    Json(StreamList { streams }).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+/// A stream's retention.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RetentionRequest {
     /// `"90d"`, or `null` to keep rows for ever.
@@ -264,6 +346,18 @@ struct RetentionRequest {
 
 /// `PUT /api/v1/streams/{stream}/retention` `{"retention": "90d" | null}`: a stream setting,
 /// like a rule file's `stream NAME { retention 90d }`; needs `manage_rules` on the tenant.
+#[utoipa::path(
+    put,
+    path = "/api/v1/streams/{stream}/retention",
+    tag = "query",
+    params(("stream" = String, Path, description = "The stream")),
+    request_body = RetentionRequest,
+    responses(
+        (status = 200, description = "The stream's new retention", body = StreamRetention),
+        (status = 400, description = "Not a duration, or an invalid stream name", body = ErrorBody),
+        (status = 403, description = "The caller may not manage rules in its tenant", body = ErrorBody),
+    ),
+)]
 async fn put_retention(
     State(service): State<Arc<QueryService>>,
     Extension(caller): Extension<Caller>,
@@ -302,5 +396,13 @@ async fn put_retention(
         "stream_retention_set",
         &format!("{}: {}", name.local(), retention.map_or("none".into(), format_duration)),
     );
-    Json(json!({"name": name.local(), "retention": retention.map(format_duration)})).into_response()
+    Json(StreamRetention { name: name.local().to_owned(), retention: retention.map(format_duration) }).into_response()
+}
+
+/// A stream's retention, as set.
+#[derive(Debug, Serialize, ToSchema)]
+struct StreamRetention {
+    name: String,
+    /// How long rows are kept, or null for ever.
+    retention: Option<String>,
 }

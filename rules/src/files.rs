@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::runtime::RuleEngine;
 
 /// State of one rule file.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FileStatus {
     /// The file.
     pub path: String,

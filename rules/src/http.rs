@@ -7,18 +7,21 @@
 use ferrite_engine::auth::{Action, Caller, Resource};
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Extension, Json};
 use ferrite_engine::ErrorClass;
+use ferrite_engine::api_doc::ErrorBody;
+use serde::Serialize;
 use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::Error;
-use crate::files::RuleFiles;
-use crate::runtime::RuleEngine;
+use crate::files::{FileStatus, RuleFiles};
+use crate::runtime::{RuleEngine, RuleInfo, ShadowReport};
 
 /// What the routes need.
 #[derive(Debug, Clone)]
@@ -59,12 +62,12 @@ async fn enforce(
 
 /// The routes, to merge into the server's router behind authentication (they need the
 /// request's [`Caller`]).
-pub fn router(api: RulesApi) -> Router {
-    Router::new()
-        .route("/api/v1/rules", post(deploy).get(list))
-        .route("/api/v1/rules/{name}", get(one).delete(remove))
-        .route("/api/v1/rules/{name}/shadow", get(shadow_report).delete(remove_shadow))
-        .route("/api/v1/rules/{name}/shadow/promote", post(promote))
+pub fn router(api: RulesApi) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(deploy, list))
+        .routes(routes!(one, remove))
+        .routes(routes!(shadow_report, remove_shadow))
+        .routes(routes!(promote))
         .route_layer(axum::middleware::from_fn(enforce))
         .with_state(api)
 }
@@ -113,6 +116,63 @@ fn localize(mut info: crate::runtime::RuleInfo) -> crate::runtime::RuleInfo {
     info
 }
 
+/// The rules a deployment started.
+#[derive(Debug, Serialize, ToSchema)]
+struct Deployed {
+    /// The rules now running (absent for a shadow deployment).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deployed: Option<Vec<String>>,
+    /// The rules now running as shadows (with `?shadow=true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadowed: Option<Vec<String>>,
+}
+
+/// Rules that wait for their input streams to exist.
+#[derive(Debug, Serialize, ToSchema)]
+struct Waiting {
+    /// The rules.
+    waiting: Vec<String>,
+    /// What happens next.
+    message: &'static str,
+    /// The diagnostics, as for a failed file.
+    error: Option<String>,
+}
+
+/// Every rule of the tenant and the rule files' states.
+#[derive(Debug, Serialize, ToSchema)]
+struct RuleList {
+    rules: Vec<RuleInfo>,
+    files: Vec<FileStatus>,
+}
+
+/// A shadow that replaced its live rule.
+#[derive(Debug, Serialize, ToSchema)]
+struct Promoted {
+    promoted: String,
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct DeployParams {
+    /// `true` deploys the rules as shadows of the running ones, for comparison.
+    shadow: Option<bool>,
+}
+
+/// Deploys a rule file's text (one or more rules and stream declarations).
+#[utoipa::path(
+    post,
+    path = "/api/v1/rules",
+    tag = "rules",
+    params(DeployParams),
+    request_body(description = "A rule file's text (see docs/rules.md)", content_type = "text/plain", content = String),
+    responses(
+        (status = 201, description = "Deployed (or deployed as shadows)", body = Deployed),
+        (status = 202, description = "Valid, but its input streams do not exist yet: deployed when they do", body = Waiting),
+        (status = 400, description = "The rules do not compile (diagnostics with line, column and caret)", body = ErrorBody),
+        (status = 403, description = "The caller may not do this to its tenant's rules", body = ErrorBody),
+    ),
+)]
 async fn deploy(
     State(api): State<RulesApi>,
     Extension(caller): Extension<Caller>,
@@ -123,12 +183,16 @@ async fn deploy(
     let locals = |names: Vec<String>| names.iter().map(|n| local(n)).collect::<Vec<_>>();
     if params.get("shadow").is_some_and(|v| v == "true" || v == "1") {
         return match api.engine.deploy_shadow_in(tenant, &body) {
-            Ok(names) => (StatusCode::CREATED, Json(json!({"shadowed": locals(names)}))).into_response(),
+            Ok(names) => {
+                (StatusCode::CREATED, Json(Deployed { deployed: None, shadowed: Some(locals(names)) })).into_response()
+            }
             Err(e) => from_error(&e, Some(&body)),
         };
     }
     match api.engine.deploy_in(tenant, &body, None) {
-        Ok(names) => (StatusCode::CREATED, Json(json!({"deployed": locals(names)}))).into_response(),
+        Ok(names) => {
+            (StatusCode::CREATED, Json(Deployed { deployed: Some(locals(names)), shadowed: None })).into_response()
+        }
         // Rules over streams nobody has written yet wait for them, as a rule file does.
         Err(crate::Error::Invalid(ds)) if ds.iter().all(|d| d.code == Some("unknown-stream")) => {
             let error = crate::Error::Invalid(ds);
@@ -138,13 +202,16 @@ async fn deploy(
                 files.wait_for_streams(tenant, &body, rules.unwrap_or_default(), error.render("request", &body));
             let message = "the rules name streams that do not exist yet; they are deployed as soon as their streams \
                            receive data (GET /api/v1/rules shows them under `files` until then)";
-            (StatusCode::ACCEPTED, Json(json!({"waiting": status.rules, "message": message, "error": status.error})))
+            (StatusCode::ACCEPTED, Json(Waiting { waiting: status.rules, message, error: status.error }))
                 .into_response()
         }
         Err(e) => from_error(&e, Some(&body)),
     }
 }
 
+/// Lists the tenant's rules with their counters, and the rule files' states.
+#[utoipa::path(get, path = "/api/v1/rules", tag = "rules",
+    responses((status = 200, description = "The rules", body = RuleList), (status = 403, description = "The caller may not do this to its tenant's rules", body = ErrorBody),))]
 async fn list(State(api): State<RulesApi>, Extension(caller): Extension<Caller>) -> Response {
     let tenant = caller.tenant();
     let files = api.files.as_ref().map(|f| f.statuses(tenant)).unwrap_or_default();
@@ -155,9 +222,12 @@ async fn list(State(api): State<RulesApi>, Extension(caller): Extension<Caller>)
         .filter(|r| crate::inspect::split_rule_key(&r.name).0 == tenant)
         .map(localize)
         .collect();
-    Json(json!({"rules": rules, "files": files})).into_response()
+    Json(RuleList { rules, files }).into_response()
 }
 
+/// Shows one rule: its text, inputs, counters and event-time settings.
+#[utoipa::path(get, path = "/api/v1/rules/{name}", tag = "rules", params(("name" = String, Path, description = "The rule's name")),
+    responses((status = 200, description = "The rule", body = RuleInfo), (status = 403, description = "The caller may not do this to its tenant's rules", body = ErrorBody),(status = 404, description = "No such rule in the caller's tenant", body = ErrorBody),))]
 async fn one(State(api): State<RulesApi>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> Response {
     match api.engine.info(&key(caller.tenant(), &name)) {
         Ok(info) => Json(localize(info)).into_response(),
@@ -165,6 +235,9 @@ async fn one(State(api): State<RulesApi>, Extension(caller): Extension<Caller>, 
     }
 }
 
+/// Removes a rule (or a rule waiting for its streams).
+#[utoipa::path(delete, path = "/api/v1/rules/{name}", tag = "rules", params(("name" = String, Path, description = "The rule's name")),
+    responses((status = 204, description = "Removed"), (status = 403, description = "The caller may not do this to its tenant's rules", body = ErrorBody),(status = 404, description = "No such rule in the caller's tenant", body = ErrorBody),))]
 async fn remove(
     State(api): State<RulesApi>,
     Extension(caller): Extension<Caller>,
@@ -180,6 +253,9 @@ async fn remove(
     }
 }
 
+/// Compares a shadow's output with its live rule's since the shadow was deployed.
+#[utoipa::path(get, path = "/api/v1/rules/{name}/shadow", tag = "rules", params(("name" = String, Path, description = "The rule's name")),
+    responses((status = 200, description = "The comparison", body = ShadowReport), (status = 403, description = "The caller may not do this to its tenant's rules", body = ErrorBody),(status = 404, description = "No such rule in the caller's tenant", body = ErrorBody),))]
 async fn shadow_report(
     State(api): State<RulesApi>,
     Extension(caller): Extension<Caller>,
@@ -194,6 +270,9 @@ async fn shadow_report(
     }
 }
 
+/// Removes a rule's shadow; the live rule runs on.
+#[utoipa::path(delete, path = "/api/v1/rules/{name}/shadow", tag = "rules", params(("name" = String, Path, description = "The rule's name")),
+    responses((status = 204, description = "Removed"), (status = 403, description = "The caller may not do this to its tenant's rules", body = ErrorBody),(status = 404, description = "No such rule in the caller's tenant", body = ErrorBody),))]
 async fn remove_shadow(
     State(api): State<RulesApi>,
     Extension(caller): Extension<Caller>,
@@ -205,13 +284,16 @@ async fn remove_shadow(
     }
 }
 
+/// Replaces a live rule with its shadow.
+#[utoipa::path(post, path = "/api/v1/rules/{name}/shadow/promote", tag = "rules", params(("name" = String, Path, description = "The rule's name")),
+    responses((status = 200, description = "Promoted", body = Promoted), (status = 403, description = "The caller may not do this to its tenant's rules", body = ErrorBody),(status = 404, description = "No such rule in the caller's tenant", body = ErrorBody),))]
 async fn promote(
     State(api): State<RulesApi>,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Response {
     match api.engine.promote(&key(caller.tenant(), &name)) {
-        Ok(()) => (StatusCode::OK, Json(json!({"promoted": name}))).into_response(),
+        Ok(()) => (StatusCode::OK, Json(Promoted { promoted: name })).into_response(),
         Err(e) => from_error(&unscoped(e, &name), None),
     }
 }

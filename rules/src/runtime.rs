@@ -127,7 +127,7 @@ struct ShadowDiff {
 const SHADOW_DIFF_LIMIT: usize = 10_000;
 
 /// What `GET /api/v1/rules/{name}/shadow` shows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ShadowReport {
     /// The rule.
     pub name: String,
@@ -138,8 +138,10 @@ pub struct ShadowReport {
     /// Rows the shadow emitted.
     pub shadow_rows: u64,
     /// Rows only the live version emitted (up to 100, with how many times).
+    #[schema(value_type = Vec<Object>)]
     pub only_live: Vec<serde_json::Value>,
     /// Rows only the shadow emitted (up to 100).
+    #[schema(value_type = Vec<Object>)]
     pub only_shadow: Vec<serde_json::Value>,
     /// Distinct differing rows in all.
     pub differing: usize,
@@ -148,7 +150,7 @@ pub struct ShadowReport {
 }
 
 /// What `GET /api/v1/rules/{name}` shows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RuleInfo {
     /// Name.
     pub name: String,
@@ -187,7 +189,7 @@ pub struct RuleInfo {
 }
 
 /// Event-time settings, as the API shows them.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TimeInfo {
     /// `max_delay`, milliseconds.
     pub max_delay_ms: i64,

@@ -17,6 +17,7 @@ mod limits;
 mod mqtt;
 mod mqtt5;
 mod oidc;
+mod openapi;
 mod ota;
 mod pgwire;
 mod rules;

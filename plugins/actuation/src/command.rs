@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Where a command is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(as = CommandStatus)]
 pub enum Status {
     /// Accepted and stored; waiting for the device's session.
     Queued,
@@ -57,7 +58,7 @@ impl Status {
 }
 
 /// One command.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Command {
     /// Its id (a UUID), which the device echoes in its result.
     pub id: String,
@@ -73,6 +74,7 @@ pub struct Command {
     pub status: Status,
     /// The device's answer.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,
     /// Who sent it (`user::"alice"`, `service::"rules"` for a rule).
     pub sender: String,

@@ -4,17 +4,23 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use ferrite_engine::api_doc::ErrorBody;
 use ferrite_engine::auth::{Action, Caller, Resource};
 use ferrite_plugin::ApiError;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
+use crate::command::Command;
 use crate::error::Error;
+use crate::jobs::{JobRequest, JobView};
+use crate::ota::{Artifact, CampaignDevice, CampaignRequest, CampaignView, TrustedKey};
 use crate::service::{Actuation, CommandRequest};
+use crate::twin::TwinView;
 use crate::types::DeviceType;
 
 /// What the routes need.
@@ -66,33 +72,51 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 /// The routes behind authentication.
-pub fn protected_routes(services: Shared) -> Router {
-    Router::new()
-        .route("/api/v1/devices/{id}/commands", post(submit))
-        .route("/api/v1/devices/{id}/commands/{command}", get(show))
-        .route("/api/v1/devices/{id}/twin", get(show_twin).patch(patch_twin))
-        .route("/api/v1/devices/{id}/credentials/rotate", post(rotate))
-        .route("/api/v1/device-types/{name}", get(show_type).put(put_type))
-        .route("/api/v1/jobs", post(start_job))
-        .route("/api/v1/jobs/{id}", get(show_job))
-        .route("/api/v1/jobs/{id}/stop", post(stop_job))
-        .route("/api/v1/ota/keys", get(list_keys).post(add_key))
-        .route("/api/v1/ota/keys/{key}", axum::routing::delete(remove_key))
-        .route(
-            "/api/v1/ota/artifacts",
-            get(list_artifacts)
-                .post(upload)
+pub fn protected_routes(services: Shared) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(submit))
+        .routes(routes!(show))
+        .routes(routes!(show_twin, patch_twin))
+        .routes(routes!(rotate))
+        .routes(routes!(show_type, put_type))
+        .routes(routes!(start_job))
+        .routes(routes!(show_job))
+        .routes(routes!(stop_job))
+        .routes(routes!(list_keys, add_key))
+        .routes(routes!(remove_key))
+        .routes(
+            routes!(list_artifacts, upload)
                 .layer(axum::extract::DefaultBodyLimit::max(crate::ota::DEFAULT_MAX_ARTIFACT_BYTES)),
         )
-        .route("/api/v1/ota/artifacts/{id}", get(show_artifact))
-        .route("/api/v1/ota/artifacts/{id}/content", get(download))
-        .route("/api/v1/ota/campaigns", post(start_campaign))
-        .route("/api/v1/ota/campaigns/{id}", get(show_campaign))
-        .route("/api/v1/ota/campaigns/{id}/devices", get(campaign_devices))
-        .route("/api/v1/ota/campaigns/{id}/stop", post(stop_campaign))
+        .routes(routes!(show_artifact))
+        .routes(routes!(download))
+        .routes(routes!(start_campaign))
+        .routes(routes!(show_campaign))
+        .routes(routes!(campaign_devices))
+        .routes(routes!(stop_campaign))
         .with_state(services)
 }
 
+/// An accepted command: where to follow it.
+#[derive(Debug, Serialize, ToSchema)]
+struct Accepted {
+    /// The command's id.
+    id: String,
+    status: crate::command::Status,
+    /// When it expires unless answered, milliseconds since the epoch.
+    expires_at: i64,
+}
+
+impl From<&Command> for Accepted {
+    fn from(c: &Command) -> Self {
+        Self { id: c.id.clone(), status: c.status, expires_at: c.expires_at }
+    }
+}
+
+/// Sends a command to a device; it is checked against the device type's schema and limits, queued until the device is online, and followed to its result.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "The device id")), request_body = CommandRequest,
+    responses((status = 202, description = "Accepted", body = Accepted), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody),
+        (status = 422, description = "Refused by a limit of the device type (rate, parameters)", body = ErrorBody)))]
 async fn submit(
     State(Services { actuation: a, .. }): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -101,10 +125,13 @@ async fn submit(
 ) -> Answer {
     let request: CommandRequest = parse(&body)?;
     let c = a.submit(&caller.principal, None, &caller.context, caller.tenant(), &id, request).await?;
-    Ok((StatusCode::ACCEPTED, axum::Json(json!({"id": c.id, "status": c.status, "expires_at": c.expires_at})))
-        .into_response())
+    Ok((StatusCode::ACCEPTED, axum::Json(Accepted::from(&c))).into_response())
 }
 
+/// Shows a command: its status and the device's result.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/commands/{command}", tag = "commands",
+    params(("id" = String, Path, description = "The device id"), ("command" = String, Path, description = "The command id")),
+    responses((status = 200, description = "The command", body = Command), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn show(
     State(Services { actuation: a, .. }): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -118,6 +145,10 @@ async fn show(
     Ok(axum::Json(c).into_response())
 }
 
+/// Sets a device type: its commands' parameter schemas and its rate limit.
+#[utoipa::path(put, path = "/api/v1/device-types/{name}", tag = "commands",
+    params(("name" = String, Path, description = "The device type")), request_body = DeviceType,
+    responses((status = 200, description = "The type as stored", body = DeviceType), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "Denied by policy", body = ErrorBody)))]
 async fn put_type(
     State(Services { actuation: a, .. }): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -131,6 +162,10 @@ async fn put_type(
     Ok(axum::Json(a.device_type(caller.tenant(), &name).as_ref()).into_response())
 }
 
+/// Shows a device type (the standard commands when none was set).
+#[utoipa::path(get, path = "/api/v1/device-types/{name}", tag = "commands",
+    params(("name" = String, Path, description = "The device type")),
+    responses((status = 200, description = "The type", body = DeviceType), (status = 403, description = "Denied by policy", body = ErrorBody)))]
 async fn show_type(
     State(Services { actuation: a, .. }): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -140,18 +175,29 @@ async fn show_type(
     Ok(axum::Json(a.device_type(caller.tenant(), &name).as_ref()).into_response())
 }
 
+/// Shows a device's twin: desired and reported state, and their difference.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/twin", tag = "commands", params(("id" = String, Path, description = "The device id")),
+    responses((status = 200, description = "The twin", body = TwinView), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn show_twin(State(s): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Answer {
     caller.check(Action::Query, &Resource::tenant(caller.tenant()))?;
     Ok(axum::Json(s.twins.get(caller.tenant(), &id)?.view()).into_response())
 }
 
-#[derive(Debug, serde::Deserialize)]
+/// A change of a twin's desired state.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TwinPatch {
+    /// Keys to set (`null` removes one).
+    #[schema(value_type = Object)]
     desired: serde_json::Map<String, serde_json::Value>,
+    /// The version this change is based on: a stale one is refused (409).
     version: Option<i64>,
 }
 
+/// Changes a twin's desired state; the device receives the change on `devices/{id}/shadow/desired`.
+#[utoipa::path(patch, path = "/api/v1/devices/{id}/twin", tag = "commands", params(("id" = String, Path, description = "The device id")), request_body = TwinPatch,
+    responses((status = 200, description = "The twin", body = TwinView), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "The version is stale", body = ErrorBody)))]
 async fn patch_twin(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -180,6 +226,9 @@ async fn resolve(s: &Services, caller: &Caller, target: &crate::jobs::Target) ->
     })
 }
 
+/// Starts a bulk job: one command to many devices (a list, a group or a SQL query), paced, stopped past a failure rate.
+#[utoipa::path(post, path = "/api/v1/jobs", tag = "commands", request_body = JobRequest,
+    responses((status = 202, description = "Started", body = JobView), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "Denied by policy", body = ErrorBody)))]
 async fn start_job(State(s): State<Shared>, Extension(caller): Extension<Caller>, body: axum::body::Bytes) -> Answer {
     let tenant = caller.tenant().to_owned();
     caller.check(Action::Actuate, &Resource::tenant(&tenant))?;
@@ -197,11 +246,17 @@ async fn start_job(State(s): State<Shared>, Extension(caller): Extension<Caller>
     Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
 }
 
+/// Shows a job's progress.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "commands", params(("id" = String, Path, description = "The job id")),
+    responses((status = 200, description = "The job", body = JobView), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn show_job(State(s): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Answer {
     caller.check(Action::Query, &Resource::tenant(caller.tenant()))?;
     Ok(axum::Json(s.jobs.get(caller.tenant(), &id)?).into_response())
 }
 
+/// Stops a job: no further command is sent.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/stop", tag = "commands", params(("id" = String, Path, description = "The job id")),
+    responses((status = 200, description = "The job", body = JobView), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn stop_job(State(s): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Answer {
     caller.check(Action::Actuate, &Resource::tenant(caller.tenant()))?;
     let view = s.jobs.stop(caller.tenant(), &id)?;
@@ -209,7 +264,8 @@ async fn stop_job(State(s): State<Shared>, Extension(caller): Extension<Caller>,
     Ok(axum::Json(view).into_response())
 }
 
-#[derive(Debug, serde::Deserialize)]
+/// A credential rotation.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RotateRequest {
     /// Seconds the device has to confirm before the old secret stops working anyway.
@@ -221,6 +277,10 @@ fn default_deadline() -> u64 {
     3600
 }
 
+/// Rotates a device's credentials: the device receives its new secret as a command and confirms it.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/credentials/rotate", tag = "devices", params(("id" = String, Path, description = "The device id")),
+    request_body(content = Option<RotateRequest>, description = "Optional; the deadline defaults to an hour"),
+    responses((status = 202, description = "The rotation command", body = Accepted), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn rotate(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -236,11 +296,11 @@ async fn rotate(
         .rotate_credentials(&caller.principal, &caller.context, caller.tenant(), &id, request.deadline_secs)
         .await?;
     caller.record("credential_rotation_started", &id);
-    Ok((StatusCode::ACCEPTED, axum::Json(json!({"id": c.id, "status": c.status, "expires_at": c.expires_at})))
-        .into_response())
+    Ok((StatusCode::ACCEPTED, axum::Json(Accepted::from(&c))).into_response())
 }
 
-#[derive(Debug, serde::Deserialize)]
+/// A key to trust.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct KeyRequest {
     public_key: String,
@@ -248,6 +308,9 @@ struct KeyRequest {
     name: String,
 }
 
+/// Trusts an Ed25519 public key for the tenant's firmware signatures.
+#[utoipa::path(post, path = "/api/v1/ota/keys", tag = "ota", request_body = KeyRequest,
+    responses((status = 201, description = "Trusted", body = TrustedKey), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "Denied by policy", body = ErrorBody)))]
 async fn add_key(State(s): State<Shared>, Extension(caller): Extension<Caller>, body: axum::body::Bytes) -> Answer {
     caller.check(Action::ManageDevices, &Resource::tenant(caller.tenant()))?;
     let k: KeyRequest = parse(&body)?;
@@ -256,13 +319,24 @@ async fn add_key(State(s): State<Shared>, Extension(caller): Extension<Caller>, 
     Ok((StatusCode::CREATED, axum::Json(v)).into_response())
 }
 
+/// Lists the tenant's trusted firmware keys.
+#[utoipa::path(get, path = "/api/v1/ota/keys", tag = "ota",
+    responses((status = 200, description = "The keys", body = Vec<TrustedKey>), (status = 403, description = "Denied by policy", body = ErrorBody)))]
 async fn list_keys(State(s): State<Shared>, Extension(caller): Extension<Caller>) -> Answer {
     caller.check(Action::Query, &Resource::tenant(caller.tenant()))?;
-    let keys: Vec<_> =
-        s.ota.keys(caller.tenant()).await?.into_iter().map(|(k, n)| json!({"public_key": k, "name": n})).collect();
+    let keys: Vec<TrustedKey> = s
+        .ota
+        .keys(caller.tenant())
+        .await?
+        .into_iter()
+        .map(|(public_key, name)| TrustedKey { public_key, name })
+        .collect();
     Ok(axum::Json(keys).into_response())
 }
 
+/// Stops trusting a firmware key.
+#[utoipa::path(delete, path = "/api/v1/ota/keys/{key}", tag = "ota", params(("key" = String, Path, description = "The public key, hex")),
+    responses((status = 204, description = "Removed"), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn remove_key(State(s): State<Shared>, Extension(caller): Extension<Caller>, Path(key): Path<String>) -> Answer {
     caller.check(Action::ManageDevices, &Resource::tenant(caller.tenant()))?;
     s.ota.distrust_key(caller.tenant(), &key).await?;
@@ -270,6 +344,11 @@ async fn remove_key(State(s): State<Shared>, Extension(caller): Extension<Caller
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Uploads a signed firmware artifact; the signature is checked against the trusted keys before it is stored.
+#[utoipa::path(post, path = "/api/v1/ota/artifacts", tag = "ota", params(crate::ota::Upload),
+    request_body(description = "The artifact's bytes", content_type = "application/octet-stream", content = Vec<u8>),
+    responses((status = 201, description = "Stored", body = Artifact), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "Denied by policy", body = ErrorBody),
+        (status = 413, description = "Over the artifact size limit", body = ErrorBody)))]
 async fn upload(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -293,6 +372,9 @@ async fn upload(
     Ok((StatusCode::CREATED, axum::Json(outcome?)).into_response())
 }
 
+/// Lists the tenant's artifacts.
+#[utoipa::path(get, path = "/api/v1/ota/artifacts", tag = "ota",
+    responses((status = 200, description = "The artifacts", body = Vec<Artifact>), (status = 403, description = "Denied by policy", body = ErrorBody)))]
 async fn list_artifacts(State(s): State<Shared>, Extension(caller): Extension<Caller>) -> Answer {
     caller.check(Action::Query, &Resource::tenant(caller.tenant()))?;
     Ok(axum::Json(s.ota.artifacts(caller.tenant()).await?).into_response())
@@ -314,6 +396,9 @@ fn may_read_artifact(s: &Services, caller: &Caller, id: &str) -> Result<(), ApiE
     Ok(())
 }
 
+/// Shows an artifact (a device may read one a running campaign sent it).
+#[utoipa::path(get, path = "/api/v1/ota/artifacts/{id}", tag = "ota", params(("id" = String, Path, description = "The artifact id")),
+    responses((status = 200, description = "The artifact", body = Artifact), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn show_artifact(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -323,6 +408,14 @@ async fn show_artifact(
     Ok(axum::Json(s.ota.artifact(caller.tenant(), &id).await?).into_response())
 }
 
+/// Downloads an artifact's bytes, whole or by `Range` (resumable).
+#[utoipa::path(get, path = "/api/v1/ota/artifacts/{id}/content", tag = "ota",
+    params(("id" = String, Path, description = "The artifact id"), ("Range" = Option<String>, Header, description = "`bytes=START-END`")),
+    responses(
+        (status = 200, description = "The bytes", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 416, description = "The range is outside the artifact"),
+        (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn download(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -363,6 +456,9 @@ async fn download(
     })
 }
 
+/// Starts a firmware campaign: waves of devices, stopped past a failure rate.
+#[utoipa::path(post, path = "/api/v1/ota/campaigns", tag = "ota", request_body = CampaignRequest,
+    responses((status = 202, description = "Started", body = CampaignView), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn start_campaign(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -377,6 +473,9 @@ async fn start_campaign(
     Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
 }
 
+/// Shows a campaign's progress, wave by wave.
+#[utoipa::path(get, path = "/api/v1/ota/campaigns/{id}", tag = "ota", params(("id" = String, Path, description = "The campaign id")),
+    responses((status = 200, description = "The campaign", body = CampaignView), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn show_campaign(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -386,6 +485,9 @@ async fn show_campaign(
     Ok(axum::Json(s.ota.campaign(caller.tenant(), &id)?).into_response())
 }
 
+/// Lists a campaign's devices with their states.
+#[utoipa::path(get, path = "/api/v1/ota/campaigns/{id}/devices", tag = "ota", params(("id" = String, Path, description = "The campaign id")),
+    responses((status = 200, description = "The devices", body = Vec<CampaignDevice>), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn campaign_devices(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -395,6 +497,9 @@ async fn campaign_devices(
     Ok(axum::Json(s.ota.campaign_devices(caller.tenant(), &id)?).into_response())
 }
 
+/// Stops a campaign: no further wave starts.
+#[utoipa::path(post, path = "/api/v1/ota/campaigns/{id}/stop", tag = "ota", params(("id" = String, Path, description = "The campaign id")),
+    responses((status = 200, description = "The campaign", body = CampaignView), (status = 403, description = "Denied by policy", body = ErrorBody), (status = 404, description = "Not found in the caller's tenant", body = ErrorBody)))]
 async fn stop_campaign(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,

@@ -18,7 +18,7 @@ use crate::service::{Actuation, CommandRequest, now_ms};
 pub const MAX_TARGETS: usize = 100_000;
 
 /// Which devices a job reaches.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum Target {
     /// Every device of a group.
@@ -31,7 +31,7 @@ pub enum Target {
 }
 
 /// A job as a client asks for it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     /// The command every device gets.
@@ -60,7 +60,7 @@ fn default_min_samples() -> usize {
 }
 
 /// Where a job is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     /// Sending commands.
@@ -73,7 +73,7 @@ pub enum JobStatus {
 }
 
 /// A job's progress.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct JobView {
     /// Its id.
     pub id: String,

@@ -183,7 +183,7 @@ impl Plugin for ActuationPlugin {
 
     fn routes(&self) -> Routes {
         match self.routes.get() {
-            Some(s) => Routes { public: axum::Router::new(), protected: http::protected_routes(s.clone()) },
+            Some(s) => Routes { public: Default::default(), protected: http::protected_routes(s.clone()) },
             None => Routes::default(),
         }
     }

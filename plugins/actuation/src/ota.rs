@@ -31,7 +31,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use sqlx::Row;
 
 use crate::command::Status;
@@ -56,7 +56,7 @@ pub const MAX_CAMPAIGN_DEVICES: usize = 100_000;
 const CONCURRENCY: usize = 200;
 
 /// A device's place in a campaign.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceState {
     /// Waiting for its wave.
@@ -111,7 +111,7 @@ impl DeviceState {
 }
 
 /// A stored artifact.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Artifact {
     /// Its id.
     pub id: String,
@@ -144,7 +144,8 @@ impl Artifact {
 }
 
 /// What an upload states about its body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Upload {
     /// The software version.
@@ -160,7 +161,7 @@ pub struct Upload {
 }
 
 /// One wave of a campaign.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Wave {
     /// Share of the campaign's devices reached once this wave is sent, cumulative, 1-100.
@@ -171,7 +172,7 @@ pub struct Wave {
 }
 
 /// A campaign as a client asks for it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CampaignRequest {
     /// The artifact to install.
@@ -193,7 +194,7 @@ fn default_failure_rate() -> f64 {
 }
 
 /// Where a campaign is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CampaignStatus {
     /// Sending waves.
@@ -205,7 +206,7 @@ pub enum CampaignStatus {
 }
 
 /// One wave's progress.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WaveView {
     /// Its cumulative share.
     pub percent: f64,
@@ -222,7 +223,7 @@ pub struct WaveView {
 }
 
 /// A campaign's progress.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CampaignView {
     /// Its id.
     pub id: String,
@@ -280,6 +281,26 @@ impl Campaign {
         *v.states.entry(state.as_str().to_owned()).or_default() += 1;
         Some(previous)
     }
+}
+
+/// An Ed25519 public key that the tenant's artifacts may be signed with.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TrustedKey {
+    /// 32 bytes, hex.
+    pub public_key: String,
+    /// What the operator called it.
+    pub name: String,
+}
+
+/// One device of a campaign.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct CampaignDevice {
+    /// The device.
+    pub device_id: String,
+    /// Where its update is.
+    pub state: DeviceState,
+    /// Its wave, from 1.
+    pub wave: usize,
 }
 
 /// The OTA service.
@@ -379,7 +400,7 @@ impl Ota {
     }
 
     /// Adds an Ed25519 public key (hex) the tenant's artifacts may be signed with.
-    pub async fn trust_key(&self, tenant: &str, public_key: &str, name: &str) -> Result<Value> {
+    pub async fn trust_key(&self, tenant: &str, public_key: &str, name: &str) -> Result<TrustedKey> {
         let key = unhex("public_key", public_key, 32)?;
         let key = hex(&key);
         sqlx::query(
@@ -393,7 +414,7 @@ impl Ota {
         .execute(&self.pool)
         .await
         .map_err(db("store an OTA key"))?;
-        Ok(json!({"public_key": key, "name": name}))
+        Ok(TrustedKey { public_key: key, name: name.to_owned() })
     }
 
     /// The tenant's trusted keys.
@@ -726,11 +747,11 @@ impl Ota {
     }
 
     /// Each device of campaign `id` with its state and wave.
-    pub fn campaign_devices(&self, tenant: &str, id: &str) -> Result<Vec<Value>> {
+    pub fn campaign_devices(&self, tenant: &str, id: &str) -> Result<Vec<CampaignDevice>> {
         let c = self.campaigns.lock().get(id).cloned().filter(|c| c.tenant == tenant);
         let c = c.ok_or_else(|| Error::NotFound(format!("no campaign {id:?}")))?;
         let devices = c.devices.lock();
-        Ok(devices.iter().map(|(d, s, w)| json!({"device_id": d, "state": s.as_str(), "wave": w + 1})).collect())
+        Ok(devices.iter().map(|(d, s, w)| CampaignDevice { device_id: d.clone(), state: *s, wave: w + 1 }).collect())
     }
 
     /// Stops campaign `id`: no further wave starts; installs already sent run on.

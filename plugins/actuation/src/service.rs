@@ -37,7 +37,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// A command as a sender asks for it.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandRequest {
     /// The command's name.

@@ -23,6 +23,24 @@ pub const TWIN_STREAM: &str = "device_twin";
 /// Largest desired or reported state, as JSON bytes.
 pub const MAX_STATE_BYTES: usize = 64 * 1024;
 
+/// A twin as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TwinView {
+    /// What the platform wants.
+    #[schema(value_type = Object)]
+    pub desired: Map<String, Value>,
+    /// What the device last reported.
+    #[schema(value_type = Object)]
+    pub reported: Map<String, Value>,
+    /// The desired keys whose reported value differs (what the device still has to do).
+    #[schema(value_type = Object)]
+    pub delta: Map<String, Value>,
+    /// The desired state's version.
+    pub version: i64,
+    /// The version of the last report.
+    pub reported_version: i64,
+}
+
 /// One device's twin.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Twin {
@@ -47,14 +65,14 @@ impl Twin {
     }
 
     /// The API's view: `{"desired", "reported", "delta", "version", "reported_version"}`.
-    pub fn view(&self) -> Value {
-        serde_json::json!({
-            "desired": self.desired,
-            "reported": self.reported,
-            "delta": self.delta(),
-            "version": self.version,
-            "reported_version": self.reported_version,
-        })
+    pub fn view(&self) -> TwinView {
+        TwinView {
+            desired: self.desired.clone(),
+            reported: self.reported.clone(),
+            delta: self.delta(),
+            version: self.version,
+            reported_version: self.reported_version,
+        }
     }
 
     /// What the device receives on `devices/{id}/shadow/desired`.
@@ -274,6 +292,6 @@ mod tests {
             reported_version: 1,
         };
         assert_eq!(Value::Object(twin.delta()), serde_json::json!({"net": {"ssid": "x", "channel": 6}}));
-        assert_eq!(twin.view()["version"], 2);
+        assert_eq!(twin.view().version, 2);
     }
 }

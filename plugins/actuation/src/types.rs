@@ -18,7 +18,7 @@ pub const DEFAULT_MAX_LENGTH: usize = 1024;
 pub const MAX_PARAMS_BYTES: usize = 16 * 1024;
 
 /// A parameter's type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ParamType {
     /// A JSON number.
@@ -34,7 +34,7 @@ pub enum ParamType {
 }
 
 /// One parameter of a command.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ParamSpec {
     /// Its type.
@@ -58,7 +58,7 @@ pub struct ParamSpec {
 }
 
 /// What the platform may ask of a device, by management level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// An actuation command of the type (any level).
@@ -70,7 +70,7 @@ pub enum Kind {
 }
 
 /// One command a type accepts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandSpec {
     /// Its parameters; any other parameter is refused.
@@ -89,7 +89,7 @@ fn actuation() -> Kind {
 }
 
 /// A device type: its commands and rate limit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceType {
     /// The commands it accepts, beside the standard management commands.

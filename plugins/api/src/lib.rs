@@ -41,14 +41,15 @@ pub struct PluginError {
     pub message: String,
 }
 
-/// A plugin's HTTP routes.
+/// A plugin's HTTP routes, each documented in the OpenAPI document (`#[utoipa::path]` on
+/// its handler, registered with `utoipa_axum::routes!`).
 #[derive(Default)]
 pub struct Routes {
     /// Routes any client may call (OAuth2 endpoints, discovery documents).
-    pub public: Router,
+    pub public: utoipa_axum::router::OpenApiRouter,
     /// Routes behind authentication: handlers find the [`Caller`] in the request's
     /// extensions and call [`Caller::check`] before they act.
-    pub protected: Router,
+    pub protected: utoipa_axum::router::OpenApiRouter,
 }
 
 /// A service hosted around the engine. The server starts every plugin in order at boot

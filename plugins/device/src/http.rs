@@ -6,19 +6,22 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use ferrite_engine::api_doc::ErrorBody;
 use ferrite_engine::auth::{Action, Caller, Resource};
+use ferrite_engine::plugin::PurgeReport;
 use ferrite_plugin::{ApiError, error_response};
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::Error;
 use crate::model::{DeviceInput, Location, Status};
-use crate::registry::{Filter, ImportRows, Registry};
+use crate::registry::{Credentials, DeviceView, Filter, ImportReport, ImportRows, Registry};
 
 /// Largest import body; larger ones are refused whole (413).
 pub const MAX_IMPORT_BYTES: usize = 16 * 1024 * 1024;
@@ -63,20 +66,74 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 }
 
 /// The routes behind authentication.
-pub fn protected_routes(registry: Shared) -> Router {
-    Router::new()
-        .route("/api/v1/devices", post(add).get(list))
-        .route("/api/v1/devices/import", post(import))
-        .route("/api/v1/devices/{id}", get(show).patch(change).delete(remove))
-        .route("/api/v1/devices/{id}/{action}", post(act))
-        .route("/api/v1/provisioning-secrets", post(add_provisioning_secret))
+pub fn protected_routes(registry: Shared) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(add, list))
+        .routes(routes!(import))
+        .routes(routes!(show, change, remove))
+        .routes(routes!(act))
+        .routes(routes!(add_provisioning_secret))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(registry)
 }
 
 /// The routes any client may call: self-registration with a provisioning secret.
-pub fn public_routes(registry: Shared) -> Router {
-    Router::new().route("/api/v1/devices/register", post(self_register)).with_state(registry)
+pub fn public_routes(registry: Shared) -> OpenApiRouter {
+    OpenApiRouter::new().routes(routes!(self_register)).with_state(registry)
+}
+
+/// A registered device and its credentials (shown once; absent with identity off).
+#[derive(Debug, Serialize, ToSchema)]
+struct Registered<'a> {
+    #[serde(flatten)]
+    device: &'a DeviceView,
+    credentials: &'a Option<Credentials>,
+}
+
+/// A page of devices.
+#[derive(Debug, Serialize, ToSchema)]
+struct DeviceList {
+    devices: Vec<DeviceView>,
+    /// The `after` of the next page, when there is one.
+    next: Option<String>,
+}
+
+/// New credentials (shown once).
+#[derive(Debug, Serialize, ToSchema)]
+struct Rotated {
+    id: String,
+    credentials: Option<Credentials>,
+}
+
+/// A new provisioning secret (shown once).
+#[derive(Debug, Serialize, ToSchema)]
+struct ProvisioningSecret {
+    secret: String,
+    /// Milliseconds since the epoch.
+    expires_at: i64,
+    tenant: String,
+}
+
+/// A self-registration: the device's fields and a provisioning secret.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+struct SelfRegistration {
+    /// The secret an operator created with `POST /api/v1/provisioning-secrets`.
+    provisioning_secret: String,
+    #[serde(flatten)]
+    device: DeviceInput,
+}
+
+/// What a device action answers.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+enum ActionAnswer {
+    /// `disable`, `enable`, `approve`: the device.
+    Device(Box<DeviceView>),
+    /// `rotate`: the new credentials.
+    Rotated(Rotated),
+    /// `purge`: what was deleted.
+    Purged(PurgeReport),
 }
 
 /// Past the limit a body is read on and dropped up to this many bytes, so that the client
@@ -110,35 +167,45 @@ async fn body(body: axum::body::Body, limit: usize) -> Result<bytes::Bytes, ApiE
 /// Bodies of single-device requests.
 const MAX_BODY: usize = 64 * 1024;
 
-/// A device with its credentials (shown once), as registration answers.
-fn with_credentials(view: &crate::registry::DeviceView, credentials: &Option<crate::registry::Credentials>) -> Value {
-    let mut v = serde_json::to_value(view).unwrap_or_default();
-    v["credentials"] = serde_json::to_value(credentials).unwrap_or_default();
-    v
-}
-
+/// Registers a device and answers its credentials, once.
+#[utoipa::path(post, path = "/api/v1/devices", tag = "devices", request_body = DeviceInput,
+    responses((status = 201, description = "Registered", body = Registered), (status = 400, description = "Invalid device fields (the message says which)", body = ErrorBody), (status = 403, description = "The caller may not manage devices here", body = ErrorBody),
+        (status = 409, description = "The id is taken", body = ErrorBody)))]
 async fn add(State(r): State<Shared>, Extension(caller): Extension<Caller>, b: axum::body::Body) -> Answer {
     let input: DeviceInput = parse_json(&body(b, MAX_BODY).await?)?;
     allowed(&caller, Action::ManageDevices, input.id.as_deref())?;
     let (view, credentials) = r.add(caller.tenant(), &input).await?;
     caller.record("device_added", &view.device.id);
-    Ok((StatusCode::CREATED, axum::Json(with_credentials(&view, &credentials))).into_response())
+    Ok((StatusCode::CREATED, axum::Json(Registered { device: &view, credentials: &credentials })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// Filters and paging of a device listing.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListParams {
+    /// Only devices of this type.
     #[serde(rename = "type")]
     device_type: Option<String>,
+    /// `pending`, `active` or `disabled`.
     status: Option<String>,
+    /// Only members of this group.
     group: Option<String>,
+    /// Only devices with this tag.
     tag: Option<String>,
+    /// Only devices behind this gateway.
     parent: Option<String>,
+    /// Only devices with (or without) an MQTT session now.
     online: Option<bool>,
+    /// The `next` of the previous page.
     after: Option<String>,
+    /// Page size, 1 to 10,000 (default 1,000).
     limit: Option<usize>,
 }
 
+/// Lists the tenant's devices, filtered and paged.
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(ListParams),
+    responses((status = 200, description = "A page of devices", body = DeviceList), (status = 400, description = "Invalid device fields (the message says which)", body = ErrorBody), (status = 403, description = "The caller may not manage devices here", body = ErrorBody)))]
 async fn list(
     State(r): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -159,15 +226,21 @@ async fn list(
         limit: p.limit.unwrap_or(1000).clamp(1, 10_000),
     };
     let (devices, next) = r.list(caller.tenant(), &filter);
-    Ok(axum::Json(json!({"devices": devices, "next": next})).into_response())
+    Ok(axum::Json(DeviceList { devices, next }).into_response())
 }
 
+/// Shows a device, with whether it is online and when it was last seen.
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "The device id")),
+    responses((status = 200, description = "The device", body = DeviceView), (status = 403, description = "The caller may not manage devices here", body = ErrorBody), (status = 404, description = "No such device in the caller's tenant", body = ErrorBody)))]
 async fn show(State(r): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Answer {
     allowed(&caller, Action::Query, None)?;
     let d = r.get(caller.tenant(), &id)?;
     Ok(axum::Json(r.view(&d)).into_response())
 }
 
+/// Changes a device's fields (those given).
+#[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "The device id")), request_body = DeviceInput,
+    responses((status = 200, description = "The changed device", body = DeviceView), (status = 400, description = "Invalid device fields (the message says which)", body = ErrorBody), (status = 403, description = "The caller may not manage devices here", body = ErrorBody), (status = 404, description = "No such device in the caller's tenant", body = ErrorBody)))]
 async fn change(
     State(r): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -181,7 +254,8 @@ async fn change(
     Ok(axum::Json(view).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RemoveQuery {
     /// Also delete the device's rows from every stream of the tenant.
     #[serde(default)]
@@ -190,6 +264,8 @@ struct RemoveQuery {
 
 /// Decommissions a device: its credentials are revoked and its sessions closed; with
 /// `?purge=true` its data goes too (answering the purge report instead of 204).
+#[utoipa::path(delete, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "The device id"), RemoveQuery),
+    responses((status = 204, description = "Decommissioned"), (status = 200, description = "Decommissioned and purged", body = PurgeReport), (status = 403, description = "The caller may not manage devices here", body = ErrorBody), (status = 404, description = "No such device in the caller's tenant", body = ErrorBody)))]
 async fn remove(
     State(r): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -218,6 +294,11 @@ async fn remove(
     Ok(axum::Json(report).into_response())
 }
 
+/// Acts on a device: `disable`, `enable`, `approve` (a self-registered one), `rotate` its credentials, or `purge` its data.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/{action}", tag = "devices",
+    params(("id" = String, Path, description = "The device id"),
+        ("action" = String, Path, description = "`disable`, `enable`, `approve`, `rotate` or `purge`")),
+    responses((status = 200, description = "Done", body = ActionAnswer), (status = 400, description = "Invalid device fields (the message says which)", body = ErrorBody), (status = 403, description = "The caller may not manage devices here", body = ErrorBody), (status = 404, description = "No such device in the caller's tenant", body = ErrorBody)))]
 async fn act(
     State(r): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -228,18 +309,19 @@ async fn act(
     if action == "purge" {
         let report = r.purge(tenant, &id).await?;
         caller.record("device_data_purged", &format!("{id}: {} rows", report.rows_deleted));
-        return Ok(axum::Json(report).into_response());
+        return Ok(axum::Json(ActionAnswer::Purged(report)).into_response());
     }
+    let device = |v: DeviceView| ActionAnswer::Device(Box::new(v));
     let answer = match action.as_str() {
-        "disable" => json!(r.set_status(tenant, &id, Status::Disabled).await?),
-        "enable" => json!(r.set_status(tenant, &id, Status::Active).await?),
+        "disable" => device(r.set_status(tenant, &id, Status::Disabled).await?),
+        "enable" => device(r.set_status(tenant, &id, Status::Active).await?),
         "approve" => {
             if r.get(tenant, &id)?.status != Status::Pending {
                 return Err(Error::Invalid(format!("device {id:?} is not pending approval")).into());
             }
-            json!(r.set_status(tenant, &id, Status::Active).await?)
+            device(r.set_status(tenant, &id, Status::Active).await?)
         }
-        "rotate" => json!({"id": id, "credentials": r.rotate(tenant, &id).await?}),
+        "rotate" => ActionAnswer::Rotated(Rotated { id: id.clone(), credentials: r.rotate(tenant, &id).await? }),
         other => {
             return Err(Error::NotFound(format!(
                 "no device action {other:?}: use disable, enable, approve, rotate or purge"
@@ -251,6 +333,12 @@ async fn act(
     Ok(axum::Json(answer).into_response())
 }
 
+/// Registers many devices from a JSON array or a CSV (`Content-Type: text/csv`); a bad row refuses only itself.
+#[utoipa::path(post, path = "/api/v1/devices/import", tag = "devices",
+    request_body(description = "A JSON array of devices, or a CSV with a header (id, name, type, owner, level, parent, tags, groups, firmware, lat, lon, attr.NAME)",
+        content((Vec<DeviceInput> = "application/json"), (String = "text/csv"))),
+    responses((status = 200, description = "What was registered and refused", body = ImportReport), (status = 400, description = "Invalid device fields (the message says which)", body = ErrorBody), (status = 403, description = "The caller may not manage devices here", body = ErrorBody),
+        (status = 413, description = "Over 16 MiB", body = ErrorBody)))]
 async fn import(
     State(r): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -341,9 +429,11 @@ fn csv_rows(bytes: &[u8]) -> Result<ImportRows, Error> {
     Ok(rows)
 }
 
-#[derive(Debug, Deserialize)]
+/// A new provisioning secret: devices of a type register themselves with it.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ProvisioningRequest {
+    /// The type of the devices that register with it.
     #[serde(rename = "type", default)]
     device_type: String,
     #[serde(default)]
@@ -352,6 +442,9 @@ struct ProvisioningRequest {
     ttl_days: Option<u32>,
 }
 
+/// Creates a provisioning secret with which devices register themselves (as `pending`).
+#[utoipa::path(post, path = "/api/v1/provisioning-secrets", tag = "devices", request_body = ProvisioningRequest,
+    responses((status = 201, description = "The secret (shown once)", body = ProvisioningSecret), (status = 400, description = "Invalid device fields (the message says which)", body = ErrorBody), (status = 403, description = "The caller may not manage devices here", body = ErrorBody)))]
 async fn add_provisioning_secret(
     State(r): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -363,10 +456,14 @@ async fn add_provisioning_secret(
     let expires_at = crate::registry::now_ms() + days * 24 * 3600 * 1000;
     let secret = r.add_provisioning_secret(caller.tenant(), &req.device_type, &req.description, expires_at).await?;
     caller.record("provisioning_secret_added", &req.description);
-    let answer = json!({"secret": secret, "expires_at": expires_at, "tenant": caller.tenant()});
+    let answer = ProvisioningSecret { secret, expires_at, tenant: caller.tenant().to_owned() };
     Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
 }
 
+/// A device registers itself with a provisioning secret; it waits as `pending` until approved.
+#[utoipa::path(post, path = "/api/v1/devices/register", tag = "devices", security(()), request_body = SelfRegistration,
+    responses((status = 201, description = "Registered", body = Registered), (status = 400, description = "Invalid device fields (the message says which)", body = ErrorBody),
+        (status = 401, description = "The provisioning secret is wrong or expired", body = ErrorBody)))]
 async fn self_register(State(r): State<Shared>, b: axum::body::Body) -> Answer {
     let mut v: Map<String, Value> = parse_json(&body(b, MAX_BODY).await?)?;
     let Some(Value::String(secret)) = v.remove("provisioning_secret") else {
@@ -375,7 +472,8 @@ async fn self_register(State(r): State<Shared>, b: axum::body::Body) -> Answer {
     let input: DeviceInput = serde_json::from_value(Value::Object(v)).map_err(|e| Error::Invalid(e.to_string()))?;
     match r.self_register(&secret, &input).await {
         Ok((view, credentials)) => {
-            Ok((StatusCode::CREATED, axum::Json(with_credentials(&view, &credentials))).into_response())
+            Ok((StatusCode::CREATED, axum::Json(Registered { device: &view, credentials: &credentials }))
+                .into_response())
         }
         Err(Error::Invalid(m)) if m.contains("provisioning secret") => {
             Ok(error_response(StatusCode::UNAUTHORIZED, "invalid_provisioning_secret", &m))

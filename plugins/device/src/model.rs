@@ -16,7 +16,7 @@ pub const MAX_TEXT: usize = 256;
 pub const RESERVED_IDS: [&str; 2] = ["import", "register"];
 
 /// What the platform may ask of a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     /// Not managed: the platform sends it no management command.
@@ -50,8 +50,9 @@ impl Level {
 }
 
 /// Where a device is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(as = DeviceStatus)]
 pub enum Status {
     /// Registered by itself with a provisioning secret; refused until approved.
     Pending,
@@ -83,7 +84,7 @@ impl Status {
 }
 
 /// A device's position.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Location {
     /// Degrees north, -90 to 90.
     pub lat: f64,
@@ -92,7 +93,7 @@ pub struct Location {
 }
 
 /// One registered device.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Device {
     /// Unique across tenants (it is a level of MQTT topics and a client id).
     pub id: String,
@@ -110,6 +111,7 @@ pub struct Device {
     /// The gateway it is attached behind, if any.
     pub parent: Option<String>,
     /// Free attributes (a flat or nested JSON object).
+    #[schema(value_type = Object)]
     pub attributes: Map<String, Value>,
     /// Labels.
     pub tags: Vec<String>,
@@ -128,7 +130,7 @@ pub struct Device {
 }
 
 /// What a client submits to register or change a device (every field optional).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceInput {
     /// Id (a UUID is made when absent).
@@ -140,11 +142,12 @@ pub struct DeviceInput {
     pub device_type: Option<String>,
     /// Owner.
     pub owner: Option<String>,
-    /// Management level.
+    /// Management level: `none`, `semi` or `full` (default).
     pub level: Option<String>,
     /// Gateway parent.
     pub parent: Option<String>,
     /// Attributes.
+    #[schema(value_type = Option<Object>)]
     pub attributes: Option<Map<String, Value>>,
     /// Tags.
     pub tags: Option<Vec<String>>,

@@ -36,7 +36,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// A device with what is known of it now (sessions, last seen).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeviceView {
     /// The registered device.
     #[serde(flatten)]
@@ -48,7 +48,7 @@ pub struct DeviceView {
 }
 
 /// Credentials handed out once.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Credentials {
     /// The client id for the token endpoint (the device id; the MQTT username).
     pub client_id: String,
@@ -57,7 +57,7 @@ pub struct Credentials {
 }
 
 /// One rejected row of an import.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ImportFailure {
     /// Its row (1 = the first device; a CSV's header is row 0).
     pub row: usize,
@@ -68,7 +68,7 @@ pub struct ImportFailure {
 }
 
 /// What an import did.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Default, utoipa::ToSchema)]
 pub struct ImportReport {
     /// Devices registered.
     pub created: usize,

@@ -14,12 +14,15 @@ use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
-use axum::{Extension, Form, Json, Router};
+use axum::{Extension, Form, Json};
 use base64::Engine;
+use ferrite_engine::api_doc::ErrorBody;
 use ferrite_engine::auth::{Action, Caller, Principal, PrincipalKind, RequestContext, Resource, Transport};
 use ferrite_plugin::{error_response, forbidden};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::Error;
 use crate::service::{DEVICE_CODE_INTERVAL, DEVICE_CODE_TTL, Grant, GrantError, Identity, now};
@@ -39,43 +42,153 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
 type Shared = Arc<Identity>;
 
 /// Routes any client may call.
-pub fn public_routes(identity: Shared) -> Router {
-    Router::new()
-        .route("/oauth2/token", post(token))
-        .route("/oauth2/device_authorization", post(device_authorization))
-        .route("/oauth2/revoke", post(revoke))
-        .route("/oauth2/introspect", post(introspect))
-        .route("/oauth2/jwks", get(jwks))
-        .route("/.well-known/openid-configuration", get(discovery))
-        .route("/.well-known/oauth-authorization-server", get(discovery))
-        .route("/api/v1/login", post(login))
+pub fn public_routes(identity: Shared) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(token))
+        .routes(routes!(device_authorization))
+        .routes(routes!(revoke))
+        .routes(routes!(introspect))
+        .routes(routes!(jwks))
+        .routes(routes!(discovery))
+        .routes(routes!(authorization_server))
+        .routes(routes!(login))
         .with_state(identity)
 }
 
 /// Routes behind authentication.
-pub fn protected_routes(identity: Shared) -> Router {
-    Router::new()
-        .route("/api/v1/tenants", post(add_tenant).get(list_tenants))
-        .route("/api/v1/clients", post(add_client).get(list_clients))
-        .route("/api/v1/clients/{id}", delete(remove_client))
-        .route("/api/v1/users", post(add_user).get(list_users))
-        .route("/api/v1/users/{name}/password", post(set_password))
-        .route("/api/v1/tokens", post(create_token).get(list_tokens))
-        .route("/api/v1/tokens/{jti}", delete(revoke_api_token))
-        .route("/api/v1/keys/rotate", post(rotate_key))
-        .route("/api/v1/policies", get(list_policies))
-        .route("/api/v1/policies/{id}", put(put_policy).delete(delete_policy))
-        .route("/api/v1/policies/check", post(check_policy))
-        .route("/api/v1/device-codes/{code}/approve", post(approve_code))
-        .route("/api/v1/device-codes/{code}/deny", post(deny_code))
+pub fn protected_routes(identity: Shared) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(add_tenant, list_tenants))
+        .routes(routes!(add_client, list_clients))
+        .routes(routes!(remove_client))
+        .routes(routes!(add_user, list_users))
+        .routes(routes!(set_password))
+        .routes(routes!(create_token, list_tokens))
+        .routes(routes!(revoke_api_token))
+        .routes(routes!(rotate_key))
+        .routes(routes!(list_policies))
+        .routes(routes!(put_policy, delete_policy))
+        .routes(routes!(check_policy))
+        .routes(routes!(approve_code))
+        .routes(routes!(deny_code))
         .with_state(identity)
+}
+
+/// An OAuth2 error (RFC 6749 §5.2).
+#[derive(Debug, Serialize, ToSchema)]
+struct OAuthError {
+    /// `invalid_request`, `invalid_client`, `invalid_grant`, `unsupported_grant_type`, `slow_down`, ...
+    error: &'static str,
+    /// What went wrong.
+    error_description: String,
+}
+
+/// An access token (RFC 6749 §5.1).
+#[derive(Debug, Serialize, ToSchema)]
+struct TokenAnswer {
+    access_token: String,
+    /// Always `Bearer`.
+    token_type: &'static str,
+    /// Seconds until the token expires.
+    expires_in: i64,
+    scope: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+}
+
+/// The form of a token request (RFC 6749 §4.4, §6; RFC 8628 §3.4). Client credentials go in
+/// HTTP Basic or in `client_id` and `client_secret`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+struct TokenForm {
+    /// `client_credentials`, `refresh_token` or `urn:ietf:params:oauth:grant-type:device_code`.
+    grant_type: String,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    scope: Option<String>,
+    refresh_token: Option<String>,
+    device_code: Option<String>,
+}
+
+/// The form of a device authorization request (RFC 8628 §3.1).
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+struct DeviceAuthorizationForm {
+    client_id: String,
+    scope: Option<String>,
+}
+
+/// The form of a revocation (RFC 7009) or introspection (RFC 7662) request, with client
+/// authentication (HTTP Basic or the form) or a bearer token that may manage identity.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+struct TokenQueryForm {
+    token: String,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+/// A device authorization (RFC 8628 §3.2).
+#[derive(Debug, Serialize, ToSchema)]
+struct DeviceAuthorization {
+    device_code: String,
+    /// The code a user approves.
+    user_code: String,
+    verification_uri: String,
+    verification_uri_complete: String,
+    /// Seconds the codes stay valid.
+    expires_in: i64,
+    /// Seconds to wait between polls.
+    interval: i64,
+}
+
+/// A token's state (RFC 7662 §2.2); only `active` when it is not.
+#[derive(Debug, Default, Serialize, ToSchema)]
+struct Introspection {
+    active: bool,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    claims: Option<IntrospectedClaims>,
+}
+
+/// The claims of an active token.
+#[derive(Debug, Serialize, ToSchema)]
+struct IntrospectedClaims {
+    sub: String,
+    client_id: String,
+    scope: String,
+    exp: i64,
+    iat: i64,
+    nbf: i64,
+    iss: String,
+    aud: String,
+    jti: String,
+    tenant: String,
+    token_type: &'static str,
+    /// `user`, `device` or `service`.
+    kind: String,
+}
+
+/// OAuth 2.0 authorization server metadata (RFC 8414).
+#[derive(Debug, Serialize, ToSchema)]
+struct Discovery {
+    issuer: String,
+    token_endpoint: String,
+    device_authorization_endpoint: String,
+    revocation_endpoint: String,
+    introspection_endpoint: String,
+    jwks_uri: String,
+    grant_types_supported: [&'static str; 3],
+    token_endpoint_auth_methods_supported: [&'static str; 2],
+    id_token_signing_alg_values_supported: [&'static str; 1],
+    response_types_supported: [&'static str; 1],
+    subject_types_supported: [&'static str; 1],
 }
 
 // ---- OAuth2 ----
 
 fn oauth_error(status: StatusCode, e: &GrantError) -> Response {
-    let mut resp =
-        (status, Json(serde_json::json!({ "error": e.error, "error_description": e.description }))).into_response();
+    let body = OAuthError { error: e.error, error_description: e.description.clone() };
+    let mut resp = (status, Json(body)).into_response();
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
@@ -104,12 +217,13 @@ fn grant_error(e: GrantError, basic: bool) -> Response {
 }
 
 fn grant_response(g: Grant) -> Response {
-    let mut body = serde_json::json!({
-        "access_token": g.access_token, "token_type": "Bearer", "expires_in": g.expires_in, "scope": g.scope,
-    });
-    if let Some(r) = g.refresh_token {
-        body["refresh_token"] = r.into();
-    }
+    let body = TokenAnswer {
+        access_token: g.access_token,
+        token_type: "Bearer",
+        expires_in: g.expires_in,
+        scope: g.scope,
+        refresh_token: g.refresh_token,
+    };
     let mut resp = Json(body).into_response();
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
@@ -174,6 +288,15 @@ async fn authenticate_client(
     }
 }
 
+/// The OAuth2 token endpoint: client credentials, refresh tokens and the device code grant.
+#[utoipa::path(post, path = "/oauth2/token", tag = "identity", security(()),
+    request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "An access token", body = TokenAnswer),
+        (status = 400, description = "An OAuth2 error (RFC 6749 §5.2)", body = OAuthError),
+        (status = 401, description = "The client did not authenticate", body = OAuthError),
+        (status = 429, description = "`slow_down`: too many attempts (see Retry-After)", body = OAuthError),
+    ))]
 async fn token(
     State(identity): State<Shared>,
     Peer(peer): Peer,
@@ -229,6 +352,15 @@ async fn token(
     }
 }
 
+/// Starts the device authorization grant (RFC 8628) for a device without a keyboard.
+#[utoipa::path(post, path = "/oauth2/device_authorization", tag = "identity", security(()),
+    request_body(content = DeviceAuthorizationForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "The device and user codes", body = DeviceAuthorization),
+        (status = 400, description = "An OAuth2 error (RFC 6749 §5.2)", body = OAuthError),
+        (status = 401, description = "The client did not authenticate", body = OAuthError),
+        (status = 429, description = "`slow_down`: too many attempts (see Retry-After)", body = OAuthError),
+    ))]
 async fn device_authorization(
     State(identity): State<Shared>,
     headers: HeaderMap,
@@ -241,14 +373,14 @@ async fn device_authorization(
     match identity.device_authorization(client_id, &scope).await {
         Ok((device_code, user_code)) => {
             let base = base_url(&headers);
-            Json(serde_json::json!({
-                "device_code": device_code,
-                "user_code": user_code,
-                "verification_uri": format!("{base}/api/v1/device-codes/{{user_code}}/approve"),
-                "verification_uri_complete": format!("{base}/api/v1/device-codes/{user_code}/approve"),
-                "expires_in": DEVICE_CODE_TTL,
-                "interval": DEVICE_CODE_INTERVAL,
-            }))
+            Json(DeviceAuthorization {
+                device_code,
+                verification_uri: format!("{base}/api/v1/device-codes/{{user_code}}/approve"),
+                verification_uri_complete: format!("{base}/api/v1/device-codes/{user_code}/approve"),
+                user_code,
+                expires_in: DEVICE_CODE_TTL,
+                interval: DEVICE_CODE_INTERVAL,
+            })
             .into_response()
         }
         Err(e) => grant_error(e, false),
@@ -287,6 +419,16 @@ async fn authorized_caller(
     Ok(None)
 }
 
+/// Revokes an access or refresh token (RFC 7009).
+#[utoipa::path(post, path = "/oauth2/revoke", tag = "identity", security(()),
+    request_body(content = TokenQueryForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "Revoked (or already unknown)"),
+        (status = 400, description = "An OAuth2 error (RFC 6749 §5.2)", body = OAuthError),
+        (status = 401, description = "The client did not authenticate", body = OAuthError),
+        (status = 429, description = "`slow_down`: too many attempts (see Retry-After)", body = OAuthError),
+        (status = 403, description = "The caller may not manage identity here", body = ErrorBody),
+    ))]
 async fn revoke(
     State(identity): State<Shared>,
     Peer(peer): Peer,
@@ -306,6 +448,16 @@ async fn revoke(
     }
 }
 
+/// Says whether a token is active, and its claims (RFC 7662).
+#[utoipa::path(post, path = "/oauth2/introspect", tag = "identity", security(()),
+    request_body(content = TokenQueryForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "The token's state", body = Introspection),
+        (status = 400, description = "An OAuth2 error (RFC 6749 §5.2)", body = OAuthError),
+        (status = 401, description = "The client did not authenticate", body = OAuthError),
+        (status = 429, description = "`slow_down`: too many attempts (see Retry-After)", body = OAuthError),
+        (status = 403, description = "The caller may not manage identity here", body = ErrorBody),
+    ))]
 async fn introspect(
     State(identity): State<Shared>,
     Peer(peer): Peer,
@@ -317,16 +469,31 @@ async fn introspect(
     }
     let token = form.get("token").map(String::as_str).unwrap_or("");
     match identity.verify_token(token) {
-        Ok(c) => Json(serde_json::json!({
-            "active": true, "sub": c.sub, "client_id": c.client_id, "scope": c.scope, "exp": c.exp, "iat": c.iat,
-            "nbf": c.nbf, "iss": c.iss, "aud": c.aud, "jti": c.jti, "tenant": c.tenant, "token_type": "Bearer",
-            "kind": c.kind,
-        }))
+        Ok(c) => Json(Introspection {
+            active: true,
+            claims: Some(IntrospectedClaims {
+                sub: c.sub,
+                client_id: c.client_id,
+                scope: c.scope,
+                exp: c.exp,
+                iat: c.iat,
+                nbf: c.nbf,
+                iss: c.iss,
+                aud: c.aud,
+                jti: c.jti,
+                tenant: c.tenant,
+                token_type: "Bearer",
+                kind: c.kind,
+            }),
+        })
         .into_response(),
-        Err(_) => Json(serde_json::json!({ "active": false })).into_response(),
+        Err(_) => Json(Introspection::default()).into_response(),
     }
 }
 
+/// The public keys that verify Ferrite's tokens (JWKS, RFC 7517).
+#[utoipa::path(get, path = "/oauth2/jwks", tag = "identity", security(()),
+    responses((status = 200, description = "The key set", body = Object)))]
 async fn jwks(State(identity): State<Shared>) -> Response {
     Json(identity.jwks()).into_response()
 }
@@ -336,30 +503,53 @@ fn base_url(headers: &HeaderMap) -> String {
     format!("http://{host}")
 }
 
-async fn discovery(State(identity): State<Shared>, headers: HeaderMap) -> Response {
-    let base = base_url(&headers);
-    Json(serde_json::json!({
-        "issuer": identity.issuer(),
-        "token_endpoint": format!("{base}/oauth2/token"),
-        "device_authorization_endpoint": format!("{base}/oauth2/device_authorization"),
-        "revocation_endpoint": format!("{base}/oauth2/revoke"),
-        "introspection_endpoint": format!("{base}/oauth2/introspect"),
-        "jwks_uri": format!("{base}/oauth2/jwks"),
-        "grant_types_supported": ["client_credentials", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-        "id_token_signing_alg_values_supported": ["EdDSA"],
-        "response_types_supported": ["token"],
-        "subject_types_supported": ["public"],
-    }))
+fn metadata(identity: &Identity, headers: &HeaderMap) -> Response {
+    let base = base_url(headers);
+    Json(Discovery {
+        issuer: identity.issuer().to_owned(),
+        token_endpoint: format!("{base}/oauth2/token"),
+        device_authorization_endpoint: format!("{base}/oauth2/device_authorization"),
+        revocation_endpoint: format!("{base}/oauth2/revoke"),
+        introspection_endpoint: format!("{base}/oauth2/introspect"),
+        jwks_uri: format!("{base}/oauth2/jwks"),
+        grant_types_supported: ["client_credentials", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"],
+        token_endpoint_auth_methods_supported: ["client_secret_basic", "client_secret_post"],
+        id_token_signing_alg_values_supported: ["EdDSA"],
+        response_types_supported: ["token"],
+        subject_types_supported: ["public"],
+    })
     .into_response()
 }
 
-#[derive(Deserialize)]
+/// OpenID Connect discovery: the authorization server's endpoints and capabilities.
+#[utoipa::path(get, path = "/.well-known/openid-configuration", tag = "identity", security(()),
+    responses((status = 200, description = "The metadata", body = Discovery)))]
+async fn discovery(State(identity): State<Shared>, headers: HeaderMap) -> Response {
+    metadata(&identity, &headers)
+}
+
+/// OAuth 2.0 authorization server metadata (RFC 8414), the same document as OpenID discovery.
+#[utoipa::path(get, path = "/.well-known/oauth-authorization-server", tag = "identity", security(()),
+    responses((status = 200, description = "The metadata", body = Discovery)))]
+async fn authorization_server(State(identity): State<Shared>, headers: HeaderMap) -> Response {
+    metadata(&identity, &headers)
+}
+
+/// A user's name and password.
+#[derive(Deserialize, ToSchema)]
 struct Login {
     username: String,
     password: String,
 }
 
+/// Logs a user in with a name and password; answers a token as the token endpoint does.
+#[utoipa::path(post, path = "/api/v1/login", tag = "identity", security(()),
+    request_body = Login,
+    responses(
+        (status = 200, description = "An access token", body = TokenAnswer),
+        (status = 401, description = "Wrong name or password", body = ErrorBody),
+        (status = 429, description = "Too many attempts", body = ErrorBody),
+    ))]
 async fn login(State(identity): State<Shared>, Peer(peer): Peer, Json(body): Json<Login>) -> Response {
     match identity.login(&body.username, &body.password, peer).await {
         Ok(g) => grant_response(g),
@@ -386,11 +576,23 @@ fn check(caller: &Caller, action: Action, resource: Resource) -> Result<(), Resp
     caller.check(action, &resource).map_err(|e| forbidden(&e))
 }
 
-#[derive(Deserialize)]
+/// A new tenant.
+#[derive(Deserialize, Serialize, ToSchema)]
 struct NewTenant {
+    /// Its id (letters, digits, `-`, `_`).
     id: String,
 }
 
+/// The tenants the caller may manage.
+#[derive(Serialize, ToSchema)]
+struct TenantList {
+    tenants: Vec<String>,
+}
+
+/// Creates a tenant.
+#[utoipa::path(post, path = "/api/v1/tenants", tag = "identity", request_body = NewTenant,
+    responses((status = 201, description = "Created", body = NewTenant), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "The caller may not manage identity here", body = ErrorBody),
+        (status = 409, description = "It exists", body = ErrorBody)))]
 async fn add_tenant(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -400,22 +602,26 @@ async fn add_tenant(
         return r;
     }
     match identity.add_tenant(&body.id, &caller.principal).await {
-        Ok(true) => (StatusCode::CREATED, Json(serde_json::json!({ "id": body.id }))).into_response(),
+        Ok(true) => (StatusCode::CREATED, Json(NewTenant { id: body.id })).into_response(),
         Ok(false) => error_response(StatusCode::CONFLICT, "exists", &format!("tenant {:?} already exists", body.id)),
         Err(e) => api_error(e),
     }
 }
 
+/// Lists the tenants the caller may manage.
+#[utoipa::path(get, path = "/api/v1/tenants", tag = "identity",
+    responses((status = 200, description = "The tenants", body = TenantList)))]
 async fn list_tenants(State(identity): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
     let tenants: Vec<String> = identity
         .tenants()
         .into_iter()
         .filter(|t| caller.allowed(Action::ManageIdentity, &Resource::tenant(t)))
         .collect();
-    Json(serde_json::json!({ "tenants": tenants })).into_response()
+    Json(TenantList { tenants }).into_response()
 }
 
-#[derive(Deserialize)]
+/// A new OAuth2 client (a service or a device).
+#[derive(Deserialize, ToSchema)]
 struct NewClient {
     #[serde(default)]
     id: Option<String>,
@@ -423,14 +629,48 @@ struct NewClient {
     tenant: Option<String>,
     #[serde(default)]
     roles: Vec<String>,
+    /// `service` (default) or `device`.
     #[serde(default)]
     kind: Option<String>,
+    /// A device's type.
     #[serde(default, rename = "type")]
     device_type: Option<String>,
+    /// The devices a gateway publishes for.
     #[serde(default)]
     children: Vec<String>,
 }
 
+/// A new client and its secret (shown once).
+#[derive(Serialize, ToSchema)]
+struct NewClientAnswer {
+    client_id: String,
+    client_secret: String,
+    tenant: String,
+    kind: String,
+}
+
+/// A client, without its secret.
+#[derive(Serialize, ToSchema)]
+struct ClientInfo {
+    client_id: String,
+    tenant: String,
+    kind: String,
+    roles: Vec<String>,
+    #[serde(rename = "type")]
+    device_type: Option<String>,
+    children: Vec<String>,
+    disabled: bool,
+}
+
+/// The clients the caller may manage.
+#[derive(Serialize, ToSchema)]
+struct ClientList {
+    clients: Vec<ClientInfo>,
+}
+
+/// Creates an OAuth2 client (a service or a device) and answers its secret, once.
+#[utoipa::path(post, path = "/api/v1/clients", tag = "identity", request_body = NewClient,
+    responses((status = 201, description = "Created", body = NewClientAnswer), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "The caller may not manage identity here", body = ErrorBody)))]
 async fn add_client(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -453,25 +693,39 @@ async fn add_client(
     };
     let kind = record.kind.clone();
     match identity.add_client(record, Some(&caller.principal)).await {
-        Ok((id, secret)) => (
-            StatusCode::CREATED,
-            Json(serde_json::json!({ "client_id": id, "client_secret": secret, "tenant": tenant, "kind": kind })),
-        )
-            .into_response(),
+        Ok((id, secret)) => {
+            (StatusCode::CREATED, Json(NewClientAnswer { client_id: id, client_secret: secret, tenant, kind }))
+                .into_response()
+        }
         Err(e) => api_error(e),
     }
 }
 
+/// Lists the clients the caller may manage.
+#[utoipa::path(get, path = "/api/v1/clients", tag = "identity",
+    responses((status = 200, description = "The clients", body = ClientList)))]
 async fn list_clients(State(identity): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
     let clients: Vec<_> = identity
         .clients()
         .into_iter()
         .filter(|c| caller.allowed(Action::ManageIdentity, &Resource::tenant(&c.tenant)))
-        .map(|c| serde_json::json!({ "client_id": c.id, "tenant": c.tenant, "kind": c.kind, "roles": c.roles, "type": c.device_type, "children": c.children, "disabled": c.disabled }))
+        .map(|c| ClientInfo {
+            client_id: c.id,
+            tenant: c.tenant,
+            kind: c.kind,
+            roles: c.roles,
+            device_type: c.device_type,
+            children: c.children,
+            disabled: c.disabled,
+        })
         .collect();
-    Json(serde_json::json!({ "clients": clients })).into_response()
+    Json(ClientList { clients }).into_response()
 }
 
+/// Removes a client; its tokens stop working.
+#[utoipa::path(delete, path = "/api/v1/clients/{id}", tag = "identity",
+    params(("id" = String, Path, description = "The client id")),
+    responses((status = 204, description = "Removed"), (status = 403, description = "The caller may not manage identity here", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody)))]
 async fn remove_client(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -489,17 +743,38 @@ async fn remove_client(
     }
 }
 
-#[derive(Deserialize)]
+/// A new user.
+#[derive(Deserialize, ToSchema)]
 struct NewUser {
     name: String,
     #[serde(default)]
     tenant: Option<String>,
     #[serde(default)]
     roles: Vec<String>,
+    /// Without one, the user cannot log in until one is set.
     #[serde(default)]
     password: Option<String>,
 }
 
+/// A user.
+#[derive(Serialize, ToSchema)]
+struct UserInfo {
+    name: String,
+    tenant: String,
+    roles: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disabled: Option<bool>,
+}
+
+/// The users the caller may manage.
+#[derive(Serialize, ToSchema)]
+struct UserList {
+    users: Vec<UserInfo>,
+}
+
+/// Creates a user.
+#[utoipa::path(post, path = "/api/v1/users", tag = "identity", request_body = NewUser,
+    responses((status = 201, description = "Created", body = UserInfo), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "The caller may not manage identity here", body = ErrorBody)))]
 async fn add_user(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -514,29 +789,35 @@ async fn add_user(
     }
     match identity.add_user(&body.name, &tenant, body.roles.clone(), body.password.as_deref(), &caller.principal).await
     {
-        Ok(()) => {
-            (StatusCode::CREATED, Json(serde_json::json!({ "name": body.name, "tenant": tenant, "roles": body.roles })))
-                .into_response()
-        }
+        Ok(()) => (StatusCode::CREATED, Json(UserInfo { name: body.name, tenant, roles: body.roles, disabled: None }))
+            .into_response(),
         Err(e) => api_error(e),
     }
 }
 
+/// Lists the users the caller may manage.
+#[utoipa::path(get, path = "/api/v1/users", tag = "identity",
+    responses((status = 200, description = "The users", body = UserList)))]
 async fn list_users(State(identity): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
     let users: Vec<_> = identity
         .users()
         .into_iter()
         .filter(|u| caller.allowed(Action::ManageIdentity, &Resource::tenant(&u.tenant)))
-        .map(|u| serde_json::json!({ "name": u.name, "tenant": u.tenant, "roles": u.roles, "disabled": u.disabled }))
+        .map(|u| UserInfo { name: u.name, tenant: u.tenant, roles: u.roles, disabled: Some(u.disabled) })
         .collect();
-    Json(serde_json::json!({ "users": users })).into_response()
+    Json(UserList { users }).into_response()
 }
 
-#[derive(Deserialize)]
+/// A new password.
+#[derive(Deserialize, ToSchema)]
 struct NewPassword {
     password: String,
 }
 
+/// Sets a user's password (their own, or any in a tenant the caller manages).
+#[utoipa::path(post, path = "/api/v1/users/{name}/password", tag = "identity",
+    params(("name" = String, Path, description = "The user")), request_body = NewPassword,
+    responses((status = 204, description = "Set"), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "The caller may not manage identity here", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody)))]
 async fn set_password(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -558,16 +839,82 @@ async fn set_password(
     }
 }
 
-#[derive(Deserialize)]
+/// A new API token.
+#[derive(Deserialize, ToSchema)]
 struct NewToken {
+    /// The user or client it acts as (default: the caller).
     #[serde(default)]
     subject: Option<String>,
     #[serde(default)]
     description: Option<String>,
+    /// Its lifetime: `90d` (default), `12h`, `30m`, `45s`.
     #[serde(default)]
     ttl: Option<String>,
 }
 
+/// A new API token (shown once).
+#[derive(Serialize, ToSchema)]
+struct NewTokenAnswer {
+    token: String,
+    jti: String,
+    subject: String,
+    tenant: String,
+    /// Unix seconds.
+    expires_at: i64,
+}
+
+/// A live API token, without its secret.
+#[derive(Serialize, ToSchema)]
+struct TokenInfo {
+    jti: String,
+    subject: String,
+    kind: String,
+    tenant: String,
+    description: String,
+    expires_at: i64,
+    created_at: i64,
+}
+
+/// The live API tokens the caller may see.
+#[derive(Serialize, ToSchema)]
+struct TokenList {
+    tokens: Vec<TokenInfo>,
+}
+
+/// The new signing key.
+#[derive(Serialize, ToSchema)]
+struct RotatedKey {
+    kid: String,
+}
+
+/// A policy document and where it came from.
+#[derive(Serialize, ToSchema)]
+struct PolicyDocument {
+    /// `builtin`, a file, or `api:ID`.
+    source: String,
+    /// Its Cedar text.
+    text: String,
+}
+
+/// The policies in force.
+#[derive(Serialize, ToSchema)]
+struct PolicyList {
+    policies: Vec<PolicyDocument>,
+}
+
+/// A device code's new state.
+#[derive(Serialize, ToSchema)]
+struct CodeDecision {
+    client_id: String,
+    /// `approved` or `denied`.
+    status: &'static str,
+    /// Unix seconds.
+    at: i64,
+}
+
+/// Creates a long-lived API token for the caller or, with `manage_identity`, another subject.
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "identity", request_body = NewToken,
+    responses((status = 201, description = "Created (the token is shown once)", body = NewTokenAnswer), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "The caller may not manage identity here", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody)))]
 async fn create_token(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -591,7 +938,7 @@ async fn create_token(
     match identity.create_api_token(&subject, &description, ttl).await {
         Ok((token, r)) => (
             StatusCode::CREATED,
-            Json(serde_json::json!({ "token": token, "jti": r.jti, "subject": r.subject, "tenant": r.tenant, "expires_at": r.expires_at })),
+            Json(NewTokenAnswer { token, jti: r.jti, subject: r.subject, tenant: r.tenant, expires_at: r.expires_at }),
         )
             .into_response(),
         Err(e) => api_error(e),
@@ -613,20 +960,38 @@ fn humantime_secs(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n.saturating_mul(mult)))
 }
 
+/// Lists the live API tokens the caller may see.
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "identity",
+    responses((status = 200, description = "The tokens", body = TokenList)))]
 async fn list_tokens(State(identity): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
     match identity.api_tokens().await {
         Ok(tokens) => {
             let tokens: Vec<_> = tokens
                 .into_iter()
-                .filter(|t| *t.subject == *caller.principal.id || caller.allowed(Action::ManageIdentity, &Resource::tenant(&t.tenant)))
-                .map(|t| serde_json::json!({ "jti": t.jti, "subject": t.subject, "kind": t.kind, "tenant": t.tenant, "description": t.description, "expires_at": t.expires_at, "created_at": t.created_at }))
+                .filter(|t| {
+                    *t.subject == *caller.principal.id
+                        || caller.allowed(Action::ManageIdentity, &Resource::tenant(&t.tenant))
+                })
+                .map(|t| TokenInfo {
+                    jti: t.jti,
+                    subject: t.subject,
+                    kind: t.kind,
+                    tenant: t.tenant,
+                    description: t.description,
+                    expires_at: t.expires_at,
+                    created_at: t.created_at,
+                })
                 .collect();
-            Json(serde_json::json!({ "tokens": tokens })).into_response()
+            Json(TokenList { tokens }).into_response()
         }
         Err(e) => api_error(e),
     }
 }
 
+/// Revokes an API token by its id.
+#[utoipa::path(delete, path = "/api/v1/tokens/{jti}", tag = "identity",
+    params(("jti" = String, Path, description = "The token's id")),
+    responses((status = 204, description = "Revoked"), (status = 403, description = "The caller may not manage identity here", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody)))]
 async fn revoke_api_token(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -650,28 +1015,36 @@ async fn revoke_api_token(
     }
 }
 
+/// Rotates the token signing key (platform admins); tokens signed by the old key stay valid until they expire.
+#[utoipa::path(post, path = "/api/v1/keys/rotate", tag = "identity",
+    responses((status = 200, description = "The new key's id", body = RotatedKey), (status = 403, description = "The caller may not manage identity here", body = ErrorBody)))]
 async fn rotate_key(State(identity): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
     if !caller.principal.has_role("platform-admin") {
         return error_response(StatusCode::FORBIDDEN, "forbidden", "only a platform admin may rotate the signing key");
     }
     match identity.rotate_key(Some(&caller.principal)).await {
-        Ok(kid) => Json(serde_json::json!({ "kid": kid })).into_response(),
+        Ok(kid) => Json(RotatedKey { kid }).into_response(),
         Err(e) => api_error(e),
     }
 }
 
+/// Lists the Cedar policies in force.
+#[utoipa::path(get, path = "/api/v1/policies", tag = "identity",
+    responses((status = 200, description = "The policies", body = PolicyList), (status = 403, description = "The caller may not manage identity here", body = ErrorBody)))]
 async fn list_policies(State(identity): State<Shared>, Extension(caller): Extension<Caller>) -> Response {
     if let Err(r) = check(&caller, Action::ManageIdentity, Resource::tenant(caller.tenant())) {
         return r;
     }
-    let docs: Vec<_> = identity
-        .policy_documents()
-        .into_iter()
-        .map(|(source, text)| serde_json::json!({ "source": source, "text": text }))
-        .collect();
-    Json(serde_json::json!({ "policies": docs })).into_response()
+    let docs: Vec<_> =
+        identity.policy_documents().into_iter().map(|(source, text)| PolicyDocument { source, text }).collect();
+    Json(PolicyList { policies: docs }).into_response()
 }
 
+/// Stores a Cedar policy document under an id (platform admins); it takes effect at once.
+#[utoipa::path(put, path = "/api/v1/policies/{id}", tag = "identity",
+    params(("id" = String, Path, description = "The document's id")),
+    request_body(description = "Cedar policy text", content_type = "text/plain", content = String),
+    responses((status = 204, description = "Stored"), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "The caller may not manage identity here", body = ErrorBody)))]
 async fn put_policy(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -687,6 +1060,10 @@ async fn put_policy(
     }
 }
 
+/// Deletes a policy document stored through the API (platform admins).
+#[utoipa::path(delete, path = "/api/v1/policies/{id}", tag = "identity",
+    params(("id" = String, Path, description = "The document's id")),
+    responses((status = 204, description = "Deleted"), (status = 403, description = "The caller may not manage identity here", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody)))]
 async fn delete_policy(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -704,13 +1081,35 @@ async fn delete_policy(
     }
 }
 
-#[derive(Deserialize)]
+/// A policy question: may this principal do this action on this resource?
+#[derive(Deserialize, ToSchema)]
 struct CheckRequest {
+    /// `user::"alice"`, `device::"d1"` or `service::"s"`.
     principal: String,
+    /// `ingest`, `query`, `subscribe`, `manage_devices`, ...
     action: String,
+    /// `topic::"devices/d1/telemetry"`, `stream::"telemetry"`, `tenant::"a"`, `rule::"r"`, `device::"d1"`.
     resource: String,
 }
 
+/// A policy decision and the policies that made it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Decision {
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// The ids of the deciding policies (empty for a default deny).
+    pub policies: Vec<String>,
+    /// The principal as asked.
+    pub principal: String,
+    /// The action as asked.
+    pub action: &'static str,
+    /// The resource as asked.
+    pub resource: String,
+}
+
+/// Answers a policy question and names the policies that decided it.
+#[utoipa::path(post, path = "/api/v1/policies/check", tag = "identity", request_body = CheckRequest,
+    responses((status = 200, description = "The decision", body = Decision), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "The caller may not manage identity here", body = ErrorBody)))]
 async fn check_policy(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -732,12 +1131,7 @@ fn parse_ref(s: &str) -> Result<(String, String), String> {
 }
 
 /// The decision for a textual question, with the policies that decided it.
-pub fn explain(
-    identity: &Identity,
-    principal: &str,
-    action: &str,
-    resource: &str,
-) -> Result<serde_json::Value, String> {
+pub fn explain(identity: &Identity, principal: &str, action: &str, resource: &str) -> Result<Decision, String> {
     let (pkind, pid) = parse_ref(principal)?;
     let kind =
         PrincipalKind::parse(&pkind).ok_or_else(|| format!("principal kind {pkind:?}: use user, device or service"))?;
@@ -752,13 +1146,13 @@ pub fn explain(
     let r = parse_resource(resource, &p.tenant)?;
     let ctx = RequestContext::new(Transport::Local, None);
     let d = identity.explain(&p, action_v, &r, &ctx).map_err(|e| e.to_string())?;
-    Ok(serde_json::json!({
-        "decision": if d.allowed { "allow" } else { "deny" },
-        "policies": d.policies,
-        "principal": p.to_string(),
-        "action": action_v.as_str(),
-        "resource": r.to_string(),
-    }))
+    Ok(Decision {
+        decision: if d.allowed { "allow" } else { "deny" },
+        policies: d.policies,
+        principal: p.to_string(),
+        action: action_v.as_str(),
+        resource: r.to_string(),
+    })
 }
 
 /// Parses `topic::"devices/d1/telemetry"`, `stream::"telemetry"`, `tenant::"a"`, `rule::"r"`,
@@ -779,6 +1173,10 @@ pub fn parse_resource(s: &str, tenant: &str) -> Result<Resource, String> {
     })
 }
 
+/// Approves a device code (users only): the device polling with it receives its token.
+#[utoipa::path(post, path = "/api/v1/device-codes/{code}/approve", tag = "identity",
+    params(("code" = String, Path, description = "The user code")),
+    responses((status = 200, description = "Approved", body = CodeDecision), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "The caller may not manage identity here", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody)))]
 async fn approve_code(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -787,6 +1185,10 @@ async fn approve_code(
     decide_code(&identity, &caller, &code, true).await
 }
 
+/// Denies a device code (users only).
+#[utoipa::path(post, path = "/api/v1/device-codes/{code}/deny", tag = "identity",
+    params(("code" = String, Path, description = "The user code")),
+    responses((status = 200, description = "Denied", body = CodeDecision), (status = 400, description = "Invalid request (the message says why)", body = ErrorBody), (status = 403, description = "The caller may not manage identity here", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody)))]
 async fn deny_code(
     State(identity): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -800,7 +1202,10 @@ async fn decide_code(identity: &Identity, caller: &Caller, code: &str, approve: 
         return error_response(StatusCode::FORBIDDEN, "forbidden", "only a user may approve a device code");
     }
     match identity.decide_device_code(code, &caller.principal, approve).await {
-        Ok(client) => Json(serde_json::json!({ "client_id": client, "status": if approve { "approved" } else { "denied" }, "at": now() })).into_response(),
+        Ok(client) => {
+            let status = if approve { "approved" } else { "denied" };
+            Json(CodeDecision { client_id: client, status, at: now() }).into_response()
+        }
         Err(e) => api_error(e),
     }
 }
