@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark with its peer side by side, and prints, after each one's raw output,
 # the rows of its table in BENCHMARKS.md (so that the file is pasted from a run, not retyped).
-# Needs: mosquitto (apt), duckdb and polars (pip). Release build (no LTO); the first one is long.
+# Needs: mosquitto and influxdb (apt), duckdb and polars (pip). Release build (no LTO); the first one is long.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FEATURES="${FERRITE_BENCH_FEATURES:-}"   # "polars" adds the polars Rust-crate peer (a heavy build)
@@ -56,6 +56,9 @@ rows mqtt_tls ferrite_plain ferrite_tls ferrite_plain_again ferrite_tls_ratio mo
 echo "== memory per idle MQTT connection, Ferrite and mosquitto"
 ./target/release/mqtt_idle "${IDLE_CONNECTIONS:-10000}" | tee /tmp/ferrite-bench-idle.txt
 rows mqtt_idle connections ferrite_rss_before_kib ferrite_rss_after_kib ferrite_bytes_per_connection mosquitto_rss_before_kib mosquitto_rss_after_kib mosquitto_bytes_per_connection < /tmp/ferrite-bench-idle.txt
+echo "== Sparkplug B DATA against JSON over MQTT, the same metrics (alternating rounds)"
+./target/release/sparkplug "${TLS_PUBLISHERS:-50}" "${MQTT_MESSAGES:-2000}" 10 3 | tee /tmp/ferrite-bench-sparkplug.txt
+rows sparkplug publishers metrics sparkplug_msgs_per_s json_msgs_per_s sparkplug/json sparkplug_metrics_per_s sparkplug_bytes json_bytes < /tmp/ferrite-bench-sparkplug.txt
 echo "== MQTT 5 against MQTT 3.1.1, Ferrite and mosquitto"
 ./target/release/mqtt5 "${TLS_PUBLISHERS:-50}" "${MQTT_MESSAGES:-2000}" 3 | tee /tmp/ferrite-bench-mqtt5.txt
 rows mqtt5 ferrite_v311 ferrite_v5 ferrite_v5_ratio mosquitto_v311 mosquitto_v5 mosquitto_v5_ratio < /tmp/ferrite-bench-mqtt5.txt
@@ -96,6 +99,14 @@ echo "== TSBS IoT: load through line protocol, compaction, the twelve queries (F
 rows tsbs_load trucks hours lines accepted refused_no_name decode_commit_lines_per_s < /tmp/ferrite-bench-tsbs.txt
 rows tsbs_archive stream rows files_before files_after bytes_per_value_before bytes_per_value_after < /tmp/ferrite-bench-tsbs.txt
 rows tsbs_query query rows ferrite_ms duckdb_ms polars_ms ferrite/duckdb ferrite/polars < /tmp/ferrite-bench-tsbs.txt
+echo "== TSBS IoT through InfluxDB 1.x's /write: Ferrite and InfluxDB 1.6 (Debian's influxdb), the same batches (three runs)"
+if ! command -v influxd >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq influxdb >/dev/null || true
+fi
+for _ in 1 2 3; do ./target/release/tsbs_write "${TSBS_WRITE_TRUCKS:-1000}" "${TSBS_WRITE_HOURS:-3}" 10000 2; done | tee /tmp/ferrite-bench-tsbs-write.txt
+rows tsbs_write server lines rows_acked refused_batches rows_per_s server_cpu_s_per_million_rows < /tmp/ferrite-bench-tsbs-write.txt
+rows tsbs_write server rows_in_sql every_line_accepted < /tmp/ferrite-bench-tsbs-write.txt | grep -v '|  |'
 echo "== rules latency: maximum load, then half of it (three runs)"
 MAX_LINE=$(./target/release/rules_latency 3000000 "${LATENCY_SECONDS:-10}" 4)
 echo "$MAX_LINE"

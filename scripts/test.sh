@@ -42,9 +42,18 @@ if ! python3 -c 'import adbc_driver_flightsql.dbapi' >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check adbc-driver-flightsql adbc-driver-manager
 fi
 
-if ! python3 -c 'import paho.mqtt.client' >/dev/null 2>&1; then
+if ! python3 -c 'import paho.mqtt.client as m; m.CallbackAPIVersion' >/dev/null 2>&1; then
     log "installing paho-mqtt (Python) for the MQTT over WebSocket test"
     python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2'
+fi
+
+# pysparkplug needs paho-mqtt 1.x, the MQTT 5 tests paho-mqtt 2: it lives in a virtual
+# environment of its own under target/ (the Sparkplug test runs that interpreter).
+if ! target/py-sparkplug/bin/python -c 'import pysparkplug' >/dev/null 2>&1; then
+    log "installing pysparkplug (Python, in target/py-sparkplug) for the Sparkplug B test"
+    mkdir -p target
+    python3 -m venv target/py-sparkplug
+    target/py-sparkplug/bin/pip install --quiet --disable-pip-version-check pysparkplug
 fi
 
 if ! python3 -c 'import moto.server' >/dev/null 2>&1; then

@@ -81,6 +81,9 @@ pub struct Config {
     pub max_hours_per_request: usize,
     /// Line-protocol tags that name the device after `device_id` and `host`, in order.
     pub device_tags: Vec<String>,
+    /// The device of a line-protocol line that has no device tag (such lines are rejected
+    /// when empty).
+    pub default_device: String,
     /// Most open MQTT connections in all.
     pub mqtt_max_connections: usize,
     /// Most open MQTT connections from one IP address.
@@ -196,6 +199,7 @@ impl Default for Config {
             max_fields_per_stream: 1024,
             max_hours_per_request: 168,
             device_tags: Vec::new(),
+            default_device: String::new(),
             mqtt_max_connections: 100_000,
             mqtt_max_connections_per_ip: 10_000,
             mqtt_max_subscriptions: 1000,
@@ -497,6 +501,7 @@ mod tests {
             "max_fields_per_stream",
             "max_hours_per_request",
             "device_tags",
+            "default_device",
             "mqtt_max_connections",
             "mqtt_max_connections_per_ip",
             "mqtt_max_subscriptions",

@@ -152,6 +152,9 @@ pub struct ServeArgs {
     /// (comma-separated; `name` for TSBS data).
     #[arg(long, env = "FERRITE_DEVICE_TAGS", value_delimiter = ',')]
     device_tags: Option<Vec<String>>,
+    /// The device of a line-protocol line that has no device tag (rejected when unset).
+    #[arg(long, env = "FERRITE_DEFAULT_DEVICE")]
+    default_device: Option<String>,
     /// Most open MQTT connections in all.
     #[arg(long, env = "FERRITE_MQTT_MAX_CONNECTIONS")]
     mqtt_max_connections: Option<usize>,
@@ -351,6 +354,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.device_tags {
             c.device_tags = v;
+        }
+        if let Some(v) = self.default_device {
+            c.default_device = v;
         }
         if let Some(v) = self.mqtt_max_connections {
             c.mqtt_max_connections = v;

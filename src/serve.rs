@@ -130,11 +130,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     rules.set_sandbox(ferrite_rules::sandbox::Sandbox { table_dir, webhook_hosts: config.webhook_allow_hosts.clone() });
 
+    let default_device = (!config.default_device.is_empty()).then(|| config.default_device.clone());
+    if let Some(d) = &default_device {
+        ferrite_engine::ids::validate_device_id(d)
+            .map_err(|e| anyhow::anyhow!("default_device {d:?} is not a device id: {e}"))?;
+    }
     let ingest_config = IngestConfig {
         max_payload_bytes: config.max_payload,
         health: health.clone(),
         max_hours_per_request: config.max_hours_per_request,
         device_tags: config.device_tags.clone(),
+        default_device,
         quotas: quotas.clone(),
         ..IngestConfig::default()
     };

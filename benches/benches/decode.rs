@@ -58,7 +58,7 @@ fn decode(c: &mut Criterion) {
                 ferrite_engine::ids::DEFAULT_TENANT,
                 black_box(&lp),
                 Precision::Nanoseconds,
-                &[],
+                &line_protocol::DeviceNaming::default(),
                 0,
             );
             assert!(out.rejections.is_empty());

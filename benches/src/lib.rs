@@ -6,6 +6,7 @@
 
 pub mod load;
 pub mod server;
+pub mod tsbs;
 
 /// The median of `v` (the upper one of an even count; 0 for none): what the scenarios
 /// report, so that one slow run on a shared machine does not move the figure.

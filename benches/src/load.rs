@@ -219,6 +219,18 @@ pub async fn publish_qos1<S: AsyncRead + AsyncWrite + Unpin>(
     messages: usize,
     v5: bool,
 ) -> Result<(), String> {
+    let topic = format!("devices/tls-{id}/telemetry");
+    publish_qos1_with(stream, id, messages, v5, |i| (topic.clone(), mqtt_payload(i))).await
+}
+
+/// [`publish_qos1`] of the messages `next` makes (topic and payload of the i-th).
+pub async fn publish_qos1_with<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    id: usize,
+    messages: usize,
+    v5: bool,
+    mut next: impl FnMut(usize) -> (String, Vec<u8>),
+) -> Result<(), String> {
     use rumqttc::v5::mqttbytes::v5 as m5;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut out = BytesMut::with_capacity(64 * 1024);
@@ -254,20 +266,20 @@ pub async fn publish_qos1<S: AsyncRead + AsyncWrite + Unpin>(
             return Err("closed before CONNACK".into());
         }
     }
-    let topic = format!("devices/tls-{id}/telemetry");
     let (mut sent, mut acked) = (0usize, 0usize);
     while acked < messages {
         if sent < messages && sent - acked < WINDOW {
             out.clear();
             while sent < messages && sent - acked < WINDOW {
                 let pkid = (sent % 65_000 + 1) as u16;
+                let (topic, payload) = next(sent);
                 if v5 {
                     let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
-                    let mut p = m5::Publish::new(topic.as_str(), qos, mqtt_payload(sent), None);
+                    let mut p = m5::Publish::new(topic.as_str(), qos, payload, None);
                     p.pkid = pkid;
                     p.write(&mut out).map_err(|e| e.to_string())?;
                 } else {
-                    let mut p = Publish::new(&topic, rumqttc::mqttbytes::QoS::AtLeastOnce, mqtt_payload(sent));
+                    let mut p = Publish::new(&topic, rumqttc::mqttbytes::QoS::AtLeastOnce, payload);
                     p.pkid = pkid;
                     RawPacket::Publish(p).write(&mut out, 1 << 20).map_err(|e| e.to_string())?;
                 }

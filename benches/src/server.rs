@@ -70,6 +70,18 @@ pub fn poll_until(
     Ok(())
 }
 
+/// CPU time (user + system) process `pid` has used so far, in microseconds (from /proc;
+/// Linux counts it in 100ths of a second).
+pub fn cpu_us(pid: u32) -> Result<u64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    // Fields after the command's closing parenthesis; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("no /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).ok_or("bad /proc stat");
+    // 100 ticks a second on Linux.
+    Ok((ticks(11)? + ticks(12)?) * 10_000)
+}
+
 /// Path of the `ferrite` binary next to the running benchmark binary (same profile).
 pub fn ferrite_binary() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();

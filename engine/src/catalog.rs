@@ -146,6 +146,13 @@ pub struct StreamSettings {
     /// they carry a unit and a tag flag.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, DeclaredField>,
+    /// The one line-protocol tag that names the device (`device_tag NAME` in its
+    /// declaration), instead of `device_id`, `host` and the configured tags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_tag: Option<String>,
+    /// The device of a line-protocol line without a device tag (`default_device 'ID'`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_device: Option<String>,
 }
 
 /// A schema's fields, in order.
@@ -352,6 +359,66 @@ impl StreamCatalog {
         self.settings.read().get(stream).and_then(|s| s.retention_secs).map(std::time::Duration::from_secs)
     }
 
+    /// The line-protocol device tag and default device `stream` declares, if any.
+    pub fn device_naming(&self, stream: &StreamName) -> (Option<Arc<str>>, Option<Arc<str>>) {
+        match self.settings.read().get(stream) {
+            Some(s) => (s.device_tag.as_deref().map(Arc::from), s.default_device.as_deref().map(Arc::from)),
+            None => (None, None),
+        }
+    }
+
+    /// Sets (or with `None` removes) the device tag and default device of `stream`, durably.
+    /// A default device must be a valid device id.
+    pub fn set_device_naming(
+        &self,
+        stream: &StreamName,
+        device_tag: Option<&str>,
+        default_device: Option<&str>,
+    ) -> Result<()> {
+        if let Some(t) = device_tag
+            && (t.is_empty() || t.len() > 256 || t.chars().any(char::is_control))
+        {
+            return Err(Error::InvalidSetting {
+                stream: stream.to_string(),
+                message: format!("device_tag {t:?} is not a tag name"),
+            });
+        }
+        if let Some(d) = default_device {
+            crate::ids::validate_device_id(d).map_err(|e| Error::InvalidSetting {
+                stream: stream.to_string(),
+                message: format!("default_device {d:?}: {e}"),
+            })?;
+        }
+        self.change_settings(stream, |s| {
+            s.device_tag = device_tag.map(str::to_owned);
+            s.default_device = default_device.map(str::to_owned);
+        })?;
+        tracing::info!(stream = %stream, device_tag, default_device, "stream device naming set");
+        Ok(())
+    }
+
+    /// Changes the settings of `stream` and persists them; restores them when that fails.
+    fn change_settings(&self, stream: &StreamName, change: impl FnOnce(&mut StreamSettings)) -> Result<()> {
+        let streams = self.streams.write();
+        let mut settings = self.settings.write();
+        let before = settings.get(stream).cloned();
+        let entry = settings.entry(stream.clone()).or_default();
+        change(entry);
+        if *entry == StreamSettings::default() {
+            settings.remove(stream);
+        }
+        drop(settings);
+        if let Err(e) = self.persist(&streams) {
+            let mut settings = self.settings.write();
+            match before {
+                Some(b) => settings.insert(stream.clone(), b),
+                None => settings.remove(stream),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Every stream with a retention, and that retention.
     pub fn retentions(&self) -> Vec<(StreamName, std::time::Duration)> {
         let settings = self.settings.read();
@@ -375,23 +442,7 @@ impl StreamCatalog {
                 ),
             });
         }
-        let streams = self.streams.write();
-        let mut settings = self.settings.write();
-        let before = settings.get(stream).cloned();
-        let entry = settings.entry(stream.clone()).or_default();
-        entry.retention_secs = retention.map(|r| r.as_secs());
-        if *entry == StreamSettings::default() {
-            settings.remove(stream);
-        }
-        drop(settings);
-        if let Err(e) = self.persist(&streams) {
-            let mut settings = self.settings.write();
-            match before {
-                Some(b) => settings.insert(stream.clone(), b),
-                None => settings.remove(stream),
-            };
-            return Err(e);
-        }
+        self.change_settings(stream, |s| s.retention_secs = retention.map(|r| r.as_secs()))?;
         tracing::info!(stream = %stream, retention = ?retention, "stream retention set");
         Ok(())
     }

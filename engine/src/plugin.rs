@@ -75,6 +75,10 @@ pub trait PresenceObserver: Send + Sync {
     /// last will published), `kicked` ([`TopicPublisher::disconnect`]), `shutdown` or
     /// `error`.
     fn disconnected(&self, session: &Presence, reason: &'static str);
+    /// A device without an MQTT session of its own came online (`online`) or went offline:
+    /// a Sparkplug B edge node or device, by its births and deaths. `reason` is `birth`,
+    /// `death`, `node_death` or `session_ended`.
+    fn availability(&self, _tenant: &str, _device: &str, _online: bool, _reason: &'static str) {}
 }
 
 /// The MQTT side of the bus, as plugins see it: publish to subscribers (a command to a

@@ -502,6 +502,8 @@ pub struct Broker {
     turn: AtomicU64,
     /// Last wills waiting for their delay (MQTT 5), by client: a reconnect cancels them.
     pending_wills: Mutex<HashMap<(String, String), (u64, tokio::task::AbortHandle)>>,
+    /// The Sparkplug B state of the edge nodes that publish here.
+    sparkplug: crate::sparkplug::Sparkplug,
 }
 
 impl Default for Broker {
@@ -513,6 +515,45 @@ impl Default for Broker {
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker").field("subscriptions", &self.subs.read().len()).finish()
+    }
+}
+
+impl Broker {
+    /// The Sparkplug B state of the edge nodes that publish here.
+    pub fn sparkplug(&self) -> &crate::sparkplug::Sparkplug {
+        &self.sparkplug
+    }
+
+    /// Tells the presence observers that `device` of `tenant` (a Sparkplug B node or device,
+    /// with no MQTT session of its own) came online or went offline.
+    pub(crate) fn availability(&self, tenant: &str, device: &str, online: bool, reason: &'static str) {
+        for o in self.observers.read().iter() {
+            o.availability(tenant, device, online, reason);
+        }
+    }
+
+    /// A command to a Sparkplug B device, sent as its DCMD (or its node's NCMD) at QoS 0 as
+    /// Sparkplug sends commands: `None` when `device` is not a Sparkplug device that was born,
+    /// or `payload` is not a command (`{"name", "params"}`).
+    fn sparkplug_command(&self, device: &str, topic: &str, payload: &[u8]) -> Option<Result<(), String>> {
+        if topic != format!("devices/{device}/commands") {
+            return None;
+        }
+        #[derive(serde::Deserialize)]
+        struct Command {
+            name: String,
+            #[serde(default)]
+            params: serde_json::Map<String, serde_json::Value>,
+        }
+        let c: Command = serde_json::from_slice(payload).ok()?;
+        let (cmd_topic, bytes) = match self.sparkplug.command(None, device, &c.name, &c.params)? {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e)),
+        };
+        self.metrics.inc("ferrite_sparkplug_commands_total", &[], 1);
+        Some(
+            self.publish(&cmd_topic, Bytes::from(bytes), QoS::AtMostOnce, false).map(|_| ()).map_err(|e| e.to_string()),
+        )
     }
 }
 
@@ -539,6 +580,10 @@ impl ferrite_engine::plugin::TopicPublisher for Broker {
     }
 
     fn deliver(&self, device: &str, topic: &str, payload: &[u8]) -> Result<ferrite_engine::plugin::Delivery, String> {
+        if let Some(sent) = self.sparkplug_command(device, topic, payload) {
+            sent?;
+            return Ok(Box::pin(async { Ok(()) }));
+        }
         let acked = Broker::deliver(self, device, topic, Bytes::copy_from_slice(payload)).map_err(|e| e.to_string())?;
         Ok(Box::pin(
             async move { acked.await.map_err(|_| "the session ended before the device acknowledged".to_owned()) },
@@ -555,6 +600,7 @@ impl Broker {
     /// An empty broker counting into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
+            sparkplug: crate::sparkplug::Sparkplug::new(metrics.clone()),
             dropped: Drops::new(&metrics),
             metrics,
             subs: RwLock::default(),

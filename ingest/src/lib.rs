@@ -15,7 +15,8 @@ pub mod mqtt;
 pub mod mqtt5;
 pub mod mqtt_ws;
 pub mod pipeline;
+pub mod sparkplug;
 pub mod topic;
 
 pub use error::{Error, Result};
-pub use pipeline::{Durability, IngestConfig, IngestReport, Ingestor, Payload, Transport};
+pub use pipeline::{Durability, IngestConfig, IngestReport, Ingestor, LineOptions, Payload, Transport};

@@ -4,8 +4,11 @@
 //! measurement[,tag=value...] field=value[,field=value...] [timestamp]
 //! ```
 //!
-//! The measurement is the stream; the `device_id` tag (or, failing that, `host`, then the
-//! configured `device_tags` in their order, e.g. `name` for TSBS data) is the device; other tags become string columns; fields are floats, integers (`1i`, `1u`),
+//! The measurement is the stream; a tag names the device (see [`DeviceNaming`]: the request's
+//! `device_tag`, else the stream's declared one, else `device_id`, then `host`, then the
+//! configured `device_tags` in their order, e.g. `name` for TSBS data); a line without it
+//! goes to the default device when one is set, and is rejected otherwise. Other tags become
+//! string columns; fields are floats, integers (`1i`, `1u`),
 //! booleans (`t`, `true`, `F`...) or double-quoted strings. The timestamp is in the
 //! request's precision (ns by default); missing, the receive time is used. An invalid line
 //! is rejected alone with its line number; the other lines are kept.
@@ -29,16 +32,28 @@ pub enum Precision {
     Milliseconds,
     /// Seconds.
     Seconds,
+    /// Minutes (InfluxDB 1.x's `m`).
+    Minutes,
+    /// Hours (InfluxDB 1.x's `h`).
+    Hours,
+    /// Each timestamp's unit guessed from its magnitude (InfluxDB 3's `auto`): under 5e9
+    /// seconds, under 5e12 milliseconds, under 5e15 microseconds, nanoseconds above (the
+    /// guesses meet around the year 2128 in each unit).
+    Auto,
 }
 
 impl Precision {
-    /// Parses the `precision` parameter (`ns`, `us`, `ms`, `s`; also v1's `n`, `u`).
+    /// Parses the `precision` parameter: `ns`, `us`, `ms`, `s`; InfluxDB 1.x's `n`, `u`, `m`,
+    /// `h`; InfluxDB 3's `nanosecond`, `microsecond`, `millisecond`, `second`, `auto`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
-            "ns" | "n" => Self::Nanoseconds,
-            "us" | "u" | "µs" => Self::Microseconds,
-            "ms" => Self::Milliseconds,
-            "s" => Self::Seconds,
+            "ns" | "n" | "nanosecond" => Self::Nanoseconds,
+            "us" | "u" | "µs" | "microsecond" => Self::Microseconds,
+            "ms" | "millisecond" => Self::Milliseconds,
+            "s" | "second" => Self::Seconds,
+            "m" | "minute" => Self::Minutes,
+            "h" | "hour" => Self::Hours,
+            "auto" => Self::Auto,
             _ => return None,
         })
     }
@@ -49,7 +64,65 @@ impl Precision {
             Self::Microseconds => v.checked_mul(1_000),
             Self::Milliseconds => v.checked_mul(1_000_000),
             Self::Seconds => v.checked_mul(1_000_000_000),
+            Self::Minutes => v.checked_mul(60_000_000_000),
+            Self::Hours => v.checked_mul(3_600_000_000_000),
+            Self::Auto => match v.unsigned_abs() {
+                a if a < 5_000_000_000 => Self::Seconds.to_nanos(v),
+                a if a < 5_000_000_000_000 => Self::Milliseconds.to_nanos(v),
+                a if a < 5_000_000_000_000_000 => Self::Microseconds.to_nanos(v),
+                _ => Some(v),
+            },
         }
+    }
+}
+
+/// How lines name their devices. In order: the request's `tag` (only that tag), else the
+/// stream's declared `device_tag` (only that tag), else `device_id`, then `host`, then
+/// `tags` in order. A line without the tag goes to `fallback` (the request's), else the
+/// stream's declared `default_device`, else `default_device`; with none, it is rejected.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceNaming {
+    /// The request's device tag (`device_tag=` on the write endpoints).
+    pub tag: Option<Arc<str>>,
+    /// The request's device for lines without the tag (`default_device=`).
+    pub fallback: Option<Arc<str>>,
+    /// Tags tried after `device_id` and `host` (the `device_tags` setting).
+    pub tags: Arc<[String]>,
+    /// The device of lines without a device tag (the `default_device` setting).
+    pub default_device: Option<Arc<str>>,
+}
+
+impl DeviceNaming {
+    /// The configured defaults, with nothing from a request.
+    pub fn configured(tags: &[String], default_device: Option<&str>) -> Self {
+        Self { tag: None, fallback: None, tags: tags.into(), default_device: default_device.map(Arc::from) }
+    }
+
+    /// This naming with a request's tag and fallback device.
+    pub fn with_request(&self, tag: Option<&str>, fallback: Option<&str>) -> Self {
+        Self { tag: tag.map(Arc::from), fallback: fallback.map(Arc::from), ..self.clone() }
+    }
+}
+
+/// How one stream's lines name their devices: [`DeviceNaming`] with the stream's
+/// declaration applied.
+struct StreamNaming {
+    /// The one tag that names the device, and who chose it (for messages).
+    tag: Option<(Arc<str>, &'static str)>,
+    /// The device of a line without it.
+    fallback: Option<Arc<str>>,
+}
+
+impl StreamNaming {
+    fn new(naming: &DeviceNaming, catalog: &StreamCatalog, stream: &StreamName) -> Self {
+        let (declared_tag, declared_device) = catalog.device_naming(stream);
+        let tag = match (&naming.tag, declared_tag) {
+            (Some(t), _) => Some((t.clone(), "the request's `device_tag`")),
+            (None, Some(t)) => Some((t, "the stream's declared `device_tag`")),
+            (None, None) => None,
+        };
+        let fallback = naming.fallback.clone().or(declared_device).or_else(|| naming.default_device.clone());
+        Self { tag, fallback }
     }
 }
 
@@ -69,10 +142,10 @@ pub fn decode(
     tenant: &str,
     payload: &str,
     precision: Precision,
-    device_tags: &[String],
+    naming: &DeviceNaming,
     now: i64,
 ) -> LineProtocolOutput {
-    let mut builders: AHashMap<String, BatchBuilder> = AHashMap::new();
+    let mut builders: AHashMap<String, (BatchBuilder, StreamNaming)> = AHashMap::new();
     let mut order: Vec<String> = Vec::new();
     let mut rejections = Vec::new();
     for (i, raw) in payload.split('\n').enumerate() {
@@ -92,8 +165,8 @@ pub fn decode(
                 continue;
             }
         };
-        let builder = match builders.get_mut(parsed.measurement.as_ref()) {
-            Some(b) => b,
+        let (builder, stream_naming) = match builders.get_mut(parsed.measurement.as_ref()) {
+            Some((b, n)) => (b, &*n),
             None => {
                 let stream = match StreamName::in_tenant(tenant, &parsed.measurement) {
                     Ok(s) => s,
@@ -109,11 +182,13 @@ pub fn decode(
                         continue;
                     }
                 };
+                let n = StreamNaming::new(naming, catalog, &stream);
                 order.push(parsed.measurement.to_string());
-                builders.entry(parsed.measurement.to_string()).or_insert(b)
+                let (b, n) = builders.entry(parsed.measurement.to_string()).or_insert((b, n));
+                (b, &*n)
             }
         };
-        match write_row(builder, &parsed, precision, device_tags) {
+        match write_row(builder, &parsed, precision, stream_naming, &naming.tags) {
             Ok(()) => builder.end_row(now),
             Err(e) => {
                 builder.abort_row();
@@ -124,7 +199,7 @@ pub fn decode(
     let mut batches = Vec::with_capacity(order.len());
     let mut accepted = 0;
     for name in order {
-        if let Some(b) = builders.remove(&name).and_then(BatchBuilder::finish) {
+        if let Some(b) = builders.remove(&name).and_then(|(b, _)| b.finish()) {
             accepted += b.num_rows();
             batches.push(b);
         }
@@ -132,30 +207,44 @@ pub fn decode(
     LineProtocolOutput { batches, accepted, rejections }
 }
 
-/// The value of the tag that names the device: `device_id`, then `host`, then `device_tags`.
-fn device_of<'a>(p: &'a Line<'_>, device_tags: &[String]) -> Option<&'a str> {
+/// The value of the tag that names the device: the stream's one tag when chosen, else
+/// `device_id`, then `host`, then `device_tags`; else the fallback device.
+fn device_of<'a>(p: &'a Line<'_>, naming: &'a StreamNaming, device_tags: &[String]) -> Option<&'a str> {
     let tag = |name: &str| p.tags.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_ref());
-    tag("device_id").or_else(|| tag("host")).or_else(|| device_tags.iter().find_map(|t| tag(t)))
+    let found = match &naming.tag {
+        Some((t, _)) => tag(t),
+        None => tag("device_id").or_else(|| tag("host")).or_else(|| device_tags.iter().find_map(|t| tag(t))),
+    };
+    found.or(naming.fallback.as_deref())
 }
 
 fn write_row(
     b: &mut BatchBuilder,
     p: &Line<'_>,
     precision: Precision,
+    naming: &StreamNaming,
     device_tags: &[String],
 ) -> Result<(), ValueError> {
     b.begin_row();
-    let Some(device) = device_of(p, device_tags) else {
-        let mut names = String::from("`device_id` tag (nor `host`");
-        for t in device_tags {
-            names.push_str(&format!(", `{t}`"));
-        }
-        return Err(ValueError {
-            reason: "missing_device_id",
-            message: format!(
-                "no {names}) to name the device: add one, or name the tag that identifies devices in `device_tags`"
+    let Some(device) = device_of(p, naming, device_tags) else {
+        let message = match &naming.tag {
+            Some((t, chosen_by)) => format!(
+                "no `{t}` tag (the device tag, chosen by {chosen_by}) to name the device: add it, or give lines \
+                 without it a device with `default_device`"
             ),
-        });
+            None => {
+                let mut names = String::from("`device_id` tag (nor `host`");
+                for t in device_tags {
+                    names.push_str(&format!(", `{t}`"));
+                }
+                format!(
+                    "no {names}) to name the device: add one, name the tag that identifies devices (`device_tag` \
+                     on the request or in the stream's declaration, or the `device_tags` setting), or give lines \
+                     without one a device with `default_device`"
+                )
+            }
+        };
+        return Err(ValueError { reason: "missing_device_id", message });
     };
     ferrite_engine::ids::validate_device_id(device)?;
     b.set_device(device);
@@ -368,7 +457,7 @@ mod tests {
     fn rejects_bad_lines_alone() -> anyhow::Result<()> {
         let catalog = Arc::new(StreamCatalog::in_memory());
         let payload = "cpu,host=a usage=1.5 1000\ncpu,host=b usage=\ncpu usage=2\n# comment\ncpu,host=c usage=3 1000\nbad-name,host=d x=1\n";
-        let out = decode(&catalog, "default", payload, Precision::Seconds, &[], 0);
+        let out = decode(&catalog, "default", payload, Precision::Seconds, &DeviceNaming::default(), 0);
         assert_eq!(out.accepted, 2);
         let lines: Vec<_> = out.rejections.iter().map(|r| (r.index + 1, r.reason)).collect();
         assert_eq!(lines, vec![(2, "invalid_line_protocol"), (3, "missing_device_id"), (6, "invalid_stream_name")]);
@@ -388,7 +477,7 @@ mod tests {
                        m,host=c u=-1i
                        m,host=d i=18446744073709551615u
 ";
-        let out = decode(&catalog, "default", payload, Precision::Seconds, &[], 0);
+        let out = decode(&catalog, "default", payload, Precision::Seconds, &DeviceNaming::default(), 0);
         assert_eq!(out.accepted, 2);
         let lines: Vec<_> = out.rejections.iter().map(|r| (r.index + 1, r.reason)).collect();
         assert_eq!(lines, vec![(3, "type_conflict"), (4, "type_conflict")]);
@@ -415,7 +504,7 @@ readings,host=h3,name=truck_3 velocity=5 3
 readings,device_id=d4,host=h4 velocity=6 4
 readings,fleet=North velocity=7 5
 ";
-        let out = decode(&catalog, "default", payload, Precision::Seconds, &tags, 0);
+        let out = decode(&catalog, "default", payload, Precision::Seconds, &DeviceNaming::configured(&tags, None), 0);
         assert_eq!(out.accepted, 4);
         let devices = out.batches[0].batch.column_by_name("device_id").and_then(|c| {
             c.as_any()
@@ -430,8 +519,86 @@ readings,fleet=North velocity=7 5
         let msg = &out.rejections[0].message;
         assert!(msg.contains("`name`, `truck`") && msg.contains("device_tags"), "{msg}");
         // Without the setting, TSBS's `name` names nothing.
-        let out = decode(&catalog, "default", "readings,name=truck_1 velocity=3 1", Precision::Seconds, &[], 0);
+        let out = decode(
+            &catalog,
+            "default",
+            "readings,name=truck_1 velocity=3 1",
+            Precision::Seconds,
+            &DeviceNaming::default(),
+            0,
+        );
         assert_eq!(out.accepted, 0);
         Ok(())
+    }
+
+    fn devices(out: &LineProtocolOutput) -> Vec<String> {
+        out.batches
+            .iter()
+            .flat_map(|b| {
+                b.batch
+                    .column_by_name("device_id")
+                    .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>().cloned())
+                    .map(|a| a.iter().flatten().map(str::to_owned).collect::<Vec<_>>())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_chosen_device_tag_is_the_only_one_and_a_default_device_takes_lines_without_it() -> anyhow::Result<()> {
+        let catalog = Arc::new(StreamCatalog::in_memory());
+        let payload = "readings,name=truck_1,host=h1 velocity=3 1
+readings,host=h2 velocity=4 2
+";
+        let defaults = DeviceNaming::configured(&[], None);
+        // The defaults: `host` names both.
+        let out = decode(&catalog, "default", payload, Precision::Seconds, &defaults, 0);
+        assert_eq!(devices(&out), vec!["h1".to_owned(), "h2".to_owned()]);
+        // The request's tag: only `name`; the second line has none, and says who chose the tag.
+        let out =
+            decode(&catalog, "default", payload, Precision::Seconds, &defaults.with_request(Some("name"), None), 0);
+        assert_eq!(devices(&out), vec!["truck_1".to_owned()]);
+        assert_eq!(out.rejections.len(), 1);
+        let msg = &out.rejections[0].message;
+        assert!(msg.contains("no `name` tag") && msg.contains("request") && msg.contains("default_device"), "{msg}");
+        // ...unless a default device takes it.
+        let naming = defaults.with_request(Some("name"), Some("unnamed"));
+        let out = decode(&catalog, "default", payload, Precision::Seconds, &naming, 0);
+        assert_eq!(devices(&out), vec!["truck_1".to_owned(), "unnamed".to_owned()]);
+        assert!(out.rejections.is_empty());
+
+        // The stream's declaration chooses a tag and a default device; the request's tag
+        // still wins over it, and the configured default device comes last.
+        let stream = StreamName::in_tenant("default", "readings")?;
+        catalog.set_device_naming(&stream, Some("name"), Some("lost"))?;
+        let out = decode(&catalog, "default", payload, Precision::Seconds, &defaults, 0);
+        assert_eq!(devices(&out), vec!["truck_1".to_owned(), "lost".to_owned()]);
+        let out =
+            decode(&catalog, "default", payload, Precision::Seconds, &defaults.with_request(Some("host"), None), 0);
+        assert_eq!(devices(&out), vec!["h1".to_owned(), "h2".to_owned()]);
+        catalog.set_device_naming(&stream, Some("name"), None)?;
+        let configured = DeviceNaming::configured(&[], Some("fallback"));
+        let out = decode(&catalog, "default", payload, Precision::Seconds, &configured, 0);
+        assert_eq!(devices(&out), vec!["truck_1".to_owned(), "fallback".to_owned()]);
+        let out = decode(&catalog, "default", payload, Precision::Seconds, &defaults, 0);
+        assert!(out.rejections[0].message.contains("stream's declared `device_tag`"), "{}", out.rejections[0].message);
+        // A default device must be a device id.
+        assert!(catalog.set_device_naming(&stream, None, Some("a/b")).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn influx_precisions_and_the_auto_guess() {
+        let ns = 1_465_839_830_100_400_200_i64;
+        assert_eq!(Precision::parse("n"), Some(Precision::Nanoseconds));
+        assert_eq!(Precision::parse("millisecond"), Some(Precision::Milliseconds));
+        assert_eq!(Precision::parse("m").and_then(|p| p.to_nanos(2)), Some(120_000_000_000));
+        assert_eq!(Precision::parse("h").and_then(|p| p.to_nanos(1)), Some(3_600_000_000_000));
+        assert_eq!(Precision::parse("fortnight"), None);
+        // The same instant in each unit, guessed.
+        for v in [ns / 1_000_000_000, ns / 1_000_000, ns / 1_000, ns] {
+            let guessed = Precision::Auto.to_nanos(v).unwrap_or(0);
+            assert_eq!(guessed / 1_000_000_000, ns / 1_000_000_000, "{v}");
+        }
     }
 }

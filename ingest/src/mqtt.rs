@@ -433,6 +433,9 @@ struct Gathered {
     qos0: Vec<Group>,
     qos1: Vec<Group>,
     qos1_ids: Vec<u16>,
+    /// Rows of Sparkplug B messages at QoS 0 and at QoS 1, one builder per stream.
+    sparkplug0: crate::sparkplug::Builders,
+    sparkplug1: crate::sparkplug::Builders,
 }
 
 /// The payloads of one device and stream from one read, with their QoS 1 packet ids.
@@ -783,6 +786,19 @@ impl Session {
                     }
                 }
                 self.hand_over_qos1(&mut gathered, &mut pending);
+                let sparkplug = crate::sparkplug::finish(std::mem::take(&mut gathered.sparkplug0));
+                if !sparkplug.is_empty() {
+                    let ingestor = self.ingestor.clone();
+                    let payload = Payload::Batches { tenant: tenant.clone(), batches: sparkplug };
+                    pending.push_back(Box::pin(async move {
+                        if let Err(e) =
+                            ingestor.ingest(Transport::Mqtt, payload, bytes::Bytes::new(), Durability::Queued).await
+                        {
+                            tracing::warn!(error = %e, "sparkplug QoS 0 rows rejected");
+                        }
+                        AckOutcome::Nothing
+                    }));
+                }
                 for Group { device, stream, payloads, .. } in gathered.qos0.drain(..) {
                     let ingestor = self.ingestor.clone();
                     let payload = Payload::JsonMany { stream, device, payloads };
@@ -911,17 +927,37 @@ impl Session {
                     self.broker.publish_will_later(key, Duration::from_secs(u64::from(will_delay)), will, will_props);
                     Ok(0)
                 }
-                _ => self.broker.publish_from(
-                    None,
-                    &will.topic,
-                    will.message.clone(),
-                    (will.qos, will.retain),
-                    will_props,
-                ),
+                _ => {
+                    // A Sparkplug edge node's will is its NDEATH.
+                    if let Some(Ok(t)) = crate::sparkplug::parse_topic(&will.topic) {
+                        let tenant = presence.principal.tenant.clone();
+                        let out = self.broker.sparkplug().handle(
+                            self.ingestor.catalog(),
+                            (&tenant, self.id),
+                            &t,
+                            &will.message,
+                            &mut crate::sparkplug::Builders::new(),
+                        );
+                        for (device, online, reason) in out.availability {
+                            self.broker.availability(&tenant, &device, online, reason);
+                        }
+                    }
+                    self.broker.publish_from(
+                        None,
+                        &will.topic,
+                        will.message.clone(),
+                        (will.qos, will.retain),
+                        will_props,
+                    )
+                }
             };
             if let Err(e) = published {
                 tracing::warn!(client_id = %connect.client_id, error = %e, "mqtt last will not delivered");
             }
+        }
+        // The Sparkplug nodes this session gave birth to are gone with it.
+        for (tenant, device, reason) in self.broker.sparkplug().session_ended(self.id) {
+            self.broker.availability(&tenant, &device, false, reason);
         }
         drop(out_tx);
         // A client that stopped reading cannot hold the session's task: its writer gets
@@ -972,7 +1008,8 @@ impl Session {
         // Anything that queues an acknowledgement of its own first hands over the QoS 1
         // messages before it, so that acknowledgements keep arrival order.
         let joins_a_group = matches!(&packet, Packet::Publish(p)
-            if p.qos == QoS::AtMostOnce || (p.qos == QoS::AtLeastOnce && parse_telemetry_topic(&p.topic).is_some()));
+            if p.qos == QoS::AtMostOnce || (p.qos == QoS::AtLeastOnce
+                && (parse_telemetry_topic(&p.topic).is_some() || p.topic.starts_with("spBv1.0/"))));
         if !joins_a_group {
             self.hand_over_qos1(gathered, pending);
         }
@@ -1011,6 +1048,7 @@ impl Session {
                         // 3.1.1 has no negative PUBACK: the client would resend it forever).
                         self.hand_over_qos1(gathered, pending);
                         let why = format!("not authorized to publish on {}", p.topic);
+                        tracing::debug!(session = self.id, topic = %p.topic, "mqtt publish refused by policy");
                         let refused = self.refusal(p.qos, pkid, V5PubAck::NotAuthorized, why);
                         pending.push_back(Box::pin(async move { refused }));
                         return Ok(false);
@@ -1043,6 +1081,10 @@ impl Session {
                     // A wildcard or NUL in a publish topic is a protocol violation: close.
                     self.reject(&p.topic, "invalid_topic", &e.to_string());
                     return Err(SessionError::Protocol(e.to_string()));
+                }
+                if let Some(parsed) = crate::sparkplug::parse_topic(&p.topic) {
+                    self.sparkplug(parsed, &p, ack, pending, gathered);
+                    return Ok(false);
                 }
                 match parse_telemetry_topic(&p.topic) {
                     Some(t) => {
@@ -1274,16 +1316,25 @@ impl Session {
         }
         let groups = std::mem::take(&mut gathered.qos1);
         let ids = std::mem::take(&mut gathered.qos1_ids);
+        let sparkplug = crate::sparkplug::finish(std::mem::take(&mut gathered.sparkplug1));
+        let tenant: Arc<str> =
+            self.principal.get().map_or_else(|| Arc::from(ferrite_engine::ids::DEFAULT_TENANT), |p| p.tenant.clone());
         let ingestor = self.ingestor.clone();
         let v5 = self.v5.get().is_some();
         pending.push_back(Box::pin(async move {
-            let group_ids: Vec<Vec<u16>> = groups.iter().map(|g| g.ids.clone()).collect();
-            let ingests = groups.into_iter().map(|Group { device, stream, payloads, .. }| {
+            let mut group_ids: Vec<Vec<u16>> = groups.iter().map(|g| g.ids.clone()).collect();
+            let mut payloads: Vec<Payload> = groups
+                .into_iter()
+                .map(|Group { device, stream, payloads, .. }| Payload::JsonMany { stream, device, payloads })
+                .collect();
+            // The read's Sparkplug rows: one batch per stream, committed with the rest.
+            if !sparkplug.is_empty() {
+                payloads.push(Payload::Batches { tenant, batches: sparkplug });
+                group_ids.push(Vec::new());
+            }
+            let ingests = payloads.into_iter().map(|payload| {
                 let ingestor = ingestor.clone();
-                async move {
-                    let payload = Payload::JsonMany { stream, device, payloads };
-                    ingestor.ingest(Transport::Mqtt, payload, bytes::Bytes::new(), Durability::Committed).await
-                }
+                async move { ingestor.ingest(Transport::Mqtt, payload, bytes::Bytes::new(), Durability::Committed).await }
             });
             // MQTT 5: a payload the decoder could not read at all gets "payload format invalid".
             let mut refused: HashMap<u16, String> = HashMap::new();
@@ -1320,6 +1371,63 @@ impl Session {
             };
             AckOutcome::SendMany(ids.into_iter().map(ack).collect())
         }));
+    }
+
+    /// A Sparkplug B message (routed to subscribers already): its rows join the read's
+    /// builders (QoS 0 and 1; a QoS 1 one is acknowledged with its read's other messages,
+    /// once they are committed; QoS 2 alone), a rebirth request is published, availability
+    /// told; a malformed topic or payload is refused and counted, and acknowledged.
+    fn sparkplug(
+        &self,
+        parsed: Result<crate::sparkplug::Topic<'_>, String>,
+        p: &rumqttc::mqttbytes::v4::Publish,
+        ack: impl FnOnce() -> AckOutcome + Send + 'static,
+        pending: &mut FuturesOrdered<AckFuture>,
+        gathered: &mut Gathered,
+    ) {
+        let tenant = self.principal.get().map_or(ferrite_engine::ids::DEFAULT_TENANT, |p| &p.tenant);
+        let mut alone = crate::sparkplug::Builders::new();
+        let builders = match p.qos {
+            QoS::AtMostOnce => &mut gathered.sparkplug0,
+            QoS::AtLeastOnce => &mut gathered.sparkplug1,
+            QoS::ExactlyOnce => &mut alone,
+        };
+        let out = match parsed {
+            Ok(t) => {
+                self.broker.sparkplug().handle(self.ingestor.catalog(), (tenant, self.id), &t, &p.payload, builders)
+            }
+            Err(e) => {
+                self.reject(&p.topic, "invalid_topic", &e);
+                crate::sparkplug::Outcome::default()
+            }
+        };
+        tracing::debug!(session = self.id, topic = %p.topic, rows = out.rows, refused = ?out.refused, "sparkplug message");
+        if let Some((topic, payload)) = out.rebirth
+            && let Err(e) = self.broker.publish(&topic, bytes::Bytes::from(payload), QoS::AtMostOnce, false)
+        {
+            tracing::warn!(topic, error = %e, "sparkplug rebirth request not sent");
+        }
+        for (device, online, reason) in out.availability {
+            self.broker.availability(tenant, &device, online, reason);
+        }
+        for (reason, message) in &out.refused_metrics {
+            tracing::warn!(topic = %p.topic, reason, "sparkplug metric refused: {message}");
+        }
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => gathered.qos1_ids.push(p.pkid),
+            QoS::ExactlyOnce => {
+                let batches = crate::sparkplug::finish(alone);
+                let ingestor = self.ingestor.clone();
+                let payload = Payload::Batches { tenant: tenant.into(), batches };
+                pending.push_back(Box::pin(async move {
+                    match ingestor.ingest(Transport::Mqtt, payload, bytes::Bytes::new(), Durability::Committed).await {
+                        Err(e) if e.is_not_durable() => AckOutcome::Withhold(e.to_string()),
+                        _ => ack(),
+                    }
+                }));
+            }
+        }
     }
 
     fn reject(&self, topic: &str, reason: &'static str, message: &str) {

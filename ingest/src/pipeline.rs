@@ -50,6 +50,8 @@ pub struct IngestConfig {
     /// Line-protocol tags that name the device when neither `device_id` nor `host` is there,
     /// tried in order (e.g. `name` for TSBS data).
     pub device_tags: Vec<String>,
+    /// The device of a line-protocol line that has no device tag (rejected when `None`).
+    pub default_device: Option<String>,
     /// Tenants' daily quotas of events and bytes (checked before a payload, counted after).
     pub quotas: Arc<Quotas>,
 }
@@ -64,6 +66,7 @@ impl Default for IngestConfig {
             overload_wait: std::time::Duration::from_secs(2),
             max_hours_per_request: 168,
             device_tags: Vec::new(),
+            default_device: None,
             quotas: Arc::new(Quotas::off(Arc::new(ferrite_engine::SystemClock))),
         }
     }
@@ -126,7 +129,27 @@ pub enum Payload {
         precision: Precision,
         /// The tenant whose streams the measurements name.
         tenant: Arc<str>,
+        /// The request's choices: device tag, fallback device, all or nothing.
+        options: LineOptions,
     },
+    /// Rows already built (Sparkplug B metrics, decoded with their edge node's birth).
+    Batches {
+        /// The tenant whose streams they are.
+        tenant: Arc<str>,
+        /// The rows.
+        batches: Vec<StreamBatch>,
+    },
+}
+
+/// A line-protocol request's own settings.
+#[derive(Debug, Clone, Default)]
+pub struct LineOptions {
+    /// The tag that names the device (`device_tag=`), over the stream's and the defaults.
+    pub device_tag: Option<String>,
+    /// The device of lines without the tag (`default_device=`).
+    pub default_device: Option<String>,
+    /// Keep nothing when any line is rejected (InfluxDB 3's `accept_partial=false`).
+    pub all_or_nothing: bool,
 }
 
 impl Payload {
@@ -136,7 +159,7 @@ impl Payload {
             Self::Json { stream, .. } | Self::JsonMany { stream, .. } | Self::Ndjson { stream } => {
                 Some(stream.tenant())
             }
-            Self::LineProtocol { tenant, .. } => Some(tenant),
+            Self::LineProtocol { tenant, .. } | Self::Batches { tenant, .. } => Some(tenant),
         }
     }
 }
@@ -165,6 +188,7 @@ struct Job {
 /// Front door of the engine for every transport.
 pub struct Ingestor {
     config: IngestConfig,
+    catalog: Arc<StreamCatalog>,
     tx: Sender<Job>,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
@@ -198,7 +222,7 @@ impl Ingestor {
         let in_flight = config.max_in_flight.max(1);
         // Sized to the number of permits, so a send never blocks the async caller.
         let (tx, rx) = bounded::<Job>(in_flight);
-        let device_tags: Arc<[String]> = config.device_tags.clone().into();
+        let naming = line_protocol::DeviceNaming::configured(&config.device_tags, config.default_device.as_deref());
         for i in 0..config.decoder_threads.max(1) {
             let worker = Decoder {
                 rx: rx.clone(),
@@ -206,14 +230,19 @@ impl Ingestor {
                 sink: sink.clone(),
                 metrics: metrics.clone(),
                 max_hours: config.max_hours_per_request.max(1),
-                device_tags: device_tags.clone(),
+                naming: naming.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("ferrite-decode-{i}"))
                 .spawn(move || worker.run())
                 .map_err(|e| Error::BadRequest(format!("cannot start decoder thread: {e}")))?;
         }
-        Ok(Arc::new(Self { config, tx, permits: Arc::new(Semaphore::new(in_flight)), metrics, clock }))
+        Ok(Arc::new(Self { config, catalog, tx, permits: Arc::new(Semaphore::new(in_flight)), metrics, clock }))
+    }
+
+    /// The stream catalog the payloads are decoded against.
+    pub fn catalog(&self) -> &Arc<StreamCatalog> {
+        &self.catalog
     }
 
     /// The configured payload limit.
@@ -303,7 +332,7 @@ struct Decoder {
     sink: Arc<dyn BatchSink>,
     metrics: Arc<Metrics>,
     max_hours: usize,
-    device_tags: Arc<[String]>,
+    naming: line_protocol::DeviceNaming,
 }
 
 /// Distinct event-time hours of `batches` when they are more than `limit` (counting no
@@ -382,9 +411,21 @@ impl Decoder {
                 let rejections = JsonDecoder::new(&mut b, DeviceSource::PerEvent, now).decode_ndjson(bytes);
                 Ok((b.finish().into_iter().collect(), rejections))
             }
-            Payload::LineProtocol { precision, tenant } => {
+            Payload::Batches { batches, .. } => Ok((batches, Vec::new())),
+            Payload::LineProtocol { precision, tenant, options } => {
                 let text = std::str::from_utf8(bytes).map_err(|e| Error::NotUtf8(e.valid_up_to()))?;
-                let out = line_protocol::decode(&self.catalog, &tenant, text, precision, &self.device_tags, now);
+                let with_request;
+                let naming = if options.device_tag.is_some() || options.default_device.is_some() {
+                    with_request =
+                        self.naming.with_request(options.device_tag.as_deref(), options.default_device.as_deref());
+                    &with_request
+                } else {
+                    &self.naming
+                };
+                let out = line_protocol::decode(&self.catalog, &tenant, text, precision, naming, now);
+                if options.all_or_nothing && !out.rejections.is_empty() {
+                    return Ok((Vec::new(), out.rejections));
+                }
                 Ok((out.batches, out.rejections))
             }
         }

@@ -53,6 +53,10 @@ pub struct StreamDecl {
     pub retention: Option<Duration>,
     /// `field NAME TYPE [unit 'U'] [tag]`: the stream's declared fields.
     pub fields: Vec<FieldDecl>,
+    /// `device_tag NAME`: the one line-protocol tag that names the device.
+    pub device_tag: Option<Spanned<String>>,
+    /// `default_device 'ID'`: the device of a line-protocol line without a device tag.
+    pub default_device: Option<Spanned<String>>,
 }
 
 /// A declared field of a stream.

@@ -416,6 +416,8 @@ impl<'a> Parser<'a> {
             processing_time: false,
             retention: None,
             fields: Vec::new(),
+            device_tag: None,
+            default_device: None,
         };
         self.expect_char('{', "write `stream NAME { max_delay 5s lateness 1m retention 90d }`")?;
         loop {
@@ -440,6 +442,23 @@ impl<'a> Parser<'a> {
                     Some("processing") => decl.processing_time = true,
                     _ => return Err(self.unexpected("`event` or `processing`")),
                 },
+                Some("device_tag") => {
+                    self.skip_trivia();
+                    let tag = if self.peek_char() == Some('\'') {
+                        self.string("a tag name")?
+                    } else {
+                        self.ident("a tag name")?
+                    };
+                    decl.device_tag = Some(tag);
+                }
+                Some("default_device") => {
+                    let id = self.string("a device id in quotes")?;
+                    if let Err(e) = ferrite_engine::ids::validate_device_id(&id.value) {
+                        return Err(Diagnostic::new(id.span, format!("not a device id: {e}"))
+                            .with_hint("write `default_device 'unknown'`"));
+                    }
+                    decl.default_device = Some(id);
+                }
                 Some("field") => {
                     let field = self.field_decl()?;
                     if decl.fields.iter().any(|f| f.name.value == field.name.value) {
@@ -452,7 +471,8 @@ impl<'a> Parser<'a> {
                     self.pos = start;
                     return Err(self.unexpected("a stream setting").with_hint(
                         "settings are `max_delay DURATION`, `lateness DURATION`, `time event|processing`, \
-                         `retention DURATION`, `field NAME TYPE [unit 'U'] [tag]`",
+                         `retention DURATION`, `field NAME TYPE [unit 'U'] [tag]`, `device_tag NAME`, \
+                         `default_device 'ID'`",
                     ));
                 }
             }

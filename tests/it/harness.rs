@@ -56,7 +56,8 @@ impl Server {
                 "--https-listen",
                 "127.0.0.1:0",
                 "--log",
-                "warn",
+                // FERRITE_TEST_LOG=debug (or any filter) shows more of the servers' logs.
+                &std::env::var("FERRITE_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
             ])
             .args(extra)
             .env_remove("RUST_LOG")

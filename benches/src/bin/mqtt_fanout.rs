@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use ferrite_benches::load::subscribed_client;
 use ferrite_benches::median;
-use ferrite_benches::server::{Ferrite, Mosquitto, free_port};
+use ferrite_benches::server::{Ferrite, Mosquitto, cpu_us, free_port};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Connect, Packet, Publish};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -129,17 +129,6 @@ async fn publish(addr: SocketAddr, messages: usize, qos: QoS, pace: Option<Durat
     Packet::Disconnect.write(&mut out, 1 << 20).map_err(|e| e.to_string())?;
     s.write_all(&out).await.map_err(|e| e.to_string())?;
     Ok(())
-}
-
-/// CPU time (user + system) `pid` used so far, in microseconds.
-fn cpu_us(pid: u32) -> Result<u64, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
-    // Fields after the command's closing parenthesis; utime and stime are the 14th and 15th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("no /proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).ok_or("bad /proc stat");
-    // 100 ticks a second on Linux.
-    Ok((ticks(11)? + ticks(12)?) * 10_000)
 }
 
 /// Three runs of one scenario: the median deliveries per second, and the server's CPU

@@ -156,7 +156,12 @@ async fn authenticate(State(access): State<Arc<dyn AccessControl>>, mut request:
         });
         return next.run(request).await;
     }
-    let principal = match bearer(request.headers()) {
+    let v1_token = influx_v1_token(&request);
+    let token = match v1_token.as_deref() {
+        Some(t) => Ok(Some(t)),
+        None => bearer(request.headers()),
+    };
+    let principal = match token {
         Err(e) => return unauthorized(&e),
         // No token: a verified client certificate is the device's credential (mutual TLS).
         Ok(None) => match request.extensions().get::<ClientCertificate>() {
@@ -214,12 +219,67 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, AuthError
     }
     let value = value.to_str().map_err(|_| AuthError::InvalidToken("the Authorization header is not ASCII".into()))?;
     let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
-    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+    // `Token` is the scheme of InfluxDB's clients (Telegraf, the v2 and v3 libraries).
+    let known = scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token");
+    if !known || token.trim().is_empty() {
         return Err(AuthError::InvalidToken(format!(
-            "expected `Authorization: Bearer <token>`, got the {scheme:?} scheme"
+            "expected `Authorization: Bearer <token>` (or `Token <token>`), got the {scheme:?} scheme"
         )));
     }
     Ok(Some(token.trim()))
+}
+
+/// The token of an InfluxDB 1.x request to `/write`, as its clients send one: the password
+/// of HTTP Basic credentials, or the `p` query parameter (the user name is not used; a
+/// Ferrite token is the password, as with InfluxDB 2's 1.x compatibility API). `None`
+/// elsewhere, and when the request carries neither.
+fn influx_v1_token(request: &Request) -> Option<String> {
+    if request.uri().path() != "/write" {
+        return None;
+    }
+    let headers = request.headers();
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let (scheme, rest) = v.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (_, password) = text.split_once(':')?;
+        return (!password.is_empty()).then(|| password.to_owned());
+    }
+    let query = request.uri().query()?;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == "p" && !v.is_empty()).then(|| percent_decode(v))
+    })
+}
+
+/// Decodes `%XX` escapes and `+` of a query value.
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

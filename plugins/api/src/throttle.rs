@@ -15,7 +15,8 @@ use ferrite_engine::{Caller, Metrics};
 
 /// The class of an HTTP request, by its route.
 pub fn class_of(method: &Method, path: &str) -> Class {
-    let ingest = (path.starts_with("/api/v1/streams/") && path.ends_with("/events")) || path == "/api/v2/write";
+    let ingest = (path.starts_with("/api/v1/streams/") && path.ends_with("/events"))
+        || matches!(path, "/api/v2/write" | "/write" | "/api/v3/write_lp");
     match (method, path) {
         (&Method::POST, _) if ingest => Class::Ingest,
         (_, "/api/v1/sql") => Class::Query,
@@ -62,6 +63,8 @@ mod tests {
     fn routes_fall_in_their_classes() {
         assert_eq!(class_of(&Method::POST, "/api/v1/streams/telemetry/events"), Class::Ingest);
         assert_eq!(class_of(&Method::POST, "/api/v2/write"), Class::Ingest);
+        assert_eq!(class_of(&Method::POST, "/write"), Class::Ingest);
+        assert_eq!(class_of(&Method::POST, "/api/v3/write_lp"), Class::Ingest);
         assert_eq!(class_of(&Method::POST, "/api/v1/sql"), Class::Query);
         assert_eq!(class_of(&Method::GET, "/api/v1/streams"), Class::Management);
         assert_eq!(class_of(&Method::POST, "/api/v1/devices"), Class::Management);

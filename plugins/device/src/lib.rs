@@ -59,6 +59,10 @@ impl PresenceObserver for Observer {
     fn disconnected(&self, session: &Presence, reason: &'static str) {
         self.0.disconnected(session, reason);
     }
+
+    fn availability(&self, tenant: &str, device: &str, online: bool, reason: &'static str) {
+        self.0.availability(tenant, device, online, reason);
+    }
 }
 
 impl BatchObserver for Observer {

@@ -108,6 +108,9 @@ pub struct Registry {
     devices: RwLock<HashMap<String, Arc<Device>>>,
     /// Open MQTT sessions per device.
     sessions: Mutex<HashMap<String, u32>>,
+    /// Devices online without an MQTT session of their own (Sparkplug B), each counted as
+    /// one session in `sessions`.
+    external: Mutex<std::collections::HashSet<String>>,
     /// Last seen per device, and whether the store is behind.
     seen: Mutex<HashMap<String, (i64, bool)>>,
     seen_dirty: AtomicBool,
@@ -144,6 +147,7 @@ impl Registry {
             store,
             devices: RwLock::new(devices),
             sessions: Mutex::new(HashMap::new()),
+            external: Mutex::default(),
             seen: Mutex::new(seen),
             seen_dirty: AtomicBool::new(false),
             moved: Mutex::new(std::collections::HashSet::new()),
@@ -499,7 +503,7 @@ impl Registry {
         };
         self.touch(&d.tenant, &d.id, now_ms());
         if first {
-            self.status_event(&d, "online", "connect", session);
+            self.status_event(&d, "online", "connect", of(session));
         }
     }
 
@@ -521,19 +525,64 @@ impl Registry {
             }
         };
         if last {
-            self.status_event(&d, "offline", reason, session);
+            self.status_event(&d, "offline", reason, of(session));
         }
     }
 
-    fn status_event(&self, d: &Device, status: &'static str, reason: &'static str, session: &Presence) {
+    /// A device without an MQTT session of its own (a Sparkplug B node or device) came online
+    /// or went offline; it counts as one session of the device while online.
+    pub fn availability(&self, tenant: &str, id: &str, online: bool, reason: &'static str) {
+        let Some(d) = self.lookup(id).filter(|d| *d.tenant == *tenant) else { return };
+        let changed = {
+            let mut external = self.external.lock();
+            if online { external.insert(id.to_owned()) } else { external.remove(id) }
+        };
+        if !changed {
+            return;
+        }
+        let edge = {
+            let mut s = self.sessions.lock();
+            if online {
+                let n = s.entry(d.id.clone()).or_insert(0);
+                *n += 1;
+                *n == 1
+            } else {
+                match s.get_mut(&d.id) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        false
+                    }
+                    Some(_) => {
+                        s.remove(&d.id);
+                        true
+                    }
+                    None => false,
+                }
+            }
+        };
+        if online {
+            self.touch(&d.tenant, &d.id, now_ms());
+        }
+        if edge {
+            self.status_event(&d, if online { "online" } else { "offline" }, reason, ("", "sparkplug".into()));
+        }
+    }
+
+    fn status_event(
+        &self,
+        d: &Device,
+        status: &'static str,
+        reason: &'static str,
+        (client_id, source): (&str, String),
+    ) {
         self.metrics.inc("ferrite_device_status_total", &[("status", status)], 1);
         let event = serde_json::json!({
             "device_id": d.id,
             "ts": now_ms(),
             "status": status,
             "reason": reason,
-            "client_id": session.client_id,
-            "source": session.source.map(|s| s.to_string()).unwrap_or_default(),
+            "client_id": client_id,
+            "source": source,
         });
         self.log.append(&d.tenant, STATUS_STREAM, &event, "ferrite_device_status_dropped_total");
     }
@@ -610,4 +659,9 @@ impl Registry {
         self.store.set_last_seen(&known).await?;
         Ok(known.len())
     }
+}
+
+/// The client id and source address a status event records of a session.
+fn of(session: &Presence) -> (&str, String) {
+    (&session.client_id, session.source.map(|s| s.to_string()).unwrap_or_default())
 }

@@ -42,8 +42,22 @@ impl std::fmt::Debug for Pdp {
 /// The attributes a topic has in policies: the device it belongs to and its kind.
 pub fn topic_parts(topic: &str) -> (&str, String) {
     let mut levels = topic.split('/');
-    if levels.next() != Some("devices") {
-        return ("", "other".into());
+    match levels.next() {
+        Some("devices") => {}
+        // Sparkplug B: `spBv1.0/{group}/{type}/{edge node}[/{device}]` is the edge node's
+        // (`sparkplug/NDATA`, ...), a wildcard in the device level included.
+        Some("spBv1.0") => {
+            let rest: Vec<&str> = levels.collect();
+            return match rest.as_slice() {
+                [group, kind, edge, ..]
+                    if rest.len() <= 4 && ![*group, *kind, *edge].iter().any(|l| matches!(*l, "+" | "#" | "")) =>
+                {
+                    (*edge, format!("sparkplug/{kind}"))
+                }
+                _ => ("", "other".into()),
+            };
+        }
+        _ => return ("", "other".into()),
     }
     let Some(device) = levels.next() else { return ("", "other".into()) };
     let rest: Vec<&str> = levels.collect();
@@ -242,6 +256,11 @@ mod tests {
         assert_eq!(topic_parts("devices/+/commands"), ("+", "commands".into()));
         assert_eq!(topic_parts("devices/d1/#"), ("d1", "wildcard".into()));
         assert_eq!(topic_parts("#"), ("", "other".into()));
+        assert_eq!(topic_parts("spBv1.0/plant-1/NDATA/edge1"), ("edge1", "sparkplug/NDATA".into()));
+        assert_eq!(topic_parts("spBv1.0/plant-1/DDATA/edge1/pump1"), ("edge1", "sparkplug/DDATA".into()));
+        assert_eq!(topic_parts("spBv1.0/plant-1/DCMD/edge1/+"), ("edge1", "sparkplug/DCMD".into()));
+        assert_eq!(topic_parts("spBv1.0/+/NCMD/edge1"), ("", "other".into()));
+        assert_eq!(topic_parts("spBv1.0/plant-1/NDATA/edge1/a/b"), ("", "other".into()));
     }
 
     #[test]

@@ -178,16 +178,25 @@ impl RuleEngine {
         Ok(out)
     }
 
-    /// Applies the file's `stream NAME { retention D }` declarations to the catalog (the
-    /// text has compiled, so it parses). A stream's retention is a setting of the stream:
-    /// it stays when the file goes, until set again here or through the API.
+    /// Applies the file's `stream NAME { retention D device_tag T default_device 'D' }`
+    /// declarations to the catalog (the text has compiled, so it parses). These are settings
+    /// of the stream: they stay when the file goes, until set again here (or, for the
+    /// retention, through the API).
     fn apply_stream_settings(&self, tenant: &str, text: &str) -> Result<()> {
         let file = crate::syntax::parse(text).map_err(Error::Invalid)?;
         for decl in &file.streams {
-            if let Some(retention) = decl.retention {
-                let stream = StreamName::in_tenant(tenant, &decl.name.value)?;
-                if self.catalog.retention(&stream) != Some(retention) {
-                    self.catalog.set_retention(&stream, Some(retention))?;
+            let stream = StreamName::in_tenant(tenant, &decl.name.value)?;
+            if let Some(retention) = decl.retention
+                && self.catalog.retention(&stream) != Some(retention)
+            {
+                self.catalog.set_retention(&stream, Some(retention))?;
+            }
+            let tag = decl.device_tag.as_ref().map(|t| t.value.as_str());
+            let device = decl.default_device.as_ref().map(|d| d.value.as_str());
+            if tag.is_some() || device.is_some() {
+                let (now_tag, now_device) = self.catalog.device_naming(&stream);
+                if now_tag.as_deref() != tag || now_device.as_deref() != device {
+                    self.catalog.set_device_naming(&stream, tag, device)?;
                 }
             }
         }

@@ -152,6 +152,23 @@ fn a_stream_declaration_sets_the_streams_retention_when_deployed() -> Result<()>
 }
 
 #[test]
+fn a_stream_declaration_chooses_the_device_tag_and_default_device() -> Result<()> {
+    let catalog = telemetry_catalog()?;
+    let (e, _) = engine(&catalog, 1, "stream readings { device_tag name default_device 'unnamed' }")?;
+    let stream = ferrite_engine::StreamName::new("readings")?;
+    let (tag, device) = catalog.device_naming(&stream);
+    assert_eq!((tag.as_deref(), device.as_deref()), (Some("name"), Some("unnamed")));
+    // A quoted tag (any characters), and a device that is not a device id at its position.
+    e.deploy("stream readings { device_tag 'truck name' }", Some("other.rules"))?;
+    assert_eq!(catalog.device_naming(&stream).0.as_deref(), Some("truck name"));
+    let msg = check_error("stream readings { default_device 'a/b' }")?;
+    assert!(msg.contains("not a device id") && msg.contains("default_device 'unknown'"), "{msg}");
+    let msg = check_error("stream readings { device_tags name }")?;
+    assert!(msg.contains("device_tag NAME"), "{msg}");
+    Ok(())
+}
+
+#[test]
 fn a_retention_under_an_hour_is_an_error_at_the_duration() -> Result<()> {
     let msg = check_error("stream telemetry { retention 30m }")?;
     assert!(msg.contains("shorter than an hour") && msg.contains("retention 1h"), "{msg}");
