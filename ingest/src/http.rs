@@ -374,9 +374,9 @@ fn rejected_lines(body: &[u8], report: &IngestReport) -> Vec<(usize, String, Str
         .collect()
 }
 
-/// An InfluxDB 1.x error answer: `{"error": "..."}` with a status, and `Retry-After` where
-/// the Ferrite error had one.
-fn v1_error(e: ApiError) -> Response {
+/// InfluxDB's error answer, 1.x and 3.x alike: `{"error": "..."}` with a status, and
+/// `Retry-After` where the Ferrite error had one.
+fn influx_error(e: ApiError) -> Response {
     let mut response = (e.status, Json(json!({ "error": e.message }))).into_response();
     if let Some(secs) = e.retry_after {
         response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
@@ -445,13 +445,13 @@ async fn post_v1_write(
     let caller = in_db(caller, params.db.as_deref());
     let precision = match precision(params.precision.as_deref(), "n, ns, u, ms, s, m, h") {
         Ok(p) => p,
-        Err(e) => return v1_error(e),
+        Err(e) => return influx_error(e),
     };
     let options =
         LineOptions { device_tag: params.device_tag, default_device: params.default_device, all_or_nothing: false };
     let (report, body) = match write_lines(&ingestor, &caller, precision, options, Durability::Committed, body).await {
         Ok(r) => r,
-        Err(e) => return v1_error(e),
+        Err(e) => return influx_error(e),
     };
     if report.rejected == 0 {
         return StatusCode::NO_CONTENT.into_response();
@@ -525,24 +525,17 @@ async fn post_v3_write(
     body: Body,
 ) -> Response {
     let caller = in_db(caller, params.db.as_deref());
-    let v3_error = |e: ApiError| {
-        let mut response = (e.status, Json(V3Error { error: e.message, data: Vec::new() })).into_response();
-        if let Some(secs) = e.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
-        }
-        response
-    };
     let unit = params.precision.as_deref().unwrap_or("auto");
     let precision = match precision(Some(unit), "auto, nanosecond, microsecond, millisecond, second") {
         Ok(p) => p,
-        Err(e) => return v3_error(e),
+        Err(e) => return influx_error(e),
     };
     let all_or_nothing = !params.accept_partial.unwrap_or(true);
     let options = LineOptions { device_tag: params.device_tag, default_device: params.default_device, all_or_nothing };
     let durability = if params.no_sync.unwrap_or(false) { Durability::Queued } else { Durability::Committed };
     let (report, body) = match write_lines(&ingestor, &caller, precision, options, durability, body).await {
         Ok(r) => r,
-        Err(e) => return v3_error(e),
+        Err(e) => return influx_error(e),
     };
     if report.rejected == 0 {
         return StatusCode::NO_CONTENT.into_response();

@@ -495,12 +495,7 @@ impl Registry {
     /// A session started: the device is online (written to `device_status`).
     pub fn connected(&self, session: &Presence) {
         let Some(d) = self.of_session(session) else { return };
-        let first = {
-            let mut s = self.sessions.lock();
-            let n = s.entry(d.id.clone()).or_insert(0);
-            *n += 1;
-            *n == 1
-        };
+        let first = self.session_opened(&d.id);
         self.touch(&d.tenant, &d.id, now_ms());
         if first {
             self.status_event(&d, "online", "connect", of(session));
@@ -510,22 +505,33 @@ impl Registry {
     /// A session ended: when it was the device's last, the device is offline.
     pub fn disconnected(&self, session: &Presence, reason: &'static str) {
         let Some(d) = self.of_session(session) else { return };
-        let last = {
-            let mut s = self.sessions.lock();
-            match s.get_mut(&d.id) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
-                }
-                Some(_) => {
-                    s.remove(&d.id);
-                    true
-                }
-                None => false,
-            }
-        };
+        let last = self.session_closed(&d.id);
         if last {
             self.status_event(&d, "offline", reason, of(session));
+        }
+    }
+
+    /// Counts a session of device `id`; whether it is its first.
+    fn session_opened(&self, id: &str) -> bool {
+        let mut s = self.sessions.lock();
+        let n = s.entry(id.to_owned()).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// Counts a session of device `id` gone; whether it was its last.
+    fn session_closed(&self, id: &str) -> bool {
+        let mut s = self.sessions.lock();
+        match s.get_mut(id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                s.remove(id);
+                true
+            }
+            None => false,
         }
     }
 
@@ -540,26 +546,7 @@ impl Registry {
         if !changed {
             return;
         }
-        let edge = {
-            let mut s = self.sessions.lock();
-            if online {
-                let n = s.entry(d.id.clone()).or_insert(0);
-                *n += 1;
-                *n == 1
-            } else {
-                match s.get_mut(&d.id) {
-                    Some(n) if *n > 1 => {
-                        *n -= 1;
-                        false
-                    }
-                    Some(_) => {
-                        s.remove(&d.id);
-                        true
-                    }
-                    None => false,
-                }
-            }
-        };
+        let edge = if online { self.session_opened(&d.id) } else { self.session_closed(&d.id) };
         if online {
             self.touch(&d.tenant, &d.id, now_ms());
         }
