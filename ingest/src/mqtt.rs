@@ -433,9 +433,11 @@ struct Gathered {
     qos0: Vec<Group>,
     qos1: Vec<Group>,
     qos1_ids: Vec<u16>,
-    /// Rows of Sparkplug B messages at QoS 0 and at QoS 1, one builder per stream.
+    /// Rows of Sparkplug B messages at QoS 0 and at QoS 1, one builder per stream, and the
+    /// bytes of those messages.
     sparkplug0: crate::sparkplug::Builders,
     sparkplug1: crate::sparkplug::Builders,
+    sparkplug_bytes: [usize; 2],
 }
 
 /// The payloads of one device and stream from one read, with their QoS 1 packet ids.
@@ -789,7 +791,8 @@ impl Session {
                 let sparkplug = crate::sparkplug::finish(std::mem::take(&mut gathered.sparkplug0));
                 if !sparkplug.is_empty() {
                     let ingestor = self.ingestor.clone();
-                    let payload = Payload::Batches { tenant: tenant.clone(), batches: sparkplug };
+                    let bytes = std::mem::take(&mut gathered.sparkplug_bytes[0]);
+                    let payload = Payload::Batches { tenant: tenant.clone(), batches: sparkplug, bytes };
                     pending.push_back(Box::pin(async move {
                         if let Err(e) =
                             ingestor.ingest(Transport::Mqtt, payload, bytes::Bytes::new(), Durability::Queued).await
@@ -1317,6 +1320,7 @@ impl Session {
         let groups = std::mem::take(&mut gathered.qos1);
         let ids = std::mem::take(&mut gathered.qos1_ids);
         let sparkplug = crate::sparkplug::finish(std::mem::take(&mut gathered.sparkplug1));
+        let sparkplug_bytes = std::mem::take(&mut gathered.sparkplug_bytes[1]);
         let tenant: Arc<str> =
             self.principal.get().map_or_else(|| Arc::from(ferrite_engine::ids::DEFAULT_TENANT), |p| p.tenant.clone());
         let ingestor = self.ingestor.clone();
@@ -1329,7 +1333,7 @@ impl Session {
                 .collect();
             // The read's Sparkplug rows: one batch per stream, committed with the rest.
             if !sparkplug.is_empty() {
-                payloads.push(Payload::Batches { tenant, batches: sparkplug });
+                payloads.push(Payload::Batches { tenant, batches: sparkplug, bytes: sparkplug_bytes });
                 group_ids.push(Vec::new());
             }
             let ingests = payloads.into_iter().map(|payload| {
@@ -1414,12 +1418,15 @@ impl Session {
             tracing::warn!(topic = %p.topic, reason, "sparkplug metric refused: {message}");
         }
         match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => gathered.qos1_ids.push(p.pkid),
+            QoS::AtMostOnce => gathered.sparkplug_bytes[0] += p.payload.len(),
+            QoS::AtLeastOnce => {
+                gathered.sparkplug_bytes[1] += p.payload.len();
+                gathered.qos1_ids.push(p.pkid);
+            }
             QoS::ExactlyOnce => {
                 let batches = crate::sparkplug::finish(alone);
                 let ingestor = self.ingestor.clone();
-                let payload = Payload::Batches { tenant: tenant.into(), batches };
+                let payload = Payload::Batches { tenant: tenant.into(), batches, bytes: p.payload.len() };
                 pending.push_back(Box::pin(async move {
                     match ingestor.ingest(Transport::Mqtt, payload, bytes::Bytes::new(), Durability::Committed).await {
                         Err(e) if e.is_not_durable() => AckOutcome::Withhold(e.to_string()),

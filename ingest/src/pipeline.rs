@@ -138,6 +138,8 @@ pub enum Payload {
         tenant: Arc<str>,
         /// The rows.
         batches: Vec<StreamBatch>,
+        /// The bytes of the messages they came from (ingested bytes, daily quotas).
+        bytes: usize,
     },
 }
 
@@ -160,6 +162,15 @@ impl Payload {
                 Some(stream.tenant())
             }
             Self::LineProtocol { tenant, .. } | Self::Batches { tenant, .. } => Some(tenant),
+        }
+    }
+
+    /// The bytes the payload came in: `bytes`, or what its parts say.
+    fn size(&self, bytes: &[u8]) -> usize {
+        match self {
+            Self::JsonMany { payloads, .. } => payloads.iter().map(Bytes::len).sum(),
+            Self::Batches { bytes, .. } => *bytes,
+            _ => bytes.len(),
         }
     }
 }
@@ -287,10 +298,7 @@ impl Ingestor {
             );
             return Err(Error::QuotaExceeded(e));
         }
-        let size = match &payload {
-            Payload::JsonMany { payloads, .. } => payloads.iter().map(Bytes::len).sum(),
-            _ => bytes.len(),
-        };
+        let size = payload.size(&bytes);
         if !self.config.health.wait_admitted(self.config.overload_wait).await {
             self.metrics.inc(
                 "ferrite_rejected_events_total",
@@ -440,10 +448,7 @@ impl Decoder {
         detached: bool,
     ) -> Result<(IngestReport, Option<AckWaiter>)> {
         let t = transport.as_str();
-        let payload_bytes = match &payload {
-            Payload::JsonMany { payloads, .. } => payloads.iter().map(Bytes::len).sum(),
-            _ => bytes.len(),
-        };
+        let payload_bytes = payload.size(bytes);
         let (batches, mut rejections) = match self.decode(payload, bytes, now) {
             Ok(x) => x,
             Err(e) => {

@@ -194,6 +194,9 @@ fn a_sparkplug_edge_node_births_reports_receives_commands_and_its_bad_messages_a
         Ok(count(s, "SELECT count(*) AS n FROM plant_1 WHERE \"Inputs/Temperature\" = 22.5")? == 1)
     })?;
     anyhow::ensure!(s.metric("ferrite_sparkplug_seq_gaps_total")? == 0, "pysparkplug's seq has no gap");
+    // The messages' bytes count as ingested bytes (and toward a tenant's daily bytes).
+    let bytes = s.metric("ferrite_ingested_bytes_total{stream=\"plant_1\",transport=\"mqtt\"}")?;
+    anyhow::ensure!(bytes > 100, "{bytes} bytes counted");
 
     // DDEATH: the device goes offline; then the node's session ends: the node does too.
     edge.send("lost pump1")?;
