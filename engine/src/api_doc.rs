@@ -14,6 +14,19 @@ pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
+impl ErrorBody {
+    /// An error with `code` and `message`.
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self { error: ErrorDetail { code: code.to_owned(), message: message.into(), details: None } }
+    }
+
+    /// This error with per-item details.
+    pub fn with_details(mut self, details: Option<serde_json::Value>) -> Self {
+        self.error.details = details;
+        self
+    }
+}
+
 /// The code and message of an error answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {

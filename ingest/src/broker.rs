@@ -536,17 +536,11 @@ impl Broker {
     /// Sparkplug sends commands: `None` when `device` is not a Sparkplug device that was born,
     /// or `payload` is not a command (`{"name", "params"}`).
     fn sparkplug_command(&self, device: &str, topic: &str, payload: &[u8]) -> Option<Result<(), String>> {
-        if topic != format!("devices/{device}/commands") {
+        let own_commands = topic.strip_prefix("devices/").and_then(|t| t.strip_prefix(device)) == Some("/commands");
+        if !own_commands {
             return None;
         }
-        #[derive(serde::Deserialize)]
-        struct Command {
-            name: String,
-            #[serde(default)]
-            params: serde_json::Map<String, serde_json::Value>,
-        }
-        let c: Command = serde_json::from_slice(payload).ok()?;
-        let (cmd_topic, bytes) = match self.sparkplug.command(None, device, &c.name, &c.params)? {
+        let (cmd_topic, bytes) = match self.sparkplug.command(None, device, payload)? {
             Ok(x) => x,
             Err(e) => return Some(Err(e)),
         };

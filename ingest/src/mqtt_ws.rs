@@ -64,11 +64,11 @@ async fn upgrade(
 ) -> Response {
     let ws = ws.protocols([SUBPROTOCOL]).max_message_size(MAX_PACKET_BYTES + 16);
     if ws.selected_protocol().is_none() {
-        let body = axum::Json(serde_json::json!({"error": {
-            "code": "websocket_subprotocol",
-            "message": "MQTT over WebSocket needs the `mqtt` subprotocol: send `Sec-WebSocket-Protocol: mqtt` \
-                        (MQTT client libraries do when their transport is websockets)",
-        }}));
+        let body = axum::Json(ErrorBody::new(
+            "websocket_subprotocol",
+            "MQTT over WebSocket needs the `mqtt` subprotocol: send `Sec-WebSocket-Protocol: mqtt` \
+             (MQTT client libraries do when their transport is websockets)",
+        ));
         return (StatusCode::BAD_REQUEST, body).into_response();
     }
     // On HTTPS with mutual TLS, the handshake's verified device is the session's identity.

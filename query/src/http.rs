@@ -19,7 +19,6 @@ use ferrite_engine::auth::{AUDIT_STREAM, Action, Caller, Resource};
 use ferrite_engine::clock::{format_duration, parse_duration};
 use ferrite_engine::{ErrorClass, StreamName};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -86,7 +85,7 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.0, Json(json!({"error": {"code": self.1, "message": self.2}}))).into_response();
+        let mut response = (self.0, Json(ErrorBody::new(self.1, self.2))).into_response();
         if let Some(secs) = self.3 {
             response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         }

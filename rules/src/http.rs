@@ -14,7 +14,6 @@ use axum::{Extension, Json};
 use ferrite_engine::ErrorClass;
 use ferrite_engine::api_doc::ErrorBody;
 use serde::Serialize;
-use serde_json::json;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -73,7 +72,7 @@ pub fn router(api: RulesApi) -> OpenApiRouter {
 }
 
 fn error(status: StatusCode, code: &str, message: String) -> Response {
-    (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
+    (status, Json(ErrorBody::new(code, message))).into_response()
 }
 
 fn from_error(e: &Error, text: Option<&str>) -> Response {

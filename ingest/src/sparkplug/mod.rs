@@ -104,18 +104,28 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kinds a topic's type level names, in declaration order (the first six are the
+    /// ones an edge node sends).
+    const TOPIC_KINDS: [Self; 8] =
+        [Self::NBirth, Self::NDeath, Self::DBirth, Self::DDeath, Self::NData, Self::DData, Self::NCmd, Self::DCmd];
+
     fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "NBIRTH" => Self::NBirth,
-            "NDEATH" => Self::NDeath,
-            "DBIRTH" => Self::DBirth,
-            "DDEATH" => Self::DDeath,
-            "NDATA" => Self::NData,
-            "DDATA" => Self::DData,
-            "NCMD" => Self::NCmd,
-            "DCMD" => Self::DCmd,
-            _ => return None,
-        })
+        Self::TOPIC_KINDS.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Its name in topics and in metrics' labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NBirth => "NBIRTH",
+            Self::NDeath => "NDEATH",
+            Self::DBirth => "DBIRTH",
+            Self::DDeath => "DDEATH",
+            Self::NData => "NDATA",
+            Self::DData => "DDATA",
+            Self::NCmd => "NCMD",
+            Self::DCmd => "DCMD",
+            Self::State => "STATE",
+        }
     }
 
     fn is_device(self) -> bool {
@@ -350,8 +360,8 @@ pub fn bool_metric(name: &str, value: bool) -> Metric {
 impl Sparkplug {
     /// No edge node known yet; counting into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        let messages = ["NBIRTH", "NDEATH", "DBIRTH", "DDEATH", "NDATA", "DDATA"]
-            .map(|kind| metrics.counter("ferrite_sparkplug_messages_total", &[("type", kind)]));
+        let messages = [Kind::NBirth, Kind::NDeath, Kind::DBirth, Kind::DDeath, Kind::NData, Kind::DData]
+            .map(|kind| metrics.counter("ferrite_sparkplug_messages_total", &[("type", kind.as_str())]));
         Self { nodes: Mutex::default(), metrics, messages }
     }
 
@@ -375,15 +385,8 @@ impl Sparkplug {
         if matches!(t.kind, Kind::NCmd | Kind::DCmd | Kind::State) {
             return out;
         }
-        let slot = match t.kind {
-            Kind::NBirth => 0,
-            Kind::NDeath => 1,
-            Kind::DBirth => 2,
-            Kind::DDeath => 3,
-            Kind::NData => 4,
-            _ => 5,
-        };
-        self.messages[slot].add(1);
+        // The six kinds an edge node sends come first in `Kind`, as in `messages`.
+        self.messages[t.kind as usize].add(1);
         let refuse = |out: &mut Outcome, reason: &'static str, message: String| {
             self.count(reason);
             tracing::warn!(
@@ -457,12 +460,7 @@ impl Sparkplug {
 
         let born = match t.kind {
             Kind::NBirth => {
-                node.bd_seq =
-                    p.metrics.iter().find(|m| m.name.as_deref() == Some("bdSeq")).and_then(|m| match m.value {
-                        Some(Value::LongValue(v)) => Some(v),
-                        Some(Value::IntValue(v)) => Some(u64::from(v)),
-                        _ => None,
-                    });
+                node.bd_seq = bd_seq(&p);
                 node.birth = Some(Birth::from_metrics(&p.metrics));
                 node.online = true;
                 node.session = Some(session);
@@ -474,12 +472,7 @@ impl Sparkplug {
                 node.birth.as_ref().map(|b| (b, t.edge))
             }
             Kind::NDeath => {
-                let bd_seq =
-                    p.metrics.iter().find(|m| m.name.as_deref() == Some("bdSeq")).and_then(|m| match m.value {
-                        Some(Value::LongValue(v)) => Some(v),
-                        Some(Value::IntValue(v)) => Some(u64::from(v)),
-                        _ => None,
-                    });
+                let bd_seq = bd_seq(&p);
                 if node.bd_seq.is_some() && bd_seq.is_some() && bd_seq != node.bd_seq {
                     refuse(
                         &mut out,
@@ -506,7 +499,7 @@ impl Sparkplug {
                     "no_birth",
                     format!(
                         "{} from edge node {:?} before its NBIRTH: a rebirth is requested",
-                        kind_label(t.kind),
+                        t.kind.as_str(),
                         t.edge
                     ),
                 );
@@ -607,16 +600,16 @@ impl Sparkplug {
         out
     }
 
-    /// A command for `device` (the id Ferrite gives an edge node or a device; of `tenant`,
-    /// or of any tenant, device ids being unique), when it is a Sparkplug one that was born: the NCMD or DCMD topic and payload. `params` become
-    /// metrics (typed as the birth defined them, else from their JSON type); a command
-    /// without parameters sets the metric named as the command to `true`.
+    /// A command (`{"name", "params"}`, as the command service sends it) for `device` (the id
+    /// Ferrite gives an edge node or a device; of `tenant`, or of any tenant, device ids being
+    /// unique), when it is a Sparkplug one that was born: the NCMD or DCMD topic and payload.
+    /// `params` become metrics (typed as the birth defined them, else from their JSON type);
+    /// a command without parameters sets the metric named as the command to `true`.
     pub fn command(
         &self,
         tenant: Option<&str>,
         device: &str,
-        name: &str,
-        params: &serde_json::Map<String, serde_json::Value>,
+        command: &[u8],
     ) -> Option<Result<(String, Vec<u8>), String>> {
         let (edge, dev) = match device.split_once(':') {
             Some((e, d)) => (e, Some(d)),
@@ -632,8 +625,16 @@ impl Sparkplug {
             Some(d) => &node.devices.get(d)?.birth,
             None => node.birth.as_ref()?,
         };
+        // Read only for a device that is a Sparkplug one: every other command goes its way.
+        #[derive(serde::Deserialize)]
+        struct Command {
+            name: String,
+            #[serde(default)]
+            params: serde_json::Map<String, serde_json::Value>,
+        }
+        let Command { name, params } = serde_json::from_slice(command).ok()?;
         let metrics: Result<Vec<Metric>, String> = if params.is_empty() {
-            Ok(vec![bool_metric(name, true)])
+            Ok(vec![bool_metric(&name, true)])
         } else {
             params.iter().map(|(k, v)| command_metric(k, v, birth.types.get(k.as_str()).copied())).collect()
         };
@@ -645,18 +646,13 @@ impl Sparkplug {
     }
 }
 
-fn kind_label(k: Kind) -> &'static str {
-    match k {
-        Kind::NBirth => "NBIRTH",
-        Kind::NDeath => "NDEATH",
-        Kind::DBirth => "DBIRTH",
-        Kind::DDeath => "DDEATH",
-        Kind::NData => "NDATA",
-        Kind::DData => "DDATA",
-        Kind::NCmd => "NCMD",
-        Kind::DCmd => "DCMD",
-        Kind::State => "STATE",
-    }
+/// The `bdSeq` metric of a birth or a death, which ties a node's NDEATH to its NBIRTH.
+fn bd_seq(p: &proto::Payload) -> Option<u64> {
+    p.metrics.iter().find(|m| m.name.as_deref() == Some("bdSeq")).and_then(|m| match m.value {
+        Some(Value::LongValue(v)) => Some(v),
+        Some(Value::IntValue(v)) => Some(u64::from(v)),
+        _ => None,
+    })
 }
 
 /// A rebirth request to the topic's edge node, unless one went out less than
@@ -927,9 +923,7 @@ mod tests {
             &payload(1, vec![metric(Some("Running"), None, Some(datatype::BOOLEAN), Some(Value::BooleanValue(true)))]),
             &mut Builders::new(),
         );
-        let params: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(r#"{"Speed": -3}"#).unwrap_or_default();
-        let (topic, bytes) = match sp.command(None, "e1", "set", &params) {
+        let (topic, bytes) = match sp.command(None, "e1", br#"{"name": "set", "params": {"Speed": -3}}"#) {
             Some(Ok(x)) => x,
             other => panic!("{other:?}"),
         };
@@ -937,15 +931,14 @@ mod tests {
         let p = proto::Payload::decode(bytes.as_slice()).unwrap_or_default();
         assert_eq!(p.metrics[0].datatype, Some(datatype::INT16));
         assert_eq!(p.metrics[0].value, Some(Value::IntValue((-3i32) as u32)));
-        let wrong: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(r#"{"Speed": "fast"}"#).unwrap_or_default();
-        assert!(matches!(sp.command(Some("default"), "e1", "set", &wrong), Some(Err(_))));
-        let empty = serde_json::Map::new();
+        let wrong = br#"{"name": "set", "params": {"Speed": "fast"}}"#;
+        assert!(matches!(sp.command(Some("default"), "e1", wrong), Some(Err(_))));
         let (topic, _) =
-            sp.command(Some("default"), "e1:d1", "Running", &empty).and_then(Result::ok).unwrap_or_default();
+            sp.command(Some("default"), "e1:d1", br#"{"name": "Running"}"#).and_then(Result::ok).unwrap_or_default();
         assert_eq!(topic, "spBv1.0/g1/DCMD/e1/d1");
-        assert!(sp.command(Some("default"), "e9", "x", &empty).is_none(), "not a Sparkplug device");
-        assert!(sp.command(Some("other"), "e1", "x", &empty).is_none(), "another tenant's");
+        let x = br#"{"name": "x"}"#;
+        assert!(sp.command(Some("default"), "e9", x).is_none(), "not a Sparkplug device");
+        assert!(sp.command(Some("other"), "e1", x).is_none(), "another tenant's");
 
         let gone = sp.session_ended(7);
         assert_eq!(gone.len(), 2);

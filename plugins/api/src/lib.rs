@@ -71,8 +71,7 @@ pub trait Plugin: Send + Sync {
 
 /// The JSON error body every Ferrite endpoint answers with: `{"error": {"code", "message"}}`.
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
-    (status, axum::Json(body)).into_response()
+    (status, axum::Json(ferrite_engine::api_doc::ErrorBody::new(code, message))).into_response()
 }
 
 /// HTTP 401 for an authentication failure, with the `WWW-Authenticate` challenge of RFC 6750.
@@ -249,37 +248,10 @@ fn influx_v1_token(request: &Request) -> Option<String> {
         let (_, password) = text.split_once(':')?;
         return (!password.is_empty()).then(|| password.to_owned());
     }
-    let query = request.uri().query()?;
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == "p" && !v.is_empty()).then(|| percent_decode(v))
-    })
-}
-
-/// Decodes `%XX` escapes and `+` of a query value.
-fn percent_decode(v: &str) -> String {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    // The query string as the handler reads it (percent-decoded by the same extractor).
+    let axum::extract::Query(mut query) =
+        axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(request.uri()).ok()?;
+    query.remove("p").filter(|p| !p.is_empty())
 }
 
 #[cfg(test)]
