@@ -20,7 +20,7 @@ AGENT=firmware/target/release/ferrite-agent
 for b in "$SERVER_BIN" "$AGENT"; do [ -x "$b" ] || { echo "missing $b: build it first (see the header)"; exit 1; }; done
 
 WORK="$(mktemp -d)"
-"$SERVER_BIN" serve --data-dir "$WORK/server" --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --pg-listen off --flight-listen off --log warn > "$WORK/server.out" &
+"$SERVER_BIN" serve --data-dir "$WORK/server" --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --pg-listen off --flight-listen off --coap-listen off --log warn > "$WORK/server.out" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 1 100); do grep -q "ferrite listening" "$WORK/server.out" 2>/dev/null && break; sleep 0.1; done

@@ -59,6 +59,9 @@ rows mqtt_idle connections ferrite_rss_before_kib ferrite_rss_after_kib ferrite_
 echo "== Sparkplug B DATA against JSON over MQTT, the same metrics (alternating rounds)"
 ./target/release/sparkplug "${TLS_PUBLISHERS:-50}" "${MQTT_MESSAGES:-2000}" 10 3 | tee /tmp/ferrite-bench-sparkplug.txt
 rows sparkplug publishers metrics sparkplug_msgs_per_s json_msgs_per_s sparkplug/json sparkplug_metrics_per_s sparkplug_bytes json_bytes < /tmp/ferrite-bench-sparkplug.txt
+echo "== CoAP confirmable posts against MQTT QoS 1 publishes, one at a time per client (alternating rounds)"
+./target/release/coap "${COAP_CLIENTS:-64}" "${COAP_MESSAGES:-2000}" 3 | tee /tmp/ferrite-bench-coap.txt
+rows coap clients messages coap_posts_per_s mqtt_qos1_per_s coap/mqtt coap_cpu_s_per_m mqtt_cpu_s_per_m duplicates < /tmp/ferrite-bench-coap.txt
 echo "== MQTT 5 against MQTT 3.1.1, Ferrite and mosquitto"
 ./target/release/mqtt5 "${TLS_PUBLISHERS:-50}" "${MQTT_MESSAGES:-2000}" 3 | tee /tmp/ferrite-bench-mqtt5.txt
 rows mqtt5 ferrite_v311 ferrite_v5 ferrite_v5_ratio mosquitto_v311 mosquitto_v5 mosquitto_v5_ratio < /tmp/ferrite-bench-mqtt5.txt

@@ -22,7 +22,7 @@ BIN=target/release/ferrite
 PSQL="$(command -v psql || ls /usr/lib/postgresql/*/bin/psql | tail -1)"
 
 WORK="$(mktemp -d)"
-"$BIN" serve --data-dir "$WORK/data" --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --pg-listen 127.0.0.1:0 --flight-listen 127.0.0.1:0 \
+"$BIN" serve --data-dir "$WORK/data" --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --pg-listen 127.0.0.1:0 --flight-listen 127.0.0.1:0 --coap-listen off \
     --sql-max-result 8GiB --sql-timeout 600s --log warn > "$WORK/server.out" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT

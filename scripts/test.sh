@@ -8,7 +8,7 @@ log() { printf '\n==> %s\n' "$*"; }
 
 # Real peers the tests talk to: the mosquitto CLI clients; DuckDB, pyarrow and polars for the
 # archive interop check; psql (with PostgreSQL below) and psycopg for the PostgreSQL wire;
-# ADBC's Flight SQL driver for Flight SQL.
+# ADBC's Flight SQL driver for Flight SQL; libcoap's coap-client for CoAP.
 if ! command -v mosquitto_pub >/dev/null 2>&1; then
     log "installing mosquitto-clients"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -26,6 +26,12 @@ if ! command -v openssl >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssl >/dev/null
+fi
+if ! command -v coap-client-notls >/dev/null 2>&1; then
+    log "installing libcoap3-bin (coap-client, the CoAP tests' client)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libcoap3-bin >/dev/null
 fi
 if ! python3 -c 'import duckdb, pyarrow, polars' >/dev/null 2>&1; then
     log "installing duckdb, pyarrow and polars (Python) for the interop check"

@@ -26,6 +26,12 @@ pub struct Config {
     pub pg_listen: String,
     /// Arrow Flight SQL listener address, or `off`.
     pub flight_listen: String,
+    /// CoAP (UDP) listener address, or `off`.
+    pub coap_listen: String,
+    /// CoAP requests per second from one IP address (0: no limit).
+    pub coap_max_rate_per_ip: u32,
+    /// Most CoAP observations (devices waiting for commands) at once.
+    pub coap_max_observations: usize,
     /// PEM certificate chain of the server's TLS listeners (with `tls_key`); empty: no TLS.
     pub tls_cert: PathBuf,
     /// PEM private key of `tls_cert`.
@@ -176,6 +182,9 @@ impl Default for Config {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             pg_listen: "0.0.0.0:5433".to_owned(),
             flight_listen: "0.0.0.0:8815".to_owned(),
+            coap_listen: "0.0.0.0:5683".to_owned(),
+            coap_max_rate_per_ip: 1000,
+            coap_max_observations: 10_000,
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
             tls_client_ca: PathBuf::new(),
@@ -480,6 +489,9 @@ mod tests {
             "http_listen",
             "pg_listen",
             "flight_listen",
+            "coap_listen",
+            "coap_max_rate_per_ip",
+            "coap_max_observations",
             "tls_cert",
             "tls_key",
             "tls_client_ca",

@@ -82,6 +82,15 @@ pub struct ServeArgs {
     /// Arrow Flight SQL listen address (port 0: any free port), or `off`.
     #[arg(long, env = "FERRITE_FLIGHT_LISTEN")]
     flight_listen: Option<String>,
+    /// CoAP (UDP) listen address (port 0: any free port), or `off`.
+    #[arg(long, env = "FERRITE_COAP_LISTEN")]
+    coap_listen: Option<String>,
+    /// CoAP requests per second from one IP address (0: no limit).
+    #[arg(long, env = "FERRITE_COAP_MAX_RATE_PER_IP")]
+    coap_max_rate_per_ip: Option<u32>,
+    /// Most CoAP observations (devices waiting for commands) at once.
+    #[arg(long, env = "FERRITE_COAP_MAX_OBSERVATIONS")]
+    coap_max_observations: Option<usize>,
     /// PEM certificate chain for TLS (MQTT over TLS, HTTPS, the PostgreSQL wire); needs --tls-key.
     #[arg(long, env = "FERRITE_TLS_CERT")]
     tls_cert: Option<std::path::PathBuf>,
@@ -282,6 +291,15 @@ impl ServeArgs {
         }
         if let Some(v) = self.flight_listen {
             c.flight_listen = v;
+        }
+        if let Some(v) = self.coap_listen {
+            c.coap_listen = v;
+        }
+        if let Some(v) = self.coap_max_rate_per_ip {
+            c.coap_max_rate_per_ip = v;
+        }
+        if let Some(v) = self.coap_max_observations {
+            c.coap_max_observations = v;
         }
         if let Some(v) = self.tls_cert {
             c.tls_cert = v;

@@ -204,6 +204,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let pg_addr = pg_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let flight_listener = optional_listener(&config.flight_listen, "flight_listen", "Arrow Flight SQL").await?;
     let flight_addr = flight_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let coap_addr: Option<std::net::SocketAddr> = match config.coap_listen.trim() {
+        "off" | "" => None,
+        a => Some(a.parse().with_context(|| format!("coap_listen {a:?} is not an address (or `off`)"))?),
+    };
 
     // Identity: the decision point every door asks, and the plugins' context.
     let mut actuation = None;
@@ -249,6 +253,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         stop_rx.clone(),
     );
     let mqtt_task = tokio::spawn(mqtt::serve(mqtt_listener, front.clone()));
+    let coap = match coap_addr {
+        Some(addr) => {
+            let config = ferrite_ingest::coap::CoapConfig {
+                max_rate_per_ip: config.coap_max_rate_per_ip,
+                max_observations: config.coap_max_observations,
+                ..Default::default()
+            };
+            let server =
+                ferrite_ingest::coap::CoapServer::bind(addr, ingestor.clone(), broker.clone(), access.clone(), config)
+                    .await
+                    .with_context(|| format!("cannot listen for CoAP on {addr} (set --coap-listen, or `off`)"))?;
+            Some(server)
+        }
+        None => None,
+    };
+    let coap_addr = coap.as_ref().map(|c| c.local_addr()).transpose()?;
+    let coap_task = coap.map(|c| tokio::spawn(c.run(stop_rx.clone())));
     let mqtts_task = match (mqtts_listener, &tls) {
         (Some(l), Some(files)) => Some(tokio::spawn(crate::tls::serve_mqtts(
             l,
@@ -365,6 +386,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(flight) = flight_addr {
         listening.push_str(&format!(" flight={flight}"));
     }
+    if let Some(coap) = coap_addr {
+        listening.push_str(&format!(" coap={coap}"));
+    }
     println!("{listening}");
 
     wait_for_signal().await;
@@ -378,6 +402,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     // Drains every MQTT session, the TLS and WebSocket ones too.
     let _ = mqtt_task.await;
+    if let Some(t) = coap_task {
+        let _ = t.await;
+    }
     for (t, name) in [(Some(http_task), "http"), (https_task, "https")] {
         let Some(t) = t else { continue };
         match tokio::time::timeout(Duration::from_secs(30), t).await {

@@ -229,6 +229,18 @@ pub async fn publish_qos1_with<S: AsyncRead + AsyncWrite + Unpin>(
     id: usize,
     messages: usize,
     v5: bool,
+    next: impl FnMut(usize) -> (String, Vec<u8>),
+) -> Result<(), String> {
+    publish_qos1_window(stream, (id, WINDOW), messages, v5, next).await
+}
+
+/// [`publish_qos1_with`] with at most `window` messages waiting for their PUBACK (1: each
+/// message waits for the previous one's, as a CoAP client's confirmable requests do).
+pub async fn publish_qos1_window<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    (id, window): (usize, usize),
+    messages: usize,
+    v5: bool,
     mut next: impl FnMut(usize) -> (String, Vec<u8>),
 ) -> Result<(), String> {
     use rumqttc::v5::mqttbytes::v5 as m5;
@@ -268,9 +280,9 @@ pub async fn publish_qos1_with<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let (mut sent, mut acked) = (0usize, 0usize);
     while acked < messages {
-        if sent < messages && sent - acked < WINDOW {
+        if sent < messages && sent - acked < window {
             out.clear();
-            while sent < messages && sent - acked < WINDOW {
+            while sent < messages && sent - acked < window {
                 let pkid = (sent % 65_000 + 1) as u16;
                 let (topic, payload) = next(sent);
                 if v5 {

@@ -14,6 +14,8 @@ pub struct Ferrite {
     pub http: SocketAddr,
     /// MQTT over TLS address (with `--tls-cert`).
     pub mqtts: Option<SocketAddr>,
+    /// CoAP address.
+    pub coap: Option<SocketAddr>,
     /// The admin bearer token, when identity is on.
     pub token: Option<String>,
 }
@@ -109,6 +111,8 @@ impl Ferrite {
                 "127.0.0.1:0",
                 "--https-listen",
                 "127.0.0.1:0",
+                "--coap-listen",
+                "127.0.0.1:0",
                 "--log",
                 "warn",
             ])
@@ -126,6 +130,7 @@ impl Ferrite {
         let mut mqtt = None;
         let mut http = None;
         let mut mqtts = None;
+        let mut coap = None;
         for part in rest.split_whitespace() {
             if let Some(a) = part.strip_prefix("mqtts=") {
                 mqtts = a.parse().ok();
@@ -133,11 +138,20 @@ impl Ferrite {
                 mqtt = a.parse().ok();
             } else if let Some(a) = part.strip_prefix("http=") {
                 http = a.parse().ok();
+            } else if let Some(a) = part.strip_prefix("coap=") {
+                coap = a.parse().ok();
             }
         }
         // Identity writes the admin token before the listeners start.
         let token = std::fs::read_to_string(data_dir.join("admin.token")).ok().map(|t| t.trim().to_owned());
-        Ok(Self { child, mqtt: mqtt.ok_or("no mqtt address")?, http: http.ok_or("no http address")?, mqtts, token })
+        Ok(Self {
+            child,
+            mqtt: mqtt.ok_or("no mqtt address")?,
+            http: http.ok_or("no http address")?,
+            mqtts,
+            coap,
+            token,
+        })
     }
 
     /// The server's process id (to read its memory from /proc).

@@ -248,6 +248,8 @@ pub enum Transport {
     Postgres,
     /// The Arrow Flight SQL listener.
     Flight,
+    /// The CoAP listener (UDP).
+    Coap,
 }
 
 impl Transport {
@@ -260,6 +262,7 @@ impl Transport {
             Self::Internal => "internal",
             Self::Postgres => "pgwire",
             Self::Flight => "flight",
+            Self::Coap => "coap",
         }
     }
 }

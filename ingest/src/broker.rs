@@ -321,6 +321,12 @@ impl Unacked {
 }
 
 impl LiveSession {
+    /// Limits its QoS 1 messages in flight to `window` (a CoAP observer takes one
+    /// confirmable notification at a time, RFC 7641 §4.5.1).
+    pub(crate) fn set_window(&self, window: usize) {
+        self.unacked.lock().window = window.max(1);
+    }
+
     /// Sends `msg` at QoS 1 and records it until the client acknowledges it.
     fn send_qos1(
         &self,

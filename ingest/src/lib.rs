@@ -1,5 +1,6 @@
-//! Ferrite's ingest layer: the MQTT listener, the HTTP ingest routes and the payload
-//! decoders (JSON, NDJSON, InfluxDB line protocol) that write straight into Arrow columns.
+//! Ferrite's ingest layer: the MQTT and CoAP listeners, the HTTP ingest routes and the
+//! payload decoders (JSON, NDJSON, InfluxDB line protocol, Sparkplug B) that write straight
+//! into Arrow columns.
 //!
 //! Data flows transport → [`pipeline::Ingestor`] (decoder threads) → the engine's
 //! [`ferrite_engine::BatchSink`]. This crate depends on `ferrite-engine` only; it never
@@ -7,6 +8,7 @@
 
 pub mod broker;
 pub mod builder;
+pub mod coap;
 pub mod error;
 pub mod http;
 pub mod json;

@@ -81,6 +81,8 @@ pub enum Transport {
     LineProtocol,
     /// MQTT PUBLISH.
     Mqtt,
+    /// CoAP `POST /telemetry`.
+    Coap,
     /// The platform's own streams (`audit`, `api_usage`, plugins' events).
     Internal,
 }
@@ -92,6 +94,7 @@ impl Transport {
             Transport::Http => "http",
             Transport::LineProtocol => "influx",
             Transport::Mqtt => "mqtt",
+            Transport::Coap => "coap",
             Transport::Internal => "internal",
         }
     }

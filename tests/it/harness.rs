@@ -25,6 +25,8 @@ pub struct Server {
     pub mqtts: Option<SocketAddr>,
     /// The HTTPS listener (present with `--tls-cert`).
     pub https: Option<SocketAddr>,
+    /// The CoAP listener (absent with `--coap-listen off`).
+    pub coap: Option<SocketAddr>,
     /// The admin bearer token (also the MQTT password of user `admin`); empty with `--auth off`.
     pub token: String,
     agent: ureq::Agent,
@@ -55,6 +57,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--https-listen",
                 "127.0.0.1:0",
+                "--coap-listen",
+                "127.0.0.1:0",
                 "--log",
                 // FERRITE_TEST_LOG=debug (or any filter) shows more of the servers' logs.
                 &std::env::var("FERRITE_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
@@ -84,6 +88,7 @@ impl Server {
         let mut flight = None;
         let mut mqtts = None;
         let mut https = None;
+        let mut coap = None;
         for part in rest.split_whitespace() {
             if let Some(a) = part.strip_prefix("mqtt=") {
                 mqtt = Some(a.parse()?);
@@ -97,6 +102,8 @@ impl Server {
                 mqtts = Some(a.parse()?);
             } else if let Some(a) = part.strip_prefix("https=") {
                 https = Some(a.parse()?);
+            } else if let Some(a) = part.strip_prefix("coap=") {
+                coap = Some(a.parse()?);
             }
         }
         let agent =
@@ -111,6 +118,7 @@ impl Server {
             flight,
             mqtts,
             https,
+            coap,
             token,
             agent,
         })

@@ -5,6 +5,7 @@
 mod archive;
 mod archive_lifecycle;
 mod broker;
+mod coap;
 mod commands;
 mod devices;
 mod durability;

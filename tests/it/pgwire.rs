@@ -297,7 +297,7 @@ fn with_a_certificate_tls_is_required_and_a_renewed_certificate_is_used_without_
             .args(["serve", "--data-dir"])
             .arg(dir.path())
             .args(["--http-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--pg-listen", "127.0.0.1:0"])
-            .args(["--flight-listen", "off"])
+            .args(["--flight-listen", "off", "--coap-listen", "off"])
             .args(args)
             .output()?;
         assert!(!out.status.success());

@@ -423,11 +423,17 @@ impl Actuation {
                     self.transition(&c.id, Status::Sent, None);
                     let me = self.clone();
                     let id = c.id.clone();
+                    let device = device.to_owned();
                     self.log.runtime().spawn(async move {
                         match acked.await {
                             Ok(()) => me.transition(&id, Status::Delivered, None),
-                            // The session ended first: queued again for the next one.
-                            Err(_) => me.transition(&id, Status::Queued, None),
+                            // The session ended first: queued again, and sent at once if the
+                            // device has another session already (a takeover), else to the
+                            // next one.
+                            Err(_) => {
+                                me.transition(&id, Status::Queued, None);
+                                me.flush(&device);
+                            }
                         }
                     });
                 }

@@ -69,6 +69,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--flight-listen",
                 "127.0.0.1:0",
+                "--coap-listen",
+                "off",
                 "--log",
                 "warn",
             ])
