@@ -49,6 +49,9 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let retry_after = match &e {
             Error::Overloaded { retry_after } => Some(*retry_after),
+            // The disk or the WAL failed (full, an I/O error): nothing was acknowledged, and
+            // a retry succeeds once the operator frees space.
+            Error::Commit(_) => Some(crate::pipeline::RETRY_AFTER_SECS),
             Error::QuotaExceeded(q) => Some(ferrite_engine::limits::retry_after_secs(q.retry_after)),
             _ => None,
         };
@@ -56,21 +59,27 @@ impl From<Error> for ApiError {
             (Error::PayloadTooLarge { .. }, _) => StatusCode::PAYLOAD_TOO_LARGE,
             (Error::QuotaExceeded(_), _) => StatusCode::TOO_MANY_REQUESTS,
             (
-                Error::ShuttingDown | Error::Overloaded { .. } | Error::Engine(ferrite_engine::Error::ShuttingDown),
+                Error::ShuttingDown
+                | Error::Overloaded { .. }
+                | Error::Commit(_)
+                | Error::Engine(ferrite_engine::Error::ShuttingDown),
                 _,
             ) => StatusCode::SERVICE_UNAVAILABLE,
             (_, ErrorClass::User) => StatusCode::BAD_REQUEST,
             (_, ErrorClass::External | ErrorClass::Internal) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let code = e.code();
-        let message = if retry_after.is_some() {
+        let message = if let Error::Commit(_) = &e {
+            // The detail (a path, the OS error) is for the operator's log, not the client.
+            tracing::error!(error = %e, "ingest failed");
+            "the events could not be committed to the write-ahead log (the server's disk failed or is full); \
+             nothing was kept: retry later"
+                .to_owned()
+        } else if retry_after.is_some() {
             e.to_string()
         } else if status.is_server_error() {
             tracing::error!(error = %e, "ingest failed");
-            match e {
-                Error::Commit(_) => "the events could not be committed; retry".to_owned(),
-                other => other.to_string(),
-            }
+            e.to_string()
         } else {
             e.to_string()
         };
@@ -186,7 +195,7 @@ fn rejection_details(report: &IngestReport) -> serde_json::Value {
         (status = 413, description = "The body is over the payload limit", body = ErrorBody),
         (status = 415, description = "A device posted NDJSON", body = ErrorBody),
         (status = 429, description = "Over a rate limit or daily quota (see Retry-After)", body = ErrorBody),
-        (status = 503, description = "Overloaded or shutting down (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "Overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = ErrorBody),
     ),
 )]
 async fn post_events(
@@ -266,7 +275,7 @@ struct WriteParams {
         (status = 403, description = "The caller may not ingest into its tenant", body = ErrorBody),
         (status = 413, description = "The body is over the payload limit", body = ErrorBody),
         (status = 429, description = "Over a rate limit or daily quota (see Retry-After)", body = ErrorBody),
-        (status = 503, description = "Overloaded or shutting down (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "Overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = ErrorBody),
     ),
 )]
 async fn post_line_protocol(
@@ -430,7 +439,7 @@ struct V1Error {
         (status = 403, description = "The caller may not write into the tenant", body = V1Error),
         (status = 413, description = "The body is over the payload limit", body = V1Error),
         (status = 429, description = "Over a rate limit or daily quota (see Retry-After)", body = V1Error),
-        (status = 503, description = "Overloaded or shutting down (see Retry-After)", body = V1Error),
+        (status = 503, description = "Overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = V1Error),
     ),
 )]
 async fn post_v1_write(
@@ -512,7 +521,7 @@ struct V3Error {
         (status = 403, description = "The caller may not write into the tenant", body = V3Error),
         (status = 413, description = "The body is over the payload limit", body = V3Error),
         (status = 429, description = "Over a rate limit or daily quota (see Retry-After)", body = V3Error),
-        (status = 503, description = "Overloaded or shutting down (see Retry-After)", body = V3Error),
+        (status = 503, description = "Overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = V3Error),
     ),
 )]
 async fn post_v3_write(

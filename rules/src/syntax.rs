@@ -975,8 +975,8 @@ fn opens_clause(after: &str, word: &str) -> bool {
 }
 
 fn starts_with_word(s: &str, word: &str) -> bool {
-    s.len() >= word.len()
-        && s[..word.len()].eq_ignore_ascii_case(word)
+    // `get`: the text may hold a multi-byte character where the word would end.
+    s.get(..word.len()).is_some_and(|head| head.eq_ignore_ascii_case(word))
         && !s[word.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -985,6 +985,15 @@ mod tests {
     use super::*;
 
     const DESIGN_RULES: &str = include_str!("../tests/design.rules");
+
+    #[test]
+    fn a_multibyte_character_where_a_clause_word_would_end_is_not_a_panic() {
+        // Found by tests/it/robustness.rs: `do\u{fffd}or` once sliced inside the character.
+        assert!(!starts_with_word("do\u{fffd}or = 'open'", "into"));
+        assert!(!starts_with_word("fi\u{e9}", "first"));
+        assert!(starts_with_word("First x", "first"));
+        let _ = parse("rule r { from telemetry insert i\u{e9}to x select * }");
+    }
 
     #[test]
     fn the_three_design_rules_parse() -> Result<(), String> {

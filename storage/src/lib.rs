@@ -358,7 +358,7 @@ impl Storage {
             #[cfg(test)]
             test: TestHooks::default(),
         });
-        let swept = storage.sweep_orphans()?;
+        let (swept, _quarantined) = storage.check_archive()?;
         if swept > 0 {
             tracing::warn!(
                 files = swept,
@@ -381,14 +381,17 @@ impl Storage {
         &self.config.health
     }
 
-    /// Deletes every file under the tenants' archive prefixes that the catalog does not
-    /// name: uploads of a persist that failed or was interrupted. Returns how many went.
-    fn sweep_orphans(&self) -> Result<usize> {
+    /// Compares the archive with the catalog, on start. Deletes every file under the
+    /// tenants' archive prefixes that the catalog does not name (uploads of a persist or a
+    /// rewrite that failed or was interrupted), and quarantines every file the catalog names
+    /// that is gone or not the size it was written at (truncated, overwritten): see
+    /// [`Storage::quarantine`]. Returns how many files were deleted and quarantined.
+    fn check_archive(&self) -> Result<(usize, usize)> {
         let known: std::collections::HashSet<String> =
             self.file_catalog.lock().streams.values().flatten().map(|f| f.path.clone()).collect();
         let store = self.store.clone();
         // Only directories named like tenants are ours to sweep.
-        let listed: Vec<ObjectPath> = self.runtime.block_on(async move {
+        let listed: Vec<(ObjectPath, u64)> = self.runtime.block_on(async move {
             use futures::TryStreamExt;
             let top = store.list_with_delimiter(None).await?;
             let mut files = Vec::new();
@@ -396,17 +399,48 @@ impl Storage {
                 if ferrite_engine::validate_tenant(prefix.as_ref()).is_err() {
                     continue;
                 }
-                files.extend(store.list(Some(&prefix)).map_ok(|m| m.location).try_collect::<Vec<_>>().await?);
+                files.extend(store.list(Some(&prefix)).map_ok(|m| (m.location, m.size)).try_collect::<Vec<_>>().await?);
             }
             Ok::<_, object_store::Error>(files)
         })?;
         let mut removed = 0;
-        for location in listed {
+        for (location, _) in &listed {
             if known.contains(location.as_ref()) {
                 continue;
             }
             self.delete_archived(location.as_ref())?;
             removed += 1;
+        }
+        let sizes: HashMap<&str, u64> = listed.iter().map(|(l, size)| (l.as_ref(), *size)).collect();
+        let damaged: Vec<(String, ArchivedFile, Option<u64>)> = self
+            .file_catalog
+            .lock()
+            .streams
+            .iter()
+            .flat_map(|(stream, files)| files.iter().map(move |f| (stream, f)))
+            .filter_map(|(stream, f)| match sizes.get(f.path.as_str()) {
+                Some(size) if *size == f.size => None,
+                found => Some((stream.clone(), f.clone(), found.copied())),
+            })
+            .collect();
+        for (_, file, found) in &damaged {
+            self.quarantine(file, *found)?;
+        }
+        if !damaged.is_empty() {
+            let mut fc = self.file_catalog.lock();
+            let mut next = fc.clone();
+            for (stream, file, _) in &damaged {
+                if let Some(list) = next.streams.get_mut(stream) {
+                    list.retain(|f| f.path != file.path);
+                }
+                if let Ok(name) = StreamName::from_key(stream)
+                    && let Some(data) = self.streams.read().get(&name)
+                {
+                    data.write().files.retain(|f| f.path != file.path);
+                }
+            }
+            next.store(&self.file_catalog_path)?;
+            *fc = next;
         }
         // Temporary files of a local write that never got renamed into place.
         if let Some(root) = &self.local_root {
@@ -417,7 +451,38 @@ impl Storage {
                 }
             }
         }
-        Ok(removed)
+        Ok((removed, damaged.len()))
+    }
+
+    /// Takes a damaged archive file out of service without deleting it: moves it to
+    /// `_quarantine/{its path}` (when it is there at all) with its catalog entry beside it
+    /// (`.entry.json`: what it should have been), counts it and logs an error naming it. The
+    /// caller drops it from the catalog: queries then serve every other file, and an
+    /// operator can restore the file from a backup and its entry.
+    fn quarantine(&self, file: &ArchivedFile, found: Option<u64>) -> Result<()> {
+        let target = format!("{QUARANTINE_DIR}/{}", file.path);
+        if found.is_some() {
+            let (from, to) = (ObjectPath::from(file.path.as_str()), ObjectPath::from(target.as_str()));
+            self.runtime.block_on(self.store.rename(&from, &to))?;
+        }
+        let entry = serde_json::to_vec_pretty(file)
+            .map_err(|e| Error::CorruptCatalog { path: file.path.clone(), message: e.to_string() })?;
+        self.put_archived(&format!("{target}.entry.json"), entry)?;
+        let reason = if found.is_some() { "size" } else { "missing" };
+        self.metrics.inc("ferrite_archive_quarantined_files_total", &[("reason", reason)], 1);
+        tracing::error!(
+            file = %file.path,
+            expected_bytes = file.size,
+            found_bytes = ?found,
+            rows = file.rows,
+            quarantine = %target,
+            "ARCHIVE FILE DAMAGED: {} (the catalog recorded {} bytes); moved aside, its {} rows are no longer \
+             served until it is restored",
+            if found.is_some() { "not the size it was written at" } else { "missing" },
+            file.size,
+            file.rows
+        );
+        Ok(())
     }
 
     fn delete_archived(&self, path: &str) -> Result<()> {
@@ -525,6 +590,9 @@ impl Storage {
         }
 
         // 3. Commit the catalog, then swap hot rows for files under each stream's lock.
+        if !new_files.is_empty() {
+            ferrite_engine::failpoint::kill_point("persist.before_catalog");
+        }
         {
             let mut fc = self.file_catalog.lock();
             let mut next = fc.clone();
@@ -566,6 +634,9 @@ impl Storage {
         }
 
         // 4. The WAL segments before the cut are now redundant.
+        if !new_files.is_empty() {
+            ferrite_engine::failpoint::kill_point("persist.before_wal_removal");
+        }
         for (w, cut) in self.wals.iter().zip(&cuts) {
             if let Err(e) = w.lock().remove_persisted(*cut) {
                 tracing::warn!(error = %e, "cannot remove persisted WAL segments; they will be skipped on replay");
@@ -654,6 +725,10 @@ impl Storage {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file.parquet");
         let tmp = dir.join(format!(".{name}.tmp"));
         let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            if ferrite_engine::failpoint::fires("persist.mid_upload") {
+                let _ = f.write_all(&bytes[..bytes.len() / 2]).and_then(|()| f.sync_all());
+                ferrite_engine::failpoint::kill("persist.mid_upload");
+            }
             f.write_all(bytes)?;
             f.sync_all()
         });
@@ -769,6 +844,9 @@ fn open_archive(url: Option<&str>, data_dir: &Path) -> Result<OpenedArchive> {
         Some(u) => Err(Error::UnsupportedArchive(u.to_owned())),
     }
 }
+
+/// Where damaged archive files are moved (beside the tenants' prefixes; never swept).
+pub const QUARANTINE_DIR: &str = "_quarantine";
 
 /// Removes `.*.tmp` files (interrupted local writes) under `dir`; returns how many.
 fn remove_temp_files(dir: &Path) -> Result<usize> {

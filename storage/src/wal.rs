@@ -314,7 +314,13 @@ impl WalWriter {
             });
         };
         f.seek(SeekFrom::Start(self.len)).map_err(io("append wal", &seg.path))?;
+        if ferrite_engine::failpoint::fires("wal.mid_append") {
+            // A torn tail, as a power cut mid-write leaves it.
+            let _ = f.write_all(&self.buf[..len / 2]).and_then(|()| f.sync_data());
+            ferrite_engine::failpoint::kill("wal.mid_append");
+        }
         f.write_all(&self.buf[..len]).map_err(io("append wal", &seg.path))?;
+        ferrite_engine::failpoint::kill_point("wal.before_fsync");
         #[cfg(test)]
         if let Some(what) = injected {
             return Err(io("append wal", &seg.path)(std::io::Error::other(what)));

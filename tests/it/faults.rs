@@ -196,3 +196,134 @@ fn bounds_on_what_clients_can_grow() -> anyhow::Result<()> {
     assert_eq!(post("a", json!({"device_id": "d", "v": 5}))?.0, 200, "the server goes on");
     Ok(())
 }
+
+/// A tmpfs mounted for a test's life (unmounted, lazily, when dropped).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts `size` of tmpfs at `dir`; `None` where this process may not mount (not root,
+    /// or a container without the capability).
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(dir).ok()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| Self(dir.to_owned()))
+    }
+
+    /// Bytes free on it.
+    fn available(&self) -> anyhow::Result<u64> {
+        let out = std::process::Command::new("df").args(["--output=avail", "-B1"]).arg(&self.0).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().nth(1).and_then(|l| l.trim().parse().ok()).ok_or_else(|| anyhow::anyhow!("df said {text:?}"))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_writes_with_503_loses_nothing_acknowledged_and_recovers_without_a_restart() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let Some(disk) = Tmpfs::mount(&data, "16m") else {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)");
+        return Ok(());
+    };
+    let flags = ["--auth", "off", "--shards", "1", "--persist-interval", "1h", "--compaction", "false"];
+    let s = Server::start(&data, &flags)?;
+    // Fill the disk but for 256 KiB.
+    let filler = data.join("filler");
+    let room = disk.available()?.saturating_sub(256 * 1024);
+    std::fs::write(&filler, vec![0u8; usize::try_from(room)?])?;
+
+    // Writes until the WAL cannot append: refused with 503 and Retry-After, not acknowledged.
+    let (mut acked, mut refused) = (0usize, None);
+    for i in 0..400 {
+        let (status, retry, body) =
+            s.post_json_raw("/api/v1/streams/telemetry/events", &json!(events(i * 200, 200, 7)))?;
+        if status == 200 {
+            acked += 1;
+            continue;
+        }
+        refused = Some((status, retry, body));
+        break;
+    }
+    let Some((status, retry, body)) = refused else { anyhow::bail!("the disk never filled") };
+    assert_eq!(status, 503, "{body}");
+    assert!(retry.is_some(), "Retry-After on a full disk");
+    assert!(body.contains("commit_failed") && body.contains("retry"), "{body}");
+    assert!(acked > 0, "some writes fit before the disk filled");
+    assert!(s.metric("ferrite_wal_failures_total")? >= 1);
+    // Still full: still refused, and the server serves reads.
+    let (status, _, _) = s.post_json_raw("/api/v1/streams/telemetry/events", &json!(events(90_000, 200, 7)))?;
+    assert_eq!(status, 503);
+    let want = (acked * 200) as i64;
+    assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, want, "every acknowledged event, nothing else");
+
+    // Space comes back: writes resume without a restart.
+    std::fs::remove_file(&filler)?;
+    let (status, _, body) = s.post_json_raw("/api/v1/streams/telemetry/events", &json!(events(100_000, 200, 7)))?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, want + 200);
+    // And a restart replays exactly what was acknowledged.
+    s.kill()?;
+    let s = Server::start(&data, &flags)?;
+    assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, want + 200);
+    assert_eq!(s.sql_count("SELECT count(DISTINCT seq) FROM telemetry")?, want + 200);
+    drop(s);
+    drop(disk);
+    Ok(())
+}
+
+#[test]
+fn a_damaged_archive_file_is_quarantined_on_start_and_everything_else_is_served() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let flags = ["--auth", "off", "--persist-interval", "100ms", "--compaction", "false"];
+    let s = Server::start(dir.path(), &flags)?;
+    // Three persists, three files.
+    for (i, n) in [(0usize, 300usize), (300, 200), (500, 100)] {
+        s.post_json("/api/v1/streams/telemetry/events", &json!(events(i, n, 5)))?;
+        let want = (i + n) as u64;
+        s.wait_for("the events archived", |s| Ok(s.rows("telemetry")? == (0, want)))?;
+    }
+    assert!(s.stop()?.success());
+    let catalog: Value = serde_json::from_slice(&std::fs::read(dir.path().join("catalog/files.json"))?)?;
+    let files = catalog["streams"]["telemetry"].as_array().cloned().unwrap_or_default();
+    assert_eq!(files.len(), 3, "{catalog}");
+    let root = dir.path().join("archive");
+    let path_of = |f: &Value| root.join(f["path"].as_str().unwrap_or_default());
+    // One file cut in half (a torn copy, a bad disk), one gone.
+    let cut = path_of(&files[0]);
+    let len = std::fs::metadata(&cut)?.len();
+    std::fs::OpenOptions::new().write(true).open(&cut)?.set_len(len / 2)?;
+    std::fs::remove_file(path_of(&files[1]))?;
+
+    let s = Server::start(dir.path(), &flags)?;
+    // The third file is served; the damaged ones are counted and named in the log.
+    let kept = files[2]["rows"].as_i64().unwrap_or(-1);
+    assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, kept);
+    assert_eq!(s.metric("ferrite_archive_quarantined_files_total{reason=\"size\"}")?, 1);
+    assert_eq!(s.metric("ferrite_archive_quarantined_files_total{reason=\"missing\"}")?, 1);
+    // Moved aside, never deleted, with what it should have been beside it.
+    let aside = root.join("_quarantine").join(files[0]["path"].as_str().unwrap_or_default());
+    assert_eq!(std::fs::metadata(&aside)?.len(), len / 2);
+    let entry: Value = serde_json::from_slice(&std::fs::read(aside.with_extension("parquet.entry.json"))?)?;
+    assert_eq!(entry["rows"], files[0]["rows"]);
+    assert!(!cut.exists());
+    // Ingest goes on, and the next start finds nothing more to quarantine.
+    s.post_json("/api/v1/streams/telemetry/events", &json!(events(1000, 50, 5)))?;
+    assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, kept + 50);
+    assert!(s.stop()?.success());
+    let s = Server::start(dir.path(), &flags)?;
+    assert_eq!(s.sql_count("SELECT count(*) FROM telemetry")?, kept + 50);
+    assert_eq!(s.metric("ferrite_archive_quarantined_files_total{reason=\"size\"}")?, 0);
+    Ok(())
+}

@@ -567,7 +567,7 @@ impl CoapServer {
         };
         let me = self.clone();
         tokio::spawn(async move {
-            let reply = match me.read_request(packet, peer, method) {
+            let reply = match me.read(packet, peer, method) {
                 Ok(req) => me.request(req).await,
                 Err(reply) => reply,
             };
@@ -589,65 +589,13 @@ impl CoapServer {
         if confirmable { request_mid } else { self.next_mid.fetch_add(1, Ordering::Relaxed) }
     }
 
-    /// Reads a request's options: its path, credentials, formats and Observe; an unknown
-    /// critical option is answered 4.02 (RFC 7252 §5.4.1).
-    fn read_request(&self, packet: Packet, peer: SocketAddr, method: RequestType) -> Result<Request, Reply> {
-        let mut req = Request {
-            peer,
-            method,
-            token: packet.get_token().to_vec(),
-            path: Vec::new(),
-            user: None,
-            password: None,
-            content_format: None,
-            accept: None,
-            observe: None,
-            payload: Vec::new(),
-        };
-        let bad = |what: &str| Reply::text(ResponseType::BadRequest, what.to_owned());
-        for (&number, values) in packet.options() {
-            if !UNDERSTOOD.contains(&number) {
-                if number & 1 == 1 {
-                    self.refused("bad_option");
-                    return Err(Reply::text(
-                        ResponseType::BadOption,
-                        format!(
-                            "option {number} is critical and not understood here (understood: Uri-Path, Uri-Query, \
-                             Content-Format, Accept, Observe; block-wise transfer is not supported: keep a payload \
-                             within one datagram)"
-                        ),
-                    ));
-                }
-                continue;
+    /// Reads a request (see [`read_request`]), counting an unknown critical option.
+    fn read(&self, packet: Packet, peer: SocketAddr, method: RequestType) -> Result<Request, Reply> {
+        read_request(packet, peer, method).inspect_err(|reply| {
+            if reply.code == ResponseType::BadOption {
+                self.refused("bad_option");
             }
-            for v in values {
-                match number {
-                    11 => {
-                        let segment =
-                            std::str::from_utf8(v).map_err(|_| bad("a Uri-Path segment is not UTF-8"))?.to_owned();
-                        if segment.contains('/') {
-                            return Err(bad("a Uri-Path segment contains `/`"));
-                        }
-                        req.path.push(segment);
-                    }
-                    15 => {
-                        let q = std::str::from_utf8(v).map_err(|_| bad("a Uri-Query option is not UTF-8"))?;
-                        match q.split_once('=') {
-                            Some(("u", u)) => req.user = Some(u.to_owned()),
-                            // A long token may come in several `p=` options, in order.
-                            Some(("p", p)) => req.password.get_or_insert_with(String::new).push_str(p),
-                            _ => {}
-                        }
-                    }
-                    12 => req.content_format = Some(read_uint(v).ok_or_else(|| bad("Content-Format too long"))? as u16),
-                    17 => req.accept = Some(read_uint(v).ok_or_else(|| bad("Accept too long"))? as u16),
-                    6 => req.observe = Some(read_uint(v).ok_or_else(|| bad("Observe too long"))?),
-                    _ => {}
-                }
-            }
-        }
-        req.payload = packet.payload;
-        Ok(req)
+        })
     }
 
     /// Answers a request.
@@ -708,7 +656,9 @@ impl CoapServer {
                     if let Err(reply) = self.permitted(&req, &principal, Action::Subscribe, &topic) {
                         return reply;
                     }
-                    let name = device.unwrap_or_else(|| principal.id.to_string());
+                    // The session is of the topic's device (`devices/{id}/...`): commands to
+                    // it find this session, whoever observes (a gateway for a child).
+                    let name = topic.split('/').nth(1).unwrap_or_default().to_owned();
                     self.observe(&req, principal, name, topic)
                 }
                 Some(1) => {
@@ -1032,6 +982,66 @@ impl CoapServer {
     }
 }
 
+/// Reads a request's options: its path, credentials, formats and Observe; an unknown
+/// critical option is answered 4.02 (RFC 7252 §5.4.1).
+fn read_request(packet: Packet, peer: SocketAddr, method: RequestType) -> Result<Request, Reply> {
+    let mut req = Request {
+        peer,
+        method,
+        token: packet.get_token().to_vec(),
+        path: Vec::new(),
+        user: None,
+        password: None,
+        content_format: None,
+        accept: None,
+        observe: None,
+        payload: Vec::new(),
+    };
+    let bad = |what: &str| Reply::text(ResponseType::BadRequest, what.to_owned());
+    for (&number, values) in packet.options() {
+        if !UNDERSTOOD.contains(&number) {
+            if number & 1 == 1 {
+                return Err(Reply::text(
+                    ResponseType::BadOption,
+                    format!(
+                        "option {number} is critical and not understood here (understood: Uri-Path, Uri-Query, \
+                         Content-Format, Accept, Observe; block-wise transfer is not supported: keep a payload \
+                         within one datagram)"
+                    ),
+                ));
+            }
+            continue;
+        }
+        for v in values {
+            match number {
+                11 => {
+                    let segment =
+                        std::str::from_utf8(v).map_err(|_| bad("a Uri-Path segment is not UTF-8"))?.to_owned();
+                    if segment.contains('/') {
+                        return Err(bad("a Uri-Path segment contains `/`"));
+                    }
+                    req.path.push(segment);
+                }
+                15 => {
+                    let q = std::str::from_utf8(v).map_err(|_| bad("a Uri-Query option is not UTF-8"))?;
+                    match q.split_once('=') {
+                        Some(("u", u)) => req.user = Some(u.to_owned()),
+                        // A long token may come in several `p=` options, in order.
+                        Some(("p", p)) => req.password.get_or_insert_with(String::new).push_str(p),
+                        _ => {}
+                    }
+                }
+                12 => req.content_format = Some(read_uint(v).ok_or_else(|| bad("Content-Format too long"))? as u16),
+                17 => req.accept = Some(read_uint(v).ok_or_else(|| bad("Accept too long"))? as u16),
+                6 => req.observe = Some(read_uint(v).ok_or_else(|| bad("Observe too long"))?),
+                _ => {}
+            }
+        }
+    }
+    req.payload = packet.payload;
+    Ok(req)
+}
+
 /// The answer to an ingest error: 4.13, 4.29 or 5.03 with Max-Age, or 4.00, each with its
 /// reason.
 fn error_reply(e: &Error) -> Reply {
@@ -1084,6 +1094,45 @@ mod tests {
         // An answer not kept lets a retransmission be processed again.
         x.finish((peer, 7), None);
         assert!(matches!(x.begin((peer, 7), t0), Seen::New));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("FERRITE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(500)
+        ))]
+
+        /// Any datagram is read as a request, or refused with a code; a request's path
+        /// segments never carry a `/` (they become topic levels).
+        #[test]
+        fn any_datagram_is_read_or_refused(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let peer: SocketAddr = ([127, 0, 0, 1], 5683).into();
+            if let Ok(packet) = Packet::from_bytes(&bytes)
+                && let MessageClass::Request(method) = packet.header.code
+            {
+                match read_request(packet, peer, method) {
+                    Ok(req) => proptest::prop_assert!(req.path.iter().all(|s| !s.contains('/'))),
+                    Err(reply) => proptest::prop_assert!(!reply.payload.is_empty()),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_critical_option_is_refused_and_an_elective_one_ignored() {
+        let peer: SocketAddr = ([127, 0, 0, 1], 5683).into();
+        let mut p = Packet::new();
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.add_option(CoapOption::UriPath, b"telemetry".to_vec());
+        p.add_option(CoapOption::Unknown(65_002), vec![1]);
+        let req = read_request(p.clone(), peer, RequestType::Post);
+        assert!(req.is_ok_and(|r| r.path == ["telemetry"]), "an even (elective) option is ignored");
+        p.add_option(CoapOption::Unknown(65_001), vec![1]);
+        let refused = read_request(p.clone(), peer, RequestType::Post).err().map(|r| r.code);
+        assert_eq!(refused, Some(ResponseType::BadOption));
+        let mut block = Packet::new();
+        block.add_option(CoapOption::Block1, vec![0x0e]);
+        let refused = read_request(block, peer, RequestType::Post).err().map(|r| r.code);
+        assert_eq!(refused, Some(ResponseType::BadOption), "block-wise transfer is refused, not misread");
     }
 
     #[test]

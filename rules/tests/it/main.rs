@@ -6,4 +6,5 @@ mod isolation;
 mod patterns;
 mod planning;
 mod properties;
+mod robustness;
 mod windows;
