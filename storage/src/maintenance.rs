@@ -123,6 +123,39 @@ impl CrashPoint {
     }
 }
 
+/// Files of an hour still being written merged at once: fewer wait for more to come.
+const TIER_FILES: usize = 8;
+/// Files within this factor of a tier's smallest are of the same tier.
+const TIER_SPREAD: u64 = 4;
+
+/// Groups of at least [`TIER_FILES`] files of similar size (each within [`TIER_SPREAD`] of
+/// the group's smallest), each group under `max_bytes`: what an hour still being written
+/// merges now. Persists make files of about one size; merging eight makes one of the next
+/// tier, so an hour holds at most `TIER_FILES - 1` files per tier, and a row is rewritten
+/// once per tier (the logarithm of the hour's files), not at every pass.
+fn tiers(mut files: Vec<ArchivedFile>, max_bytes: u64) -> Vec<Vec<ArchivedFile>> {
+    files.sort_by(|a, b| a.size.cmp(&b.size).then_with(|| a.path.cmp(&b.path)));
+    let mut out = Vec::new();
+    let mut group: Vec<ArchivedFile> = Vec::new();
+    let mut bytes = 0;
+    for f in files {
+        let same_tier = group.first().is_none_or(|first| f.size <= first.size.max(1) * TIER_SPREAD);
+        if !same_tier || (!group.is_empty() && bytes + f.size > max_bytes) {
+            let done = std::mem::take(&mut group);
+            if done.len() >= TIER_FILES {
+                out.push(done);
+            }
+            bytes = 0;
+        }
+        bytes += f.size;
+        group.push(f);
+    }
+    if group.len() >= TIER_FILES {
+        out.push(group);
+    }
+    out
+}
+
 /// The start of the event-time hour of `ns`.
 fn hour_of(ns: i64) -> i64 {
     ns.div_euclid(NS_PER_HOUR) * NS_PER_HOUR
@@ -219,7 +252,14 @@ impl Storage {
                 hours.entry(hour_of(f.min_time)).or_default().push(f);
             }
             for (hour, mut small) in hours {
-                if hour + NS_PER_HOUR > settled || small.len() < 2 {
+                if hour + NS_PER_HOUR > settled {
+                    // An hour still being written (the current one): merged in tiers of
+                    // similar size once enough files gather, so that it holds a bounded
+                    // number of files without its largest being rewritten at every pass.
+                    work.extend(tiers(small, cfg.max_merge_bytes).into_iter().map(|g| (hour, stream.clone(), g)));
+                    continue;
+                }
+                if small.len() < 2 {
                     continue;
                 }
                 small.sort_by(|a, b| a.path.cmp(&b.path));
@@ -756,6 +796,62 @@ mod tests {
         let s = e.open_with(config(&e))?;
         assert_eq!(seen(&s, "t")?, expected, "the compacted catalog survives a restart");
         Ok(())
+    }
+
+    #[test]
+    fn an_hour_still_being_written_is_merged_in_tiers_and_stays_bounded() -> anyhow::Result<()> {
+        let e = env()?;
+        let mut c = config(&e);
+        c.maintenance.compact_after = Duration::from_secs(3600);
+        let s = e.open_with(c)?;
+        let mut all = Vec::new();
+        let mut most = 0;
+        for p in 0..40usize {
+            let r: Vec<(i64, &str, f64)> =
+                (0..4).map(|i| (((p * 4 + i) as i64) * SEC, "d0", (p * 4 + i) as f64)).collect();
+            all.extend(r.iter().map(|(_, d, v)| ((*d).to_owned(), *v)));
+            commit(&s, rows(&e, "t", &r)?)?;
+            s.persist()?;
+            // The hour [0, 1h) is not over: only the tiers merge.
+            s.compact(30 * 60 * SEC, false)?;
+            let files = s.snapshot(&StreamName::new("t")?).files.len();
+            most = most.max(files);
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        assert_eq!(seen(&s, "t")?, all, "every row once");
+        assert!(most < TIER_FILES * 2, "the hour held at most {most} files over 40 persists");
+        archive_is_catalogue(&e, &s, "t")?;
+        // Once the hour is over, the usual merge leaves one file.
+        s.compact(2 * 3600 * SEC, false)?;
+        assert_eq!(s.snapshot(&StreamName::new("t")?).files.len(), 1);
+        assert_eq!(seen(&s, "t")?, all);
+        Ok(())
+    }
+
+    #[test]
+    fn tiers_group_files_of_similar_size_only() {
+        let file = |size: u64, n: usize| ArchivedFile {
+            path: format!("f{n:03}"),
+            size,
+            rows: 1,
+            min_time: 0,
+            max_time: 0,
+            min_device: String::new(),
+            max_device: String::new(),
+        };
+        // Seven persist-sized files and one big merged one: nothing yet.
+        let mut files: Vec<ArchivedFile> = (0..7).map(|n| file(1000, n)).collect();
+        files.push(file(64_000, 99));
+        assert!(tiers(files.clone(), u64::MAX).is_empty());
+        // The eighth small one makes a tier; the big file is not in it.
+        files.push(file(1200, 7));
+        let groups = tiers(files, u64::MAX);
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].len(), 8);
+        assert!(groups[0].iter().all(|f| f.size <= 1200));
+        // The merge bound splits a tier.
+        let groups = tiers((0..16).map(|n| file(1000, n)).collect(), 8000);
+        assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), vec![8, 8]);
     }
 
     #[test]
