@@ -82,8 +82,7 @@ fn a_compaction_killed_at_any_step_leaves_every_row_once_after_a_restart() -> an
         assert!(s.stop()?.success());
 
         // The compactor reaches the step and the process dies there, SIGKILLed.
-        let s = Server::start_with_env(dir.path(), &FAST, &[("FERRITE_KILL_AT", point.to_owned())])?;
-        let status = s.exited()?;
+        let status = Server::run_to_exit(dir.path(), &FAST, &[("FERRITE_KILL_AT", point.to_owned())])?;
         assert_eq!(status.signal(), Some(9), "{point}: {status:?}");
 
         // Whatever the step, a restart serves every row once, then the next pass finishes.

@@ -128,6 +128,15 @@ fn coap_telemetry_in_json_and_cbor_is_durable_once_answered_and_bad_requests_say
     let (out, _) = coap(&["-m", "get", &format!("{base}/.well-known/core")])?;
     assert!(out.contains("</telemetry>") && out.contains("</commands>;rt=\"ferrite.commands\";obs"), "{out}");
 
+    // With identity off, a whole topic names the device: its commands reach the observer.
+    let (st, d) = s.post_json("/api/v1/devices", &json!({"id": "open-1"}))?;
+    assert_eq!(st, 201, "{d}");
+    let observer = Observer::start(&format!("{base}/devices/open-1/commands"))?;
+    let (st, ping) = s.post_json("/api/v1/devices/open-1/commands", &json!({"name": "reboot"}))?;
+    assert_eq!(st, 202, "{ping}");
+    assert_eq!(observer.next_command()?["id"], ping["id"]);
+    drop(observer);
+
     // Answered means in the WAL: killed at once, the restarted server has every row.
     s.kill()?;
     let s = Server::start(dir.path(), &["--auth", "off"])?;

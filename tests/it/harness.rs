@@ -38,9 +38,19 @@ impl Server {
         Self::start_with_env(data_dir, extra, &[])
     }
 
-    /// Like [`Server::start`], with extra environment variables.
-    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, String)]) -> anyhow::Result<Self> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+    /// Runs `ferrite serve` (as [`Server::start_with_env`] would) until it ends by itself,
+    /// whether or not it got to print its addresses: a kill point that the server reaches
+    /// while it starts (a compaction pass at start) stops it before that line.
+    pub fn run_to_exit(data_dir: &Path, extra: &[&str], env: &[(&str, String)]) -> anyhow::Result<ExitStatus> {
+        let mut child =
+            Self::command(data_dir, extra, env).stdout(Stdio::null()).spawn().context("spawning ferrite")?;
+        wait(&mut child)
+    }
+
+    /// `ferrite serve` on `data_dir` with ephemeral ports, `extra` flags and `env`.
+    fn command(data_dir: &Path, extra: &[&str], env: &[(&str, String)]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ferrite"));
+        command
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
@@ -66,10 +76,14 @@ impl Server {
             .args(extra)
             .env_remove("RUST_LOG")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning ferrite")?;
+            .stderr(Stdio::inherit());
+        command
+    }
+
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let mut child =
+            Self::command(data_dir, extra, env).stdout(Stdio::piped()).spawn().context("spawning ferrite")?;
         let stdout = child.stdout.take().context("no stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
