@@ -260,11 +260,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 max_observations: config.coap_max_observations,
                 ..Default::default()
             };
-            let server =
-                ferrite_ingest::coap::CoapServer::bind(addr, ingestor.clone(), broker.clone(), access.clone(), config)
-                    .await
-                    .with_context(|| format!("cannot listen for CoAP on {addr} (set --coap-listen, or `off`)"))?;
-            Some(server)
+            match ferrite_ingest::coap::CoapServer::bind(addr, ingestor.clone(), broker.clone(), access.clone(), config)
+                .await
+            {
+                Ok(server) => Some(server),
+                // CoAP listens by default since it was added: a machine that already runs
+                // several servers side by side (or another CoAP server) keeps working, with a
+                // warning, unless CoAP was asked for on another address.
+                Err(e) if addr == default_coap_addr() => {
+                    tracing::warn!(
+                        %addr, error = %e,
+                        "CoAP is off: its default port is taken (set --coap-listen to another address, or `off`)"
+                    );
+                    None
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot listen for CoAP on {addr} (set --coap-listen, or `off`)"));
+                }
+            }
         }
         None => None,
     };
@@ -598,6 +612,11 @@ async fn wait_for_signal() {
 }
 
 /// The listener a setting names (`off` or empty: none).
+/// The CoAP listener's default address (`coap_listen`'s default).
+fn default_coap_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 5683))
+}
+
 async fn optional_listener(setting: &str, key: &str, what: &str) -> anyhow::Result<Option<TcpListener>> {
     let addr = match setting.trim() {
         "off" | "" => return Ok(None),

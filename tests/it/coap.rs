@@ -369,3 +369,49 @@ fn parse(m: &[u8]) -> (Vec<(u16, Vec<u8>)>, &[u8]) {
     }
     (options, m.get(i + 1..).unwrap_or_default())
 }
+
+#[test]
+fn a_taken_default_coap_port_leaves_the_server_up_without_coap_and_a_taken_chosen_one_stops_it() -> anyhow::Result<()> {
+    // Hold the default port, as another CoAP server (or a second Ferrite) on the machine would.
+    let Ok(_holder) = UdpSocket::bind("0.0.0.0:5683") else {
+        eprintln!("skipping: UDP 5683 is already taken on this machine");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let serve = |coap: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferrite"));
+        c.args(["serve", "--data-dir"]).arg(dir.path()).args([
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--pg-listen",
+            "off",
+            "--flight-listen",
+            "off",
+            "--auth",
+            "off",
+            "--log",
+            "warn",
+        ]);
+        c.args(coap).env_remove("FERRITE_COAP_LISTEN").stderr(Stdio::piped()).stdout(Stdio::piped());
+        c
+    };
+    // The default address taken: the server starts without CoAP, and says why.
+    let mut child = serve(&[]).spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let _ = child.kill();
+    let out = child.wait_with_output()?;
+    assert!(line.starts_with("ferrite listening:") && !line.contains("coap="), "{line:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("CoAP is off: its default port is taken"), "{log}");
+    // Another address asked for and taken: the start stops with the reason.
+    let taken = UdpSocket::bind("127.0.0.1:0")?;
+    let asked = taken.local_addr()?.to_string();
+    let out = serve(&["--coap-listen", &asked]).output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen for CoAP") && err.contains("--coap-listen"), "{err}");
+    Ok(())
+}
