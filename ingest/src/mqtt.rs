@@ -199,6 +199,16 @@ pub struct TelemetryTopic<'a> {
     pub stream: &'a str,
 }
 
+impl TelemetryTopic<'_> {
+    /// The stream of `tenant` and the device the events go to, or why the topic names none
+    /// (a stream or device id that is not valid).
+    pub fn target(&self, tenant: &str) -> ferrite_engine::Result<(StreamName, String)> {
+        let stream = StreamName::in_tenant(tenant, self.stream)?;
+        ferrite_engine::ids::validate_device_id(self.device)?;
+        Ok((stream, self.device.to_owned()))
+    }
+}
+
 /// Parses `devices/{device_id}/telemetry[/{stream}]`; `None` for other topics.
 pub fn parse_telemetry_topic(topic: &str) -> Option<TelemetryTopic<'_>> {
     let rest = topic.strip_prefix("devices/")?;
@@ -1094,11 +1104,9 @@ impl Session {
                         // The stream of the session's tenant: a device's telemetry never
                         // lands in another tenant's stream of the same name.
                         let tenant = self.principal.get().map_or(ferrite_engine::ids::DEFAULT_TENANT, |p| &p.tenant);
-                        let stream = StreamName::in_tenant(tenant, t.stream);
-                        let device_ok = ferrite_engine::ids::validate_device_id(t.device);
-                        let (stream, device) = match (stream, device_ok) {
-                            (Ok(s), Ok(())) => (s, t.device.to_owned()),
-                            (Err(e), _) | (_, Err(e)) => {
+                        let (stream, device) = match t.target(tenant) {
+                            Ok(target) => target,
+                            Err(e) => {
                                 self.reject(&p.topic, "invalid_topic", &e.to_string());
                                 self.hand_over_qos1(gathered, pending);
                                 let refused = self.refusal(p.qos, pkid, V5PubAck::TopicNameInvalid, e.to_string());

@@ -426,21 +426,9 @@ impl Storage {
         for (_, file, found) in &damaged {
             self.quarantine(file, *found)?;
         }
-        if !damaged.is_empty() {
-            let mut fc = self.file_catalog.lock();
-            let mut next = fc.clone();
-            for (stream, file, _) in &damaged {
-                if let Some(list) = next.streams.get_mut(stream) {
-                    list.retain(|f| f.path != file.path);
-                }
-                if let Ok(name) = StreamName::from_key(stream)
-                    && let Some(data) = self.streams.read().get(&name)
-                {
-                    data.write().files.retain(|f| f.path != file.path);
-                }
-            }
-            next.store(&self.file_catalog_path)?;
-            *fc = next;
+        for (stream, file, _) in &damaged {
+            // Out of the catalog and the stream's file list, as a rewrite's inputs go.
+            self.swap_files(&StreamName::from_key(stream)?, std::slice::from_ref(file), &[])?;
         }
         // Temporary files of a local write that never got renamed into place.
         if let Some(root) = &self.local_root {

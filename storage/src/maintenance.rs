@@ -382,7 +382,12 @@ impl Storage {
 
     /// One catalog commit replacing `inputs` by `outputs`, then the in-memory list, both
     /// under the persist lock (a persist adds files between the two otherwise).
-    fn swap_files(&self, stream: &StreamName, inputs: &[ArchivedFile], outputs: &[ArchivedFile]) -> Result<()> {
+    pub(crate) fn swap_files(
+        &self,
+        stream: &StreamName,
+        inputs: &[ArchivedFile],
+        outputs: &[ArchivedFile],
+    ) -> Result<()> {
         let _no_persist = self.persist_lock.lock();
         let key = stream.to_string();
         let gone: HashSet<&str> = inputs.iter().map(|f| f.path.as_str()).collect();

@@ -31,13 +31,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use coap_lite::{CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use ferrite_engine::Metrics;
 use ferrite_engine::auth::{
     AccessControl, Action, Credentials, DecisionCache, Principal, PrincipalKind, RequestContext,
     Transport as AuthTransport,
 };
 use ferrite_engine::metrics::{Counter, Gauge};
 use ferrite_engine::plugin::Presence;
-use ferrite_engine::{Metrics, StreamName};
 use parking_lot::Mutex;
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
@@ -221,7 +221,8 @@ enum Admit {
 /// An endpoint that authenticated: its credentials (to know the next request's are the
 /// same), principal and policy decisions.
 struct Peer {
-    credentials: Box<[u8]>,
+    user: Box<str>,
+    password: Box<str>,
     principal: Principal,
     decisions: DecisionCache,
     seen: Instant,
@@ -701,20 +702,21 @@ impl CoapServer {
                  options (DTLS is not supported yet)",
             ));
         };
-        let credentials: Box<[u8]> = [user.as_bytes(), b"\0", password.as_bytes()].concat().into_boxed_slice();
         if let Some(peer) = self.peers.lock().get_mut(&req.peer)
-            && peer.credentials == credentials
+            && *peer.user == **user
+            && *peer.password == **password
         {
             peer.seen = Instant::now();
             return Ok(peer.principal.clone());
         }
         let access = self.access.clone();
         let context = RequestContext::new(AuthTransport::Coap, Some(req.peer.ip()));
-        let (user, password) = (user.clone(), password.clone());
+        let (user, password): (Box<str>, Box<str>) = (user.as_str().into(), password.as_str().into());
+        let (u, p) = (user.clone(), password.clone());
         // Off the async workers: a user's password is an argon2id hash.
         let checked = tokio::task::spawn_blocking(move || {
             access.authenticate(
-                &Credentials::Mqtt { client_id: &user, username: Some(&user), password: Some(password.as_bytes()) },
+                &Credentials::Mqtt { client_id: &u, username: Some(&u), password: Some(p.as_bytes()) },
                 &context,
             )
         })
@@ -729,7 +731,8 @@ impl CoapServer {
                 peers.insert(
                     req.peer,
                     Peer {
-                        credentials,
+                        user,
+                        password,
                         principal: principal.clone(),
                         decisions: DecisionCache::default(),
                         seen: Instant::now(),
@@ -811,14 +814,11 @@ impl CoapServer {
         let Some(t) = parse_telemetry_topic(topic) else {
             return Reply::new(ResponseType::Changed);
         };
-        let stream = match StreamName::in_tenant(&principal.tenant, t.stream) {
-            Ok(s) => s,
+        let (stream, device) = match t.target(&principal.tenant) {
+            Ok(target) => target,
             Err(e) => return Reply::text(ResponseType::BadRequest, e.to_string()),
         };
-        if let Err(e) = ferrite_engine::ids::validate_device_id(t.device) {
-            return Reply::text(ResponseType::BadRequest, e.to_string());
-        }
-        let payload = Payload::Json { stream, device: Some(t.device.to_owned()) };
+        let payload = Payload::Json { stream, device: Some(device) };
         match self.ingestor.ingest(Transport::Coap, payload, json, Durability::Committed).await {
             Ok(r) if r.rejected > 0 && r.accepted == 0 => {
                 let first = r.rejections.first().map(|x| format!("{}: {}", x.reason, x.message)).unwrap_or_default();
