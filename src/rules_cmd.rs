@@ -269,9 +269,11 @@ fn run_case(case: &Case, update: bool) -> anyhow::Result<()> {
     // The shapes every case runs in: one event at a time on one shard (the reference),
     // then larger batches over several shards.
     let shapes = [
-        RunShape { shards: 1, batch_rows: 1 },
-        RunShape { shards: 2, batch_rows: 1024 },
-        RunShape { shards: 3, batch_rows: 7 },
+        RunShape { shards: 1, batch_rows: 1, restart_every: 0 },
+        RunShape { shards: 2, batch_rows: 1024, restart_every: 0 },
+        RunShape { shards: 3, batch_rows: 7, restart_every: 0 },
+        // The rules' state through a checkpoint and a restart before every event.
+        RunShape { shards: 2, batch_rows: 1, restart_every: 1 },
     ];
     let mut results = Vec::new();
     for shape in shapes {
@@ -285,9 +287,14 @@ fn run_case(case: &Case, update: bool) -> anyhow::Result<()> {
     for (shape, rows) in &results[1..] {
         if rows != reference {
             bail!(
-                "outputs differ between one event per batch on one shard and {} events per batch on {} shards:\n{}",
+                "outputs differ between one event per batch on one shard and {} events per batch on {} shards{}:\n{}",
                 shape.batch_rows,
                 shape.shards,
+                if shape.restart_every > 0 {
+                    format!(", restarted from a checkpoint every {} batches", shape.restart_every)
+                } else {
+                    String::new()
+                },
                 diff(reference, rows)
             );
         }
@@ -370,7 +377,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         &text,
         &catalog,
         &events,
-        RunShape { shards: 1, batch_rows: 8192 },
+        RunShape { shards: 1, batch_rows: 8192, restart_every: 0 },
         Arc::new(NoActions),
         args.file.parent(),
         &progress,
@@ -597,7 +604,7 @@ fn explain(args: ExplainArgs) -> anyhow::Result<()> {
             compiled,
             &catalog,
             &events,
-            RunShape { shards: 1, batch_rows: 1 },
+            RunShape { shards: 1, batch_rows: 1, restart_every: 0 },
             Arc::new(NoActions),
             &|_| {},
         )?;

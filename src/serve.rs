@@ -161,6 +161,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     rules.set_table_loader(Arc::new(SqlTables { query: query.clone(), handle: tokio::runtime::Handle::current() }));
     let rule_files = Arc::new(RuleFiles::new(&config.rules_dir, rules.clone()));
     rule_files.scan();
+    // The rules continue from their last checkpoint: its state, then the inputs the WAL
+    // holds after it (outputs a crash lost are committed now), before any client connects.
+    // From here on each persist takes its cut through the engine and writes a checkpoint.
+    if let Some(recovery) = storage.take_recovery() {
+        let engine = engine.clone();
+        match tokio::task::spawn_blocking(move || engine.recover(recovery)).await? {
+            Ok(report) => tracing::info!(
+                input_rows = report.input_rows,
+                outputs_found = report.found_rows,
+                outputs_restored = report.committed_rows,
+                "rules recovered from their last checkpoint"
+            ),
+            // A checkpoint that cannot be used costs the rules their state, never the start.
+            Err(e) => {
+                metrics.inc("ferrite_checkpoint_failures_total", &[("step", "restore")], 1);
+                tracing::error!(error = %e, "cannot recover the rules from their last checkpoint; they go on from here");
+            }
+        }
+    }
+    storage.set_cutter(Arc::downgrade(&engine) as std::sync::Weak<dyn ferrite_engine::Cutter>);
+    // A checkpoint now: what the rules hold after recovery (or nothing, on a first start) at
+    // the WAL's current end, so that a crash before the first persist does not replay more.
+    {
+        let storage = storage.clone();
+        tokio::task::spawn_blocking(move || storage.checkpoint()).await??;
+    }
     let watch_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = rule_files.clone().spawn(Duration::from_millis(500), watch_stop.clone())?;
 
@@ -450,7 +476,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("draining the engine and persisting the hot buffer");
     let rows = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
         engine.flush()?;
-        engine.shutdown();
         storage.stop_persister();
         storage.stop_maintenance();
         if persister.join().is_err() {
@@ -459,7 +484,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         if maintenance.join().is_err() {
             tracing::error!("the compaction thread panicked");
         }
-        Ok(storage.persist()?)
+        // The last persist's checkpoint is the state the next start continues from: taken
+        // with the clock-driven rule work stopped, so nothing follows it.
+        engine.stop_ticks();
+        let rows = storage.persist()?;
+        engine.shutdown();
+        Ok(rows)
     })
     .await??;
     tracing::info!(rows, "shutdown complete");

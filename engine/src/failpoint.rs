@@ -9,7 +9,9 @@
 //! The points: `wal.mid_append` (half of a group commit written, a torn tail),
 //! `wal.before_fsync` (a group written, not yet fsynced nor acknowledged),
 //! `persist.mid_upload` (half of a Parquet file written under its temporary name),
-//! `persist.before_catalog` (the files uploaded, the catalog not naming them),
+//! `persist.after_checkpoint` (the files uploaded and the rules' checkpoint written, the
+//! catalog not naming the files), `persist.before_catalog` (the files uploaded, the catalog
+//! not naming them),
 //! `persist.before_wal_removal` (the catalog committed, the WAL segments still there), and
 //! compaction's `rewrite.after_read`, `rewrite.after_write`, `rewrite.after_catalog`,
 //! `rewrite.mid_retire`.

@@ -61,6 +61,44 @@ impl JoinState {
         out
     }
 
+    /// Writes the buffered events to a checkpoint.
+    pub(crate) fn save(&self, e: &mut crate::codec::Enc) -> DfResult<()> {
+        e.len(self.devices.len());
+        for (device, sides) in &self.devices {
+            e.str(device);
+            e.i64(sides.newest);
+            for side in [&sides.left, &sides.right] {
+                e.len(side.len());
+                for (t, row) in side {
+                    e.i64(*t);
+                    e.scalars(row)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the buffered events [`Self::save`] wrote into this fresh state.
+    pub(crate) fn restore(
+        &mut self,
+        d: &mut crate::codec::Dec<'_>,
+        names: &mut crate::codec::DeviceNames,
+    ) -> DfResult<()> {
+        for _ in 0..d.len()? {
+            let device = names.get(&d.string()?);
+            let mut sides = Sides { newest: d.i64()?, ..Sides::default() };
+            for side in [&mut sides.left, &mut sides.right] {
+                for _ in 0..d.len()? {
+                    let t = d.i64()?;
+                    side.push_back((t, Arc::new(d.scalars()?)));
+                }
+            }
+            self.size += sides.left.len() + sides.right.len();
+            self.devices.insert(device, sides);
+        }
+        Ok(())
+    }
+
     /// Feeds a batch of `stream`; returns the pairs it completes.
     pub fn update(
         &mut self,

@@ -20,6 +20,7 @@
 //! DataFusion).
 
 pub mod ast;
+mod codec;
 pub mod error;
 pub mod files;
 pub mod http;

@@ -85,6 +85,20 @@ impl LookupTable {
         Ok(())
     }
 
+    /// The live rows (the latest of each key), for a checkpoint; [`Self::apply`] of them to an
+    /// empty table of the same schema rebuilds this one.
+    pub fn live_rows(&mut self) -> Result<RecordBatch> {
+        if self.chunks.len() != 1 || self.chunks[0].num_rows() != self.index.len() {
+            self.compact()?;
+        }
+        Ok(self.chunks.first().cloned().unwrap_or_else(|| RecordBatch::new_empty(self.schema.clone())))
+    }
+
+    /// An empty table with this one's schema and key.
+    pub fn emptied(&self) -> Self {
+        Self::new(self.schema.clone(), &self.key)
+    }
+
     /// The table's columns for each value of `keys` (null where no row matches), named
     /// `{prefix}.{column}`.
     pub fn enrich(&self, keys: &ArrayRef, prefix: &str) -> Result<Vec<(Field, ArrayRef)>> {

@@ -160,6 +160,72 @@ impl PatternState {
         out
     }
 
+    /// Writes the partial matches to a checkpoint.
+    pub(crate) fn save(&self, e: &mut crate::codec::Enc) -> DfResult<()> {
+        e.u64(self.evicted);
+        e.len(self.devices.len());
+        for (device, state) in &self.devices {
+            e.str(device);
+            e.len(state.partials.len());
+            for p in &state.partials {
+                e.u64(p.step as u64);
+                e.u32(p.count);
+                e.i64(p.start);
+                e.i64(p.deadline);
+                e.len(p.captured.len());
+                for c in &p.captured {
+                    match c {
+                        Some(row) => {
+                            e.u8(1);
+                            e.scalars(row)?;
+                        }
+                        None => e.u8(0),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the partial matches [`Self::save`] wrote into this fresh state.
+    pub(crate) fn restore(
+        &mut self,
+        d: &mut crate::codec::Dec<'_>,
+        names: &mut crate::codec::DeviceNames,
+    ) -> DfResult<()> {
+        let plan = &self.plan;
+        self.evicted = d.u64()?;
+        for _ in 0..d.len()? {
+            let device = names.get(&d.string()?);
+            let mut partials = Vec::new();
+            for _ in 0..d.len()? {
+                let step = usize::try_from(d.u64()?).map_err(|_| internal("step out of range"))?;
+                let (count, start, deadline) = (d.u32()?, d.i64()?, d.i64()?);
+                let steps = d.len()?;
+                if steps != plan.steps.len() || step > plan.steps.len() {
+                    return Err(internal("a partial match of another pattern"));
+                }
+                let mut p = Partial {
+                    step,
+                    count,
+                    start,
+                    deadline,
+                    captured: vec![None; steps],
+                    typed: Typed::new(plan.refs.len()),
+                };
+                for j in 0..steps {
+                    if d.bool()? {
+                        p.capture(plan, j, Arc::new(d.scalars()?));
+                    }
+                }
+                partials.push(p);
+            }
+            self.partials += partials.len();
+            self.devices.insert(device, DeviceState { partials });
+        }
+        Ok(())
+    }
+
     /// Feeds one batch; returns completed matches.
     pub fn update(&mut self, input: &PatternInput<'_>) -> DfResult<Vec<Match>> {
         let n = input.batch.num_rows();

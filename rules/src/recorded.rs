@@ -22,6 +22,10 @@ pub struct RunShape {
     pub shards: usize,
     /// Most events per batch (consecutive events of one stream are batched together).
     pub batch_rows: usize,
+    /// Every this many batches (0: never), the rules' state goes through a checkpoint: it is
+    /// encoded, and a new engine with the same rules restores it and goes on, as a server
+    /// restarting from its last checkpoint would.
+    pub restart_every: usize,
 }
 
 /// Runs `rules` over `events` (in arrival order) with `shape`; returns every derived row.
@@ -62,11 +66,18 @@ pub fn run_compiled(
 ) -> Result<Vec<StreamBatch>> {
     let shards = shape.shards.max(1);
     let clock = Arc::new(ManualClock::new(0));
-    let engine = RuleEngine::new(shards, catalog.clone(), Arc::new(Metrics::new()), actions, clock.clone());
-    engine.install(compiled, None)?;
+    let start = |actions: Arc<dyn ActionSink>| -> Result<RuleEngine> {
+        let engine = RuleEngine::new(shards, catalog.clone(), Arc::new(Metrics::new()), actions, clock.clone());
+        engine.install(compiled.clone(), None)?;
+        Ok(engine)
+    };
+    let mut engine = start(actions.clone())?;
     let mut out = Vec::new();
     let mut done = 0;
-    for batch in rebatch(events, shape.batch_rows.max(1))? {
+    for (n, batch) in rebatch(events, shape.batch_rows.max(1))?.into_iter().enumerate() {
+        if shape.restart_every > 0 && n > 0 && n % shape.restart_every == 0 {
+            engine = restarted(&engine, shards, start(actions.clone())?)?;
+        }
         if let Some(t) = max_time(&batch.batch) {
             clock.set(t);
         }
@@ -85,6 +96,15 @@ pub fn run_compiled(
         return Err(Error::Input(format!("rule `{}` failed: {}", info.name, info.last_error.unwrap_or_default())));
     }
     Ok(out)
+}
+
+/// `fresh` with the state of `engine`, through the checkpoint encoding.
+fn restarted(engine: &RuleEngine, shards: usize, fresh: RuleEngine) -> Result<RuleEngine> {
+    fresh.restore(None, &engine.snapshot(None)?)?;
+    for shard in 0..shards {
+        fresh.restore(Some(shard), &engine.snapshot(Some(shard))?)?;
+    }
+    Ok(fresh)
 }
 
 fn feed(engine: &RuleEngine, shard: usize, batches: Vec<StreamBatch>, out: &mut Vec<StreamBatch>) {

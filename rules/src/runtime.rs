@@ -40,6 +40,7 @@ use crate::pattern::{PatternInput, PatternState};
 use crate::plan::{ActionPlan, CompiledRule, JoinPlan, JoinSource, OperatorPlan, PostOp, SchemaSource};
 use crate::window::{WindowInput, WindowState};
 
+mod checkpoint;
 mod emit;
 mod execution;
 mod inspection;
@@ -260,6 +261,9 @@ pub struct RuleEngine {
     widenings_seen: AtomicU64,
     /// One re-planning at a time.
     replanning: Mutex<()>,
+    /// Set while recovery replays entries the rules saw before a crash: their actions
+    /// (publishes, commands, webhooks) are not sent again.
+    replaying: AtomicBool,
 }
 
 impl std::fmt::Debug for RuleEngine {
@@ -306,6 +310,7 @@ impl RuleEngine {
             sandbox: RwLock::new(None),
             widenings_seen: AtomicU64::new(catalog_widenings),
             replanning: Mutex::new(()),
+            replaying: AtomicBool::new(false),
         }
     }
 
@@ -332,6 +337,26 @@ impl BatchObserver for RuleEngine {
 
     fn tick(&self, shard: usize) -> Vec<StreamBatch> {
         RuleEngine::tick(self, shard)
+    }
+
+    fn checkpoint_name(&self) -> Option<&'static str> {
+        Some("rules")
+    }
+
+    fn snapshot(&self, shard: Option<usize>) -> std::result::Result<Vec<u8>, String> {
+        RuleEngine::snapshot(self, shard).map_err(|e| e.to_string())
+    }
+
+    fn restore(&self, shard: Option<usize>, state: &[u8]) -> std::result::Result<(), String> {
+        let restored = RuleEngine::restore(self, shard, state).map_err(|e| e.to_string())?;
+        if restored > 0 {
+            tracing::info!(rules = restored, shard = ?shard, "rule state restored from the last checkpoint");
+        }
+        Ok(())
+    }
+
+    fn set_replaying(&self, on: bool) {
+        self.replaying.store(on, Ordering::Relaxed);
     }
 }
 

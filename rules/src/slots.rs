@@ -363,6 +363,67 @@ impl Slots {
         self.slots.get(slot as usize).and_then(|s| s.as_ref()).map(|s| s.start)
     }
 
+    /// Writes an open slot's key, start and aggregate states to a checkpoint (the caller
+    /// writes its device).
+    pub(crate) fn save_slot(&mut self, slot: u32, e: &mut crate::codec::Enc) -> DfResult<()> {
+        let idx = slot as usize;
+        let Some(meta) = self.slots.get(idx).and_then(|s| s.as_ref()) else {
+            return Err(datafusion::error::DataFusionError::Internal(format!("slot {slot} is not open")));
+        };
+        e.bytes(meta.key.row().as_ref());
+        e.i64(meta.start);
+        for (agg, plan) in self.aggs.iter_mut().zip(&self.plans) {
+            match agg {
+                Agg::Native(n) => {
+                    e.i64(n.n[idx]);
+                    e.f64(n.f[idx]);
+                    e.i64(n.i[idx]);
+                }
+                Agg::Fallback(accs) => match accs.get_mut(idx) {
+                    Some(Some(acc)) => {
+                        e.u8(1);
+                        crate::codec::save_accumulator(e, acc, || plan.function.create_accumulator())?;
+                    }
+                    _ => e.u8(0),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the slot of (`key`, `start`) for `device` and reads its aggregate states from a
+    /// checkpoint (after the key and start, which the caller read).
+    pub(crate) fn restore_slot(
+        &mut self,
+        key: Row<'_>,
+        start: i64,
+        device: &Arc<str>,
+        d: &mut crate::codec::Dec<'_>,
+    ) -> DfResult<u32> {
+        let (slot, _) = self.slot(key, start, device)?;
+        let idx = slot as usize;
+        for agg in &mut self.aggs {
+            match agg {
+                Agg::Native(n) => {
+                    n.n[idx] = d.i64()?;
+                    n.f[idx] = d.f64()?;
+                    n.i[idx] = d.i64()?;
+                }
+                Agg::Fallback(accs) => {
+                    if d.bool()? {
+                        let Some(Some(acc)) = accs.get_mut(idx) else {
+                            return Err(datafusion::error::DataFusionError::Internal(format!(
+                                "slot {slot} has no accumulator"
+                            )));
+                        };
+                        crate::codec::restore_accumulator(d, acc)?;
+                    }
+                }
+            }
+        }
+        Ok(slot)
+    }
+
     /// Closes a slot: returns its key, device, start and values, and frees it.
     pub fn close(&mut self, slot: u32) -> DfResult<Option<Closed>> {
         let values = self.values(slot)?;

@@ -22,6 +22,7 @@ use datafusion::common::ScalarValue;
 use datafusion::logical_expr::Accumulator;
 
 use crate::ast::{Emit, WindowKind};
+use crate::codec::{Dec, DeviceNames, Enc};
 use crate::error::Result;
 use crate::plan::WindowPlan;
 use crate::slots::Slots;
@@ -508,6 +509,130 @@ impl WindowState {
             out.extend(self.close_device(&d, i64::MAX)?);
         }
         Ok(out)
+    }
+
+    /// Writes the open windows to a checkpoint. Accumulators hand over their intermediate
+    /// state and go on from it; sliding windows' `min` and `max` are rebuilt from the rows
+    /// they hold instead (their state alone cannot retract).
+    pub(crate) fn save(&mut self, e: &mut Enc) -> DfResult<()> {
+        e.len(self.slots_by_device.len());
+        for (device, list) in &self.slots_by_device {
+            e.str(device);
+            e.len(list.len());
+            for &slot in list {
+                self.slots.save_slot(slot, e)?;
+            }
+        }
+        let replayed = self.replayed_aggregates();
+        let fresh = self.fresh_accumulators();
+        e.len(self.groups.len());
+        for ((key, part), g) in &mut self.groups {
+            e.bytes(key.row().as_ref());
+            e.i64(*part);
+            e.str(&g.device);
+            e.i64(g.start);
+            e.i64(g.end);
+            e.u64(g.count);
+            e.i64(g.last);
+            e.len(g.rows.len());
+            for (t, values) in &g.rows {
+                e.i64(*t);
+                e.len(values.len());
+                for v in values {
+                    e.scalars(v)?;
+                }
+            }
+            for (a, acc) in g.accs.iter_mut().enumerate() {
+                if !replayed[a] {
+                    crate::codec::save_accumulator(e, acc, || fresh(a))?;
+                }
+            }
+        }
+        e.len(self.by_device.values().map(Vec::len).sum());
+        for (device, list) in &self.by_device {
+            for (end, key, start) in list {
+                e.str(device);
+                e.i64(*end);
+                e.bytes(key.row().as_ref());
+                e.i64(*start);
+            }
+        }
+        e.len(self.emitted_upto.len());
+        for (key, upto) in &self.emitted_upto {
+            e.bytes(key.row().as_ref());
+            e.i64(*upto);
+        }
+        Ok(())
+    }
+
+    /// Reads the open windows [`Self::save`] wrote into this fresh state.
+    pub(crate) fn restore(&mut self, d: &mut Dec<'_>, devices: &mut DeviceNames) -> DfResult<()> {
+        let parser = self.converter.parser();
+        for _ in 0..d.len()? {
+            let device = devices.get(&d.string()?);
+            let mut list = Vec::new();
+            for _ in 0..d.len()? {
+                let key = d.bytes()?;
+                let start = d.i64()?;
+                list.push(self.slots.restore_slot(parser.parse(key), start, &device, d)?);
+            }
+            self.slots_by_device.insert(device, list);
+        }
+        let replayed = self.replayed_aggregates();
+        for _ in 0..d.len()? {
+            let key = parser.parse(d.bytes()?).owned();
+            let part = d.i64()?;
+            let device = devices.get(&d.string()?);
+            let (start, end, count, last) = (d.i64()?, d.i64()?, d.u64()?, d.i64()?);
+            let mut rows = VecDeque::new();
+            for _ in 0..d.len()? {
+                let t = d.i64()?;
+                let values = (0..d.len()?).map(|_| d.scalars()).collect::<DfResult<Vec<_>>>()?;
+                rows.push_back((t, values));
+            }
+            let mut accs = self.new_accs()?;
+            for (a, acc) in accs.iter_mut().enumerate() {
+                if replayed[a] {
+                    for (_, values) in &rows {
+                        if let Some(v) = values.get(a).filter(|v| !v.is_empty()) {
+                            let arrays = v.iter().map(ScalarValue::to_array).collect::<DfResult<Vec<_>>>()?;
+                            acc.update_batch(&arrays)?;
+                        }
+                    }
+                } else {
+                    crate::codec::restore_accumulator(d, acc)?;
+                }
+            }
+            self.groups.insert((key.clone(), part), Group { key, device, start, end, accs, rows, count, last });
+        }
+        for _ in 0..d.len()? {
+            let device = devices.get(&d.string()?);
+            let end = d.i64()?;
+            let key = parser.parse(d.bytes()?).owned();
+            let start = d.i64()?;
+            self.by_device.entry(device).or_default().push((end, key, start));
+        }
+        for _ in 0..d.len()? {
+            let key = parser.parse(d.bytes()?).owned();
+            self.emitted_upto.insert(key, d.i64()?);
+        }
+        Ok(())
+    }
+
+    /// Per aggregate: whether a checkpoint rebuilds it from the window's rows (sliding `min`
+    /// and `max`) rather than from its saved state.
+    fn replayed_aggregates(&self) -> Vec<bool> {
+        let sliding = matches!(self.plan.kind, WindowKind::Sliding { .. } | WindowKind::CountSliding { .. });
+        self.plan.aggregates.iter().map(|a| sliding && matches!(a.function.fun().name(), "min" | "max")).collect()
+    }
+
+    fn fresh_accumulators(&self) -> impl Fn(usize) -> DfResult<Box<dyn Accumulator>> + use<> {
+        let sliding = matches!(self.plan.kind, WindowKind::Sliding { .. } | WindowKind::CountSliding { .. });
+        let functions: Vec<_> = self.plan.aggregates.iter().map(|a| a.function.clone()).collect();
+        move |a: usize| {
+            let f = functions.get(a).ok_or_else(|| internal("no such aggregate"))?;
+            if sliding { f.create_sliding_accumulator() } else { f.create_accumulator() }
+        }
     }
 
     /// Builds the operator's output batch from emitted windows.

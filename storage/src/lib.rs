@@ -25,6 +25,7 @@
 //! Depends on `ferrite-engine` only.
 
 pub mod archive;
+pub mod checkpoint;
 pub mod error;
 pub mod file_catalog;
 mod last_values;
@@ -39,7 +40,10 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
-use ferrite_engine::{Health, Metrics, ShardStore, StreamBatch, StreamCatalog, StreamName, align_to_schema};
+use ferrite_engine::{
+    Checkpoint, Cutter, Health, Metrics, Recovery, Replayed, ShardStore, StreamBatch, StreamCatalog, StreamName,
+    align_to_schema,
+};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -215,6 +219,12 @@ pub struct Storage {
     wake: (Mutex<bool>, Condvar),
     maintenance_stop: (Mutex<bool>, Condvar),
     runtime: tokio::runtime::Handle,
+    /// Takes the consistent cuts persists use (the engine), once it is running.
+    cutter: RwLock<Option<std::sync::Weak<dyn Cutter>>>,
+    /// `catalog/checkpoint.bin`.
+    checkpoint_path: PathBuf,
+    /// What start-up found for the rules' recovery, until the server takes it.
+    recovery: Mutex<Option<Recovery>>,
     #[cfg(test)]
     test: TestHooks,
 }
@@ -291,12 +301,46 @@ impl Storage {
             }
         }
         shard_ids.sort_unstable();
+        // The rules' last checkpoint, if it still covers what the WAL holds: of this many
+        // shards, and not older than any shard's persisted cut.
+        let checkpoint_path = data.join("catalog").join("checkpoint.bin");
+        let checkpoint = match checkpoint::load(&checkpoint_path) {
+            Ok(Some(c)) => {
+                let fits = c.cuts.len() == config.shards.max(1)
+                    && c.cuts
+                        .iter()
+                        .enumerate()
+                        .all(|(s, cut)| files.persisted_upto.get(&(s as u32)).is_none_or(|upto| *upto <= *cut));
+                if !fits {
+                    tracing::warn!(
+                        file = %checkpoint_path.display(),
+                        "the rules' checkpoint does not match this data directory (another shard count, or older \
+                         than the archive); rules start with empty state"
+                    );
+                }
+                fits.then_some(c)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the rules' checkpoint; rules start with empty state");
+                metrics.inc("ferrite_checkpoint_failures_total", &[("step", "read")], 1);
+                None
+            }
+        };
+        let mut checkpoint = checkpoint;
+        let mut after_cut: Vec<Vec<Replayed>> =
+            checkpoint.as_ref().map(|c| vec![Vec::new(); c.cuts.len()]).unwrap_or_default();
+        // Unpersisted entries in the WAL of a shard the checkpoint does not have (a run with
+        // more shards that crashed before its first checkpoint): the rules never saw them
+        // in the checkpoint's order, so the checkpoint is not used.
+        let mut stray = false;
         let mut wals = Vec::new();
         let mut hot_bytes: isize = 0;
         let mut replayed = 0usize;
         for shard in 0..=shard_ids.last().copied().unwrap_or(0) {
             let dir = wal_root.join(format!("shard-{shard}"));
             let upto = files.persisted_upto.get(&shard).copied().unwrap_or(0);
+            let cut = checkpoint.as_ref().and_then(|c| c.cuts.get(shard as usize)).copied();
             let mut last = upto;
             for seg in wal::list_segments(&dir)? {
                 let read = wal::read_segment(&seg.path)?;
@@ -321,6 +365,12 @@ impl Storage {
                         continue;
                     }
                     replayed += entry.batch.num_rows();
+                    if checkpoint.is_some() && cut.is_none() {
+                        stray = true;
+                    }
+                    if let Some(list) = cut.filter(|c| entry.seq > *c).and_then(|_| after_cut.get_mut(shard as usize)) {
+                        list.push(Replayed { derived: entry.derived, batch: entry.batch.clone() });
+                    }
                     hot_bytes += streams.entry(entry.batch.stream.clone()).or_default().write().push(HotBatch::new(
                         shard,
                         entry.seq,
@@ -333,6 +383,12 @@ impl Storage {
         }
         if replayed > 0 {
             tracing::info!(rows = replayed, "replayed the write-ahead log into the hot buffer");
+        }
+        if stray && checkpoint.take().is_some() {
+            tracing::warn!(
+                "the WAL holds entries of shards the rules' checkpoint does not cover (the shard count \
+                 changed); rules start with empty state"
+            );
         }
         let hot_bytes = hot_bytes.max(0) as usize;
         config.health.set_overloaded(hot_bytes >= config.hot_max_bytes.saturating_mul(HARD_LIMIT_FACTOR));
@@ -355,6 +411,9 @@ impl Storage {
             wake: (Mutex::new(false), Condvar::new()),
             maintenance_stop: (Mutex::new(false), Condvar::new()),
             runtime,
+            cutter: RwLock::new(None),
+            checkpoint_path,
+            recovery: Mutex::new(checkpoint.map(|checkpoint| Recovery { checkpoint, entries: after_cut })),
             #[cfg(test)]
             test: TestHooks::default(),
         });
@@ -541,7 +600,9 @@ impl Storage {
         let _one_at_a_time = self.persist_lock.lock();
         // 1. Cut every WAL: entries up to `cut` are exactly those in the closed segments,
         //    and all of them are in the hot buffer (commit holds the WAL lock until then).
-        let cuts: Vec<u64> = self.wals.iter().map(|w| w.lock().rotate()).collect();
+        //    With the engine running, the cut is a checkpoint: taken on the shard threads
+        //    with the rules' state at that point.
+        let (cuts, checkpoint) = self.cut();
         let mut streams: Vec<(StreamName, Arc<RwLock<StreamData>>)> =
             self.streams.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         streams.sort_by(|a, b| a.0.cmp(&b.0));
@@ -577,7 +638,21 @@ impl Storage {
             new_files.push((name.clone(), files));
         }
 
-        // 3. Commit the catalog, then swap hot rows for files under each stream's lock.
+        // 3. The checkpoint, then the catalog (whose persisted cut must never pass the
+        //    checkpoint's), then swap hot rows for files under each stream's lock.
+        if let Some(c) = &checkpoint {
+            if let Err(e) = checkpoint::store(&self.checkpoint_path, c) {
+                // The catalog moving past the old checkpoint makes it stale: rules would
+                // start empty after a crash, nothing else is lost.
+                tracing::error!(error = %e, "cannot write the rules' checkpoint; persisting without it");
+                self.metrics.inc("ferrite_checkpoint_failures_total", &[("step", "write")], 1);
+            } else {
+                self.metrics.inc("ferrite_checkpoints_total", &[], 1);
+                if !new_files.is_empty() {
+                    ferrite_engine::failpoint::kill_point("persist.after_checkpoint");
+                }
+            }
+        }
         if !new_files.is_empty() {
             ferrite_engine::failpoint::kill_point("persist.before_catalog");
         }
@@ -638,6 +713,59 @@ impl Storage {
             );
         }
         Ok(rows_total)
+    }
+
+    /// Cuts every WAL for a persist: through the engine when it runs (a checkpoint), else
+    /// here. WALs of shards the engine does not have (left by a run with more shards) are
+    /// cut here in both cases.
+    fn cut(&self) -> (Vec<u64>, Option<Checkpoint>) {
+        let cutter = self.cutter.read().as_ref().and_then(std::sync::Weak::upgrade);
+        if let Some(cutter) = cutter {
+            let started = Instant::now();
+            let cut = cutter.cut();
+            // How long the shards were held (waiting for each other, then encoding state).
+            self.metrics.histogram("ferrite_checkpoint_seconds", &[]).observe(started.elapsed());
+            match cut {
+                Ok(c) if c.cuts.len() <= self.wals.len() => {
+                    let mut cuts = c.cuts.clone();
+                    cuts.extend(self.wals[c.cuts.len()..].iter().map(|w| w.lock().rotate()));
+                    return (cuts, Some(c));
+                }
+                Ok(c) => tracing::error!(
+                    shards = c.cuts.len(),
+                    wals = self.wals.len(),
+                    "the engine's cut has more shards than storage; persisting without a checkpoint"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take a checkpoint; persisting without one");
+                    self.metrics.inc("ferrite_checkpoint_failures_total", &[("step", "cut")], 1);
+                }
+            }
+        }
+        (self.wals.iter().map(|w| w.lock().rotate()).collect(), None)
+    }
+
+    /// Makes persists take their cut through `cutter` (the engine): each persist then
+    /// writes a checkpoint of the rules' state. Held weakly.
+    pub fn set_cutter(&self, cutter: std::sync::Weak<dyn Cutter>) {
+        *self.cutter.write() = Some(cutter);
+    }
+
+    /// Takes a checkpoint without persisting (at start, so that a crash before the first
+    /// persist finds one): the WALs are cut and the rules' state written with the cut.
+    pub fn checkpoint(&self) -> Result<()> {
+        let _one_at_a_time = self.persist_lock.lock();
+        if let (_, Some(c)) = self.cut() {
+            checkpoint::store(&self.checkpoint_path, &c)?;
+            self.metrics.inc("ferrite_checkpoints_total", &[], 1);
+        }
+        Ok(())
+    }
+
+    /// What start-up found for the rules' recovery (the last checkpoint and the WAL entries
+    /// after its cut), once; `None` without a usable checkpoint.
+    pub fn take_recovery(&self) -> Option<Recovery> {
+        self.recovery.lock().take()
     }
 
     /// Undoes a failed persist: removes the files it uploaded (no catalog names them) and
@@ -868,11 +996,26 @@ fn rand_u32() -> u32 {
 
 impl ShardStore for Storage {
     fn commit(&self, shard: usize, group: &[StreamBatch]) -> std::result::Result<(), String> {
+        self.commit_to_wal(shard, group, false)
+    }
+
+    fn commit_derived(&self, shard: usize, group: &[StreamBatch]) -> std::result::Result<(), String> {
+        self.commit_to_wal(shard, group, true)
+    }
+
+    fn rotate(&self, shard: usize) -> std::result::Result<u64, String> {
+        let wal = self.wals.get(shard).ok_or_else(|| format!("no WAL for shard {shard}"))?;
+        Ok(wal.lock().rotate())
+    }
+}
+
+impl Storage {
+    fn commit_to_wal(&self, shard: usize, group: &[StreamBatch], derived: bool) -> std::result::Result<(), String> {
         let Some(wal) = self.wals.get(shard) else {
             return Err(format!("no WAL for shard {shard}"));
         };
         let mut w = wal.lock();
-        let seqs = match w.append(group) {
+        let seqs = match w.append(group, derived) {
             Ok(seqs) => seqs,
             Err(e) => {
                 self.metrics.inc("ferrite_wal_failures_total", &[], 1);
@@ -982,6 +1125,63 @@ mod tests {
         (0..4)
             .map(|s| wal::list_segments(&dir.join("wal").join(format!("shard-{s}"))).map(|v| v.len()).unwrap_or(0))
             .sum()
+    }
+
+    /// A cutter like the engine's, for one shard: cuts the WAL and hands over fixed state.
+    struct TestCutter(std::sync::Weak<Storage>);
+
+    impl Cutter for TestCutter {
+        fn cut(&self) -> std::result::Result<Checkpoint, String> {
+            let storage = self.0.upgrade().ok_or("gone")?;
+            let cut = ShardStore::rotate(storage.as_ref(), 0)?;
+            let mut states = BTreeMap::new();
+            states.insert(
+                "rules".to_owned(),
+                ferrite_engine::ObserverState {
+                    shared: b"shared".to_vec(),
+                    shards: vec![format!("at {cut}").into_bytes()],
+                },
+            );
+            Ok(Checkpoint { cuts: vec![cut], states })
+        }
+    }
+
+    #[test]
+    fn a_persist_writes_a_checkpoint_and_start_hands_recovery_what_followed_it() -> anyhow::Result<()> {
+        let e = env()?;
+        {
+            let s = e.open(1)?;
+            assert!(s.take_recovery().is_none(), "no checkpoint yet");
+            let cutter: Arc<dyn Cutter> = Arc::new(TestCutter(Arc::downgrade(&s)));
+            s.set_cutter(Arc::downgrade(&cutter));
+            s.commit(0, &[e.batch(0, 3)?]).map_err(anyhow::Error::msg)?;
+            s.commit_derived(0, &[e.batch_of("derived", 0, 1)?]).map_err(anyhow::Error::msg)?;
+            s.persist()?;
+            // After the checkpoint: an input and a derived entry, then a crash (no persist).
+            s.commit(0, &[e.batch(3, 2)?]).map_err(anyhow::Error::msg)?;
+            s.commit_derived(0, &[e.batch_of("derived", 1, 1)?]).map_err(anyhow::Error::msg)?;
+        }
+        let s = e.open(1)?;
+        let r = s.take_recovery().ok_or_else(|| anyhow::anyhow!("no recovery"))?;
+        assert_eq!(r.checkpoint.cuts, vec![2], "two entries before the cut");
+        assert_eq!(r.checkpoint.states["rules"].shards, vec![b"at 2".to_vec()]);
+        let after: Vec<(bool, &str, usize)> =
+            r.entries[0].iter().map(|x| (x.derived, x.batch.stream.as_str(), x.batch.num_rows())).collect();
+        assert_eq!(after, vec![(false, "t", 2), (true, "derived", 1)]);
+        assert!(s.take_recovery().is_none(), "handed over once");
+        // Both entries are in the hot buffer as well, like any replayed entry.
+        assert_eq!(values(&s)?.0, vec![3.0, 4.0]);
+
+        // Another shard count, or a persist without a checkpoint (its cut passes the
+        // checkpoint's): the checkpoint no longer fits and is not used.
+        drop(s);
+        assert!(e.open(2)?.take_recovery().is_none(), "another shard count");
+        assert!(e.open(1)?.take_recovery().is_some(), "the empty WAL of a second shard changes nothing");
+        let s = e.open(1)?;
+        s.persist()?;
+        drop(s);
+        assert!(e.open(1)?.take_recovery().is_none(), "older than the catalog's cut");
+        Ok(())
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!
 //! Entry layout (little endian):
 //! `magic u32 | len u32 | crc32 u32 | seq u64 | stream_len u16 | stream | Arrow IPC stream`
-//! where `len` counts the bytes after the crc and the crc covers them.
+//! where `len` counts the bytes after the crc and the crc covers them. The magic says who
+//! wrote the rows: `FWAL` a client (ingest), `FWAD` a rule (derived rows, which recovery
+//! after a checkpoint can derive again).
 //!
 //! Invariants:
 //! - A failed append (`write_all` or `sync_data` errors: disk full, EIO) leaves nothing
@@ -30,6 +32,7 @@ use ferrite_engine::{StreamBatch, StreamName};
 use crate::error::{Error, Result, io};
 
 const MAGIC: u32 = 0x4C41_5746; // "FWAL"
+const MAGIC_DERIVED: u32 = 0x4441_5746; // "FWAD"
 const HEADER: usize = 12;
 
 /// One entry read back from the log.
@@ -37,6 +40,8 @@ const HEADER: usize = 12;
 pub struct WalEntry {
     /// Per-shard sequence number.
     pub seq: u64,
+    /// Whether a rule derived it (see the module docs).
+    pub derived: bool,
     /// The rows.
     pub batch: StreamBatch,
 }
@@ -111,6 +116,10 @@ pub fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
     Ok(out)
 }
 
+fn is_magic(w: u32) -> bool {
+    w == MAGIC || w == MAGIC_DERIVED
+}
+
 fn word(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
@@ -120,7 +129,7 @@ fn frame_at(bytes: &[u8], pos: usize) -> std::result::Result<usize, &'static str
     if pos + HEADER > bytes.len() {
         return Err("truncated header");
     }
-    if word(bytes, pos) != MAGIC {
+    if !is_magic(word(bytes, pos)) {
         return Err("bad magic");
     }
     let len = word(bytes, pos + 4) as usize;
@@ -146,7 +155,7 @@ pub fn read_segment(path: &Path) -> Result<SegmentRead> {
             Err(reason) => {
                 // Is there an intact entry further on? Then this is not a torn tail.
                 let resync = (pos + 1..bytes.len().saturating_sub(HEADER - 1))
-                    .find(|&p| word(&bytes, p) == MAGIC && frame_at(&bytes, p).is_ok());
+                    .find(|&p| is_magic(word(&bytes, p)) && frame_at(&bytes, p).is_ok());
                 match resync {
                     Some(next) => {
                         out.corrupt.push((pos, next - pos, reason.to_owned()));
@@ -160,6 +169,7 @@ pub fn read_segment(path: &Path) -> Result<SegmentRead> {
                 }
             }
         };
+        let derived = word(&bytes, pos) == MAGIC_DERIVED;
         let body = &bytes[pos + HEADER..end];
         let seq = u64::from_le_bytes(body[0..8].try_into().map_err(|_| corrupt(path, "seq"))?);
         let slen = u16::from_le_bytes([body[8], body[9]]) as usize;
@@ -171,7 +181,7 @@ pub fn read_segment(path: &Path) -> Result<SegmentRead> {
         let ipc = body.get(10 + slen..).ok_or_else(|| corrupt(path, "body"))?;
         let reader = StreamReader::try_new(ipc, None)?;
         for batch in reader {
-            out.entries.push(WalEntry { seq, batch: StreamBatch::new(stream.clone(), batch?) });
+            out.entries.push(WalEntry { seq, derived, batch: StreamBatch::new(stream.clone(), batch?) });
         }
         pos = end;
     }
@@ -200,9 +210,9 @@ fn segment_name(first_seq: u64) -> String {
     format!("{first_seq:020}.wal")
 }
 
-fn encode(buf: &mut Vec<u8>, seq: u64, stream: &StreamName, batch: &RecordBatch) -> Result<()> {
+fn encode(buf: &mut Vec<u8>, seq: u64, derived: bool, stream: &StreamName, batch: &RecordBatch) -> Result<()> {
     let start = buf.len();
-    buf.extend_from_slice(&MAGIC.to_le_bytes());
+    buf.extend_from_slice(&(if derived { MAGIC_DERIVED } else { MAGIC }).to_le_bytes());
     buf.extend_from_slice(&[0; 8]); // len and crc, filled below
     buf.extend_from_slice(&seq.to_le_bytes());
     let name = stream.as_str().as_bytes();
@@ -255,12 +265,12 @@ impl WalWriter {
 
     /// Appends one entry per batch and fsyncs; returns the sequence number of each. On an
     /// error nothing of the group stays in the log (see the module's invariants), and the
-    /// caller must not acknowledge it.
-    pub fn append(&mut self, batches: &[StreamBatch]) -> Result<Vec<u64>> {
+    /// caller must not acknowledge it. `derived`: the rows are rules' outputs.
+    pub fn append(&mut self, batches: &[StreamBatch], derived: bool) -> Result<Vec<u64>> {
         self.buf.clear();
         let mut seqs = Vec::with_capacity(batches.len());
         for sb in batches {
-            encode(&mut self.buf, self.next_seq + seqs.len() as u64, &sb.stream, &sb.batch)?;
+            encode(&mut self.buf, self.next_seq + seqs.len() as u64, derived, &sb.stream, &sb.batch)?;
             seqs.push(self.next_seq + seqs.len() as u64);
         }
         if self.dirty {

@@ -128,6 +128,7 @@ fn the_write_path_killed_at_each_step_keeps_every_acknowledged_event_once() -> a
         "wal.mid_append@4",
         "wal.before_fsync@4",
         "persist.mid_upload",
+        "persist.after_checkpoint",
         "persist.before_catalog",
         "persist.before_wal_removal",
     ] {

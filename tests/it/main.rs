@@ -7,6 +7,7 @@ mod archive_lifecycle;
 mod broker;
 mod coap;
 mod commands;
+mod crash_loop;
 mod devices;
 mod durability;
 mod faults;

@@ -473,3 +473,49 @@ fn explain_says_where_a_rule_stopped_for_a_device() -> anyhow::Result<()> {
     s.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_restart_keeps_open_windows_and_partial_matches() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let rules_dir = tempfile::tempdir()?;
+    std::fs::write(
+        rules_dir.path().join("state.rules"),
+        "stream telemetry { field v float  field door string }
+rule sums {
+    from telemetry[v is not null]
+    window tumbling 10m by device_id
+    select device_id, count(*) as n, sum(v) as total
+    insert into sums
+}
+rule opened_then_hot {
+    from every a = telemetry[door = 'open'] -> b = telemetry[v > 50] within 1h
+    select a.device_id, b.v as hot
+    insert into opened_hot
+}
+",
+    )?;
+    let flags = ["--rules-dir", rules_dir.path().to_str().context("path")?];
+    let post = |s: &Server, events: Vec<Value>| -> anyhow::Result<()> {
+        let (status, body) = s.post_json("/api/v1/streams/telemetry/events", &Value::Array(events))?;
+        anyhow::ensure!(status == 200, "ingest answered {status}: {body}");
+        Ok(())
+    };
+    let at = |minute: i64| 1_767_225_600_000i64 + minute * 60_000;
+    let s = Server::start(data.path(), &flags)?;
+    // Five events of the first window, and the first step of the pattern.
+    post(&s, (0..5).map(|m| json!({"device_id": "r1", "ts": at(m), "v": 1.0})).collect())?;
+    post(&s, vec![json!({"device_id": "r1", "ts": at(5), "door": "open"})])?;
+    assert!(s.stop()?.success());
+
+    let s = Server::start(data.path(), &flags)?;
+    let open = s.sql_count("SELECT count(*) FROM system.rule_state WHERE device_id = 'r1'")?;
+    assert_eq!(open, 2, "the open window and the partial match are back before any new event");
+    post(&s, (6..12).map(|m| json!({"device_id": "r1", "ts": at(m), "v": 60.0})).collect())?;
+    s.wait_for("the window to close", |s| Ok(s.sql_count("SELECT count(*) FROM sums")? == 1))?;
+    let row = &s.sql("SELECT n, total FROM sums")?[0];
+    // Minutes 0-4 before the restart, 6-9 after (minute 5 is the door, without `v`).
+    assert_eq!((row["n"].as_i64(), row["total"].as_f64()), (Some(9), Some(5.0 + 4.0 * 60.0)), "{row}");
+    s.wait_for("the pattern to complete", |s| Ok(s.sql_count("SELECT count(*) FROM opened_hot")? == 1))?;
+    assert!(s.stop()?.success());
+    Ok(())
+}

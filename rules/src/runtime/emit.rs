@@ -150,8 +150,9 @@ impl RuleEngine {
                     conform(&self.catalog, &stream, &out, &t, &d)?
                 });
             }
-            // A shadow acts on nothing.
-            for (k, &i) in emitted_rows.iter().enumerate().filter(|_| !rule.shadow) {
+            // A shadow acts on nothing; nor does recovery, for rows acted on before a crash.
+            let acts = !rule.shadow && !self.replaying.load(Ordering::Relaxed);
+            for (k, &i) in emitted_rows.iter().enumerate().filter(|_| acts) {
                 let extra = [("rule", plan.local_name())];
                 let view = RowView::new(&out, k, &extra);
                 for a in &plan.actions {

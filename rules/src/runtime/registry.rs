@@ -138,6 +138,16 @@ impl RuleEngine {
             .map(std::path::Path::to_owned)
             .or_else(|| sandbox.as_ref().map(|s| s.table_dir.clone()));
         let base = base.as_deref();
+        // A stream the file declares fields of and that does not exist yet is created with
+        // them first, so that the file's rules deploy now instead of waiting for its first
+        // event (which they would not see).
+        if let Ok(declarations) = self.stream_declarations(tenant, text) {
+            for (stream, fields) in declarations {
+                if self.catalog.get(&stream).is_none() {
+                    self.catalog.declare(&stream, fields)?;
+                }
+            }
+        }
         let compiled = self.compile_in(tenant, text, base, sandbox.as_ref())?;
         // Declared fields are checked against the streams before anything changes.
         let declarations = self.stream_declarations(tenant, text)?;

@@ -1,6 +1,9 @@
 //! Compiling rules against a catalog: the design rules, and errors that point at the problem.
 
+use std::sync::Arc;
+
 use anyhow::Result;
+use ferrite_engine::StreamCatalog;
 use ferrite_rules::Error;
 
 use crate::harness::*;
@@ -148,6 +151,18 @@ fn a_stream_declaration_sets_the_streams_retention_when_deployed() -> Result<()>
     assert_eq!(catalog.retention(&stream), Some(std::time::Duration::from_secs(90 * 86_400)));
     e.deploy("stream telemetry { retention 2h }", Some("other.rules"))?;
     assert_eq!(catalog.retention(&stream), Some(std::time::Duration::from_secs(7200)));
+    Ok(())
+}
+
+#[test]
+fn a_file_declaring_a_new_streams_fields_deploys_at_once_and_its_rules_see_the_first_event() -> Result<()> {
+    let catalog = Arc::new(StreamCatalog::in_memory());
+    let text = "stream readings { field v float }\nrule copy { from readings[v > 1] insert into copied }";
+    // Without the declaration the file would wait for the stream's first event.
+    let (e, _) = engine(&catalog, 1, text)?;
+    assert!(catalog.get(&ferrite_engine::StreamName::new("readings")?).is_some(), "the stream exists");
+    let b = batch(&catalog, "readings", &[serde_json::json!({"t": 1, "v": 2.0})])?;
+    assert_eq!(rows_of(&e.process(0, &[b]), "copied")?.len(), 1, "the first event is seen");
     Ok(())
 }
 
