@@ -129,13 +129,18 @@ impl Shared {
     }
 }
 
-/// HTTP: one request per step with an event of each HTTP device; a 2xx acknowledges them.
-fn http_client(shared: &Shared) {
-    let agent = ureq::Agent::config_builder()
+/// An HTTP client that gives up on a dead server within seconds.
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))
         .build()
-        .new_agent();
+        .new_agent()
+}
+
+/// HTTP: one request per step with an event of each HTTP device; a 2xx acknowledges them.
+fn http_client(shared: &Shared) {
+    let agent = agent();
     for step in 0.. {
         let Some((generation, http, _, token)) = shared.current() else { return };
         let events: Vec<Value> = (0..HTTP_DEVICES).map(|d| event(d, step)).collect();
@@ -193,11 +198,7 @@ fn mqtt_client(shared: &Shared, d: u64) {
 /// A reader beside the writers: SQL answers (or the errors of a server going down) never
 /// disturb the rest.
 fn sql_client(shared: &Shared) {
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .new_agent();
+    let agent = agent();
     let queries = ["SELECT count(*) FROM telemetry", "SELECT device_id, sum(n) FROM sums GROUP BY device_id"];
     for k in 0.. {
         let Some((generation, http, _, token)) = shared.current() else { return };
