@@ -99,24 +99,9 @@ impl Committed {
                 out.push(sb);
                 continue;
             };
-            if !self.counts.contains_key(&sb.stream) {
-                let mut schemas: Vec<_> = committed.iter().map(RecordBatch::schema).collect();
-                schemas.push(sb.batch.schema());
-                let schema = widest_schema(&schemas).unwrap_or_else(|| sb.batch.schema());
-                let converter =
-                    RowConverter::new(schema.fields().iter().map(|f| SortField::new(f.data_type().clone())).collect())?;
-                let mut counts: HashMap<Vec<u8>, usize> = HashMap::new();
-                for b in committed {
-                    let rows = converter.convert_columns(align_to_schema(b, &schema)?.columns())?;
-                    for r in rows.iter() {
-                        *counts.entry(r.as_ref().to_vec()).or_default() += 1;
-                    }
-                }
-                self.counts.insert(sb.stream.clone(), (converter, schema, counts));
-            }
-            let Some((converter, schema, counts)) = self.counts.get_mut(&sb.stream) else {
-                out.push(sb);
-                continue;
+            let (converter, schema, counts) = match self.counts.entry(sb.stream.clone()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(count(committed, &sb.batch)?),
             };
             let aligned = match align_to_schema(&sb.batch, schema) {
                 Ok(a) => a,
@@ -145,6 +130,22 @@ impl Committed {
         }
         Ok((out, found))
     }
+}
+
+/// Counts `committed` rows by their encoding over the widest schema of them and `next`.
+fn count(committed: &[RecordBatch], next: &RecordBatch) -> Result<Counted> {
+    let mut schemas: Vec<_> = committed.iter().map(RecordBatch::schema).collect();
+    schemas.push(next.schema());
+    let schema = widest_schema(&schemas).unwrap_or_else(|| next.schema());
+    let converter = RowConverter::new(schema.fields().iter().map(|f| SortField::new(f.data_type().clone())).collect())?;
+    let mut counts: HashMap<Vec<u8>, usize> = HashMap::new();
+    for b in committed {
+        let rows = converter.convert_columns(align_to_schema(b, &schema)?.columns())?;
+        for r in rows.iter() {
+            *counts.entry(r.as_ref().to_vec()).or_default() += 1;
+        }
+    }
+    Ok((converter, schema, counts))
 }
 
 #[cfg(test)]

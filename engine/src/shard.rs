@@ -639,17 +639,7 @@ impl ShardWorker {
             return;
         }
         drop(st);
-        let observers = self.observers.read().clone();
-        let part = (|| -> std::result::Result<(u64, Vec<ObserverPart>), String> {
-            let cut = self.store.rotate(self.shard)?;
-            let mut states = Vec::new();
-            for o in &observers {
-                let Some(name) = o.checkpoint_name() else { continue };
-                let shared = if self.shard == 0 { Some(o.snapshot(None)?) } else { None };
-                states.push((name, shared, o.snapshot(Some(self.shard))?));
-            }
-            Ok((cut, states))
-        })();
+        let part = self.cut_part();
         let mut st = round.state.lock();
         match part {
             Ok((cut, states)) => {
@@ -673,6 +663,19 @@ impl ShardWorker {
         st.finished += 1;
         round.changed.notify_all();
         round.wait(&mut st, |s| s.finished == round.shards);
+    }
+
+    /// The WAL cut and the observers' state of this shard (shard 0: also the shared state),
+    /// taken while every shard is paused.
+    fn cut_part(&self) -> std::result::Result<(u64, Vec<ObserverPart>), String> {
+        let cut = self.store.rotate(self.shard)?;
+        let mut states = Vec::new();
+        for o in self.observers.read().iter() {
+            let Some(name) = o.checkpoint_name() else { continue };
+            let shared = if self.shard == 0 { Some(o.snapshot(None)?) } else { None };
+            states.push((name, shared, o.snapshot(Some(self.shard))?));
+        }
+        Ok((cut, states))
     }
 
     /// Recovery on this shard: restores the observers' state, shows them the input entries

@@ -105,26 +105,10 @@ impl Enc {
             ScalarValue::LargeUtf8(x) => opt!(9, x, |e: &mut Self, x: &String| e.str(x)),
             ScalarValue::Utf8View(x) => opt!(10, x, |e: &mut Self, x: &String| e.str(x)),
             ScalarValue::Binary(x) => opt!(11, x, |e: &mut Self, x: &Vec<u8>| e.bytes(x)),
-            ScalarValue::TimestampNanosecond(x, tz) => {
-                self.u8(12);
-                self.tz(tz.as_deref());
-                self.opt_i64(*x);
-            }
-            ScalarValue::TimestampMicrosecond(x, tz) => {
-                self.u8(13);
-                self.tz(tz.as_deref());
-                self.opt_i64(*x);
-            }
-            ScalarValue::TimestampMillisecond(x, tz) => {
-                self.u8(14);
-                self.tz(tz.as_deref());
-                self.opt_i64(*x);
-            }
-            ScalarValue::TimestampSecond(x, tz) => {
-                self.u8(15);
-                self.tz(tz.as_deref());
-                self.opt_i64(*x);
-            }
+            ScalarValue::TimestampNanosecond(x, tz) => self.timestamp(12, *x, tz.as_deref()),
+            ScalarValue::TimestampMicrosecond(x, tz) => self.timestamp(13, *x, tz.as_deref()),
+            ScalarValue::TimestampMillisecond(x, tz) => self.timestamp(14, *x, tz.as_deref()),
+            ScalarValue::TimestampSecond(x, tz) => self.timestamp(15, *x, tz.as_deref()),
             other => {
                 // Lists (array_agg, distinct counts), decimals, structs...: as Arrow IPC.
                 self.u8(255);
@@ -136,7 +120,9 @@ impl Enc {
         Ok(())
     }
 
-    fn tz(&mut self, tz: Option<&str>) {
+    /// A timestamp of the unit `tag` says: its time zone, then its value, each optional.
+    fn timestamp(&mut self, tag: u8, x: Option<i64>, tz: Option<&str>) {
+        self.u8(tag);
         match tz {
             Some(t) => {
                 self.u8(1);
@@ -144,9 +130,6 @@ impl Enc {
             }
             None => self.u8(0),
         }
-    }
-
-    fn opt_i64(&mut self, x: Option<i64>) {
         match x {
             Some(x) => {
                 self.u8(1);
@@ -329,18 +312,17 @@ fn merge_state(acc: &mut Box<dyn datafusion::logical_expr::Accumulator>, state: 
     acc.merge_batch(&arrays)
 }
 
-/// The unit of a timestamp scalar's type (for tests of the codec).
-#[cfg(test)]
-fn unit_of(v: &ScalarValue) -> Option<arrow::datatypes::TimeUnit> {
-    match v.data_type() {
-        arrow::datatypes::DataType::Timestamp(u, _) => Some(u),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The unit of a timestamp scalar's type.
+    fn unit_of(v: &ScalarValue) -> Option<arrow::datatypes::TimeUnit> {
+        match v.data_type() {
+            arrow::datatypes::DataType::Timestamp(u, _) => Some(u),
+            _ => None,
+        }
+    }
 
     #[test]
     fn scalars_round_trip_with_their_types() -> DfResult<()> {

@@ -138,8 +138,13 @@ impl WindowState {
         self.groups.len() + self.slots.len()
     }
 
+    /// Whether windows slide (their accumulators retract what leaves them).
+    fn sliding(&self) -> bool {
+        matches!(self.plan.kind, WindowKind::Sliding { .. } | WindowKind::CountSliding { .. })
+    }
+
     fn new_accs(&self) -> DfResult<Vec<Box<dyn Accumulator>>> {
-        let sliding = matches!(self.plan.kind, WindowKind::Sliding { .. } | WindowKind::CountSliding { .. });
+        let sliding = self.sliding();
         self.plan
             .aggregates
             .iter()
@@ -622,12 +627,12 @@ impl WindowState {
     /// Per aggregate: whether a checkpoint rebuilds it from the window's rows (sliding `min`
     /// and `max`) rather than from its saved state.
     fn replayed_aggregates(&self) -> Vec<bool> {
-        let sliding = matches!(self.plan.kind, WindowKind::Sliding { .. } | WindowKind::CountSliding { .. });
+        let sliding = self.sliding();
         self.plan.aggregates.iter().map(|a| sliding && matches!(a.function.fun().name(), "min" | "max")).collect()
     }
 
     fn fresh_accumulators(&self) -> impl Fn(usize) -> DfResult<Box<dyn Accumulator>> + use<> {
-        let sliding = matches!(self.plan.kind, WindowKind::Sliding { .. } | WindowKind::CountSliding { .. });
+        let sliding = self.sliding();
         let functions: Vec<_> = self.plan.aggregates.iter().map(|a| a.function.clone()).collect();
         move |a: usize| {
             let f = functions.get(a).ok_or_else(|| internal("no such aggregate"))?;

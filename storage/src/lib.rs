@@ -304,7 +304,7 @@ impl Storage {
         // The rules' last checkpoint, if it still covers what the WAL holds: of this many
         // shards, and not older than any shard's persisted cut.
         let checkpoint_path = data.join("catalog").join("checkpoint.bin");
-        let checkpoint = match checkpoint::load(&checkpoint_path) {
+        let mut checkpoint = match checkpoint::load(&checkpoint_path) {
             Ok(Some(c)) => {
                 let fits = c.cuts.len() == config.shards.max(1)
                     && c.cuts
@@ -327,7 +327,6 @@ impl Storage {
                 None
             }
         };
-        let mut checkpoint = checkpoint;
         let mut after_cut: Vec<Vec<Replayed>> =
             checkpoint.as_ref().map(|c| vec![Vec::new(); c.cuts.len()]).unwrap_or_default();
         // Unpersisted entries in the WAL of a shard the checkpoint does not have (a run with
@@ -641,16 +640,13 @@ impl Storage {
         // 3. The checkpoint, then the catalog (whose persisted cut must never pass the
         //    checkpoint's), then swap hot rows for files under each stream's lock.
         if let Some(c) = &checkpoint {
-            if let Err(e) = checkpoint::store(&self.checkpoint_path, c) {
+            if let Err(e) = self.store_checkpoint(c) {
                 // The catalog moving past the old checkpoint makes it stale: rules would
                 // start empty after a crash, nothing else is lost.
                 tracing::error!(error = %e, "cannot write the rules' checkpoint; persisting without it");
                 self.metrics.inc("ferrite_checkpoint_failures_total", &[("step", "write")], 1);
-            } else {
-                self.metrics.inc("ferrite_checkpoints_total", &[], 1);
-                if !new_files.is_empty() {
-                    ferrite_engine::failpoint::kill_point("persist.after_checkpoint");
-                }
+            } else if !new_files.is_empty() {
+                ferrite_engine::failpoint::kill_point("persist.after_checkpoint");
             }
         }
         if !new_files.is_empty() {
@@ -755,10 +751,15 @@ impl Storage {
     /// persist finds one): the WALs are cut and the rules' state written with the cut.
     pub fn checkpoint(&self) -> Result<()> {
         let _one_at_a_time = self.persist_lock.lock();
-        if let (_, Some(c)) = self.cut() {
-            checkpoint::store(&self.checkpoint_path, &c)?;
-            self.metrics.inc("ferrite_checkpoints_total", &[], 1);
+        match self.cut() {
+            (_, Some(c)) => self.store_checkpoint(&c),
+            (_, None) => Ok(()),
         }
+    }
+
+    fn store_checkpoint(&self, c: &Checkpoint) -> Result<()> {
+        checkpoint::store(&self.checkpoint_path, c)?;
+        self.metrics.inc("ferrite_checkpoints_total", &[], 1);
         Ok(())
     }
 

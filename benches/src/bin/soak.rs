@@ -13,6 +13,7 @@
 //! prints a `soak_sample` line per sample and a `soak` summary; `benches/soak.sh` runs it
 //! and plots the CSV (`benches/soak_plot.py`).
 
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -125,12 +126,13 @@ fn main() -> Result<(), String> {
                     for i in 0..1000u64 {
                         let n = sent * 1000 + i;
                         let device = (n * clients as u64 + c as u64) % 10_000;
-                        body.push_str(&format!(
-                            "{{\"device_id\":\"d{device}\",\"ts\":{},\"temperature\":{}.5,\"humidity\":{}}}\n",
+                        let _ = writeln!(
+                            body,
+                            "{{\"device_id\":\"d{device}\",\"ts\":{},\"temperature\":{}.5,\"humidity\":{}}}",
                             ts + (i % 1000) as i64,
                             n % 40,
                             n % 100
-                        ));
+                        );
                     }
                     let t = Instant::now();
                     let answer = agent.post(&url).header("Content-Type", "application/x-ndjson").send(body.as_bytes());
