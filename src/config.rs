@@ -18,6 +18,10 @@ pub struct Config {
     /// Archive location: empty for `{data_dir}/archive`, a directory, `file:///dir` or
     /// `s3://bucket/prefix`.
     pub archive_url: String,
+    /// How long one request to an S3 archive is retried (exponential back-off) before the
+    /// persist or rewrite it belongs to fails and is tried again whole.
+    #[serde(with = "humantime_serde_compat_zero")]
+    pub archive_retry_timeout: Duration,
     /// MQTT listener address.
     pub mqtt_listen: SocketAddr,
     /// HTTP listener address.
@@ -70,6 +74,12 @@ pub struct Config {
     /// Largest accepted payload (HTTP body or MQTT message).
     #[serde(deserialize_with = "size")]
     pub max_payload: usize,
+    /// Payloads read and not yet decoded, at most; past it HTTP and CoAP requests wait.
+    pub ingest_max_in_flight: usize,
+    /// How long an HTTP or CoAP request waits for room (or for an overload to end) before
+    /// it is refused with 503 and `Retry-After`.
+    #[serde(with = "humantime_serde_compat_zero")]
+    pub ingest_max_wait: Duration,
     /// Engine shards; 0 means one per core.
     pub shards: usize,
     /// Most rows in one WAL group commit.
@@ -178,6 +188,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./ferrite-data"),
             rules_dir: PathBuf::from("./rules"),
             archive_url: String::new(),
+            archive_retry_timeout: Duration::from_secs(30),
             mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             pg_listen: "0.0.0.0:5433".to_owned(),
@@ -200,6 +211,8 @@ impl Default for Config {
             compaction_cpu: m.duty,
             retired_grace: m.retired_grace,
             max_payload: 1024 * 1024,
+            ingest_max_in_flight: 256,
+            ingest_max_wait: Duration::from_secs(2),
             shards: 0,
             commit_max_rows: 262_144,
             commit_linger: Duration::ZERO,
@@ -485,6 +498,8 @@ mod tests {
         for key in [
             "data_dir",
             "rules_dir",
+            "archive_url",
+            "archive_retry_timeout",
             "mqtt_listen",
             "http_listen",
             "pg_listen",
@@ -507,7 +522,11 @@ mod tests {
             "compaction_cpu",
             "retired_grace",
             "max_payload",
+            "ingest_max_in_flight",
+            "ingest_max_wait",
             "shards",
+            "commit_max_rows",
+            "commit_linger",
             "log",
             "max_streams",
             "max_fields_per_stream",

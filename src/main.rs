@@ -70,6 +70,9 @@ pub struct ServeArgs {
     /// Archive location: a directory, file:///dir or s3://bucket/prefix (default: DATA_DIR/archive).
     #[arg(long, env = "FERRITE_ARCHIVE_URL")]
     archive_url: Option<String>,
+    /// How long one S3 request is retried before its persist fails and is tried again (e.g. 30s).
+    #[arg(long, env = "FERRITE_ARCHIVE_RETRY_TIMEOUT")]
+    archive_retry_timeout: Option<String>,
     /// MQTT listen address (port 0: any free port).
     #[arg(long, env = "FERRITE_MQTT_LISTEN")]
     mqtt_listen: Option<SocketAddr>,
@@ -136,6 +139,12 @@ pub struct ServeArgs {
     /// Largest accepted payload (e.g. 1MiB).
     #[arg(long, env = "FERRITE_MAX_PAYLOAD")]
     max_payload: Option<String>,
+    /// Payloads read and not yet decoded, at most (HTTP and CoAP requests past it wait).
+    #[arg(long, env = "FERRITE_INGEST_MAX_IN_FLIGHT")]
+    ingest_max_in_flight: Option<usize>,
+    /// How long an HTTP or CoAP request waits for room before 503 (e.g. 2s, 500ms).
+    #[arg(long, env = "FERRITE_INGEST_MAX_WAIT")]
+    ingest_max_wait: Option<String>,
     /// Engine shards (0: one per core).
     #[arg(long, env = "FERRITE_SHARDS")]
     shards: Option<usize>,
@@ -283,6 +292,9 @@ impl ServeArgs {
         if let Some(v) = self.archive_url {
             c.archive_url = v;
         }
+        if let Some(v) = self.archive_retry_timeout {
+            c.archive_retry_timeout = config::parse_duration_or_zero(&v)?;
+        }
         if let Some(v) = self.mqtt_listen {
             c.mqtt_listen = v;
         }
@@ -348,6 +360,13 @@ impl ServeArgs {
         }
         if let Some(v) = self.max_payload {
             c.max_payload = config::parse_size(&v)?;
+        }
+        if let Some(v) = self.ingest_max_in_flight {
+            anyhow::ensure!(v >= 1, "--ingest-max-in-flight must be at least 1");
+            c.ingest_max_in_flight = v;
+        }
+        if let Some(v) = self.ingest_max_wait {
+            c.ingest_max_wait = config::parse_duration_or_zero(&v)?;
         }
         if let Some(v) = self.shards {
             c.shards = v;

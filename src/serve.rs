@@ -82,6 +82,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         hot_max_bytes: config.hot_buffer_max,
         shards,
         archive_url: Some(config.archive_url.clone()).filter(|u| !u.is_empty()),
+        archive_retry_timeout: config.archive_retry_timeout,
         health: health.clone(),
         maintenance: ferrite_storage::MaintenanceConfig {
             compaction: config.compaction,
@@ -137,6 +138,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let ingest_config = IngestConfig {
         max_payload_bytes: config.max_payload,
+        max_in_flight: config.ingest_max_in_flight.max(1),
+        overload_wait: config.ingest_max_wait,
         health: health.clone(),
         max_hours_per_request: config.max_hours_per_request,
         device_tags: config.device_tags.clone(),

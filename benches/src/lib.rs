@@ -15,6 +15,14 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// The `p` quantile (0 to 1) of `sorted` (nearest rank; 0 for none).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
 use serde::{Deserialize, Serialize};
 
 /// One reading of the TSBS "IoT" use case (a truck's diagnostics), as a typed struct: the

@@ -183,6 +183,17 @@ impl Ferrite {
     }
 }
 
+/// A memory figure of process `pid` from `/proc/{pid}/status`, in KiB: `VmRSS` (resident
+/// now) or `VmHWM` (the peak of resident memory).
+pub fn memory_kib(pid: u32, field: &str) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|v| v.strip_prefix(':')))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))
+}
+
 /// A free TCP port on 127.0.0.1 (for a peer that cannot pick its own).
 pub fn free_port() -> Result<u16, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;

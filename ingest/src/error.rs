@@ -60,6 +60,18 @@ pub enum Error {
         /// Seconds a client should wait before retrying.
         retry_after: u64,
     },
+    /// The node is at capacity: no payload in flight finished within the wait (more is
+    /// offered than the decoders and shards keep up with). Retry after `retry_after` seconds.
+    #[error(
+        "the server is at capacity: no room for this payload within {waited_ms} ms (more data is arriving than \
+         it can commit); retry in {retry_after}s, or send from fewer clients at once"
+    )]
+    Busy {
+        /// How long the payload waited for room.
+        waited_ms: u64,
+        /// Seconds a client should wait before retrying.
+        retry_after: u64,
+    },
 }
 
 impl Error {
@@ -74,9 +86,11 @@ impl Error {
             Error::Engine(e) => e.class(),
             // Not the payload's fault: over MQTT the acknowledgement is withheld, and the
             // client sends the messages again once the quota resets.
-            Error::Commit(_) | Error::ShuttingDown | Error::Overloaded { .. } | Error::QuotaExceeded(_) => {
-                ErrorClass::External
-            }
+            Error::Commit(_)
+            | Error::ShuttingDown
+            | Error::Overloaded { .. }
+            | Error::Busy { .. }
+            | Error::QuotaExceeded(_) => ErrorClass::External,
         }
     }
 
@@ -102,6 +116,7 @@ impl Error {
             Error::Engine(_) => "engine_error",
             Error::Commit(_) => "commit_failed",
             Error::Overloaded { .. } => "overloaded",
+            Error::Busy { .. } => "busy",
             Error::QuotaExceeded(_) => "quota_exceeded",
         }
     }

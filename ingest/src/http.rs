@@ -27,7 +27,7 @@ use utoipa_axum::routes;
 
 use crate::error::Error;
 use crate::line_protocol::Precision;
-use crate::pipeline::{Durability, IngestReport, Ingestor, LineOptions, Payload, Transport};
+use crate::pipeline::{Admission, Durability, IngestReport, Ingestor, LineOptions, Payload, Transport};
 
 /// An error answered as `{"error": {"code", "message"}}` with a fitting status.
 #[derive(Debug)]
@@ -48,7 +48,7 @@ impl ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let retry_after = match &e {
-            Error::Overloaded { retry_after } => Some(*retry_after),
+            Error::Overloaded { retry_after } | Error::Busy { retry_after, .. } => Some(*retry_after),
             // The disk or the WAL failed (full, an I/O error): nothing was acknowledged, and
             // a retry succeeds once the operator frees space.
             Error::Commit(_) => Some(crate::pipeline::RETRY_AFTER_SECS),
@@ -61,6 +61,7 @@ impl From<Error> for ApiError {
             (
                 Error::ShuttingDown
                 | Error::Overloaded { .. }
+                | Error::Busy { .. }
                 | Error::Commit(_)
                 | Error::Engine(ferrite_engine::Error::ShuttingDown),
                 _,
@@ -115,9 +116,30 @@ pub fn router(ingestor: Arc<Ingestor>) -> OpenApiRouter {
         .with_state(ingestor)
 }
 
+/// Room for the request's payload, taken before its body is read: a node at capacity
+/// answers 503 `busy` (with `Retry-After`) after a bounded wait instead of holding the
+/// bodies of every client that keeps sending.
+async fn admit(ingestor: &Ingestor, transport: Transport) -> Result<Admission, ApiError> {
+    Ok(ingestor.admit(transport, Some(ingestor.max_wait())).await?)
+}
+
+/// How long a request body may take to arrive once it has room: a client trickling its body
+/// would otherwise hold that room for as long as it likes.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn read_body(ingestor: &Ingestor, body: Body) -> Result<Bytes, ApiError> {
     let limit = ingestor.max_payload_bytes();
-    match axum::body::to_bytes(body, limit).await {
+    let Ok(read) = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s; send it faster or in smaller requests",
+                BODY_TIMEOUT.as_secs()
+            ),
+        ));
+    };
+    match read {
         Ok(b) => Ok(b),
         Err(e) => {
             let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
@@ -192,10 +214,11 @@ fn rejection_details(report: &IngestReport) -> serde_json::Value {
         (status = 200, description = "Committed to the write-ahead log; refused events listed", body = IngestAnswer),
         (status = 400, description = "Every event was refused, or the stream name is invalid", body = ErrorBody),
         (status = 403, description = "The caller may not ingest into this stream", body = ErrorBody),
+        (status = 408, description = "The body took longer than 30 s to arrive", body = ErrorBody),
         (status = 413, description = "The body is over the payload limit", body = ErrorBody),
         (status = 415, description = "A device posted NDJSON", body = ErrorBody),
         (status = 429, description = "Over a rate limit or daily quota (see Retry-After)", body = ErrorBody),
-        (status = 503, description = "Overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "At capacity, overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = ErrorBody),
     ),
 )]
 async fn post_events(
@@ -209,6 +232,7 @@ async fn post_events(
     let stream = StreamName::in_tenant(caller.tenant(), &stream)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_stream_name", e.to_string()))?;
     caller.check(Action::Ingest, &Resource::stream(stream.tenant(), stream.local()))?;
+    let room = admit(&ingestor, Transport::Http).await?;
     let bytes = read_body(&ingestor, body).await?;
     let ndjson = headers
         .get(header::CONTENT_TYPE)
@@ -230,7 +254,7 @@ async fn post_events(
         (true, None) => Payload::Ndjson { stream },
         (false, None) => Payload::Json { stream, device: None },
     };
-    let report = ingestor.ingest(Transport::Http, payload, bytes, Durability::Committed).await?;
+    let report = ingestor.ingest_admitted(room, Transport::Http, payload, bytes, Durability::Committed).await?;
     if report.accepted == 0 && report.rejected > 0 {
         let mut e = ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -273,9 +297,10 @@ struct WriteParams {
         (status = 204, description = "Every line committed to the write-ahead log"),
         (status = 400, description = "Some lines refused (the others were written), or a bad precision", body = ErrorBody),
         (status = 403, description = "The caller may not ingest into its tenant", body = ErrorBody),
+        (status = 408, description = "The body took longer than 30 s to arrive", body = ErrorBody),
         (status = 413, description = "The body is over the payload limit", body = ErrorBody),
         (status = 429, description = "Over a rate limit or daily quota (see Retry-After)", body = ErrorBody),
-        (status = 503, description = "Overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "At capacity, overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = ErrorBody),
     ),
 )]
 async fn post_line_protocol(
@@ -331,6 +356,7 @@ async fn write_lines(
     // A line-protocol body may name any measurement of the caller's tenant: the caller must
     // be allowed to ingest into that tenant as a whole.
     caller.check(Action::Ingest, &Resource::tenant(caller.tenant()))?;
+    let room = admit(ingestor, Transport::LineProtocol).await?;
     let bytes = read_body(ingestor, body).await?;
     // A JSON body (an InfluxDB 2.x JSON point, or Ferrite's events) is no line: say so once
     // instead of rejecting every line of it.
@@ -344,7 +370,7 @@ async fn write_lines(
         ));
     }
     let payload = Payload::LineProtocol { precision, tenant: caller.tenant().into(), options };
-    let report = ingestor.ingest(Transport::LineProtocol, payload, bytes.clone(), durability).await?;
+    let report = ingestor.ingest_admitted(room, Transport::LineProtocol, payload, bytes.clone(), durability).await?;
     Ok((report, bytes))
 }
 
@@ -437,9 +463,10 @@ struct V1Error {
         (status = 400, description = "`partial write`: some lines refused (the others were written), or a bad precision", body = V1Error),
         (status = 401, description = "No or a bad token", body = ErrorBody),
         (status = 403, description = "The caller may not write into the tenant", body = V1Error),
+        (status = 408, description = "The body took longer than 30 s to arrive", body = V1Error),
         (status = 413, description = "The body is over the payload limit", body = V1Error),
         (status = 429, description = "Over a rate limit or daily quota (see Retry-After)", body = V1Error),
-        (status = 503, description = "Overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = V1Error),
+        (status = 503, description = "At capacity, overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = V1Error),
     ),
 )]
 async fn post_v1_write(
@@ -519,9 +546,10 @@ struct V3Error {
         (status = 400, description = "Invalid lines (listed; with `accept_partial=false` nothing was written), or a bad precision", body = V3Error),
         (status = 401, description = "No or a bad token", body = ErrorBody),
         (status = 403, description = "The caller may not write into the tenant", body = V3Error),
+        (status = 408, description = "The body took longer than 30 s to arrive", body = V3Error),
         (status = 413, description = "The body is over the payload limit", body = V3Error),
         (status = 429, description = "Over a rate limit or daily quota (see Retry-After)", body = V3Error),
-        (status = 503, description = "Overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = V3Error),
+        (status = 503, description = "At capacity, overloaded, shutting down, or the write-ahead log could not be written (see Retry-After)", body = V3Error),
     ),
 )]
 async fn post_v3_write(

@@ -8,7 +8,11 @@
 //! ```
 //!
 //! The semaphore bounds payloads in flight: when decoders or shards fall behind,
-//! `ingest` awaits a permit, so HTTP requests wait and MQTT connections stop reading.
+//! `ingest` awaits a permit, so MQTT connections stop reading; HTTP and CoAP requests take
+//! their permit ([`Ingestor::admit`]) before their body is read, wait at most
+//! `overload_wait` for it, and are then refused ([`Error::Busy`], 503 with `Retry-After`).
+//! Request bodies held in memory are so bounded by `max_in_flight × max_payload_bytes`
+//! however many clients send at once.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,6 +32,10 @@ use crate::line_protocol::{self, Precision};
 /// What an overloaded node tells clients to wait before retrying (HTTP `Retry-After`).
 pub const RETRY_AFTER_SECS: u64 = 5;
 
+/// What a node at capacity (no room for another payload) tells clients to wait: the
+/// decoders free up within milliseconds, so a second is enough to spread the retries.
+pub const BUSY_RETRY_AFTER_SECS: u64 = 1;
+
 /// Most rejections reported back to a client per payload (all are counted).
 pub const MAX_REPORTED_REJECTIONS: usize = 100;
 
@@ -38,12 +46,14 @@ pub struct IngestConfig {
     pub max_payload_bytes: usize,
     /// Decoder threads (default: one per core).
     pub decoder_threads: usize,
-    /// Payloads in flight before transports wait.
+    /// Payloads in flight (read, queued for a decoder or being decoded) before transports
+    /// wait.
     pub max_in_flight: usize,
     /// The node's health: while it is overloaded, payloads wait up to `overload_wait` and
     /// are then refused with [`Error::Overloaded`].
     pub health: Arc<Health>,
-    /// How long a payload waits for an overload to end before it is refused.
+    /// How long a payload waits for an overload to end, and an HTTP or CoAP request for
+    /// room among the payloads in flight, before it is refused.
     pub overload_wait: std::time::Duration,
     /// Most distinct event-time hours one payload may span.
     pub max_hours_per_request: usize,
@@ -215,6 +225,13 @@ impl std::fmt::Debug for Ingestor {
     }
 }
 
+/// Room for one payload among those in flight, taken before its body is read
+/// ([`Ingestor::admit`]) and handed to [`Ingestor::ingest_admitted`].
+#[derive(Debug)]
+pub struct Admission {
+    permit: OwnedSemaphorePermit,
+}
+
 /// How long to wait for durability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -270,8 +287,72 @@ impl Ingestor {
     }
 
     /// Decodes `bytes` and hands the rows to the engine; returns after `durability`.
+    /// Waits for room among the payloads in flight as long as it takes (MQTT: the
+    /// connection stops reading meanwhile).
     pub async fn ingest(
         &self,
+        transport: Transport,
+        payload: Payload,
+        bytes: Bytes,
+        durability: Durability,
+    ) -> Result<IngestReport> {
+        let admission = self.admit(transport, None).await?;
+        self.ingest_admitted(admission, transport, payload, bytes, durability).await
+    }
+
+    /// Takes room for one payload: waits up to `overload_wait` for an overload to end,
+    /// then up to `max_wait` (forever when `None`) for a payload in flight to finish.
+    /// Refused with [`Error::Overloaded`] or [`Error::Busy`] (both counted as rejected).
+    pub async fn admit(&self, transport: Transport, max_wait: Option<std::time::Duration>) -> Result<Admission> {
+        if !self.config.health.wait_admitted(self.config.overload_wait).await {
+            self.metrics.inc(
+                "ferrite_rejected_events_total",
+                &[("transport", transport.as_str()), ("reason", "overloaded")],
+                1,
+            );
+            return Err(Error::Overloaded { retry_after: RETRY_AFTER_SECS });
+        }
+        let permits = self.permits.clone();
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::ShuttingDown),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                let started = Instant::now();
+                let acquired = match max_wait {
+                    None => permits.acquire_owned().await.map_err(|_| Error::ShuttingDown)?,
+                    Some(wait) => match tokio::time::timeout(wait, permits.acquire_owned()).await {
+                        Ok(p) => p.map_err(|_| Error::ShuttingDown)?,
+                        Err(_) => {
+                            self.metrics.inc(
+                                "ferrite_rejected_events_total",
+                                &[("transport", transport.as_str()), ("reason", "busy")],
+                                1,
+                            );
+                            return Err(Error::Busy {
+                                waited_ms: wait.as_millis() as u64,
+                                retry_after: BUSY_RETRY_AFTER_SECS,
+                            });
+                        }
+                    },
+                };
+                self.metrics
+                    .histogram("ferrite_ingest_admission_wait_seconds", &[("transport", transport.as_str())])
+                    .observe(started.elapsed());
+                acquired
+            }
+        };
+        Ok(Admission { permit })
+    }
+
+    /// How long an HTTP or CoAP request waits for room before it is refused.
+    pub fn max_wait(&self) -> std::time::Duration {
+        self.config.overload_wait
+    }
+
+    /// [`Ingestor::ingest`] with room already taken by [`Ingestor::admit`].
+    pub async fn ingest_admitted(
+        &self,
+        admission: Admission,
         transport: Transport,
         payload: Payload,
         bytes: Bytes,
@@ -302,15 +383,7 @@ impl Ingestor {
             return Err(Error::QuotaExceeded(e));
         }
         let size = payload.size(&bytes);
-        if !self.config.health.wait_admitted(self.config.overload_wait).await {
-            self.metrics.inc(
-                "ferrite_rejected_events_total",
-                &[("transport", transport.as_str()), ("reason", "overloaded")],
-                1,
-            );
-            return Err(Error::Overloaded { retry_after: RETRY_AFTER_SECS });
-        }
-        let permit = self.permits.clone().acquire_owned().await.map_err(|_| Error::ShuttingDown)?;
+        let permit = admission.permit;
         let (reply, rx) = oneshot::channel();
         let job = Job {
             transport,

@@ -75,6 +75,9 @@ pub struct StorageConfig {
     pub health: Arc<Health>,
     /// Compaction, retention and retired files.
     pub maintenance: MaintenanceConfig,
+    /// How long one object-store request is retried (with exponential back-off) before
+    /// the operation fails; a failed persist is then tried again as a whole.
+    pub archive_retry_timeout: Duration,
 }
 
 /// The hot buffer's hard bound, as a multiple of [`StorageConfig::hot_max_bytes`]: past
@@ -91,6 +94,7 @@ impl Default for StorageConfig {
             archive_url: None,
             health: Arc::new(Health::new()),
             maintenance: MaintenanceConfig::default(),
+            archive_retry_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -225,6 +229,10 @@ pub struct Storage {
     checkpoint_path: PathBuf,
     /// What start-up found for the rules' recovery, until the server takes it.
     recovery: Mutex<Option<Recovery>>,
+    /// Uploads no catalog names whose removal failed (the store refusing at the time):
+    /// removed again before every persist, so that readers of the archive's files see no
+    /// row twice once the store answers again, without waiting for a restart's sweep.
+    orphans: Mutex<Vec<String>>,
     #[cfg(test)]
     test: TestHooks,
 }
@@ -260,7 +268,8 @@ impl Storage {
     ) -> Result<Arc<Self>> {
         let data = &config.data_dir;
         std::fs::create_dir_all(data).map_err(io("create data dir", data))?;
-        let (store, archive_root, local_root) = open_archive(config.archive_url.as_deref(), data)?;
+        let (store, archive_root, local_root) =
+            open_archive(config.archive_url.as_deref(), data, config.archive_retry_timeout)?;
         let file_catalog_path = data.join("catalog").join("files.json");
         let files = FileCatalog::load(&file_catalog_path)?;
 
@@ -413,6 +422,7 @@ impl Storage {
             cutter: RwLock::new(None),
             checkpoint_path,
             recovery: Mutex::new(checkpoint.map(|checkpoint| Recovery { checkpoint, entries: after_cut })),
+            orphans: Mutex::new(Vec::new()),
             #[cfg(test)]
             test: TestHooks::default(),
         });
@@ -531,6 +541,35 @@ impl Storage {
         Ok(())
     }
 
+    /// Removes files no catalog names (a failed persist's or rewrite's uploads); those the
+    /// store refuses to remove now are kept for [`Storage::retry_orphans`].
+    pub(crate) fn remove_uncatalogued<'a>(&self, paths: impl Iterator<Item = &'a str>) {
+        for path in paths {
+            if let Err(e) = self.delete_archived(path) {
+                tracing::warn!(file = %path, error = %e, "cannot remove an uncatalogued upload; retrying before the next persist");
+                let mut orphans = self.orphans.lock();
+                if !orphans.iter().any(|o| o == path) {
+                    orphans.push(path.to_owned());
+                }
+            }
+        }
+        self.metrics.gauge("ferrite_archive_orphans", &[]).set(self.orphans.lock().len() as i64);
+    }
+
+    /// Tries again to remove the uploads [`Storage::remove_uncatalogued`] could not.
+    fn retry_orphans(&self) {
+        let pending = std::mem::take(&mut *self.orphans.lock());
+        if pending.is_empty() {
+            return;
+        }
+        let before = pending.len();
+        self.remove_uncatalogued(pending.iter().map(String::as_str));
+        let left = self.orphans.lock().len();
+        if left < before {
+            tracing::info!(removed = before - left, left, "removed uncatalogued uploads left by failed persists");
+        }
+    }
+
     fn delete_archived(&self, path: &str) -> Result<()> {
         let location = ObjectPath::from(path);
         match self.runtime.block_on(self.store.delete(&location)) {
@@ -597,6 +636,9 @@ impl Storage {
     /// from inside the async runtime.
     pub fn persist(&self) -> Result<usize> {
         let _one_at_a_time = self.persist_lock.lock();
+        // Leftovers of failed persists first: files of rows that are about to be uploaded
+        // again must not stay beside the new ones.
+        self.retry_orphans();
         // 1. Cut every WAL: entries up to `cut` are exactly those in the closed segments,
         //    and all of them are in the hot buffer (commit holds the WAL lock until then).
         //    With the engine running, the cut is a checkpoint: taken on the shard threads
@@ -772,11 +814,7 @@ impl Storage {
     /// Undoes a failed persist: removes the files it uploaded (no catalog names them) and
     /// reports the failure. The rows stay in the hot buffer and the WAL for the next try.
     fn persist_failed(&self, uploaded: &[(StreamName, Vec<ArchivedFile>)], error: &Error) {
-        for file in uploaded.iter().flat_map(|(_, f)| f) {
-            if let Err(e) = self.delete_archived(&file.path) {
-                tracing::warn!(file = %file.path, error = %e, "cannot remove an uncatalogued upload; the next start removes it");
-            }
-        }
+        self.remove_uncatalogued(uploaded.iter().flat_map(|(_, f)| f).map(|f| f.path.as_str()));
         self.metrics.inc("ferrite_persist_failures_total", &[], 1);
         self.config.health.degrade("persist", format!("persisting the hot buffer fails: {error}"));
     }
@@ -806,7 +844,14 @@ impl Storage {
         let all = concat_batches(&schema, &aligned)?;
         let mut out = Vec::new();
         for chunk in archive::split_by_hour(&all)? {
-            let file = self.write_chunk(name, &chunk)?;
+            let file = match self.write_chunk(name, &chunk) {
+                Ok(file) => file,
+                Err(e) => {
+                    // This persist fails: the hours already uploaded must not stay.
+                    self.remove_uncatalogued(out.iter().map(|f: &ArchivedFile| f.path.as_str()));
+                    return Err(e);
+                }
+            };
             self.metrics.inc("ferrite_persisted_rows_total", &[("stream", name.as_str())], file.rows);
             self.metrics.inc("ferrite_persisted_bytes_total", &[("stream", name.as_str())], file.size);
             out.push(file);
@@ -823,7 +868,12 @@ impl Storage {
             Some(root) => self.write_local(root, path, &bytes),
             None => {
                 let location = ObjectPath::from(path);
-                self.runtime.block_on(self.store.put(&location, bytes.into()))?;
+                if let Err(e) = self.runtime.block_on(self.store.put(&location, bytes.into())) {
+                    // A PUT whose answer was lost (a timeout, a 5xx after the write) may
+                    // have landed: no catalog will name it.
+                    self.remove_uncatalogued(std::iter::once(path));
+                    return Err(e.into());
+                }
                 Ok(())
             }
         }
@@ -933,7 +983,7 @@ impl Storage {
 /// Opens the archive's object store: local by default, `file://` or `s3://` by URL.
 type OpenedArchive = (Arc<dyn ObjectStore>, String, Option<PathBuf>);
 
-fn open_archive(url: Option<&str>, data_dir: &Path) -> Result<OpenedArchive> {
+fn open_archive(url: Option<&str>, data_dir: &Path, retry_timeout: Duration) -> Result<OpenedArchive> {
     let local = |dir: PathBuf| -> Result<OpenedArchive> {
         std::fs::create_dir_all(&dir).map_err(io("create archive dir", &dir))?;
         let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&dir)?);
@@ -948,7 +998,16 @@ fn open_archive(url: Option<&str>, data_dir: &Path) -> Result<OpenedArchive> {
             if bucket.is_empty() {
                 return Err(Error::UnsupportedArchive(format!("{u} (no bucket)")));
             }
-            let s3 = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).build()?;
+            // A request failing with a 5xx, a timeout or a broken connection is retried with
+            // exponential back-off for up to `retry_timeout`; past it the persist (or
+            // rewrite) fails, leaves the rows where they were, and is tried again whole.
+            let retry = object_store::RetryConfig {
+                backoff: object_store::BackoffConfig::default(),
+                max_retries: 10,
+                retry_timeout,
+            };
+            let s3 =
+                object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry).build()?;
             let prefix = prefix.trim_matches('/');
             let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
                 Arc::new(s3)

@@ -198,6 +198,7 @@ impl Storage {
             if self.maintenance_wait(self.config.maintenance.interval) {
                 return;
             }
+            self.retry_orphans();
             let now = now_nanos();
             if let Err(e) = self.apply_retention(now) {
                 tracing::error!(error = %e, "retention failed; retrying on the next pass");
@@ -566,11 +567,7 @@ impl Storage {
 
     /// Removes files written for a rewrite that will not happen.
     fn discard(&self, outputs: &[ArchivedFile]) {
-        for f in outputs {
-            if let Err(e) = self.delete_archived(&f.path) {
-                tracing::warn!(file = %f.path, error = %e, "cannot remove an uncatalogued file; the next start removes it");
-            }
-        }
+        self.remove_uncatalogued(outputs.iter().map(|f| f.path.as_str()));
     }
 
     /// The files of `stream` as the catalog lists them now.

@@ -116,46 +116,9 @@ print("interop ok")
     Ok(())
 }
 
-/// A local S3-compatible server (moto) for the `s3://` archive test; killed on drop.
-struct S3Server {
-    child: std::process::Child,
-    endpoint: String,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_s3() -> anyhow::Result<Option<S3Server>> {
-    let probe = std::process::Command::new("python3").args(["-c", "import moto.server"]).output();
-    if !probe.map(|o| o.status.success()).unwrap_or(false) {
-        if std::env::var_os("CI").is_some() {
-            anyhow::bail!("moto[server] must be installed in CI (.ci/run installs it)");
-        }
-        eprintln!("skipping: pip install 'moto[server]' to run the S3 archive test");
-        return Ok(None);
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let child = std::process::Command::new("python3")
-        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let server = S3Server { child, endpoint: format!("http://127.0.0.1:{port}") };
-    let deadline = std::time::Instant::now() + crate::harness::TIMEOUT;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "moto did not start");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    Ok(Some(server))
-}
-
 #[test]
 fn archive_on_s3_compatible_storage() -> anyhow::Result<()> {
-    let Some(s3) = start_s3()? else { return Ok(()) };
+    let Some(s3) = crate::harness::start_s3()? else { return Ok(()) };
     let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
     let created = agent.put(&format!("{}/ferrite-bucket", s3.endpoint)).send_empty()?;
     assert!(created.status().is_success(), "create bucket: {}", created.status());

@@ -138,6 +138,11 @@ impl Server {
         })
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
     }
@@ -384,4 +389,43 @@ pub fn events(start: usize, n: usize, devices: usize) -> Vec<Value> {
             })
         })
         .collect()
+}
+
+/// A local S3-compatible server (moto) for the `s3://` archive tests; killed on drop.
+pub struct S3Server {
+    child: std::process::Child,
+    /// `http://127.0.0.1:{port}`.
+    pub endpoint: String,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts moto on a free port; `None` (with a message) where it is not installed, outside CI.
+pub fn start_s3() -> anyhow::Result<Option<S3Server>> {
+    let probe = std::process::Command::new("python3").args(["-c", "import moto.server"]).output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        if std::env::var_os("CI").is_some() {
+            anyhow::bail!("moto[server] must be installed in CI (.ci/run installs it)");
+        }
+        eprintln!("skipping: pip install 'moto[server]' to run the S3 archive test");
+        return Ok(None);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let child = std::process::Command::new("python3")
+        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let server = S3Server { child, endpoint: format!("http://127.0.0.1:{port}") };
+    let deadline = std::time::Instant::now() + crate::harness::TIMEOUT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "moto did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(Some(server))
 }

@@ -11,17 +11,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferrite_benches::load::subscribed_client;
-use ferrite_benches::server::{Ferrite, Mosquitto, free_port};
+use ferrite_benches::server::{Ferrite, Mosquitto, free_port, memory_kib};
 use rumqttc::mqttbytes::QoS;
 
 /// Resident memory of `pid`, in KiB.
 fn rss_kib(pid: u32) -> Result<u64, String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| "no VmRSS".to_owned())
+    memory_kib(pid, "VmRSS")
 }
 
 /// Opens `n` idle clients against `addr` (100 handshakes at a time) and returns the server's

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ferrite_benches::server::Ferrite;
+use ferrite_benches::percentile;
+use ferrite_benches::server::{Ferrite, memory_kib};
 use parking_lot::Mutex;
 
 const RULES: &str = "rule device_minutes {
@@ -32,13 +33,7 @@ const RULES: &str = "rule device_minutes {
 
 /// Resident memory of `pid`, in MiB.
 fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kib| kib.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
+    memory_kib(pid, "VmRSS").map_or(0.0, |kib| kib as f64 / 1024.0)
 }
 
 /// Parquet files under `dir`.
@@ -55,13 +50,6 @@ fn parquet_files(dir: &std::path::Path) -> usize {
         }
     }
     n
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// The slope of `ys` over `xs` (least squares).

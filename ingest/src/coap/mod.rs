@@ -819,7 +819,15 @@ impl CoapServer {
             Err(e) => return Reply::text(ResponseType::BadRequest, e.to_string()),
         };
         let payload = Payload::Json { stream, device: Some(device) };
-        match self.ingestor.ingest(Transport::Coap, payload, json, Durability::Committed).await {
+        // A datagram waits for room a bounded time: past it, 5.03 with Max-Age (its
+        // retransmission tries again) instead of an exchange that outlives the client's.
+        let ingested = match self.ingestor.admit(Transport::Coap, Some(self.ingestor.max_wait())).await {
+            Ok(room) => {
+                self.ingestor.ingest_admitted(room, Transport::Coap, payload, json, Durability::Committed).await
+            }
+            Err(e) => Err(e),
+        };
+        match ingested {
             Ok(r) if r.rejected > 0 && r.accepted == 0 => {
                 let first = r.rejections.first().map(|x| format!("{}: {}", x.reason, x.message)).unwrap_or_default();
                 Reply::text(ResponseType::BadRequest, format!("every event rejected; the first: {first}"))
@@ -1051,7 +1059,7 @@ fn error_reply(e: &Error) -> Reply {
             size1: Some(u32::try_from(*limit).unwrap_or(u32::MAX)),
             ..Reply::text(ResponseType::RequestEntityTooLarge, message)
         },
-        Error::Overloaded { retry_after } => {
+        Error::Overloaded { retry_after } | Error::Busy { retry_after, .. } => {
             Reply::text(ResponseType::ServiceUnavailable, message).max_age(*retry_after)
         }
         Error::QuotaExceeded(_) => Reply::text(ResponseType::TooManyRequests, message).max_age(3600),

@@ -258,3 +258,37 @@ async fn a_payload_refused_for_its_own_fault_is_acknowledged() -> anyhow::Result
     );
     Ok(())
 }
+
+/// Room among the payloads in flight: an HTTP or CoAP request waits a bounded time for it and
+/// is then refused `busy` (counted); an MQTT session waits as long as it takes (its socket is
+/// not read meanwhile) and goes on once room frees up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_is_bounded_for_requests_and_waits_for_sessions() -> anyhow::Result<()> {
+    use ferrite_ingest::{Error, Transport};
+    let store = Arc::new(FlakyStore::default());
+    let metrics = Arc::new(Metrics::new());
+    let engine = Engine::start(EngineConfig { shards: 1, ..EngineConfig::default() }, store, metrics.clone())?;
+    let config = IngestConfig { decoder_threads: 1, max_in_flight: 1, ..IngestConfig::default() };
+    let ingestor =
+        Ingestor::start(config, Arc::new(StreamCatalog::in_memory()), engine, metrics.clone(), Arc::new(SystemClock))?;
+
+    let held = ingestor.admit(Transport::Http, Some(Duration::from_millis(20))).await?;
+    match ingestor.admit(Transport::Http, Some(Duration::from_millis(20))).await {
+        Err(Error::Busy { retry_after, waited_ms }) => {
+            assert_eq!((retry_after, waited_ms), (ferrite_ingest::pipeline::BUSY_RETRY_AFTER_SECS, 20));
+        }
+        other => bail!("a second request while the only room is taken: {other:?}"),
+    }
+    assert_eq!(metrics.counter_value("ferrite_rejected_events_total", &[("transport", "http"), ("reason", "busy")]), 1);
+
+    let mut session = {
+        let ingestor = ingestor.clone();
+        tokio::spawn(async move { ingestor.admit(Transport::Mqtt, None).await.map(|_| ()) })
+    };
+    // Five times the requests' wait: still waiting, not refused.
+    let early = tokio::time::timeout(Duration::from_millis(100), &mut session).await;
+    assert!(early.is_err(), "an MQTT session waits for room instead of being refused: {early:?}");
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(10), session).await.context("the session never got room")???;
+    Ok(())
+}
