@@ -312,12 +312,12 @@ impl Ingestor {
             );
             return Err(Error::Overloaded { retry_after: RETRY_AFTER_SECS });
         }
-        let permits = self.permits.clone();
-        let permit = match permits.clone().try_acquire_owned() {
+        let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::ShuttingDown),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 let started = Instant::now();
+                let permits = self.permits.clone();
                 let acquired = match max_wait {
                     None => permits.acquire_owned().await.map_err(|_| Error::ShuttingDown)?,
                     Some(wait) => match tokio::time::timeout(wait, permits.acquire_owned()).await {

@@ -1,24 +1,26 @@
 //! Overload: ten times the sustainable ingest rate for a minute, over HTTP and MQTT QoS 1,
 //! against one release `ferrite serve` with its default settings (identity off).
 //!
-//! 1. **Capacity**: 16 HTTP clients post back to back for 10 s; the events acknowledged per
-//!    second over the last 8 s are the sustainable rate `S`.
+//! 1. **Capacity**: 16 HTTP clients post back to back for 30 s; the events acknowledged per
+//!    second over the last 24 s (which include a persist) are the sustainable rate `S`.
 //! 2. **Baseline**: `S / 2` offered for 15 s; its p99 latency is the normal one.
 //! 3. **Overload**: `factor × S` offered for `secs` seconds, open loop (requests leave on
-//!    schedule whether or not earlier ones were answered, up to 8,000 connections), plus four
+//!    schedule whether or not earlier ones were answered, up to 4,000 connections; a request due
+//!    when all are busy is counted as not sent), plus four
 //!    MQTT QoS 1 publishers sending as fast as their window of 100 unacknowledged messages
 //!    and the server's reading of their sockets allow.
 //! 4. **Recovery**: `S / 2` again for 30 s: how many seconds until the p99 of each second is
 //!    back within twice the baseline's and stays there.
 //!
-//! Then every acknowledged event (HTTP 200, PUBACK) must be in SQL exactly once, and nothing
-//! else. Samples every second (resident memory, events acknowledged, answers by kind, latency
+//! Then SQL is checked request by request and message by message: every acknowledged one
+//! (HTTP 200, PUBACK) stored whole and once, every refused one (503) absent, those without
+//! an answer (a session the server closed) whole or absent, no event twice. Samples every second (resident memory, events acknowledged, answers by kind, latency
 //! of the 200s, open connections) go to a CSV; a summary line ends the run.
 //!
 //! The load generator shares the machine's cores with the server (one tokio worker): on a
 //! 2-core machine part of what it spends is taken from the server.
 //!
-//! `cargo run --release -p ferrite-benches --bin overload -- [secs] [factor] [csv]`
+//! `cargo run --release -p ferrite-benches --bin overload -- [secs] [factor] [csv] [server flags...]`
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
@@ -41,7 +43,7 @@ const MQTT_EVENTS: u64 = 100;
 const ID_BASE: u64 = 1_000_000_000_000;
 /// Most HTTP connections the generator opens; a request due when all are busy is counted as
 /// not sent.
-const MAX_CONNECTIONS: usize = 8_000;
+const MAX_CONNECTIONS: usize = 4_000;
 const MQTT_CLIENTS: u64 = 4;
 
 /// An NDJSON body of `EVENTS` lines of one width, rewritten in place for each request.
@@ -102,19 +104,44 @@ struct Stats {
     failed: AtomicU64,
     not_sent: AtomicU64,
     latencies: Mutex<Vec<f64>>,
-    /// Events acknowledged, and the sum of their ids' offsets from `ID_BASE` (the check
-    /// against SQL at the end).
+    /// Events acknowledged.
     acked: AtomicU64,
-    acked_sum: AtomicU64,
     mqtt_acked: AtomicU64,
+    /// What each HTTP request (by its first id / 1000) and MQTT message (by its first id /
+    /// 100) came to: checked block by block against SQL at the end.
+    http_blocks: Mutex<HashMap<u64, Fate>>,
+    mqtt_blocks: Mutex<HashMap<u64, Fate>>,
+    /// MQTT sessions the server closed (acknowledgements withheld while overloaded).
+    mqtt_closed: AtomicU64,
     in_flight: AtomicUsize,
     open: AtomicUsize,
 }
 
+/// What became of a request or message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// 200 or PUBACK: all its events must be stored, once.
+    Acked,
+    /// 503: none of its events may be stored.
+    Refused,
+    /// No answer (a timeout, a closed session): all or none.
+    Unknown,
+}
+
 impl Stats {
-    fn ack(&self, first_offset: u64, n: u64) {
-        self.acked.fetch_add(n, Ordering::Relaxed);
-        self.acked_sum.fetch_add(n * first_offset + n * (n - 1) / 2, Ordering::Relaxed);
+    fn http(&self, first: u64, fate: Fate) {
+        if fate == Fate::Acked {
+            self.acked.fetch_add(EVENTS, Ordering::Relaxed);
+        }
+        self.http_blocks.lock().insert(first / EVENTS, fate);
+    }
+
+    fn mqtt(&self, first: u64, fate: Fate) {
+        if fate == Fate::Acked {
+            self.acked.fetch_add(MQTT_EVENTS, Ordering::Relaxed);
+            self.mqtt_acked.fetch_add(MQTT_EVENTS, Ordering::Relaxed);
+        }
+        self.mqtt_blocks.lock().insert(first / MQTT_EVENTS, fate);
     }
 }
 
@@ -143,6 +170,11 @@ impl Pool {
                 None
             }
         }
+    }
+
+    /// Every connection open and busy.
+    fn saturated(&self, stats: &Stats) -> bool {
+        stats.open.load(Ordering::Relaxed) >= MAX_CONNECTIONS && self.idle.lock().is_empty()
     }
 
     fn put(&self, c: TcpStream) {
@@ -206,19 +238,22 @@ async fn send(pool: Arc<Pool>, stats: Arc<Stats>, first: u64, body: Vec<u8>) {
             match (status, retry_after) {
                 (200, _) => {
                     stats.ok.fetch_add(1, Ordering::Relaxed);
-                    stats.ack(first, EVENTS);
+                    stats.http(first, Fate::Acked);
                     stats.latencies.lock().push(ms);
                 }
                 // `busy` (no room within the wait) says 1 s, `overloaded` (the hot buffer
                 // past its bound) 5 s.
                 (503, Some(1)) => {
                     stats.busy.fetch_add(1, Ordering::Relaxed);
+                    stats.http(first, Fate::Refused);
                 }
                 (503, Some(_)) => {
                     stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                    stats.http(first, Fate::Refused);
                 }
                 _ => {
                     stats.other.fetch_add(1, Ordering::Relaxed);
+                    stats.http(first, Fate::Unknown);
                 }
             }
             if reuse {
@@ -229,24 +264,49 @@ async fn send(pool: Arc<Pool>, stats: Arc<Stats>, first: u64, body: Vec<u8>) {
         }
         _ => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
+            stats.http(first, Fate::Unknown);
             stats.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
     stats.in_flight.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// One second of the run: (seconds since the start, phase, resident MiB, p99 ms).
-type Sample = (f64, usize, f64, f64);
+/// One second of the run.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// Seconds since the start.
+    t: f64,
+    phase: usize,
+    rss_mib: f64,
+    p99_ms: f64,
+    acked: u64,
+    ok: u64,
+    busy: u64,
+    overloaded: u64,
+    not_sent: u64,
+    failed: u64,
+    other: u64,
+}
 
-/// Hands out fresh event ids and event times.
+/// MQTT ids start here (`ID_BASE + MQTT_FIRST`); HTTP ids stay below it.
+const MQTT_FIRST: u64 = 500_000_000;
+
+/// Hands out fresh event ids (HTTP and MQTT apart) and event times.
 struct Ids {
-    next: AtomicU64,
+    http: AtomicU64,
+    mqtt: AtomicU64,
     started: Instant,
 }
 
 impl Ids {
+    /// The first of `EVENTS` fresh HTTP ids (offsets from `ID_BASE`).
     fn take(&self, n: u64) -> u64 {
-        self.next.fetch_add(n, Ordering::Relaxed)
+        self.http.fetch_add(n, Ordering::Relaxed)
+    }
+
+    /// The first of `MQTT_EVENTS` fresh MQTT ids.
+    fn take_mqtt(&self) -> u64 {
+        self.mqtt.fetch_add(MQTT_EVENTS, Ordering::Relaxed)
     }
 
     /// Event time: the wall clock of the run from 2026-05-28 (`1_780_000_000_000` ms).
@@ -263,10 +323,15 @@ async fn offer(pool: &Arc<Pool>, stats: &Arc<Stats>, ids: &Arc<Ids>, rate: f64, 
     while start.elapsed() < length {
         let due = (start.elapsed().as_secs_f64() * rate) as u64;
         while sent < due {
+            sent += 1;
+            if pool.saturated(stats) {
+                // Not worth building a body for: the generator's own bound.
+                stats.not_sent.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let first = ids.take(EVENTS);
             let bytes = body.fill(first, ids.ts());
             tokio::spawn(send(pool.clone(), stats.clone(), first, bytes));
-            sent += 1;
         }
         // The schedule's tick, not a synchronisation.
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -302,14 +367,27 @@ async fn capacity(pool: &Arc<Pool>, stats: &Arc<Stats>, ids: &Arc<Ids>, clients:
 }
 
 /// An MQTT QoS 1 publisher of 100-event messages, as fast as its window of 100 and the
-/// server allow, until `stop`; then waits for the PUBACKs it is owed.
-async fn mqtt_publisher(
+/// server allow, until `stop`; then waits for the PUBACKs it is owed. A session the server
+/// closes (acknowledgements withheld while it is overloaded) leaves its unacknowledged
+/// messages unknown; the publisher reconnects a second later, as a client honouring the
+/// server's back-off would.
+async fn mqtt_publisher(addr: SocketAddr, client: u64, stats: Arc<Stats>, ids: Arc<Ids>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        if mqtt_session(addr, client, &stats, &ids, &stop).await.is_err() {
+            stats.mqtt_closed.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// One session of [`mqtt_publisher`]; an error when it ended before its last PUBACK.
+async fn mqtt_session(
     addr: SocketAddr,
     client: u64,
-    stats: Arc<Stats>,
-    ids: Arc<Ids>,
-    stop: Arc<AtomicBool>,
-) -> Result<(), String> {
+    stats: &Arc<Stats>,
+    ids: &Ids,
+    stop: &AtomicBool,
+) -> Result<(), ()> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
     let name = format!("overload-{client}");
     let mut opts = MqttOptions::new(&name, addr.ip().to_string(), addr.port());
@@ -329,24 +407,30 @@ async fn mqtt_publisher(
                 }
                 match tokio::time::timeout(Duration::from_secs(60), events.poll()).await {
                     Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                        let first = queued.lock().pop_front().ok_or("a publish nobody queued")?;
-                        written.insert(pkid, first);
+                        if let Some(first) = queued.lock().pop_front() {
+                            written.insert(pkid, first);
+                        }
                     }
                     Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                        let first = written.remove(&ack.pkid).ok_or("a PUBACK for an unknown packet")?;
-                        stats.ack(first, MQTT_EVENTS);
-                        stats.mqtt_acked.fetch_add(MQTT_EVENTS, Ordering::Relaxed);
+                        if let Some(first) = written.remove(&ack.pkid) {
+                            stats.mqtt(first, Fate::Acked);
+                        }
                     }
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(format!("mqtt: {e}")),
-                    Err(_) => return Err(format!("mqtt: nothing for 60 s, {} PUBACKs owed", written.len())),
+                    // Closed, or silent: what was written and not acknowledged is unknown.
+                    Ok(Err(_)) | Err(_) => {
+                        for first in written.into_values() {
+                            stats.mqtt(first, Fate::Unknown);
+                        }
+                        return Err(());
+                    }
                 }
             }
         })
     };
     let topic = format!("devices/{name}/telemetry");
-    while !stop.load(Ordering::Relaxed) {
-        let first = ids.take(MQTT_EVENTS);
+    while !stop.load(Ordering::Relaxed) && !poller.is_finished() {
+        let first = ids.take_mqtt();
         let ts = ids.ts();
         let mut payload = String::with_capacity(MQTT_EVENTS as usize * 40);
         payload.push('[');
@@ -359,21 +443,67 @@ async fn mqtt_publisher(
         payload.push(']');
         queued.lock().push_back(first);
         // Waits while the client's queue is full: the server's throttling reaches here.
-        mqtt.publish(&topic, QoS::AtLeastOnce, false, payload).await.map_err(|e| e.to_string())?;
+        if mqtt.publish(&topic, QoS::AtLeastOnce, false, payload).await.is_err() {
+            break;
+        }
     }
     done.store(true, Ordering::Relaxed);
-    let polled = poller.await.map_err(|e| e.to_string())?;
+    let polled = poller.await.unwrap_or(Err(()));
+    // Handed to the client but never written: never sent.
+    for first in std::mem::take(&mut *queued.lock()) {
+        stats.mqtt(first, Fate::Refused);
+    }
     let _ = mqtt.disconnect().await;
     polled
+}
+
+/// Checks the stored ids block by block (rows of `b`, the block, and `n`, its events
+/// stored) against what the clients were told: `(blocks checked, problems)`. A request or
+/// message is committed whole, so a block stored twice counts twice its size.
+fn check(rows: &serde_json::Value, blocks: &HashMap<u64, Fate>, size: u64) -> Result<(usize, Vec<String>), String> {
+    let mut problems = Vec::new();
+    let mut stored: HashMap<u64, u64> = HashMap::new();
+    for r in rows.as_array().ok_or_else(|| format!("the check's query failed: {rows}"))? {
+        let (Some(b), Some(n)) = (r["b"].as_u64(), r["n"].as_u64()) else {
+            problems.push(format!("unreadable row {r}"));
+            continue;
+        };
+        stored.insert(b, n);
+    }
+    for (b, n) in &stored {
+        if *n > size {
+            problems.push(format!("block {b}: {n} events stored of {size} sent"));
+        }
+        if !blocks.contains_key(b) {
+            problems.push(format!("block {b}: stored, never sent"));
+        }
+    }
+    for (b, fate) in blocks {
+        let n = stored.get(b).copied().unwrap_or(0);
+        let fine = match fate {
+            Fate::Acked => n == size,
+            Fate::Refused => n == 0,
+            Fate::Unknown => n == 0 || n == size,
+        };
+        if !fine {
+            problems.push(format!("block {b} ({fate:?}): {n} of {size} events stored"));
+        }
+    }
+    Ok((blocks.len(), problems))
 }
 
 fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize, d: f64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
     let (secs, factor) = (num(0, 60.0), num(1, 10.0));
+    // Server flags after the CSV path (e.g. `--hot-buffer-max 128MiB`).
+    let extra: Vec<&str> = args.iter().skip(3).map(String::as_str).collect();
     let csv_path = args.get(2).cloned().unwrap_or_else(|| "/tmp/ferrite-overload.csv".to_owned());
     let dir = std::env::temp_dir().join(format!("ferrite-bench-overload-{}", std::process::id()));
-    let server = Ferrite::start(&dir.join("data"), &[])?;
+    // Defaults, but for the check's query, which reads tens of millions of rows at the end.
+    let mut flags = vec!["--sql-timeout", "600s"];
+    flags.extend(&extra);
+    let server = Ferrite::start(&dir.join("data"), &flags)?;
     let pid = server.pid();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -382,10 +512,10 @@ fn main() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let pool = Arc::new(Pool { addr: server.http, idle: Mutex::default() });
     let stats = Arc::new(Stats::default());
-    let ids = Arc::new(Ids { next: AtomicU64::new(0), started: Instant::now() });
+    let ids = Arc::new(Ids { http: AtomicU64::new(0), mqtt: AtomicU64::new(MQTT_FIRST), started: Instant::now() });
     let baseline_rss = memory_kib(pid, "VmRSS")? as f64 / 1024.0;
 
-    let sustainable = runtime.block_on(capacity(&pool, &stats, &ids, 16, Duration::from_secs(10)));
+    let sustainable = runtime.block_on(capacity(&pool, &stats, &ids, 16, Duration::from_secs(30)));
     let per_request = EVENTS as f64;
     println!("overload capacity events_per_s={sustainable:.0}");
 
@@ -441,7 +571,19 @@ fn main() -> Result<(), String> {
                     acked - last_acked
                 )
                 .map_err(|e| e.to_string())?;
-                samples.lock().push((t, phase, rss, p99));
+                samples.lock().push(Sample {
+                    t,
+                    phase,
+                    rss_mib: rss,
+                    p99_ms: p99,
+                    acked: acked - last_acked,
+                    ok,
+                    busy,
+                    overloaded,
+                    not_sent,
+                    failed,
+                    other,
+                });
                 last_acked = acked;
             }
             Ok(())
@@ -466,7 +608,7 @@ fn main() -> Result<(), String> {
     }
     phase_now.store(phases.len(), Ordering::Relaxed);
     for m in mqtt {
-        runtime.block_on(m).map_err(|e| e.to_string())??;
+        runtime.block_on(m).map_err(|e| e.to_string())?;
     }
     // Every request answered (or failed) before the count.
     let drained = Instant::now();
@@ -477,53 +619,73 @@ fn main() -> Result<(), String> {
     sampler.join().map_err(|_| "sampler panicked")??;
     let peak = memory_kib(pid, "VmHWM")? as f64 / 1024.0;
 
-    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
-    let mut answer = agent
-        .post(&format!("http://{}/api/v1/sql", server.http))
-        .header("Content-Type", "application/json")
-        .send(
-            serde_json::json!({"sql": format!(
-                "select count(*) as n, count(distinct id) as d, sum(id - {ID_BASE}) as s from telemetry"
-            )})
-            .to_string(),
-        )
-        .map_err(|e| e.to_string())?;
-    let text = answer.body_mut().read_to_string().map_err(|e| e.to_string())?;
-    let rows: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
-    let row = &rows[0];
-    let (stored, distinct, sum) = (row["n"].as_u64(), row["d"].as_u64(), row["s"].as_u64());
+    let sql = |query: String| -> Result<serde_json::Value, String> {
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+        let mut answer = agent
+            .post(&format!("http://{}/api/v1/sql", server.http))
+            .header("Content-Type", "application/json")
+            .send(serde_json::json!({ "sql": query }).to_string())
+            .map_err(|e| e.to_string())?;
+        let text = answer.body_mut().read_to_string().map_err(|e| e.to_string())?;
+        serde_json::from_str(&text).map_err(|e| format!("{e}: {}", &text[..text.len().min(500)]))
+    };
+    let mqtt_from = ID_BASE + MQTT_FIRST;
+    let http_rows = sql(format!(
+        "select (id - {ID_BASE}) / {EVENTS} as b, count(*) as n from telemetry where id < {mqtt_from} group by 1"
+    ))?;
+    let mqtt_rows = sql(format!(
+        "select (id - {ID_BASE}) / {MQTT_EVENTS} as b, count(*) as n from telemetry where id >= {mqtt_from} group by 1"
+    ))?;
+    let (http_checked, mut problems) = check(&http_rows, &stats.http_blocks.lock(), EVENTS)?;
+    let (mqtt_checked, mqtt_problems) = check(&mqtt_rows, &stats.mqtt_blocks.lock(), MQTT_EVENTS)?;
+    problems.extend(mqtt_problems);
     let acked = stats.acked.load(Ordering::Relaxed);
-    let acked_sum = stats.acked_sum.load(Ordering::Relaxed);
 
     let samples = samples.lock().clone();
     let p99_of = |phase: usize| {
-        ferrite_benches::median(samples.iter().filter(|s| s.1 == phase).map(|s| s.3).collect::<Vec<_>>())
+        ferrite_benches::median(samples.iter().filter(|s| s.phase == phase).map(|s| s.p99_ms).collect::<Vec<_>>())
     };
     let baseline_p99 = p99_of(0);
-    // The first second after the overload from which every p99 stays within 2× the baseline's.
-    let recovery: Vec<&Sample> = samples.iter().filter(|s| s.1 == 2).collect();
-    let settled = (0..recovery.len())
-        .find(|&i| recovery[i..].iter().all(|s| s.3 <= 2.0 * baseline_p99))
-        .map(|i| recovery[i].0 - overload_end);
-    let overload_rss: Vec<f64> = samples.iter().filter(|s| s.1 == 1).map(|s| s.2).collect();
+    // The first second after the overload that starts five in which the server takes what
+    // it is offered again (at least 90 %) at a median p99 within 2× the baseline's (a
+    // persist's pause in one second is not the overload's).
+    let recovery: Vec<&Sample> = samples.iter().filter(|s| s.phase == 2).collect();
+    let offered_per_s = sustainable / 2.0;
+    let settled = (0..recovery.len().saturating_sub(4))
+        .find(|&i| {
+            let window = &recovery[i..i + 5];
+            window.iter().all(|s| s.acked as f64 >= 0.9 * offered_per_s)
+                && ferrite_benches::median(window.iter().map(|s| s.p99_ms).collect()) <= 2.0 * baseline_p99
+        })
+        .map(|i| recovery[i].t - overload_end);
+    let overload: Vec<&Sample> = samples.iter().filter(|s| s.phase == 1).collect();
+    let total = |f: fn(&Sample) -> u64| overload.iter().map(|s| f(s)).sum::<u64>();
+    let overload_secs = overload.len().max(1) as f64;
     println!(
         "overload secs={secs:.0} factor={factor:.0} sustainable_events_per_s={sustainable:.0} offered_events_per_s={:.0} \
-         acked={acked} mqtt_acked={} stored={stored:?} distinct={distinct:?} lost={} duplicated={} \
-         rss_before_mib={baseline_rss:.0} rss_overload_median_mib={:.0} rss_peak_mib={peak:.0} \
+         acked={acked} mqtt_acked={} mqtt_sessions_closed={} requests_checked={http_checked} \
+         messages_checked={mqtt_checked} problems={} \
+         overload_acked_per_s={:.0} overload_requests_ok={} busy={} overloaded={} failed={} other={} not_sent={} \
+         rss_before_mib={baseline_rss:.0} rss_overload_median_mib={:.0} rss_overload_max_mib={:.0} rss_peak_mib={peak:.0} \
          baseline_p99_ms={baseline_p99:.1} overload_p99_median_ms={:.1} recovered_after_s={}",
         sustainable * factor,
         stats.mqtt_acked.load(Ordering::Relaxed),
-        acked.saturating_sub(stored.unwrap_or(0)),
-        stored.unwrap_or(0).saturating_sub(distinct.unwrap_or(0)),
-        ferrite_benches::median(overload_rss),
+        stats.mqtt_closed.load(Ordering::Relaxed),
+        problems.len(),
+        total(|s| s.acked) as f64 / overload_secs,
+        total(|s| s.ok),
+        total(|s| s.busy),
+        total(|s| s.overloaded),
+        total(|s| s.failed),
+        total(|s| s.other),
+        total(|s| s.not_sent),
+        ferrite_benches::median(overload.iter().map(|s| s.rss_mib).collect()),
+        overload.iter().map(|s| s.rss_mib).fold(0.0, f64::max),
         p99_of(1),
-        settled.map_or("never".to_owned(), |s| format!("{s:.0}")),
+        settled.map_or("not_within_the_recovery_phase".to_owned(), |s| format!("{s:.0}")),
     );
-    if stored != Some(acked) || distinct != Some(acked) || sum != Some(acked_sum) {
-        return Err(format!(
-            "{acked} events acknowledged (id offsets summing to {acked_sum}); SQL holds {stored:?}, {distinct:?} distinct, \
-             summing to {sum:?}"
-        ));
+    if !problems.is_empty() {
+        return Err(format!("{} problems, the first: {:?}", problems.len(), &problems[..problems.len().min(10)]));
     }
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
