@@ -122,13 +122,7 @@ fn archive_on_s3_compatible_storage() -> anyhow::Result<()> {
     let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
     let created = agent.put(&format!("{}/ferrite-bucket", s3.endpoint)).send_empty()?;
     assert!(created.status().is_success(), "create bucket: {}", created.status());
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "test".to_owned()),
-        ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
-        ("AWS_REGION", "us-east-1".to_owned()),
-        ("AWS_ENDPOINT", s3.endpoint.clone()),
-        ("AWS_ALLOW_HTTP", "true".to_owned()),
-    ];
+    let env = crate::harness::S3Server::env(&s3.endpoint);
     let dir = tempfile::tempdir()?;
     let args = ["--archive-url", "s3://ferrite-bucket/prod/archive"];
     let s = Server::start_with_env(dir.path(), &args, &env)?;

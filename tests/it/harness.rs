@@ -405,6 +405,20 @@ impl Drop for S3Server {
     }
 }
 
+impl S3Server {
+    /// The `AWS_*` variables that point a server's `s3://` archive at `endpoint` (moto's, or
+    /// a proxy in front of it).
+    pub fn env(endpoint: &str) -> [(&'static str, String); 5] {
+        [
+            ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_ENDPOINT", endpoint.to_owned()),
+            ("AWS_ALLOW_HTTP", "true".to_owned()),
+        ]
+    }
+}
+
 /// Starts moto on a free port; `None` (with a message) where it is not installed, outside CI.
 pub fn start_s3() -> anyhow::Result<Option<S3Server>> {
     let probe = std::process::Command::new("python3").args(["-c", "import moto.server"]).output();

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{Server, events, start_s3};
+use crate::harness::{S3Server, Server, events, start_s3};
 
 const PASS: u8 = 0;
 const SLOW: u8 = 1;
@@ -227,13 +227,7 @@ fn a_slow_and_failing_object_store_loses_nothing_and_leaves_no_stray_file() -> a
     anyhow::ensure!(created.status().is_success(), "create bucket: {}", created.status());
     let upstream: SocketAddr = s3.endpoint.trim_start_matches("http://").parse()?;
     let proxy = FaultProxy::start(upstream)?;
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "test".to_owned()),
-        ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
-        ("AWS_REGION", "us-east-1".to_owned()),
-        ("AWS_ENDPOINT", format!("http://{}", proxy.addr)),
-        ("AWS_ALLOW_HTTP", "true".to_owned()),
-    ];
+    let env = S3Server::env(&format!("http://{}", proxy.addr));
     let dir = tempfile::tempdir()?;
     let s = Server::start_with_env(
         dir.path(),
