@@ -27,7 +27,7 @@ use utoipa_axum::routes;
 
 use crate::error::Error;
 use crate::line_protocol::Precision;
-use crate::pipeline::{Admission, Durability, IngestReport, Ingestor, LineOptions, Payload, Transport};
+use crate::pipeline::{Durability, IngestReport, Ingestor, LineOptions, Payload, Transport};
 
 /// An error answered as `{"error": {"code", "message"}}` with a fitting status.
 #[derive(Debug)]
@@ -114,13 +114,6 @@ pub fn router(ingestor: Arc<Ingestor>) -> OpenApiRouter {
         .routes(routes!(post_v1_write))
         .routes(routes!(post_v3_write))
         .with_state(ingestor)
-}
-
-/// Room for the request's payload, taken before its body is read: a node at capacity
-/// answers 503 `busy` (with `Retry-After`) after a bounded wait instead of holding the
-/// bodies of every client that keeps sending.
-async fn admit(ingestor: &Ingestor, transport: Transport) -> Result<Admission, ApiError> {
-    Ok(ingestor.admit(transport, Some(ingestor.max_wait())).await?)
 }
 
 /// How long a request body may take to arrive once it has room: a client trickling its body
@@ -232,7 +225,9 @@ async fn post_events(
     let stream = StreamName::in_tenant(caller.tenant(), &stream)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_stream_name", e.to_string()))?;
     caller.check(Action::Ingest, &Resource::stream(stream.tenant(), stream.local()))?;
-    let room = admit(&ingestor, Transport::Http).await?;
+    // Room for the payload before its body is read: a node at capacity answers 503 `busy`
+    // after a bounded wait instead of holding the bodies of every client that keeps sending.
+    let room = ingestor.admit(Transport::Http).await.map_err(ApiError::from)?;
     let bytes = read_body(&ingestor, body).await?;
     let ndjson = headers
         .get(header::CONTENT_TYPE)
@@ -356,7 +351,7 @@ async fn write_lines(
     // A line-protocol body may name any measurement of the caller's tenant: the caller must
     // be allowed to ingest into that tenant as a whole.
     caller.check(Action::Ingest, &Resource::tenant(caller.tenant()))?;
-    let room = admit(ingestor, Transport::LineProtocol).await?;
+    let room = ingestor.admit(Transport::LineProtocol).await.map_err(ApiError::from)?;
     let bytes = read_body(ingestor, body).await?;
     // A JSON body (an InfluxDB 2.x JSON point, or Ferrite's events) is no line: say so once
     // instead of rejecting every line of it.

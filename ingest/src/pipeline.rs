@@ -287,8 +287,7 @@ impl Ingestor {
     }
 
     /// Decodes `bytes` and hands the rows to the engine; returns after `durability`.
-    /// Waits for room among the payloads in flight as long as it takes (MQTT: the
-    /// connection stops reading meanwhile).
+    /// Takes its room first ([`Ingestor::admit`]).
     pub async fn ingest(
         &self,
         transport: Transport,
@@ -296,14 +295,16 @@ impl Ingestor {
         bytes: Bytes,
         durability: Durability,
     ) -> Result<IngestReport> {
-        let admission = self.admit(transport, None).await?;
+        let admission = self.admit(transport).await?;
         self.ingest_admitted(admission, transport, payload, bytes, durability).await
     }
 
     /// Takes room for one payload: waits up to `overload_wait` for an overload to end,
-    /// then up to `max_wait` (forever when `None`) for a payload in flight to finish.
-    /// Refused with [`Error::Overloaded`] or [`Error::Busy`] (both counted as rejected).
-    pub async fn admit(&self, transport: Transport, max_wait: Option<std::time::Duration>) -> Result<Admission> {
+    /// then for a payload in flight to finish: an MQTT session (and the platform's own
+    /// writes) as long as it takes, its socket unread meanwhile; an HTTP or CoAP request up
+    /// to `overload_wait`. Refused with [`Error::Overloaded`] or [`Error::Busy`] (both
+    /// counted as rejected).
+    pub async fn admit(&self, transport: Transport) -> Result<Admission> {
         if !self.config.health.wait_admitted(self.config.overload_wait).await {
             self.metrics.inc(
                 "ferrite_rejected_events_total",
@@ -315,38 +316,34 @@ impl Ingestor {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::ShuttingDown),
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                let started = Instant::now();
-                let permits = self.permits.clone();
-                let acquired = match max_wait {
-                    None => permits.acquire_owned().await.map_err(|_| Error::ShuttingDown)?,
-                    Some(wait) => match tokio::time::timeout(wait, permits.acquire_owned()).await {
-                        Ok(p) => p.map_err(|_| Error::ShuttingDown)?,
-                        Err(_) => {
-                            self.metrics.inc(
-                                "ferrite_rejected_events_total",
-                                &[("transport", transport.as_str()), ("reason", "busy")],
-                                1,
-                            );
-                            return Err(Error::Busy {
-                                waited_ms: wait.as_millis() as u64,
-                                retry_after: BUSY_RETRY_AFTER_SECS,
-                            });
-                        }
-                    },
-                };
-                self.metrics
-                    .histogram("ferrite_ingest_admission_wait_seconds", &[("transport", transport.as_str())])
-                    .observe(started.elapsed());
-                acquired
-            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => self.wait_for_room(transport).await?,
         };
         Ok(Admission { permit })
     }
 
-    /// How long an HTTP or CoAP request waits for room before it is refused.
-    pub fn max_wait(&self) -> std::time::Duration {
-        self.config.overload_wait
+    /// The slow path of [`Ingestor::admit`]: every payload in flight is taken.
+    async fn wait_for_room(&self, transport: Transport) -> Result<OwnedSemaphorePermit> {
+        let started = Instant::now();
+        let acquire = self.permits.clone().acquire_owned();
+        let acquired = match transport {
+            Transport::Mqtt | Transport::Internal => acquire.await,
+            Transport::Http | Transport::LineProtocol | Transport::Coap => {
+                let wait = self.config.overload_wait;
+                let Ok(acquired) = tokio::time::timeout(wait, acquire).await else {
+                    self.metrics.inc(
+                        "ferrite_rejected_events_total",
+                        &[("transport", transport.as_str()), ("reason", "busy")],
+                        1,
+                    );
+                    return Err(Error::Busy { waited_ms: wait.as_millis() as u64, retry_after: BUSY_RETRY_AFTER_SECS });
+                };
+                acquired
+            }
+        };
+        self.metrics
+            .histogram("ferrite_ingest_admission_wait_seconds", &[("transport", transport.as_str())])
+            .observe(started.elapsed());
+        acquired.map_err(|_| Error::ShuttingDown)
     }
 
     /// [`Ingestor::ingest`] with room already taken by [`Ingestor::admit`].

@@ -1001,11 +1001,7 @@ fn open_archive(url: Option<&str>, data_dir: &Path, retry_timeout: Duration) -> 
             // A request failing with a 5xx, a timeout or a broken connection is retried with
             // exponential back-off for up to `retry_timeout`; past it the persist (or
             // rewrite) fails, leaves the rows where they were, and is tried again whole.
-            let retry = object_store::RetryConfig {
-                backoff: object_store::BackoffConfig::default(),
-                max_retries: 10,
-                retry_timeout,
-            };
+            let retry = object_store::RetryConfig { retry_timeout, ..Default::default() };
             let s3 =
                 object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry).build()?;
             let prefix = prefix.trim_matches('/');

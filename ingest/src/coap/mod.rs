@@ -821,13 +821,7 @@ impl CoapServer {
         let payload = Payload::Json { stream, device: Some(device) };
         // A datagram waits for room a bounded time: past it, 5.03 with Max-Age (its
         // retransmission tries again) instead of an exchange that outlives the client's.
-        let ingested = match self.ingestor.admit(Transport::Coap, Some(self.ingestor.max_wait())).await {
-            Ok(room) => {
-                self.ingestor.ingest_admitted(room, Transport::Coap, payload, json, Durability::Committed).await
-            }
-            Err(e) => Err(e),
-        };
-        match ingested {
+        match self.ingestor.ingest(Transport::Coap, payload, json, Durability::Committed).await {
             Ok(r) if r.rejected > 0 && r.accepted == 0 => {
                 let first = r.rejections.first().map(|x| format!("{}: {}", x.reason, x.message)).unwrap_or_default();
                 Reply::text(ResponseType::BadRequest, format!("every event rejected; the first: {first}"))

@@ -268,12 +268,17 @@ async fn admission_is_bounded_for_requests_and_waits_for_sessions() -> anyhow::R
     let store = Arc::new(FlakyStore::default());
     let metrics = Arc::new(Metrics::new());
     let engine = Engine::start(EngineConfig { shards: 1, ..EngineConfig::default() }, store, metrics.clone())?;
-    let config = IngestConfig { decoder_threads: 1, max_in_flight: 1, ..IngestConfig::default() };
+    let config = IngestConfig {
+        decoder_threads: 1,
+        max_in_flight: 1,
+        overload_wait: Duration::from_millis(20),
+        ..IngestConfig::default()
+    };
     let ingestor =
         Ingestor::start(config, Arc::new(StreamCatalog::in_memory()), engine, metrics.clone(), Arc::new(SystemClock))?;
 
-    let held = ingestor.admit(Transport::Http, Some(Duration::from_millis(20))).await?;
-    match ingestor.admit(Transport::Http, Some(Duration::from_millis(20))).await {
+    let held = ingestor.admit(Transport::Http).await?;
+    match ingestor.admit(Transport::Http).await {
         Err(Error::Busy { retry_after, waited_ms }) => {
             assert_eq!((retry_after, waited_ms), (ferrite_ingest::pipeline::BUSY_RETRY_AFTER_SECS, 20));
         }
@@ -283,7 +288,7 @@ async fn admission_is_bounded_for_requests_and_waits_for_sessions() -> anyhow::R
 
     let mut session = {
         let ingestor = ingestor.clone();
-        tokio::spawn(async move { ingestor.admit(Transport::Mqtt, None).await.map(|_| ()) })
+        tokio::spawn(async move { ingestor.admit(Transport::Mqtt).await.map(|_| ()) })
     };
     // Five times the requests' wait: still waiting, not refused.
     let early = tokio::time::timeout(Duration::from_millis(100), &mut session).await;
