@@ -72,6 +72,19 @@ pub enum Error {
         /// Seconds a client should wait before retrying.
         retry_after: u64,
     },
+    /// The node is catching up: its hot buffer is past the soft bound while persists drain
+    /// it, and this request was among the share turned away to slow intake before the hard
+    /// bound stops every door ([`ferrite_engine::Health::shed`]).
+    #[error(
+        "the server is at capacity: it is writing a backlog to the archive (its memory is {percent}% of the way to \
+         its bound) and turns some requests away meanwhile; retry in {retry_after}s"
+    )]
+    Shed {
+        /// How far the hot buffer is from its soft bound (0) to its hard bound (100).
+        percent: u32,
+        /// Seconds a client should wait before retrying.
+        retry_after: u64,
+    },
 }
 
 impl Error {
@@ -90,6 +103,7 @@ impl Error {
             | Error::ShuttingDown
             | Error::Overloaded { .. }
             | Error::Busy { .. }
+            | Error::Shed { .. }
             | Error::QuotaExceeded(_) => ErrorClass::External,
         }
     }
@@ -116,7 +130,8 @@ impl Error {
             Error::Engine(_) => "engine_error",
             Error::Commit(_) => "commit_failed",
             Error::Overloaded { .. } => "overloaded",
-            Error::Busy { .. } => "busy",
+            // One code for the client: come back later; the metric tells the two apart.
+            Error::Busy { .. } | Error::Shed { .. } => "busy",
             Error::QuotaExceeded(_) => "quota_exceeded",
         }
     }

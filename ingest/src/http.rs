@@ -48,7 +48,9 @@ impl ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let retry_after = match &e {
-            Error::Overloaded { retry_after } | Error::Busy { retry_after, .. } => Some(*retry_after),
+            Error::Overloaded { retry_after } | Error::Busy { retry_after, .. } | Error::Shed { retry_after, .. } => {
+                Some(*retry_after)
+            }
             // The disk or the WAL failed (full, an I/O error): nothing was acknowledged, and
             // a retry succeeds once the operator frees space.
             Error::Commit(_) => Some(crate::pipeline::RETRY_AFTER_SECS),
@@ -62,6 +64,7 @@ impl From<Error> for ApiError {
                 Error::ShuttingDown
                 | Error::Overloaded { .. }
                 | Error::Busy { .. }
+                | Error::Shed { .. }
                 | Error::Commit(_)
                 | Error::Engine(ferrite_engine::Error::ShuttingDown),
                 _,

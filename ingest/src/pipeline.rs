@@ -302,8 +302,9 @@ impl Ingestor {
     /// Takes room for one payload: waits up to `overload_wait` for an overload to end,
     /// then for a payload in flight to finish: an MQTT session (and the platform's own
     /// writes) as long as it takes, its socket unread meanwhile; an HTTP or CoAP request up
-    /// to `overload_wait`. Refused with [`Error::Overloaded`] or [`Error::Busy`] (both
-    /// counted as rejected).
+    /// to `overload_wait`. While the hot buffer is past its soft bound, HTTP and CoAP requests
+    /// are turned away in proportion to how far ([`Error::Shed`]). Refused with
+    /// [`Error::Overloaded`], [`Error::Shed`] or [`Error::Busy`] (all counted as rejected).
     pub async fn admit(&self, transport: Transport) -> Result<Admission> {
         if !self.config.health.wait_admitted(self.config.overload_wait).await {
             self.metrics.inc(
@@ -312,6 +313,15 @@ impl Ingestor {
                 1,
             );
             return Err(Error::Overloaded { retry_after: RETRY_AFTER_SECS });
+        }
+        let health = &self.config.health;
+        if matches!(transport, Transport::Http | Transport::LineProtocol | Transport::Coap) && health.shed() {
+            self.metrics.inc(
+                "ferrite_rejected_events_total",
+                &[("transport", transport.as_str()), ("reason", "shed")],
+                1,
+            );
+            return Err(Error::Shed { percent: health.pressure() / 10, retry_after: BUSY_RETRY_AFTER_SECS });
         }
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,

@@ -690,7 +690,7 @@ mod tests {
 
     use super::*;
     use crate::StorageConfig;
-    use crate::tests::{Env, commit, env, parquet_files};
+    use crate::tests::{Env, commit, env, parquet_files, seen};
 
     const SEC: i64 = 1_000_000_000;
 
@@ -710,23 +710,6 @@ mod tests {
             ],
         )?;
         Ok(StreamBatch::new(s, b))
-    }
-
-    /// Every `(device, v)` of `stream` a query would see (hot and archived), sorted.
-    fn seen(s: &Storage, stream: &str) -> anyhow::Result<Vec<(String, f64)>> {
-        let snap = s.snapshot(&StreamName::new(stream)?);
-        let mut batches = snap.hot.clone();
-        for f in &snap.files {
-            batches.extend(s.read_archived(&f.path)?);
-        }
-        let mut out = Vec::new();
-        for b in batches {
-            let d = b.column(1).as_any().downcast_ref::<StringArray>().ok_or_else(|| anyhow::anyhow!("device_id"))?;
-            let v = b.column(2).as_any().downcast_ref::<Float64Array>().ok_or_else(|| anyhow::anyhow!("v"))?;
-            out.extend((0..b.num_rows()).map(|i| (d.value(i).to_owned(), v.value(i))));
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
-        Ok(out)
     }
 
     /// Three persists of one hour: three small files of 4 rows each over devices d0..d2.

@@ -4,7 +4,9 @@
 //! JSON answer; for line protocol, all lines of a `204` (the server answers 204 only when
 //! every line was written) and `accepted` of a partial answer.
 //!
-//! `cargo run --release -p ferrite-benches --bin ingest_http -- [threads] [seconds]`
+//! `cargo run --release -p ferrite-benches --bin ingest_http -- [threads] [seconds] [formats]`
+//! (`formats`: `json,line_protocol` by default, in that order on one server; name one to
+//! measure it on a fresh server).
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ fn main() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let threads: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
+    let formats = args.next().unwrap_or_else(|| "json,line_protocol".to_owned());
     let dir = std::env::temp_dir().join(format!("ferrite-bench-http-{}", std::process::id()));
     let server = Ferrite::start(&dir, &[])?;
     let rs = readings(1000, 100);
@@ -23,6 +26,9 @@ fn main() -> Result<(), String> {
         ("json", "/api/v1/streams/readings/events", json_array(&rs)),
         ("line_protocol", "/api/v2/write?precision=ns", line_protocol(&rs).into_bytes()),
     ] {
+        if !formats.split(',').any(|f| f == name) {
+            continue;
+        }
         let body = Arc::new(body);
         let url = format!("http://{}{path}", server.http);
         let (events, elapsed) = http_load(&url, "application/json", body.clone(), threads, seconds, None, accepted);

@@ -1053,7 +1053,7 @@ fn error_reply(e: &Error) -> Reply {
             size1: Some(u32::try_from(*limit).unwrap_or(u32::MAX)),
             ..Reply::text(ResponseType::RequestEntityTooLarge, message)
         },
-        Error::Overloaded { retry_after } | Error::Busy { retry_after, .. } => {
+        Error::Overloaded { retry_after } | Error::Busy { retry_after, .. } | Error::Shed { retry_after, .. } => {
             Reply::text(ResponseType::ServiceUnavailable, message).max_age(*retry_after)
         }
         Error::QuotaExceeded(_) => Reply::text(ResponseType::TooManyRequests, message).max_age(3600),

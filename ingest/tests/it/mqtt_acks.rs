@@ -297,3 +297,48 @@ async fn admission_is_bounded_for_requests_and_waits_for_sessions() -> anyhow::R
     tokio::time::timeout(Duration::from_secs(10), session).await.context("the session never got room")???;
     Ok(())
 }
+
+/// Past the hot buffer's soft bound (a pressure set by storage), HTTP and CoAP requests are
+/// turned away in proportion to the pressure (503 `busy`, counted as `shed`), while MQTT
+/// sessions are never shed (they wait, and the hard bound holds them back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_shed_in_proportion_to_the_pressure_and_sessions_are_not() -> anyhow::Result<()> {
+    use ferrite_ingest::{Error, Transport};
+    let store = Arc::new(FlakyStore::default());
+    let metrics = Arc::new(Metrics::new());
+    let engine = Engine::start(EngineConfig { shards: 1, ..EngineConfig::default() }, store, metrics.clone())?;
+    let health = Arc::new(Health::new());
+    let config = IngestConfig { health: health.clone(), ..IngestConfig::default() };
+    let ingestor =
+        Ingestor::start(config, Arc::new(StreamCatalog::in_memory()), engine, metrics.clone(), Arc::new(SystemClock))?;
+
+    let outcomes = |transport: Transport| {
+        let ingestor = ingestor.clone();
+        async move {
+            let (mut admitted, mut shed) = (0, 0);
+            for _ in 0..200 {
+                match ingestor.admit(transport).await {
+                    Ok(_) => admitted += 1,
+                    Err(Error::Shed { percent, retry_after }) => {
+                        assert_eq!((percent, retry_after), (30, ferrite_ingest::pipeline::BUSY_RETRY_AFTER_SECS));
+                        shed += 1;
+                    }
+                    Err(e) => bail!("{transport:?}: {e}"),
+                }
+            }
+            Ok::<_, anyhow::Error>((admitted, shed))
+        }
+    };
+    assert_eq!(outcomes(Transport::Http).await?, (200, 0), "below the soft bound");
+    health.set_pressure(300);
+    let (admitted, shed) = outcomes(Transport::Http).await?;
+    assert!((50..=70).contains(&shed) && admitted + shed == 200, "30% of 200 HTTP requests shed, not {shed}");
+    let (_, coap_shed) = outcomes(Transport::Coap).await?;
+    assert!(coap_shed > 0, "CoAP is shed too");
+    assert_eq!(outcomes(Transport::Mqtt).await?, (200, 0), "MQTT sessions are not shed");
+    assert_eq!(
+        metrics.counter_value("ferrite_rejected_events_total", &[("transport", "http"), ("reason", "shed")]),
+        shed as u64
+    );
+    Ok(())
+}
