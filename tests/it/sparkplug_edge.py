@@ -51,12 +51,15 @@ def publish_and_tell(message, **kwargs):
 
 
 client.publish = publish_and_tell
+# The metrics of one message share one timestamp: Ferrite makes a row per timestamp, and
+# metrics stamped a millisecond apart would be two rows (the test expects one).
+born_at = now()
 node_metrics = [
-    Metric(now(), "Inputs/Temperature", DataType.DOUBLE, value=20.5, alias=1),
-    Metric(now(), "Outputs/LED", DataType.BOOLEAN, value=False, alias=2),
-    Metric(now(), "Counter", DataType.INT32, value=-5, alias=3),
-    Metric(now(), "Mode", DataType.STRING, value="auto", alias=4),
-    Metric(now(), "Big", DataType.UINT64, value=2**63 + 5, alias=5),
+    Metric(born_at, "Inputs/Temperature", DataType.DOUBLE, value=20.5, alias=1),
+    Metric(born_at, "Outputs/LED", DataType.BOOLEAN, value=False, alias=2),
+    Metric(born_at, "Counter", DataType.INT32, value=-5, alias=3),
+    Metric(born_at, "Mode", DataType.STRING, value="auto", alias=4),
+    Metric(born_at, "Big", DataType.UINT64, value=2**63 + 5, alias=5),
 ]
 node = sp.EdgeNode(group, edge, node_metrics, client=client, cmd_callback=on_cmd)
 say("ready")
@@ -74,11 +77,12 @@ for line in sys.stdin:
         say("connected")
     elif cmd == "device":
         name = words[1]
+        t = now()
         device = sp.Device(
             name,
             [
-                Metric(now(), "Pressure", DataType.FLOAT, value=1.5, alias=10),
-                Metric(now(), "Running", DataType.BOOLEAN, value=True, alias=11),
+                Metric(t, "Pressure", DataType.FLOAT, value=1.5, alias=10),
+                Metric(t, "Running", DataType.BOOLEAN, value=True, alias=11),
             ],
             cmd_callback=on_cmd,
         )
@@ -96,11 +100,12 @@ for line in sys.stdin:
         node.update_device(words[1], [Metric(now(), "Pressure", DataType.FLOAT, value=float(words[2]))])
         say("sent", "DDATA")
     elif cmd == "unknown_alias":
+        t = now()
         metrics = (
-            Metric(now(), None, DataType.DOUBLE, value=1.0, alias=99),
-            Metric(now(), "Mode", DataType.STRING, value="manual"),
+            Metric(t, None, DataType.DOUBLE, value=1.0, alias=99),
+            Metric(t, "Mode", DataType.STRING, value="manual"),
         )
-        data = sp.NData(now(), seq=node._seq, metrics=metrics)
+        data = sp.NData(t, seq=node._seq, metrics=metrics)
         topic = Topic(message_type=MessageType.NDATA, group_id=group, edge_node_id=edge)
         client.publish(sp.Message(topic=topic, payload=data, qos=QoS.AT_MOST_ONCE, retain=False))
         say("sent", "NDATA", "unknown_alias")
